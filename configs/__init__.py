@@ -1,0 +1,1 @@
+"""Config modules, one per resolution and kernel variant; load them with `retina.config.load`."""

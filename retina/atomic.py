@@ -1,0 +1,56 @@
+"""Write files so that an interrupted run never leaves a half-written one.
+
+Everything is written to a temporary file in the destination folder and
+renamed into place; on any error the temporary file is removed.
+"""
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+
+@contextlib.contextmanager
+def atomic_path(path):
+    """Yield a temporary path beside `path`; rename it to `path` if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp' + path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(tmp)
+        raise
+
+
+def write_bytes(path, data):
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path, text):
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def save_npy(path, array):
+    import numpy as np
+    with atomic_path(path) as tmp:
+        with open(tmp, 'wb') as f:
+            np.save(f, array)
+
+
+def save_image(path, image, **save_kwargs):
+    """Save a PIL image atomically; the format comes from `path`'s extension."""
+    from PIL import Image
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=fmt, **save_kwargs)
+
+
+def torch_save(path, obj):
+    import torch
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)

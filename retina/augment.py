@@ -1,0 +1,160 @@
+"""Augmentation: per-image affine warps, standardisation and colour noise, batched in torch.
+
+The same functions serve training (random parameters) and test-time
+augmentation (quasi-random Halton parameters), on whatever device holds the
+batch.  Parameters are plain dicts of tensors, one entry per image:
+rotation and shear in degrees, translation in input pixels, zoom per axis,
+flip as 0/1 and the colour-noise vector.
+
+Geometry: the forward transform maps an input point p (relative to the input
+centre; x right, y down) to F·p + t in the output, with F = R(rotation) ·
+shear · zoom · flip; positive rotation turns the picture counter-clockwise.
+The output is the centred out_h × out_w window; outside the photo is black.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.stats import norm, qmc
+
+from retina.data import MEAN, STD
+
+# Krizhevsky PCA colour noise (SPEC §3).
+COLOUR_U = np.array([[-0.56543481, 0.71983482, 0.40240142],
+                     [-0.5989477, -0.02304967, -0.80036049],
+                     [-0.56694071, -0.6935729, 0.44423429]], dtype=np.float32)
+COLOUR_EV = np.array([1.65513492, 0.48450358, 0.1565086], dtype=np.float32)
+
+NO_AUGMENTATION = dict(zoom_range=(1.0, 1.0), rotation_range=(0, 0), shear_range=(0, 0),
+                       translation_range=(0, 0), do_flip=False, allow_stretch=False)
+
+
+def identity_params(n, device='cpu'):
+    zeros = torch.zeros(n, device=device)
+    return dict(rotation=zeros, shear=zeros, tx=zeros, ty=zeros, zoom_x=zeros + 1,
+                zoom_y=zeros + 1, flip=zeros, colour=torch.zeros(n, 3, device=device))
+
+
+def random_params(n, aug, sigma, generator=None, device='cpu'):
+    """Training augmentation parameters for `n` images, drawn on `device`."""
+    def uniform(lo_hi):
+        lo, hi = lo_hi
+        return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
+
+    log_zoom = [math.log(z) for z in aug['zoom_range']]
+    zoom_x = torch.exp(uniform(log_zoom))
+    zoom_y = torch.exp(uniform(log_zoom)) if aug.get('allow_stretch') else zoom_x
+    flip = (torch.rand(n, generator=generator, device=device) < 0.5).float() \
+        if aug.get('do_flip') else torch.zeros(n, device=device)
+    return dict(rotation=uniform(aug['rotation_range']), shear=uniform(aug['shear_range']),
+                tx=uniform(aug['translation_range']), ty=uniform(aug['translation_range']),
+                zoom_x=zoom_x, zoom_y=zoom_y, flip=flip,
+                colour=sigma * torch.randn(n, 3, generator=generator, device=device))
+
+
+def tta_params(n_iter, skip, aug, sigma):
+    """One parameter set per TTA iteration from the 10-d Halton sequence (SPEC §5).
+
+    Returns a list of dicts of Python floats; with n_iter == 1 there is no augmentation.
+    """
+    if n_iter == 1:
+        return [dict(rotation=0.0, shear=0.0, tx=0.0, ty=0.0, zoom_x=1.0, zoom_y=1.0,
+                     flip=0.0, colour=[0.0, 0.0, 0.0])]
+    # The unscrambled sequence starts at the origin, a degenerate corner (an
+    # infinite colour shift); point k of the sequence is row k + 1 here.
+    points = qmc.Halton(d=10, scramble=False).random(skip + n_iter + 1)[skip + 1:]
+    points = np.clip(points, 1e-6, 1 - 1e-6)
+
+    def scale(u, lo_hi):
+        return float(lo_hi[0] + u * (lo_hi[1] - lo_hi[0]))
+
+    log_zoom = [math.log(z) for z in aug['zoom_range']]
+    out = []
+    for u in points:
+        zoom_x = math.exp(scale(u[6], log_zoom))
+        zoom_y = math.exp(scale(u[7], log_zoom)) if aug.get('allow_stretch') else zoom_x
+        out.append(dict(rotation=scale(u[0], aug['rotation_range']),
+                        tx=scale(u[1], aug['translation_range']),
+                        ty=scale(u[2], aug['translation_range']),
+                        colour=[float(sigma * norm.ppf(v)) for v in u[3:6]],
+                        zoom_x=zoom_x, zoom_y=zoom_y,
+                        flip=float(u[8] > 0.5) if aug.get('do_flip') else 0.0,
+                        shear=scale(u[9], aug['shear_range'])))
+    return out
+
+
+def broadcast_params(params, n, device='cpu'):
+    """Turn one dict of floats (from `tta_params`) into per-image tensors for `n` images."""
+    out = {k: torch.full((n,), float(v), device=device) for k, v in params.items() if k != 'colour'}
+    out['colour'] = torch.tensor(params['colour'], dtype=torch.float32,
+                                 device=device).expand(n, 3).contiguous()
+    return out
+
+
+def affine_theta(params, in_size, out_size):
+    """(N, 2, 3) matrices for `F.affine_grid` mapping output to input normalised coordinates.
+
+    `in_size` and `out_size` are (height, width).
+    """
+    rot = torch.deg2rad(params['rotation'].float())
+    shear = torch.deg2rad(params['shear'].float())
+    cos, sin = torch.cos(rot), torch.sin(rot)
+    n = rot.shape[0]
+    # forward = R · S · Z · Flip, built row by row for a batch.
+    rotation = torch.stack([torch.stack([cos, sin], -1), torch.stack([-sin, cos], -1)], -2)
+    shear_m = torch.zeros(n, 2, 2, device=rot.device)
+    shear_m[:, 0, 0] = 1
+    shear_m[:, 0, 1] = torch.tan(shear)
+    shear_m[:, 1, 1] = 1
+    zoom_flip = torch.zeros(n, 2, 2, device=rot.device)
+    zoom_flip[:, 0, 0] = params['zoom_x'].float() * (1 - 2 * params['flip'].float())
+    zoom_flip[:, 1, 1] = params['zoom_y'].float()
+    inverse = torch.linalg.inv(rotation @ shear_m @ zoom_flip)
+    (in_h, in_w), (out_h, out_w) = in_size, out_size
+    d_in_inv = torch.tensor([2.0 / in_w, 2.0 / in_h], device=rot.device)
+    d_out = torch.tensor([out_w / 2.0, out_h / 2.0], device=rot.device)
+    linear = d_in_inv[None, :, None] * inverse * d_out[None, None, :]
+    shift = torch.stack([params['tx'].float(), params['ty'].float()], -1)
+    offset = -d_in_inv[None] * (inverse @ shift[..., None])[..., 0]
+    return torch.cat([linear, offset[..., None]], dim=2)
+
+
+def warp(images, params, out_size, mode='bilinear'):
+    """Warp a uint8 or float (N, 3, H, W) batch to float (N, 3, *out_size) raw pixel values."""
+    theta = affine_theta(params, images.shape[-2:], out_size)
+    grid = F.affine_grid(theta, (images.shape[0], images.shape[1], *out_size), align_corners=False)
+    return F.grid_sample(images.float(), grid, mode=mode, padding_mode='zeros', align_corners=False)
+
+
+def centre_crop(images, out_size):
+    """The centred window without resampling (validation, plain feature extraction)."""
+    h, w = images.shape[-2:]
+    top, left = (h - out_size[0]) // 2, (w - out_size[1]) // 2
+    return images[..., top:top + out_size[0], left:left + out_size[1]].float()
+
+
+def standardise(x):
+    mean = torch.as_tensor(MEAN, device=x.device, dtype=x.dtype)[None, :, None, None]
+    std = torch.as_tensor(STD, device=x.device, dtype=x.dtype)[None, :, None, None]
+    return (x - mean) / std
+
+
+def colour_shift(colour):
+    """(N, 3) noise vectors c -> (N, 3) per-channel shifts U · (c ∘ EV)."""
+    u = torch.as_tensor(COLOUR_U, device=colour.device)
+    ev = torch.as_tensor(COLOUR_EV, device=colour.device)
+    return (colour.float() * ev) @ u.T
+
+
+def augment_batch(images, params, out_size):
+    """uint8 batch -> warped, standardised, colour-noised float batch (SPEC §3 order)."""
+    x = standardise(warp(images, params, out_size))
+    return x + colour_shift(params['colour'])[:, :, None, None]
+
+
+def prepare_batch(images, out_size, params=None):
+    """The network's input: augmented when `params` is given, else the centred window."""
+    if params is None:
+        return standardise(centre_crop(images, out_size))
+    return augment_batch(images, params, out_size)

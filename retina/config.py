@@ -1,0 +1,147 @@
+"""Loading config modules by path or name, checking their keys, and resolving them.
+
+A config module in `configs/` exposes a `cnf` dict and a `layers` list; its
+name is its file name (`c_512_5x5_32_ram`).  `load` accepts
+`configs/c_128_5x5_32.py`, `c_128_5x5_32` or `configs.c_128_5x5_32`.
+"""
+import difflib
+import importlib.util
+import json
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from retina.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+REQUIRED_KEYS = {
+    'w': 'input width in pixels', 'h': 'input height in pixels',
+    'train_dir': 'folder of converted training images', 'test_dir': 'folder of converted test images',
+    'labels': 'labels CSV (image,level)', 'batch_size_train': 'training batch size',
+    'batch_size_test': 'batch size for validation and features',
+    'balance_ratio': 'decay of the class-balance weights per epoch',
+    'aug_params': 'augmentation ranges', 'sigma': 'colour noise sigma',
+    'schedule': '{epoch: learning rate or "stop"}', 'momentum': 'Nesterov momentum',
+    'weight_decay': 'L2 factor on weights (Lasagne convention, λ·Σw²)',
+}
+AUG_KEYS = ('zoom_range', 'rotation_range', 'shear_range', 'translation_range', 'do_flip',
+            'allow_stretch')
+
+
+@dataclass
+class Config:
+    name: str
+    cnf: dict
+    layers: list
+    path: Path
+
+    @property
+    def input_size(self):
+        return (self.cnf['h'], self.cnf['w'])
+
+    def build_net(self):
+        from retina.nets import build_net
+        return build_net(self.layers, self.input_size)
+
+    def resolved(self):
+        """A JSON-able copy of everything that defines the run."""
+        return to_jsonable(dict(name=self.name, path=str(self.path), cnf=self.cnf,
+                                layers=self.layers))
+
+
+def available_configs():
+    folders = [Path('configs'), REPO_ROOT / 'configs']
+    return sorted({p.stem for folder in folders if folder.is_dir()
+                   for p in folder.glob('c_*.py')})
+
+
+def find_config_file(spec):
+    spec = str(spec)
+    candidates = [Path(spec)]
+    if not spec.endswith('.py'):
+        stem = spec.split('.')[-1] if spec.startswith('configs.') else Path(spec).name
+        candidates += [Path('configs') / f'{stem}.py', REPO_ROOT / 'configs' / f'{stem}.py']
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    stem = Path(spec).stem.split('.')[-1]
+    known = available_configs()
+    close = difflib.get_close_matches(stem, known, n=1)
+    hint = f'did you mean {close[0]}? ' if close else ''
+    raise UserError(f'config {spec} not found; {hint}available: {", ".join(known)}')
+
+
+def _import_config(path):
+    name = f'configs.{path.stem}'
+    root = str(path.resolve().parent.parent)
+    for entry in (root, str(REPO_ROOT)):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as error:
+        raise UserError(f'{error.filename or path}, line {error.lineno}: syntax error in the '
+                        f'config ({error.msg}); fix the file') from None
+    except Exception as error:  # a config is user code: report where it broke
+        frame = traceback.extract_tb(error.__traceback__)[-1]
+        raise UserError(f'{frame.filename}, line {frame.lineno}: the config failed to load '
+                        f'({type(error).__name__}: {error})') from None
+    return module
+
+
+def check_cnf(cnf, path):
+    unknown = [k for k in cnf if k not in REQUIRED_KEYS]
+    for key in unknown:
+        close = difflib.get_close_matches(key, REQUIRED_KEYS, n=1)
+        hint = f'did you mean {close[0]!r}? ' if close else ''
+        raise UserError(f'{path}: unknown config key {key!r}; {hint}valid keys: '
+                        f'{", ".join(REQUIRED_KEYS)}')
+    missing = [k for k in REQUIRED_KEYS if k not in cnf]
+    if missing:
+        raise UserError(f'{path}: config key(s) missing: {", ".join(missing)} '
+                        f'({"; ".join(REQUIRED_KEYS[k] for k in missing)})')
+    bad_aug = [k for k in cnf['aug_params'] if k not in AUG_KEYS]
+    if bad_aug or any(k not in cnf['aug_params'] for k in AUG_KEYS):
+        raise UserError(f'{path}: aug_params must have exactly the keys {", ".join(AUG_KEYS)}'
+                        f' (found {", ".join(cnf["aug_params"])})')
+    schedule = cnf['schedule']
+    if not isinstance(schedule, dict) or 0 not in schedule or schedule[0] == 'stop':
+        raise UserError(f'{path}: schedule must be a dict {{epoch: lr or "stop"}} starting at '
+                        f'epoch 0 with a learning rate')
+
+
+def load(spec):
+    """Load and check a config module; returns a `Config`."""
+    path = find_config_file(spec)
+    module = _import_config(path)
+    for attribute in ('cnf', 'layers'):
+        if not hasattr(module, attribute):
+            raise UserError(f'{path}: a config module must define `{attribute}`')
+    cnf = dict(module.cnf)
+    cnf['schedule'] = {int(k): v for k, v in cnf.get('schedule', {}).items()} \
+        if isinstance(cnf.get('schedule'), dict) else cnf.get('schedule')
+    check_cnf(cnf, path)
+    return Config(name=path.stem, cnf=cnf, layers=list(module.layers), path=path)
+
+
+def from_resolved(resolved):
+    """Rebuild a `Config` from `Config.resolved()` (as stored in checkpoints)."""
+    cnf = dict(resolved['cnf'])
+    cnf['schedule'] = {int(k): v for k, v in cnf['schedule'].items()}
+    layers = [(kind, dict(opt)) for kind, opt in resolved['layers']]
+    return Config(name=resolved['name'], cnf=cnf, layers=layers, path=Path(resolved['path']))
+
+
+def to_jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+def dumps(config):
+    return json.dumps(config.resolved(), indent=2)

@@ -1,0 +1,142 @@
+"""Labels, image lists, the patient-level split, class balancing and kappa.
+
+Names follow the competition: `{patient}_{left|right}`; levels are 0..4.
+"""
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+from sklearn.metrics import cohen_kappa_score
+
+from retina.errors import UserError
+from retina.images import image_name, list_images
+
+LEVELS = (0, 1, 2, 3, 4)
+MEAN = np.array([108.64628601, 75.86886597, 54.34005737], dtype=np.float32)
+STD = np.array([70.53946096, 51.71475228, 43.03428563], dtype=np.float32)
+BALANCE_WEIGHTS = np.array([1.3609453700116234, 14.378223495702006, 6.637566137566138,
+                            40.235967926689575, 49.612994350282484])
+FINAL_BALANCE_WEIGHTS = np.array([1.0, 2.0, 2.0, 2.0, 2.0])
+BALANCE_RATIO = 0.975
+VALIDATION_FRACTION = 0.1
+SPLIT_SEED = 9
+
+
+def load_labels(path):
+    """Read `image,level` rows into {name: level}; every problem names the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'{path}: labels file not found; it needs the columns image,level '
+                        f'(the Kaggle trainLabels.csv)')
+    try:
+        with open(path, newline='') as f:
+            rows = list(csv.reader(f))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise UserError(f'{path}: not a CSV file ({error})') from None
+    if not rows:
+        raise UserError(f'{path}: empty labels file; expected a header image,level')
+    header = [h.strip().lower() for h in rows[0]]
+    missing = [c for c in ('image', 'level') if c not in header]
+    if missing:
+        raise UserError(f'{path}: missing column {", ".join(missing)}; the header must be '
+                        f'image,level (found {",".join(rows[0])})')
+    i_image, i_level = header.index('image'), header.index('level')
+    labels = {}
+    for line, row in enumerate(rows[1:], start=2):
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        try:
+            name, level = row[i_image].strip(), row[i_level].strip()
+        except IndexError:
+            raise UserError(f'{path}, line {line}: expected {len(header)} columns, '
+                            f'found {len(row)}') from None
+        try:
+            value = float(level)
+        except ValueError:
+            raise UserError(f'{path}, line {line}: level {level!r} of {name} is not a number '
+                            f'0..4') from None
+        if value not in LEVELS:
+            raise UserError(f'{path}, line {line}: level {level} of {name} is outside 0..4; '
+                            f'fix the label')
+        if name in labels:
+            raise UserError(f'{path}, line {line}: {name} is listed twice; keep one row per image')
+        labels[name] = int(value)
+    if not labels:
+        raise UserError(f'{path}: no labels in the file')
+    return labels
+
+
+def labelled_images(folder, labels_file):
+    """Image paths of `folder` and their levels; images without a label are an error."""
+    paths = list_images(folder)
+    labels = load_labels(labels_file)
+    unlabelled = [image_name(p) for p in paths if image_name(p) not in labels]
+    if unlabelled:
+        shown = ', '.join(unlabelled[:5]) + (f' and {len(unlabelled) - 5} more'
+                                            if len(unlabelled) > 5 else '')
+        raise UserError(f'{labels_file}: no label for {len(unlabelled)} image(s) of {folder}: '
+                        f'{shown}; add rows for them or remove the images')
+    return paths, np.array([labels[image_name(p)] for p in paths], dtype=np.int64)
+
+
+def patient_and_eye(name):
+    """`'10_left'` -> `('10', 'left')`; names without an eye suffix are their own patient."""
+    patient, _, eye = name.rpartition('_')
+    if eye in ('left', 'right') and patient:
+        return patient, eye
+    return name, ''
+
+
+def split_indices(names, levels, fraction=VALIDATION_FRACTION, seed=SPLIT_SEED):
+    """Split by patient (both eyes on one side), stratified by the patient's worst level.
+
+    Returns (train_indices, valid_indices).  Levels with a single patient are
+    allowed: each level group contributes round(fraction × patients) to validation.
+    """
+    by_patient = defaultdict(list)
+    for index, name in enumerate(names):
+        by_patient[patient_and_eye(name)[0]].append(index)
+    patients = sorted(by_patient)
+    patient_level = {p: max(int(levels[i]) for i in by_patient[p]) for p in patients}
+    rng = np.random.RandomState(seed)
+    valid = []
+    for level in LEVELS:
+        group = [p for p in patients if patient_level[p] == level]
+        rng.shuffle(group)
+        valid.extend(group[:int(round(fraction * len(group)))])
+    valid = set(valid)
+    valid_idx = sorted(i for p in valid for i in by_patient[p])
+    train_idx = sorted(i for p in patients if p not in valid for i in by_patient[p])
+    return np.array(train_idx, dtype=np.int64), np.array(valid_idx, dtype=np.int64)
+
+
+def balance_weights_at(epoch, ratio=BALANCE_RATIO):
+    """Class weights at `epoch` (from 0): decays from BALANCE to FINAL weights."""
+    decay = ratio ** epoch
+    return BALANCE_WEIGHTS * decay + FINAL_BALANCE_WEIGHTS * (1 - decay)
+
+
+def balanced_sample(levels, epoch, rng, n=None, ratio=BALANCE_RATIO):
+    """Draw `n` (default len(levels)) indices with replacement, ∝ the class weight at `epoch`."""
+    levels = np.asarray(levels)
+    weights = balance_weights_at(epoch, ratio)[levels]
+    return rng.choice(len(levels), size=len(levels) if n is None else n, replace=True,
+                      p=weights / weights.sum())
+
+
+def to_levels(predictions, thresholds=(0.5, 1.5, 2.5, 3.5)):
+    """Continuous predictions -> integer levels 0..4 (clip and cut at the thresholds)."""
+    predictions = np.clip(np.asarray(predictions, dtype=np.float64).ravel(), 0, 4)
+    return np.digitize(predictions, np.asarray(thresholds)).astype(np.int64)
+
+
+def kappa(labels, predictions, thresholds=(0.5, 1.5, 2.5, 3.5)):
+    """Quadratic weighted kappa of continuous predictions against levels 0..4."""
+    labels = np.asarray(labels).ravel().astype(np.int64)
+    predicted = to_levels(predictions, thresholds)
+    if len(labels) == 0:
+        return float('nan')
+    if len(set(labels.tolist()) | set(predicted.tolist())) == 1:
+        return 1.0
+    return float(cohen_kappa_score(labels, predicted, weights='quadratic', labels=list(LEVELS)))

@@ -1,0 +1,214 @@
+"""The convolutional networks of the original solution, built from plain layer lists.
+
+A config module lists its layers as `(kind, options)` pairs, made with the
+helpers below; `build_net` turns the list into a `Net` (an `nn.Sequential`
+whose parameter names, e.g. `conv3.weight`, are the same at every
+resolution, so that weights move between the 128, 256 and 512 nets).
+
+Every conv and hidden dense layer has a leaky ReLU (0.01), orthogonal
+weights and biases of 0.05.  Conv biases are untied: one per channel and
+output position.
+"""
+from collections import OrderedDict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+LEAKINESS = 0.01
+BIAS_INIT = 0.05
+
+
+class UntiedConv2d(nn.Module):
+    """Convolution + untied bias (C × H × W) + leaky ReLU."""
+
+    def __init__(self, in_channels, filters, size, stride, pad, out_hw):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(filters, in_channels, size, size))
+        self.bias = nn.Parameter(torch.full((filters, *out_hw), BIAS_INIT))
+        self.stride, self.pad = stride, pad
+        nn.init.orthogonal_(self.weight, gain=1.0)
+
+    def forward(self, x):
+        x = F.conv2d(x, self.weight, stride=self.stride, padding=self.pad)
+        return F.leaky_relu(x + self.bias, LEAKINESS)
+
+
+class Dense(nn.Linear):
+    """Fully connected layer, leaky ReLU unless it is the linear output."""
+
+    def __init__(self, in_features, units, nonlinear=True):
+        super().__init__(in_features, units)
+        self.nonlinear = nonlinear
+        nn.init.orthogonal_(self.weight, gain=1.0)
+        nn.init.constant_(self.bias, BIAS_INIT)
+
+    def forward(self, x):
+        x = super().forward(x.flatten(1))
+        return F.leaky_relu(x, LEAKINESS) if self.nonlinear else x
+
+
+class RMSPool(nn.Module):
+    """Root-mean-square pooling: sqrt(avg_pool(x²) + 1e-12)."""
+
+    def __init__(self, size, stride):
+        super().__init__()
+        self.size, self.stride = size, stride
+
+    def forward(self, x):
+        return torch.sqrt(F.avg_pool2d(x.square(), self.size, self.stride) + 1e-12)
+
+
+class Maxout(nn.Module):
+    """Max over consecutive groups of `pool` features."""
+
+    def __init__(self, pool):
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x):
+        return x.unflatten(1, (-1, self.pool)).amax(2)
+
+
+class GlobalAveragePool(nn.Module):
+    def forward(self, x):
+        return x.mean(dim=(2, 3))
+
+
+# Layer-list helpers used by the config modules.
+
+def conv(name, filters, size, stride=1, pad=None):
+    return ('conv', dict(name=name, filters=filters, size=size, stride=stride,
+                         pad=size // 2 if pad is None else pad))
+
+
+def pool(name):
+    return ('pool', dict(name=name, size=3, stride=2))
+
+
+def trunk_5x5(blocks, n=32):
+    """The net-5 trunk; `blocks` = 3 (128 px), 4 (256 px) or 5 (512 px)."""
+    layers = [conv('conv1', n, 5, 2), conv('conv2', n, 3), pool('pool1'),
+              conv('conv3', 2 * n, 5, 2), conv('conv4', 2 * n, 3), conv('conv5', 2 * n, 3),
+              pool('pool2'),
+              conv('conv6', 4 * n, 3), conv('conv7', 4 * n, 3), conv('conv8', 4 * n, 3)]
+    if blocks >= 4:
+        layers += [pool('pool3'), conv('conv9', 8 * n, 3), conv('conv10', 8 * n, 3),
+                   conv('conv11', 8 * n, 3)]
+    if blocks >= 5:
+        layers += [pool('pool4'), conv('conv12', 16 * n, 3), conv('conv13', 16 * n, 3)]
+    return layers
+
+
+def trunk_4x4(blocks, n=32):
+    """The net-4 trunk: 4×4 convs, pad 2 on alternate layers (sizes 224 -> 225 -> ...)."""
+    layers = [conv('conv1', n, 4, 2, 1), conv('conv2', n, 4, 1, 2), pool('pool1'),
+              conv('conv3', 2 * n, 4, 2, 1), conv('conv4', 2 * n, 4, 1, 2),
+              conv('conv5', 2 * n, 4, 1, 1), pool('pool2'),
+              conv('conv6', 4 * n, 4, 1, 2), conv('conv7', 4 * n, 4, 1, 1),
+              conv('conv8', 4 * n, 4, 1, 2)]
+    if blocks >= 4:
+        layers += [pool('pool3'), conv('conv9', 8 * n, 4, 1, 2), conv('conv10', 8 * n, 4, 1, 1),
+                   conv('conv11', 8 * n, 4, 1, 2)]
+    if blocks >= 5:
+        layers += [pool('pool4'), conv('conv12', 16 * n, 4, 1, 1)]
+    return layers
+
+
+def baseline_head(rms_stride):
+    """RMS pool -> dropout -> dense 1024 -> maxout -> dropout -> dense 1024 -> maxout -> 1."""
+    return [('rmspool', dict(name='rmspool', size=3, stride=rms_stride)),
+            ('dropout', dict(name='dropout1', p=0.5)),
+            ('dense', dict(name='dense1', units=1024)), ('maxout', dict(name='maxout1', pool=2)),
+            ('dropout', dict(name='dropout2', p=0.5)),
+            ('dense', dict(name='dense2', units=1024)), ('maxout', dict(name='maxout2', pool=2)),
+            ('output', dict(name='output', units=1))]
+
+
+def ram_head():
+    """Global average pool of the last conv -> linear output: the RAM head."""
+    return [('gap', dict(name='gap')), ('output', dict(name='output', units=1))]
+
+
+def replace_head(layers, head):
+    """`layers` with everything after the last conv replaced by `head`."""
+    last_conv = max(i for i, (kind, _) in enumerate(layers) if kind == 'conv')
+    return layers[:last_conv + 1] + head
+
+
+class Net(nn.Sequential):
+    """A built network; knows its feature layer, its last conv and every output shape."""
+
+    def __init__(self, layers, input_size):
+        modules, shapes = OrderedDict(), OrderedDict()
+        channels, (h, w) = 3, input_size
+        features = None
+        for kind, opt in layers:
+            name = opt['name']
+            if kind == 'conv':
+                k, s, p = opt['size'], opt['stride'], opt['pad']
+                h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+                if h < 1 or w < 1:
+                    raise ValueError(f'layer {name}: input too small for this net ({input_size})')
+                modules[name] = UntiedConv2d(channels, opt['filters'], k, s, p, (h, w))
+                channels = opt['filters']
+                shape = (channels, h, w)
+            elif kind in ('pool', 'rmspool'):
+                k, s = opt['size'], opt['stride']
+                h, w = (h - k) // s + 1, (w - k) // s + 1
+                modules[name] = (nn.MaxPool2d(k, s) if kind == 'pool' else RMSPool(k, s))
+                shape = (channels, h, w)
+            elif kind == 'gap':
+                modules[name] = GlobalAveragePool()
+                shape = (channels,)
+            elif kind == 'dropout':
+                modules[name] = nn.Dropout(opt['p'])
+            elif kind in ('dense', 'output'):
+                modules[name] = Dense(_numel(shape), opt['units'], nonlinear=kind == 'dense')
+                shape = (opt['units'],)
+            elif kind == 'maxout':
+                modules[name] = Maxout(opt['pool'])
+                shape = (shape[0] // opt['pool'],)
+            else:
+                raise ValueError(f'unknown layer kind {kind!r} (layer {name})')
+            if kind in ('rmspool', 'gap') and features is None:
+                features = name
+            shapes[name] = shape
+        super().__init__(modules)
+        self.input_size = tuple(input_size)
+        self.output_shapes = shapes
+        self.feature_layer = features
+        self.last_conv = [name for kind, opt in layers if kind == 'conv'
+                          for name in [opt['name']]][-1]
+        self.is_ram = any(kind == 'gap' for kind, _ in layers)
+
+    def forward(self, x, return_features=False):
+        features = None
+        for name, module in self.named_children():
+            x = module(x)
+            if name == self.feature_layer:
+                features = x.flatten(1)
+        return (x, features) if return_features else x
+
+    def summary(self):
+        """Rows of (layer name, type, output shape, parameter count)."""
+        rows = [('input', 'Input', (3, *self.input_size), 0)]
+        for name, module in self.named_children():
+            n = sum(p.numel() for p in module.parameters())
+            rows.append((name, type(module).__name__, self.output_shapes[name], n))
+        return rows
+
+
+def _numel(shape):
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def build_net(layers, input_size):
+    return Net(layers, tuple(input_size))
+
+
+def parameter_count(net):
+    return sum(p.numel() for p in net.parameters())

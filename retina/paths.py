@@ -1,0 +1,87 @@
+"""Where every file of the pipeline lives, keyed on the config name.
+
+The layout follows the original solution (data/, weights/{cnf}/, feature and
+submission names); scripts ask this module for paths instead of joining
+strings.  Paths are relative to the working directory unless given absolute.
+"""
+import datetime
+import subprocess
+from pathlib import Path
+
+DATA_DIR = Path('data')
+WEIGHTS_DIR = Path('weights')
+LABELS_FILE = DATA_DIR / 'trainLabels.csv'
+FEATURES_DIR = DATA_DIR / 'features'
+CACHE_DIR = DATA_DIR / 'cache'
+RAM_DIR = DATA_DIR / 'ram'
+IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.tif', '.tiff')
+
+
+def timestamp():
+    return datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
+
+
+def run_dir(cnf_name):
+    """The folder of one config's training run: weights, log.csv, config.json."""
+    return WEIGHTS_DIR / cnf_name
+
+
+def best_kappa_weights(cnf_name):
+    return run_dir(cnf_name) / 'weights.pt'
+
+
+def final_weights(cnf_name):
+    return run_dir(cnf_name) / 'weights_final.pt'
+
+
+def best_loss_weights(cnf_name, epoch, valid_loss):
+    return run_dir(cnf_name) / 'best' / f'{epoch:04d}_{timestamp()}_{valid_loss:.6f}.pt'
+
+
+def epoch_weights(cnf_name, epoch):
+    return run_dir(cnf_name) / 'epochs' / f'{epoch:04d}_{timestamp()}.pt'
+
+
+def resume_checkpoint(cnf_name):
+    """The state after the last completed epoch, for `train_nn.py --resume`."""
+    return run_dir(cnf_name) / 'last.pt'
+
+
+def train_log(cnf_name):
+    return run_dir(cnf_name) / 'log.csv'
+
+
+def resolved_config(cnf_name):
+    return run_dir(cnf_name) / 'config.json'
+
+
+def features(cnf_name, split, stat, n_iter, skip):
+    """`split` is train or test, `stat` is mean or std."""
+    return FEATURES_DIR / f'{cnf_name}_{split}_{stat}_iter_{n_iter}_skip_{skip}.npy'
+
+
+def feature_names(cnf_name, split, n_iter, skip):
+    """The image names a feature file's rows belong to, in row order."""
+    return FEATURES_DIR / f'{cnf_name}_{split}_names_iter_{n_iter}_skip_{skip}.txt'
+
+
+def git_short_sha():
+    try:
+        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,
+                             text=True, timeout=10, cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return 'nogit'
+    return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else 'nogit'
+
+
+def submission():
+    return DATA_DIR / f'sub_{git_short_sha()}_{timestamp()}.csv'
+
+
+def image_cache(folder, size, key):
+    """A uint8 cache of the images of `folder` decoded at `size`; `key` names its content."""
+    return CACHE_DIR / f'{Path(folder).name}_{size}_{key}.u8'
+
+
+def ram_dir(cnf_name):
+    return RAM_DIR / cnf_name
