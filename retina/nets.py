@@ -212,3 +212,13 @@ def build_net(layers, input_size):
 
 def parameter_count(net):
     return sum(p.numel() for p in net.parameters())
+
+
+def format_summary(net, name=''):
+    """A table of layers, output shapes and parameter counts, ending with `parameters: N`."""
+    lines = [f'{name}' if name else 'network', f'{"layer":<10} {"type":<18} {"output":<18} '
+             f'{"params":>12}']
+    for layer, kind, shape, n in net.summary():
+        lines.append(f'{layer:<10} {kind:<18} {"x".join(map(str, shape)):<18} {n:>12,}')
+    lines.append(f'parameters: {parameter_count(net):,}')
+    return '\n'.join(lines)

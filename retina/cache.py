@@ -1,0 +1,80 @@
+"""A uint8 cache of decoded images, so that training decodes each JPEG once.
+
+The cache is a memory-mapped `.npy` file of shape (N, 3, S, S) under
+data/cache/, keyed on the folder, its file list, sizes and modification
+times and the image size S: change any image and a new cache is built.
+Batches are gathered from it as uint8 and moved to the device, where they
+are augmented and standardised.
+"""
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from retina import atomic, paths as paths_module
+from retina.errors import UserError
+from retina.images import BadImage, load_rgb
+
+
+def cache_key(image_paths, size):
+    digest = hashlib.sha1(str(size).encode())
+    for path in image_paths:
+        stat = os.stat(path)
+        digest.update(f'{Path(path).resolve()}|{stat.st_size}|{stat.st_mtime_ns}\n'.encode())
+    return digest.hexdigest()[:16]
+
+
+def image_size_of(image_paths):
+    """The side of the (square) converted images: the first image's larger side."""
+    try:
+        with Image.open(image_paths[0]) as image:
+            return max(image.size)
+    except (OSError, SyntaxError) as error:
+        raise UserError(f'{image_paths[0]}: cannot read it ({error}); run convert.py again') from None
+
+
+def _decode(path, size):
+    image = load_rgb(path, draft_size=(size, size))
+    if image.size != (size, size):
+        image = image.resize((size, size), Image.LANCZOS)
+    return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
+
+
+def load_images(image_paths, size=None, cache_dir=None, progress=True):
+    """A read-only (N, 3, S, S) uint8 array of `image_paths`, built once and memory-mapped."""
+    image_paths = [Path(p) for p in image_paths]
+    size = size or image_size_of(image_paths)
+    key = cache_key(image_paths, size)
+    path = paths_module.image_cache(image_paths[0].parent, size, key)
+    if cache_dir is not None:
+        path = Path(cache_dir) / path.name
+    if path.with_suffix('.npy').is_file():
+        path = path.with_suffix('.npy')
+        return np.load(path, mmap_mode='r')
+    path = path.with_suffix('.npy')
+    failures = []
+    with atomic.atomic_path(path) as tmp:
+        array = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8,
+                                          shape=(len(image_paths), 3, size, size))
+
+        def fill(index):
+            try:
+                array[index] = _decode(image_paths[index], size)
+            except BadImage as error:
+                failures.append(str(error))
+
+        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+            list(tqdm(pool.map(fill, range(len(image_paths))), total=len(image_paths),
+                      desc=f'caching {image_paths[0].parent} at {size}px', unit='img',
+                      disable=not progress, leave=False))
+        array.flush()
+        del array
+        if failures:
+            shown = '; '.join(failures[:3]) + (f' (and {len(failures) - 3} more)'
+                                                if len(failures) > 3 else '')
+            raise UserError(f'{len(failures)} image(s) could not be read: {shown}')
+    return np.load(path, mmap_mode='r')

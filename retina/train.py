@@ -1,0 +1,404 @@
+"""Training a config's network the way the original did, on CPU, one GPU or many.
+
+Per epoch: a class-balanced resample of the training images, augmentation on
+the device that holds the batch, MSE on the level, Nesterov momentum, then
+validation MSE and kappa on 10% of the patients.  `train` is the loop; it
+calls the plain functions `train_one_epoch` and `evaluate`.
+
+Everything random in an epoch is seeded from (seed, epoch, rank), so a run
+resumed from `last.pt` gives the same result as an uninterrupted one.
+Multi-GPU runs use DistributedDataParallel under torchrun (gloo on the CPU).
+"""
+import csv
+import io
+import math
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from retina import atomic, cache, checkpoint, data, paths
+from retina.augment import prepare_batch, random_params
+from retina.errors import UserError
+
+LOG_COLUMNS = ('epoch', 'train_loss', 'valid_loss', 'valid_kappa', 'lr', 'seconds',
+               'images_per_s')
+SAVE_EVERY = 5
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def cuda(self):
+        return self.device.type == 'cuda'
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    @property
+    def distributed(self):
+        return self.world > 1
+
+
+def resolve_device(requested='auto'):
+    """'auto', 'cpu', 'cuda' or 'cuda:N' -> torch.device; a missing GPU is a UserError."""
+    if requested == 'auto':
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise UserError(f'unknown device {requested!r}; use auto, cpu, cuda or cuda:N') from None
+    if device.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise UserError(f'--device {requested}: no CUDA GPU is available on this machine; '
+                            f'use --device cpu')
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f'--device {requested}: this machine has '
+                            f'{torch.cuda.device_count()} GPU(s)')
+    return device
+
+
+def setup_runtime(requested='auto'):
+    """One process per device; under torchrun, join the process group."""
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    if world == 1:
+        return Runtime(resolve_device(requested))
+    rank, local_rank = int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', '0'))
+    device = resolve_device(requested)
+    if device.type == 'cuda':
+        device = torch.device('cuda', local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return Runtime(device, rank, world)
+
+
+def lr_for_epoch(schedule, epoch):
+    """The learning rate of `epoch` (from 1), or 'stop'.
+
+    A schedule entry {k: v} takes effect at the end of epoch k, as in the original.
+    """
+    key = max(k for k in schedule if k < epoch) if epoch > 0 else 0
+    return schedule[key]
+
+
+def make_optimizer(model, cnf, lr):
+    """Nesterov SGD; L2 on weights only, with Lasagne's λ·Σw² (gradient 2λw)."""
+    weights = [p for n, p in model.named_parameters() if n.endswith('weight')]
+    biases = [p for n, p in model.named_parameters() if not n.endswith('weight')]
+    return torch.optim.SGD([dict(params=weights, weight_decay=2 * cnf['weight_decay']),
+                            dict(params=biases, weight_decay=0.0)],
+                           lr=lr, momentum=cnf['momentum'], nesterov=True)
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+
+
+def epoch_seed(seed, epoch, rank=0):
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
+
+
+def _to_device(batch, device):
+    tensor = torch.from_numpy(np.ascontiguousarray(batch))
+    if device.type == 'cuda':
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
+
+
+def batches(images, indices, batch_size, device):
+    """Yield (uint8 device batch, indices); host batches are gathered ahead in a thread."""
+    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    if isinstance(images, torch.Tensor):
+        for chunk in chunks:
+            yield images[torch.as_tensor(chunk, device=images.device)], chunk
+        return
+    if device.type != 'cuda':
+        for chunk in chunks:
+            yield _to_device(images[np.sort(chunk)], device), np.sort(chunk)
+        return
+    ready = queue.Queue(maxsize=3)
+
+    def produce():
+        for chunk in chunks:
+            chunk = np.sort(chunk)
+            ready.put((_to_device(images[chunk], device), chunk))
+        ready.put(None)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := ready.get()) is not None:
+        yield item
+
+
+def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, generator,
+                    progress=True, sync_every=20, description='train'):
+    """One pass over `indices` (this rank's share of the epoch's sample); returns metrics."""
+    cnf = config.cnf
+    model.train()
+    batch_size = max(1, cnf['batch_size_train'] // runtime.world)
+    levels_device = torch.as_tensor(levels, dtype=torch.float32, device=runtime.device)
+    total_loss = torch.zeros((), device=runtime.device)
+    seen, start = 0, time.perf_counter()
+    steps = math.ceil(len(indices) / batch_size)
+    bar = tqdm(total=len(indices) * runtime.world, desc=description, unit='img', leave=False,
+               disable=not (progress and runtime.main), dynamic_ncols=True)
+    for step, (batch, chunk) in enumerate(batches(images, indices, batch_size, runtime.device)):
+        params = random_params(len(chunk), cnf['aug_params'], cnf['sigma'], generator,
+                               runtime.device)
+        x = prepare_batch(batch, config.input_size, params)
+        if runtime.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        target = levels_device[torch.as_tensor(chunk, device=runtime.device)]
+        with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
+            out = model(x)
+        loss = F.mse_loss(out.float().squeeze(1), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total_loss += loss.detach() * len(chunk)
+        seen += len(chunk)
+        # Reading the loss back stalls the GPU: do it once every `sync_every` steps.
+        if (step + 1) % sync_every == 0 or step + 1 == steps:
+            mean_loss = total_loss.item() / seen
+            if not math.isfinite(mean_loss):
+                bar.close()
+                raise Diverged(f'step {step + 1}')
+            rate = seen * runtime.world / (time.perf_counter() - start)
+            bar.set_postfix(loss=f'{mean_loss:.4f}', img_s=f'{rate:.0f}')
+        bar.update(len(chunk) * runtime.world)
+    bar.close()
+    loss = total_loss / max(seen, 1)
+    if runtime.distributed:
+        dist.all_reduce(loss)
+        loss /= runtime.world
+    seconds = time.perf_counter() - start
+    return dict(train_loss=loss.item(), seconds=seconds,
+                images_per_s=seen * runtime.world / max(seconds, 1e-9))
+
+
+@torch.no_grad()
+def predict(model, images, indices, config, runtime, batch_size=None):
+    """Predictions for `indices` on the centred window (no augmentation), in index order."""
+    model.eval()
+    batch_size = batch_size or config.cnf['batch_size_test']
+    order = np.asarray(indices)
+    out = np.empty(len(order), dtype=np.float32)
+    position = {int(i): k for k, i in enumerate(order)}
+    for batch, chunk in batches(images, order, batch_size, runtime.device):
+        x = prepare_batch(batch, config.input_size)
+        if runtime.cuda:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
+            y = model(x).float().squeeze(1).cpu().numpy()
+        out[[position[int(i)] for i in chunk]] = y
+    return out
+
+
+def evaluate(model, images, levels, indices, config, runtime):
+    """Validation MSE and kappa over `indices`, shared out between ranks."""
+    if len(indices) == 0:
+        return dict(valid_loss=float('nan'), valid_kappa=float('nan'))
+    mine = indices[runtime.rank::runtime.world]
+    predictions = predict(model, images, mine, config, runtime)
+    if runtime.distributed:
+        gathered = [None] * runtime.world
+        dist.all_gather_object(gathered, (mine, predictions))
+        mine = np.concatenate([g[0] for g in gathered])
+        predictions = np.concatenate([g[1] for g in gathered])
+    truth = np.asarray(levels)[mine]
+    return dict(valid_loss=float(np.mean((predictions - truth) ** 2)),
+                valid_kappa=data.kappa(truth, predictions))
+
+
+def epoch_sample(train_indices, levels, epoch, seed, balance_ratio, runtime):
+    """This rank's share of the epoch's class-balanced resample (same on every rank)."""
+    rng = np.random.default_rng(epoch_seed(seed, epoch))
+    picks = data.balanced_sample(levels[train_indices], epoch - 1, rng, ratio=balance_ratio)
+    sample = train_indices[picks]
+    usable = len(sample) - len(sample) % runtime.world
+    return sample[:usable][runtime.rank::runtime.world]
+
+
+def write_log(path, rows):
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=LOG_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic.write_text(path, buffer.getvalue())
+
+
+def read_log(path):
+    if not path.is_file():
+        return []
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))
+
+
+def place_images(images, runtime, cache_on_device):
+    """Keep the uint8 cache on the GPU when it fits (or when asked), else on the host."""
+    if not runtime.cuda or cache_on_device == 'no':
+        return images
+    free, _ = torch.cuda.mem_get_info(runtime.device)
+    if cache_on_device == 'yes' or images.nbytes < 0.4 * free:
+        return torch.from_numpy(np.ascontiguousarray(images)).to(runtime.device)
+    return images
+
+
+def train(config, weights_from=None, resume=False, max_epochs=None, device='auto', seed=0,
+          deterministic=False, compile_model=False, cache_on_device='auto', progress=True,
+          echo=print):
+    """Train `config`'s net; returns a dict with the final epoch and the best metrics."""
+    runtime = setup_runtime(device)
+    cnf, name = config.cnf, config.name
+    say = echo if runtime.main else (lambda *a, **k: None)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+    elif runtime.cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    image_paths, levels = data.labelled_images(cnf['train_dir'], cnf['labels'])
+    names = [p.stem for p in image_paths]
+    if runtime.main:
+        host_images = cache.load_images(image_paths, progress=progress)
+    if runtime.distributed:
+        dist.barrier()
+    if not runtime.main:
+        host_images = cache.load_images(image_paths, progress=False)
+    if host_images.shape[-1] < max(config.input_size):
+        raise UserError(f'{cnf["train_dir"]}: images are {host_images.shape[-1]} px but '
+                        f'{name} needs at least {max(config.input_size)}; convert them with '
+                        f'convert.py --crop_size')
+    images = place_images(host_images, runtime, cache_on_device)
+    train_idx, valid_idx = data.split_indices(names, levels)
+
+    model = config.build_net().to(runtime.device)
+    if runtime.cuda:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, cnf, lr_for_epoch(cnf['schedule'], 1))
+    start_epoch, best_kappa, best_loss = 1, -math.inf, math.inf
+    last_path = paths.resume_checkpoint(name)
+    log_rows = []
+    if resume:
+        if not last_path.is_file():
+            raise UserError(f'{last_path}: nothing to resume for {name}; run without --resume')
+        state = checkpoint.load(last_path)
+        if state['config_name'] != name:
+            raise UserError(f'{last_path}: belongs to {state["config_name"]}, not {name}')
+        checkpoint.load_exact(model, state, last_path, name)
+        optimizer.load_state_dict(state['optimizer'])
+        start_epoch = state['epoch'] + 1
+        best_kappa, best_loss = state['best_kappa'], state['best_loss']
+        seed = state.get('seed', seed)
+        log_rows = [r for r in read_log(paths.train_log(name)) if int(r['epoch']) < start_epoch]
+        say(f'resuming {name} at epoch {start_epoch} from {last_path}')
+    else:
+        if last_path.is_file():
+            say(f'note: {last_path} is from an earlier run of {name}; starting over '
+                f'(use --resume to continue it instead)')
+        if weights_from:
+            state = checkpoint.load(weights_from)
+            copied, skipped = checkpoint.load_matching(model, state, weights_from)
+            say(f'loaded {len(copied)} parameter(s) from {weights_from}')
+            for line in skipped:
+                say(f'  skipped {line}')
+    if runtime.main:
+        atomic.write_text(paths.resolved_config(name),
+                          __import__('json').dumps(dict(config.resolved(), seed=seed), indent=2))
+    net = model
+    if compile_model:
+        net = compile_or_eager(model, say)
+    if runtime.distributed:
+        net = torch.nn.parallel.DistributedDataParallel(
+            net, device_ids=[runtime.device.index] if runtime.cuda else None)
+
+    say(f'{name}: {len(train_idx)} training / {len(valid_idx)} validation images '
+        f'({cnf["train_dir"]}), device {runtime.device}'
+        + (f' × {runtime.world} processes' if runtime.distributed else ''))
+    epoch, stopped_by = start_epoch - 1, 'schedule'
+    while True:
+        epoch += 1
+        lr = lr_for_epoch(cnf['schedule'], epoch)
+        if lr == 'stop':
+            break
+        if max_epochs is not None and epoch > max_epochs:
+            stopped_by = 'max_epochs'
+            break
+        set_lr(optimizer, lr)
+        torch.manual_seed(epoch_seed(seed, epoch, runtime.rank))
+        generator = torch.Generator(device=runtime.device)
+        generator.manual_seed(epoch_seed(seed, epoch, runtime.rank + 7919))
+        sample = epoch_sample(train_idx, levels, epoch, seed, cnf['balance_ratio'], runtime)
+        try:
+            metrics = train_one_epoch(net, optimizer, images, levels, sample, config, runtime,
+                                      generator, progress, description=f'epoch {epoch}')
+        except Diverged as where:
+            raise UserError(f'{name}: the training loss became NaN at epoch {epoch} ({where}); '
+                            f'stopped. The last good weights are in {last_path} (epoch '
+                            f'{epoch - 1}); lower the learning rate in the schedule') from None
+        metrics.update(evaluate(model, images, levels, valid_idx, config, runtime))
+        marks = []
+        if runtime.main:
+            state = dict(model=model, config=config, epoch=epoch, seed=seed)
+            if metrics['valid_kappa'] > best_kappa or math.isnan(metrics['valid_kappa']):
+                best_kappa = max(best_kappa, metrics['valid_kappa']) \
+                    if not math.isnan(metrics['valid_kappa']) else best_kappa
+                checkpoint.save(paths.best_kappa_weights(name), **state, best_kappa=best_kappa)
+                marks.append('best kappa')
+            if metrics['valid_loss'] < best_loss:
+                best_loss = metrics['valid_loss']
+                checkpoint.save(paths.best_loss_weights(name, epoch, best_loss), **state)
+                marks.append('best loss')
+            if epoch % SAVE_EVERY == 0:
+                checkpoint.save(paths.epoch_weights(name, epoch), **state)
+            log_rows.append(dict(epoch=epoch, lr=lr, **{k: f'{metrics[k]:.6g}' for k in
+                                                         LOG_COLUMNS if k in metrics}))
+            write_log(paths.train_log(name), log_rows)
+            # last.pt goes last: a run killed before this line redoes the whole epoch.
+            checkpoint.save(last_path, **state, optimizer=optimizer, best_kappa=best_kappa,
+                            best_loss=best_loss)
+            say(f'epoch {epoch:4d}  train loss {metrics["train_loss"]:.4f}  valid loss '
+                f'{metrics["valid_loss"]:.4f}  kappa {metrics["valid_kappa"]:.4f}  lr {lr:g}  '
+                f'{metrics["seconds"]:.1f}s  {metrics["images_per_s"]:.0f} img/s'
+                + (f'  [{", ".join(marks)}]' if marks else ''))
+        if runtime.distributed:
+            dist.barrier()
+    if runtime.main:
+        checkpoint.save(paths.final_weights(name), model=model, config=config, epoch=epoch - 1,
+                        seed=seed, best_kappa=best_kappa)
+        say(f'done ({stopped_by}) after epoch {epoch - 1}: best valid kappa {best_kappa:.4f}, '
+            f'best valid loss {best_loss:.4f}; weights in {paths.run_dir(name)}')
+    if runtime.distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return dict(epoch=epoch - 1, best_kappa=best_kappa, best_loss=best_loss,
+                state_dict=checkpoint.unwrap(model).state_dict())
+
+
+def compile_or_eager(model, say):
+    """torch.compile the model if the toolchain allows it, else keep it eager."""
+    try:
+        return torch.compile(model)
+    except Exception as error:  # compile support varies by platform: never fatal
+        say(f'note: torch.compile unavailable ({type(error).__name__}); running eager')
+        return model

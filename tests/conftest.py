@@ -1,0 +1,54 @@
+"""Shared fixtures: a small synthetic data set converted to 128 px, and a script runner."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED_DATA = REPO.parent / 'shared' / 'data'
+
+
+def run_script(script, *args, cwd, check=True, timeout=600, env=None):
+    """Run one of the repository's scripts in `cwd`; returns the CompletedProcess."""
+    full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
+    result = subprocess.run([sys.executable, str(REPO / script), *map(str, args)], cwd=cwd,
+                            capture_output=True, text=True, timeout=timeout, env=full_env)
+    if check and result.returncode != 0:
+        raise AssertionError(f'{script} {" ".join(map(str, args))} failed '
+                             f'({result.returncode}):\n{result.stdout[-3000:]}\n'
+                             f'{result.stderr[-3000:]}')
+    return result
+
+
+@pytest.fixture(scope='session')
+def synthetic_source(tmp_path_factory):
+    """Raw synthetic photos: train/, test/, trainLabels.csv, testLabels.csv, masks/."""
+    from retina.synthetic import generate
+    out = tmp_path_factory.mktemp('synthetic')
+    generate(out, n_patients=40, seed=3, width=300, height=200, progress=False)
+    return out
+
+
+@pytest.fixture(scope='session')
+def converted_workdir(tmp_path_factory, synthetic_source):
+    """A working directory laid out like the project: data/train_tiny, data/test_tiny, labels."""
+    from retina.crop import convert_folder
+    work = tmp_path_factory.mktemp('work')
+    data = work / 'data'
+    data.mkdir()
+    for split in ('train', 'test'):
+        convert_folder(synthetic_source / split, data / f'{split}_tiny', 128, 'jpeg', n_proc=1,
+                       progress=False)
+    shutil.copy(synthetic_source / 'trainLabels.csv', data / 'trainLabels.csv')
+    return work
+
+
+@pytest.fixture
+def workdir(converted_workdir, tmp_path):
+    """A fresh copy of the converted working directory for tests that write into it."""
+    target = tmp_path / 'work'
+    shutil.copytree(converted_workdir, target, ignore=shutil.ignore_patterns('weights', 'cache'))
+    return target

@@ -1,0 +1,55 @@
+#!/usr/bin/env python
+"""Train a network from a config module (e.g. configs/c_512_5x5_32_ram.py)."""
+import click
+
+from retina import config as config_module
+from retina.errors import handle_errors
+
+
+@click.command()
+@click.option('--cnf', required=True, metavar='CONFIG',
+              help='Config module: a path like configs/c_128_5x5_32.py or a name like c_128_5x5_32.')
+@click.option('--weights_from', type=click.Path(dir_okay=False),
+              help='Start from these weights: every parameter whose name and shape match is '
+                   'copied, the rest are listed as skipped (e.g. weights/c_128_5x5_32/weights.pt).')
+@click.option('--resume', is_flag=True,
+              help='Continue the interrupted run of this config from weights/CNF/last.pt.')
+@click.option('--max_epochs', type=click.IntRange(min=1),
+              help='Stop after this many epochs in all (short runs); the schedule still applies.')
+@click.option('--device', default='auto', show_default=True,
+              help='auto (CUDA if present), cpu, cuda or cuda:N.')
+@click.option('--seed', default=0, show_default=True, type=int,
+              help='Seed for sampling, augmentation, dropout and initialisation.')
+@click.option('--deterministic', is_flag=True,
+              help='Use deterministic algorithms only (reproducible, maybe slower on GPU).')
+@click.option('--compile', 'compile_model', is_flag=True,
+              help='torch.compile the network (faster on GPU; falls back to eager if unavailable).')
+@click.option('--cache_on_device', type=click.Choice(['auto', 'yes', 'no']), default='auto',
+              show_default=True,
+              help='Keep the uint8 image cache in GPU memory (auto: when it fits).')
+@click.option('--summary', is_flag=True,
+              help='Print every layer with its output shape and parameter count, then exit.')
+@click.option('--no_progress', is_flag=True, help='No progress bars (for logs).')
+@handle_errors(resume_hint='Continue with: python train_nn.py --cnf CNF --resume')
+def main(cnf, weights_from, resume, max_epochs, device, seed, deterministic, compile_model,
+         cache_on_device, summary, no_progress):
+    """Train the network of config CNF on its train_dir and labels.
+
+    Writes, under weights/CNF/: weights.pt (best validation kappa),
+    best/ (each new best validation loss), epochs/ (every 5 epochs),
+    weights_final.pt (end of schedule), last.pt (for --resume), log.csv and
+    config.json.  Run under torchrun for several GPUs.
+    """
+    config = config_module.load(cnf)
+    if summary:
+        from retina.nets import format_summary
+        click.echo(format_summary(config.build_net(), config.name))
+        return
+    from retina.train import train
+    train(config, weights_from=weights_from, resume=resume, max_epochs=max_epochs,
+          device=device, seed=seed, deterministic=deterministic, compile_model=compile_model,
+          cache_on_device=cache_on_device, progress=not no_progress, echo=click.echo)
+
+
+if __name__ == '__main__':
+    main()
