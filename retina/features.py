@@ -48,3 +48,97 @@ def load_features(path):
         raise UserError(f'{path}: {array.shape[0]} rows but {names_path.name} lists {len(names)} '
                         f'images; the files are from different runs: run transform.py again')
     return array.astype(np.float32, copy=False), names
+
+
+SAVE_EVERY = 5
+
+
+def load_model(config, weights_path, device):
+    """The config's net with weights that must fit it exactly, in eval mode on `device`."""
+    from retina import checkpoint
+    state = checkpoint.load(weights_path)
+    model = config.build_net()
+    checkpoint.load_exact(model, state, weights_path, config.name)
+    return model.to(device).eval()
+
+
+def _previous_progress(config_name, split, n_iter, skip, rows, names):
+    """Sums recovered from the last saved iteration of an interrupted run, if any."""
+    from retina import paths
+    for done in range((n_iter - 1) // SAVE_EVERY * SAVE_EVERY, 0, -SAVE_EVERY):
+        mean_path = paths.features(config_name, split, 'mean', done, skip)
+        std_path = paths.features(config_name, split, 'std', done, skip)
+        if mean_path.is_file() and std_path.is_file():
+            try:
+                mean, saved_names = load_features(mean_path)
+                std, _ = load_features(std_path)
+            except UserError:
+                continue
+            if saved_names != names or mean.shape[0] != rows:
+                continue
+            mean, std = mean.astype(np.float64), std.astype(np.float64)
+            return done, mean * done, (std ** 2 + mean ** 2) * done
+    return 0, None, None
+
+
+def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu',
+                     batch_size=None, progress=True, echo=print, restart=False):
+    """Write running mean/std features of `folder`'s images; returns the last file paths."""
+    import torch
+    from tqdm import tqdm
+
+    from retina import atomic, cache, paths
+    from retina.augment import broadcast_params, prepare_batch, tta_params
+    from retina.images import image_name, list_images
+    from retina.train import batches
+
+    image_paths = list_images(folder)
+    names = [image_name(p) for p in image_paths]
+    images = cache.load_images(image_paths, progress=progress)
+    if images.shape[-1] < max(config.input_size):
+        raise UserError(f'{folder}: images are {images.shape[-1]} px but {config.name} needs at '
+                        f'least {max(config.input_size)}; convert them with convert.py --crop_size')
+    device = torch.device(device)
+    if device.type == 'cuda':
+        images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        model = model.to(memory_format=torch.channels_last)
+    batch_size = batch_size or config.cnf['batch_size_test']
+    augmentations = tta_params(n_iter, skip, config.cnf['aug_params'], config.cnf['sigma'])
+    start, total, total_sq = (0, None, None) if restart else _previous_progress(
+        config.name, split, n_iter, skip, len(names), names)
+    if start:
+        echo(f'{split}: continuing from iteration {start} of an earlier run')
+    order = np.arange(len(names))
+    written = None
+    bar = tqdm(total=(n_iter - start) * len(names), desc=f'{config.name} {split} features',
+               unit='img', disable=not progress, dynamic_ncols=True)
+    with torch.no_grad():
+        for iteration in range(start, n_iter):
+            params = augmentations[iteration] if n_iter > 1 else None
+            rows = []
+            for batch, _ in batches(images, order, batch_size, device):
+                x = prepare_batch(batch, config.input_size,
+                                  broadcast_params(params, len(batch), device) if params else None)
+                if device.type == 'cuda':
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.autocast(device.type, dtype=torch.bfloat16,
+                                    enabled=device.type == 'cuda'):
+                    _, features = model(x, return_features=True)
+                rows.append(features.float().cpu().numpy().astype(np.float64))
+                bar.update(len(batch))
+            features = np.concatenate(rows)
+            total = features if total is None else total + features
+            total_sq = features ** 2 if total_sq is None else total_sq + features ** 2
+            done = iteration + 1
+            if done % SAVE_EVERY == 0 or done == n_iter:
+                mean = total / done
+                std = np.sqrt(np.maximum(total_sq / done - mean ** 2, 0))
+                for stat, value in (('mean', mean), ('std', std)):
+                    atomic.write_text(paths.feature_names(config.name, split, done, skip),
+                                      '\n'.join(names) + '\n')
+                    written = paths.features(config.name, split, stat, done, skip)
+                    atomic.save_npy(written, value.astype(np.float32))
+    bar.close()
+    return dict(mean=paths.features(config.name, split, 'mean', n_iter, skip),
+                std=paths.features(config.name, split, 'std', n_iter, skip), rows=len(names),
+                features=int(total.shape[1]))

@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Extract test-time-augmented features of a trained net for blend.py."""
+import click
+
+from retina import config as config_module, paths
+from retina.errors import UserError, handle_errors
+
+
+@click.command()
+@click.option('--cnf', required=True, metavar='CONFIG',
+              help='Config module of the trained net (path or name, e.g. c_512_5x5_32).')
+@click.option('--n_iter', default=1, show_default=True, type=click.IntRange(min=1),
+              help='Test-time augmentation iterations (1: no augmentation). Running mean and '
+                   'std are saved every 5 iterations.')
+@click.option('--skip', default=0, show_default=True, type=click.IntRange(min=0),
+              help='Start at this point of the Halton sequence (to draw other augmentations).')
+@click.option('--test', is_flag=True, help='Extract features of the test images.')
+@click.option('--train', is_flag=True, help='Extract features of the training images.')
+@click.option('--weights_from', type=click.Path(dir_okay=False),
+              help='Weights file [default: weights/CNF/weights.pt, the best validation kappa].')
+@click.option('--test_dir', type=click.Path(file_okay=False),
+              help="Folder of test images [default: the config's test_dir].")
+@click.option('--train_dir', type=click.Path(file_okay=False),
+              help="Folder of training images [default: the config's train_dir].")
+@click.option('--device', default='auto', show_default=True, help='auto, cpu, cuda or cuda:N.')
+@click.option('--batch_size', type=click.IntRange(min=1),
+              help="Images per batch [default: the config's batch_size_test; use more on a GPU].")
+@click.option('--restart', is_flag=True,
+              help='Ignore the saved iterations of an interrupted run and start from the first.')
+@click.option('--no_progress', is_flag=True, help='No progress bars.')
+@handle_errors(resume_hint='Run the same command again: it continues from the last saved '
+                           'iteration (every 5).')
+def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, device, batch_size,
+         restart, no_progress):
+    """Write data/features/CNF_{train,test}_{mean,std}_iter_N_skip_K.npy.
+
+    Features come from the RMS-pool layer (baseline nets) or the global-
+    average-pool layer (RAM nets).  With neither --train nor --test, both.
+    """
+    from retina.features import extract_features, load_model
+    from retina.train import resolve_device
+
+    config = config_module.load(cnf)
+    weights = weights_from or paths.best_kappa_weights(config.name)
+    device = resolve_device(device)
+    model = load_model(config, weights, device)
+    splits = [s for s, wanted in (('train', train), ('test', test)) if wanted] or ['train', 'test']
+    folders = dict(train=train_dir or config.cnf['train_dir'],
+                   test=test_dir or config.cnf['test_dir'])
+    for split in splits:
+        result = extract_features(config, model, folders[split], split, n_iter, skip, device,
+                                  batch_size, not no_progress, click.echo, restart)
+        click.echo(f'{split}: {result["rows"]} images × {result["features"]} features -> '
+                   f'{result["mean"]}, {result["std"]}')
+
+
+if __name__ == '__main__':
+    main()
