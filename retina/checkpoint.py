@@ -65,8 +65,8 @@ def load_matching(model, state, source):
         else:
             found = tuple(theirs[name].shape) if name in theirs else 'absent'
             skipped.append(f'{name} {tuple(value.shape)} (in {Path(source).name}: {found})')
-    if not copied:
-        raise UserError(f'{source}: no parameter matches this network (weights of '
+    if not any(name.endswith('weight') for name in copied):
+        raise UserError(f'{source}: no weight matches this network (weights of '
                         f'{state.get("config_name")}); use weights of a compatible config')
     unwrap(model).load_state_dict(own)
     return copied, skipped

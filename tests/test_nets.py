@@ -1,0 +1,136 @@
+"""Every config module: loading, shapes, parameter counts, summary, weight transfer."""
+import pytest
+import torch
+
+from conftest import REPO, run_script
+from retina import checkpoint, config as config_module
+from retina.errors import UserError
+from retina.nets import parameter_count
+
+CONFIGS = sorted(p.stem for p in (REPO / 'configs').glob('c_*.py'))
+
+# SPEC §4: 12.40M / 12.47M baseline, 9.78M / 9.84M RAM (within 0.1%).
+EXPECTED_512 = {'c_512_5x5_32': 12.40e6, 'c_512_4x4_32': 12.47e6,
+                'c_512_5x5_32_ram': 9.78e6, 'c_512_4x4_32_ram': 9.84e6}
+
+
+def test_all_twelve_configs_exist():
+    assert len(CONFIGS) == 12
+    for base in [c for c in CONFIGS if not c.endswith('_ram')]:
+        assert f'{base}_ram' in CONFIGS
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_builds_and_gives_one_output_per_image(name):
+    config = config_module.load(name)
+    net = config.build_net().eval()
+    x = torch.randn(2, 3, *config.input_size)
+    with torch.no_grad():
+        out, features = net(x, return_features=True)
+    assert out.shape == (2, 1)
+    assert torch.isfinite(out).all()
+    if name.endswith('_ram'):
+        assert net.is_ram and net.feature_layer == 'gap'
+        assert features.shape == (2, net.output_shapes[net.last_conv][0])
+    else:
+        assert not net.is_ram and net.feature_layer == 'rmspool'
+        if '512' in name:
+            assert features.shape == (2, 2048)
+
+
+@pytest.mark.parametrize('name', sorted(EXPECTED_512))
+def test_512_parameter_counts_match_the_paper(name):
+    n = parameter_count(config_module.load(name).build_net())
+    assert abs(n - EXPECTED_512[name]) / EXPECTED_512[name] < 1e-3
+
+
+def test_4x4_512_sizes_follow_the_spec():
+    net = config_module.load('c_512_4x4_32').build_net()
+    sizes = [shape[1] for shape in net.output_shapes.values() if len(shape) == 3]
+    assert sizes[:17] == [224, 225, 112, 56, 57, 56, 27, 28, 27, 28, 13, 14, 13, 14, 6, 5, 2]
+
+
+def test_untied_biases_are_per_position_and_hold_a_large_share():
+    net = config_module.load('c_512_5x5_32').build_net()
+    assert net.conv1.bias.shape == (32, 224, 224)
+    biases = sum(p.numel() for n, p in net.named_parameters() if n.startswith('conv') and
+                 n.endswith('bias'))
+    assert 0.3 < biases / parameter_count(net) < 0.5
+
+
+def test_ram_variant_shares_trunk_and_settings_with_its_base():
+    base, ram = config_module.load('c_256_4x4_32'), config_module.load('c_256_4x4_32_ram')
+    assert ram.cnf == base.cnf
+    assert [l for l in ram.layers if l[0] == 'conv'] == [l for l in base.layers if l[0] == 'conv']
+
+
+def test_config_hyper_parameters_follow_the_spec():
+    assert config_module.load('c_512_5x5_32').cnf['batch_size_train'] == 32
+    assert config_module.load('c_512_4x4_32').cnf['batch_size_train'] == 48
+    assert config_module.load('c_128_4x4_32').cnf['aug_params']['translation_range'] == (-10, 10)
+    assert config_module.load('c_256_4x4_32').cnf['aug_params']['translation_range'] == (-20, 20)
+    assert config_module.load('c_512_4x4_32').cnf['sigma'] == 0.25
+    assert config_module.load('c_512_5x5_32').cnf['schedule'][251] == 'stop'
+
+
+def test_config_by_path_name_and_module_name_agree():
+    a = config_module.load(REPO / 'configs' / 'c_128_5x5_32.py')
+    b = config_module.load('c_128_5x5_32')
+    c = config_module.load('configs.c_128_5x5_32')
+    assert a.name == b.name == c.name == 'c_128_5x5_32' and a.cnf == b.cnf == c.cnf
+
+
+def test_summary_cli_prints_layers_and_total():
+    result = run_script('train_nn.py', '--cnf', 'configs/c_512_5x5_32_ram.py', '--summary',
+                        cwd=REPO)
+    lines = result.stdout.strip().splitlines()
+    assert lines[-1] == 'parameters: 9,779,169'
+    assert any(line.startswith('conv13') and '512x6x6' in line for line in lines)
+    per_layer = sum(int(line.split()[-1].replace(',', '')) for line in lines[2:-1])
+    assert per_layer == 9_779_169
+
+
+def test_unknown_config_suggests_the_closest(tmp_path):
+    result = run_script('train_nn.py', '--cnf', 'c_128_5x5_23', '--summary', cwd=tmp_path,
+                        check=False)
+    assert result.returncode == 2
+    assert 'did you mean c_128_5x5_32' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_typo_key_and_syntax_error_are_one_line(tmp_path):
+    (tmp_path / 'configs').mkdir()
+    (tmp_path / 'configs' / 'c_typo.py').write_text(
+        'from configs.c_128_5x5_32 import cnf as base, layers\n'
+        'cnf = dict(base, batch_size_trian=3)\n')
+    (tmp_path / 'configs' / 'c_broken.py').write_text('cnf = dict(w=112\n')
+    typo = run_script('train_nn.py', '--cnf', 'configs/c_typo.py', '--summary', cwd=tmp_path,
+                      check=False)
+    assert typo.returncode == 2 and "did you mean 'batch_size_train'" in typo.stderr
+    broken = run_script('train_nn.py', '--cnf', 'configs/c_broken.py', '--summary', cwd=tmp_path,
+                        check=False)
+    assert broken.returncode == 2 and 'c_broken.py, line 1' in broken.stderr
+    for result in (typo, broken):
+        assert 'Traceback' not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_transfer_128_to_256_copies_kernels_and_skips_untied_biases(tmp_path):
+    small = config_module.load('c_128_5x5_32')
+    large = config_module.load('c_256_5x5_32')
+    source = small.build_net()
+    checkpoint.save(tmp_path / 'w.pt', model=source, config=small, epoch=1)
+    target = large.build_net()
+    copied, skipped = checkpoint.load_matching(target, checkpoint.load(tmp_path / 'w.pt'),
+                                               tmp_path / 'w.pt')
+    assert 'conv1.weight' in copied and 'conv8.weight' in copied
+    assert torch.equal(target.conv5.weight, source.conv5.weight)
+    assert any(s.startswith('conv1.bias') for s in skipped)
+    assert any(s.startswith('conv9.weight') and 'absent' in s for s in skipped)
+
+
+def test_weights_of_another_architecture_are_refused_for_inference(tmp_path):
+    four = config_module.load('c_128_4x4_32_ram')
+    checkpoint.save(tmp_path / 'w.pt', model=four.build_net(), config=four, epoch=1)
+    five = config_module.load('c_128_5x5_32_ram')
+    with pytest.raises(UserError, match='do not fit config c_128_5x5_32_ram'):
+        checkpoint.load_exact(five.build_net(), checkpoint.load(tmp_path / 'w.pt'),
+                              tmp_path / 'w.pt', five.name)

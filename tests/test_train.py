@@ -1,0 +1,187 @@
+"""Training: loss goes down, schedule, checkpoints, resume, NaN stop, devices, DDP on gloo."""
+import csv
+import math
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from conftest import REPO, run_script
+from retina import checkpoint, config as config_module, data, paths
+from retina.augment import prepare_batch, random_params
+from retina.train import lr_for_epoch, make_optimizer, train
+
+CONFIG = 'c_128_5x5_32_ram'
+
+
+def test_schedule_changes_at_the_end_of_the_numbered_epoch():
+    schedule = {0: 0.003, 150: 0.0003, 201: 'stop'}
+    assert lr_for_epoch(schedule, 1) == 0.003
+    assert lr_for_epoch(schedule, 150) == 0.003
+    assert lr_for_epoch(schedule, 151) == 0.0003
+    assert lr_for_epoch(schedule, 201) == 0.0003
+    assert lr_for_epoch(schedule, 202) == 'stop'
+
+
+def test_l2_is_lasagne_convention_on_weights_only():
+    config = config_module.load(CONFIG)
+    optimizer = make_optimizer(config.build_net(), config.cnf, 0.01)
+    weights, biases = optimizer.param_groups
+    assert weights['weight_decay'] == pytest.approx(2 * 0.0005) and biases['weight_decay'] == 0
+    assert all(p.dim() >= 2 for p in weights['params'])
+    assert optimizer.defaults['nesterov'] and optimizer.defaults['momentum'] == 0.9
+
+
+def test_a_few_steps_lower_the_loss_on_synthetic_images(converted_workdir):
+    from retina.cache import load_images
+    config = config_module.load(CONFIG)
+    image_paths, levels = data.labelled_images(converted_workdir / 'data' / 'train_tiny',
+                                               converted_workdir / 'data' / 'trainLabels.csv')
+    images = torch.from_numpy(np.array(load_images(image_paths[:32],
+                                                   cache_dir=converted_workdir / 'cache')))
+    target = torch.as_tensor(levels[:32], dtype=torch.float32)
+    torch.manual_seed(0)
+    net = config.build_net()
+    optimizer = make_optimizer(net, config.cnf, 0.003)
+    x = prepare_batch(images, config.input_size)
+    losses = []
+    for _ in range(8):
+        loss = F.mse_loss(net(x).squeeze(1), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_random_params_follow_the_config_ranges():
+    aug = config_module.load('c_128_4x4_32').cnf['aug_params']
+    params = random_params(4000, aug, 0.25, torch.Generator().manual_seed(0))
+    assert params['tx'].abs().max() <= 10 and params['tx'].std() > 4
+    assert params['rotation'].min() >= 0 and params['rotation'].max() <= 360
+    assert 1 / 1.15 - 1e-6 <= params['zoom_x'].min() and params['zoom_x'].max() <= 1.15 + 1e-6
+    assert not torch.equal(params['zoom_x'], params['zoom_y'])  # stretch
+    assert 0.45 < params['flip'].mean() < 0.55
+    assert params['colour'].std().item() == pytest.approx(0.25, rel=0.1)
+
+
+def _train(workdir, monkeypatch, **kwargs):
+    monkeypatch.chdir(workdir)
+    return train(config_module.load(CONFIG), device='cpu', progress=False,
+                 echo=lambda *a, **k: None, **kwargs)
+
+
+def test_training_writes_the_original_weight_files_and_log(workdir, monkeypatch):
+    result = _train(workdir, monkeypatch, max_epochs=5)
+    run = workdir / paths.run_dir(CONFIG)
+    assert (run / 'weights.pt').is_file() and (run / 'weights_final.pt').is_file()
+    assert len(list((run / 'epochs').glob('0005_*.pt'))) == 1
+    assert list((run / 'best').glob('*.pt'))
+    rows = list(csv.DictReader(open(run / 'log.csv')))
+    assert [int(r['epoch']) for r in rows] == [1, 2, 3, 4, 5]
+    assert all(math.isfinite(float(r['train_loss'])) for r in rows)
+    assert (run / 'config.json').is_file()
+    state = checkpoint.load(run / 'weights_final.pt')
+    rebuilt = checkpoint.config_of(state).build_net()
+    rebuilt.load_state_dict(state['model'])
+    assert result['epoch'] == 5
+
+
+def test_resume_equals_an_uninterrupted_run(workdir, monkeypatch, tmp_path):
+    straight = _train(workdir, monkeypatch, max_epochs=3, seed=5, deterministic=True)
+    other = tmp_path / 'again'
+    import shutil
+    shutil.copytree(workdir, other, ignore=shutil.ignore_patterns('weights'))
+    _train(other, monkeypatch, max_epochs=2, seed=5, deterministic=True)
+    resumed = _train(other, monkeypatch, max_epochs=3, resume=True, deterministic=True)
+    for name, value in straight['state_dict'].items():
+        assert torch.equal(value, resumed['state_dict'][name]), name
+    rows = list(csv.DictReader(open(other / paths.train_log(CONFIG))))
+    assert [int(r['epoch']) for r in rows] == [1, 2, 3]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_weights(workdir):
+    (workdir / 'configs').mkdir()
+    (workdir / 'configs' / 'c_explode.py').write_text(
+        'from configs.c_128_5x5_32_ram import cnf as base, layers\n'
+        "cnf = dict(base, schedule={0: 0.003, 1: 1e12, 5: 'stop'})\n")
+    result = run_script('train_nn.py', '--cnf', 'configs/c_explode.py', '--no_progress',
+                        cwd=workdir, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert 'NaN' in result.stderr and 'last good weights' in result.stderr
+    assert 'Traceback' not in result.stderr
+    state = checkpoint.load(workdir / 'weights' / 'c_explode' / 'last.pt')
+    assert state['epoch'] >= 1
+    assert all(torch.isfinite(v).all() for v in state['model'].values())
+
+
+def test_cli_short_run_weights_from_and_missing_labels(workdir):
+    result = run_script('train_nn.py', '--cnf', 'c_128_5x5_32', '--max_epochs', '1',
+                        '--no_progress', cwd=workdir)
+    assert 'epoch    1' in result.stdout
+    transfer = run_script('train_nn.py', '--cnf', 'c_256_5x5_32', '--summary', cwd=workdir)
+    assert transfer.returncode == 0
+    labels = workdir / 'data' / 'trainLabels.csv'
+    rows = labels.read_text().splitlines()
+    labels.write_text('\n'.join(rows[:-2]) + '\n')
+    missing = run_script('train_nn.py', '--cnf', 'c_128_5x5_32', '--max_epochs', '1',
+                         cwd=workdir, check=False)
+    assert missing.returncode == 2 and 'no label for 2 image(s)' in missing.stderr
+    assert rows[-1].split(',')[0] in missing.stderr
+
+
+def test_weights_from_lists_skipped_layers(workdir):
+    run_script('train_nn.py', '--cnf', 'c_128_4x4_32', '--max_epochs', '1', '--no_progress',
+               cwd=workdir)
+    result = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', '--no_progress',
+                        '--weights_from', 'weights/c_128_4x4_32/weights.pt', cwd=workdir,
+                        check=False)
+    assert result.returncode == 2 and 'no weight matches' in result.stderr
+    assert 'weights of c_128_4x4_32' in result.stderr
+    ok = run_script('train_nn.py', '--cnf', 'c_128_4x4_32_ram', '--max_epochs', '1',
+                    '--no_progress', '--weights_from', 'weights/c_128_4x4_32/weights.pt',
+                    cwd=workdir)
+    assert 'skipped output.weight (1, 128) (in weights.pt: (1, 512))' in ok.stdout
+    assert 'loaded 17 parameter(s)' in ok.stdout
+
+
+def test_cuda_request_without_gpu_is_one_line(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip('this machine has a GPU')
+    result = run_script('train_nn.py', '--cnf', CONFIG, '--device', 'cuda', cwd=tmp_path,
+                        check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == ('error: --device cuda: no CUDA GPU is available on this '
+                                     'machine; use --device cpu')
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank, world, port, workdir, out):
+    os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank),
+                      MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    os.chdir(workdir)
+    torch.set_num_threads(1)
+    result = train(config_module.load(CONFIG), max_epochs=2, device='cpu', progress=False,
+                   echo=lambda *a, **k: None)
+    torch.save(result['state_dict'], os.path.join(out, f'rank{rank}.pt'))
+
+
+def test_two_gloo_ranks_end_with_identical_weights(workdir, tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(workdir), str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f'rank{r}.pt') for r in range(2)]
+    initial = config_module.load(CONFIG)
+    for name, value in ranks[0].items():
+        assert torch.equal(value, ranks[1][name]), name
+    assert (workdir / 'weights' / CONFIG / 'weights_final.pt').is_file()
+    rows = list(csv.DictReader(open(workdir / paths.train_log(CONFIG))))
+    assert len(rows) == 2
+    assert initial.name == CONFIG
