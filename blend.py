@@ -1,0 +1,74 @@
+#!/usr/bin/env python
+"""Blend transform.py features with a small net: validate, or write a submission (step 4).
+
+    python blend.py --per_patient                         # validate the runs of blend.yml
+    python blend.py --per_patient --predict               # write data/sub_*.csv
+    python blend.py --cnf c_512_5x5_32 --per_patient      # that config's latest features
+    python blend.py --features_file data/features/c_512_5x5_32_train_mean_iter_50_skip_0.npy \\
+                    --features_file data/features/c_512_5x5_32_train_std_iter_50_skip_0.npy
+
+The work is done by retina.blend.run_blend; see its docstring.
+"""
+import click
+
+from retina import blend, paths
+from retina import config as config_module
+from retina.errors import handle_errors
+
+
+@click.command(context_settings={'help_option_names': ['-h', '--help']})
+@click.option('--cnf', metavar='CONFIG',
+              help='Config (name like c_512_5x5_32 or path). Without --features_file and '
+                   '--blend_cnf its latest train mean+std features are the one run; it also '
+                   'sets the defaults of --test_dir and --labels.')
+@click.option('--predict', is_flag=True,
+              help='Fit on every training image, average the runs\' test predictions and write '
+                   'the submission (image,level). Without it: validation only.')
+@click.option('--per_patient', is_flag=True,
+              help='Per eye, feed [this eye, the other eye, right-eye flag]; an eye whose '
+                   'partner is missing uses its own features.')
+@click.option('--features_file', multiple=True, metavar='FILE',
+              help='A train feature file (repeat for several; they are concatenated into one '
+                   'run, used instead of the blend config). A bare name is looked up in '
+                   'data/features/. Test features: the same name with _train_ -> _test_.')
+@click.option('--n_iter', default=1, show_default=True, type=click.IntRange(min=1),
+              help='Fits per run (different seeds); their predictions are averaged.')
+@click.option('--blend_cnf', type=click.Path(dir_okay=False), metavar='YAML',
+              help='Blend config: run name -> list of train feature files. '
+                   '[default: blend.yml, used when neither --features_file nor --cnf is given]')
+@click.option('--test_dir', type=click.Path(file_okay=False),
+              help='Folder of converted test images the submission must cover. '
+                   f'[default: the config\'s test_dir with --cnf, else {blend.DEFAULT_TEST_DIR}; '
+                   'if the default folder is missing, the test feature names are used]')
+@click.option('--labels', type=click.Path(dir_okay=False),
+              help=f'Training labels CSV (image,level). [default: the config\'s labels with '
+                   f'--cnf, else {paths.LABELS_FILE}]')
+@click.option('--seed', default=0, show_default=True, type=int,
+              help='Seed of the nets\' initialisation and batches.')
+@click.option('--optimize_thresholds', is_flag=True,
+              help='Fit the four cut-offs to maximise kappa on the validation predictions and '
+                   'report both kappas; with --predict a validation fit is made first and its '
+                   'fitted cut-offs are used for the submission (else 0.5, 1.5, 2.5, 3.5).')
+@click.option('--output', type=click.Path(dir_okay=False),
+              help='Submission path. [default: data/sub_{git sha}_{time}.csv]')
+@handle_errors()
+def main(cnf, predict, per_patient, features_file, n_iter, blend_cnf, test_dir, labels, seed,
+         optimize_thresholds, output):
+    """Fit the blend net on each run's features: report validation kappa and the
+    confusion matrix per run (and for the runs averaged), or with --predict
+    write the submission and print its path."""
+    config = config_module.load(cnf) if cnf else None
+    runs = blend.runs_from_options(features_file, blend_cnf, config.name if config else None)
+    result = blend.run_blend(
+        runs,
+        labels_file=labels or (config.cnf['labels'] if config else paths.LABELS_FILE),
+        per_patient=per_patient, n_iter=n_iter, seed=seed, predict=predict,
+        test_dir=test_dir or (config.cnf['test_dir'] if config else None),
+        test_dir_required=test_dir is not None,
+        optimize_thresholds=optimize_thresholds, output=output, echo=click.echo)
+    if result['submission'] is not None:
+        click.echo(f'wrote {result["submission"]}')
+
+
+if __name__ == '__main__':
+    main()

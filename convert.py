@@ -1,0 +1,62 @@
+#!/usr/bin/env python
+"""Crop the photographs to the eye, make them square and resize them: step 1 of the pipeline.
+
+    python convert.py --directory data/train --convert_directory data/train_medium --crop_size 512
+    python convert.py --directory data/test --convert_directory data/test_medium --crop_size 512
+    python convert.py --test      # look at a few crops first
+
+The work is done by retina.crop; see its docstring for the algorithm.
+"""
+import os
+import sys
+
+import click
+
+from retina import crop, paths
+from retina.errors import handle_errors
+
+
+@click.command(context_settings={'help_option_names': ['-h', '--help']})
+@click.option('--directory', default=str(paths.DATA_DIR / 'train'), show_default=True,
+              type=click.Path(file_okay=False),
+              help='Folder of photographs to convert (.jpeg, .jpg, .png, .tif, .tiff).')
+@click.option('--convert_directory', default=str(paths.DATA_DIR / 'train_medium'), show_default=True,
+              type=click.Path(file_okay=False),
+              help='Folder for the converted images, named like the inputs with the new extension. '
+                   'Images already there are skipped, so an interrupted run resumes.')
+@click.option('--test', is_flag=True,
+              help=f'Convert nothing; show up to {crop.PREVIEW_COUNT} level-{crop.PREVIEW_LEVEL} photographs '
+                   'next to their crops (in windows, or as PNGs in --preview_dir when there is no display).')
+@click.option('--crop_size', default=256, show_default=True, type=click.IntRange(min=8),
+              help='Side of the square output in pixels (the pipeline uses 512 for *_medium).')
+@click.option('--extension', default='tiff', show_default=True,
+              type=click.Choice(crop.OUTPUT_EXTENSIONS, case_sensitive=False),
+              help='Output format: tiff and png are lossless, jpeg is saved at quality 97.')
+@click.option('--n_proc', default=os.cpu_count(), show_default=True, type=click.IntRange(min=1),
+              help="Worker processes; the default is this machine's CPU count.")
+@click.option('--labels', default=str(paths.LABELS_FILE), show_default=True, type=click.Path(dir_okay=False),
+              help='Labels CSV (image,level) used by --test to pick level-1 images; '
+                   'if it is missing --test uses the first images.')
+@click.option('--preview_dir', default=str(paths.DATA_DIR / 'convert_preview'), show_default=True,
+              type=click.Path(file_okay=False),
+              help='Where --test writes {name}_preview.png (photograph with the found box, crop) '
+                   'when there is no display.')
+@handle_errors(resume_hint='Run the same command again to convert the rest; finished images are kept.')
+def main(directory, convert_directory, test, crop_size, extension, n_proc, labels, preview_dir):
+    """Crop each photograph to the eye, make it square and resize it to crop_size x crop_size.
+
+    Exits with status 1 if any image could not be read (each one is named on
+    stderr; the others are still converted).
+    """
+    if test:
+        crop.preview_folder(directory, crop_size, labels, preview_dir)
+        return
+    summary = crop.convert_folder(directory, convert_directory, crop_size, extension.lower(), n_proc)
+    if summary.failed:
+        click.echo(f'error: {len(summary.failed)} of {summary.total} images could not be converted '
+                   f'(listed above); replace or remove them and run the command again', err=True)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()

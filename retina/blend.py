@@ -1,0 +1,661 @@
+"""Blending transform.py features into levels and a submission (blend.py, SPEC §6).
+
+A *run* is a list of train feature files (e.g. the mean and std features of
+two configs) that are concatenated side by side; blend.yml names the runs.
+Per run: standardise (StandardScaler fitted on the rows the net is fitted
+on), optionally build per-eye inputs [this eye, other eye, right-eye flag]
+(`per_patient_inputs`), and fit a small maxout net on the level with MSE.
+
+Validation (default) fits on 90% of the patients (`data.split_indices`) and
+reports kappa and the confusion matrix on the other 10%.  Prediction fits on
+every training image, averages the runs' test predictions, cuts them into
+levels and writes `image,level` rows matched to the test images by name.
+
+Choices the original leaves open: the class-balanced batches draw every
+level equally often (inverse class frequency of the rows being fitted, which
+on the Kaggle data is the original's BALANCE_WEIGHTS); every names file is
+checked (against each other, the labels and the test folder) before the
+first fit; `fit_thresholds` can replace the fixed cut-offs 0.5 .. 3.5 with
+ones fitted on the validation predictions.
+
+`run_blend` is the entry point for other code; blend.py only parses options.
+"""
+import contextlib
+import math
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+from sklearn.preprocessing import StandardScaler
+
+from retina import atomic, data, paths
+from retina.errors import UserError
+from retina.features import load_features, names_file_for
+from retina.images import image_name, list_images
+
+# {epoch: learning rate or 'stop'}; an entry {k: v} takes effect at the end of
+# epoch k (epochs count from 1), as in the CNN schedules: 100 epochs in all.
+SCHEDULE = {0: 5e-4, 60: 5e-5, 80: 5e-6, 90: 5e-7, 100: 'stop'}
+BATCH_SIZE = 128
+BALANCED_BATCH_PROBABILITY = 0.2
+UNIFORM_BATCH_PROBABILITY = 0.3
+L1_FIRST_LAYER = 2e-5
+L2_WEIGHTS = 0.005
+HIDDEN_UNITS = 32
+MAXOUT_POOL = 2
+FIXED_THRESHOLDS = (0.5, 1.5, 2.5, 3.5)
+DEFAULT_BLEND_CONFIG = Path('blend.yml')
+DEFAULT_TEST_DIR = paths.DATA_DIR / 'test_medium'
+_OTHER_EYE = {'left': 'right', 'right': 'left'}
+_TRAIN_PART = re.compile(r'_train_(?=(mean|std)_iter_)')
+_TRAIN_FEATURES = re.compile(
+    r'^(?P<cnf>.+)_train_mean_iter_(?P<n_iter>\d+)_skip_(?P<skip>\d+)\.npy$')
+
+
+# ---------------------------------------------------------------- which files
+
+def resolve_feature_path(entry):
+    """A bare file name is looked up in data/features/ (then the working directory);
+    anything with a folder part is used as given."""
+    path = Path(entry).expanduser()
+    if path.is_absolute() or path.parent != Path('.'):
+        return path
+    in_features = paths.FEATURES_DIR / path
+    return path if path.is_file() and not in_features.is_file() else in_features
+
+
+def load_blend_config(path):
+    """{run name: [train feature paths]} from a YAML mapping; every file must exist."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f'{path}: blend config not found; create it (a YAML mapping of run name '
+                        f'to a list of train feature files, like blend.yml in the repository) '
+                        f'or pass --features_file or --cnf')
+    try:
+        content = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, 'problem_mark', None)
+        where = f', line {mark.line + 1}' if mark is not None else ''
+        problem = getattr(error, 'problem', None) or str(error).splitlines()[0]
+        raise UserError(f'{path}{where}: not valid YAML ({problem}); fix the file') from None
+    except UnicodeDecodeError:
+        raise UserError(f'{path}: not a text file; expected a YAML mapping of run name to '
+                        f'train feature files') from None
+    if not isinstance(content, dict) or not content:
+        raise UserError(f'{path}: expected a mapping of run name to a list of train feature '
+                        f'files (e.g. "my_run: [c_512_5x5_32_train_mean_iter_50_skip_0.npy]"), '
+                        f'found {type(content).__name__ if content is not None else "nothing"}')
+    runs = {}
+    for name, files in content.items():
+        if isinstance(files, str):
+            files = [files]
+        if not isinstance(files, list) or not files or not all(isinstance(f, str) for f in files):
+            raise UserError(f'{path}: run {name!r} must be a list of train feature file names '
+                            f'(e.g. - c_512_5x5_32_train_mean_iter_50_skip_0.npy)')
+        resolved = [resolve_feature_path(f) for f in files]
+        for entry, file in zip(files, resolved):
+            if not file.is_file():
+                raise UserError(f'{path}: run {name!r} names {entry}, but {file} does not exist; '
+                                f'run transform.py for that config (python transform.py --cnf CNF '
+                                f'--n_iter N --train --test) or fix the entry')
+        runs[str(name)] = resolved
+    return runs
+
+
+def latest_features(cnf_name):
+    """The most recently written train mean+std feature pair of a config."""
+    candidates = []
+    for mean in paths.FEATURES_DIR.glob(f'{cnf_name}_train_mean_iter_*_skip_*.npy'):
+        match = _TRAIN_FEATURES.match(mean.name)
+        std = mean.with_name(mean.name.replace('_train_mean_', '_train_std_', 1))
+        if match and match['cnf'] == cnf_name and std.is_file():
+            candidates.append((mean.stat().st_mtime, int(match['n_iter']), mean, std))
+    if not candidates:
+        raise UserError(f'{paths.FEATURES_DIR}: no train mean+std features of {cnf_name} '
+                        f'(looked for {cnf_name}_train_mean_iter_N_skip_K.npy and its _std_ '
+                        f'partner); run python transform.py --cnf {cnf_name} --train --test '
+                        f'first, or name the files with --features_file')
+    _, _, mean, std = max(candidates, key=lambda c: (c[0], c[1]))
+    return [mean, std]
+
+
+def runs_from_options(features_files=(), blend_config=None, cnf_name=None):
+    """The runs blend.py fits: --features_file, else --blend_cnf, else the config's latest
+    features (--cnf), else blend.yml in the working directory."""
+    if features_files and blend_config:
+        raise UserError(f'{blend_config}: --blend_cnf and --features_file both given; use one '
+                        f'(--features_file replaces the blend config)')
+    if features_files:
+        return {cnf_name or 'features': [resolve_feature_path(f) for f in features_files]}
+    if blend_config:
+        return load_blend_config(blend_config)
+    if cnf_name:
+        return {cnf_name: latest_features(cnf_name)}
+    return load_blend_config(DEFAULT_BLEND_CONFIG)
+
+
+def matching_test_file(train_path):
+    """X_train_mean_iter_5_skip_0.npy -> X_test_mean_iter_5_skip_0.npy, in the same folder."""
+    train_path = Path(train_path)
+    if not _TRAIN_PART.search(train_path.name):
+        raise UserError(f'{train_path}: cannot tell its test features: the name has no _train_ '
+                        f'before mean/std (expected CNF_train_mean_iter_N_skip_K.npy)')
+    return train_path.with_name(_TRAIN_PART.sub('_test_', train_path.name, count=1))
+
+
+# ---------------------------------------------------------------- features
+
+def read_names(feature_path):
+    """The image names of a feature file's rows, read from its names file (the array is not
+    loaded: this is the cheap check made before any fitting)."""
+    feature_path = Path(feature_path)
+    if not feature_path.is_file():
+        raise UserError(f'{feature_path}: feature file not found; run transform.py for that '
+                        f'config (e.g. python transform.py --cnf CNF --n_iter N --train --test)')
+    names_path = names_file_for(feature_path)
+    if not names_path.is_file():
+        raise UserError(f'{names_path}: missing (it lists the image of each row of '
+                        f'{feature_path.name}); run transform.py again')
+    names = names_path.read_text().split()
+    duplicates = len(names) - len(set(names))
+    if duplicates:
+        raise UserError(f'{names_path}: {duplicates} image name(s) listed more than once; run '
+                        f'transform.py again')
+    return names
+
+
+def run_names(files):
+    """The image names of a run's files, which must list the same images in the same order."""
+    names = read_names(files[0])
+    for file in files[1:]:
+        other = read_names(file)
+        if other != names:
+            row = next((i for i, pair in enumerate(zip(other, names)) if pair[0] != pair[1]),
+                       min(len(other), len(names)))
+            found = other[row] if row < len(other) else 'nothing'
+            expected = names[row] if row < len(names) else 'nothing'
+            raise UserError(f'{file}: its rows are not the images of {files[0]} in the same order '
+                            f'(row {row + 1} is {found}, not {expected}); extract the features of '
+                            f'a run from the same image folder (run transform.py again)')
+    return names
+
+
+def load_run(files):
+    """Concatenate a run's feature files side by side: (array, names); rows must be finite."""
+    names = run_names(files)
+    blocks = []
+    for file in files:
+        array, file_names = load_features(file)
+        if file_names != names:
+            raise UserError(f'{file}: its names file changed while blend.py was reading it; run '
+                            f'blend.py again once transform.py has finished')
+        if not np.isfinite(array).all():
+            raise UserError(f'{file}: contains NaN or infinite values; run transform.py again')
+        blocks.append(array)
+    return (blocks[0] if len(blocks) == 1 else np.hstack(blocks)), names
+
+
+def reorder_rows(array, names, order, file, reference):
+    """`array`'s rows put in the order of the image names `order` (same set required)."""
+    if names == order:
+        return array
+    row_of = {name: i for i, name in enumerate(names)}
+    if set(row_of) != set(order):
+        raise UserError(f'{file}: its images are not those of {reference} ({len(names)} vs '
+                        f'{len(order)}); all runs need features of the same training images')
+    return array[[row_of[name] for name in order]]
+
+
+def per_patient_inputs(features, names):
+    """Per eye: [this eye's features, the other eye's features, 1 if right eye else 0].
+
+    The other eye is found by name (`data.patient_and_eye`); an eye whose
+    partner is missing (or a name without an eye) uses its own features.
+    """
+    row_of = {name: i for i, name in enumerate(names)}
+    other = np.arange(len(names))
+    right = np.zeros((len(names), 1), dtype=features.dtype)
+    for i, name in enumerate(names):
+        patient, eye = data.patient_and_eye(name)
+        if eye:
+            other[i] = row_of.get(f'{patient}_{_OTHER_EYE[eye]}', i)
+            right[i] = eye == 'right'
+    return np.hstack([features, features[other], right])
+
+
+def prepare_inputs(features, names, fit_rows, per_patient):
+    """Standardise with a scaler fitted on `fit_rows`; returns (inputs, scaler)."""
+    scaler = StandardScaler().fit(features[fit_rows])
+    scaled = scaler.transform(features).astype(np.float32, copy=False)
+    return (per_patient_inputs(scaled, names) if per_patient else scaled), scaler
+
+
+def _listing(names, shown=3):
+    more = f' and {len(names) - shown} more' if len(names) > shown else ''
+    return ', '.join(names[:shown]) + more
+
+
+def labels_for(names, labels, labels_file, names_source):
+    missing = [name for name in names if name not in labels]
+    if missing:
+        raise UserError(f'{labels_file}: no label for {len(missing)} of the {len(names)} images '
+                        f'of {names_source} ({_listing(missing)}); use the labels of the images '
+                        f'transform.py read (--labels) or extract features of labelled images')
+    return np.array([labels[name] for name in names], dtype=np.int64)
+
+
+# ---------------------------------------------------------------- the net
+
+def build_net(n_inputs, generator=None):
+    """dense 32 -> maxout 2 -> dense 32 -> maxout 2 -> dense 1, as an nn.Sequential.
+
+    Hidden layers: ReLU, orthogonal weights with the 'relu' gain, biases 0.01;
+    the output is linear (orthogonal, gain 1, bias 0).  torch is imported in
+    the functions that need it, so that blend.py reports bad input quickly.
+    """
+    from torch import nn
+
+    def maxout():
+        # The max of consecutive pairs of units, like Lasagne's FeaturePoolLayer.
+        return nn.Sequential(nn.Unflatten(1, (1, HIDDEN_UNITS)), nn.MaxPool1d(MAXOUT_POOL),
+                             nn.Flatten())
+
+    pooled = HIDDEN_UNITS // MAXOUT_POOL
+    net = nn.Sequential(OrderedDict(
+        hidden1=nn.Linear(n_inputs, HIDDEN_UNITS), relu1=nn.ReLU(), maxout1=maxout(),
+        hidden2=nn.Linear(pooled, HIDDEN_UNITS), relu2=nn.ReLU(), maxout2=maxout(),
+        output=nn.Linear(pooled, 1), level=nn.Flatten(0)))
+    for layer in (net.hidden1, net.hidden2):
+        nn.init.orthogonal_(layer.weight, gain=nn.init.calculate_gain('relu'),
+                            generator=generator)
+        nn.init.constant_(layer.bias, 0.01)
+    nn.init.orthogonal_(net.output.weight, gain=1.0, generator=generator)
+    nn.init.zeros_(net.output.bias)
+    return net
+
+
+def weight_penalty(net):
+    """L1 on the first layer's weights plus L2 on every layer's weights (not the biases)."""
+    l1 = net.hidden1.weight.abs().sum()
+    l2 = sum(layer.weight.pow(2).sum() for layer in (net.hidden1, net.hidden2, net.output))
+    return L1_FIRST_LAYER * l1 + L2_WEIGHTS * l2
+
+
+def lr_for_epoch(schedule, epoch):
+    """The learning rate of `epoch` (from 1), or 'stop'."""
+    return schedule[max(k for k in schedule if k < epoch) if epoch > 0 else 0]
+
+
+def balanced_probabilities(levels):
+    """Sampling probability per row that makes every present level equally likely.
+
+    On the Kaggle training set this is the original's BALANCE_WEIGHTS (the
+    inverse class frequencies); computing it from the rows being fitted keeps
+    the batches balanced on any data set.
+    """
+    counts = np.bincount(levels, minlength=len(data.LEVELS)).astype(np.float64)
+    weights = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)[levels]
+    return weights / weights.sum()
+
+
+def epoch_batches(levels, rng, batch_size=BATCH_SIZE):
+    """Row indices of one epoch's batches: a shuffled pass over the rows, each batch
+    replaced with probability 0.2 by a class-balanced and 0.3 by a uniform random sample."""
+    n = len(levels)
+    order = rng.permutation(n)
+    balanced = balanced_probabilities(levels)
+    for start in range(0, n, batch_size):
+        draw = rng.random()
+        if draw < BALANCED_BATCH_PROBABILITY:
+            yield rng.choice(n, size=batch_size, replace=True, p=balanced)
+        elif draw < BALANCED_BATCH_PROBABILITY + UNIFORM_BATCH_PROBABILITY:
+            yield rng.integers(0, n, size=batch_size)
+        else:
+            yield order[start:start + batch_size]
+
+
+@contextlib.contextmanager
+def single_thread():
+    """Run torch on one CPU thread: the net's tensors are so small that thread start-up
+    costs more than it saves (ten times slower on a busy two-core machine)."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def fit_net(inputs, levels, seed, schedule=SCHEDULE):
+    """Fit the blend net on (inputs, levels) with Adam; returns (net, last epoch's mean loss)."""
+    with single_thread():
+        return _fit_net(inputs, levels, seed, schedule)
+
+
+def _fit_net(inputs, levels, seed, schedule):
+    import torch
+    import torch.nn.functional as F
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
+    x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+    y = torch.from_numpy(np.asarray(levels, dtype=np.float32))
+    net = build_net(x.shape[1], generator)
+    optimizer = torch.optim.Adam(net.parameters(), lr=lr_for_epoch(schedule, 1))
+    net.train()
+    loss_sum, epoch = float('nan'), 1
+    while (lr := lr_for_epoch(schedule, epoch)) != 'stop':
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        loss_sum, count = 0.0, 0
+        for rows in epoch_batches(levels, rng):
+            rows = torch.from_numpy(np.asarray(rows))
+            loss = F.mse_loss(net(x[rows]), y[rows]) + weight_penalty(net)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum, count = loss_sum + loss.item() * len(rows), count + len(rows)
+        loss_sum /= count
+        if not math.isfinite(loss_sum):
+            raise UserError(f'the blend net diverged (loss {loss_sum}) in epoch {epoch}; check '
+                            f'the feature files for extreme values (run transform.py again)')
+        epoch += 1
+    return net, loss_sum
+
+
+def net_predictions(net, inputs, chunk=8192):
+    import torch
+    net.eval()
+    x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
+    with single_thread(), torch.no_grad():
+        return torch.cat([net(x[i:i + chunk]) for i in range(0, len(x), chunk)]).numpy()
+
+
+# ---------------------------------------------------------------- cut-offs
+
+def confusion_matrix(levels, predictions, thresholds=FIXED_THRESHOLDS):
+    """5×5 counts, rows the true level, columns the predicted one."""
+    predicted = data.to_levels(predictions, thresholds)
+    n = len(data.LEVELS)
+    return np.bincount(np.asarray(levels) * n + predicted, minlength=n * n).reshape(n, n)
+
+
+def _kappa_of_confusion(confusion):
+    n = confusion.shape[0]
+    weights = (np.arange(n)[:, None] - np.arange(n)[None, :]) ** 2
+    expected = np.outer(confusion.sum(1), confusion.sum(0)) / max(confusion.sum(), 1)
+    disagreement = (weights * expected).sum()
+    return 1.0 if disagreement == 0 else 1.0 - (weights * confusion).sum() / disagreement
+
+
+def fit_thresholds(levels, predictions, start=FIXED_THRESHOLDS, max_sweeps=20, candidates=256):
+    """Four sorted cut-offs that maximise validation kappa (coordinate search from `start`).
+
+    Each sweep moves one cut-off at a time to the best point between its
+    neighbours (midpoints between distinct predictions); only improvements
+    are kept, so the result is never worse than `start` on these predictions.
+    """
+    levels = np.asarray(levels)
+    values = np.clip(np.asarray(predictions, dtype=np.float64), 0, 4)
+    cuts = list(start)
+
+    def score(trial):
+        return _kappa_of_confusion(confusion_matrix(levels, values, trial))
+
+    best = score(cuts)
+    for _ in range(max_sweeps):
+        improved = False
+        for i in range(len(cuts)):
+            low = cuts[i - 1] if i > 0 else 0.0
+            high = cuts[i + 1] if i + 1 < len(cuts) else 4.0
+            inside = np.unique(values[(values > low) & (values < high)])
+            if inside.size == 0:
+                continue
+            points = np.concatenate([[(low + inside[0]) / 2], (inside[:-1] + inside[1:]) / 2,
+                                     [(inside[-1] + high) / 2]])
+            if points.size > candidates:
+                points = points[np.linspace(0, points.size - 1, candidates).round().astype(int)]
+            for point in points:
+                trial = cuts[:i] + [float(point)] + cuts[i + 1:]
+                value = score(trial)
+                if value > best + 1e-12:
+                    best, cuts, improved = value, trial, True
+        if not improved:
+            break
+    if data.kappa(levels, values, cuts) < data.kappa(levels, values, start):
+        return tuple(start)
+    return tuple(cuts)
+
+
+# ---------------------------------------------------------------- reports
+
+@dataclass
+class ValidationReport:
+    """Validation predictions of one run (or of all runs averaged) and their scores."""
+    names: list
+    levels: np.ndarray
+    predictions: np.ndarray
+    kappa: float
+    confusion: np.ndarray
+    thresholds: tuple = None
+    kappa_fitted: float = None
+    confusion_fitted: np.ndarray = None
+    fit_kappas: list = field(default_factory=list)
+
+
+def validation_report(names, levels, predictions, optimize_thresholds, fit_kappas=()):
+    report = ValidationReport(names=list(names), levels=levels, predictions=predictions,
+                              kappa=data.kappa(levels, predictions),
+                              confusion=confusion_matrix(levels, predictions),
+                              fit_kappas=list(fit_kappas))
+    if optimize_thresholds:
+        report.thresholds = fit_thresholds(levels, predictions)
+        report.kappa_fitted = data.kappa(levels, predictions, report.thresholds)
+        report.confusion_fitted = confusion_matrix(levels, predictions, report.thresholds)
+    return report
+
+
+def format_confusion(confusion, indent='    '):
+    width = max(5, len(str(confusion.max())) + 1)
+    lines = [f'{indent}true\\pred' + ''.join(f'{level:>{width}}' for level in data.LEVELS)]
+    for level, row in zip(data.LEVELS, confusion):
+        lines.append(f'{indent}{level:>9}' + ''.join(f'{count:>{width}}' for count in row))
+    return '\n'.join(lines)
+
+
+def format_cuts(thresholds):
+    return ' '.join(f'{t:.3f}' for t in thresholds)
+
+
+def echo_report(title, report, echo):
+    echo(f'{title}: valid kappa {report.kappa:.4f} (cut-offs {format_cuts(FIXED_THRESHOLDS)})')
+    if report.kappa_fitted is not None:
+        echo(f'{title}: valid kappa {report.kappa_fitted:.4f} (fitted cut-offs '
+             f'{format_cuts(report.thresholds)})')
+    echo('  confusion matrix, fixed cut-offs:')
+    echo(format_confusion(report.confusion))
+    if report.confusion_fitted is not None:
+        echo('  confusion matrix, fitted cut-offs:')
+        echo(format_confusion(report.confusion_fitted))
+
+
+# ---------------------------------------------------------------- the blend
+
+def _fit_seed(seed, run_index, iteration, phase):
+    return np.random.SeedSequence([seed, run_index, iteration, phase]).generate_state(1)[0]
+
+
+def _fit_and_predict(inputs, levels, fit_rows, predict_inputs, seed, label, echo):
+    started = time.perf_counter()
+    net, loss = fit_net(inputs[fit_rows], levels[fit_rows], seed)
+    predictions = net_predictions(net, predict_inputs)
+    echo(f'  {label}: {len(fit_rows)} images, final train loss {loss:.4f}, '
+         f'{time.perf_counter() - started:.1f} s')
+    return predictions
+
+
+def submission_images(test_dir, test_dir_required, first_test_file, first_test_names, echo):
+    """Names the submission needs: the images of `test_dir`, or the first run's test names.
+
+    Returns (names, where they come from)."""
+    test_dir = Path(test_dir) if test_dir is not None else DEFAULT_TEST_DIR
+    if test_dir.is_dir():
+        return [image_name(p) for p in list_images(test_dir)], str(test_dir)
+    if test_dir_required:
+        raise UserError(f'{test_dir}: no such folder; pass the folder of converted test images '
+                        f'(--test_dir) that transform.py --test read')
+    names_path = names_file_for(first_test_file)
+    echo(f'note: {test_dir} not found; writing one row per image named in {names_path} '
+         f'({len(first_test_names)} images)')
+    return list(first_test_names), str(names_path)
+
+
+@dataclass
+class BlendPlan:
+    """What the names files say, checked before any fitting."""
+    names: list            # training images, in the first run's row order
+    levels: np.ndarray     # their labels
+    test_names: list = None  # the images the submission needs (with --predict)
+
+
+def check_runs(runs, labels, labels_file, predict, test_dir, test_dir_required, echo):
+    """Check every run's names files against each other, the labels and the test images,
+    so that bad input stops the blend before the first fit."""
+    plan, first, test_source = None, None, None
+    for files in runs.values():
+        names = run_names(files)
+        if plan is None:
+            first = files[0]
+            plan = BlendPlan(names, labels_for(names, labels, labels_file, names_file_for(first)))
+        elif set(names) != set(plan.names):
+            raise UserError(f'{files[0]}: its images are not those of {first} ({len(names)} vs '
+                            f'{len(plan.names)}); all runs need features of the same training '
+                            f'images')
+        if predict:
+            test_files = [matching_test_file(f) for f in files]
+            test_names = run_names(test_files)
+            if plan.test_names is None:
+                plan.test_names, test_source = submission_images(
+                    test_dir, test_dir_required, test_files[0], test_names, echo)
+            covered = set(test_names)
+            missing = [name for name in plan.test_names if name not in covered]
+            if missing:
+                raise UserError(f'{test_files[0]}: no features for {len(missing)} of the '
+                                f'{len(plan.test_names)} test images of {test_source} '
+                                f'({_listing(missing)}); run transform.py --test on that folder '
+                                f'(with --test_dir)')
+    return plan
+
+
+def validate_run(inputs, levels, split, n_iter, seed, run_index, optimize_thresholds, names,
+                 echo):
+    """Fit on the training patients `n_iter` times; the report of the averaged predictions."""
+    train_idx, valid_idx = split
+    fits = [_fit_and_predict(inputs, levels, train_idx, inputs[valid_idx],
+                             _fit_seed(seed, run_index, iteration, 0),
+                             f'validation fit {iteration + 1}/{n_iter}', echo)
+            for iteration in range(n_iter)]
+    return validation_report([names[i] for i in valid_idx], levels[valid_idx],
+                             np.mean(fits, axis=0), optimize_thresholds,
+                             [data.kappa(levels[valid_idx], fit) for fit in fits])
+
+
+def predict_run(features, plan, files, per_patient, n_iter, seed, run_index, echo):
+    """Fit on every training image `n_iter` times; the summed predictions for plan.test_names."""
+    test_files = [matching_test_file(f) for f in files]
+    test_features, test_names = load_run(test_files)
+    if test_features.shape[1] != features.shape[1]:
+        raise UserError(f'{test_files[0]}: {test_features.shape[1]} features per image but '
+                        f'{files[0]} has {features.shape[1]}; extract train and test features '
+                        f'with the same config (transform.py --train --test)')
+    all_rows = np.arange(len(plan.names))
+    inputs, scaler = prepare_inputs(features, plan.names, all_rows, per_patient)
+    test_inputs = scaler.transform(test_features).astype(np.float32, copy=False)
+    if per_patient:
+        test_inputs = per_patient_inputs(test_inputs, test_names)
+    row_of = {name: i for i, name in enumerate(test_names)}
+    test_inputs = test_inputs[[row_of[name] for name in plan.test_names]]
+    return sum(_fit_and_predict(inputs, plan.levels, all_rows, test_inputs,
+                                _fit_seed(seed, run_index, iteration, 1),
+                                f'full fit {iteration + 1}/{n_iter}', echo)
+               for iteration in range(n_iter))
+
+
+def write_submission(path, names, levels):
+    lines = ['image,level'] + [f'{name},{int(level)}' for name, level in zip(names, levels)]
+    atomic.write_text(path, '\n'.join(lines) + '\n')
+
+
+def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, seed=0,
+              predict=False, test_dir=None, optimize_thresholds=False, output=None, echo=print,
+              test_dir_required=False):
+    """Fit the blend net on each run's features; validate, and with `predict` write a submission.
+
+    `runs` maps a run name to its train feature files (test files: _train_ -> _test_).
+    Validation runs unless `predict` is set without `optimize_thresholds`; with
+    both, the submission uses the cut-offs fitted on the validation predictions
+    of the runs averaged.  `test_dir` (default data/test_medium) lists the
+    images the submission must cover; when it is missing the first run's test
+    feature names are used instead, unless `test_dir_required`.
+
+    Returns {'validation': {run: ValidationReport}, 'blend': ValidationReport of the runs
+    averaged (None with one run or without validation), 'kappas': {run: valid kappa},
+    'thresholds': the cut-offs of the submission, 'submission': its path (None unless
+    `predict`), 'test_predictions': {image: averaged continuous prediction}}.
+    """
+    if not runs:
+        raise UserError('no runs to blend; name train feature files in blend.yml or with '
+                        '--features_file')
+    runs = {run: [Path(f) for f in files] for run, files in runs.items()}
+    labels = data.load_labels(labels_file)
+    plan = check_runs(runs, labels, labels_file, predict, test_dir, test_dir_required, echo)
+    validate = not predict or optimize_thresholds
+    if validate:
+        split = data.split_indices(plan.names, plan.levels)
+        if len(split[0]) == 0 or len(split[1]) == 0:
+            patients = len({data.patient_and_eye(name)[0] for name in plan.names})
+            raise UserError(f'{labels_file}: too few patients per level for a '
+                            f'{data.VALIDATION_FRACTION:.0%} validation split ({patients} '
+                            f'patients); use more images, or --predict alone')
+    result = dict(validation={}, blend=None, kappas={}, thresholds=None, submission=None,
+                  test_predictions=None)
+    test_sum, first_file = 0.0, next(iter(runs.values()))[0]
+    for run_index, (run, files) in enumerate(runs.items()):
+        features, names = load_run(files)
+        features = reorder_rows(features, names, plan.names, files[0], first_file)
+        shape = f'{len(files)} file(s), {features.shape[1]} features'
+        if per_patient:
+            shape += f', {2 * features.shape[1] + 1} inputs per eye'
+        echo(f'run {run}: {shape}, {len(plan.names)} training images')
+        if validate:
+            inputs, _ = prepare_inputs(features, plan.names, split[0], per_patient)
+            report = validate_run(inputs, plan.levels, split, n_iter, seed, run_index,
+                                  optimize_thresholds, plan.names, echo)
+            del inputs
+            result['validation'][run], result['kappas'][run] = report, report.kappa
+            echo_report(f'run {run}', report, echo)
+        if predict:
+            test_sum = test_sum + predict_run(features, plan, files, per_patient, n_iter, seed,
+                                              run_index, echo)
+
+    if validate and len(runs) > 1:
+        reports = list(result['validation'].values())
+        result['blend'] = validation_report(reports[0].names, reports[0].levels,
+                                            np.mean([r.predictions for r in reports], axis=0),
+                                            optimize_thresholds)
+        echo_report(f'all {len(runs)} runs averaged', result['blend'], echo)
+
+    if predict:
+        chosen = result['blend'] or next(iter(result['validation'].values()), None)
+        thresholds = chosen.thresholds if optimize_thresholds else FIXED_THRESHOLDS
+        average = test_sum / (len(runs) * n_iter)
+        path = Path(output) if output is not None else paths.submission()
+        write_submission(path, plan.test_names, data.to_levels(average, thresholds))
+        result.update(thresholds=tuple(thresholds), submission=path,
+                      test_predictions=dict(zip(plan.test_names, average.tolist())))
+        echo(f'cut-offs {format_cuts(thresholds)}; {len(plan.test_names)} test images')
+    return result

@@ -1,0 +1,423 @@
+"""Tests for blending: per-patient inputs, the net, fitted cut-offs, the submission and bad input.
+
+Feature files are made here the way transform.py writes them (an .npy per
+statistic and a names file beside them); one feature group is the level plus
+noise, so a working blend must reach a high validation kappa on it.
+"""
+import csv
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retina import blend, data
+from retina.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+LEVEL_PROBABILITIES = [0.4, 0.15, 0.25, 0.1, 0.1]
+N_INFORMATIVE, N_NOISE = 8, 24
+
+
+def feature_path(cnf, split, stat='mean', n_iter=5, skip=0):
+    return Path('data/features') / f'{cnf}_{split}_{stat}_iter_{n_iter}_skip_{skip}.npy'
+
+
+def write_features(root, cnf, split, names, mean, std, n_iter=5, skip=0):
+    """Write mean, std and names files as transform.py does."""
+    folder = Path(root) / 'data' / 'features'
+    folder.mkdir(parents=True, exist_ok=True)
+    np.save(root / feature_path(cnf, split, 'mean', n_iter, skip), mean.astype(np.float32))
+    np.save(root / feature_path(cnf, split, 'std', n_iter, skip), std.astype(np.float32))
+    (folder / f'{cnf}_{split}_names_iter_{n_iter}_skip_{skip}.txt').write_text(
+        '\n'.join(names) + '\n')
+
+
+def make_eyes(patients, rng):
+    """Sorted eye names and their levels; every sixth patient has one eye only."""
+    levels = {}
+    for patient in patients:
+        eyes = ('left', 'right') if patient % 6 else (('left',) if patient % 12 else ('right',))
+        base = rng.choice(5, p=LEVEL_PROBABILITIES)
+        for eye in eyes:
+            shift = rng.integers(-1, 2) if rng.random() < 0.3 else 0
+            levels[f'{patient}_{eye}'] = int(np.clip(base + shift, 0, 4))
+    names = sorted(levels)
+    return names, np.array([levels[n] for n in names])
+
+
+def informative(levels, rng):
+    """Mean features: 8 columns of level + noise and 24 of noise; std features: noise."""
+    signal = levels[:, None] + rng.normal(scale=0.35, size=(len(levels), N_INFORMATIVE))
+    mean = np.hstack([signal, rng.normal(size=(len(levels), N_NOISE))])
+    return mean, np.abs(rng.normal(size=(len(levels), 16)))
+
+
+def pure_noise(n, rng):
+    return rng.normal(size=(n, N_INFORMATIVE + N_NOISE)), np.abs(rng.normal(size=(n, 16)))
+
+
+def write_labels(path, names, levels):
+    with open(path, 'w', newline='') as f:
+        writer = csv.writer(f)
+        writer.writerow(['image', 'level'])
+        writer.writerows(zip(names, levels))
+
+
+@pytest.fixture(scope='module')
+def project(tmp_path_factory):
+    """A working directory with train/test features of 'c_fake' (informative) and
+    'c_noise', labels, and a test folder; test feature rows are shuffled and
+    include one image that is not in the test folder."""
+    root = tmp_path_factory.mktemp('blend')
+    rng = np.random.default_rng(5)
+    names, levels = make_eyes(range(400), rng)
+    (root / 'data').mkdir()
+    write_labels(root / 'data' / 'trainLabels.csv', names, levels)
+    write_features(root, 'c_fake', 'train', names, *informative(levels, rng))
+    write_features(root, 'c_noise', 'train', names, *pure_noise(len(names), rng))
+
+    test_names, test_levels = make_eyes(range(1000, 1060), rng)
+    test_folder = root / 'data' / 'test_fake'
+    test_folder.mkdir()
+    for name in test_names:
+        (test_folder / f'{name}.jpeg').write_bytes(b'')
+    shuffled = rng.permutation(len(test_names) + 1)
+    all_names = test_names + ['9999_left']
+    all_levels = np.append(test_levels, 4)
+    mean, std = informative(all_levels, rng)
+    write_features(root, 'c_fake', 'test', [all_names[i] for i in shuffled], mean[shuffled],
+                   std[shuffled])
+    noise_mean, noise_std = pure_noise(len(all_names), rng)
+    write_features(root, 'c_noise', 'test', [all_names[i] for i in shuffled], noise_mean,
+                   noise_std)
+    return dict(root=root, names=names, levels=levels,
+                test_levels=dict(zip(test_names, test_levels.tolist())))
+
+
+def fake_run(root, cnf='c_fake'):
+    return [root / feature_path(cnf, 'train', 'mean'), root / feature_path(cnf, 'train', 'std')]
+
+
+def run_cli(*args, cwd, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, str(REPO / 'blend.py'), *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+# ---------------------------------------------------------------- per-patient inputs
+
+def test_per_patient_inputs_pair_eyes_by_name():
+    names = ['1_left', '1_right', '2_left', '3_right', 'lonely']
+    features = np.arange(len(names) * 2, dtype=np.float32).reshape(-1, 2)
+    inputs = blend.per_patient_inputs(features, names)
+    assert inputs.shape == (5, 5)
+    np.testing.assert_array_equal(inputs[:, :2], features)
+    other = inputs[:, 2:4]
+    np.testing.assert_array_equal(other[0], features[1])  # 1_left sees 1_right
+    np.testing.assert_array_equal(other[1], features[0])  # and back
+    np.testing.assert_array_equal(other[2], features[2])  # 2 has one eye: itself
+    np.testing.assert_array_equal(other[3], features[3])
+    np.testing.assert_array_equal(other[4], features[4])  # no eye in the name
+    np.testing.assert_array_equal(inputs[:, 4], [0, 1, 0, 1, 0])
+
+
+def test_per_patient_inputs_never_use_a_neighbouring_row(project):
+    rng = np.random.default_rng(0)
+    names = [project['names'][i] for i in rng.permutation(len(project['names']))]
+    features = rng.normal(size=(len(names), 3)).astype(np.float32)
+    inputs = blend.per_patient_inputs(features, names)
+    row_of = {name: i for i, name in enumerate(names)}
+    one_eyed = 0
+    for i, name in enumerate(names):
+        patient, eye = data.patient_and_eye(name)
+        partner = row_of.get(f'{patient}_{"right" if eye == "left" else "left"}', i)
+        one_eyed += partner == i
+        np.testing.assert_array_equal(inputs[i, 3:6], features[partner])
+        assert inputs[i, 6] == (eye == 'right')
+    assert one_eyed > 10, 'the fixture should have patients with one eye'
+
+
+# ---------------------------------------------------------------- the net
+
+def test_net_learns_informative_features_and_not_noise(project):
+    root = project['root']
+    started = time.perf_counter()
+    result = blend.run_blend({'informative': fake_run(root), 'noise': fake_run(root, 'c_noise')},
+                             labels_file=root / 'data' / 'trainLabels.csv', per_patient=True,
+                             echo=lambda line: None)
+    assert result['kappas']['informative'] > 0.8, result['kappas']
+    assert result['kappas']['noise'] < 0.4, result['kappas']
+    report = result['validation']['informative']
+    assert report.confusion.sum() == len(report.names) > 30
+    valid_patients = {data.patient_and_eye(n)[0] for n in report.names}
+    assert all(f'{p}_{e}' in report.names for p in valid_patients for e in ('left', 'right')
+               if f'{p}_{e}' in project['names']), 'both eyes of a patient stay together'
+    assert result['blend'] is not None and result['submission'] is None
+    assert time.perf_counter() - started < 30
+
+
+def test_fits_are_reproducible_and_n_iter_averages(project):
+    root = project['root']
+    kwargs = dict(labels_file=root / 'data' / 'trainLabels.csv', echo=lambda line: None)
+    runs = {'r': fake_run(root)}
+    first = blend.run_blend(runs, seed=3, **kwargs)['validation']['r']
+    again = blend.run_blend(runs, seed=3, **kwargs)['validation']['r']
+    np.testing.assert_array_equal(first.predictions, again.predictions)
+    other_seed = blend.run_blend(runs, seed=4, **kwargs)['validation']['r']
+    assert not np.array_equal(first.predictions, other_seed.predictions)
+    two = blend.run_blend(runs, seed=3, n_iter=2, **kwargs)['validation']['r']
+    assert len(two.fit_kappas) == 2
+    assert two.fit_kappas[0] == pytest.approx(first.kappa)
+
+
+def test_net_shape_and_maxout_of_neighbouring_units():
+    import torch
+    net = blend.build_net(7, torch.Generator().manual_seed(0))
+    assert net.hidden1.weight.shape == (32, 7) and net.hidden2.weight.shape == (32, 16)
+    assert net.output.weight.shape == (1, 16)
+    assert torch.all(net.hidden1.bias == 0.01)
+    assert net(torch.zeros(5, 7)).shape == (5,)
+    units = torch.arange(32.0).flip(0).reshape(1, 32)
+    np.testing.assert_array_equal(net.maxout1(units).numpy(), units[:, ::2].numpy())
+
+
+def test_schedule_is_100_epochs_with_three_drops():
+    lrs = [blend.lr_for_epoch(blend.SCHEDULE, e) for e in range(1, 102)]
+    assert lrs.index('stop') == 100
+    assert sorted(set(lrs[:100]), reverse=True) == pytest.approx([5e-4, 5e-5, 5e-6, 5e-7])
+    assert lrs[59] == 5e-4 and lrs[60] == pytest.approx(5e-5)
+
+
+def test_batches_mix_balanced_uniform_and_plain():
+    levels = np.array([0] * 950 + [4] * 50)
+    rng = np.random.default_rng(1)
+    batches = [b for _ in range(40) for b in blend.epoch_batches(levels, rng)]
+    share_of_4 = [np.mean(levels[b] == 4) for b in batches]
+    balanced = sum(s > 0.3 for s in share_of_4) / len(batches)
+    assert 0.12 < balanced < 0.28, balanced  # about 0.2 of the batches are class-balanced
+    assert all(len(b) <= blend.BATCH_SIZE for b in batches)
+
+
+# ---------------------------------------------------------------- cut-offs
+
+def test_fast_kappa_matches_sklearn():
+    rng = np.random.default_rng(2)
+    levels = rng.integers(0, 5, 300)
+    predictions = levels + rng.normal(scale=1.0, size=300)
+    confusion = blend.confusion_matrix(levels, predictions)
+    assert blend._kappa_of_confusion(confusion) == pytest.approx(data.kappa(levels, predictions))
+
+
+@pytest.mark.parametrize('seed', range(5))
+def test_fitted_thresholds_never_worse_and_sorted(seed):
+    rng = np.random.default_rng(seed)
+    levels = rng.choice(5, size=200, p=LEVEL_PROBABILITIES)
+    predictions = levels * rng.uniform(0.5, 1.2) + rng.normal(scale=rng.uniform(0.3, 2), size=200)
+    cuts = blend.fit_thresholds(levels, predictions)
+    assert list(cuts) == sorted(cuts) and len(cuts) == 4
+    assert data.kappa(levels, predictions, cuts) >= data.kappa(levels, predictions)
+
+
+def test_fitted_thresholds_correct_a_biased_predictor():
+    rng = np.random.default_rng(7)
+    levels = rng.choice(5, size=300, p=LEVEL_PROBABILITIES)
+    predictions = 0.6 * levels + 0.8 + rng.normal(scale=0.1, size=300)
+    cuts = blend.fit_thresholds(levels, predictions)
+    assert data.kappa(levels, predictions, cuts) > data.kappa(levels, predictions) + 0.1
+    assert data.kappa(levels, predictions, cuts) > 0.95
+
+
+def test_cli_optimize_thresholds_prints_both_kappas(project):
+    result = run_cli('--features_file', 'c_fake_train_mean_iter_5_skip_0.npy',
+                     '--features_file', 'c_fake_train_std_iter_5_skip_0.npy',
+                     '--optimize_thresholds', '--per_patient', cwd=project['root'])
+    assert result.returncode == 0, result.stderr
+    fixed = re.search(r'valid kappa (-?[\d.]+) \(cut-offs 0\.500 1\.500 2\.500 3\.500\)',
+                      result.stdout)
+    fitted = re.search(r'valid kappa (-?[\d.]+) \(fitted cut-offs ([\d. ]+)\)', result.stdout)
+    assert fixed and fitted, result.stdout
+    assert float(fitted[1]) >= float(fixed[1]) > 0.8
+    assert 'confusion matrix' in result.stdout
+
+
+# ---------------------------------------------------------------- the submission
+
+def read_submission(path):
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ['image', 'level']
+    return rows[1:]
+
+
+def test_cli_predict_writes_each_test_image_once_matched_by_name(project):
+    root = project['root']
+    result = run_cli('--features_file', 'c_fake_train_mean_iter_5_skip_0.npy',
+                     '--features_file', 'c_fake_train_std_iter_5_skip_0.npy', '--per_patient',
+                     '--predict', '--test_dir', 'data/test_fake', '--output', 'out/sub.csv',
+                     cwd=root)
+    assert result.returncode == 0, result.stderr
+    assert 'wrote out/sub.csv' in result.stdout
+    rows = read_submission(root / 'out' / 'sub.csv')
+    names = [name for name, _ in rows]
+    assert len(names) == len(set(names)) == len(project['test_levels'])
+    assert set(names) == set(project['test_levels'])  # not 9999_left, which has no image
+    assert all(level in {'0', '1', '2', '3', '4'} for _, level in rows)
+    # The test rows are stored shuffled: only a match by name gets the levels right.
+    correct = np.mean([int(level) == project['test_levels'][name] for name, level in rows])
+    assert correct > 0.7, correct
+    assert not list((root / 'out').glob('.*tmp*')), 'the temporary file must be renamed'
+
+
+def test_predict_without_test_folder_uses_feature_names(project, tmp_path, monkeypatch):
+    root = project['root']
+    monkeypatch.chdir(root)
+    lines = []
+    result = blend.run_blend({'fake': fake_run(root)}, labels_file='data/trainLabels.csv',
+                             predict=True, optimize_thresholds=True,
+                             output=tmp_path / 'sub.csv', echo=lines.append)
+    rows = read_submission(tmp_path / 'sub.csv')
+    assert len(rows) == len(project['test_levels']) + 1  # every name of the test features
+    assert any('not found' in line for line in lines)
+    assert result['thresholds'] == result['validation']['fake'].thresholds
+    levels = dict(rows)
+    expected = data.to_levels([result['test_predictions'][n] for n in levels],
+                              result['thresholds'])
+    assert [int(v) for v in levels.values()] == expected.tolist()
+
+
+# ---------------------------------------------------------------- choosing files
+
+def test_latest_features_pick_the_newest_pair(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    names, levels = make_eyes(range(4), rng)
+    for cnf, n_iter, age in (('c_x', 5, 100), ('c_x', 10, 50), ('c_x_ram', 20, 0)):
+        write_features(tmp_path, cnf, 'train', names, *informative(levels, rng), n_iter=n_iter)
+        for stat in ('mean', 'std'):
+            path = feature_path(cnf, 'train', stat, n_iter)
+            os.utime(path, (time.time() - age, time.time() - age))
+    assert blend.latest_features('c_x') == [feature_path('c_x', 'train', 'mean', 10),
+                                            feature_path('c_x', 'train', 'std', 10)]
+    with pytest.raises(UserError, match='transform.py --cnf c_y'):
+        blend.latest_features('c_y')
+
+
+def test_blend_config_resolves_names_and_test_files(project, monkeypatch):
+    root = project['root']
+    monkeypatch.chdir(root)
+    (root / 'mine.yml').write_text('both:\n  - c_fake_train_mean_iter_5_skip_0.npy\n'
+                                   '  - data/features/c_noise_train_std_iter_5_skip_0.npy\n')
+    runs = blend.load_blend_config('mine.yml')
+    assert runs == {'both': [feature_path('c_fake', 'train', 'mean'),
+                             feature_path('c_noise', 'train', 'std')]}
+    assert blend.matching_test_file(runs['both'][0]) == feature_path('c_fake', 'test', 'mean')
+
+
+def test_runs_are_aligned_by_name(project):
+    rng = np.random.default_rng(3)
+    names = ['1_left', '1_right', '2_left']
+    features = rng.normal(size=(3, 2))
+    order = [2, 0, 1]
+    aligned = blend.reorder_rows(features[order], [names[i] for i in order], names, 'b', 'a')
+    np.testing.assert_array_equal(aligned, features)
+    with pytest.raises(UserError, match='same training images'):
+        blend.reorder_rows(features[:2], names[:2], names, 'b', 'a')
+
+
+# ---------------------------------------------------------------- bad input
+
+def setup_case(case, root):
+    """Damage a copy of the project for `case`; returns the command-line arguments."""
+    features = root / 'data' / 'features'
+    fake = ['--features_file', 'c_fake_train_mean_iter_5_skip_0.npy']
+    if case == 'blend_yml_missing':
+        return []
+    if case == 'blend_yml_malformed':
+        (root / 'blend.yml').write_text('run: [c_fake_train_mean_iter_5_skip_0.npy\n')
+        return []
+    if case == 'blend_yml_not_a_mapping':
+        (root / 'blend.yml').write_text('- c_fake_train_mean_iter_5_skip_0.npy\n')
+        return []
+    if case == 'blend_yml_names_missing_file':
+        (root / 'blend.yml').write_text('run:\n  - c_gone_train_mean_iter_5_skip_0.npy\n')
+        return []
+    if case == 'features_file_missing':
+        return ['--features_file', 'data/features/c_gone_train_mean_iter_5_skip_0.npy']
+    if case == 'rows_differ_between_files':
+        names = (features / 'c_noise_train_names_iter_5_skip_0.txt').read_text().split()
+        (features / 'c_noise_train_names_iter_5_skip_0.txt').write_text('\n'.join(names[::-1]))
+        return fake + ['--features_file', 'c_noise_train_mean_iter_5_skip_0.npy']
+    if case == 'rows_differ_from_names_file':
+        names = (features / 'c_fake_train_names_iter_5_skip_0.txt').read_text().split()
+        (features / 'c_fake_train_names_iter_5_skip_0.txt').write_text('\n'.join(names[:-1]))
+        return fake
+    if case == 'train_images_without_labels':
+        lines = (root / 'data' / 'trainLabels.csv').read_text().splitlines()
+        (root / 'data' / 'trainLabels.csv').write_text('\n'.join(lines[:-5]) + '\n')
+        return fake
+    if case == 'labels_out_of_range':
+        lines = (root / 'data' / 'trainLabels.csv').read_text().splitlines()
+        lines[3] = lines[3].split(',')[0] + ',7'
+        (root / 'data' / 'trainLabels.csv').write_text('\n'.join(lines) + '\n')
+        return fake
+    if case == 'test_features_miss_an_image':
+        (root / 'data' / 'test_fake' / '5000_left.jpeg').write_bytes(b'')
+        return fake + ['--predict', '--test_dir', 'data/test_fake']
+    if case == 'test_features_missing':
+        (features / 'c_fake_test_mean_iter_5_skip_0.npy').unlink()
+        return fake + ['--predict', '--test_dir', 'data/test_fake']
+    if case == 'test_dir_given_but_missing':
+        return fake + ['--predict', '--test_dir', 'data/test_gone']
+    if case == 'features_file_and_blend_cnf':
+        return fake + ['--blend_cnf', 'blend.yml']
+    if case == 'cnf_without_features':
+        return ['--cnf', 'c_128_5x5_32']
+    raise AssertionError(case)
+
+
+BAD_INPUTS = {  # case -> what the one-line message must mention
+    'blend_yml_missing': 'blend.yml',
+    'blend_yml_malformed': 'blend.yml, line',
+    'blend_yml_not_a_mapping': 'blend.yml',
+    'blend_yml_names_missing_file': 'c_gone_train_mean_iter_5_skip_0.npy',
+    'features_file_missing': 'c_gone_train_mean_iter_5_skip_0.npy',
+    'rows_differ_between_files': 'c_noise_train_mean_iter_5_skip_0.npy',
+    'rows_differ_from_names_file': 'c_fake_train_mean_iter_5_skip_0.npy',
+    'train_images_without_labels': 'trainLabels.csv',
+    'labels_out_of_range': 'trainLabels.csv, line 4',
+    'test_features_miss_an_image': 'transform.py --test',
+    'test_features_missing': 'c_fake_test_mean_iter_5_skip_0.npy',
+    'test_dir_given_but_missing': 'data/test_gone',
+    'features_file_and_blend_cnf': '--blend_cnf',
+    'cnf_without_features': 'transform.py --cnf c_128_5x5_32',
+}
+
+
+@pytest.fixture(scope='module')
+def bad_input_results(project, tmp_path_factory):
+    """Run the bad-input cases side by side, one per CPU (interpreter start-up dominates)."""
+    def run_case(case):
+        root = tmp_path_factory.mktemp(case)
+        shutil.copytree(project['root'], root, dirs_exist_ok=True)
+        result = run_cli(*setup_case(case, root), cwd=root)
+        return case, (result.returncode, result.stdout, result.stderr)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        return dict(pool.map(run_case, BAD_INPUTS))
+
+
+@pytest.mark.parametrize('case', BAD_INPUTS)
+def test_bad_input_is_one_line_error(bad_input_results, case):
+    returncode, stdout, stderr = bad_input_results[case]
+    assert returncode != 0, stdout
+    assert 'Traceback' not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith('error: ') and BAD_INPUTS[case] in lines[0], lines[0]
