@@ -59,6 +59,9 @@ def _check_cmap(_context, _parameter, value):
 @click.option('--labels', type=click.Path(dir_okay=False),
               help='Labels CSV (image,level): shown on the maps, and with --masks the scored images '
                    'are those labelled level >= 1 instead of those predicted level >= 1.')
+@click.option('--deletion_fill', type=click.Choice(['black', 'mean']), default='black', show_default=True,
+              help='With --masks, what the deletion check blanks pixels to: black (raw 0, like the '
+                   'surround of the eye) or the data set\'s mean colour (less like a dark lesion).')
 @click.option('--limit', type=click.IntRange(min=1), help='Only the first N images.')
 @click.option('--device', default='auto', show_default=True,
               help='auto (CUDA if present), cpu, cuda or cuda:N.')
@@ -66,8 +69,8 @@ def _check_cmap(_context, _parameter, value):
               help="Images per forward pass [default: the config's batch_size_test].")
 @click.option('--no_progress', is_flag=True, help='No progress bar (for logs).')
 @handle_errors()
-def main(cnf, weights_from, images, output_dir, signed, cmap, alpha, masks, photos, labels, limit,
-         device, batch_size, no_progress):
+def main(cnf, weights_from, images, output_dir, signed, cmap, alpha, masks, photos, labels,
+         deletion_fill, limit, device, batch_size, no_progress):
     """Draw the regression activation map of every image over the window the network sees.
 
     Writes one heat map per image, with the predicted level (continuous and
@@ -85,7 +88,7 @@ def main(cnf, weights_from, images, output_dir, signed, cmap, alpha, masks, phot
     output_dir = output_dir or paths.ram_dir(config.name)
     summary = ram.run(config, net, image_paths, output_dir, signed=signed, cmap=cmap, alpha=alpha,
                       masks=masks, photos=photos, labels=labels, batch_size=batch_size,
-                      progress=not no_progress)
+                      deletion_fill=deletion_fill, progress=not no_progress)
     click.echo(f'wrote {len(summary.written)} heat map(s) to {output_dir}/ and {summary.by_level}')
     if summary.scores is not None:
         for line in summary.scores.lines():

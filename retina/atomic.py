@@ -1,12 +1,20 @@
 """Write files so that an interrupted run never leaves a half-written one.
 
-Everything is written to a temporary file in the destination folder and
-renamed into place; on any error the temporary file is removed.
+Everything is written to a hidden temporary file (`.NAME.XXXX.tmp`) in the
+destination folder and renamed into place; on any error the temporary file
+is removed, and the leftovers of a killed writer are removed by the next
+write of the same file.  Writers pass the format explicitly: the temporary
+name has no meaningful extension.
 """
 import contextlib
+import glob
 import os
 import tempfile
 from pathlib import Path
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 @contextlib.contextmanager
@@ -14,8 +22,14 @@ def atomic_path(path):
     """Yield a temporary path beside `path`; rename it to `path` if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp' + path.suffix, dir=path.parent)
+    # Leftovers of a killed writer of the same file: never read, safe to drop.
+    for stale in path.parent.glob(f'.{glob.escape(path.name)}.*.tmp'):
+        with contextlib.suppress(OSError):
+            stale.unlink()
+    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     os.close(fd)
+    # mkstemp makes the file private (0600); give it the mode a plain open() would.
+    os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield Path(tmp)
         os.replace(tmp, path)

@@ -285,6 +285,19 @@ def weight_penalty(net):
     return L1_FIRST_LAYER * l1 + L2_WEIGHTS * l2
 
 
+def add_penalty_gradients(net):
+    """Add the gradient of `weight_penalty` to the weights' gradients after backward().
+
+    The same update as putting the penalty in the loss, at a third less time
+    per step: the penalty stays out of the autograd graph.
+    """
+    import torch
+    with torch.no_grad():
+        for layer in (net.hidden1, net.hidden2, net.output):
+            layer.weight.grad.add_(layer.weight, alpha=2 * L2_WEIGHTS)
+        net.hidden1.weight.grad.add_(net.hidden1.weight.sign(), alpha=L1_FIRST_LAYER)
+
+
 def lr_for_epoch(schedule, epoch):
     """The learning rate of `epoch` (from 1), or 'stop'."""
     return schedule[max(k for k in schedule if k < epoch) if epoch > 0 else 0]
@@ -332,7 +345,9 @@ def single_thread():
 
 
 def fit_net(inputs, levels, seed, schedule=SCHEDULE):
-    """Fit the blend net on (inputs, levels) with Adam; returns (net, last epoch's mean loss)."""
+    """Fit the blend net on (inputs, levels) with Adam: MSE plus `weight_penalty`.
+
+    Returns (net, the last epoch's mean training MSE)."""
     with single_thread():
         return _fit_net(inputs, levels, seed, schedule)
 
@@ -347,24 +362,25 @@ def _fit_net(inputs, levels, seed, schedule):
     net = build_net(x.shape[1], generator)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr_for_epoch(schedule, 1))
     net.train()
-    loss_sum, epoch = float('nan'), 1
+    mse, epoch = float('nan'), 1
     while (lr := lr_for_epoch(schedule, epoch)) != 'stop':
         for group in optimizer.param_groups:
             group['lr'] = lr
         loss_sum, count = 0.0, 0
         for rows in epoch_batches(levels, rng):
             rows = torch.from_numpy(np.asarray(rows))
-            loss = F.mse_loss(net(x[rows]), y[rows]) + weight_penalty(net)
+            loss = F.mse_loss(net(x[rows]), y[rows])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            add_penalty_gradients(net)
             optimizer.step()
             loss_sum, count = loss_sum + loss.item() * len(rows), count + len(rows)
-        loss_sum /= count
-        if not math.isfinite(loss_sum):
-            raise UserError(f'the blend net diverged (loss {loss_sum}) in epoch {epoch}; check '
-                            f'the feature files for extreme values (run transform.py again)')
+        mse = loss_sum / count
+        if not math.isfinite(mse):
+            raise UserError(f'the blend net diverged (MSE {mse}) in epoch {epoch}; check the '
+                            f'feature files for extreme values (run transform.py again)')
         epoch += 1
-    return net, loss_sum
+    return net, mse
 
 
 def net_predictions(net, inputs, chunk=8192):
@@ -476,6 +492,9 @@ def echo_report(title, report, echo):
     if report.kappa_fitted is not None:
         echo(f'{title}: valid kappa {report.kappa_fitted:.4f} (fitted cut-offs '
              f'{format_cuts(report.thresholds)})')
+    if len(report.fit_kappas) > 1:
+        echo(f'{title}: valid kappa of each fit ' +
+             ' '.join(f'{k:.4f}' for k in report.fit_kappas))
     echo('  confusion matrix, fixed cut-offs:')
     echo(format_confusion(report.confusion))
     if report.confusion_fitted is not None:
@@ -491,9 +510,9 @@ def _fit_seed(seed, run_index, iteration, phase):
 
 def _fit_and_predict(inputs, levels, fit_rows, predict_inputs, seed, label, echo):
     started = time.perf_counter()
-    net, loss = fit_net(inputs[fit_rows], levels[fit_rows], seed)
+    net, mse = fit_net(inputs[fit_rows], levels[fit_rows], seed)
     predictions = net_predictions(net, predict_inputs)
-    echo(f'  {label}: {len(fit_rows)} images, final train loss {loss:.4f}, '
+    echo(f'  {label}: {len(fit_rows)} images, last epoch train MSE {mse:.4f}, '
          f'{time.perf_counter() - started:.1f} s')
     return predictions
 

@@ -37,6 +37,7 @@ too.  For every image at least as wide as tall the two are identical.
 import csv
 import dataclasses
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -281,7 +282,6 @@ def convert_folder(directory, convert_directory, crop_size, extension='tiff', n_
             results = map(_convert_task, todo)
             _collect(results, summary, bar)
         else:
-            import multiprocessing
             chunksize = max(1, min(16, len(todo) // (n_proc * 8)))
             with multiprocessing.Pool(n_proc, initializer=_init_worker) as pool:
                 _collect(pool.imap_unordered(_convert_task, todo, chunksize=chunksize), summary, bar)

@@ -67,8 +67,11 @@ def load_labels(path):
     return labels
 
 
-def labelled_images(folder, labels_file):
-    """Image paths of `folder` and their levels; images without a label are an error."""
+def labelled_images(folder, labels_file, echo=None):
+    """Image paths of `folder` and their levels; images without a label are an error.
+
+    Labels of images that are not in the folder are ignored; `echo` hears how many.
+    """
     paths = list_images(folder)
     labels = load_labels(labels_file)
     unlabelled = [image_name(p) for p in paths if image_name(p) not in labels]
@@ -77,6 +80,10 @@ def labelled_images(folder, labels_file):
                                             if len(unlabelled) > 5 else '')
         raise UserError(f'{labels_file}: no label for {len(unlabelled)} image(s) of {folder}: '
                         f'{shown}; add rows for them or remove the images')
+    absent = len(labels) - len(paths)
+    if absent > 0 and echo is not None:
+        echo(f'note: {absent} image(s) named in {labels_file} are not in {folder}; '
+             f'they are ignored')
     return paths, np.array([labels[image_name(p)] for p in paths], dtype=np.int64)
 
 

@@ -19,6 +19,7 @@ EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 
 _WRITE_ERRNOS = {errno.ENOSPC: 'the disk is full', errno.EDQUOT: 'the disk quota is exceeded',
+                 errno.EFBIG: 'the file size limit is reached',
                  errno.EACCES: 'permission denied', errno.EROFS: 'the file system is read-only',
                  errno.EPERM: 'operation not permitted'}
 
@@ -27,10 +28,12 @@ def os_error_message(error):
     """One line for an OSError that a user can act on."""
     where = f' {error.filename}' if getattr(error, 'filename', None) else ''
     reason = _WRITE_ERRNOS.get(error.errno, error.strerror or str(error))
-    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+    if error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
         return f'cannot write{where}: {reason}; free some space and run the command again'
     if error.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
         return f'cannot write{where}: {reason}; choose a folder you can write to'
+    if error.errno in (errno.ENOTDIR, errno.EEXIST, errno.EISDIR):
+        return f'cannot write{where}: {reason}; a file stands where a folder is needed'
     return f'{reason}:{where}'.rstrip(':')
 
 

@@ -38,7 +38,13 @@ same value everywhere):
   `tolerance` pixels (default half a map cell) of a lesion;
 - deletion: the drop in prediction when the top 10% of the map's pixels are
   blanked (set to black, the photograph's surround, i.e. the standardised
-  value of raw 0), against blanking a random 10% of the pixels.
+  value of raw 0), against blanking a random 10%: the top 10% of a random
+  map of the same resolution, so blobs of the map's grain in random places
+  (scattered black pixels look like microaneurysms and raise the prediction).
+
+The printed summary also gives the chance level of the two lesion scores
+(the share of the window covered by lesions, and within the tolerance of
+one), since both depend on how much of the eye is diseased.
 """
 import contextlib
 import dataclasses
@@ -64,8 +70,7 @@ SIGNED_CMAP = 'RdBu_r'
 MASK_COVERAGE = 0.25        # share of a converted pixel a lesion must cover to count
 DELETION_FRACTION = 0.1
 DELETION_SEED = 0
-
-
+DELETION_FILLS = ('black', 'mean')
 RAM_ADVICE = 'use a *_ram config (e.g. c_512_5x5_32_ram): its global-average-pool head makes the map exact'
 
 
@@ -150,39 +155,58 @@ def lesion_mass_share(evidence, lesions):
     return float(positive[lesions].sum() / total) if total > 0 else float('nan')
 
 
+def near_lesions(lesions, tolerance):
+    """Boolean map of the pixels within `tolerance` pixels of a lesion."""
+    if not lesions.any():
+        return np.zeros_like(lesions)
+    return ndimage.distance_transform_edt(~lesions) <= tolerance
+
+
 def points_at_lesion(evidence, lesions, tolerance):
     """Whether the maximum of `evidence` lies within `tolerance` pixels of a lesion."""
-    if not lesions.any():
-        return False
-    distance = ndimage.distance_transform_edt(~lesions)
     y, x = np.unravel_index(int(np.argmax(evidence)), evidence.shape)
-    return bool(distance[y, x] <= tolerance)
+    return bool(near_lesions(lesions, tolerance)[y, x])
 
 
-def blank(x, where):
-    """`x` (N, 3, h, w, standardised) with the pixels where `where` (N, h, w) is True set to black."""
-    black = standardise(torch.zeros(1, 3, 1, 1, device=x.device, dtype=x.dtype))
-    return torch.where(where[:, None], black, x)
+def blank(x, where, fill='black'):
+    """`x` (N, 3, h, w, standardised) with the pixels where `where` (N, h, w) is True blanked.
+
+    `fill` 'black' is raw 0, the photograph's surround (standardised:
+    -mean / std); 'mean' is the data set's mean colour (standardised: 0).
+    """
+    if fill not in DELETION_FILLS:
+        raise ValueError(f'fill must be one of {", ".join(DELETION_FILLS)}, not {fill!r}')
+    value = torch.zeros(1, 3, 1, 1, device=x.device, dtype=x.dtype)
+    if fill == 'black':
+        value = standardise(value)
+    return torch.where(where[:, None], value, x)
+
+
+def top_pixels(maps, size, fraction):
+    """Boolean (N, *size): the top `fraction` of the pixels of `maps` upsampled to `size`."""
+    up = upsample(maps.float(), size).flatten(1)
+    chosen = torch.zeros_like(up, dtype=torch.bool)
+    chosen.scatter_(1, up.topk(max(1, int(round(fraction * up.shape[1]))), dim=1).indices, True)
+    return chosen.reshape(-1, *size)
 
 
 @torch.no_grad()
-def deletion_drops(net, x, evidence, fraction=DELETION_FRACTION, generator=None):
-    """(drop when blanking the top `fraction` of `evidence`'s pixels, drop for a random `fraction`).
+def deletion_drops(net, x, maps, fraction=DELETION_FRACTION, generator=None, fill='black'):
+    """(drop when blanking the top `fraction` of the map's pixels, drop for a random `fraction`).
 
-    `evidence` is (N, h, w) at the input's resolution; drops are
-    prediction(x) - prediction(blanked x), per image.
+    `maps` (N, h', w') are upsampled to the input; drops are prediction(x) -
+    prediction(blanked x), per image.  The random pixels are the top
+    `fraction` of a random map at the same resolution, upsampled the same
+    way: blobs of the same grain in random places.  Scattered single black
+    pixels would be no control: they look like microaneurysms and raise
+    the prediction.
     """
-    n, _, h, w = x.shape
-    k = max(1, int(round(fraction * h * w)))
-    top = torch.zeros(n, h * w, dtype=torch.bool, device=x.device)
-    top.scatter_(1, evidence.reshape(n, -1).topk(k, dim=1).indices, True)
-    scores = torch.rand(n, h * w, generator=generator).to(x.device)
-    random = torch.zeros_like(top)
-    random.scatter_(1, scores.topk(k, dim=1).indices, True)
+    size = tuple(x.shape[-2:])
+    random_maps = torch.rand(maps.shape, generator=generator).to(maps.device)
     net.eval()
     before = net(x).squeeze(1)
-    after_top = net(blank(x, top.reshape(n, h, w))).squeeze(1)
-    after_random = net(blank(x, random.reshape(n, h, w))).squeeze(1)
+    after_top = net(blank(x, top_pixels(maps, size, fraction), fill)).squeeze(1)
+    after_random = net(blank(x, top_pixels(random_maps, size, fraction), fill)).squeeze(1)
     return (before - after_top).float().cpu().numpy(), (before - after_random).float().cpu().numpy()
 
 
@@ -190,11 +214,14 @@ def deletion_drops(net, x, evidence, fraction=DELETION_FRACTION, generator=None)
 class Scores:
     """Per-image localisation and deletion results, summarised by `lines`."""
     level_source: str
+    fill: str = 'black'
     tolerance: int = 0
     mass: list = dataclasses.field(default_factory=list)
     hits: list = dataclasses.field(default_factory=list)
     top_drops: list = dataclasses.field(default_factory=list)
     random_drops: list = dataclasses.field(default_factory=list)
+    mass_chance: list = dataclasses.field(default_factory=list)
+    hit_chance: list = dataclasses.field(default_factory=list)
     no_mask: list = dataclasses.field(default_factory=list)
     no_label: list = dataclasses.field(default_factory=list)
 
@@ -204,21 +231,28 @@ class Scores:
         return dict(ram_mass_in_lesions=float(np.nanmean(mass)) if np.isfinite(mass).any() else float('nan'),
                     pointing_game=float(np.mean(self.hits)) if self.hits else float('nan'),
                     deletion_top10_drop=float(top), deletion_random10_drop=float(random),
-                    deletion_ratio=float(top / random) if random != 0 else float('nan'))
+                    deletion_ratio=float(top / random) if random > 0 else float('nan'))
 
     def lines(self):
         values = self.summary()
         notes = [f'# localisation: {len(self.hits)} image(s) of level >= 1 ({self.level_source}) with a '
                  f'lesion in the network\'s window; a pointing hit is a lesion within {self.tolerance} px '
                  f'of the map\'s maximum']
+        if self.hits:
+            notes.append(f'# by chance: lesions cover {np.mean(self.mass_chance):.4f} of the window (mass); '
+                         f'{np.mean(self.hit_chance):.4f} of it is within {self.tolerance} px of one (pointing)')
         if self.no_mask:
             notes.append(f'# {len(self.no_mask)} image(s) of level >= 1 have no mask and are not '
                          f'localised (e.g. {self.no_mask[0]})')
         if self.no_label:
             notes.append(f'# {len(self.no_label)} image(s) have no label and are not scored '
                          f'(e.g. {self.no_label[0]})')
-        notes.append(f'# deletion: {len(self.top_drops)} image(s) of level >= 1; '
-                     f'{DELETION_FRACTION:.0%} of the window\'s pixels set to black')
+        notes.append(f'# deletion: {len(self.top_drops)} image(s) of level >= 1; {DELETION_FRACTION:.0%} '
+                     f'of the window set to {"black" if self.fill == "black" else "the mean colour"}: the '
+                     f'map\'s top pixels, or random blobs of the map\'s grain')
+        if values['deletion_random10_drop'] <= 0:
+            notes.append(f'# deletion_ratio is nan: blanking random blobs did not lower the prediction '
+                         f'(change {-values["deletion_random10_drop"]:+.4f})')
         return notes + [f'{key}: {value:.4f}' for key, value in values.items()]
 
 
@@ -428,8 +462,7 @@ def by_level_path(output_dir, cnf_name, signed):
 
 def load_ram_net(config, weights_from, device):
     """The config's net with the weights of `weights_from` (default: its best-kappa weights)."""
-    net = config.build_net()
-    if not net.is_ram:
+    if not any(kind == 'gap' for kind, _ in config.layers):
         raise UserError(f'{config.path}: {config.name} is a baseline config (RMS-pool head) and has '
                         f'no regression activation map; use --cnf {config.name}_ram')
     path = Path(weights_from) if weights_from else paths.best_kappa_weights(config.name)
@@ -437,6 +470,8 @@ def load_ram_net(config, weights_from, device):
         raise UserError(f'{path}: no weights for {config.name}; train first (python train_nn.py '
                         f'--cnf {config.name}) or pass --weights_from')
     state = checkpoint.load(path)
+    net = config.build_net()
+    check_ram_net(net)
     checkpoint.load_exact(net, state, path, config.name)
     return net.to(device).eval(), path, state.get('config_name')
 
@@ -467,7 +502,7 @@ def _batches(image_paths, batch_size, window_size, failed, bar):
 
 
 def run(config, net, image_paths, output_dir, signed=False, cmap=None, alpha=0.5, masks=None,
-        photos=None, labels=None, batch_size=None, progress=True):
+        photos=None, labels=None, batch_size=None, deletion_fill='black', progress=True):
     """Write a heat map per image and the by-level figure; score localisation when `masks` is given."""
     device = next(net.parameters()).device
     window_size = config.input_size
@@ -475,8 +510,8 @@ def run(config, net, image_paths, output_dir, signed=False, cmap=None, alpha=0.5
     batch_size = batch_size or config.cnf['batch_size_test']
     known = data.load_labels(labels) if labels else None
     mask_source = MaskSource(masks, photos) if masks else None
-    scores = Scores(level_source=f'labels of {labels}' if labels else 'predicted levels') \
-        if mask_source else None
+    scores = Scores(level_source=f'labels of {labels}' if labels else 'predicted levels',
+                    fill=deletion_fill) if mask_source else None
     generator = torch.Generator().manual_seed(DELETION_SEED)
     best = {level: None for level in LEVELS}
     written, failed = [], []
@@ -502,17 +537,19 @@ def run(config, net, image_paths, output_dir, signed=False, cmap=None, alpha=0.5
                         abs(current.prediction - current.level):
                     best[example.level] = example
             if scores is not None:
-                _score_batch(net, batch, x, ram - bias, predictions, known, mask_source, scores,
-                             maps.shape[-2:], window_size, generator, failed)
+                _score_batch(net, batch, x, maps - bias, predictions, known, mask_source, scores,
+                             window_size, generator, failed)
             bar.update(len(batch))
     by_level = by_level_path(output_dir, config.name, signed)
     _save(by_level_figure(best, config.name, cmap, alpha, signed), by_level)
     return RunSummary(written=written, by_level=by_level, failed=failed, scores=scores)
 
 
-def _score_batch(net, batch, x, evidence, predictions, known, mask_source, scores, map_size,
-                 window_size, generator, failed):
-    scores.tolerance = default_tolerance(window_size, map_size)
+def _score_batch(net, batch, x, evidence, predictions, known, mask_source, scores, window_size,
+                 generator, failed):
+    """Localisation and deletion scores of a batch; `evidence` is the map without bias (N, h', w')."""
+    scores.tolerance = default_tolerance(window_size, evidence.shape[-2:])
+    evidence_up = upsample(evidence, window_size)
     chosen = []
     for i, (path, _, size) in enumerate(batch):
         name = image_name(path)
@@ -537,11 +574,14 @@ def _score_batch(net, batch, x, evidence, predictions, known, mask_source, score
             continue
         if not lesions.any():
             continue
-        map_i = evidence[i].cpu().numpy()
+        map_i = evidence_up[i].cpu().numpy()
         scores.mass.append(lesion_mass_share(map_i, lesions))
         scores.hits.append(points_at_lesion(map_i, lesions, scores.tolerance))
+        scores.mass_chance.append(float(lesions.mean()))
+        scores.hit_chance.append(float(near_lesions(lesions, scores.tolerance).mean()))
     if chosen:
         index = torch.tensor(chosen, device=x.device)
-        top, random = deletion_drops(net, x[index], evidence[index], generator=generator)
+        top, random = deletion_drops(net, x[index], evidence[index], generator=generator,
+                                     fill=scores.fill)
         scores.top_drops.extend(top.tolist())
         scores.random_drops.extend(random.tolist())

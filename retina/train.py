@@ -277,7 +277,7 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
 
-    image_paths, levels = data.labelled_images(cnf['train_dir'], cnf['labels'])
+    image_paths, levels = data.labelled_images(cnf['train_dir'], cnf['labels'], say)
     names = [p.stem for p in image_paths]
     if runtime.main:
         host_images = cache.load_images(image_paths, progress=progress)

@@ -188,6 +188,20 @@ def test_net_shape_and_maxout_of_neighbouring_units():
     np.testing.assert_array_equal(net.maxout1(units).numpy(), units[:, ::2].numpy())
 
 
+def test_penalty_gradients_equal_those_of_the_penalty_in_the_loss():
+    import torch
+    net = blend.build_net(6, torch.Generator().manual_seed(1))
+    x, y = torch.randn(9, 6), torch.randn(9)
+    expected_loss = torch.nn.functional.mse_loss(net(x), y) + blend.weight_penalty(net)
+    expected = torch.autograd.grad(expected_loss, list(net.parameters()))
+    net.zero_grad()
+    torch.nn.functional.mse_loss(net(x), y).backward()
+    blend.add_penalty_gradients(net)
+    for (name, parameter), gradient in zip(net.named_parameters(), expected):
+        torch.testing.assert_close(parameter.grad, gradient, msg=name)
+    assert blend.weight_penalty(net) > 0
+
+
 def test_schedule_is_100_epochs_with_three_drops():
     lrs = [blend.lr_for_epoch(blend.SCHEDULE, e) for e in range(1, 102)]
     assert lrs.index('stop') == 100
@@ -234,19 +248,6 @@ def test_fitted_thresholds_correct_a_biased_predictor():
     assert data.kappa(levels, predictions, cuts) > 0.95
 
 
-def test_cli_optimize_thresholds_prints_both_kappas(project):
-    result = run_cli('--features_file', 'c_fake_train_mean_iter_5_skip_0.npy',
-                     '--features_file', 'c_fake_train_std_iter_5_skip_0.npy',
-                     '--optimize_thresholds', '--per_patient', cwd=project['root'])
-    assert result.returncode == 0, result.stderr
-    fixed = re.search(r'valid kappa (-?[\d.]+) \(cut-offs 0\.500 1\.500 2\.500 3\.500\)',
-                      result.stdout)
-    fitted = re.search(r'valid kappa (-?[\d.]+) \(fitted cut-offs ([\d. ]+)\)', result.stdout)
-    assert fixed and fitted, result.stdout
-    assert float(fitted[1]) >= float(fixed[1]) > 0.8
-    assert 'confusion matrix' in result.stdout
-
-
 # ---------------------------------------------------------------- the submission
 
 def read_submission(path):
@@ -256,22 +257,41 @@ def read_submission(path):
     return rows[1:]
 
 
-def test_cli_predict_writes_each_test_image_once_matched_by_name(project):
-    root = project['root']
+@pytest.fixture(scope='module')
+def predict_cli(project):
+    """blend.py --predict --optimize_thresholds: a validation fit, then a fit on everything."""
     result = run_cli('--features_file', 'c_fake_train_mean_iter_5_skip_0.npy',
                      '--features_file', 'c_fake_train_std_iter_5_skip_0.npy', '--per_patient',
-                     '--predict', '--test_dir', 'data/test_fake', '--output', 'out/sub.csv',
-                     cwd=root)
+                     '--predict', '--optimize_thresholds', '--test_dir', 'data/test_fake',
+                     '--output', 'out/sub.csv', cwd=project['root'])
     assert result.returncode == 0, result.stderr
-    assert 'wrote out/sub.csv' in result.stdout
+    return result
+
+
+def test_cli_optimize_thresholds_prints_both_kappas(predict_cli):
+    fixed = re.search(r'valid kappa (-?[\d.]+) \(cut-offs 0\.500 1\.500 2\.500 3\.500\)',
+                      predict_cli.stdout)
+    fitted = re.search(r'valid kappa (-?[\d.]+) \(fitted cut-offs ([\d. ]+)\)',
+                       predict_cli.stdout)
+    assert fixed and fitted, predict_cli.stdout
+    assert float(fitted[1]) >= float(fixed[1]) > 0.8
+    assert f'cut-offs {fitted[2]}; ' in predict_cli.stdout, 'the submission uses the fitted ones'
+    assert 'confusion matrix, fixed cut-offs' in predict_cli.stdout
+    assert 'confusion matrix, fitted cut-offs' in predict_cli.stdout
+
+
+def test_cli_predict_writes_each_test_image_once_matched_by_name(project, predict_cli):
+    root = project['root']
+    assert 'wrote out/sub.csv' in predict_cli.stdout
     rows = read_submission(root / 'out' / 'sub.csv')
     names = [name for name, _ in rows]
     assert len(names) == len(set(names)) == len(project['test_levels'])
     assert set(names) == set(project['test_levels'])  # not 9999_left, which has no image
     assert all(level in {'0', '1', '2', '3', '4'} for _, level in rows)
     # The test rows are stored shuffled: only a match by name gets the levels right.
-    correct = np.mean([int(level) == project['test_levels'][name] for name, level in rows])
-    assert correct > 0.7, correct
+    truth = [project['test_levels'][name] for name in names]
+    test_kappa = data.kappa(truth, [int(level) for _, level in rows])
+    assert test_kappa > 0.7, test_kappa
     assert not list((root / 'out').glob('.*tmp*')), 'the temporary file must be renamed'
 
 

@@ -210,9 +210,9 @@ def test_leftover_temp_file_is_not_an_existing_output(tmp_path):
     fundus().save(folder / '10_left.jpeg')
     out = tmp_path / 'out'
     out.mkdir()
-    # What an interrupted atomic write leaves behind (see retina.atomic).
-    leftover = out / '.10_left.tiff.k2j4h1.tmp.tiff'
-    leftover.write_bytes(b'half a tiff')
+    # What a killed atomic write leaves behind (see retina.atomic), old and current naming.
+    for leftover in ('.10_left.tiff.k2j4h1.tmp', '.10_left.tiff.k2j4h1.tmp.tiff'):
+        (out / leftover).write_bytes(b'half a tiff')
     result = run_convert('--directory', folder, '--convert_directory', out, '--crop_size', 32, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     with Image.open(out / '10_left.tiff') as image:

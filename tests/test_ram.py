@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 from PIL import Image, ImageDraw
+from scipy import ndimage
 
 from conftest import REPO, run_script
 from retina import checkpoint, config as config_module, crop, ram
@@ -90,12 +91,22 @@ def test_hook_is_removed_even_when_the_block_raises(net):
     assert hook_count(net) == 0
 
 
-@pytest.mark.parametrize('name', BASELINE_CONFIGS)
-def test_baseline_net_is_refused(name):
-    model = config_module.load(name).build_net()
+def test_baseline_net_is_refused():
+    model = config_module.load('c_128_5x5_32').build_net()
     with pytest.raises(UserError, match=r'_ram config'):
         ram.regression_activation_map(model, torch.zeros(1, 3, *model.input_size))
     assert hook_count(model) == 0
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_only_ram_configs_are_loaded(tmp_path, name):
+    config = config_module.load(name)
+    if name in BASELINE_CONFIGS:
+        with pytest.raises(UserError, match=f'use --cnf {name}_ram'):
+            ram.load_ram_net(config, tmp_path / 'weights.pt', 'cpu')
+    else:
+        with pytest.raises(UserError, match='train first'):
+            ram.load_ram_net(config, tmp_path / 'weights.pt', 'cpu')
 
 
 def test_upsampled_map_covers_the_network_window(net):
@@ -136,13 +147,18 @@ def test_localisation_of_a_map_peaking_in_the_lesion():
 
 def test_scores_summary_prints_one_figure_per_line():
     scores = ram.Scores(level_source='predicted levels', tolerance=9, mass=[1.0, 0.5, float('nan')],
-                        hits=[True, False, False, True], top_drops=[0.4, 0.2], random_drops=[0.1, 0.1])
+                        hits=[True, False, False, True], mass_chance=[0.1] * 4, hit_chance=[0.3] * 4,
+                        top_drops=[0.4, 0.2], random_drops=[0.1, 0.1])
     values = scores.summary()
     assert values['ram_mass_in_lesions'] == pytest.approx(0.75)
     assert values['pointing_game'] == pytest.approx(0.5)
     assert values['deletion_ratio'] == pytest.approx(3.0)
     figures = [line for line in scores.lines() if not line.startswith('#')]
     assert [line.split(':')[0] for line in figures] == list(SCORE_NAMES)
+    assert figures[-1] == 'deletion_ratio: 3.0000'
+    scores.random_drops = [-0.1, -0.2]       # random blanking raised the prediction: no ratio
+    assert np.isnan(scores.summary()['deletion_ratio'])
+    assert any('deletion_ratio is nan' in line for line in scores.lines())
 
 
 class MeanOfRed(nn.Module):
@@ -161,6 +177,9 @@ def test_blanking_uses_black_and_deleting_the_evidence_drops_the_prediction():
     torch.testing.assert_close(blanked[0, :, 0, 0], black)
     torch.testing.assert_close(blanked[:, :, 5:], x[:, :, 5:])
     torch.testing.assert_close(standardise(torch.zeros(1, 3, 1, 1))[0, :, 0, 0], black)
+    torch.testing.assert_close(ram.blank(x + 1, where, fill='mean')[0, :, 0, 0], torch.zeros(3))
+    with pytest.raises(ValueError, match='fill'):
+        ram.blank(x, where, fill='grey')
 
     x[:, 0, :4, :10] = 5.0                    # 40 bright pixels = the top 10% of the map
     evidence = x[:, 0].clone()
@@ -169,6 +188,17 @@ def test_blanking_uses_black_and_deleting_the_evidence_drops_the_prediction():
     expected_top = 40 * (5.0 - black[0].item()) / 400
     np.testing.assert_allclose(top, [expected_top, expected_top], rtol=1e-5)
     assert (random < top / 2).all()
+
+
+def test_random_deletion_control_has_the_grain_of_the_map():
+    maps = torch.zeros(1, 6, 6)
+    maps[0, 2, 2] = 1.0                       # cell 2 covers pixels 37..55
+    top = ram.top_pixels(maps, (112, 112), 0.1)[0]
+    assert int(top.sum()) == round(0.1 * 112 * 112)
+    assert top[20:75, 20:75].sum() == top.sum(), 'the top pixels should form one blob at the hot cell'
+    assert ndimage.label(top.numpy())[1] == 1
+    labels, blobs = ndimage.label(ram.top_pixels(torch.rand(4, 6, 6), (112, 112), 0.1).numpy())
+    assert blobs <= 4 * 6, 'a random map at 6x6 should give a few blobs, not scattered pixels'
 
 
 # --- masks ----------------------------------------------------------------------

@@ -1,0 +1,339 @@
+"""Fault injection: killed runs, Ctrl-C, a bad-input corpus, unsafe weights, full disks.
+
+Every case checks what a user sees (exit status, one line naming the file,
+no traceback) and that nothing on disk is left corrupt.
+"""
+import os
+import random
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, run_script
+from retina import checkpoint, config as config_module
+from retina.errors import UserError
+
+CONFIG = 'c_128_5x5_32_ram'
+TRAIN = ['train_nn.py', '--cnf', CONFIG, '--max_epochs', '4', '--seed', '1', '--deterministic',
+         '--no_progress']
+
+
+def start(args, cwd, **kwargs):
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED='1')
+    return subprocess.Popen([sys.executable, str(REPO / args[0]), *map(str, args[1:])], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            **kwargs)
+
+
+def kill_after(process, seconds):
+    try:
+        process.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    return process.returncode
+
+
+def one_line_error(result, *fragments):
+    """The run failed with exactly one line on stderr, containing every fragment."""
+    assert result.returncode != 0, result.stdout
+    assert 'Traceback' not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith('error:')]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def kill_during_next_epoch(process, rng, epoch_seconds):
+    """After the run reports an epoch, SIGKILL it at a random moment of the next one."""
+    for line in process.stdout:
+        if line.startswith('epoch'):
+            time.sleep(rng.uniform(0.0, 1.2 * epoch_seconds))
+            process.send_signal(signal.SIGKILL)
+            break
+    process.wait()
+    return process.returncode
+
+
+def weight_files(folder):
+    return sorted(p for p in folder.rglob('*.pt') if not p.name.startswith('.'))
+
+
+def assert_loadable(folder):
+    for path in weight_files(folder):
+        state = checkpoint.load(path)
+        assert all(torch.isfinite(v).all() for v in state['model'].values()), path
+
+
+# ---------------------------------------------------------------- interruption
+
+def test_training_killed_at_random_moments_resumes_to_the_uninterrupted_result(workdir, tmp_path):
+    reference = tmp_path / 'reference'
+    shutil.copytree(workdir, reference)
+    run_script(*TRAIN, cwd=reference)
+    log = (reference / 'weights' / CONFIG / 'log.csv').read_text().splitlines()
+    epoch_seconds = float(log[-1].split(',')[5])
+    rng = random.Random(7)
+    kills = 0
+    for attempt in range(8):
+        resume = (workdir / 'weights' / CONFIG / 'last.pt').is_file()
+        process = start(TRAIN + (['--resume'] if resume else []), workdir)
+        code = kill_during_next_epoch(process, rng, epoch_seconds)
+        assert_loadable(workdir / 'weights')
+        if code == 0:
+            break
+        assert code == -signal.SIGKILL
+        kills += 1
+    else:
+        resume = (workdir / 'weights' / CONFIG / 'last.pt').is_file()
+        run_script(*TRAIN, *(['--resume'] if resume else []), cwd=workdir)
+    assert kills >= 1, 'the run finished before any kill: lengthen it'
+    ours = checkpoint.load(workdir / 'weights' / CONFIG / 'weights_final.pt')['model']
+    theirs = checkpoint.load(reference / 'weights' / CONFIG / 'weights_final.pt')['model']
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name
+    epochs = [line.split(',')[0] for line in
+              (workdir / 'weights' / CONFIG / 'log.csv').read_text().splitlines()[1:]]
+    assert epochs == ['1', '2', '3', '4']
+
+
+def test_ctrl_c_ends_cleanly_and_says_how_to_resume(workdir):
+    process = start(['train_nn.py', '--cnf', CONFIG, '--max_epochs', '50', '--no_progress'],
+                    workdir)
+    deadline = time.time() + 120
+    while not (workdir / 'weights' / CONFIG / 'last.pt').is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert '--resume' in stderr and 'Traceback' not in stderr
+    assert_loadable(workdir / 'weights')
+
+
+def _features(folder):
+    return sorted(p for p in (folder / 'data' / 'features').glob('*.npy'))
+
+
+def test_transform_killed_leaves_no_partial_file_and_a_rerun_completes(workdir, tmp_path):
+    run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', '--no_progress',
+               cwd=workdir)
+    command = ['transform.py', '--cnf', CONFIG, '--n_iter', '12', '--train', '--no_progress']
+    reference = tmp_path / 'reference'
+    shutil.copytree(workdir, reference)
+    run_script(*command, cwd=reference)
+    began = time.perf_counter()
+    run_script(*command, '--restart', cwd=reference)
+    duration = time.perf_counter() - began
+    process = start(command, workdir)
+    kill_after(process, 0.7 * duration)
+    from retina.features import load_features
+    for path in _features(workdir):
+        load_features(path)
+    run_script(*command, cwd=workdir)
+    for stat in ('mean', 'std'):
+        name = f'{CONFIG}_train_{stat}_iter_12_skip_0.npy'
+        ours = np.load(workdir / 'data' / 'features' / name)
+        theirs = np.load(reference / 'data' / 'features' / name)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_convert_killed_never_leaves_a_half_image_under_its_final_name(synthetic_source,
+                                                                          tmp_path):
+    out = tmp_path / 'converted'
+    command = ['convert.py', '--directory', synthetic_source / 'train', '--convert_directory', out,
+               '--crop_size', 256, '--extension', 'png', '--n_proc', 1]
+    for delay in (1.5, 2.5):
+        kill_after(start(command, tmp_path), delay)
+        for path in out.glob('*.png'):
+            with Image.open(path) as image:
+                image.load()
+    result = run_script(*command, cwd=tmp_path)
+    sources = list((synthetic_source / 'train').glob('*.jpeg'))
+    outputs = sorted(out.glob('*.png'))
+    assert len(outputs) == len(sources)
+    for path in outputs:
+        with Image.open(path) as image:
+            image.load()
+            assert image.size == (256, 256)
+    assert 'Traceback' not in result.stderr
+
+
+# ---------------------------------------------------------------- bad input corpus
+
+def _photo(width=300, height=200, level=128):
+    array = np.zeros((height, width, 3), np.uint8)
+    yy, xx = np.mgrid[:height, :width]
+    disc = (xx - width / 2) ** 2 + (yy - height / 2) ** 2 < (0.45 * height) ** 2
+    array[disc] = (level + 60, level - 40, level - 90)
+    return Image.fromarray(array)
+
+
+def make_image_corpus(folder):
+    """Bad and awkward images; returns (names that must fail, names that must convert)."""
+    folder.mkdir(parents=True)
+    photo = _photo()
+    (folder / 'zero_left.jpeg').write_bytes(b'')
+    photo.save(folder / 'full_left.jpeg', quality=90)
+    data = (folder / 'full_left.jpeg').read_bytes()
+    (folder / 'truncated_left.jpeg').write_bytes(data[:len(data) // 2])
+    (folder / 'text_left.jpeg').write_text('this is not a picture\n')
+    photo.convert('L').save(folder / 'gray_left.jpeg')
+    photo.convert('CMYK').save(folder / 'cmyk_left.jpeg')
+    photo.convert('P').save(folder / 'palette_left.png')
+    Image.fromarray((np.asarray(photo.convert('L'), np.uint16) * 257)).save(folder / 'deep_left.png')
+    photo.convert('RGBA').save(folder / 'alpha_left.png')
+    photo.resize((10, 10)).save(folder / 'tiny_left.png')
+    _photo(6000, 4000).save(folder / 'huge_left.jpeg', quality=80)
+    Image.new('RGB', (300, 200)).save(folder / 'black_left.jpeg')
+    bad = ['zero_left', 'truncated_left', 'text_left']
+    good = ['full_left', 'gray_left', 'cmyk_left', 'palette_left', 'deep_left', 'alpha_left',
+            'tiny_left', 'huge_left', 'black_left']
+    return bad, good
+
+
+def test_convert_names_every_bad_image_and_converts_the_rest(tmp_path):
+    bad, good = make_image_corpus(tmp_path / 'photos')
+    result = run_script('convert.py', '--directory', tmp_path / 'photos', '--convert_directory',
+                        tmp_path / 'out', '--crop_size', 64, '--extension', 'png',
+                        cwd=tmp_path, check=False)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    for name in bad:
+        assert name in result.stderr
+    assert '3 of 12' in result.stderr
+    for name in good:
+        with Image.open(tmp_path / 'out' / f'{name}.png') as image:
+            assert image.mode == 'RGB' and image.size == (64, 64), name
+    assert not any((tmp_path / 'out' / f'{name}.png').exists() for name in bad)
+
+
+@pytest.mark.parametrize('content, fragments', [
+    ('image\n1_left\n', ['missing column level']),
+    ('image,level\n1_left,7\n', ['level 7', 'outside 0..4', 'line 2']),
+    ('image,level\n1_left,1\n1_left,2\n', ['1_left is listed twice', 'line 3']),
+    ('picture,grade\n1_left,1\n', ['missing column image, level']),
+])
+def test_bad_labels_file_is_one_line(workdir, content, fragments):
+    (workdir / 'data' / 'trainLabels.csv').write_text(content)
+    result = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', cwd=workdir,
+                        check=False)
+    one_line_error(result, 'trainLabels.csv', *fragments)
+
+
+def test_missing_labels_file_and_labels_without_images(workdir):
+    labels = workdir / 'data' / 'trainLabels.csv'
+    text = labels.read_text()
+    labels.unlink()
+    result = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', cwd=workdir,
+                        check=False)
+    one_line_error(result, 'trainLabels.csv', 'not found')
+    labels.write_text(text + '99999_left,2\n99999_right,3\n')
+    ok = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', '--no_progress',
+                    cwd=workdir)
+    assert 'note: 2 image(s) named in data/trainLabels.csv are not in data/train_tiny' in ok.stdout
+
+
+def test_weights_of_another_architecture_for_transform_and_ram(workdir):
+    other = config_module.load('c_128_4x4_32_ram')
+    checkpoint.save(workdir / 'other.pt', model=other.build_net(), config=other, epoch=1)
+    for script in ('transform.py', 'ram.py'):
+        result = run_script(script, '--cnf', CONFIG, '--weights_from', 'other.pt', cwd=workdir,
+                            check=False)
+        one_line_error(result, 'other.pt', 'c_128_4x4_32_ram', CONFIG)
+
+
+def test_pickled_payload_in_a_weights_file_is_refused(workdir, tmp_path):
+    marker = tmp_path / 'pwned'
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f'touch {marker}',))
+
+    torch.save({'format': checkpoint.FORMAT, 'model': {}, 'payload': Payload()},
+               workdir / 'evil.pt')
+    with pytest.raises(UserError, match='refused to load'):
+        checkpoint.load(workdir / 'evil.pt')
+    result = run_script('train_nn.py', '--cnf', CONFIG, '--weights_from', 'evil.pt',
+                        '--max_epochs', '1', cwd=workdir, check=False)
+    one_line_error(result, 'evil.pt', 'refused to load')
+    assert not marker.exists()
+
+
+def test_feature_file_of_the_wrong_shape(workdir):
+    features = workdir / 'data' / 'features'
+    features.mkdir(parents=True)
+    names = [p.stem for p in sorted((workdir / 'data' / 'train_tiny').glob('*.jpeg'))]
+    np.save(features / f'{CONFIG}_train_mean_iter_1_skip_0.npy', np.zeros((len(names) - 3, 8)))
+    (features / f'{CONFIG}_train_names_iter_1_skip_0.txt').write_text('\n'.join(names) + '\n')
+    result = run_script('blend.py', '--features_file', f'{CONFIG}_train_mean_iter_1_skip_0.npy',
+                        cwd=workdir, check=False)
+    one_line_error(result, f'{CONFIG}_train_mean_iter_1_skip_0.npy', 'rows')
+
+
+def test_empty_or_missing_test_folder(workdir):
+    run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', '--no_progress', cwd=workdir)
+    (workdir / 'empty').mkdir()
+    result = run_script('transform.py', '--cnf', CONFIG, '--test', '--test_dir', 'empty',
+                        cwd=workdir, check=False)
+    one_line_error(result, 'empty', 'no images found')
+    result = run_script('transform.py', '--cnf', CONFIG, '--test', '--test_dir', 'nowhere',
+                        cwd=workdir, check=False)
+    one_line_error(result, 'nowhere', 'no such folder')
+
+
+# ---------------------------------------------------------------- disks
+
+def _limit_file_size(limit):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+def test_full_disk_during_training_leaves_no_corrupt_weights(workdir):
+    # Files over 200 kB cannot be written: the weights (~1 MB) hit the limit mid-write.
+    process = start(['train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', '--no_progress'],
+                    workdir, preexec_fn=_limit_file_size(200_000))
+    stdout, stderr = process.communicate(timeout=300)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    one_line_error(result, 'file size limit')
+    run = workdir / 'weights' / CONFIG
+    assert not weight_files(run), 'a partial weights file was left under its final name'
+    assert not list(run.glob('.*.tmp'))
+
+
+def test_full_disk_during_convert_is_one_line(synthetic_source, tmp_path):
+    process = start(['convert.py', '--directory', synthetic_source / 'train',
+                     '--convert_directory', tmp_path / 'out', '--crop_size', 512,
+                     '--extension', 'tiff', '--n_proc', 1], tmp_path,
+                    preexec_fn=_limit_file_size(100_000))
+    stdout, stderr = process.communicate(timeout=300)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    one_line_error(result, 'file size limit')
+    assert not list((tmp_path / 'out').glob('*.tiff'))
+
+
+def test_output_folder_that_cannot_be_created(synthetic_source, tmp_path):
+    (tmp_path / 'a_file').write_text('')
+    result = run_script('convert.py', '--directory', synthetic_source / 'train',
+                        '--convert_directory', tmp_path / 'a_file' / 'out', cwd=tmp_path,
+                        check=False)
+    one_line_error(result, 'a_file')
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root can write into read-only folders')
+def test_read_only_output_folder(synthetic_source, tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    out.chmod(0o500)
+    result = run_script('convert.py', '--directory', synthetic_source / 'train',
+                        '--convert_directory', out, cwd=tmp_path, check=False)
+    one_line_error(result, 'permission denied')
