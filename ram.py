@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Regression activation maps of a RAM net: where its predicted level comes from.
 
-    python ram.py --cnf c_128_5x5_32_ram                          # data/test_tiny -> data/ram/c_128_5x5_32_ram/
+    python ram.py --cnf c_128_5x5_32_ram        # data/test_tiny -> data/ram/c_128_5x5_32_ram/
     python ram.py --cnf c_128_5x5_32_ram --images data/test_tiny/10_left.jpeg --signed
     python ram.py --cnf c_128_5x5_32_ram --images data/synthetic_tiny/test \\
         --masks data/synthetic/masks --photos data/synthetic/test --labels data/synthetic/testLabels.csv

@@ -110,7 +110,7 @@ def affine_theta(params, in_size, out_size):
     zoom_flip = torch.zeros(n, 2, 2, device=rot.device)
     zoom_flip[:, 0, 0] = params['zoom_x'].float() * (1 - 2 * params['flip'].float())
     zoom_flip[:, 1, 1] = params['zoom_y'].float()
-    inverse = torch.linalg.inv(rotation @ shear_m @ zoom_flip)
+    inverse = _inverse_2x2(rotation @ shear_m @ zoom_flip)
     (in_h, in_w), (out_h, out_w) = in_size, out_size
     d_in_inv = torch.tensor([2.0 / in_w, 2.0 / in_h], device=rot.device)
     d_out = torch.tensor([out_w / 2.0, out_h / 2.0], device=rot.device)
@@ -118,6 +118,13 @@ def affine_theta(params, in_size, out_size):
     shift = torch.stack([params['tx'].float(), params['ty'].float()], -1)
     offset = -d_in_inv[None] * (inverse @ shift[..., None])[..., 0]
     return torch.cat([linear, offset[..., None]], dim=2)
+
+
+def _inverse_2x2(m):
+    """Closed-form inverse of a batch of 2×2 matrices (no solver, no device sync)."""
+    a, b, c, d = m[:, 0, 0], m[:, 0, 1], m[:, 1, 0], m[:, 1, 1]
+    det = a * d - b * c
+    return torch.stack([torch.stack([d, -b], -1), torch.stack([-c, a], -1)], -2) / det[:, None, None]
 
 
 def warp(images, params, out_size, mode='bilinear'):

@@ -239,8 +239,9 @@ class Scores:
                  f'lesion in the network\'s window; a pointing hit is a lesion within {self.tolerance} px '
                  f'of the map\'s maximum']
         if self.hits:
-            notes.append(f'# by chance: lesions cover {np.mean(self.mass_chance):.4f} of the window (mass); '
-                         f'{np.mean(self.hit_chance):.4f} of it is within {self.tolerance} px of one (pointing)')
+            notes.append(f'# by chance: lesions cover {np.mean(self.mass_chance):.4f} of the window '
+                         f'(mass); {np.mean(self.hit_chance):.4f} of it is within {self.tolerance} px '
+                         f'of one (pointing)')
         if self.no_mask:
             notes.append(f'# {len(self.no_mask)} image(s) of level >= 1 have no mask and are not '
                          f'localised (e.g. {self.no_mask[0]})')

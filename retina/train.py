@@ -116,30 +116,36 @@ def epoch_seed(seed, epoch, rank=0):
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
-def _to_device(batch, device):
-    tensor = torch.from_numpy(np.ascontiguousarray(batch))
+def _to_device(batch, chunk, device):
+    """A host batch and its indices on `device`; pinned, so the copy does not block."""
+    tensors = (torch.from_numpy(np.ascontiguousarray(batch)), torch.from_numpy(chunk))
     if device.type == 'cuda':
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
+        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
+    return tensors
 
 
 def batches(images, indices, batch_size, device):
-    """Yield (uint8 device batch, indices); host batches are gathered ahead in a thread."""
-    chunks = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    """Yield (uint8 batch, index tensor), both on `device`.
+
+    From a device-resident cache the batch is gathered on the device and the
+    indices travel once per epoch; from a host cache batches are gathered in
+    index order and, for a GPU, prepared ahead in a thread.
+    """
     if isinstance(images, torch.Tensor):
-        for chunk in chunks:
-            yield images[torch.as_tensor(chunk, device=images.device)], chunk
+        on_device = torch.as_tensor(np.asarray(indices), device=images.device)
+        for chunk in on_device.split(batch_size):
+            yield images[chunk], chunk
         return
+    chunks = [np.sort(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
     if device.type != 'cuda':
         for chunk in chunks:
-            yield _to_device(images[np.sort(chunk)], device), np.sort(chunk)
+            yield _to_device(images[chunk], chunk, device)
         return
     ready = queue.Queue(maxsize=3)
 
     def produce():
         for chunk in chunks:
-            chunk = np.sort(chunk)
-            ready.put((_to_device(images[chunk], device), chunk))
+            ready.put(_to_device(images[chunk], chunk, device))
         ready.put(None)
 
     threading.Thread(target=produce, daemon=True).start()
@@ -165,7 +171,7 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
         x = prepare_batch(batch, config.input_size, params)
         if runtime.cuda:
             x = x.contiguous(memory_format=torch.channels_last)
-        target = levels_device[torch.as_tensor(chunk, device=runtime.device)]
+        target = levels_device[chunk]
         with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
             out = model(x)
         loss = F.mse_loss(out.float().squeeze(1), target)
@@ -202,6 +208,7 @@ def predict(model, images, indices, config, runtime, batch_size=None):
     out = np.empty(len(order), dtype=np.float32)
     position = {int(i): k for k, i in enumerate(order)}
     for batch, chunk in batches(images, order, batch_size, runtime.device):
+        chunk = chunk.cpu().numpy()
         x = prepare_batch(batch, config.input_size)
         if runtime.cuda:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -1,0 +1,97 @@
+"""Data layer: labels, names, the patient split, class balance and kappa."""
+import numpy as np
+import pytest
+from sklearn.metrics import cohen_kappa_score
+
+from retina import data
+from retina.errors import UserError
+
+
+def write(path, text):
+    path.write_text(text)
+    return path
+
+
+def test_labels_load_and_every_problem_names_file_and_line(tmp_path):
+    good = write(tmp_path / 'l.csv', 'image,level\n1_left,0\n1_right,4\n\n')
+    assert data.load_labels(good) == {'1_left': 0, '1_right': 4}
+    cases = {'image\n1_left\n': 'missing column level',
+             'image,level\n1_left,5\n': 'line 2: level 5 of 1_left is outside 0..4',
+             'image,level\n1_left,x\n': 'is not a number',
+             'image,level\n1_left,1\n1_left,1\n': 'line 3: 1_left is listed twice',
+             '': 'empty labels file'}
+    for text, message in cases.items():
+        with pytest.raises(UserError, match=message):
+            data.load_labels(write(tmp_path / 'bad.csv', text))
+    with pytest.raises(UserError, match='labels file not found'):
+        data.load_labels(tmp_path / 'absent.csv')
+
+
+def test_images_without_labels_are_named(tmp_path):
+    folder = tmp_path / 'imgs'
+    folder.mkdir()
+    for name in ('1_left', '1_right', '2_left'):
+        (folder / f'{name}.jpeg').write_bytes(b'x')
+    labels = write(tmp_path / 'l.csv', 'image,level\n1_left,0\n')
+    with pytest.raises(UserError, match=r'no label for 2 image\(s\).*1_right, 2_left'):
+        data.labelled_images(folder, labels)
+    write(labels, 'image,level\n1_left,0\n1_right,1\n2_left,2\n3_left,1\n')
+    notes = []
+    paths, levels = data.labelled_images(folder, labels, notes.append)
+    assert [p.stem for p in paths] == ['1_left', '1_right', '2_left']
+    assert levels.tolist() == [0, 1, 2] and '1 image(s)' in notes[0]
+
+
+def test_patient_split_keeps_eyes_together_is_stratified_and_seeded():
+    rng = np.random.default_rng(0)
+    names, levels = [], []
+    for patient in range(400):
+        level = int(rng.choice(5, p=[0.6, 0.1, 0.15, 0.1, 0.05]))
+        eyes = ['left', 'right'] if patient % 7 else ['left']  # some patients have one eye
+        for eye in eyes:
+            names.append(f'{patient}_{eye}')
+            levels.append(level)
+    levels = np.array(levels)
+    train, valid = data.split_indices(names, levels)
+    assert len(set(train) & set(valid)) == 0 and len(train) + len(valid) == len(names)
+    patients = lambda idx: {data.patient_and_eye(names[i])[0] for i in idx}
+    assert not patients(train) & patients(valid)
+    assert 0.08 < len(patients(valid)) / 400 < 0.12
+    for level in range(5):
+        share = np.mean(levels[valid] == level) - np.mean(levels == level)
+        assert abs(share) < 0.05
+    again = data.split_indices(names, levels)
+    assert np.array_equal(again[1], valid)
+    other = data.split_indices(names, levels, seed=10)
+    assert not np.array_equal(other[1], valid)
+
+
+def test_split_allows_singleton_levels():
+    train, valid = data.split_indices(['1_left', '2_left', '3_left'], np.array([0, 4, 0]))
+    assert len(train) + len(valid) == 3
+
+
+def test_balance_weights_decay_from_balance_to_final():
+    assert np.allclose(data.balance_weights_at(0), data.BALANCE_WEIGHTS)
+    assert np.allclose(data.balance_weights_at(10_000), data.FINAL_BALANCE_WEIGHTS)
+    w = data.balance_weights_at(10)
+    r = 0.975 ** 10
+    assert np.allclose(w, data.BALANCE_WEIGHTS * r + data.FINAL_BALANCE_WEIGHTS * (1 - r))
+
+
+def test_balanced_sample_follows_the_class_weights():
+    levels = np.array([0] * 900 + [1] * 25 + [2] * 50 + [3] * 15 + [4] * 10)
+    picks = data.balanced_sample(levels, 0, np.random.default_rng(0), n=200_000)
+    shares = np.bincount(levels[picks], minlength=5) / len(picks)
+    expected = np.bincount(levels, minlength=5) * data.BALANCE_WEIGHTS
+    np.testing.assert_allclose(shares, expected / expected.sum(), atol=0.01)
+
+
+def test_kappa_clips_rounds_and_matches_sklearn():
+    labels = np.array([0, 1, 2, 3, 4, 2, 1, 0])
+    predictions = np.array([-0.7, 1.2, 2.6, 2.4, 7.0, 2.0, 0.4, 0.1])
+    rounded = np.array([0, 1, 3, 2, 4, 2, 0, 0])
+    assert data.kappa(labels, predictions) == pytest.approx(
+        cohen_kappa_score(labels, rounded, weights='quadratic'))
+    assert data.kappa(labels, labels.astype(float)) == pytest.approx(1.0)
+    assert data.to_levels([0.49, 0.5, 3.51, 9]).tolist() == [0, 1, 4, 4]
