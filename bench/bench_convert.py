@@ -29,23 +29,16 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+sys.path.insert(0, str(REPO / 'bench'))
+
+from report import cpu_model, replace_section  # noqa: E402
 from retina import crop  # noqa: E402
-from retina.atomic import save_image, write_text  # noqa: E402
+from retina.atomic import save_image  # noqa: E402
 from retina.errors import handle_errors  # noqa: E402
 from retina.images import list_images, load_rgb  # noqa: E402
 
-SECTION = '## convert.py'
+SECTION = 'convert.py'
 DEFAULT_DIRECTORY = REPO.parent / 'shared' / 'data' / 'eyepacs_sample' / 'train'
-
-
-def cpu_model():
-    try:
-        for line in Path('/proc/cpuinfo').read_text().splitlines():
-            if line.startswith('model name'):
-                return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or 'unknown CPU'
 
 
 def reference_one(src, dst, crop_size):
@@ -100,18 +93,6 @@ def box_agreement(sources, crop_size):
         reference = np.asarray(crop.crop_to_eye_reference(full, crop_size), dtype=np.float64)
         differences.append(np.abs(fast - reference).mean())
     return worst_px, worst_fraction, float(np.mean(differences))
-
-
-def replace_section(path, section):
-    """Put `section` (starting with SECTION) into the markdown file at `path`, replacing an old one."""
-    path = Path(path)
-    lines = (path.read_text() if path.exists() else '# Benchmarks\n').splitlines()
-    start = next((i for i, line in enumerate(lines) if line.strip() == SECTION), len(lines))
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith('## ')), len(lines))
-    before = '\n'.join(lines[:start]).strip('\n')
-    after = '\n'.join(lines[end:]).strip('\n')
-    parts = [part for part in (before, section.strip('\n'), after) if part]
-    write_text(path, '\n\n'.join(parts) + '\n')
 
 
 @click.command()
@@ -178,8 +159,6 @@ def main(directory, crop_size, extension, repeat, copies, n_proc, benchmarks_fil
     command = (f'python bench/bench_convert.py --directory {directory} --crop_size {crop_size} '
                f'--extension {extension} --repeat {repeat} --copies {copies} --n_proc {n_proc}')
     section = '\n'.join([
-        SECTION,
-        '',
         f'`{command}`',
         '',
         f'- date: {datetime.date.today().isoformat()}; device: {cpu_model()}, {os.cpu_count()} cores; '
@@ -199,7 +178,7 @@ def main(directory, crop_size, extension, repeat, copies, n_proc, benchmarks_fil
         '',
     ])
     print(section)
-    replace_section(benchmarks_file, section)
+    replace_section(SECTION, section, benchmarks_file)
     print(f'updated {benchmarks_file}', file=sys.stderr)
 
 

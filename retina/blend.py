@@ -34,7 +34,7 @@ from sklearn.preprocessing import StandardScaler
 
 from retina import atomic, data, paths
 from retina.errors import UserError
-from retina.features import load_features, names_file_for
+from retina.features import load_features, names_file_for, read_names
 from retina.images import image_name, list_images
 
 # {epoch: learning rate or 'stop'}; an entry {k: v} takes effect at the end of
@@ -148,25 +148,6 @@ def matching_test_file(train_path):
 
 
 # ---------------------------------------------------------------- features
-
-def read_names(feature_path):
-    """The image names of a feature file's rows, read from its names file (the array is not
-    loaded: this is the cheap check made before any fitting)."""
-    feature_path = Path(feature_path)
-    if not feature_path.is_file():
-        raise UserError(f'{feature_path}: feature file not found; run transform.py for that '
-                        f'config (e.g. python transform.py --cnf CNF --n_iter N --train --test)')
-    names_path = names_file_for(feature_path)
-    if not names_path.is_file():
-        raise UserError(f'{names_path}: missing (it lists the image of each row of '
-                        f'{feature_path.name}); run transform.py again')
-    names = names_path.read_text().split()
-    duplicates = len(names) - len(set(names))
-    if duplicates:
-        raise UserError(f'{names_path}: {duplicates} image name(s) listed more than once; run '
-                        f'transform.py again')
-    return names
-
 
 def run_names(files):
     """The image names of a run's files, which must list the same images in the same order."""

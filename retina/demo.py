@@ -11,6 +11,7 @@ validation kappa, the test kappa of the submission, its path and the
 heat-map folder.
 """
 import csv
+import os
 import shlex
 import subprocess
 import sys
@@ -29,14 +30,14 @@ CONFIG = 'c_128_5x5_32_ram'
 def run_step(title, args, cwd, log):
     """Run a repository script, echoing its output live and keeping stdout for parsing."""
     script, rest = args[0], [str(a) for a in args[1:]]
-    shown = ' '.join(shlex.quote(a) for a in [f'python {script}', *rest])
+    launcher = f'python {script}' if script.endswith('.py') else f'python -m {script}'
+    shown = ' '.join([launcher, *(shlex.quote(a) for a in rest)])
     click.secho(f'\n== {title}\n$ {shown}', bold=True)
-    env_path = str(REPO)
     command = ([sys.executable, '-m', script] if not script.endswith('.py')
                else [sys.executable, str(REPO / script)]) + rest
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, text=True,
-                               env={**__import__('os').environ, 'PYTHONPATH': env_path})
+                               env={**os.environ, 'PYTHONPATH': str(REPO)})
     lines = []
     for line in process.stdout:
         click.echo(line, nl=False)
@@ -73,7 +74,7 @@ def last_value(lines, prefix):
               help='Folder for everything the demo makes (photos, data/, weights/).')
 @click.option('--n_patients', default=300, show_default=True, type=click.IntRange(min=10),
               help='Synthetic patients (about 1.85 photos each, a quarter of them test).')
-@click.option('--epochs', default=60, show_default=True, type=click.IntRange(min=1),
+@click.option('--epochs', default=100, show_default=True, type=click.IntRange(min=1),
               help='Training epochs of the 128-pixel RAM net (--max_epochs).')
 @click.option('--tta', default=5, show_default=True, type=click.IntRange(min=1),
               help='Test-time augmentation iterations for transform.py.')

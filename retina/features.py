@@ -25,12 +25,28 @@ def names_file_for(feature_path):
     return feature_path.with_name(_STAT.sub('_names_iter_', feature_path.stem, count=1) + '.txt')
 
 
+def read_names(feature_path):
+    """The image names of a feature file's rows, from its names file (the array is not read)."""
+    feature_path = Path(feature_path)
+    if not feature_path.is_file():
+        raise UserError(f'{feature_path}: feature file not found; run transform.py for that '
+                        f'config (e.g. python transform.py --cnf CNF --n_iter N --train --test)')
+    names_path = names_file_for(feature_path)
+    if not names_path.is_file():
+        raise UserError(f'{names_path}: missing (it lists the image of each row of '
+                        f'{feature_path.name}); run transform.py again')
+    names = names_path.read_text().split()
+    duplicates = len(names) - len(set(names))
+    if duplicates:
+        raise UserError(f'{names_path}: {duplicates} image name(s) listed more than once; run '
+                        f'transform.py again')
+    return names
+
+
 def load_features(path):
     """(array of shape (rows, features), list of image names), checked against each other."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f'{path}: feature file not found; run transform.py for that config '
-                        f'(e.g. python transform.py --cnf CNF --n_iter N --train --test)')
+    names = read_names(path)
     try:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
@@ -39,14 +55,10 @@ def load_features(path):
     if array.ndim != 2:
         raise UserError(f'{path}: expected a 2-d array (images × features), found shape '
                         f'{array.shape}; run transform.py again')
-    names_path = names_file_for(path)
-    if not names_path.is_file():
-        raise UserError(f'{names_path}: missing (it lists the image of each row of {path.name}); '
-                        f'run transform.py again')
-    names = names_path.read_text().split()
     if len(names) != array.shape[0]:
-        raise UserError(f'{path}: {array.shape[0]} rows but {names_path.name} lists {len(names)} '
-                        f'images; the files are from different runs: run transform.py again')
+        raise UserError(f'{path}: {array.shape[0]} rows but {names_file_for(path).name} lists '
+                        f'{len(names)} images; the files are from different runs: run '
+                        f'transform.py again')
     return array.astype(np.float32, copy=False), names
 
 
