@@ -99,7 +99,9 @@ def split_indices(names, levels, fraction=VALIDATION_FRACTION, seed=SPLIT_SEED):
     """Split by patient (both eyes on one side), stratified by the patient's worst level.
 
     Returns (train_indices, valid_indices).  Levels with a single patient are
-    allowed: each level group contributes round(fraction × patients) to validation.
+    allowed: each level group contributes round(fraction × patients) to validation.  When
+    that rounds to nobody at all (under ~15 patients), one patient of the largest level
+    validates, so that small trial sets still get a validation score.
     """
     by_patient = defaultdict(list)
     for index, name in enumerate(names):
@@ -107,11 +109,15 @@ def split_indices(names, levels, fraction=VALIDATION_FRACTION, seed=SPLIT_SEED):
     patients = sorted(by_patient)
     patient_level = {p: max(int(levels[i]) for i in by_patient[p]) for p in patients}
     rng = np.random.RandomState(seed)
-    valid = []
+    valid, groups = [], []
     for level in LEVELS:
         group = [p for p in patients if patient_level[p] == level]
         rng.shuffle(group)
+        groups.append(group)
         valid.extend(group[:int(round(fraction * len(group)))])
+    if not valid and fraction > 0 and len(patients) >= 2:
+        # Small sets: every level rounds to zero; validate on one patient of the largest level.
+        valid.append(max(groups, key=len)[0])
     valid = set(valid)
     valid_idx = sorted(i for p in valid for i in by_patient[p])
     train_idx = sorted(i for p in patients if p not in valid for i in by_patient[p])

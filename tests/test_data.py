@@ -71,6 +71,15 @@ def test_split_allows_singleton_levels():
     assert len(train) + len(valid) == 3
 
 
+def test_split_of_a_small_set_still_validates_on_one_patient():
+    names = [f'{p}_{eye}' for p in range(12) for eye in ('left', 'right')]
+    levels = np.array([p % 5 for p in range(12) for _ in range(2)])
+    train, valid = data.split_indices(names, levels)
+    assert len(valid) == 2 and len(train) == 22  # one patient, both eyes
+    assert data.patient_and_eye(names[valid[0]])[0] == data.patient_and_eye(names[valid[1]])[0]
+    assert len(data.split_indices(['1_left'], np.array([3]))[1]) == 0
+
+
 def test_balance_weights_decay_from_balance_to_final():
     assert np.allclose(data.balance_weights_at(0), data.BALANCE_WEIGHTS)
     assert np.allclose(data.balance_weights_at(10_000), data.FINAL_BALANCE_WEIGHTS)
