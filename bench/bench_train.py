@@ -14,6 +14,7 @@ For each config, measured side by side in one run on the same device:
 The overhead column is 1 − train/bare.  Prints a markdown table and writes
 it to BENCHMARKS.md under a section named after the device kind.
 """
+import resource
 import sys
 import time
 from pathlib import Path
@@ -35,6 +36,14 @@ from retina.train import (Runtime, batches, make_optimizer, place_images,  # noq
 
 ALL = [f'c_{r}_{k}_32{v}' for r in (128, 256, 512) for k in ('5x5', '4x4') for v in ('', '_ram')]
 FOLDER_SIZE = {112: 128, 224: 256, 448: 512}
+MAX_IMAGES = 2048  # the cache the batches are drawn from (indices wrap): 1.6 GB at 512 px
+
+
+def peak_memory_gib(device):
+    """Peak GPU memory allocated by torch, or the process's peak resident size on the CPU."""
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2 ** 30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
 def synchronise(device):
@@ -85,7 +94,7 @@ def pipeline_rate(model, optimizer, config, images, batch_size, steps, runtime):
 @torch.no_grad()
 def feature_rate(model, config, images, batch_size, steps, device):
     model.eval()
-    order = np.arange(min(len(images), batch_size * steps))
+    order = np.arange(batch_size * steps) % len(images)
 
     def run():
         for batch, _ in batches(images, order, batch_size, device):
@@ -116,21 +125,31 @@ def feature_rate(model, config, images, batch_size, steps, device):
 @click.option('--compile', 'compile_model', is_flag=True, help='torch.compile the model.')
 @click.option('--write/--no_write', default=True, show_default=True,
               help='Write the table to BENCHMARKS.md.')
-def main(configs, steps, device, batch_size, test_batch_size, compile_model, write):
+@click.option('--section', default='', metavar='TEXT',
+              help='Words added to the BENCHMARKS.md section title, so that runs with other '
+                   'settings (batch size, --compile) keep their own table.')
+def main(configs, steps, device, batch_size, test_batch_size, compile_model, write, section):
     """Print training/bare/feature images/s per config and write them to BENCHMARKS.md."""
     device = resolve_device(device)
     runtime = Runtime(device)
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     rows = []
     for name in configs.split(','):
         config = config_module.load(name)
         batch = batch_size or config.cnf['batch_size_train']
         test_batch = test_batch_size or config.cnf['batch_size_test']
         size = FOLDER_SIZE.get(config.cnf['w'], config.cnf['w'])
-        count = max(batch * steps, test_batch * steps)
-        images = np.random.default_rng(0).integers(0, 256, (count, 3, size, size), dtype=np.uint8)
-        images = place_images(images, runtime, 'auto')
+        count = min(MAX_IMAGES, max(batch * steps, test_batch * steps))
+        if device.type == 'cuda':  # the device-resident uint8 cache that train_nn.py uses
+            images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8,
+                                   device=device, generator=torch.Generator(device).manual_seed(0))
+        else:
+            images = np.random.default_rng(0).integers(0, 256, (count, 3, size, size),
+                                                       dtype=np.uint8)
+            images = place_images(images, runtime, 'auto')
         torch.manual_seed(0)
         model = config.build_net().to(device)
         if device.type == 'cuda':
@@ -142,27 +161,28 @@ def main(configs, steps, device, batch_size, test_batch_size, compile_model, wri
         bare = bare_rate(net, optimizer, config, batch, steps, device)
         train = pipeline_rate(net, optimizer, config, images, batch, steps, runtime)
         features = feature_rate(net, config, images, test_batch, steps, device)
-        peak = (torch.cuda.max_memory_allocated(device) / 2 ** 30
-                if device.type == 'cuda' else float('nan'))
+        peak = peak_memory_gib(device)
         rows.append((name, batch, train, bare, 1 - train / bare, test_batch, features, peak))
         click.echo(f'{name}: train {train:.1f} img/s, bare {bare:.1f} img/s, '
                    f'overhead {100 * (1 - train / bare):.1f}%, features {features:.1f} img/s')
     table = ['| config | batch | train img/s (pipeline) | bare step img/s | overhead | '
-             'feature batch | features img/s | peak GPU GiB |',
+             'feature batch | features img/s | peak memory GiB |',
              '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
     for name, batch, train, bare, overhead, test_batch, features, peak in rows:
         table.append(f'| {name} | {batch} | {train:.1f} | {bare:.1f} | {100 * overhead:.1f}% | '
-                     f'{test_batch} | {features:.1f} | '
-                     f'{"-" if np.isnan(peak) else f"{peak:.1f}"} |')
+                     f'{test_batch} | {features:.1f} | {peak:.1f} |')
     command = ('python bench/bench_train.py ' + ' '.join(sys.argv[1:])).strip()
     body = (f'Device: {device_name(device)}; torch {torch.__version__}; {today()}.\n'
             f'Command: `{command}`.\n\n' + '\n'.join(table) +
             '\n\nSide by side in one run: the overhead is the share of the bare model step '
-            'that the input pipeline (gather, transfer, augmentation) adds.')
+            'that the input pipeline (gather, transfer, augmentation) adds.  Peak memory: '
+            + ('torch.cuda.max_memory_allocated over the run so far.' if device.type == 'cuda'
+               else 'the process\'s peak resident size so far (ru_maxrss).'))
     click.echo('\n'.join(table))
     if write:
         kind = 'GPU' if device.type == 'cuda' else 'CPU'
-        replace_section(f'Training and feature extraction ({kind})', body)
+        title = f'Training and feature extraction ({kind}{", " + section if section else ""})'
+        replace_section(title, body)
 
 
 if __name__ == '__main__':

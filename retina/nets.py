@@ -31,7 +31,9 @@ class UntiedConv2d(nn.Module):
 
     def forward(self, x):
         x = F.conv2d(x, self.weight, stride=self.stride, padding=self.pad)
-        return F.leaky_relu(x + self.bias, LEAKINESS)
+        # Under bf16 autocast the conv gives bf16: add the bias in that type, so that the
+        # activation stays half the bytes instead of being promoted to float32.
+        return F.leaky_relu(x + self.bias.to(x.dtype), LEAKINESS)
 
 
 class Dense(nn.Linear):

@@ -1,0 +1,119 @@
+"""The CUDA path against the CPU path: skipped on machines without a GPU.
+
+Run on a GPU machine with `python -m pytest -q tests/test_gpu.py`.  Each test
+computes the same thing on both devices and compares, so a wrong kernel,
+layout or dtype on the GPU path fails here rather than in a week-long run.
+"""
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_script
+from retina import config as config_module
+from retina import data
+from retina.cache import load_images
+from retina.augment import prepare_batch, random_params
+from retina.features import load_features
+from retina.ram import regression_activation_map
+from retina.train import Runtime, make_optimizer, place_images, train_one_epoch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+CONFIG = 'c_128_5x5_32_ram'
+CUDA = torch.device('cuda')
+
+
+def relative_error(a, b):
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+def test_augmentation_on_the_gpu_matches_the_cpu():
+    config = config_module.load(CONFIG)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 3, 128, 128), dtype=torch.uint8, generator=generator)
+    params = random_params(16, config.cnf['aug_params'], config.cnf['sigma'], generator)
+    on_cpu = prepare_batch(images, config.input_size, params)
+    on_gpu = prepare_batch(images.to(CUDA), config.input_size,
+                           {k: v.to(CUDA) for k, v in params.items()})
+    assert on_gpu.device.type == 'cuda' and on_gpu.dtype == torch.float32
+    assert relative_error(on_gpu, on_cpu) < 1e-4
+
+
+@pytest.mark.parametrize('name', ['c_128_5x5_32', 'c_128_4x4_32_ram', 'c_512_5x5_32_ram'])
+def test_bf16_channels_last_forward_matches_float32_on_the_cpu(name):
+    config = config_module.load(name)
+    torch.manual_seed(0)
+    net = config.build_net().eval()
+    x = torch.randn(4, 3, *config.input_size)
+    with torch.no_grad():
+        reference, ref_features = net(x, return_features=True)
+        gpu_net = net.to(CUDA).to(memory_format=torch.channels_last)
+        with torch.autocast('cuda', dtype=torch.bfloat16):
+            out, features = gpu_net(x.to(CUDA).contiguous(memory_format=torch.channels_last),
+                                    return_features=True)
+    assert torch.isfinite(out).all()
+    assert relative_error(features.float(), ref_features) < 2e-2
+    assert relative_error(out.float(), reference) < 5e-2
+
+
+def test_untied_bias_keeps_bf16_activations_under_autocast():
+    config = config_module.load(CONFIG)
+    net = config.build_net().to(CUDA)
+    with torch.no_grad(), torch.autocast('cuda', dtype=torch.bfloat16):
+        y = net.conv1(torch.randn(2, 3, *config.input_size, device=CUDA))
+    assert y.dtype == torch.bfloat16
+
+
+def test_training_on_the_gpu_lowers_the_loss_with_a_device_cache(converted_workdir):
+    config = config_module.load(CONFIG)
+    config.cnf['batch_size_train'] = 16
+    runtime = Runtime(CUDA)
+    image_paths, levels = data.labelled_images(converted_workdir / 'data' / 'train_tiny',
+                                               converted_workdir / 'data' / 'trainLabels.csv')
+    images = np.array(load_images(image_paths, 128, cache_dir=converted_workdir / 'cache',
+                                  progress=False))
+    cached = place_images(images, runtime, 'yes')
+    assert isinstance(cached, torch.Tensor) and cached.device.type == 'cuda'
+    torch.manual_seed(0)
+    model = config.build_net().to(CUDA).to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, config.cnf, 3e-3)
+    generator = torch.Generator(device=CUDA).manual_seed(0)
+    losses = [train_one_epoch(model, optimizer, cached, levels, np.arange(len(levels)), config, runtime,
+                              generator, progress=False)['train_loss'] for _ in range(8)]
+    assert all(np.isfinite(losses))
+    assert min(losses[-3:]) < losses[0]
+
+
+def test_ram_on_the_gpu_mean_equals_prediction():
+    config = config_module.load(CONFIG)
+    torch.manual_seed(0)
+    net = config.build_net().to(CUDA).eval()
+    x = torch.randn(3, 3, *config.input_size, device=CUDA)
+    maps, predictions = regression_activation_map(net, x)
+    assert maps.device.type == 'cuda'
+    assert torch.allclose(maps.mean(dim=(1, 2)), predictions, atol=1e-3, rtol=1e-4)
+
+
+def test_scripts_on_cuda_match_the_cpu(workdir):
+    """train_nn.py on the GPU, then transform.py on both devices with the same weights."""
+    result = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '2', '--device', 'cuda',
+                        '--no_progress', '--compile', cwd=workdir)
+    assert 'device cuda' in result.stdout
+    with open(workdir / 'weights' / CONFIG / 'log.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(np.isfinite(float(r['train_loss'])) for r in rows)
+    weights = workdir / 'weights' / CONFIG / 'weights_final.pt'
+    features = {}
+    for device in ('cuda', 'cpu'):
+        run_script('transform.py', '--cnf', CONFIG, '--train', '--n_iter', '2', '--device',
+                   device, '--weights_from', weights, '--no_progress', cwd=workdir)
+        folder = workdir / 'data' / 'features'
+        path = folder / f'{CONFIG}_train_mean_iter_2_skip_0.npy'
+        features[device] = load_features(path)
+        folder.rename(workdir / f'features_{device}')  # the next run starts afresh
+    (gpu, gpu_names), (cpu, cpu_names) = features['cuda'], features['cpu']
+    assert gpu_names == cpu_names and gpu.shape == cpu.shape
+    assert relative_error(torch.from_numpy(gpu), torch.from_numpy(cpu)) < 3e-2
