@@ -11,6 +11,7 @@ centre; x right, y down) to F·p + t in the output, with F = R(rotation) ·
 shear · zoom · flip; positive rotation turns the picture counter-clockwise.
 The output is the centred out_h × out_w window; outside the photo is black.
 """
+import functools
 import math
 
 import numpy as np
@@ -87,9 +88,22 @@ def tta_params(n_iter, skip, aug, sigma):
 def broadcast_params(params, n, device='cpu'):
     """Turn one dict of floats (from `tta_params`) into per-image tensors for `n` images."""
     out = {k: torch.full((n,), float(v), device=device) for k, v in params.items() if k != 'colour'}
-    out['colour'] = torch.tensor(params['colour'], dtype=torch.float32,
-                                 device=device).expand(n, 3).contiguous()
+    # Filled on the device: a copy from host memory would wait for the GPU to catch up.
+    out['colour'] = torch.stack([torch.full((n,), float(c), device=device)
+                                 for c in params['colour']], 1)
     return out
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(name, device, dtype=torch.float32):
+    """A module constant as a tensor on `device`, copied there once.
+
+    Copying a small host array to a GPU inside the training step would make the
+    host wait for the queue to drain (pageable memory): every batch would then
+    pay the step's launch time on top of its GPU time.
+    """
+    values = dict(mean=MEAN, std=STD, colour_u=COLOUR_U, colour_ev=COLOUR_EV)[name]
+    return torch.as_tensor(np.asarray(values, dtype=np.float32)).to(device=device, dtype=dtype)
 
 
 def affine_theta(params, in_size, out_size):
@@ -112,11 +126,14 @@ def affine_theta(params, in_size, out_size):
     zoom_flip[:, 1, 1] = params['zoom_y'].float()
     inverse = _inverse_2x2(rotation @ shear_m @ zoom_flip)
     (in_h, in_w), (out_h, out_w) = in_size, out_size
-    d_in_inv = torch.tensor([2.0 / in_w, 2.0 / in_h], device=rot.device)
-    d_out = torch.tensor([out_w / 2.0, out_h / 2.0], device=rot.device)
-    linear = d_in_inv[None, :, None] * inverse * d_out[None, None, :]
+    # Output pixels -> normalised output, then normalised input <- input pixels: row i of
+    # the inverse scales by d_in[i], column j by d_out[j] (Python floats: no host copy).
+    d_in, d_out = (2.0 / in_w, 2.0 / in_h), (out_w / 2.0, out_h / 2.0)
+    linear = torch.stack([torch.stack([d_in[i] * d_out[j] * inverse[:, i, j] for j in (0, 1)], -1)
+                          for i in (0, 1)], -2)
     shift = torch.stack([params['tx'].float(), params['ty'].float()], -1)
-    offset = -d_in_inv[None] * (inverse @ shift[..., None])[..., 0]
+    moved = (inverse @ shift[..., None])[..., 0]
+    offset = torch.stack([-d_in[0] * moved[:, 0], -d_in[1] * moved[:, 1]], -1)
     return torch.cat([linear, offset[..., None]], dim=2)
 
 
@@ -142,15 +159,15 @@ def centre_crop(images, out_size):
 
 
 def standardise(x):
-    mean = torch.as_tensor(MEAN, device=x.device, dtype=x.dtype)[None, :, None, None]
-    std = torch.as_tensor(STD, device=x.device, dtype=x.dtype)[None, :, None, None]
+    mean = _constant('mean', x.device, x.dtype)[None, :, None, None]
+    std = _constant('std', x.device, x.dtype)[None, :, None, None]
     return (x - mean) / std
 
 
 def colour_shift(colour):
     """(N, 3) noise vectors c -> (N, 3) per-channel shifts U · (c ∘ EV)."""
-    u = torch.as_tensor(COLOUR_U, device=colour.device)
-    ev = torch.as_tensor(COLOUR_EV, device=colour.device)
+    u = _constant('colour_u', colour.device)
+    ev = _constant('colour_ev', colour.device)
     return (colour.float() * ev) @ u.T
 
 

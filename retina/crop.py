@@ -283,7 +283,10 @@ def convert_folder(directory, convert_directory, crop_size, extension='tiff', n_
             _collect(results, summary, bar)
         else:
             chunksize = max(1, min(16, len(todo) // (n_proc * 8)))
-            with multiprocessing.Pool(n_proc, initializer=_init_worker) as pool:
+            # forkserver: workers start from a clean process, not a fork of this one with
+            # its threads (tqdm's monitor) and whatever locks they held at that moment.
+            context = multiprocessing.get_context('forkserver')
+            with context.Pool(n_proc, initializer=_init_worker) as pool:
                 _collect(pool.imap_unordered(_convert_task, todo, chunksize=chunksize), summary, bar)
     if progress:
         tqdm.write(f'convert: {summary.describe(convert_directory)}', file=sys.stderr)

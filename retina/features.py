@@ -136,15 +136,19 @@ def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu
                 with torch.autocast(device.type, dtype=torch.bfloat16,
                                     enabled=device.type == 'cuda'):
                     _, features = model(x, return_features=True)
-                rows.append(features.float().cpu().numpy().astype(np.float64))
+                rows.append(features.float())  # stays on the device: no wait per batch
                 bar.update(len(batch))
-            features = np.concatenate(rows)
-            total = features if total is None else total + features
-            total_sq = features ** 2 if total_sq is None else total_sq + features ** 2
+            features = torch.cat(rows).double()
+            if total is None:
+                total, total_sq = torch.zeros_like(features), torch.zeros_like(features)
+            elif not isinstance(total, torch.Tensor):  # sums of an interrupted run
+                total, total_sq = (torch.from_numpy(a).to(device) for a in (total, total_sq))
+            total += features
+            total_sq += features ** 2
             done = iteration + 1
             if done % SAVE_EVERY == 0 or done == n_iter:
-                mean = total / done
-                std = np.sqrt(np.maximum(total_sq / done - mean ** 2, 0))
+                mean = (total / done).cpu().numpy()
+                std = np.sqrt(np.maximum((total_sq / done).cpu().numpy() - mean ** 2, 0))
                 for stat, value in (('mean', mean), ('std', std)):
                     atomic.write_text(paths.feature_names(config.name, split, done, skip),
                                       '\n'.join(names) + '\n')

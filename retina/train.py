@@ -205,16 +205,19 @@ def predict(model, images, indices, config, runtime, batch_size=None):
     model.eval()
     batch_size = batch_size or config.cnf['batch_size_test']
     order = np.asarray(indices)
-    out = np.empty(len(order), dtype=np.float32)
-    position = {int(i): k for k, i in enumerate(order)}
+    outputs, chunks = [], []
     for batch, chunk in batches(images, order, batch_size, runtime.device):
-        chunk = chunk.cpu().numpy()
         x = prepare_batch(batch, config.input_size)
         if runtime.cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
-            y = model(x).float().squeeze(1).cpu().numpy()
-        out[[position[int(i)] for i in chunk]] = y
+            outputs.append(model(x).float().squeeze(1))  # read back once, after the loop
+        chunks.append(chunk)
+    out = np.empty(len(order), dtype=np.float32)
+    if outputs:
+        position = {int(i): k for k, i in enumerate(order)}
+        done = torch.cat(chunks).cpu().numpy()
+        out[[position[int(i)] for i in done]] = torch.cat(outputs).cpu().numpy()
     return out
 
 
