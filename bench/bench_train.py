@@ -75,18 +75,19 @@ def bare_rate(model, optimizer, config, batch_size, steps, device):
     return batch_size * steps / (time.perf_counter() - start)
 
 
-def pipeline_rate(model, optimizer, config, images, batch_size, steps, runtime):
+def pipeline_rate(model, optimizer, config, images, batch_size, steps, runtime,
+                  prepare=prepare_batch):
     levels = np.random.default_rng(0).integers(0, 5, len(images))
     generator = torch.Generator(device=runtime.device).manual_seed(0)
     config.cnf['batch_size_train'] = batch_size
     warm = np.arange(batch_size)
     train_one_epoch(model, optimizer, images, levels, warm, config, runtime, generator,
-                    progress=False)
+                    progress=False, prepare=prepare)
     indices = np.random.default_rng(1).integers(0, len(images), batch_size * steps)
     synchronise(runtime.device)
     start = time.perf_counter()
     train_one_epoch(model, optimizer, images, levels, indices, config, runtime, generator,
-                    progress=False)
+                    progress=False, prepare=prepare)
     synchronise(runtime.device)
     return len(indices) / (time.perf_counter() - start)
 
@@ -122,7 +123,8 @@ def feature_rate(model, config, images, batch_size, steps, device):
               help="Batch size for every config [default: the config's batch_size_train].")
 @click.option('--test_batch_size', type=click.IntRange(min=1),
               help="Batch size for features [default: the config's batch_size_test].")
-@click.option('--compile', 'compile_model', is_flag=True, help='torch.compile the model.')
+@click.option('--compile', 'compile_model', is_flag=True,
+              help='torch.compile the model and the augmentation.')
 @click.option('--write/--no_write', default=True, show_default=True,
               help='Write the table to BENCHMARKS.md.')
 @click.option('--section', default='', metavar='TEXT',
@@ -155,11 +157,12 @@ def main(configs, steps, device, batch_size, test_batch_size, compile_model, wri
         if device.type == 'cuda':
             model = model.to(memory_format=torch.channels_last)
         net = torch.compile(model) if compile_model else model
+        prepare = torch.compile(prepare_batch) if compile_model else prepare_batch
         optimizer = make_optimizer(model, config.cnf, 1e-4)
         if device.type == 'cuda':
             torch.cuda.reset_peak_memory_stats(device)
         bare = bare_rate(net, optimizer, config, batch, steps, device)
-        train = pipeline_rate(net, optimizer, config, images, batch, steps, runtime)
+        train = pipeline_rate(net, optimizer, config, images, batch, steps, runtime, prepare)
         features = feature_rate(net, config, images, test_batch, steps, device)
         peak = peak_memory_gib(device)
         rows.append((name, batch, train, bare, 1 - train / bare, test_batch, features, peak))

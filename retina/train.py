@@ -154,8 +154,12 @@ def batches(images, indices, batch_size, device):
 
 
 def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, generator,
-                    progress=True, sync_every=20, description='train'):
-    """One pass over `indices` (this rank's share of the epoch's sample); returns metrics."""
+                    progress=True, sync_every=20, description='train', prepare=prepare_batch):
+    """One pass over `indices` (this rank's share of the epoch's sample); returns metrics.
+
+    `prepare` turns a uint8 batch and its augmentation parameters into the
+    network's input (`prepare_batch`, or a torch.compile'd copy of it).
+    """
     cnf = config.cnf
     model.train()
     batch_size = max(1, cnf['batch_size_train'] // runtime.world)
@@ -168,7 +172,7 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
     for step, (batch, chunk) in enumerate(batches(images, indices, batch_size, runtime.device)):
         params = random_params(len(chunk), cnf['aug_params'], cnf['sigma'], generator,
                                runtime.device)
-        x = prepare_batch(batch, config.input_size, params)
+        x = prepare(batch, config.input_size, params)
         if runtime.cuda:
             x = x.contiguous(memory_format=torch.channels_last)
         target = levels_device[chunk]
@@ -335,9 +339,11 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
     if runtime.main:
         atomic.write_text(paths.resolved_config(name),
                           __import__('json').dumps(dict(config.resolved(), seed=seed), indent=2))
-    net = model
+    net, prepare = model, prepare_batch
     if compile_model:
         net = compile_or_eager(model, say)
+        # The augmentation too: one fused kernel from uint8 pixels to the standardised input.
+        prepare = compile_or_eager(prepare_batch, say)
     if runtime.distributed:
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[runtime.device.index] if runtime.cuda else None)
@@ -361,7 +367,8 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
         sample = epoch_sample(train_idx, levels, epoch, seed, cnf['balance_ratio'], runtime)
         try:
             metrics = train_one_epoch(net, optimizer, images, levels, sample, config, runtime,
-                                      generator, progress, description=f'epoch {epoch}')
+                                      generator, progress, description=f'epoch {epoch}',
+                                      prepare=prepare)
         except Diverged as where:
             raise UserError(f'{name}: the training loss became NaN at epoch {epoch} ({where}); '
                             f'stopped. The last good weights are in {last_path} (epoch '
@@ -406,7 +413,7 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
 
 
 def compile_or_eager(model, say):
-    """torch.compile the model if the toolchain allows it, else keep it eager."""
+    """torch.compile the model (or function) if the toolchain allows it, else keep it eager."""
     try:
         return torch.compile(model)
     except Exception as error:  # compile support varies by platform: never fatal
