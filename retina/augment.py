@@ -11,7 +11,6 @@ centre; x right, y down) to F·p + t in the output, with F = R(rotation) ·
 shear · zoom · flip; positive rotation turns the picture counter-clockwise.
 The output is the centred out_h × out_w window; outside the photo is black.
 """
-import functools
 import math
 
 import numpy as np
@@ -94,7 +93,9 @@ def broadcast_params(params, n, device='cpu'):
     return out
 
 
-@functools.lru_cache(maxsize=64)
+_CONSTANTS = {}
+
+
 def _constant(name, device, dtype=torch.float32):
     """A module constant as a tensor on `device`, copied there once.
 
@@ -102,8 +103,12 @@ def _constant(name, device, dtype=torch.float32):
     host wait for the queue to drain (pageable memory): every batch would then
     pay the step's launch time on top of its GPU time.
     """
-    values = dict(mean=MEAN, std=STD, colour_u=COLOUR_U, colour_ev=COLOUR_EV)[name]
-    return torch.as_tensor(np.asarray(values, dtype=np.float32)).to(device=device, dtype=dtype)
+    key = (name, device, dtype)
+    if key not in _CONSTANTS:
+        values = dict(mean=MEAN, std=STD, colour_u=COLOUR_U, colour_ev=COLOUR_EV)[name]
+        _CONSTANTS[key] = torch.as_tensor(np.asarray(values, dtype=np.float32)).to(
+            device=device, dtype=dtype)
+    return _CONSTANTS[key]
 
 
 def affine_theta(params, in_size, out_size):
