@@ -59,9 +59,10 @@ def _check_cmap(_context, _parameter, value):
 @click.option('--labels', type=click.Path(dir_okay=False),
               help='Labels CSV (image,level): shown on the maps, and with --masks the scored images '
                    'are those labelled level >= 1 instead of those predicted level >= 1.')
-@click.option('--deletion_fill', type=click.Choice(['black', 'mean']), default='black', show_default=True,
-              help='With --masks, what the deletion check blanks pixels to: black (raw 0, like the '
-                   'surround of the eye) or the data set\'s mean colour (less like a dark lesion).')
+@click.option('--deletion_fill', type=click.Choice(['black', 'mean']), default='mean', show_default=True,
+              help='With --masks, what the deletion check blanks pixels to: the data set\'s mean '
+                   'colour, or black (raw 0, like the surround of the eye; black blobs inside the '
+                   'eye look like haemorrhages and can raise the prediction).')
 @click.option('--limit', type=click.IntRange(min=1), help='Only the first N images.')
 @click.option('--device', default='auto', show_default=True,
               help='auto (CUDA if present), cpu, cuda or cuda:N.')

@@ -122,7 +122,8 @@ def main(out, n_patients, epochs, tta, seed):
         if 'valid kappa' in line:
             click.echo(f'blend validation, {line.strip()}')
     click.echo(f'test kappa of the submission ({rows} images): {test_kappa:.4f}')
-    for name in ('ram_mass_in_lesions', 'pointing_game', 'deletion_ratio'):
+    for name in ('ram_mass_in_lesions', 'pointing_game', 'deletion_top10_drop',
+                 'deletion_random10_drop', 'deletion_excess_drop', 'deletion_ratio'):
         line = last_value(ram_lines, name)
         if line:
             click.echo(line)

@@ -168,7 +168,7 @@ def points_at_lesion(evidence, lesions, tolerance):
     return bool(near_lesions(lesions, tolerance)[y, x])
 
 
-def blank(x, where, fill='black'):
+def blank(x, where, fill='mean'):
     """`x` (N, 3, h, w, standardised) with the pixels where `where` (N, h, w) is True blanked.
 
     `fill` 'black' is raw 0, the photograph's surround (standardised:
@@ -191,7 +191,7 @@ def top_pixels(maps, size, fraction):
 
 
 @torch.no_grad()
-def deletion_drops(net, x, maps, fraction=DELETION_FRACTION, generator=None, fill='black'):
+def deletion_drops(net, x, maps, fraction=DELETION_FRACTION, generator=None, fill='mean'):
     """(drop when blanking the top `fraction` of the map's pixels, drop for a random `fraction`).
 
     `maps` (N, h', w') are upsampled to the input; drops are prediction(x) -
@@ -214,7 +214,7 @@ def deletion_drops(net, x, maps, fraction=DELETION_FRACTION, generator=None, fil
 class Scores:
     """Per-image localisation and deletion results, summarised by `lines`."""
     level_source: str
-    fill: str = 'black'
+    fill: str = 'mean'
     tolerance: int = 0
     mass: list = dataclasses.field(default_factory=list)
     hits: list = dataclasses.field(default_factory=list)
@@ -231,6 +231,7 @@ class Scores:
         return dict(ram_mass_in_lesions=float(np.nanmean(mass)) if np.isfinite(mass).any() else float('nan'),
                     pointing_game=float(np.mean(self.hits)) if self.hits else float('nan'),
                     deletion_top10_drop=float(top), deletion_random10_drop=float(random),
+                    deletion_excess_drop=float(top - random),
                     deletion_ratio=float(top / random) if random > 0 else float('nan'))
 
     def lines(self):
@@ -253,7 +254,8 @@ class Scores:
                      f'map\'s top pixels, or random blobs of the map\'s grain')
         if values['deletion_random10_drop'] <= 0:
             notes.append(f'# deletion_ratio is nan: blanking random blobs did not lower the prediction '
-                         f'(change {-values["deletion_random10_drop"]:+.4f})')
+                         f'(change {-values["deletion_random10_drop"]:+.4f}); deletion_excess_drop '
+                         f'(top minus random) is the comparison that stays defined')
         return notes + [f'{key}: {value:.4f}' for key, value in values.items()]
 
 
@@ -503,7 +505,7 @@ def _batches(image_paths, batch_size, window_size, failed, bar):
 
 
 def run(config, net, image_paths, output_dir, signed=False, cmap=None, alpha=0.5, masks=None,
-        photos=None, labels=None, batch_size=None, deletion_fill='black', progress=True):
+        photos=None, labels=None, batch_size=None, deletion_fill='mean', progress=True):
     """Write a heat map per image and the by-level figure; score localisation when `masks` is given."""
     device = next(net.parameters()).device
     window_size = config.input_size

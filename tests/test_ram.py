@@ -20,7 +20,7 @@ RAM_CONFIGS = [c for c in CONFIGS if c.endswith('_ram')]
 BASELINE_CONFIGS = [c for c in CONFIGS if not c.endswith('_ram')]
 CNF = 'c_128_5x5_32_ram'
 SCORE_NAMES = ('ram_mass_in_lesions', 'pointing_game', 'deletion_top10_drop',
-               'deletion_random10_drop', 'deletion_ratio')
+               'deletion_random10_drop', 'deletion_excess_drop', 'deletion_ratio')
 
 
 @pytest.fixture(scope='module')
@@ -153,11 +153,13 @@ def test_scores_summary_prints_one_figure_per_line():
     assert values['ram_mass_in_lesions'] == pytest.approx(0.75)
     assert values['pointing_game'] == pytest.approx(0.5)
     assert values['deletion_ratio'] == pytest.approx(3.0)
+    assert values['deletion_excess_drop'] == pytest.approx(0.2)
     figures = [line for line in scores.lines() if not line.startswith('#')]
     assert [line.split(':')[0] for line in figures] == list(SCORE_NAMES)
     assert figures[-1] == 'deletion_ratio: 3.0000'
     scores.random_drops = [-0.1, -0.2]       # random blanking raised the prediction: no ratio
     assert np.isnan(scores.summary()['deletion_ratio'])
+    assert scores.summary()['deletion_excess_drop'] == pytest.approx(0.45)
     assert any('deletion_ratio is nan' in line for line in scores.lines())
 
 
@@ -168,11 +170,11 @@ class MeanOfRed(nn.Module):
         return x[:, 0].mean(dim=(1, 2))[:, None]
 
 
-def test_blanking_uses_black_and_deleting_the_evidence_drops_the_prediction():
+def test_blanking_to_black_or_mean_and_deleting_the_evidence_drops_the_prediction():
     x = torch.zeros(2, 3, 20, 20)
     where = torch.zeros(2, 20, 20, dtype=torch.bool)
     where[:, :2] = True
-    blanked = ram.blank(x, where)
+    blanked = ram.blank(x, where, fill='black')
     black = torch.as_tensor(-MEAN / STD)
     torch.testing.assert_close(blanked[0, :, 0, 0], black)
     torch.testing.assert_close(blanked[:, :, 5:], x[:, :, 5:])
@@ -183,11 +185,12 @@ def test_blanking_uses_black_and_deleting_the_evidence_drops_the_prediction():
 
     x[:, 0, :4, :10] = 5.0                    # 40 bright pixels = the top 10% of the map
     evidence = x[:, 0].clone()
-    top, random = ram.deletion_drops(MeanOfRed(), x, evidence,
-                                     generator=torch.Generator().manual_seed(0))
-    expected_top = 40 * (5.0 - black[0].item()) / 400
-    np.testing.assert_allclose(top, [expected_top, expected_top], rtol=1e-5)
-    assert (random < top / 2).all()
+    for fill, value in (('black', black[0].item()), ('mean', 0.0)):
+        top, random = ram.deletion_drops(MeanOfRed(), x, evidence, fill=fill,
+                                         generator=torch.Generator().manual_seed(0))
+        expected_top = 40 * (5.0 - value) / 400
+        np.testing.assert_allclose(top, [expected_top, expected_top], rtol=1e-5)
+        assert (random < top / 2).all()
 
 
 def test_random_deletion_control_has_the_grain_of_the_map():
