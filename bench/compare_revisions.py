@@ -7,7 +7,7 @@ The old revision is checked out into a temporary git worktree; the two trees'
 own `bench/bench_train.py` run in alternation (old, new, old, new, …) on the
 same device, so that machine noise hits both alike, and the best of the rounds
 is kept.  On the CPU the augmentation (`prepare_batch` with random
-parameters) is also timed alone.  Prints a table of images/s and new/old ratios and writes it to
+parameters) of both trees is also timed alone, interleaved in one process.  Prints a table of images/s and new/old ratios and writes it to
 BENCHMARKS.md ("Training and feature extraction: <old> against this checkout").
 """
 import re
@@ -40,32 +40,35 @@ def run_bench(tree, configs, steps, device, batch_size):
     return {m[0]: tuple(map(float, m[1:])) for m in LINE.findall(result.stdout)}
 
 
-AUGMENT_SNIPPET = '''
-import time, torch
-torch.set_num_threads(1)  # one thread and CPU time: less exposed to the machine's other work
-from retina import config as C
-from retina.augment import prepare_batch, random_params
-cfg = C.load('c_128_5x5_32_ram')
-g = torch.Generator().manual_seed(0)
-images = torch.randint(0, 256, (128, 3, 128, 128), dtype=torch.uint8, generator=g)
-times = []
-for _ in range(25):
-    start = time.process_time()
-    p = random_params(128, cfg.cnf['aug_params'], cfg.cnf['sigma'], g)
-    prepare_batch(images, cfg.input_size, p)
-    times.append(time.process_time() - start)
-print(128 / sorted(times)[len(times) // 2])
-'''
+def augment_rates(old_tree, repeats=30):
+    """Median images/s of `prepare_batch` (random parameters, 128 images of 128 px, one thread)
+    for the old tree's retina/augment.py and this checkout's, interleaved in this process so
+    that both see the same allocator, caches and neighbours."""
+    import importlib.util
+    import time
 
+    import torch
 
-def run_augment(tree):
-    """Median images/s of augmentation alone (128 images of 128 px, one thread) in `tree`."""
-    result = subprocess.run([sys.executable, '-c', AUGMENT_SNIPPET], cwd=tree,
-                            capture_output=True, text=True,
-                            env={'PYTHONPATH': str(tree), 'PATH': '/usr/bin:/bin'})
-    if result.returncode != 0:
-        raise click.ClickException(f'{tree}: augmentation timing failed:\n{result.stderr[-2000:]}')
-    return float(result.stdout.split()[-1])
+    from retina import augment as new
+    from retina import config as config_module
+    spec = importlib.util.spec_from_file_location('old_augment',
+                                                  old_tree / 'retina' / 'augment.py')
+    old = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(old)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    config = config_module.load('c_128_5x5_32_ram')
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (128, 3, 128, 128), dtype=torch.uint8, generator=generator)
+    times = {'old': [], 'new': []}
+    for _ in range(repeats):
+        params = new.random_params(128, config.cnf['aug_params'], config.cnf['sigma'], generator)
+        for label, module in (('old', old), ('new', new)):
+            start = time.process_time()
+            module.prepare_batch(images, config.input_size, params)
+            times[label].append(time.process_time() - start)
+    torch.set_num_threads(threads)
+    return {label: 128 / sorted(t)[len(t) // 2] for label, t in times.items()}
 
 
 @click.command()
@@ -92,12 +95,13 @@ def main(old, configs, rounds, steps, batch_size, device, write):
             for round_ in range(rounds):
                 for label, tree in (('old', old_tree), ('new', REPO)):
                     rates = run_bench(tree, configs, steps, device, batch_size)
-                    if device == 'cpu':
-                        rates['augmentation'] = (run_augment(tree), 0, 0)
                     click.echo(f'round {round_ + 1} {label}: {rates}')
                     for name, values in rates.items():
                         previous = best[label].get(name, (0, 0, 0))
                         best[label][name] = tuple(max(a, b) for a, b in zip(previous, values))
+            if device == 'cpu':
+                augmentation = augment_rates(old_tree)
+                click.echo(f'augmentation alone: {augmentation}')
         finally:
             subprocess.run(['git', 'worktree', 'remove', '--force', str(old_tree)], cwd=REPO,
                            capture_output=True)
@@ -108,10 +112,10 @@ def main(old, configs, rounds, steps, batch_size, device, write):
         o, n = best['old'][name], best['new'][name]
         cells = [f'{o[i]:.1f} | {n[i]:.1f} | {n[i] / o[i]:.2f}' for i in range(3)]
         table.append(f'| {name} | ' + ' | '.join(cells) + ' |')
-    if 'augmentation' in best['new']:
-        o, n = best['old']['augmentation'][0], best['new']['augmentation'][0]
-        table.append(f'| augmentation alone (128 × 128 px, 1 thread, CPU time, median of 25) | {o:.1f} | {n:.1f} | '
-                     f'{n / o:.2f} | | | | | | |')
+    if device == 'cpu':
+        o, n = augmentation['old'], augmentation['new']
+        table.append(f'| augmentation alone (interleaved in one process, 1 thread, median of 30) | '
+                     f'{o:.1f} | {n:.1f} | {n / o:.2f} | | | | | | |')
     click.echo('\n'.join(table))
     command = ('python bench/compare_revisions.py ' + ' '.join(sys.argv[1:])).strip()
     if write:
