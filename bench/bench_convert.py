@@ -48,7 +48,7 @@ def reference_one(src, dst, crop_size):
 
 
 def cpu_seconds():
-    """CPU time of this process and of its finished children (the pool's workers)."""
+    """CPU time of this process and of its finished children."""
     own = resource.getrusage(resource.RUSAGE_SELF)
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
@@ -154,7 +154,10 @@ def main(directory, crop_size, extension, repeat, copies, n_proc, benchmarks_fil
     table = ['| path | processes | images/s | wall ms/image | CPU ms/image | speed-up vs reference |',
              '| --- | ---: | ---: | ---: | ---: | ---: |']
     for label, processes, key in rows:
-        table.append(f'| {label} | {processes} | {rate[key]:.2f} | {1000 / rate[key]:.0f} | {cpu_ms[key]:.0f} '
+        # The pool's workers are forked by multiprocessing's forkserver, not by this process:
+        # their CPU time is not among this process's children, so it is not shown.
+        cpu_text = '–' if key == 'pool' and processes > 1 else f'{cpu_ms[key]:.0f}'
+        table.append(f'| {label} | {processes} | {rate[key]:.2f} | {1000 / rate[key]:.0f} | {cpu_text} '
                      f'| {rate[key] / rate["reference"]:.1f}× |')
     command = (f'python bench/bench_convert.py --directory {directory} --crop_size {crop_size} '
                f'--extension {extension} --repeat {repeat} --copies {copies} --n_proc {n_proc}')
