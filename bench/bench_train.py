@@ -12,7 +12,7 @@ For each config, measured side by side in one run on the same device:
 - features: `transform.py`'s inner loop (centred window, feature layer),
   images/s at the test batch size.
 The overhead column is 1 − train/bare.  Prints a markdown table and writes
-it to BENCHMARKS.md under a section named after the device kind.
+it to BENCHMARKS.md under a section named after the device (CPU, or the GPU model).
 """
 import resource
 import sys
@@ -183,7 +183,9 @@ def main(configs, steps, device, batch_size, test_batch_size, compile_model, wri
                else 'the process\'s peak resident size so far (ru_maxrss).'))
     click.echo('\n'.join(table))
     if write:
-        kind = 'GPU' if device.type == 'cuda' else 'CPU'
+        kind = 'CPU'
+        if device.type == 'cuda':  # e.g. 'GPU H100': each GPU model keeps its own tables
+            kind = 'GPU ' + torch.cuda.get_device_name(device).replace('NVIDIA ', '').split()[0]
         title = f'Training and feature extraction ({kind}{", " + section if section else ""})'
         replace_section(title, body)
 

@@ -8,6 +8,7 @@
 # and a copy of BENCHMARKS.md after every step, so that a run cut short keeps what it measured.
 #
 #   bash bench/gpu_check.sh            # PY=python3 by default; PY=.venv/bin/python to choose
+#   TESTS=0 bash bench/gpu_check.sh    # benchmarks only (skips step 3)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -36,7 +37,9 @@ step bench_512 150 $PY bench/bench_train.py --steps 20 \
   --configs c_512_5x5_32_ram,c_512_4x4_32_ram,c_512_5x5_32,c_512_4x4_32
 step bench_large_batch 100 $PY bench/bench_train.py --steps 20 --batch_size 128 \
   --test_batch_size 512 --configs c_512_5x5_32_ram,c_512_4x4_32_ram --section 'batch 128'
-step tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
+if [ "${TESTS:-1}" != 0 ]; then
+  step tests 200 $PY -m pytest -q -p no:cacheprovider tests/test_gpu.py
+fi
 step bench_compiled 150 $PY bench/bench_train.py --steps 20 --batch_size 128 \
   --test_batch_size 512 --configs c_512_5x5_32_ram --compile --section 'batch 128, compiled'
 exit $status
