@@ -36,6 +36,7 @@ from retina.train import (Runtime, batches, make_optimizer, place_images,  # noq
 
 ALL = [f'c_{r}_{k}_32{v}' for r in (128, 256, 512) for k in ('5x5', '4x4') for v in ('', '_ram')]
 FOLDER_SIZE = {112: 128, 224: 256, 448: 512}
+WARMUP = 3  # untimed steps first: torch.compile may compile again on the second call
 MAX_IMAGES = 2048  # the cache the batches are drawn from (indices wrap): 1.6 GB at 512 px
 
 
@@ -66,7 +67,8 @@ def bare_rate(model, optimizer, config, batch_size, steps, device):
         loss.backward()
         optimizer.step()
 
-    step()
+    for _ in range(WARMUP):
+        step()
     synchronise(device)
     start = time.perf_counter()
     for _ in range(steps):
@@ -80,7 +82,7 @@ def pipeline_rate(model, optimizer, config, images, batch_size, steps, runtime,
     levels = np.random.default_rng(0).integers(0, 5, len(images))
     generator = torch.Generator(device=runtime.device).manual_seed(0)
     config.cnf['batch_size_train'] = batch_size
-    warm = np.arange(batch_size)
+    warm = np.arange(batch_size * WARMUP) % len(images)
     train_one_epoch(model, optimizer, images, levels, warm, config, runtime, generator,
                     progress=False, prepare=prepare)
     indices = np.random.default_rng(1).integers(0, len(images), batch_size * steps)
@@ -105,7 +107,7 @@ def feature_rate(model, config, images, batch_size, steps, device):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == 'cuda'):
                 model(x, return_features=True)
 
-    run()
+    run()  # warm-up: a whole untimed pass over the same batches
     synchronise(device)
     start = time.perf_counter()
     run()
@@ -117,7 +119,7 @@ def feature_rate(model, config, images, batch_size, steps, device):
 @click.option('--configs', default=','.join(ALL), show_default=True,
               help='Comma-separated config names.')
 @click.option('--steps', default=3, show_default=True, type=click.IntRange(min=1),
-              help='Timed training steps per measurement (after one warm-up step).')
+              help='Timed training steps per measurement (after WARMUP=3 untimed steps).')
 @click.option('--device', default='auto', show_default=True, help='auto, cpu, cuda or cuda:N.')
 @click.option('--batch_size', type=click.IntRange(min=1),
               help="Batch size for every config [default: the config's batch_size_train].")
