@@ -6,7 +6,7 @@ from retina import config as config_module
 from retina.errors import handle_errors
 
 
-@click.command()
+@click.command(context_settings={'help_option_names': ['-h', '--help']})
 @click.option('--cnf', required=True, metavar='CONFIG',
               help='Config module: a path like configs/c_128_5x5_32.py or a name like c_128_5x5_32.')
 @click.option('--weights_from', type=click.Path(dir_okay=False),
@@ -30,7 +30,7 @@ from retina.errors import handle_errors
 @click.option('--summary', is_flag=True,
               help='Print every layer with its output shape and parameter count, then exit.')
 @click.option('--no_progress', is_flag=True, help='No progress bars (for logs).')
-@handle_errors(resume_hint='Continue with: python train_nn.py --cnf CNF --resume')
+@handle_errors(resume_hint='Continue with: python train_nn.py --cnf {cnf} --resume')
 def main(cnf, weights_from, resume, max_epochs, device, seed, deterministic, compile_model,
          cache_on_device, summary, no_progress):
     """Train the network of config CNF on its train_dir and labels.

@@ -6,7 +6,7 @@ from retina import config as config_module, paths
 from retina.errors import UserError, handle_errors
 
 
-@click.command()
+@click.command(context_settings={'help_option_names': ['-h', '--help']})
 @click.option('--cnf', required=True, metavar='CONFIG',
               help='Config module of the trained net (path or name, e.g. c_512_5x5_32).')
 @click.option('--n_iter', default=1, show_default=True, type=click.IntRange(min=1),

@@ -31,13 +31,15 @@ def load(path):
                         f'or pass --weights_from')
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise UserError(f'{path}: refused to load: the file holds pickled Python objects, not '
-                        f'plain weights ({str(error).splitlines()[0][:120]}); only load weights '
-                        f'you trust, re-saved as tensors') from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
-        raise UserError(f'{path}: not a readable weights file ({str(error).splitlines()[0][:120]}'
-                        f'); it may be truncated: use another weights file') from None
+    except Exception as error:  # torch.load fails in many ways on a file that is not weights
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        if isinstance(error, pickle.UnpicklingError) and 'Weights only load failed' in str(error):
+            raise UserError(f'{path}: refused to load: the file holds pickled Python objects, '
+                            f'not plain weights ({first}); only load weights you trust, '
+                            f're-saved as tensors') from None
+        raise UserError(f'{path}: not a readable weights file ({type(error).__name__}: {first}); '
+                        f'it may be truncated or another kind of file: use a .pt file written '
+                        f'by train_nn.py') from None
     if not isinstance(state, dict) or state.get('format') != FORMAT:
         raise UserError(f'{path}: not a checkpoint written by train_nn.py')
     return state

@@ -7,6 +7,7 @@ name is its file name (`c_512_5x5_32_ram`).  `load` accepts
 import difflib
 import importlib.util
 import json
+import math
 import sys
 import traceback
 from dataclasses import dataclass
@@ -42,7 +43,10 @@ class Config:
 
     def build_net(self):
         from retina.nets import build_net
-        return build_net(self.layers, self.input_size)
+        try:
+            return build_net(self.layers, self.input_size)
+        except ValueError as error:  # the layer table does not fit the input size
+            raise UserError(f'{self.path}: {error}; fix the config\'s layers or w/h') from None
 
     def resolved(self):
         """A JSON-able copy of everything that defines the run."""
@@ -59,7 +63,9 @@ def available_configs():
 def find_config_file(spec):
     spec = str(spec)
     candidates = [Path(spec)]
-    if not spec.endswith('.py'):
+    if spec.endswith('.py'):  # a path: also relative to the repository (run from elsewhere)
+        candidates += [REPO_ROOT / spec, REPO_ROOT / 'configs' / Path(spec).name]
+    else:
         stem = spec.split('.')[-1] if spec.startswith('configs.') else Path(spec).name
         candidates += [Path('configs') / f'{stem}.py', REPO_ROOT / 'configs' / f'{stem}.py']
     for candidate in candidates:
@@ -111,6 +117,11 @@ def check_cnf(cnf, path):
     if not isinstance(schedule, dict) or 0 not in schedule or schedule[0] == 'stop':
         raise UserError(f'{path}: schedule must be a dict {{epoch: lr or "stop"}} starting at '
                         f'epoch 0 with a learning rate')
+    for epoch, value in schedule.items():
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if epoch < 0 or not (value == 'stop' or (number and 0 < value < math.inf)):
+            raise UserError(f'{path}: schedule entry {epoch}: {value!r}; each entry must be '
+                            f'epoch (≥ 0): a positive learning rate or \'stop\'')
 
 
 def load(spec):
@@ -121,8 +132,13 @@ def load(spec):
         if not hasattr(module, attribute):
             raise UserError(f'{path}: a config module must define `{attribute}`')
     cnf = dict(module.cnf)
-    cnf['schedule'] = {int(k): v for k, v in cnf.get('schedule', {}).items()} \
-        if isinstance(cnf.get('schedule'), dict) else cnf.get('schedule')
+    schedule = cnf.get('schedule')
+    if isinstance(schedule, dict):
+        try:
+            cnf['schedule'] = {int(k): v for k, v in schedule.items()}
+        except (TypeError, ValueError):
+            raise UserError(f'{path}: schedule keys must be epoch numbers, not '
+                            f'{", ".join(repr(k) for k in schedule)}') from None
     check_cnf(cnf, path)
     return Config(name=path.stem, cnf=cnf, layers=list(module.layers), path=path)
 

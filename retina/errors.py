@@ -37,10 +37,23 @@ def os_error_message(error):
     return f'{reason}:{where}'.rstrip(':')
 
 
+class _Missing(dict):
+    """Options for `str.format_map`; an option not given shows as its upper-case name."""
+
+    def __missing__(self, key):
+        return key.upper()
+
+    def __getitem__(self, key):
+        value = super().get(key)
+        return self.__missing__(key) if value is None else value
+
+
 def handle_errors(resume_hint=None):
     """Decorate a click command: add `--debug` and print user errors as one line.
 
-    `resume_hint` is shown when the user presses Ctrl-C, e.g. how to resume.
+    `resume_hint` is shown when the user presses Ctrl-C, e.g. how to resume; it may
+    name the command's options, e.g. '{cnf}'.  Any other exception is a bug: one
+    line that says so, and `--debug` for the traceback.
     """
     def decorate(command):
         @click.option('--debug', is_flag=True, help='Show full tracebacks instead of one-line errors.')
@@ -48,6 +61,9 @@ def handle_errors(resume_hint=None):
         def wrapper(*args, debug=False, **kwargs):
             try:
                 return command(*args, **kwargs)
+            except (click.exceptions.ClickException, click.exceptions.Exit,
+                    click.exceptions.Abort):
+                raise  # click prints these itself
             except UserError as error:
                 if debug:
                     raise
@@ -56,13 +72,20 @@ def handle_errors(resume_hint=None):
             except KeyboardInterrupt:
                 if debug:
                     raise
-                hint = f' {resume_hint}' if resume_hint else ''
+                hint = f' {resume_hint.format_map(_Missing(kwargs))}' if resume_hint else ''
                 click.echo(f'\ninterrupted.{hint}', err=True)
                 sys.exit(EXIT_INTERRUPTED)
             except OSError as error:
                 if debug:
                     raise
                 click.echo(f'error: {os_error_message(error)}', err=True)
+                sys.exit(1)
+            except Exception as error:  # a bug, not the user's input: still no traceback
+                if debug:
+                    raise
+                first = (str(error).strip().splitlines() or [''])[0][:200]
+                click.echo(f'error: unexpected {type(error).__name__}: {first} (a bug: rerun '
+                           f'with --debug for the traceback and report it)', err=True)
                 sys.exit(1)
         return wrapper
     return decorate

@@ -26,6 +26,11 @@ def run_dir(cnf_name):
     return WEIGHTS_DIR / cnf_name
 
 
+def earlier_run_dir(cnf_name):
+    """Where a new run moves the folder of an earlier run of the same config."""
+    return WEIGHTS_DIR / f'{cnf_name}.earlier-{timestamp()}'
+
+
 def best_kappa_weights(cnf_name):
     return run_dir(cnf_name) / 'weights.pt'
 

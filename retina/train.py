@@ -11,6 +11,7 @@ Multi-GPU runs use DistributedDataParallel under torchrun (gloo on the CPU).
 """
 import csv
 import io
+import json
 import math
 import os
 import queue
@@ -310,35 +311,16 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
     if runtime.cuda:
         model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cnf, lr_for_epoch(cnf['schedule'], 1))
-    start_epoch, best_kappa, best_loss = 1, -math.inf, math.inf
     last_path = paths.resume_checkpoint(name)
-    log_rows = []
     if resume:
-        if not last_path.is_file():
-            raise UserError(f'{last_path}: nothing to resume for {name}; run without --resume')
-        state = checkpoint.load(last_path)
-        if state['config_name'] != name:
-            raise UserError(f'{last_path}: belongs to {state["config_name"]}, not {name}')
-        checkpoint.load_exact(model, state, last_path, name)
-        optimizer.load_state_dict(state['optimizer'])
-        start_epoch = state['epoch'] + 1
-        best_kappa, best_loss = state['best_kappa'], state['best_loss']
-        seed = state.get('seed', seed)
-        log_rows = [r for r in read_log(paths.train_log(name)) if int(r['epoch']) < start_epoch]
-        say(f'resuming {name} at epoch {start_epoch} from {last_path}')
+        start = resume_state(model, optimizer, name, seed, weights_from, say)
     else:
-        if last_path.is_file():
-            say(f'note: {last_path} is from an earlier run of {name}; starting over '
-                f'(use --resume to continue it instead)')
-        if weights_from:
-            state = checkpoint.load(weights_from)
-            copied, skipped = checkpoint.load_matching(model, state, weights_from)
-            say(f'loaded {len(copied)} parameter(s) from {weights_from}')
-            for line in skipped:
-                say(f'  skipped {line}')
+        start = fresh_start(model, name, weights_from, runtime, say)
+    start_epoch, best_kappa, best_loss = start['epoch'], start['best_kappa'], start['best_loss']
+    seed, log_rows = start.get('seed', seed), start['log_rows']
     if runtime.main:
         atomic.write_text(paths.resolved_config(name),
-                          __import__('json').dumps(dict(config.resolved(), seed=seed), indent=2))
+                          json.dumps(dict(config.resolved(), seed=seed), indent=2))
     net, prepare = model, prepare_batch
     if compile_model:
         net = compile_or_eager(model, say)
@@ -370,16 +352,16 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
                                       generator, progress, description=f'epoch {epoch}',
                                       prepare=prepare)
         except Diverged as where:
-            raise UserError(f'{name}: the training loss became NaN at epoch {epoch} ({where}); '
-                            f'stopped. The last good weights are in {last_path} (epoch '
-                            f'{epoch - 1}); lower the learning rate in the schedule') from None
+            raise diverged(name, epoch, f'the training loss became NaN ({where})', last_path)
         metrics.update(evaluate(model, images, levels, valid_idx, config, runtime))
+        if len(valid_idx) and not math.isfinite(metrics['valid_loss']):
+            raise diverged(name, epoch, 'the validation predictions became NaN or infinite', last_path)
         marks = []
         if runtime.main:
             state = dict(model=model, config=config, epoch=epoch, seed=seed)
-            if metrics['valid_kappa'] > best_kappa or math.isnan(metrics['valid_kappa']):
-                best_kappa = max(best_kappa, metrics['valid_kappa']) \
-                    if not math.isnan(metrics['valid_kappa']) else best_kappa
+            kappa = metrics['valid_kappa']  # NaN when the validation set is one level only
+            if kappa > best_kappa or (math.isnan(kappa) and best_kappa == -math.inf):
+                best_kappa = kappa if not math.isnan(kappa) else best_kappa
                 checkpoint.save(paths.best_kappa_weights(name), **state, best_kappa=best_kappa)
                 marks.append('best kappa')
             if metrics['valid_loss'] < best_loss:
@@ -410,6 +392,59 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
         dist.destroy_process_group()
     return dict(epoch=epoch - 1, best_kappa=best_kappa, best_loss=best_loss,
                 state_dict=checkpoint.unwrap(model).state_dict())
+
+
+def resume_state(model, optimizer, name, seed, weights_from, say):
+    """Load weights/NAME/last.pt into model and optimizer; returns where the run stood."""
+    last_path = paths.resume_checkpoint(name)
+    if not last_path.is_file():
+        raise UserError(f'{last_path}: nothing to resume for {name}; run without --resume')
+    state = checkpoint.load(last_path)
+    if state['config_name'] != name:
+        raise UserError(f'{last_path}: belongs to {state["config_name"]}, not {name}')
+    checkpoint.load_exact(model, state, last_path, name)
+    optimizer.load_state_dict(state['optimizer'])
+    start_epoch = state['epoch'] + 1
+    if weights_from:
+        say(f'note: --weights_from {weights_from} ignored: --resume continues from {last_path}')
+    if 'seed' in state and state['seed'] != seed:
+        say(f'note: the run was started with --seed {state["seed"]}; it continues with it')
+    say(f'resuming {name} at epoch {start_epoch} from {last_path}')
+    return dict(epoch=start_epoch, best_kappa=state['best_kappa'],
+                best_loss=state['best_loss'], seed=state.get('seed', seed),
+                log_rows=[r for r in read_log(paths.train_log(name))
+                          if int(r['epoch']) < start_epoch])
+
+
+def fresh_start(model, name, weights_from, runtime, say):
+    """Start a new run: copy matching weights in, move an earlier run's folder aside."""
+    if weights_from:  # read before the move: the file may lie in the earlier run's folder
+        state = checkpoint.load(weights_from)
+        copied, skipped = checkpoint.load_matching(model, state, weights_from)
+        source = state.get('config_name')
+        say(f'loaded {len(copied)} parameter(s) from {weights_from}'
+            + (f' (weights of {source})' if source and source != name else ''))
+        for line in skipped:
+            say(f'  skipped {line}')
+    run = paths.run_dir(name)
+    if runtime.main and run.is_dir() and any(run.iterdir()):
+        earlier = paths.earlier_run_dir(name)
+        run.rename(earlier)
+        say(f'note: moved the earlier run of {name} to {earlier} (use --resume to continue a '
+            f'run instead of starting over)')
+    if runtime.distributed:
+        dist.barrier()
+    return dict(epoch=1, best_kappa=-math.inf, best_loss=math.inf, log_rows=[])
+
+
+def diverged(name, epoch, what, last_path):
+    """The UserError for a run that produced NaN: where the last good weights are."""
+    if last_path.is_file():
+        kept = f'the last good weights are in {last_path} (epoch {epoch - 1})'
+    else:
+        kept = 'no epoch completed, so no weights were saved'
+    return UserError(f'{name}: {what} at epoch {epoch}; stopped: {kept}. Lower the learning '
+                     f'rate in the schedule')
 
 
 def compile_or_eager(model, say):

@@ -119,6 +119,51 @@ def test_nan_loss_stops_and_keeps_the_last_good_weights(workdir):
     assert all(torch.isfinite(v).all() for v in state['model'].values())
 
 
+
+def test_nan_in_the_first_epoch_says_no_weights_were_saved(workdir):
+    (workdir / 'configs').mkdir()
+    (workdir / 'configs' / 'c_explode.py').write_text(
+        'from configs.c_128_5x5_32_ram import cnf as base, layers\n'
+        "cnf = dict(base, schedule={0: 1e12, 5: 'stop'})\n")
+    result = run_script('train_nn.py', '--cnf', 'configs/c_explode.py', '--no_progress',
+                        cwd=workdir, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert 'at epoch 1' in result.stderr and 'no weights were saved' in result.stderr
+    assert not (workdir / 'weights' / 'c_explode' / 'last.pt').exists()
+    assert not (workdir / 'weights' / 'c_explode' / 'weights.pt').exists()
+
+
+def test_a_typo_in_the_schedule_is_caught_before_training(workdir):
+    (workdir / 'configs').mkdir()
+    (workdir / 'configs' / 'c_typo.py').write_text(
+        'from configs.c_128_5x5_32_ram import cnf as base, layers\n'
+        "cnf = dict(base, schedule={0: 0.003, 150: 'stpo'})\n")
+    result = run_script('train_nn.py', '--cnf', 'configs/c_typo.py', '--no_progress',
+                        cwd=workdir, check=False)
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "schedule entry 150: 'stpo'" in result.stderr and 'Traceback' not in result.stderr
+    assert not (workdir / 'weights').exists()
+
+
+def test_a_new_run_moves_the_earlier_one_aside(workdir):
+    run_script('train_nn.py', '--cnf', 'c_128_5x5_32_ram', '--max_epochs', '1',
+               '--no_progress', cwd=workdir)
+    first = checkpoint.load(workdir / 'weights' / 'c_128_5x5_32_ram' / 'last.pt')
+    result = run_script('train_nn.py', '--cnf', 'c_128_5x5_32_ram', '--max_epochs', '1',
+                        '--seed', '1', '--no_progress', cwd=workdir)
+    assert 'moved the earlier run' in result.stdout
+    earlier = list((workdir / 'weights').glob('c_128_5x5_32_ram.earlier-*'))
+    assert len(earlier) == 1
+    kept = checkpoint.load(earlier[0] / 'last.pt')
+    assert all(torch.equal(kept['model'][k], v) for k, v in first['model'].items())
+    assert (workdir / 'weights' / 'c_128_5x5_32_ram' / 'last.pt').is_file()
+
+
+def test_cnf_path_works_from_another_folder(tmp_path):
+    result = run_script('train_nn.py', '--cnf', 'configs/c_128_5x5_32_ram.py', '--summary',
+                        cwd=tmp_path)
+    assert result.stdout.strip().splitlines()[-1].startswith('parameters: ')
+
 def test_cli_short_run_weights_from_and_missing_labels(workdir):
     result = run_script('train_nn.py', '--cnf', 'c_128_5x5_32', '--max_epochs', '1',
                         '--no_progress', cwd=workdir)
