@@ -49,7 +49,8 @@ def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, devi
                    test=test_dir or config.cnf['test_dir'])
     for split in splits:
         result = extract_features(config, model, folders[split], split, n_iter, skip, device,
-                                  batch_size, not no_progress, click.echo, restart)
+                                  batch_size, not no_progress, click.echo, restart,
+                                  weights=str(weights))
         click.echo(f'{split}: {result["rows"]} images × {result["features"]} features -> '
                    f'{result["mean"]}, {result["std"]}')
 

@@ -6,6 +6,7 @@ image; the running mean and standard deviation over the iterations are
 saved every 5 iterations.  Rows follow the sorted image list of the folder;
 a names file beside each feature file records which image each row is.
 """
+import json
 import re
 from pathlib import Path
 
@@ -74,8 +75,20 @@ def load_model(config, weights_path, device):
     return model.to(device).eval()
 
 
-def _previous_progress(config_name, split, n_iter, skip, rows, names):
-    """Sums recovered from the last saved iteration of an interrupted run, if any."""
+def weights_fingerprint(model):
+    """A short hash of the model's parameters and buffers: equal weights, equal fingerprint."""
+    import hashlib
+
+    from retina.checkpoint import unwrap
+    digest = hashlib.sha256()
+    for name, value in sorted(unwrap(model).state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, echo):
+    """Sums recovered from the last saved iteration of an interrupted run of the same weights."""
     from retina import paths
     for done in range((n_iter - 1) // SAVE_EVERY * SAVE_EVERY, 0, -SAVE_EVERY):
         mean_path = paths.features(config_name, split, 'mean', done, skip)
@@ -84,18 +97,28 @@ def _previous_progress(config_name, split, n_iter, skip, rows, names):
             try:
                 mean, saved_names = load_features(mean_path)
                 std, _ = load_features(std_path)
-            except UserError:
+                source = json.loads(paths.feature_source(config_name, split, done, skip)
+                                    .read_text())['fingerprint']
+            except (UserError, OSError, ValueError, KeyError, TypeError):
                 continue
-            if saved_names != names or mean.shape[0] != rows:
+            if saved_names != names or mean.shape[0] != len(names):
                 continue
+            if source != fingerprint:
+                echo(f'{split}: {mean_path} came from other weights; starting from the first '
+                     f'iteration')
+                return 0, None, None
             mean, std = mean.astype(np.float64), std.astype(np.float64)
             return done, mean * done, (std ** 2 + mean ** 2) * done
     return 0, None, None
 
 
 def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu',
-                     batch_size=None, progress=True, echo=print, restart=False):
-    """Write running mean/std features of `folder`'s images; returns the last file paths."""
+                     batch_size=None, progress=True, echo=print, restart=False, weights=None):
+    """Write running mean/std features of `folder`'s images every SAVE_EVERY iterations.
+
+    Returns a dict: the final mean and std paths, the row and feature counts.  `weights`
+    (the file's name) is recorded beside the features with the weights' fingerprint.
+    """
     import torch
     from tqdm import tqdm
 
@@ -116,12 +139,12 @@ def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu
         model = model.to(memory_format=torch.channels_last)
     batch_size = batch_size or config.cnf['batch_size_test']
     augmentations = tta_params(n_iter, skip, config.cnf['aug_params'], config.cnf['sigma'])
+    fingerprint = weights_fingerprint(model)
     start, total, total_sq = (0, None, None) if restart else _previous_progress(
-        config.name, split, n_iter, skip, len(names), names)
+        config.name, split, n_iter, skip, names, fingerprint, echo)
     if start:
         echo(f'{split}: continuing from iteration {start} of an earlier run')
     order = np.arange(len(names))
-    written = None
     bar = tqdm(total=(n_iter - start) * len(names), desc=f'{config.name} {split} features',
                unit='img', disable=not progress, dynamic_ncols=True)
     with torch.no_grad():
@@ -149,11 +172,14 @@ def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu
             if done % SAVE_EVERY == 0 or done == n_iter:
                 mean = (total / done).cpu().numpy()
                 std = np.sqrt(np.maximum((total_sq / done).cpu().numpy() - mean ** 2, 0))
+                atomic.write_text(paths.feature_names(config.name, split, done, skip),
+                                  '\n'.join(names) + '\n')
                 for stat, value in (('mean', mean), ('std', std)):
-                    atomic.write_text(paths.feature_names(config.name, split, done, skip),
-                                      '\n'.join(names) + '\n')
-                    written = paths.features(config.name, split, stat, done, skip)
-                    atomic.save_npy(written, value.astype(np.float32))
+                    atomic.save_npy(paths.features(config.name, split, stat, done, skip),
+                                    value.astype(np.float32))
+                # Last: a run killed before this line leaves files a rerun will not trust.
+                atomic.write_text(paths.feature_source(config.name, split, done, skip),
+                                  json.dumps(dict(fingerprint=fingerprint, weights=weights)))
     bar.close()
     return dict(mean=paths.features(config.name, split, 'mean', n_iter, skip),
                 std=paths.features(config.name, split, 'std', n_iter, skip), rows=len(names),

@@ -70,6 +70,11 @@ def feature_names(cnf_name, split, n_iter, skip):
     return FEATURES_DIR / f'{cnf_name}_{split}_names_iter_{n_iter}_skip_{skip}.txt'
 
 
+def feature_source(cnf_name, split, n_iter, skip):
+    """Which weights a feature file came from (a fingerprint), so a rerun never mixes nets."""
+    return FEATURES_DIR / f'{cnf_name}_{split}_source_iter_{n_iter}_skip_{skip}.json'
+
+
 def git_short_sha():
     try:
         out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,

@@ -337,3 +337,22 @@ def test_read_only_output_folder(synthetic_source, tmp_path):
     result = run_script('convert.py', '--directory', synthetic_source / 'train',
                         '--convert_directory', out, cwd=tmp_path, check=False)
     one_line_error(result, 'permission denied')
+
+
+def test_transform_never_continues_from_features_of_other_weights(workdir):
+    run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', '--no_progress',
+               cwd=workdir)
+    first = workdir / 'first.pt'
+    shutil.copy(workdir / 'weights' / CONFIG / 'weights.pt', first)
+    run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', '--seed', '1',
+               '--no_progress', cwd=workdir)
+    command = ['transform.py', '--cnf', CONFIG, '--train', '--no_progress']
+    run_script(*command, '--n_iter', '5', '--weights_from', first, cwd=workdir)
+    mixed = run_script(*command, '--n_iter', '10', cwd=workdir)
+    assert 'came from other weights' in mixed.stdout and 'continuing' not in mixed.stdout
+    name = f'{CONFIG}_train_mean_iter_10_skip_0.npy'
+    ours = np.load(workdir / 'data' / 'features' / name)
+    run_script(*command, '--n_iter', '10', '--restart', cwd=workdir)
+    np.testing.assert_allclose(ours, np.load(workdir / 'data' / 'features' / name), atol=1e-5)
+    again = run_script(*command, '--n_iter', '15', cwd=workdir)
+    assert 'continuing from iteration 10' in again.stdout
