@@ -12,6 +12,10 @@ from retina.errors import handle_errors
 @click.option('--weights_from', type=click.Path(dir_okay=False),
               help='Start from these weights: every parameter whose name and shape match is '
                    'copied, the rest are listed as skipped (e.g. weights/c_128_5x5_32/weights.pt).')
+@click.option('--train_dir', type=click.Path(file_okay=False),
+              help="Folder of converted training images [default: the config's train_dir].")
+@click.option('--labels', type=click.Path(dir_okay=False),
+              help="Labels CSV with columns image,level [default: the config's labels].")
 @click.option('--resume', is_flag=True,
               help='Continue the interrupted run of this config from weights/CNF/last.pt.')
 @click.option('--max_epochs', type=click.IntRange(min=1),
@@ -31,7 +35,7 @@ from retina.errors import handle_errors
               help='Print every layer with its output shape and parameter count, then exit.')
 @click.option('--no_progress', is_flag=True, help='No progress bars (for logs).')
 @handle_errors(resume_hint='Continue with: python train_nn.py --cnf {cnf} --resume')
-def main(cnf, weights_from, resume, max_epochs, device, seed, deterministic, compile_model,
+def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed, deterministic, compile_model,
          cache_on_device, summary, no_progress):
     """Train the network of config CNF on its train_dir and labels.
 
@@ -41,6 +45,7 @@ def main(cnf, weights_from, resume, max_epochs, device, seed, deterministic, com
     config.json.  Run under torchrun for several GPUs.
     """
     config = config_module.load(cnf)
+    config.cnf.update({k: v for k, v in (('train_dir', train_dir), ('labels', labels)) if v})
     if summary:
         from retina.nets import format_summary
         click.echo(format_summary(config.build_net(), config.name))

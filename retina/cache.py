@@ -32,15 +32,26 @@ def image_size_of(image_paths):
     """The side of the (square) converted images: the first image's larger side."""
     try:
         with Image.open(image_paths[0]) as image:
-            return max(image.size)
+            width, height = image.size
     except (OSError, SyntaxError) as error:
         raise UserError(f'{image_paths[0]}: cannot read it ({error}); run convert.py again') from None
+    if width != height:  # fail before decoding a whole folder of raw photos
+        raise UserError(f'{image_paths[0]}: {width}×{height} is not square, so '
+                        f'{image_paths[0].parent} does not hold converted images; run convert.py '
+                        f'on it first')
+    return width
 
 
 def _decode(path, size):
-    image = load_rgb(path, draft_size=(size, size))
+    """One converted image as (3, S, S) uint8; anything else is refused, never squashed."""
+    image = load_rgb(path)
     if image.size != (size, size):
-        image = image.resize((size, size), Image.LANCZOS)
+        width, height = image.size
+        if width != height:
+            raise BadImage(f'{path}: {width}×{height} is not square, so it is not a converted '
+                           f'image; run convert.py on the original photos first')
+        raise BadImage(f'{path}: {width}×{height}, but the other images are {size}×{size}; '
+                       f'convert the whole folder with one --crop_size')
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
@@ -76,5 +87,5 @@ def load_images(image_paths, size=None, cache_dir=None, progress=True):
         if failures:
             shown = '; '.join(failures[:3]) + (f' (and {len(failures) - 3} more)'
                                                 if len(failures) > 3 else '')
-            raise UserError(f'{len(failures)} image(s) could not be read: {shown}')
+            raise UserError(f'{len(failures)} image(s) cannot be used: {shown}')
     return np.load(path, mmap_mode='r')

@@ -356,3 +356,19 @@ def test_transform_never_continues_from_features_of_other_weights(workdir):
     np.testing.assert_allclose(ours, np.load(workdir / 'data' / 'features' / name), atol=1e-5)
     again = run_script(*command, '--n_iter', '15', cwd=workdir)
     assert 'continuing from iteration 10' in again.stdout
+
+
+def test_unconverted_or_mixed_size_images_are_refused_not_squashed(workdir, synthetic_source):
+    # train_nn.py and transform.py share the image cache that refuses them
+    mixed = workdir / 'data' / 'mixed'
+    shutil.copytree(workdir / 'data' / 'train_tiny', mixed)
+    odd = sorted(mixed.iterdir())[5]
+    with Image.open(odd) as image:
+        image.resize((64, 64)).save(odd)
+    for folder, words in ((synthetic_source / 'train', 'is not square'),
+                          (mixed, f'{odd.name}: 64×64, but the other images are 128×128')):
+        result = run_script('train_nn.py', '--cnf', CONFIG, '--train_dir', folder,
+                            '--max_epochs', '1', '--no_progress', cwd=workdir, check=False)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert words in result.stderr and 'Traceback' not in result.stderr
+    assert not (workdir / 'weights').exists()
