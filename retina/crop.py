@@ -34,7 +34,6 @@ fundus cameras do not produce): the original's "centred square" keeps the
 whole tall image and squashes it; here it is a square centred vertically
 too.  For every image at least as wide as tall the two are identical.
 """
-import csv
 import dataclasses
 import math
 import multiprocessing
@@ -236,6 +235,22 @@ def _plan(directory, convert_directory, extension):
     return pairs
 
 
+def _done(dst, crop_size):
+    """True if `dst` is already converted at this size; an unreadable `dst` is redone."""
+    if not dst.exists():
+        return False
+    try:
+        with Image.open(dst) as image:
+            size = image.size
+    except (OSError, SyntaxError, ValueError):
+        return False
+    if size != (crop_size, crop_size):
+        raise UserError(f'{dst} is {size[0]}×{size[1]}, not {crop_size}×{crop_size}: this folder '
+                        f'holds another --crop_size; choose another --convert_directory or '
+                        f'delete the folder')
+    return True
+
+
 def _init_worker():
     # Ctrl-C reaches every process of the group; only the parent should handle it,
     # or each worker prints its own traceback.  The parent then stops the pool
@@ -271,7 +286,7 @@ def convert_folder(directory, convert_directory, crop_size, extension='tiff', n_
     """
     pairs = _plan(directory, convert_directory, extension)
     Path(convert_directory).mkdir(parents=True, exist_ok=True)
-    todo = [(src, dst, crop_size) for src, dst in pairs if not dst.exists()]
+    todo = [(src, dst, crop_size) for src, dst in pairs if not _done(dst, crop_size)]
     summary = ConvertSummary(total=len(pairs), skipped=len(pairs) - len(todo))
     n_proc = max(1, min(n_proc or os.cpu_count() or 1, len(todo) or 1))
 
@@ -305,23 +320,6 @@ def _collect(results, summary, bar):
 
 # --- convert.py --test: look at the crops ------------------------------------
 
-def read_levels(labels_file):
-    """{image name: level} from a labels CSV with columns image,level."""
-    labels_file = Path(labels_file)
-    with open(labels_file, newline='') as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames or not {'image', 'level'} <= set(reader.fieldnames):
-            raise UserError(f'{labels_file}: expected the columns image,level; found {reader.fieldnames}')
-        levels = {}
-        for line, row in enumerate(reader, start=2):
-            try:
-                levels[row['image']] = int(row['level'])
-            except (TypeError, ValueError):
-                raise UserError(f'{labels_file}, line {line}: level {row["level"]!r} is not a number 0..4; '
-                                f'fix or remove the line') from None
-    return levels
-
-
 def images_to_preview(directory, labels_file, count=PREVIEW_COUNT, level=PREVIEW_LEVEL):
     """The first `count` images of `level`; the first `count` images if there are no labels for them."""
     sources = list_images(directory)
@@ -329,7 +327,8 @@ def images_to_preview(directory, labels_file, count=PREVIEW_COUNT, level=PREVIEW
         print(f'{labels_file} not found; previewing the first {count} images instead of level-{level} ones',
               file=sys.stderr)
         return sources[:count]
-    levels = read_levels(labels_file)
+    from retina.data import load_labels  # here: sklearn stays out of the convert workers
+    levels = load_labels(labels_file)
     chosen = [src for src in sources if levels.get(image_name(src)) == level]
     if not chosen:
         print(f'{labels_file} lists no level-{level} image of {directory}; previewing the first {count} images',

@@ -30,7 +30,7 @@ def load_labels(path):
         raise UserError(f'{path}: labels file not found; it needs the columns image,level '
                         f'(the Kaggle trainLabels.csv)')
     try:
-        with open(path, newline='') as f:
+        with open(path, newline='', encoding='utf-8-sig') as f:  # Excel writes a BOM
             rows = list(csv.reader(f))
     except (UnicodeDecodeError, csv.Error) as error:
         raise UserError(f'{path}: not a CSV file ({error})') from None

@@ -192,6 +192,12 @@ def test_cli_converts_the_good_names_the_bad_and_fails(photo_folder, tmp_path):
     assert f'{len(GOOD)} already in' in again.stderr
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
 
+    other = run_convert('--directory', photo_folder, '--convert_directory', out, '--crop_size', 128,
+                        '--extension', 'png', cwd=tmp_path)
+    assert other.returncode == 2 and 'Traceback' not in other.stderr
+    assert 'is 64×64, not 128×128' in other.stderr and 'another --crop_size' in other.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+
 
 def test_cli_all_good_exits_zero_with_default_tiff(tmp_path):
     folder = tmp_path / 'train'

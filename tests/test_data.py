@@ -15,6 +15,9 @@ def write(path, text):
 def test_labels_load_and_every_problem_names_file_and_line(tmp_path):
     good = write(tmp_path / 'l.csv', 'image,level\n1_left,0\n1_right,4\n\n')
     assert data.load_labels(good) == {'1_left': 0, '1_right': 4}
+    excel = tmp_path / 'excel.csv'  # "CSV UTF-8" from Excel: a BOM, spaces, CRLF
+    excel.write_bytes('\ufeffimage , level\r\n1_left , 2\r\n'.encode('utf-8'))
+    assert data.load_labels(excel) == {'1_left': 2}
     cases = {'image\n1_left\n': 'missing column level',
              'image,level\n1_left,5\n': 'line 2: level 5 of 1_left is outside 0..4',
              'image,level\n1_left,x\n': 'is not a number',
