@@ -27,7 +27,7 @@ from retina.errors import handle_errors
 @click.option('--test', is_flag=True,
               help=f'Convert nothing; show up to {crop.PREVIEW_COUNT} level-{crop.PREVIEW_LEVEL} photographs '
                    'next to their crops (in windows, or as PNGs in --preview_dir when there is no display).')
-@click.option('--crop_size', default=256, show_default=True, type=click.IntRange(min=8),
+@click.option('--crop_size', default=256, show_default=True, type=click.IntRange(min=8, max=8192),
               help='Side of the square output in pixels (the pipeline uses 512 for *_medium).')
 @click.option('--extension', default='tiff', show_default=True,
               type=click.Choice(crop.OUTPUT_EXTENSIONS, case_sensitive=False),
@@ -46,12 +46,19 @@ def main(directory, convert_directory, test, crop_size, extension, n_proc, label
     """Crop each photograph to the eye, make it square and resize it to crop_size x crop_size.
 
     Exits with status 1 if any image could not be read (each one is named on
-    stderr; the others are still converted).
+    stderr; the others are still converted).  Warns about images that come out
+    blown up (a photo far smaller than crop_size) or black.
     """
     if test:
-        crop.preview_folder(directory, crop_size, labels, preview_dir)
+        _, failed = crop.preview_folder(directory, crop_size, labels, preview_dir)
+        if failed:
+            click.echo(f'error: {len(failed)} image(s) could not be read (listed above)', err=True)
+            sys.exit(1)
         return
     summary = crop.convert_folder(directory, convert_directory, crop_size, extension.lower(), n_proc)
+    if len(summary.warnings) > crop.MAX_WARNINGS_SHOWN:
+        click.echo(f'{len(summary.warnings)} warnings in all; the first {crop.MAX_WARNINGS_SHOWN} '
+                   f'are shown above', err=True)
     if summary.failed:
         click.echo(f'error: {len(summary.failed)} of {summary.total} images could not be converted '
                    f'(listed above); replace or remove them and run the command again', err=True)

@@ -59,6 +59,9 @@ OUTPUT_EXTENSIONS = ('tiff', 'jpeg', 'png')
 JPEG_QUALITY = 97
 PREVIEW_COUNT = 10        # how many images `--test` shows
 PREVIEW_LEVEL = 1         # ... and of which level: mild DR, the hardest to see
+MAX_UPSCALE = 4           # warn when the eye is blown up more than this
+DARK_MEAN = 3             # warn when the output's mean pixel value is below this (of 255)
+MAX_WARNINGS_SHOWN = 20   # warnings printed one by one; the rest are counted
 
 
 # --- the box ---------------------------------------------------------------
@@ -183,16 +186,32 @@ def save_options(path):
     return {'quality': JPEG_QUALITY} if Path(path).suffix.lower() in ('.jpeg', '.jpg') else {}
 
 
-def convert_one(src, dst, crop_size):
+def convert_one(src, dst, crop_size, warnings=None):
     """Crop the photograph `src` to the eye, resize it to crop_size² and save it atomically as `dst`.
 
-    Returns the eye's box in the decoded image (see `load_for_crop`).
+    Returns the eye's box in the decoded image (see `load_for_crop`); what
+    looks wrong with the result (see `doubts`) is appended to `warnings`.
     Raises BadImage if `src` cannot be decoded.
     """
     image = load_for_crop(src, crop_size)
     box = find_eye_box_fast(image)
-    save_image(dst, crop_to_eye(image, crop_size, box), **save_options(dst))
+    output = crop_to_eye(image, crop_size, box)
+    save_image(dst, output, **save_options(dst))
+    if warnings is not None:
+        warnings.extend(doubts(src, box, output, crop_size))
     return box
+
+
+def doubts(src, box, output, crop_size):
+    """Warnings for a converted image that is probably useless: blown up, or black."""
+    found = []
+    side = min(box[2] - box[0], box[3] - box[1])
+    if side * MAX_UPSCALE < crop_size:
+        found.append(f'{src}: the eye is {side} px across, blown up {crop_size / side:.0f}× to '
+                     f'{crop_size} px; use the full-resolution photograph')
+    if np.asarray(output).mean() < DARK_MEAN:
+        found.append(f'{src}: nearly black (no eye found); check the photograph')
+    return found
 
 
 # --- a folder --------------------------------------------------------------
@@ -204,10 +223,12 @@ class ConvertSummary:
     converted: int = 0
     skipped: int = 0
     failed: list = dataclasses.field(default_factory=list)
+    warnings: list = dataclasses.field(default_factory=list)
 
     def describe(self, convert_directory):
         line = f'{self.converted} converted, {self.skipped} already in {convert_directory} (skipped)'
-        return line + (f', {len(self.failed)} failed' if self.failed else '')
+        return (line + (f', {len(self.failed)} failed' if self.failed else '')
+                + (f', {len(self.warnings)} warning(s)' if self.warnings else ''))
 
 
 def output_path(src, convert_directory, extension):
@@ -267,11 +288,12 @@ def _exit_quietly(signum, frame):
 def _convert_task(task):
     """Worker: convert one image; a bad image is returned as its message, not raised."""
     src, dst, crop_size = task
+    warnings = []
     try:
-        convert_one(src, dst, crop_size)
+        convert_one(src, dst, crop_size, warnings)
     except BadImage as error:
-        return src, str(error)
-    return src, None
+        return src, str(error), []
+    return src, None, warnings
 
 
 def convert_folder(directory, convert_directory, crop_size, extension='tiff', n_proc=None, progress=True):
@@ -309,12 +331,16 @@ def convert_folder(directory, convert_directory, crop_size, extension='tiff', n_
 
 
 def _collect(results, summary, bar):
-    for src, error in results:
+    for src, error, warnings in results:
         if error is None:
             summary.converted += 1
         else:
             summary.failed.append(error)
             tqdm.write(f'failed: {error}', file=sys.stderr)
+        for warning in warnings:
+            summary.warnings.append(warning)
+            if len(summary.warnings) <= MAX_WARNINGS_SHOWN:
+                tqdm.write(f'warning: {warning}', file=sys.stderr)
         bar.update()
 
 
@@ -368,16 +394,17 @@ def preview_folder(directory, crop_size, labels_file, preview_dir, count=PREVIEW
 
     With a display each pair is shown in a window (close it for the next);
     without one, each pair is written to `preview_dir` as {name}_preview.png.
-    Returns the paths written (empty when shown on screen).
+    Returns (paths written, empty when shown on screen; messages of the images that failed).
     """
     sources = images_to_preview(directory, labels_file, count)
     show = has_display()
-    written = []
+    written, failed = [], []
     for src in sources:
         try:
             image = load_for_crop(src, crop_size)
         except BadImage as error:
             print(f'failed: {error}', file=sys.stderr)
+            failed.append(str(error))
             continue
         box = find_eye_box_fast(image)
         pair = side_by_side(image, box, crop_to_eye(image, crop_size, box))
@@ -390,7 +417,7 @@ def preview_folder(directory, crop_size, labels_file, preview_dir, count=PREVIEW
     if written:
         print(f'no display: wrote {len(written)} previews (photograph with the box left, crop right) '
               f'to {preview_dir}/')
-    return written
+    return written, failed
 
 
 def _show(image, title):

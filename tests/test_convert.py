@@ -269,6 +269,12 @@ def test_test_mode_without_display_writes_previews_of_level_1(tmp_path):
     assert 'missing.csv not found' in result.stderr
     assert len(list(previews.iterdir())) == 3
 
+    (folder / '1_right.jpeg').write_bytes(b'not a photograph')
+    result = run_convert('--directory', folder, '--test', '--labels', labels, '--preview_dir', previews,
+                         '--crop_size', 64, cwd=tmp_path)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    assert '1_right.jpeg' in result.stderr and 'could not be read' in result.stderr
+
 
 def test_help_explains_every_option(tmp_path):
     result = run_convert('--help', cwd=tmp_path)
