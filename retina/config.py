@@ -98,6 +98,35 @@ def _import_config(path):
     return module
 
 
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# (keys, test, what the value must be)
+_VALUE_RULES = [
+    (('w', 'h', 'batch_size_train', 'batch_size_test'),
+     lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, 'a positive integer'),
+    (('train_dir', 'test_dir', 'labels'), lambda v: isinstance(v, (str, Path)), 'a path'),
+    (('sigma', 'weight_decay'), lambda v: _is_number(v) and v >= 0, 'a number ≥ 0'),
+    (('balance_ratio', 'momentum'), lambda v: _is_number(v) and 0 <= v <= 1,
+     'a number from 0 to 1'),
+]
+
+
+def _check_values(cnf, path):
+    for keys, test, what in _VALUE_RULES:
+        for key in keys:
+            if not test(cnf[key]):
+                raise UserError(f'{path}: {key}={cnf[key]!r}; it must be {what}')
+    for key in ('zoom_range', 'rotation_range', 'shear_range', 'translation_range'):
+        value = cnf['aug_params'][key]
+        if not (isinstance(value, (tuple, list)) and len(value) == 2
+                and all(_is_number(v) for v in value) and value[0] <= value[1]):
+            raise UserError(f'{path}: aug_params {key}={value!r}; it must be (low, high)')
+    if min(cnf['aug_params']['zoom_range']) <= 0:
+        raise UserError(f'{path}: aug_params zoom_range must be positive')
+
+
 def check_cnf(cnf, path):
     unknown = [k for k in cnf if k not in REQUIRED_KEYS]
     for key in unknown:
@@ -113,6 +142,7 @@ def check_cnf(cnf, path):
     if bad_aug or any(k not in cnf['aug_params'] for k in AUG_KEYS):
         raise UserError(f'{path}: aug_params must have exactly the keys {", ".join(AUG_KEYS)}'
                         f' (found {", ".join(cnf["aug_params"])})')
+    _check_values(cnf, path)
     schedule = cnf['schedule']
     if not isinstance(schedule, dict) or 0 not in schedule or schedule[0] == 'stop':
         raise UserError(f'{path}: schedule must be a dict {{epoch: lr or "stop"}} starting at '

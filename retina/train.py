@@ -65,6 +65,9 @@ def resolve_device(requested='auto'):
         device = torch.device(requested)
     except RuntimeError:
         raise UserError(f'unknown device {requested!r}; use auto, cpu, cuda or cuda:N') from None
+    if device.type not in ('cpu', 'cuda'):
+        raise UserError(f'--device {requested}: only cpu and cuda are supported (bf16 autocast '
+                        f'and the tests cover those two); use auto, cpu, cuda or cuda:N')
     if device.type == 'cuda':
         if not torch.cuda.is_available():
             raise UserError(f'--device {requested}: no CUDA GPU is available on this machine; '

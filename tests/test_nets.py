@@ -113,6 +113,27 @@ def test_typo_key_and_syntax_error_are_one_line(tmp_path):
         assert 'Traceback' not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+
+@pytest.mark.parametrize('override, words', [
+    ('w=0', 'w=0; it must be a positive integer'),
+    ("w='112'", "w='112'; it must be a positive integer"),
+    ('batch_size_train=0', 'batch_size_train=0; it must be a positive integer'),
+    ('sigma=-1', 'sigma=-1; it must be a number ≥ 0'),
+    ('momentum=1.5', 'momentum=1.5; it must be a number from 0 to 1'),
+    ("schedule={0: -0.1, 5: 'stop'}", 'schedule entry 0: -0.1'),
+    ("aug_params=dict(base['aug_params'], zoom_range=(2, 1))", 'zoom_range=(2, 1)'),
+    ('w=16, h=16', 'input too small'),
+])
+def test_config_values_are_checked_in_one_line(tmp_path, override, words):
+    (tmp_path / 'configs').mkdir()
+    (tmp_path / 'configs' / 'c_value.py').write_text(
+        'from configs.c_128_5x5_32 import cnf as base, layers\n'
+        f'cnf = dict(base, {override})\n')
+    result = run_script('train_nn.py', '--cnf', 'configs/c_value.py', '--summary', cwd=tmp_path,
+                        check=False)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert 'Traceback' not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
 def test_transfer_128_to_256_copies_kernels_and_skips_untied_biases(tmp_path):
     small = config_module.load('c_128_5x5_32')
     large = config_module.load('c_256_5x5_32')

@@ -230,3 +230,12 @@ def test_two_gloo_ranks_end_with_identical_weights(workdir, tmp_path):
     rows = list(csv.DictReader(open(workdir / paths.train_log(CONFIG))))
     assert len(rows) == 2
     assert initial.name == CONFIG
+
+
+@pytest.mark.parametrize('device, words', [('mps', 'only cpu and cuda are supported'),
+                                           ('tpu7', 'unknown device')])
+def test_other_devices_are_one_line(tmp_path, device, words):
+    result = run_script('train_nn.py', '--cnf', CONFIG, '--device', device, cwd=tmp_path,
+                        check=False)
+    assert result.returncode == 2 and words in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
