@@ -26,17 +26,39 @@ def atomic_path(path):
     for stale in path.parent.glob(f'.{glob.escape(path.name)}.*.tmp'):
         with contextlib.suppress(OSError):
             stale.unlink()
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    except OSError as error:
+        raise _naming(error, path) from None
     os.close(fd)
     # mkstemp makes the file private (0600); give it the mode a plain open() would.
     os.chmod(tmp, 0o666 & ~_UMASK)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+        if isinstance(error, OSError) and error.filename in (None, tmp, Path(tmp)):
+            raise _naming(error, path) from None
         raise
+
+
+def _naming(error, path):
+    """The same OSError about `path` itself, not its hidden temporary file."""
+    return OSError(error.errno, error.strerror or str(error), str(path))
+
+
+def check_writable(path):
+    """Fail now, not after hours of work, if `path` cannot be written (OSError naming it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    except OSError as error:
+        raise _naming(error, path) from None
+    os.close(fd)
+    os.remove(tmp)
 
 
 def write_bytes(path, data):

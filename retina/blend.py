@@ -538,6 +538,14 @@ def check_runs(runs, labels, labels_file, predict, test_dir, test_dir_required, 
         if predict:
             test_files = [matching_test_file(f) for f in files]
             test_names = run_names(test_files)
+            for train_file, test_file in zip(files, test_files):  # shapes only: no reading yet
+                train_width = load_features(train_file, mmap=True)[0].shape[1]
+                test_width = load_features(test_file, mmap=True)[0].shape[1]
+                if train_width != test_width:
+                    raise UserError(f'{test_file}: {test_width} features per image but '
+                                    f'{train_file} has {train_width}; extract train and test '
+                                    f'features with the same config (transform.py --train '
+                                    f'--test)')
             if plan.test_names is None:
                 plan.test_names, test_source = submission_images(
                     test_dir, test_dir_required, test_files[0], test_names, echo)
@@ -611,6 +619,10 @@ def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, 
         raise UserError('no runs to blend; name train feature files in blend.yml or with '
                         '--features_file')
     runs = {run: [Path(f) for f in files] for run, files in runs.items()}
+    path = None
+    if predict:  # fail now, not after the fits, if the submission cannot be written
+        path = Path(output) if output is not None else paths.submission()
+        atomic.check_writable(path)
     labels = data.load_labels(labels_file)
     plan = check_runs(runs, labels, labels_file, predict, test_dir, test_dir_required, echo)
     validate = not predict or optimize_thresholds
@@ -653,7 +665,6 @@ def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, 
         chosen = result['blend'] or next(iter(result['validation'].values()), None)
         thresholds = chosen.thresholds if optimize_thresholds else FIXED_THRESHOLDS
         average = test_sum / (len(runs) * n_iter)
-        path = Path(output) if output is not None else paths.submission()
         write_submission(path, plan.test_names, data.to_levels(average, thresholds))
         result.update(thresholds=tuple(thresholds), submission=path,
                       test_predictions=dict(zip(plan.test_names, average.tolist())))

@@ -44,12 +44,15 @@ def read_names(feature_path):
     return names
 
 
-def load_features(path):
-    """(array of shape (rows, features), list of image names), checked against each other."""
+def load_features(path, mmap=False):
+    """(array of shape (rows, features), list of image names), checked against each other.
+
+    `mmap` maps the file instead of reading it: for checking shapes before any work.
+    """
     path = Path(path)
     names = read_names(path)
     try:
-        array = np.load(path, allow_pickle=False)
+        array = np.load(path, allow_pickle=False, mmap_mode='r' if mmap else None)
     except (ValueError, OSError, EOFError) as error:
         raise UserError(f'{path}: not a readable feature file ({error}); run transform.py '
                         f'again') from None
@@ -60,7 +63,7 @@ def load_features(path):
         raise UserError(f'{path}: {array.shape[0]} rows but {names_file_for(path).name} lists '
                         f'{len(names)} images; the files are from different runs: run '
                         f'transform.py again')
-    return array.astype(np.float32, copy=False), names
+    return (array if mmap else array.astype(np.float32, copy=False)), names
 
 
 SAVE_EVERY = 5

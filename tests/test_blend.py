@@ -399,6 +399,13 @@ def setup_case(case, root):
         return fake + ['--blend_cnf', 'blend.yml']
     if case == 'cnf_without_features':
         return ['--cnf', 'c_128_5x5_32']
+    if case == 'test_features_wrong_width':
+        test = features / 'c_fake_test_mean_iter_5_skip_0.npy'
+        np.save(test, np.load(test)[:, :-1])
+        return fake + ['--predict', '--test_dir', 'data/test_fake']
+    if case == 'output_not_writable':
+        (root / 'a_file').write_text('')
+        return fake + ['--predict', '--test_dir', 'data/test_fake', '--output', 'a_file/sub.csv']
     raise AssertionError(case)
 
 
@@ -417,6 +424,8 @@ BAD_INPUTS = {  # case -> what the one-line message must mention
     'test_dir_given_but_missing': 'data/test_gone',
     'features_file_and_blend_cnf': '--blend_cnf',
     'cnf_without_features': 'transform.py --cnf c_128_5x5_32',
+    'test_features_wrong_width': 'features per image',
+    'output_not_writable': 'a_file',
 }
 
 
@@ -441,3 +450,4 @@ def test_bad_input_is_one_line_error(bad_input_results, case):
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
     assert lines[0].startswith('error: ') and BAD_INPUTS[case] in lines[0], lines[0]
+    assert 'valid kappa' not in stdout, 'bad input must stop blend.py before the first fit'
