@@ -1,12 +1,27 @@
 #!/usr/bin/env bash
 # Reproduce the Kaggle DR 2nd-place submission end to end, with the RAM nets and heat maps added.
 # Needs data/train/*.jpeg, data/test/*.jpeg and data/trainLabels.csv (see data/README.md).
-# Every step resumes: convert.py skips finished images, train_nn.py takes --resume after an
-# interruption (rerun that line with --resume), transform.py continues from its last save.
+# Run it again after an interruption and it goes on where it stopped: convert.py skips finished
+# images, a finished net (weights_final.pt) is not trained again and an interrupted one is
+# continued with --resume, transform.py continues from its last save (every 5 iterations).
+#   PYTHON=python3 ./make_kaggle_solution.sh     # the interpreter [default: .venv/bin/python]
+#   TTA=10 ./make_kaggle_solution.sh             # TTA iterations [default: 50, as the original]
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-.venv/bin/python}
 TTA=${TTA:-50}
+
+train() {  # train CNF [OPTIONS...]: skipped once finished, continued after an interruption
+  local cnf=$1
+  shift
+  if [ -f "weights/$cnf/weights_final.pt" ]; then
+    echo "$cnf: already trained (weights/$cnf/weights_final.pt)"
+  elif [ -f "weights/$cnf/last.pt" ]; then
+    $PY train_nn.py --cnf "configs/$cnf.py" --resume
+  else
+    $PY train_nn.py --cnf "configs/$cnf.py" "$@"
+  fi
+}
 
 # 1. Crop to the eye and resize: 512 px from the photographs, 256 and 128 from the 512s.
 $PY convert.py --directory data/train --convert_directory data/train_medium --crop_size 512
@@ -18,9 +33,9 @@ done
 
 # 2. Train each net at 128, then 256 and 512 starting from the smaller net's final weights.
 for variant in 5x5_32 4x4_32 5x5_32_ram 4x4_32_ram; do
-  $PY train_nn.py --cnf configs/c_128_${variant}.py
-  $PY train_nn.py --cnf configs/c_256_${variant}.py --weights_from weights/c_128_${variant}/weights_final.pt
-  $PY train_nn.py --cnf configs/c_512_${variant}.py --weights_from weights/c_256_${variant}/weights_final.pt
+  train c_128_${variant}
+  train c_256_${variant} --weights_from weights/c_128_${variant}/weights_final.pt
+  train c_512_${variant} --weights_from weights/c_256_${variant}/weights_final.pt
 done
 
 # 3. Test-time-augmented features: best-kappa weights of both 512 nets, and the 4x4 net's
@@ -31,9 +46,16 @@ done
 $PY transform.py --cnf configs/c_512_4x4_32.py --train --test --n_iter "$TTA" --skip "$TTA" \
     --weights_from weights/c_512_4x4_32/weights_final.pt
 
-# 4. Blend per patient (runs of blend.yml), check on the validation patients, then predict.
-$PY blend.py --per_patient --blend_cnf blend.yml --optimize_thresholds --n_iter 5
-$PY blend.py --per_patient --blend_cnf blend.yml --optimize_thresholds --n_iter 5 --predict \
+# 4. Blend per patient (runs of blend.yml): validation kappa and confusion matrices with fixed
+#    and fitted cut-offs, then the submission with the fitted ones.  blend.yml names the
+#    50-iteration features; with another TTA a copy naming those is written to data/.
+BLEND=blend.yml
+if [ "$TTA" != 50 ]; then
+  BLEND=data/blend_tta${TTA}.yml
+  sed -e "s/_iter_50_skip_50/_iter_${TTA}_skip_${TTA}/" -e "s/_iter_50_skip_0/_iter_${TTA}_skip_0/" \
+    blend.yml > "$BLEND"
+fi
+$PY blend.py --per_patient --blend_cnf "$BLEND" --optimize_thresholds --n_iter 5 --predict \
     --test_dir data/test_medium
 
 # 5. Regression activation maps of the RAM nets (128 and 256 px like the paper, and 512 px).

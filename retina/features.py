@@ -93,7 +93,8 @@ def weights_fingerprint(model):
 def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, echo):
     """Sums recovered from the last saved iteration of an interrupted run of the same weights."""
     from retina import paths
-    for done in range((n_iter - 1) // SAVE_EVERY * SAVE_EVERY, 0, -SAVE_EVERY):
+    saved = range((n_iter - 1) // SAVE_EVERY * SAVE_EVERY, 0, -SAVE_EVERY)
+    for done in [n_iter, *saved]:  # n_iter itself: the run is already complete
         mean_path = paths.features(config_name, split, 'mean', done, skip)
         std_path = paths.features(config_name, split, 'std', done, skip)
         if mean_path.is_file() and std_path.is_file():
@@ -145,7 +146,10 @@ def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu
     fingerprint = weights_fingerprint(model)
     start, total, total_sq = (0, None, None) if restart else _previous_progress(
         config.name, split, n_iter, skip, names, fingerprint, echo)
-    if start:
+    if start == n_iter:
+        echo(f'{split}: already complete ({n_iter} iterations of these weights); '
+             f'--restart computes it again')
+    elif start:
         echo(f'{split}: continuing from iteration {start} of an earlier run')
     order = np.arange(len(names))
     bar = tqdm(total=(n_iter - start) * len(names), desc=f'{config.name} {split} features',

@@ -386,9 +386,14 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
         if runtime.distributed:
             dist.barrier()
     if runtime.main:
-        checkpoint.save(paths.final_weights(name), model=model, config=config, epoch=epoch - 1,
-                        seed=seed, best_kappa=best_kappa)
-        say(f'done ({stopped_by}) after epoch {epoch - 1}: best valid kappa {best_kappa:.4f}, '
+        if stopped_by == 'schedule':  # SPEC §1: weights_final.pt marks a finished schedule
+            checkpoint.save(paths.final_weights(name), model=model, config=config,
+                            epoch=epoch - 1, seed=seed, best_kappa=best_kappa)
+            how = 'the schedule is done'
+        else:
+            how = (f'--max_epochs {max_epochs}; continue with --resume and a larger '
+                   f'--max_epochs, or none')
+        say(f'stopped after epoch {epoch - 1} ({how}): best valid kappa {best_kappa:.4f}, '
             f'best valid loss {best_loss:.4f}; weights in {paths.run_dir(name)}')
     if runtime.distributed:
         dist.barrier()

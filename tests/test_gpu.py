@@ -105,7 +105,7 @@ def test_scripts_on_cuda_match_the_cpu(workdir):
     with open(workdir / 'weights' / CONFIG / 'log.csv', newline='') as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(np.isfinite(float(r['train_loss'])) for r in rows)
-    weights = workdir / 'weights' / CONFIG / 'weights_final.pt'
+    weights = workdir / 'weights' / CONFIG / 'last.pt'
     features = {}
     for device in ('cuda', 'cpu'):
         run_script('transform.py', '--cnf', CONFIG, '--train', '--n_iter', '2', '--device',

@@ -97,8 +97,8 @@ def test_training_killed_at_random_moments_resumes_to_the_uninterrupted_result(w
         resume = (workdir / 'weights' / CONFIG / 'last.pt').is_file()
         run_script(*TRAIN, *(['--resume'] if resume else []), cwd=workdir)
     assert kills >= 1, 'the run finished before any kill: lengthen it'
-    ours = checkpoint.load(workdir / 'weights' / CONFIG / 'weights_final.pt')['model']
-    theirs = checkpoint.load(reference / 'weights' / CONFIG / 'weights_final.pt')['model']
+    ours = checkpoint.load(workdir / 'weights' / CONFIG / 'last.pt')['model']
+    theirs = checkpoint.load(reference / 'weights' / CONFIG / 'last.pt')['model']
     for name in theirs:
         assert torch.equal(ours[name], theirs[name]), name
     epochs = [line.split(',')[0] for line in
@@ -360,6 +360,10 @@ def test_transform_never_continues_from_features_of_other_weights(workdir):
     np.testing.assert_allclose(ours, np.load(workdir / 'data' / 'features' / name), atol=1e-5)
     again = run_script(*command, '--n_iter', '15', cwd=workdir)
     assert 'continuing from iteration 10' in again.stdout
+    final = workdir / 'data' / 'features' / f'{CONFIG}_train_mean_iter_15_skip_0.npy'
+    before = final.stat().st_mtime_ns
+    done = run_script(*command, '--n_iter', '15', cwd=workdir)
+    assert 'already complete' in done.stdout and final.stat().st_mtime_ns == before
 
 
 def test_unconverted_or_mixed_size_images_are_refused_not_squashed(workdir, synthetic_source):

@@ -1,4 +1,5 @@
 """The shell entry points: make_kaggle_solution.sh, --help of every script, torchrun."""
+import os
 import re
 import shutil
 import subprocess
@@ -22,31 +23,74 @@ def test_help_explains_every_option(script):
         assert len(block.split()) >= 4, f'{script}: option without help: {block!r}'
 
 
-def expand_loop_variables(template, loops):
-    """Every value `template` takes when ${var} runs over the words of its `for` loop."""
-    match = re.search(r'\$\{(\w+)\}', template)
-    if not match:
-        return [template]
-    values = loops[match.group(1)].split()
-    return [v for word in values
-            for v in expand_loop_variables(template.replace(match.group(0), word), loops)]
+def run_kaggle_script(tmp_path, **env):
+    """Run make_kaggle_solution.sh with a stand-in interpreter; returns its calls, one list each."""
+    root = tmp_path / 'project'
+    (root / 'data').mkdir(parents=True, exist_ok=True)
+    for name in ('make_kaggle_solution.sh', 'blend.yml'):
+        shutil.copy(REPO / name, root / name)
+    calls = tmp_path / 'calls.txt'
+    calls.unlink(missing_ok=True)
+    stub = tmp_path / 'python'
+    stub.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n')
+    stub.chmod(0o755)
+    subprocess.run(['bash', str(root / 'make_kaggle_solution.sh')], check=True,
+                   capture_output=True, text=True,
+                   env=dict(os.environ, PYTHON=str(stub), CALLS=str(calls), **env))
+    return root, [line.split() for line in calls.read_text().splitlines()]
 
 
-def test_kaggle_script_is_valid_bash_and_uses_only_existing_options():
-    script = REPO / 'make_kaggle_solution.sh'
-    subprocess.run(['bash', '-n', str(script)], check=True)
-    text = script.read_text().replace('\\\n', ' ')
+def option(call, name):
+    return call[call.index(name) + 1] if name in call else None
+
+
+def test_kaggle_script_runs_the_pipeline_with_existing_options(tmp_path):
+    root, calls = run_kaggle_script(tmp_path)
     helps = {name: run_script(name, '--help', cwd=REPO).stdout for name in SCRIPTS}
-    used = re.findall(r'\$PY (\w+\.py)([^\n]*)', text)
-    loops = dict(re.findall(r'^\s*for (\w+) in ([^;]+); do', text, re.M))
-    assert {name for name, _ in used} == set(SCRIPTS)
-    for name, args in used:
-        for option in re.findall(r'(--\w+)', args):
-            assert option in helps[name], f'{name} has no option {option}'
-        for config in re.findall(r'configs/(\S+?)\.py', args):
-            for value in expand_loop_variables(config, loops):
-                assert (REPO / 'configs' / f'{value}.py').is_file(), value
-    assert 'set -euo pipefail' in text
+    assert [c[0] for c in calls] == (['convert.py'] * 6 + ['train_nn.py'] * 12
+                                     + ['transform.py'] * 5 + ['blend.py'] + ['ram.py'] * 3)
+    for call in calls:
+        for word in call[1:]:
+            if word.startswith('--'):
+                assert word in helps[call[0]], f'{call[0]} has no option {word}'
+        cnf = option(call, '--cnf')
+        assert cnf is None or (REPO / cnf).is_file(), cnf
+    trained = [option(c, '--cnf') for c in calls if c[0] == 'train_nn.py']
+    for call in calls:
+        source = option(call, '--weights_from')
+        if call[0] == 'train_nn.py' and source:  # 256 from 128, 512 from 256: trained before
+            smaller = 'configs/' + source.split('/')[1] + '.py'
+            assert trained.index(smaller) < trained.index(option(call, '--cnf'))
+            assert source.endswith('/weights_final.pt')
+    assert sum(1 for c in calls if c[0] == 'train_nn.py' and '--weights_from' in c) == 8
+    blend_call = next(c for c in calls if c[0] == 'blend.py')
+    assert option(blend_call, '--blend_cnf') == 'blend.yml' and '--predict' in blend_call
+
+
+def test_kaggle_script_skips_finished_nets_and_resumes_interrupted_ones(tmp_path):
+    root = tmp_path / 'project'
+    for name, file in (('c_128_5x5_32', 'weights_final.pt'), ('c_256_5x5_32', 'last.pt')):
+        (root / 'weights' / name).mkdir(parents=True)
+        (root / 'weights' / name / file).write_bytes(b'')
+    _, calls = run_kaggle_script(tmp_path)
+    trains = {option(c, '--cnf'): c for c in calls if c[0] == 'train_nn.py'}
+    assert 'configs/c_128_5x5_32.py' not in trains
+    resumed = trains['configs/c_256_5x5_32.py']
+    assert '--resume' in resumed and '--weights_from' not in resumed
+    assert '--resume' not in trains['configs/c_512_5x5_32.py']
+    assert len(trains) == 11
+
+
+def test_kaggle_script_with_fewer_tta_iterations_blends_those_features(tmp_path):
+    root, calls = run_kaggle_script(tmp_path, TTA='10')
+    transforms = [c for c in calls if c[0] == 'transform.py']
+    assert {option(c, '--n_iter') for c in transforms} == {'10'}
+    assert option(transforms[-1], '--skip') == '10'
+    blend_file = option(next(c for c in calls if c[0] == 'blend.py'), '--blend_cnf')
+    runs = yaml.safe_load((root / blend_file).read_text())
+    files = [f for names in runs.values() for f in names]
+    assert files and all('_iter_10_skip_' in f for f in files)
+    assert any(f.endswith('_iter_10_skip_10.npy') for f in files)
 
 
 def test_blend_yml_runs_name_features_that_the_kaggle_script_makes():
@@ -71,4 +115,4 @@ def test_torchrun_two_processes_on_the_cpu(workdir):
     assert result.returncode == 0, result.stderr[-3000:]
     assert '× 2 processes' in result.stdout
     assert result.stdout.count('epoch    1') == 1  # only rank 0 reports
-    assert (workdir / 'weights' / 'c_128_5x5_32_ram' / 'weights_final.pt').is_file()
+    assert (workdir / 'weights' / 'c_128_5x5_32_ram' / 'last.pt').is_file()
