@@ -39,11 +39,11 @@ def _check_cmap(_context, _parameter, value):
               help='Converted images: a folder or single files; repeat the option for several '
                    "[default: the config's test_dir].")
 @click.option('--output_dir', type=click.Path(file_okay=False),
-              help='Where {image}_{CNF}_ram.png and {CNF}_ram_by_level.png go '
+              help='Where {image}_{CNF}.png and {CNF}_by_level.png go '
                    f'[default: {paths.RAM_DIR}/CNF].')
 @click.option('--signed', is_flag=True,
               help='Show negative evidence too, on a diverging scale centred at 0 (files end in '
-                   '_ram_signed); without it only the positive part is coloured.')
+                   '_signed); without it only the positive part is coloured.')
 @click.option('--cmap', callback=_check_cmap,
               help='matplotlib colour map [default: jet, or RdBu_r with --signed].')
 @click.option('--alpha', default=0.5, show_default=True, type=click.FloatRange(0, 1),

@@ -37,10 +37,11 @@ same value everywhere):
 - pointing_game: the share of those images whose map maximum lies within
   `tolerance` pixels (default half a map cell) of a lesion;
 - deletion: the drop in prediction when the top 10% of the map's pixels are
-  blanked (set to black, the photograph's surround, i.e. the standardised
-  value of raw 0), against blanking a random 10%: the top 10% of a random
-  map of the same resolution, so blobs of the map's grain in random places
-  (scattered black pixels look like microaneurysms and raise the prediction).
+  blanked, against blanking a random 10%: the top 10% of a random map of the
+  same resolution, so blobs of the map's grain in random places.  Blanked
+  pixels take the image's mean colour by default (`fill='mean'`): black
+  blobs look like haemorrhages and raise the prediction; `fill='black'`
+  (the photograph's surround) is kept for comparison.
 
 The printed summary also gives the chance level of the two lesion scores
 (the share of the window covered by lesions, and within the tolerance of
@@ -454,11 +455,11 @@ def by_level_figure(examples, cnf_name, cmap, alpha, signed):
 
 
 def heat_map_path(output_dir, name, cnf_name, signed):
-    return Path(output_dir) / f'{name}_{cnf_name}_ram{"_signed" if signed else ""}.png'
+    return Path(output_dir) / f'{name}_{cnf_name}{"_signed" if signed else ""}.png'
 
 
 def by_level_path(output_dir, cnf_name, signed):
-    return Path(output_dir) / f'{cnf_name}_ram{"_signed" if signed else ""}_by_level.png'
+    return Path(output_dir) / f'{cnf_name}{"_signed" if signed else ""}_by_level.png'
 
 
 # --- the run -----------------------------------------------------------------------

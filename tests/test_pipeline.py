@@ -30,7 +30,7 @@ def test_demo_pipeline_runs_end_to_end_on_a_small_setting(tmp_path):
     assert sorted(row['image'] for row in rows) == test_images
     assert all(row['level'] in '01234' for row in rows)
     heat_maps = re.search(r'^heat maps: (.+)$', stdout, re.M).group(1)
-    assert len(list((tmp_path / heat_maps).glob(f'*_{CONFIG}_ram.png'))) == len(test_images)
+    assert len(list((tmp_path / heat_maps).glob(f'*_{CONFIG}.png'))) == len(test_images)
 
 
 def test_transform_writes_one_row_per_image_every_5_iterations(workdir):

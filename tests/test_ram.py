@@ -302,10 +302,10 @@ def test_cli_writes_maps_figure_and_scores_and_names_bad_images(tmp_path):
     assert '9_left.jpeg' in result.stderr and 'Traceback' not in result.stderr
     out = tmp_path / 'data' / 'ram' / CNF
     for name in LEVELS_OF_TINY_SET:
-        with Image.open(out / f'{name}_{CNF}_ram.png') as image:
+        with Image.open(out / f'{name}_{CNF}.png') as image:
             assert image.format == 'PNG' and min(image.size) >= 300
-    assert not (out / f'9_left_{CNF}_ram.png').exists()
-    with Image.open(out / f'{CNF}_ram_by_level.png') as figure:
+    assert not (out / f'9_left_{CNF}.png').exists()
+    with Image.open(out / f'{CNF}_by_level.png') as figure:
         assert figure.size[0] > figure.size[1]
     values = {}
     for name in SCORE_NAMES:
@@ -323,9 +323,9 @@ def test_cli_single_files_signed_and_output_dir(tmp_path):
     result = run_script('ram.py', '--cnf', CNF, '--images', images / '2_left.jpeg', '--images',
                         images / '3_left.jpeg', '--signed', '--limit', 1, '--output_dir', 'maps',
                         '--no_progress', cwd=tmp_path)
-    assert (tmp_path / 'maps' / f'2_left_{CNF}_ram_signed.png').is_file()
-    assert not (tmp_path / 'maps' / f'3_left_{CNF}_ram_signed.png').exists()
-    assert (tmp_path / 'maps' / f'{CNF}_ram_signed_by_level.png').is_file()
+    assert (tmp_path / 'maps' / f'2_left_{CNF}_signed.png').is_file()
+    assert not (tmp_path / 'maps' / f'3_left_{CNF}_signed.png').exists()
+    assert (tmp_path / 'maps' / f'{CNF}_signed_by_level.png').is_file()
     assert 'ram_mass_in_lesions' not in result.stdout
 
 
