@@ -3,7 +3,7 @@
 import click
 
 from retina import config as config_module, paths
-from retina.errors import UserError, handle_errors
+from retina.errors import handle_errors
 
 
 @click.command(context_settings={'help_option_names': ['-h', '--help']})

@@ -26,10 +26,6 @@ COLOUR_U = np.array([[-0.56543481, 0.71983482, 0.40240142],
                      [-0.56694071, -0.6935729, 0.44423429]], dtype=np.float32)
 COLOUR_EV = np.array([1.65513492, 0.48450358, 0.1565086], dtype=np.float32)
 
-NO_AUGMENTATION = dict(zoom_range=(1.0, 1.0), rotation_range=(0, 0), shear_range=(0, 0),
-                       translation_range=(0, 0), do_flip=False, allow_stretch=False)
-
-
 def identity_params(n, device='cpu'):
     zeros = torch.zeros(n, device=device)
     return dict(rotation=zeros, shear=zeros, tx=zeros, ty=zeros, zoom_x=zeros + 1,

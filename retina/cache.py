@@ -6,6 +6,7 @@ times and the image size S: change any image and a new cache is built.
 Batches are gathered from it as uint8 and moved to the device, where they
 are augmented and standardised.
 """
+import glob
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,23 @@ def _decode(path, size):
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1)
 
 
+def _fill(array, image_paths, size, progress):
+    """Decode every image into `array` in threads; returns the messages of those that failed."""
+    failures = []
+
+    def one(index):
+        try:
+            array[index] = _decode(image_paths[index], size)
+        except BadImage as error:
+            failures.append(str(error))
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        list(tqdm(pool.map(one, range(len(image_paths))), total=len(image_paths),
+                  desc=f'caching {image_paths[0].parent} at {size}px', unit='img',
+                  disable=not progress, leave=False))
+    return failures
+
+
 def load_images(image_paths, size=None, cache_dir=None, progress=True):
     """A read-only (N, 3, S, S) uint8 array of `image_paths`, built once and memory-mapped."""
     image_paths = [Path(p) for p in image_paths]
@@ -63,29 +81,26 @@ def load_images(image_paths, size=None, cache_dir=None, progress=True):
     path = paths_module.image_cache(image_paths[0].parent, size, key)
     if cache_dir is not None:
         path = Path(cache_dir) / path.name
-    if path.with_suffix('.npy').is_file():
-        path = path.with_suffix('.npy')
+    if path.is_file():
         return np.load(path, mmap_mode='r')
-    path = path.with_suffix('.npy')
-    failures = []
     with atomic.atomic_path(path) as tmp:
         array = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8,
                                           shape=(len(image_paths), 3, size, size))
-
-        def fill(index):
-            try:
-                array[index] = _decode(image_paths[index], size)
-            except BadImage as error:
-                failures.append(str(error))
-
-        with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-            list(tqdm(pool.map(fill, range(len(image_paths))), total=len(image_paths),
-                      desc=f'caching {image_paths[0].parent} at {size}px', unit='img',
-                      disable=not progress, leave=False))
+        failures = _fill(array, image_paths, size, progress)
         array.flush()
-        del array
+        del array  # closes the map before the rename
         if failures:
             shown = '; '.join(failures[:3]) + (f' (and {len(failures) - 3} more)'
                                                 if len(failures) > 3 else '')
             raise UserError(f'{len(failures)} image(s) cannot be used: {shown}')
+    _drop_older_caches(path)
     return np.load(path, mmap_mode='r')
+
+
+def _drop_older_caches(path):
+    """Remove the caches of earlier contents of the same folder at the same size (at 512 px
+    a cache of the Kaggle training set is 27 GB: changing one photo must not keep two)."""
+    stem = path.stem.rsplit('_', 1)[0]  # {folder}_{size}
+    for other in path.parent.glob(f'{glob.escape(stem)}_*.npy'):
+        if other != path and len(other.stem) == len(path.stem):
+            other.unlink(missing_ok=True)

@@ -90,7 +90,7 @@ def submission():
 
 def image_cache(folder, size, key):
     """A uint8 cache of the images of `folder` decoded at `size`; `key` names its content."""
-    return CACHE_DIR / f'{Path(folder).name}_{size}_{key}.u8'
+    return CACHE_DIR / f'{Path(folder).name}_{size}_{key}.npy'
 
 
 def ram_dir(cnf_name):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHARED_DATA = REPO.parent / 'shared' / 'data'
+SHARED_DATA = REPO.parent / 'shared' / 'data'  # real photographs, where present
 
 
 def run_script(script, *args, cwd, check=True, timeout=600, env=None):

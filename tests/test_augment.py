@@ -8,7 +8,7 @@ import torch
 from retina import augment
 from retina.augment import (COLOUR_EV, COLOUR_U, affine_theta, augment_batch, broadcast_params,
                             centre_crop, colour_shift, identity_params, prepare_batch,
-                            standardise, tta_params, warp)
+                            tta_params, warp)
 from retina.data import MEAN, STD
 
 AUG = dict(zoom_range=(1 / 1.15, 1.15), rotation_range=(0, 360), shear_range=(0, 0),

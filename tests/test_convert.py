@@ -7,18 +7,15 @@ photographs when they are there.
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:  # plain `pytest` from anywhere, without installing the package
-    sys.path.insert(0, str(REPO))
+from conftest import REPO, SHARED_DATA
+from retina import crop
 
-from retina import crop  # noqa: E402
-SAMPLE = REPO.parent / 'shared' / 'data' / 'eyepacs_sample'
+SAMPLE = SHARED_DATA / 'eyepacs_sample'
 
 
 def fundus(width=900, height=600, centre=(420, 300), radius=270, seed=0):

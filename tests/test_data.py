@@ -1,4 +1,6 @@
 """Data layer: labels, names, the patient split, class balance and kappa."""
+import os
+
 import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
@@ -116,3 +118,23 @@ def test_two_files_of_one_name_are_refused(tmp_path):
     with pytest.raises(UserError, match='14_left.jpeg and 14_left.png in .* are both image '
                                         '14_left; keep one of them'):
         list_images(tmp_path)
+
+
+def test_image_cache_is_rebuilt_when_a_photo_changes_and_the_old_one_goes(tmp_path):
+    from PIL import Image
+
+    from retina.cache import load_images
+    folder = tmp_path / 'train_tiny'
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(
+            folder / f'{i}_left.png')
+    paths = sorted(folder.iterdir())
+    first = np.array(load_images(paths, cache_dir=tmp_path / 'cache', progress=False))
+    assert first.shape == (3, 3, 16, 16)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(paths[1])
+    os.utime(paths[1], ns=(1, 1))  # a different modification time, whatever the clock
+    second = np.array(load_images(paths, cache_dir=tmp_path / 'cache', progress=False))
+    assert (second[1] == 0).all() and np.array_equal(second[0], first[0])
+    assert len(list((tmp_path / 'cache').glob('*.npy'))) == 1

@@ -11,7 +11,7 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from conftest import REPO, run_script
+from conftest import run_script
 from retina import checkpoint, config as config_module, data, paths
 from retina.augment import prepare_batch, random_params
 from retina.train import lr_for_epoch, make_optimizer, train
