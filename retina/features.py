@@ -70,12 +70,23 @@ SAVE_EVERY = 5
 
 
 def load_model(config, weights_path, device):
-    """The config's net with weights that must fit it exactly, in eval mode on `device`."""
+    """The net of `weights_path`, in eval mode on `device`; it must be weights of `config`."""
+    return rebuild(config, weights_path)[0].to(device).eval()
+
+
+def rebuild(config, weights_path):
+    """(net with the weights of `weights_path`, the checkpoint dict), on the CPU.
+
+    The net is rebuilt from the checkpoint's own resolved config, so weights stay
+    usable after the config module is edited; weights of another config must fit
+    this one's layers exactly.
+    """
     from retina import checkpoint
     state = checkpoint.load(weights_path)
-    model = config.build_net()
+    model = (checkpoint.config_of(state) if state.get('config_name') == config.name
+             else config).build_net()
     checkpoint.load_exact(model, state, weights_path, config.name)
-    return model.to(device).eval()
+    return model, state
 
 
 def weights_fingerprint(model):

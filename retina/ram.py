@@ -60,9 +60,10 @@ from PIL import Image
 from scipy import ndimage
 from tqdm import tqdm
 
-from retina import atomic, checkpoint, crop, data, paths
+from retina import atomic, crop, data, paths
 from retina.augment import centre_crop, standardise
 from retina.errors import UserError
+from retina.features import rebuild
 from retina.images import BadImage, image_name, list_images, load_rgb
 
 LEVELS = data.LEVELS
@@ -470,13 +471,8 @@ def load_ram_net(config, weights_from, device):
         raise UserError(f'{config.path}: {config.name} is a baseline config (RMS-pool head) and has '
                         f'no regression activation map; use --cnf {config.name}_ram')
     path = Path(weights_from) if weights_from else paths.best_kappa_weights(config.name)
-    if not path.is_file():
-        raise UserError(f'{path}: no weights for {config.name}; train first (python train_nn.py '
-                        f'--cnf {config.name}) or pass --weights_from')
-    state = checkpoint.load(path)
-    net = config.build_net()
+    net, state = rebuild(config, path)
     check_ram_net(net)
-    checkpoint.load_exact(net, state, path, config.name)
     return net.to(device).eval(), path, state.get('config_name')
 
 
