@@ -20,7 +20,7 @@ from scipy.stats import norm, qmc
 
 from retina.data import MEAN, STD
 
-# Krizhevsky PCA colour noise (SPEC §3).
+# Krizhevsky PCA colour noise, as the original applies it.
 COLOUR_U = np.array([[-0.56543481, 0.71983482, 0.40240142],
                      [-0.5989477, -0.02304967, -0.80036049],
                      [-0.56694071, -0.6935729, 0.44423429]], dtype=np.float32)
@@ -50,7 +50,7 @@ def random_params(n, aug, sigma, generator=None, device='cpu'):
 
 
 def tta_params(n_iter, skip, aug, sigma):
-    """One parameter set per TTA iteration from the 10-d Halton sequence (SPEC §5).
+    """One parameter set per TTA iteration from the 10-d Halton sequence, as the original.
 
     Returns a list of dicts of Python floats; with n_iter == 1 there is no augmentation.
     """
@@ -173,7 +173,7 @@ def colour_shift(colour):
 
 
 def augment_batch(images, params, out_size):
-    """uint8 batch -> warped, standardised, colour-noised float batch (SPEC §3 order)."""
+    """uint8 batch -> warped, standardised, colour-noised float batch (the original order)."""
     x = standardise(warp(images, params, out_size))
     return x + colour_shift(params['colour'])[:, :, None, None]
 

@@ -1,4 +1,4 @@
-"""Blending transform.py features into levels and a submission (blend.py, SPEC §6).
+"""Blending transform.py features into levels and a submission (blend.py), as the original did it.
 
 A *run* is a list of train feature files (e.g. the mean and std features of
 two configs) that are concatenated side by side; blend.yml names the runs.

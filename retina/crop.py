@@ -1,6 +1,6 @@
 """Crop each fundus photograph to the eye, make it square and resize it (convert.py).
 
-The algorithm is the original solution's (SPEC section 2).  A photograph is
+The algorithm is the original solution's.  A photograph is
 a bright disc (the retina) on a dark surround.  When the photograph is wide
 (width > 1.2 x height) the surround fills its left and right edges, so the
 brightest pixel of those two edge strips, per channel, is the background
@@ -40,6 +40,8 @@ import multiprocessing
 import os
 import signal
 import sys
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
@@ -224,6 +226,7 @@ class ConvertSummary:
     skipped: int = 0
     failed: list = dataclasses.field(default_factory=list)
     warnings: list = dataclasses.field(default_factory=list)
+    seen: set = dataclasses.field(default_factory=set)  # sources done, converted or not
 
     def describe(self, convert_directory):
         line = f'{self.converted} converted, {self.skipped} already in {convert_directory} (skipped)'
@@ -307,22 +310,63 @@ def convert_folder(directory, convert_directory, crop_size, extension='tiff', n_
                dynamic_ncols=True)
     with bar:
         if n_proc == 1:
-            results = map(_convert_task, todo)
-            _collect(results, summary, bar)
+            _collect(map(_convert_task, todo), summary, bar)
         else:
-            chunksize = max(1, min(16, len(todo) // (n_proc * 8)))
-            # forkserver: workers start from a clean process, not a fork of this one with
-            # its threads (tqdm's monitor) and whatever locks they held at that moment.
-            context = multiprocessing.get_context('forkserver')
-            with context.Pool(n_proc, initializer=_init_worker) as pool:
-                _collect(pool.imap_unordered(_convert_task, todo, chunksize=chunksize), summary, bar)
+            _convert_in_pool(todo, n_proc, summary, bar)
     if progress:
         tqdm.write(f'convert: {summary.describe(convert_directory)}', file=sys.stderr)
     return summary
 
 
+def _convert_in_pool(todo, n_proc, summary, bar):
+    """Convert `todo` in `n_proc` worker processes.
+
+    A worker that dies (killed, or crashed in a decoder) breaks the pool: the
+    images not yet done get one more try in a new pool, and a second death is
+    an error.  (multiprocessing.Pool would wait for the lost task forever.)
+    """
+    for attempt in (1, 2):
+        remaining = [task for task in todo if task[0] not in summary.seen]
+        pool = _start_pool(n_proc)
+        try:
+            chunksize = max(1, min(16, len(remaining) // (n_proc * 8)))
+            _collect(pool.map(_convert_task, remaining, chunksize=chunksize), summary, bar)
+        except BrokenProcessPool:
+            _stop(pool)
+            if attempt == 2:
+                raise UserError(f'a convert worker process died twice; {summary.converted} '
+                                f'image(s) are done and kept: run again with --n_proc 1 to find '
+                                f'an image that crashes the decoder') from None
+            tqdm.write('note: a convert worker process died; trying the rest again',
+                       file=sys.stderr)
+            continue
+        except BaseException:  # Ctrl-C, a full disk: stop the workers now
+            _stop(pool)
+            raise
+        pool.shutdown()
+        return
+
+
+def _start_pool(n_proc):
+    # forkserver: workers start from a clean process, not a fork of this one with
+    # its threads (tqdm's monitor) and whatever locks they held at that moment.
+    return ProcessPoolExecutor(n_proc, mp_context=multiprocessing.get_context('forkserver'),
+                               initializer=_init_worker)
+
+
+def _stop(pool):
+    """Cancel what is queued and end the workers; SIGTERM lets each remove its temporary file."""
+    processes = list((getattr(pool, '_processes', None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(10)
+
+
 def _collect(results, summary, bar):
     for src, error, warnings in results:
+        summary.seen.add(src)
         if error is None:
             summary.converted += 1
         else:

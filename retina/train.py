@@ -386,7 +386,7 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
         if runtime.distributed:
             dist.barrier()
     if runtime.main:
-        if stopped_by == 'schedule':  # SPEC §1: weights_final.pt marks a finished schedule
+        if stopped_by == 'schedule':  # as the original: weights_final.pt marks a finished schedule
             checkpoint.save(paths.final_weights(name), model=model, config=config,
                             epoch=epoch - 1, seed=seed, best_kappa=best_kappa)
             how = 'the schedule is done'

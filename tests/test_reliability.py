@@ -380,3 +380,43 @@ def test_unconverted_or_mixed_size_images_are_refused_not_squashed(workdir, synt
         assert result.returncode == 2, result.stdout + result.stderr
         assert words in result.stderr and 'Traceback' not in result.stderr
     assert not (workdir / 'weights').exists()
+
+
+def _children(pid):
+    out = subprocess.run(['ps', '-o', 'pid=', '--ppid', str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def _convert_started(process, out, deadline=60):
+    """Wait until `process` has written its first image; returns its worker processes' pids."""
+    end = time.time() + deadline
+    while not list(out.glob('*.tiff')) and time.time() < end and process.poll() is None:
+        time.sleep(0.05)
+    return [w for child in _children(process.pid) for w in _children(child)]
+
+
+def test_convert_survives_a_dead_worker_and_stops_cleanly_on_ctrl_c(synthetic_source, tmp_path):
+    out = tmp_path / 'out'
+    command = ['convert.py', '--directory', synthetic_source / 'train', '--convert_directory', out,
+               '--crop_size', 1024, '--n_proc', 2]  # slow enough to interrupt
+    process = start(command, tmp_path)
+    workers = _convert_started(process, out)
+    assert workers, 'no worker processes found'
+    os.kill(workers[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert 'worker process died; trying the rest again' in stderr
+    sources = sorted(p.stem for p in (synthetic_source / 'train').iterdir())
+    assert sorted(p.stem for p in out.glob('*.tiff')) == sources
+
+    shutil.rmtree(out)
+    process = start(command, tmp_path)
+    _convert_started(process, out)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and 'Run the same command again' in stderr, stderr
+    assert 'Traceback' not in stderr
+    assert not list(out.glob('.*.tmp')), 'a worker left its temporary file'
+    for path in out.glob('*.tiff'):
+        with Image.open(path) as image:
+            image.load()
