@@ -2,7 +2,6 @@
 import csv
 import math
 import os
-import re
 import socket
 
 import numpy as np
@@ -149,37 +148,31 @@ def test_a_typo_in_the_schedule_is_caught_before_training(workdir):
     assert not (workdir / 'weights').exists()
 
 
-def test_a_new_run_moves_the_earlier_one_aside(workdir):
-    run_script('train_nn.py', '--cnf', 'c_128_5x5_32_ram', '--max_epochs', '1',
-               '--no_progress', cwd=workdir)
-    first = checkpoint.load(workdir / 'weights' / 'c_128_5x5_32_ram' / 'last.pt')
-    result = run_script('train_nn.py', '--cnf', 'c_128_5x5_32_ram', '--max_epochs', '1',
-                        '--seed', '1', '--no_progress', cwd=workdir)
-    assert 'moved the earlier run' in result.stdout
-    earlier = list((workdir / 'weights').glob('c_128_5x5_32_ram.earlier-*'))
-    assert len(earlier) == 1
-    kept = checkpoint.load(earlier[0] / 'last.pt')
-    assert all(torch.equal(kept['model'][k], v) for k, v in first['model'].items())
-    assert (workdir / 'weights' / 'c_128_5x5_32_ram' / 'last.pt').is_file()
-
-
 def test_cnf_path_works_from_another_folder(tmp_path):
     result = run_script('train_nn.py', '--cnf', 'configs/c_128_5x5_32_ram.py', '--summary',
                         cwd=tmp_path)
     assert result.stdout.strip().splitlines()[-1].startswith('parameters: ')
 
-def test_cli_short_run_weights_from_and_missing_labels(workdir):
-    result = run_script('train_nn.py', '--cnf', 'c_128_5x5_32', '--max_epochs', '1',
+def test_cli_short_run_a_second_run_and_missing_labels(workdir):
+    labels = workdir / 'data' / 'trainLabels.csv'
+    text = labels.read_text()
+    labels.write_text(text + '99999_left,2\n99999_right,3\n')
+    result = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1',
                         '--no_progress', cwd=workdir)
     assert 'epoch    1' in result.stdout and 'max_epochs 1' in result.stdout
-    transfer = run_script('train_nn.py', '--cnf', 'c_128_5x5_32_ram', '--max_epochs', '1',
-                          '--weights_from', 'weights/c_128_5x5_32/weights.pt',
-                          '--no_progress', cwd=workdir)
-    # the same trunk: every conv layer is copied; the heads differ and are listed as skipped
-    copied = re.search(r'loaded (\d+) parameter\(s\) from \S+ \(weights of c_128_5x5_32\)',
-                       transfer.stdout)
-    assert copied and int(copied[1]) >= 16, transfer.stdout  # 8 conv layers: weight, bias
-    assert 'skipped output.weight (1, 128)' in transfer.stdout
+    assert 'note: 2 image(s) named in data/trainLabels.csv are not in data/train_tiny' in \
+        result.stdout
+    labels.write_text(text)
+    assert not (workdir / 'weights' / CONFIG / 'weights_final.pt').exists()
+    first = checkpoint.load(workdir / 'weights' / CONFIG / 'last.pt')
+    again = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', '--seed', '1',
+                       '--no_progress', cwd=workdir)
+    assert 'moved the earlier run' in again.stdout
+    earlier = list((workdir / 'weights').glob(f'{CONFIG}.earlier-*'))
+    assert len(earlier) == 1
+    kept = checkpoint.load(earlier[0] / 'last.pt')
+    assert all(torch.equal(kept['model'][k], v) for k, v in first['model'].items())
+    assert (workdir / 'weights' / CONFIG / 'last.pt').is_file()
     labels = workdir / 'data' / 'trainLabels.csv'
     rows = labels.read_text().splitlines()
     labels.write_text('\n'.join(rows[:-2]) + '\n')
@@ -190,8 +183,9 @@ def test_cli_short_run_weights_from_and_missing_labels(workdir):
 
 
 def test_weights_from_lists_skipped_layers(workdir):
-    run_script('train_nn.py', '--cnf', 'c_128_4x4_32', '--max_epochs', '1', '--no_progress',
-               cwd=workdir)
+    source = config_module.load('c_128_4x4_32')  # untrained weights will do
+    checkpoint.save(workdir / 'weights' / 'c_128_4x4_32' / 'weights.pt',
+                    model=source.build_net(), config=source, epoch=0)
     result = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', '--no_progress',
                         '--weights_from', 'weights/c_128_4x4_32/weights.pt', cwd=workdir,
                         check=False)
@@ -201,7 +195,9 @@ def test_weights_from_lists_skipped_layers(workdir):
                     '--no_progress', '--weights_from', 'weights/c_128_4x4_32/weights.pt',
                     cwd=workdir)
     assert 'skipped output.weight (1, 128) (in weights.pt: (1, 512))' in ok.stdout
-    assert 'loaded 17 parameter(s)' in ok.stdout
+    # the same trunk: its 8 conv layers (weight, bias) and the output bias are copied
+    assert 'loaded 17 parameter(s) from weights/c_128_4x4_32/weights.pt (weights of ' \
+           'c_128_4x4_32)' in ok.stdout
 
 
 def test_cuda_request_without_gpu_is_one_line(tmp_path):
