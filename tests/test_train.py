@@ -107,44 +107,36 @@ def test_resume_equals_an_uninterrupted_run(workdir, monkeypatch, tmp_path):
     assert [int(r['epoch']) for r in rows] == [1, 2, 3]
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_weights(workdir):
+def _train_with_schedule(workdir, schedule):
+    """train_nn.py on a copy of CONFIG with another schedule; a one-line error is expected."""
     (workdir / 'configs').mkdir()
     (workdir / 'configs' / 'c_explode.py').write_text(
         'from configs.c_128_5x5_32_ram import cnf as base, layers\n'
-        "cnf = dict(base, schedule={0: 0.003, 1: 1e12, 5: 'stop'})\n")
+        f'cnf = dict(base, schedule={schedule})\n')
     result = run_script('train_nn.py', '--cnf', 'configs/c_explode.py', '--no_progress',
                         cwd=workdir, check=False)
     assert result.returncode == 2, result.stdout + result.stderr
+    assert 'Traceback' not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    return result, workdir / 'weights' / 'c_explode'
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_weights(workdir):
+    result, run = _train_with_schedule(workdir, "{0: 0.003, 1: 1e12, 5: 'stop'}")
     assert 'NaN' in result.stderr and 'last good weights' in result.stderr
-    assert 'Traceback' not in result.stderr
-    state = checkpoint.load(workdir / 'weights' / 'c_explode' / 'last.pt')
+    state = checkpoint.load(run / 'last.pt')
     assert state['epoch'] >= 1
     assert all(torch.isfinite(v).all() for v in state['model'].values())
 
 
-
 def test_nan_in_the_first_epoch_says_no_weights_were_saved(workdir):
-    (workdir / 'configs').mkdir()
-    (workdir / 'configs' / 'c_explode.py').write_text(
-        'from configs.c_128_5x5_32_ram import cnf as base, layers\n'
-        "cnf = dict(base, schedule={0: 1e12, 5: 'stop'})\n")
-    result = run_script('train_nn.py', '--cnf', 'configs/c_explode.py', '--no_progress',
-                        cwd=workdir, check=False)
-    assert result.returncode == 2, result.stdout + result.stderr
+    result, run = _train_with_schedule(workdir, "{0: 1e12, 5: 'stop'}")
     assert 'at epoch 1' in result.stderr and 'no weights were saved' in result.stderr
-    assert not (workdir / 'weights' / 'c_explode' / 'last.pt').exists()
-    assert not (workdir / 'weights' / 'c_explode' / 'weights.pt').exists()
+    assert not (run / 'last.pt').exists() and not (run / 'weights.pt').exists()
 
 
 def test_a_typo_in_the_schedule_is_caught_before_training(workdir):
-    (workdir / 'configs').mkdir()
-    (workdir / 'configs' / 'c_typo.py').write_text(
-        'from configs.c_128_5x5_32_ram import cnf as base, layers\n'
-        "cnf = dict(base, schedule={0: 0.003, 150: 'stpo'})\n")
-    result = run_script('train_nn.py', '--cnf', 'configs/c_typo.py', '--no_progress',
-                        cwd=workdir, check=False)
-    assert result.returncode == 2, result.stdout + result.stderr
-    assert "schedule entry 150: 'stpo'" in result.stderr and 'Traceback' not in result.stderr
+    result, _ = _train_with_schedule(workdir, "{0: 0.003, 150: 'stpo'}")
+    assert "schedule entry 150: 'stpo'" in result.stderr
     assert not (workdir / 'weights').exists()
 
 
