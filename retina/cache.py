@@ -104,3 +104,10 @@ def _drop_older_caches(path):
     for other in path.parent.glob(f'{glob.escape(stem)}_*.npy'):
         if other != path and len(other.stem) == len(path.stem):
             other.unlink(missing_ok=True)
+
+
+def check_size(images, input_size, folder, config_name):
+    """Images smaller than the network's window cannot be used: say which crop size to make."""
+    if images.shape[-1] < max(input_size):
+        raise UserError(f'{folder}: images are {images.shape[-1]} px but {config_name} needs at '
+                        f'least {max(input_size)}; convert them with convert.py --crop_size')

@@ -140,17 +140,16 @@ def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu
     from retina import atomic, cache, paths
     from retina.augment import broadcast_params, prepare_batch, tta_params
     from retina.images import image_name, list_images
-    from retina.train import batches
+    from retina.train import Runtime, batches, place_images
 
     image_paths = list_images(folder)
     names = [image_name(p) for p in image_paths]
     images = cache.load_images(image_paths, progress=progress)
-    if images.shape[-1] < max(config.input_size):
-        raise UserError(f'{folder}: images are {images.shape[-1]} px but {config.name} needs at '
-                        f'least {max(config.input_size)}; convert them with convert.py --crop_size')
+    cache.check_size(images, config.input_size, folder, config.name)
     device = torch.device(device)
+    # On the GPU when it fits (a 512-px Kaggle test set is 42 GB), else streamed from the host.
+    images = place_images(images, Runtime(device), 'auto')
     if device.type == 'cuda':
-        images = torch.from_numpy(np.ascontiguousarray(images)).to(device)
         model = model.to(memory_format=torch.channels_last)
     batch_size = batch_size or config.cnf['batch_size_test']
     augmentations = tta_params(n_iter, skip, config.cnf['aug_params'], config.cnf['sigma'])

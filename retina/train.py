@@ -303,10 +303,7 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
         dist.barrier()
     if not runtime.main:
         host_images = cache.load_images(image_paths, progress=False)
-    if host_images.shape[-1] < max(config.input_size):
-        raise UserError(f'{cnf["train_dir"]}: images are {host_images.shape[-1]} px but '
-                        f'{name} needs at least {max(config.input_size)}; convert them with '
-                        f'convert.py --crop_size')
+    cache.check_size(host_images, config.input_size, cnf['train_dir'], name)
     images = place_images(host_images, runtime, cache_on_device)
     train_idx, valid_idx = data.split_indices(names, levels)
 
