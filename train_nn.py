@@ -35,14 +35,15 @@ from retina.errors import handle_errors
               help='Print every layer with its output shape and parameter count, then exit.')
 @click.option('--no_progress', is_flag=True, help='No progress bars (for logs).')
 @handle_errors(resume_hint='Continue with: python train_nn.py --cnf {cnf} --resume')
-def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed, deterministic, compile_model,
-         cache_on_device, summary, no_progress):
+def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed, deterministic,
+         compile_model, cache_on_device, summary, no_progress):
     """Train the network of config CNF on its train_dir and labels.
 
     Writes, under weights/CNF/: weights.pt (best validation kappa),
     best/ (each new best validation loss), epochs/ (every 5 epochs),
     weights_final.pt (end of schedule), last.pt (for --resume), log.csv and
-    config.json.  Run under torchrun for several GPUs.
+    config.json.  A new run (without --resume) first moves an earlier run's
+    folder to weights/CNF.earlier-TIME/.  Run under torchrun for several GPUs.
     """
     config = config_module.load(cnf)
     config.cnf.update({k: v for k, v in (('train_dir', train_dir), ('labels', labels)) if v})
