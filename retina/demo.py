@@ -96,8 +96,10 @@ def main(out, n_patients, epochs, tta, seed):
         run_step(f'crop and resize the {split} photos to 128 px',
                  ['convert.py', '--directory', f'raw/{split}', '--convert_directory',
                   f'data/{split}_tiny', '--crop_size', 128, '--extension', 'jpeg'], work, log)
+    # A rerun after an interruption continues the run (a finished one stops at once).
+    resume = ['--resume'] if (work / paths.resume_checkpoint(CONFIG)).is_file() else []
     run_step(f'train {CONFIG}', ['train_nn.py', '--cnf', CONFIG, '--max_epochs', epochs,
-                                 '--seed', seed], work, log)
+                                 '--seed', seed, *resume], work, log)
     run_step('test-time-augmented features', ['transform.py', '--cnf', CONFIG, '--n_iter', tta,
                                               '--train', '--test'], work, log)
     features = [paths.features(CONFIG, 'train', stat, tta, 0) for stat in ('mean', 'std')]

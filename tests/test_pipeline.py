@@ -31,6 +31,14 @@ def test_demo_pipeline_runs_end_to_end_on_a_small_setting(tmp_path):
     assert all(row['level'] in '01234' for row in rows)
     heat_maps = re.search(r'^heat maps: (.+)$', stdout, re.M).group(1)
     assert len(list((tmp_path / heat_maps).glob(f'*_{CONFIG}.png'))) == len(test_images)
+    # Run again (as after an interruption): training and features are not redone.
+    again = subprocess.run([sys.executable, '-m', 'retina.demo', '--out', str(out),
+                            '--n_patients', '24', '--epochs', '2', '--tta', '2'],
+                           cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f'resuming {CONFIG} at epoch 3' in again.stdout
+    assert 'train: already complete' in again.stdout
+    assert not list((out / 'weights').glob('*.earlier-*'))
 
 
 def test_transform_writes_one_row_per_image_every_5_iterations(workdir):
