@@ -84,8 +84,13 @@ def handle_errors(resume_hint=None):
                 if debug:
                     raise
                 first = (str(error).strip().splitlines() or [''])[0][:200]
-                click.echo(f'error: unexpected {type(error).__name__}: {first} (a bug: rerun '
-                           f'with --debug for the traceback and report it)', err=True)
+                if isinstance(error, MemoryError) or 'out of memory' in first.lower():
+                    click.echo(f'error: out of memory ({type(error).__name__}: {first}); use a '
+                               f'smaller batch (--batch_size, or the config\'s '
+                               f'batch_size_train) or --cache_on_device no', err=True)
+                else:
+                    click.echo(f'error: unexpected {type(error).__name__}: {first} (a bug: rerun '
+                               f'with --debug for the traceback and report it)', err=True)
                 sys.exit(1)
         return wrapper
     return decorate
