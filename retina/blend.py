@@ -33,6 +33,7 @@ import yaml
 from sklearn.preprocessing import StandardScaler
 
 from retina import atomic, data, paths
+from retina.config import lr_for_epoch
 from retina.errors import UserError
 from retina.features import load_features, names_file_for, read_names
 from retina.images import image_name, list_images
@@ -279,11 +280,6 @@ def add_penalty_gradients(net):
         net.hidden1.weight.grad.add_(net.hidden1.weight.sign(), alpha=L1_FIRST_LAYER)
 
 
-def lr_for_epoch(schedule, epoch):
-    """The learning rate of `epoch` (from 1), or 'stop'."""
-    return schedule[max(k for k in schedule if k < epoch) if epoch > 0 else 0]
-
-
 def balanced_probabilities(levels):
     """Sampling probability per row that makes every present level equally likely.
 
@@ -382,6 +378,8 @@ def confusion_matrix(levels, predictions, thresholds=FIXED_THRESHOLDS):
 
 
 def _kappa_of_confusion(confusion):
+    """Quadratic weighted kappa from a confusion matrix: the threshold search scores
+    thousands of candidate cut-offs, too many for sklearn's per-call overhead."""
     n = confusion.shape[0]
     weights = (np.arange(n)[:, None] - np.arange(n)[None, :]) ** 2
     expected = np.outer(confusion.sum(1), confusion.sum(0)) / max(confusion.sum(), 1)

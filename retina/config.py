@@ -54,6 +54,14 @@ class Config:
                                 layers=self.layers))
 
 
+def lr_for_epoch(schedule, epoch):
+    """The learning rate of `epoch` (from 1) in a {epoch: lr or 'stop'} schedule, or 'stop'.
+
+    An entry {k: v} takes effect at the end of epoch k, as in the original.
+    """
+    return schedule[max(k for k in schedule if k < epoch) if epoch > 0 else 0]
+
+
 def available_configs():
     folders = [Path('configs'), REPO_ROOT / 'configs']
     return sorted({p.stem for folder in folders if folder.is_dir()

@@ -69,7 +69,7 @@ def last_value(lines, prefix):
     return None
 
 
-@click.command()
+@click.command(context_settings={'help_option_names': ['-h', '--help']})
 @click.option('--out', default='demo', show_default=True, type=click.Path(file_okay=False),
               help='Folder for everything the demo makes (photos, data/, weights/).')
 @click.option('--n_patients', default=300, show_default=True, type=click.IntRange(min=10),

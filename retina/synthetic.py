@@ -508,7 +508,7 @@ def generate(out_dir, n_patients=60, seed=0, width=576, height=384, one_eye_frac
     }
 
 
-@click.command()
+@click.command(context_settings={'help_option_names': ['-h', '--help']})
 @click.option('--out', 'out_dir', required=True, type=click.Path(file_okay=False),
               help='Folder for train/, test/, masks/ and the label files, e.g. data/synthetic.')
 @click.option('--n_patients', default=60, show_default=True, type=click.IntRange(min=1),

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from retina import atomic, cache, checkpoint, data, paths
+from retina.config import lr_for_epoch
 from retina.augment import prepare_batch, random_params
 from retina.errors import UserError
 
@@ -91,15 +92,6 @@ def setup_runtime(requested='auto'):
     if not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return Runtime(device, rank, world)
-
-
-def lr_for_epoch(schedule, epoch):
-    """The learning rate of `epoch` (from 1), or 'stop'.
-
-    A schedule entry {k: v} takes effect at the end of epoch k, as in the original.
-    """
-    key = max(k for k in schedule if k < epoch) if epoch > 0 else 0
-    return schedule[key]
 
 
 def make_optimizer(model, cnf, lr):
