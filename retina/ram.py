@@ -455,14 +455,6 @@ def by_level_figure(examples, cnf_name, cmap, alpha, signed):
     return figure
 
 
-def heat_map_path(output_dir, name, cnf_name, signed):
-    return Path(output_dir) / f'{name}_{cnf_name}{"_signed" if signed else ""}.png'
-
-
-def by_level_path(output_dir, cnf_name, signed):
-    return Path(output_dir) / f'{cnf_name}{"_signed" if signed else ""}_by_level.png'
-
-
 # --- the run -----------------------------------------------------------------------
 
 def load_ram_net(config, weights_from, device):
@@ -529,7 +521,7 @@ def run(config, net, image_paths, output_dir, signed=False, cmap=None, alpha=0.5
                                   ram=ram[i].cpu().numpy(), prediction=float(predictions[i]),
                                   map_mean=float(maps[i].mean()),
                                   label=known.get(name) if known is not None else None)
-                path_out = heat_map_path(output_dir, name, config.name, signed)
+                path_out = paths.heat_map(output_dir, name, config.name, signed)
                 _save(heat_map_figure(example, config.name, cmap, alpha, signed), path_out)
                 written.append(path_out)
                 current = best[example.level]
@@ -540,7 +532,7 @@ def run(config, net, image_paths, output_dir, signed=False, cmap=None, alpha=0.5
                 _score_batch(net, batch, x, maps - bias, predictions, known, mask_source, scores,
                              window_size, generator, failed)
             bar.update(len(batch))
-    by_level = by_level_path(output_dir, config.name, signed)
+    by_level = paths.heat_map_figure(output_dir, config.name, signed)
     _save(by_level_figure(best, config.name, cmap, alpha, signed), by_level)
     return RunSummary(written=written, by_level=by_level, failed=failed, scores=scores)
 
