@@ -26,11 +26,7 @@ def atomic_path(path):
     for stale in path.parent.glob(f'.{glob.escape(path.name)}.*.tmp'):
         with contextlib.suppress(OSError):
             stale.unlink()
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    except OSError as error:
-        raise _naming(error, path) from None
-    os.close(fd)
+    tmp = _temporary_beside(path)
     # mkstemp makes the file private (0600); give it the mode a plain open() would.
     os.chmod(tmp, 0o666 & ~_UMASK)
     try:
@@ -49,16 +45,21 @@ def _naming(error, path):
     return OSError(error.errno, error.strerror or str(error), str(path))
 
 
-def check_writable(path):
-    """Fail now, not after hours of work, if `path` cannot be written (OSError naming it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def _temporary_beside(path):
+    """Create an empty hidden `.NAME.XXXX.tmp` beside `path`; an OSError names `path`."""
     try:
         fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
     except OSError as error:
         raise _naming(error, path) from None
     os.close(fd)
-    os.remove(tmp)
+    return tmp
+
+
+def check_writable(path):
+    """Fail now, not after hours of work, if `path` cannot be written (OSError naming it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.remove(_temporary_beside(path))
 
 
 def write_bytes(path, data):

@@ -93,16 +93,17 @@ def load_images(image_paths, size=None, cache_dir=None, progress=True):
             shown = '; '.join(failures[:3]) + (f' (and {len(failures) - 3} more)'
                                                 if len(failures) > 3 else '')
             raise UserError(f'{len(failures)} image(s) cannot be used: {shown}')
-    _drop_older_caches(path)
+    _drop_older_caches(path, image_paths[0].parent, size, key)
     return np.load(path, mmap_mode='r')
 
 
-def _drop_older_caches(path):
+def _drop_older_caches(path, folder, size, key):
     """Remove the caches of earlier contents of the same folder at the same size (at 512 px
     a cache of the Kaggle training set is 27 GB: changing one photo must not keep two)."""
-    stem = path.stem.rsplit('_', 1)[0]  # {folder}_{size}
-    for other in path.parent.glob(f'{glob.escape(stem)}_*.npy'):
-        if other != path and len(other.stem) == len(path.stem):
+    marker = '\0' * len(key)  # stands for any other key of the same length
+    pattern = glob.escape(paths_module.image_cache(folder, size, marker).name)
+    for other in path.parent.glob(pattern.replace(marker, '?' * len(key))):
+        if other != path:
             other.unlink(missing_ok=True)
 
 

@@ -156,8 +156,7 @@ def check_cnf(cnf, path):
         raise UserError(f'{path}: schedule must be a dict {{epoch: lr or "stop"}} starting at '
                         f'epoch 0 with a learning rate')
     for epoch, value in schedule.items():
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if epoch < 0 or not (value == 'stop' or (number and 0 < value < math.inf)):
+        if epoch < 0 or not (value == 'stop' or (_is_number(value) and value > 0)):
             raise UserError(f'{path}: schedule entry {epoch}: {value!r}; each entry must be '
                             f'epoch (≥ 0): a positive learning rate or \'stop\'')
 

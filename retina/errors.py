@@ -40,12 +40,9 @@ def os_error_message(error):
 class _Missing(dict):
     """Options for `str.format_map`; an option not given shows as its upper-case name."""
 
-    def __missing__(self, key):
-        return key.upper()
-
     def __getitem__(self, key):
-        value = super().get(key)
-        return self.__missing__(key) if value is None else value
+        value = self.get(key)
+        return key.upper() if value is None else value
 
 
 def handle_errors(resume_hint=None):

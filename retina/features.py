@@ -109,19 +109,19 @@ def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, ech
         mean_path = paths.features(config_name, split, 'mean', done, skip)
         std_path = paths.features(config_name, split, 'std', done, skip)
         if mean_path.is_file() and std_path.is_file():
-            try:
-                mean, saved_names = load_features(mean_path)
-                std, _ = load_features(std_path)
+            try:  # names and fingerprint first: the arrays are read only if they are usable
+                if read_names(mean_path) != names:
+                    continue
                 source = json.loads(paths.feature_source(config_name, split, done, skip)
                                     .read_text())['fingerprint']
+                if source != fingerprint:
+                    echo(f'{split}: {mean_path} came from other weights; starting from the '
+                         f'first iteration')
+                    return 0, None, None
+                mean, _ = load_features(mean_path)
+                std, _ = load_features(std_path)
             except (UserError, OSError, ValueError, KeyError, TypeError):
                 continue
-            if saved_names != names or mean.shape[0] != len(names):
-                continue
-            if source != fingerprint:
-                echo(f'{split}: {mean_path} came from other weights; starting from the first '
-                     f'iteration')
-                return 0, None, None
             mean, std = mean.astype(np.float64), std.astype(np.float64)
             return done, mean * done, (std ** 2 + mean ** 2) * done
     return 0, None, None

@@ -307,9 +307,9 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
     if resume:
         start = resume_state(model, optimizer, name, seed, weights_from, say)
     else:
-        start = fresh_start(model, name, weights_from, runtime, say)
+        start = fresh_start(model, name, seed, weights_from, runtime, say)
     start_epoch, best_kappa, best_loss = start['epoch'], start['best_kappa'], start['best_loss']
-    seed, log_rows = start.get('seed', seed), start['log_rows']
+    seed, log_rows = start['seed'], start['log_rows']
     if runtime.main:
         atomic.write_text(paths.resolved_config(name),
                           json.dumps(dict(config.resolved(), seed=seed), indent=2))
@@ -347,7 +347,8 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
             raise diverged(name, epoch, f'the training loss became NaN ({where})', last_path)
         metrics.update(evaluate(model, images, levels, valid_idx, config, runtime))
         if len(valid_idx) and not math.isfinite(metrics['valid_loss']):
-            raise diverged(name, epoch, 'the validation predictions became NaN or infinite', last_path)
+            raise diverged(name, epoch, 'the validation predictions became NaN or infinite',
+                           last_path)
         marks = []
         if runtime.main:
             state = dict(model=model, config=config, epoch=epoch, seed=seed)
@@ -413,7 +414,7 @@ def resume_state(model, optimizer, name, seed, weights_from, say):
                           if int(r['epoch']) < start_epoch])
 
 
-def fresh_start(model, name, weights_from, runtime, say):
+def fresh_start(model, name, seed, weights_from, runtime, say):
     """Start a new run: copy matching weights in, move an earlier run's folder aside."""
     if weights_from:  # read before the move: the file may lie in the earlier run's folder
         state = checkpoint.load(weights_from)
@@ -431,7 +432,7 @@ def fresh_start(model, name, weights_from, runtime, say):
             f'run instead of starting over)')
     if runtime.distributed:
         dist.barrier()
-    return dict(epoch=1, best_kappa=-math.inf, best_loss=math.inf, log_rows=[])
+    return dict(epoch=1, best_kappa=-math.inf, best_loss=math.inf, seed=seed, log_rows=[])
 
 
 def diverged(name, epoch, what, last_path):
