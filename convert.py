@@ -12,7 +12,7 @@ import sys
 
 import click
 
-from retina import crop, paths
+from retina import crop, paths, preprocess
 from retina.errors import handle_errors
 
 
@@ -27,7 +27,7 @@ from retina.errors import handle_errors
 @click.option('--test', is_flag=True,
               help=f'Convert nothing; show up to {crop.PREVIEW_COUNT} level-{crop.PREVIEW_LEVEL} photographs '
                    'next to their crops (in windows, or as PNGs in --preview_dir when there is no display).')
-@click.option('--crop_size', default=256, show_default=True, type=click.IntRange(min=8, max=8192),
+@click.option('--crop_size', default=512, show_default=True, type=click.IntRange(min=8, max=8192),
               help='Side of the square output in pixels (the pipeline uses 512 for *_medium).')
 @click.option('--extension', default='tiff', show_default=True,
               type=click.Choice(crop.OUTPUT_EXTENSIONS, case_sensitive=False),
@@ -41,8 +41,18 @@ from retina.errors import handle_errors
               type=click.Path(file_okay=False),
               help='Where --test writes {name}_preview.png (photograph with the found box, crop) '
                    'when there is no display.')
+@click.option('--enhance', default='none', show_default=True,
+              type=click.Choice(preprocess.METHODS),
+              help='Cross-camera preprocessing of the converted images: local_contrast is Ben '
+                   "Graham's local-average subtraction (Gaussian of 1/60 of the side) with each "
+                   'channel brought to one spread, so raw and already-enhanced photographs from any '
+                   'camera get one look; none keeps the colours.  Recorded in the folder '
+                   f'({preprocess.RECORD_NAME}): a folder never mixes the two, and later stages '
+                   'refuse images prepared unlike the training images.')
+@click.option('--no_progress', is_flag=True, help='No progress bar (for logs).')
 @handle_errors(resume_hint='Run the same command again to convert the rest; finished images are kept.')
-def main(directory, convert_directory, test, crop_size, extension, n_proc, labels, preview_dir):
+def main(directory, convert_directory, test, crop_size, extension, n_proc, labels, preview_dir,
+         enhance, no_progress):
     """Crop each photograph to the eye, make it square and resize it to crop_size x crop_size.
 
     Exits with status 1 if any image could not be read (each one is named on
@@ -55,7 +65,8 @@ def main(directory, convert_directory, test, crop_size, extension, n_proc, label
             click.echo(f'error: {len(failed)} image(s) could not be read (listed above)', err=True)
             sys.exit(1)
         return
-    summary = crop.convert_folder(directory, convert_directory, crop_size, extension.lower(), n_proc)
+    summary = crop.convert_folder(directory, convert_directory, crop_size, extension.lower(), n_proc,
+                                 progress=not no_progress, enhance=enhance)
     if len(summary.warnings) > crop.MAX_WARNINGS_SHOWN:
         click.echo(f'{len(summary.warnings)} warnings in all; the first {crop.MAX_WARNINGS_SHOWN} '
                    f'are shown above', err=True)

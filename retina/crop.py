@@ -48,9 +48,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
+from retina import preprocess
 from retina.atomic import save_image
 from retina.errors import UserError
 from retina.images import BadImage, image_name, list_images, load_rgb
+from retina.paths import IMAGE_EXTENSIONS
 
 WIDE_RATIO = 1.2          # only images wider than this x height are searched for the eye
 STRIP_DIVISOR = 32        # each background strip is width // 32 pixels wide
@@ -188,8 +190,9 @@ def save_options(path):
     return {'quality': JPEG_QUALITY} if Path(path).suffix.lower() in ('.jpeg', '.jpg') else {}
 
 
-def convert_one(src, dst, crop_size, warnings=None):
-    """Crop the photograph `src` to the eye, resize it to crop_size² and save it atomically as `dst`.
+def convert_one(src, dst, crop_size, warnings=None, enhance='none'):
+    """Crop the photograph `src` to the eye, resize it to crop_size², preprocess it with
+    `enhance` (see retina.preprocess) and save it atomically as `dst`.
 
     Returns the eye's box in the decoded image (see `load_for_crop`); what
     looks wrong with the result (see `doubts`) is appended to `warnings`.
@@ -198,6 +201,8 @@ def convert_one(src, dst, crop_size, warnings=None):
     image = load_for_crop(src, crop_size)
     box = find_eye_box_fast(image)
     output = crop_to_eye(image, crop_size, box)
+    if enhance != 'none':
+        output = Image.fromarray(preprocess.apply(np.asarray(output), enhance))
     save_image(dst, output, **save_options(dst))
     if warnings is not None:
         warnings.extend(doubts(src, box, output, crop_size))
@@ -266,6 +271,10 @@ def _done(dst, crop_size):
     return True
 
 
+def _has_images(folder):
+    return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in Path(folder).iterdir())
+
+
 def _init_worker():
     # Ctrl-C reaches every process of the group; only the parent should handle it,
     # or each worker prints its own traceback.  The parent then stops the pool
@@ -281,16 +290,17 @@ def _exit_quietly(signum, frame):
 
 def _convert_task(task):
     """Worker: convert one image; a bad image is returned as its message, not raised."""
-    src, dst, crop_size = task
+    src, dst, crop_size, enhance = task
     warnings = []
     try:
-        convert_one(src, dst, crop_size, warnings)
+        convert_one(src, dst, crop_size, warnings, enhance)
     except BadImage as error:
         return src, str(error), []
     return src, None, warnings
 
 
-def convert_folder(directory, convert_directory, crop_size, extension='tiff', n_proc=None, progress=True):
+def convert_folder(directory, convert_directory, crop_size, extension='tiff', n_proc=None, progress=True,
+                   enhance='none'):
     """Convert every image of `directory` into `convert_directory`; return a ConvertSummary.
 
     Outputs that already exist are skipped, so an interrupted run resumes
@@ -302,7 +312,10 @@ def convert_folder(directory, convert_directory, crop_size, extension='tiff', n_
     """
     pairs = _plan(directory, convert_directory, extension)
     Path(convert_directory).mkdir(parents=True, exist_ok=True)
-    todo = [(src, dst, crop_size) for src, dst in pairs if not _done(dst, crop_size)]
+    done = [_done(dst, crop_size) for _, dst in pairs]
+    preprocess.claim_folder(convert_directory, crop_size, enhance,
+                            has_images=any(done) or _has_images(convert_directory))
+    todo = [(src, dst, crop_size, enhance) for (src, dst), ok in zip(pairs, done) if not ok]
     summary = ConvertSummary(total=len(pairs), skipped=len(pairs) - len(todo))
     n_proc = max(1, min(n_proc or os.cpu_count() or 1, len(todo) or 1))
 

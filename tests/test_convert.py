@@ -177,7 +177,7 @@ def test_cli_converts_the_good_names_the_bad_and_fails(photo_folder, tmp_path):
     for name in BAD:
         assert name in result.stderr
     assert f'error: {len(BAD)} of {len(GOOD) + len(BAD)} images could not be converted' in result.stderr
-    assert sorted(p.name for p in out.iterdir()) == [f'{name}.png' for name in GOOD]
+    assert sorted(p.name for p in out.glob('*.png')) == [f'{name}.png' for name in GOOD]
     for name in GOOD:
         with Image.open(out / f'{name}.png') as image:
             assert image.mode == 'RGB' and image.size == (64, 64)
@@ -204,7 +204,8 @@ def test_cli_all_good_exits_zero_with_default_tiff(tmp_path):
     result = run_convert('--directory', folder, '--convert_directory', tmp_path / 'out', '--crop_size', 48,
                          cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == [f'{i}_left.tiff' for i in range(3)]
+    assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == (
+        [f'{i}_left.tiff' for i in range(3)] + ['conversion.json'])
 
 
 def test_leftover_temp_file_is_not_an_existing_output(tmp_path):

@@ -1,0 +1,126 @@
+"""Cross-camera preprocessing: one look for photographs from any camera, raw or enhanced.
+
+Photographs differ by camera, exposure and by what their publisher did to
+them (the eyepacs256 set arrives contrast-enhanced; raw EyePACS photos are
+orange with dark edges).  `convert.py --enhance local_contrast` maps every
+photograph to one look with a variant of Ben Graham's local-average
+subtraction (his 2015 Kaggle preprocessing):
+
+    y = 128 + SPREAD · (x − local_mean(x)) / spread(x − local_mean(x))
+
+per channel, inside the eye only.  The local mean is a Gaussian of sigma
+SIGMA_FRACTION × the image side, computed as a normalised convolution over
+the eye (blur(x·m) / blur(m)), so the black surround does not darken the rim
+into a bright ring.  Graham multiplied by a fixed 4; here each channel's
+spread (its standard deviation over the eye) is brought to SPREAD grey
+levels, which removes the camera's colour balance and contrast as well and
+makes the method (nearly) idempotent: an enhanced image comes back almost
+unchanged, so already-enhanced photographs and raw ones meet in one place.
+Outside the eye is black (0), as in converted photographs.
+
+convert.py records the choice in the converted folder (`conversion.json`);
+training records the folder's choice in its checkpoints, and every later
+stage (transform.py, ram.py, predict.py) refuses images prepared otherwise.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from retina import atomic
+from retina.errors import UserError
+
+METHODS = ('none', 'local_contrast')
+SIGMA_FRACTION = 1 / 60      # local-mean Gaussian sigma, as a share of the image side
+SPREAD = 24.0                # output standard deviation per channel, grey levels
+MASK_THRESHOLD = 12          # blurred brightest channel above this is the eye
+RECORD_NAME = 'conversion.json'
+
+
+def fundus_mask(rgb):
+    """Boolean H × W mask of the eye: the blurred brightest channel above a low threshold,
+    holes filled (dark lesions and the shadowed macula stay inside)."""
+    brightest = rgb.max(axis=2).astype(np.float32)
+    blurred = ndimage.gaussian_filter(brightest, sigma=max(1.0, rgb.shape[0] / 100))
+    return ndimage.binary_fill_holes(blurred > MASK_THRESHOLD)
+
+
+def local_contrast(rgb):
+    """`rgb` (H × W × 3 uint8) in the common look; see the module docstring."""
+    mask = fundus_mask(rgb)
+    if mask.sum() < 16:  # no eye found: nothing to normalise against
+        return np.zeros_like(rgb)
+    sigma = max(1.0, SIGMA_FRACTION * max(rgb.shape[:2]))
+    weight = mask.astype(np.float32)
+    support = ndimage.gaussian_filter(weight, sigma) + 1e-6
+    out = np.zeros(rgb.shape, dtype=np.float32)
+    for c in range(3):
+        x = rgb[..., c].astype(np.float32)
+        local_mean = ndimage.gaussian_filter(x * weight, sigma) / support
+        detail = (x - local_mean)[mask]
+        spread = max(float(detail.std()), 1.0)
+        out[..., c][mask] = 128.0 + SPREAD * detail / spread
+    # Inside the eye at least 1, so that the eye never turns into "surround".
+    out = np.where(mask[..., None], np.clip(np.rint(out), 1, 255), 0)
+    return out.astype(np.uint8)
+
+
+def apply(rgb, method):
+    """`rgb` (H × W × 3 uint8) preprocessed with `method` (one of METHODS)."""
+    if method == 'none':
+        return rgb
+    if method == 'local_contrast':
+        return local_contrast(np.asarray(rgb, dtype=np.uint8))
+    raise UserError(f'unknown preprocessing {method!r}; choose one of {", ".join(METHODS)}')
+
+
+# --- the record kept with a converted folder ---------------------------------
+
+def record_path(folder):
+    return Path(folder) / RECORD_NAME
+
+
+def read_record(folder):
+    """The folder's conversion record, or None for a folder converted without one."""
+    path = record_path(folder)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f'{path}: unreadable conversion record ({error}); delete it and run '
+                        f'convert.py on the folder again') from None
+    if not isinstance(record, dict) or record.get('enhance') not in METHODS:
+        raise UserError(f'{path}: not a conversion record written by convert.py; delete it and '
+                        f'run convert.py on the folder again')
+    return record
+
+
+def folder_method(folder):
+    """The preprocessing of a converted folder ('none' for folders without a record)."""
+    record = read_record(folder)
+    return record['enhance'] if record else 'none'
+
+
+def claim_folder(folder, crop_size, method, has_images):
+    """Before converting into `folder`: refuse to mix methods, then record this one."""
+    record = read_record(folder)
+    found = record['enhance'] if record else ('none' if has_images else None)
+    if found is not None and found != method:
+        raise UserError(f'{folder} holds images converted with --enhance {found}, not {method}; '
+                        f'choose another --convert_directory (mixing looks spoils training)')
+    if record is None or record.get('crop_size') != crop_size:
+        atomic.write_text(record_path(folder),
+                          json.dumps(dict(crop_size=crop_size, enhance=method), indent=2))
+
+
+def check_matches(folder, method, weights):
+    """Images of `folder` must be prepared as the net's training images were."""
+    found = folder_method(folder)
+    if found != method:
+        fix = (f'convert.py --enhance {method}' if method != 'none'
+               else 'convert.py without --enhance')
+        raise UserError(f'{folder}: images converted with --enhance {found}, but {weights} was '
+                        f'trained on --enhance {method} images; convert the photographs with '
+                        f'{fix} into another folder')
