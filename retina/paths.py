@@ -56,6 +56,11 @@ def train_log(cnf_name):
     return run_dir(cnf_name) / 'log.csv'
 
 
+def train_curves(cnf_name):
+    """log.csv drawn: losses, validation kappa and learning rate per epoch."""
+    return run_dir(cnf_name) / 'curves.png'
+
+
 def resolved_config(cnf_name):
     return run_dir(cnf_name) / 'config.json'
 

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from retina import atomic, cache, checkpoint, data, paths
 from retina.config import lr_for_epoch
+from retina.plots import training_curves
 from retina.augment import prepare_batch, random_params
 from retina.errors import UserError
 
@@ -366,6 +367,7 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
             log_rows.append(dict(epoch=epoch, lr=lr, **{k: f'{metrics[k]:.6g}' for k in
                                                          LOG_COLUMNS if k in metrics}))
             write_log(paths.train_log(name), log_rows)
+            training_curves(log_rows, paths.train_curves(name), name)
             # last.pt goes last: a run killed before this line redoes the whole epoch.
             checkpoint.save(last_path, **state, optimizer=optimizer, best_kappa=best_kappa,
                             best_loss=best_loss)
