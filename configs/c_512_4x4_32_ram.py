@@ -1,7 +1,9 @@
-"""c_512_4x4_32 with the RAM head: global average pool + linear output (regression activation maps)."""
+"""c_512_4x4_32 as the RAM repository had it: the RAM head (global average pool + linear output,
+which makes the regression activation map exact), batch norm on the input and after every conv
+but the last, no weight decay, its own schedule."""
 from configs.c_512_4x4_32 import cnf as base, layers as base_layers
-from retina.nets import ram_head, replace_head
+from retina.nets import ram_head, replace_head, with_batch_norm
 
-cnf = dict(base)
+cnf = dict(base, weight_decay=0.0, schedule={0: 0.0001, 100: 0.00001, 251: 'stop'})
 
-layers = replace_head(base_layers, ram_head())
+layers = with_batch_norm(replace_head(base_layers, ram_head()))

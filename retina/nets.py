@@ -127,6 +127,44 @@ def baseline_head(rms_stride):
             ('output', dict(name='output', units=1))]
 
 
+def batch_norm(name):
+    return ('bn', dict(name=name))
+
+
+def with_batch_norm(layers):
+    """The RAM repository's nets: batch norm on the input and after every conv layer's
+    nonlinearity but the last conv's (before the following max-pool, where there is one).
+
+    Named after their conv (`conv3_bn`), so weight transfer 128 -> 256 -> 512 carries them.
+    """
+    last_conv = max(i for i, (kind, _) in enumerate(layers) if kind == 'conv')
+    out = [batch_norm('input_bn')]
+    for i, layer in enumerate(layers):
+        out.append(layer)
+        kind, opt = layer
+        if kind == 'conv' and i != last_conv:
+            out.append(batch_norm(f'{opt["name"]}_bn'))
+    return out
+
+
+def fine_trunk_128(n=32):
+    """The RAM repository's 128-px heat-map trunk (its configs_CAM): strides 1 where net-5
+    has 2, the second pool of stride 1, so the last conv is 54 × 54 for a 112-px input."""
+    return [conv('conv1', n, 5, 1), conv('conv2', n, 3), pool('pool1'),
+            conv('conv3', 2 * n, 5, 1), conv('conv4', 2 * n, 3), conv('conv5', 2 * n, 3),
+            ('pool', dict(name='pool2', size=3, stride=1)),
+            conv('conv6', 4 * n, 3), conv('conv7', 4 * n, 3), conv('conv8', 4 * n, 3)]
+
+
+def fine_trunk_256(n=32):
+    """The 256-px heat-map trunk: net-5 up to the first pool, then stride 1 and no more pools,
+    ending in three 8n convs; the last conv is 55 × 55 for a 224-px input."""
+    return [conv('conv1', n, 5, 2), conv('conv2', n, 3), pool('pool1'),
+            conv('conv3', 2 * n, 5, 1), conv('conv4', 2 * n, 3), conv('conv5', 2 * n, 3),
+            conv('conv6', 4 * n, 3), conv('conv7', 4 * n, 3), conv('conv8', 4 * n, 3),
+            conv('conv9', 8 * n, 3), conv('conv10', 8 * n, 3), conv('conv11', 8 * n, 3)]
+
+
 def ram_head():
     """Global average pool of the last conv -> linear output: the RAM head."""
     return [('gap', dict(name='gap')), ('output', dict(name='output', units=1))]
@@ -144,6 +182,7 @@ class Net(nn.Sequential):
     def __init__(self, layers, input_size):
         modules, shapes = OrderedDict(), OrderedDict()
         channels, (h, w) = 3, input_size
+        shape = (channels, h, w)
         features = None
         for kind, opt in layers:
             name = opt['name']
@@ -160,6 +199,8 @@ class Net(nn.Sequential):
                 h, w = (h - k) // s + 1, (w - k) // s + 1
                 modules[name] = (nn.MaxPool2d(k, s) if kind == 'pool' else RMSPool(k, s))
                 shape = (channels, h, w)
+            elif kind == 'bn':
+                modules[name] = nn.BatchNorm2d(channels)
             elif kind == 'gap':
                 modules[name] = GlobalAveragePool()
                 shape = (channels,)

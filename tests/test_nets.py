@@ -14,10 +14,13 @@ EXPECTED_512 = {'c_512_5x5_32': 12.40e6, 'c_512_4x4_32': 12.47e6,
                 'c_512_5x5_32_ram': 9.78e6, 'c_512_4x4_32_ram': 9.84e6}
 
 
-def test_all_twelve_configs_exist():
-    assert len(CONFIGS) == 12
-    for base in [c for c in CONFIGS if not c.endswith('_ram')]:
+def test_every_baseline_has_its_ram_variant_and_fine_nets_their_partner():
+    baselines = [c for c in CONFIGS if not c.endswith(('_ram', '_ram_fine'))]
+    assert len(baselines) == 6
+    for base in baselines:
         assert f'{base}_ram' in CONFIGS
+    for fine in [c for c in CONFIGS if c.endswith('_ram_fine')]:
+        assert fine[:-len('_fine')] in CONFIGS
 
 
 @pytest.mark.parametrize('name', CONFIGS)
@@ -29,7 +32,7 @@ def test_config_builds_and_gives_one_output_per_image(name):
         out, features = net(x, return_features=True)
     assert out.shape == (2, 1)
     assert torch.isfinite(out).all()
-    if name.endswith('_ram'):
+    if '_ram' in name:
         assert net.is_ram and net.feature_layer == 'gap'
         assert features.shape == (2, net.output_shapes[net.last_conv][0])
     else:
@@ -60,8 +63,47 @@ def test_untied_biases_are_per_position_and_hold_a_large_share():
 
 def test_ram_variant_shares_trunk_and_settings_with_its_base():
     base, ram = config_module.load('c_256_4x4_32'), config_module.load('c_256_4x4_32_ram')
-    assert ram.cnf == base.cnf
+    assert {k: v for k, v in ram.cnf.items() if k not in ('schedule', 'weight_decay')} == \
+        {k: v for k, v in base.cnf.items() if k not in ('schedule', 'weight_decay')}
     assert [l for l in ram.layers if l[0] == 'conv'] == [l for l in base.layers if l[0] == 'conv']
+
+
+def test_ram_nets_have_the_ram_repositorys_batch_norm_decay_and_schedules():
+    """SPEC §9: BN on the input and after every conv but the last, weight decay 0."""
+    schedules = {'c_128_5x5_32_ram': {0: 0.001, 150: 0.0001, 201: 'stop'},
+                 'c_128_4x4_32_ram': {0: 0.003, 150: 0.0003, 201: 'stop'},
+                 'c_256_5x5_32_ram': {0: 0.001, 150: 0.0001, 201: 'stop'},
+                 'c_256_4x4_32_ram': {0: 0.001, 150: 0.0001, 201: 'stop'},
+                 'c_512_5x5_32_ram': {0: 0.0001, 150: 0.00001, 251: 'stop'},
+                 'c_512_4x4_32_ram': {0: 0.0001, 100: 0.00001, 251: 'stop'}}
+    for name, schedule in schedules.items():
+        config = config_module.load(name)
+        assert config.cnf['schedule'] == schedule and config.cnf['weight_decay'] == 0
+        kinds = [(kind, opt['name']) for kind, opt in config.layers]
+        convs = [n for kind, n in kinds if kind == 'conv']
+        assert kinds[0] == ('bn', 'input_bn')
+        for conv in convs[:-1]:
+            assert kinds[kinds.index(('conv', conv)) + 1] == ('bn', f'{conv}_bn')
+        assert kinds[kinds.index(('conv', convs[-1])) + 1][0] == 'gap'
+        net = config.build_net()
+        assert isinstance(net.conv1_bn, torch.nn.BatchNorm2d) and net.conv1_bn.num_features == 32
+
+
+def test_fine_heat_map_nets_end_in_about_54_by_54():
+    for name, size in (('c_128_5x5_32_ram_fine', 53), ('c_256_5x5_32_ram_fine', 55)):
+        net = config_module.load(name).build_net()
+        assert net.is_ram and net.output_shapes[net.last_conv][1:] == (size, size)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+
+
+def test_batch_norm_weights_are_not_decayed():
+    from retina.train import make_optimizer
+    config = config_module.load('c_128_5x5_32_ram')
+    net = config.build_net()
+    optimizer = make_optimizer(net, dict(config.cnf, weight_decay=0.1), 0.01)
+    decayed = {id(p) for g in optimizer.param_groups if g['weight_decay'] > 0 for p in g['params']}
+    assert id(net.conv1.weight) in decayed and id(net.output.weight) in decayed
+    assert id(net.conv1_bn.weight) not in decayed and id(net.conv1.bias) not in decayed
 
 
 def test_config_hyper_parameters_follow_the_spec():
@@ -84,10 +126,12 @@ def test_summary_cli_prints_layers_and_total():
     result = run_script('train_nn.py', '--cnf', 'configs/c_512_5x5_32_ram.py', '--summary',
                         cwd=REPO)
     lines = result.stdout.strip().splitlines()
-    assert lines[-1] == 'parameters: 9,779,169'
+    # 9,779,169 without batch norm (SPEC §4) + 3,846 BN scales and shifts (3 + 1,920 channels)
+    assert lines[-1] == 'parameters: 9,783,015'
     assert any(line.startswith('conv13') and '512x6x6' in line for line in lines)
+    assert any(line.startswith('conv12_bn') and 'BatchNorm2d' in line for line in lines)
     per_layer = sum(int(line.split()[-1].replace(',', '')) for line in lines[2:-1])
-    assert per_layer == 9_779_169
+    assert per_layer == 9_783_015
 
 
 def test_unknown_config_suggests_the_closest(tmp_path):
@@ -146,6 +190,22 @@ def test_transfer_128_to_256_copies_kernels_and_skips_untied_biases(tmp_path):
     assert torch.equal(target.conv5.weight, source.conv5.weight)
     assert any(s.startswith('conv1.bias') for s in skipped)
     assert any(s.startswith('conv9.weight') and 'absent' in s for s in skipped)
+
+
+def test_transfer_carries_batch_norm_layers_by_name(tmp_path):
+    small, large = config_module.load('c_128_5x5_32_ram'), config_module.load('c_256_5x5_32_ram')
+    source = small.build_net()
+    with torch.no_grad():
+        source.conv3_bn.running_mean.fill_(0.5)
+        source.conv3_bn.weight.fill_(2.0)
+    checkpoint.save(tmp_path / 'w.pt', model=source, config=small, epoch=1)
+    target = large.build_net()
+    copied, skipped = checkpoint.load_matching(target, checkpoint.load(tmp_path / 'w.pt'),
+                                               tmp_path / 'w.pt')
+    assert {'input_bn.weight', 'conv3_bn.weight', 'conv3_bn.running_mean'} <= set(copied)
+    assert torch.equal(target.conv3_bn.running_mean, torch.full((64,), 0.5))
+    assert torch.equal(target.conv3_bn.weight, torch.full((64,), 2.0))
+    assert any(s.startswith('conv9_bn.weight') and 'absent' in s for s in skipped)
 
 
 def test_weights_of_another_architecture_are_refused_for_inference(tmp_path):
