@@ -21,6 +21,8 @@ ones fitted on the validation predictions.
 `run_blend` is the entry point for other code; blend.py only parses options.
 """
 import contextlib
+import csv
+import io
 import math
 import re
 import time
@@ -591,9 +593,19 @@ def predict_run(features, plan, files, per_patient, n_iter, seed, run_index, ech
                for iteration in range(n_iter))
 
 
-def write_submission(path, names, levels):
-    lines = ['image,level'] + [f'{name},{int(level)}' for name, level in zip(names, levels)]
-    atomic.write_text(path, '\n'.join(lines) + '\n')
+def write_submission(path, names, levels, replace=True):
+    """Write image,level rows (csv quoting: a name may hold a comma); returns the path written.
+
+    Without `replace`, a taken name is never overwritten: the next free `-N` name is used.
+    """
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator='\n')
+    writer.writerow(['image', 'level'])
+    writer.writerows([name, int(level)] for name, level in zip(names, levels))
+    if replace:
+        atomic.write_text(path, buffer.getvalue())
+        return Path(path)
+    return atomic.write_new(path, buffer.getvalue())
 
 
 def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, seed=0,
@@ -663,7 +675,8 @@ def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, 
         chosen = result['blend'] or next(iter(result['validation'].values()), None)
         thresholds = chosen.thresholds if optimize_thresholds else FIXED_THRESHOLDS
         average = test_sum / (len(runs) * n_iter)
-        write_submission(path, plan.test_names, data.to_levels(average, thresholds))
+        path = write_submission(path, plan.test_names, data.to_levels(average, thresholds),
+                                replace=output is not None)
         result.update(thresholds=tuple(thresholds), submission=path,
                       test_predictions=dict(zip(plan.test_names, average.tolist())))
         echo(f'cut-offs {format_cuts(thresholds)}; {len(plan.test_names)} test images')

@@ -36,7 +36,10 @@ def read_names(feature_path):
     if not names_path.is_file():
         raise UserError(f'{names_path}: missing (it lists the image of each row of '
                         f'{feature_path.name}); run transform.py again')
-    names = names_path.read_text().split()
+    # One name per line, read back exactly: a name may hold spaces or commas.
+    names = names_path.read_text(encoding='utf-8').split('\n')
+    if names and names[-1] == '':
+        names.pop()
     duplicates = len(names) - len(set(names))
     if duplicates:
         raise UserError(f'{names_path}: {duplicates} image name(s) listed more than once; run '

@@ -38,6 +38,9 @@ def list_images(folder):
         raise UserError(f'{folder}: no images found (looked for {", ".join(IMAGE_EXTENSIONS)})')
     seen = {}
     for path in paths:  # labels, features and submissions go by name: one file per name
+        if '\n' in path.stem or '\r' in path.stem:
+            raise UserError(f'{str(path)!r}: the name holds a line break, which the names '
+                            f'files cannot hold (one name per line); rename the file')
         if path.stem in seen:
             raise UserError(f'{seen[path.stem]} and {path.name} in {folder} are both image '
                             f'{path.stem}; keep one of them')

@@ -26,6 +26,11 @@ def run_dir(cnf_name):
     return WEIGHTS_DIR / cnf_name
 
 
+def run_lock(cnf_name):
+    """Held by the training that writes the run folder (pid, host, start time inside)."""
+    return run_dir(cnf_name) / 'run.lock'
+
+
 def earlier_run_dir(cnf_name):
     """Where a new run moves the folder of an earlier run of the same config."""
     return WEIGHTS_DIR / f'{cnf_name}.earlier-{timestamp()}'
@@ -90,6 +95,8 @@ def git_short_sha():
 
 
 def submission():
+    """The default submission name; if it is taken (two in one second), the writer
+    (`atomic.write_new`) adds -1, -2, ... instead of replacing it."""
     return DATA_DIR / f'sub_{git_short_sha()}_{timestamp()}.csv'
 
 

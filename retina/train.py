@@ -9,6 +9,7 @@ Everything random in an epoch is seeded from (seed, epoch, rank), so a run
 resumed from `last.pt` gives the same result as an uninterrupted one.
 Multi-GPU runs use DistributedDataParallel under torchrun (gloo on the CPU).
 """
+import contextlib
 import csv
 import io
 import json
@@ -25,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from retina import atomic, cache, checkpoint, data, paths
+from retina import atomic, cache, checkpoint, data, lock, paths
 from retina.config import lr_for_epoch
 from retina.plots import training_curves
 from retina.augment import prepare_batch, random_params
@@ -275,10 +276,23 @@ def place_images(images, runtime, cache_on_device):
 def train(config, weights_from=None, resume=False, max_epochs=None, device='auto', seed=0,
           deterministic=False, compile_model=False, cache_on_device='auto', progress=True,
           echo=print):
-    """Train `config`'s net; returns a dict with the final epoch and the best metrics."""
+    """Train `config`'s net; returns a dict with the final epoch and the best metrics.
+
+    The run holds weights/NAME/run.lock from start to end: a second run of the
+    same config is refused instead of writing into (or moving aside) this one.
+    """
     runtime = setup_runtime(device)
-    cnf, name = config.cnf, config.name
     say = echo if runtime.main else (lambda *a, **k: None)
+    guard = (lock.hold(paths.run_lock(config.name), paths.run_dir(config.name), say)
+             if runtime.main else contextlib.nullcontext())
+    with guard:
+        return _train(config, runtime, say, weights_from, resume, max_epochs, seed, deterministic,
+                      compile_model, cache_on_device, progress)
+
+
+def _train(config, runtime, say, weights_from, resume, max_epochs, seed, deterministic,
+           compile_model, cache_on_device, progress):
+    cnf, name = config.cnf, config.name
     torch.manual_seed(seed)
     if deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
@@ -308,10 +322,13 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
     if resume:
         start = resume_state(model, optimizer, name, seed, weights_from, say)
     else:
-        start = fresh_start(model, name, seed, weights_from, runtime, say)
+        start = fresh_start(model, name, seed, weights_from, say)
     start_epoch, best_kappa, best_loss = start['epoch'], start['best_kappa'], start['best_loss']
     seed, log_rows = start['seed'], start['log_rows']
-    if runtime.main:
+    # A new run writes nothing until its first epoch has ended: one that fails in its setup or
+    # first epoch leaves the earlier run of the config where it was.
+    fresh = not resume
+    if runtime.main and resume:
         atomic.write_text(paths.resolved_config(name),
                           json.dumps(dict(config.resolved(), seed=seed), indent=2))
     net, prepare = model, prepare_batch
@@ -345,13 +362,17 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
                                       generator, progress, description=f'epoch {epoch}',
                                       prepare=prepare)
         except Diverged as where:
-            raise diverged(name, epoch, f'the training loss became NaN ({where})', last_path)
+            raise diverged(name, epoch, f'the training loss became NaN ({where})',
+                           None if fresh else last_path)
         metrics.update(evaluate(model, images, levels, valid_idx, config, runtime))
         if len(valid_idx) and not math.isfinite(metrics['valid_loss']):
             raise diverged(name, epoch, 'the validation predictions became NaN or infinite',
-                           last_path)
+                           None if fresh else last_path)
         marks = []
         if runtime.main:
+            if fresh:
+                begin_run(config, seed, say)
+                fresh = False
             state = dict(model=model, config=config, epoch=epoch, seed=seed)
             kappa = metrics['valid_kappa']  # NaN when the validation set is one level only
             if kappa > best_kappa or (math.isnan(kappa) and best_kappa == -math.inf):
@@ -377,7 +398,7 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
                 + (f'  [{", ".join(marks)}]' if marks else ''))
         if runtime.distributed:
             dist.barrier()
-    if runtime.main:
+    if runtime.main and not fresh:
         if stopped_by == 'schedule':  # as the original: weights_final.pt marks a finished schedule
             checkpoint.save(paths.final_weights(name), model=model, config=config,
                             epoch=epoch - 1, seed=seed, best_kappa=best_kappa)
@@ -416,8 +437,8 @@ def resume_state(model, optimizer, name, seed, weights_from, say):
                           if int(r['epoch']) < start_epoch])
 
 
-def fresh_start(model, name, seed, weights_from, runtime, say):
-    """Start a new run: copy matching weights in, move an earlier run's folder aside."""
+def fresh_start(model, name, seed, weights_from, say):
+    """Start a new run: copy matching weights in (the earlier run moves aside in `begin_run`)."""
     if weights_from:  # read before the move: the file may lie in the earlier run's folder
         state = checkpoint.load(weights_from)
         copied, skipped = checkpoint.load_matching(model, state, weights_from)
@@ -426,21 +447,39 @@ def fresh_start(model, name, seed, weights_from, runtime, say):
             + (f' (weights of {source})' if source and source != name else ''))
         for line in skipped:
             say(f'  skipped {line}')
-    run = paths.run_dir(name)
-    if runtime.main and run.is_dir() and any(run.iterdir()):
-        earlier = paths.earlier_run_dir(name)
-        run.rename(earlier)
-        say(f'note: moved the earlier run of {name} to {earlier} (use --resume to continue a '
-            f'run instead of starting over)')
-    if runtime.distributed:
-        dist.barrier()
     return dict(epoch=1, best_kappa=-math.inf, best_loss=math.inf, seed=seed, log_rows=[])
 
 
+def begin_run(config, seed, say):
+    """The first write of a new run: move an earlier run's files aside, record the config.
+
+    Everything but the lock moves (the lock stays, held, in the run folder), into a
+    weights/NAME.earlier-TIME folder of its own.
+    """
+    name = config.name
+    run, held = paths.run_dir(name), paths.run_lock(name).name
+    earlier_files = sorted(p for p in run.iterdir() if p.name != held) if run.is_dir() else []
+    if earlier_files:
+        earlier = atomic.new_folder(paths.earlier_run_dir(name))
+        for path in earlier_files:
+            path.rename(earlier / path.name)
+        say(f'note: moved the earlier run of {name} to {earlier} (use --resume to continue a '
+            f'run instead of starting over)')
+    atomic.write_text(paths.resolved_config(name),
+                      json.dumps(dict(config.resolved(), seed=seed), indent=2))
+
+
 def diverged(name, epoch, what, last_path):
-    """The UserError for a run that produced NaN: where the last good weights are."""
-    if last_path.is_file():
+    """The UserError for a run that produced NaN: where the last good weights are.
+
+    `last_path` is None for a new run that has not finished an epoch: any last.pt
+    in the folder belongs to the earlier run, which is left as it was.
+    """
+    if last_path is not None and last_path.is_file():
         kept = f'the last good weights are in {last_path} (epoch {epoch - 1})'
+    elif last_path is None and paths.resume_checkpoint(name).is_file():
+        kept = (f'no epoch completed, so no weights were saved; the earlier run in '
+                f'{paths.run_dir(name)} is left as it was')
     else:
         kept = 'no epoch completed, so no weights were saved'
     return UserError(f'{name}: {what} at epoch {epoch}; stopped: {kept}. Lower the learning '
