@@ -17,7 +17,9 @@ from retina.errors import handle_errors
 @click.option('--labels', type=click.Path(dir_okay=False),
               help="Labels CSV with columns image,level [default: the config's labels].")
 @click.option('--resume', is_flag=True,
-              help='Continue the interrupted run of this config from weights/CNF/last.pt.')
+              help='Continue the interrupted run of this config from weights/CNF/last.pt, on the '
+                   'data folders it was started with; a config changed since is refused, naming '
+                   'the keys.')
 @click.option('--max_epochs', type=click.IntRange(min=1),
               help='Stop after this many epochs in all (short runs); the schedule still applies.')
 @click.option('--device', default='auto', show_default=True,
@@ -46,12 +48,15 @@ def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed,
     folder to weights/CNF.earlier-TIME/.  Run under torchrun for several GPUs.
     """
     config = config_module.load(cnf)
-    config.cnf.update({k: v for k, v in (('train_dir', train_dir), ('labels', labels)) if v})
+    given = {k: v for k, v in (('train_dir', train_dir), ('labels', labels)) if v}
+    config.cnf.update(given)
     if summary:
         from retina.nets import format_summary
         click.echo(format_summary(config.build_net(), config.name))
         return
-    from retina.train import train
+    from retina.train import resumed_config, train
+    if resume:  # the run's own folders and settings, or an error naming what changed
+        config = resumed_config(config, given)
     train(config, weights_from=weights_from, resume=resume, max_epochs=max_epochs,
           device=device, seed=seed, deterministic=deterministic, compile_model=compile_model,
           cache_on_device=cache_on_device, progress=not no_progress, echo=click.echo)

@@ -74,7 +74,10 @@ SAVE_EVERY = 5
 
 def load_model(config, weights_path, device):
     """The net of `weights_path`, in eval mode on `device`; it must be weights of `config`."""
-    return rebuild(config, weights_path)[0].to(device).eval()
+    model, state = rebuild(config, weights_path)
+    # Which look the training images had (convert.py --enhance): later images must match.
+    model.preprocessing = state.get('preprocessing', 'none')
+    return model.to(device).eval()
 
 
 def rebuild(config, weights_path):
@@ -104,8 +107,9 @@ def weights_fingerprint(model):
     return digest.hexdigest()[:16]
 
 
-def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, echo):
-    """Sums recovered from the last saved iteration of an interrupted run of the same weights."""
+def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, images_key, echo):
+    """Sums recovered from the last saved iteration of an interrupted run of the same weights
+    on the same images (`images_key`: their folder, sizes and modification times)."""
     from retina import paths
     saved = range((n_iter - 1) // SAVE_EVERY * SAVE_EVERY, 0, -SAVE_EVERY)
     for done in [n_iter, *saved]:  # n_iter itself: the run is already complete
@@ -116,10 +120,14 @@ def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, ech
                 if read_names(mean_path) != names:
                     continue
                 source = json.loads(paths.feature_source(config_name, split, done, skip)
-                                    .read_text())['fingerprint']
-                if source != fingerprint:
+                                    .read_text())
+                if source['fingerprint'] != fingerprint:
                     echo(f'{split}: {mean_path} came from other weights; starting from the '
                          f'first iteration')
+                    return 0, None, None
+                if source.get('images') != images_key:
+                    echo(f'{split}: {mean_path} came from other images (another folder, or '
+                         f'images changed since); starting from the first iteration')
                     return 0, None, None
                 mean, _ = load_features(mean_path)
                 std, _ = load_features(std_path)
@@ -140,25 +148,26 @@ def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu
     import torch
     from tqdm import tqdm
 
-    from retina import atomic, cache, paths
+    from retina import atomic, cache, paths, preprocess
     from retina.augment import broadcast_params, prepare_batch, tta_params
     from retina.images import image_name, list_images
     from retina.train import Runtime, batches, place_images
 
     image_paths = list_images(folder)
     names = [image_name(p) for p in image_paths]
+    preprocess.check_matches(folder, getattr(model, 'preprocessing', 'none'), weights)
     images = cache.load_images(image_paths, progress=progress)
     cache.check_size(images, config.input_size, folder, config.name)
+    images_key = cache.cache_key(image_paths, images.shape[-1])
     device = torch.device(device)
     # On the GPU when it fits (a 512-px Kaggle test set is 42 GB), else streamed from the host.
     images = place_images(images, Runtime(device), 'auto')
-    if device.type == 'cuda':
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(memory_format=torch.channels_last)
     batch_size = batch_size or config.cnf['batch_size_test']
     augmentations = tta_params(n_iter, skip, config.cnf['aug_params'], config.cnf['sigma'])
     fingerprint = weights_fingerprint(model)
     start, total, total_sq = (0, None, None) if restart else _previous_progress(
-        config.name, split, n_iter, skip, names, fingerprint, echo)
+        config.name, split, n_iter, skip, names, fingerprint, images_key, echo)
     if start == n_iter:
         echo(f'{split}: already complete ({n_iter} iterations of these weights); '
              f'--restart computes it again')
@@ -174,8 +183,7 @@ def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu
             for batch, _ in batches(images, order, batch_size, device):
                 x = prepare_batch(batch, config.input_size,
                                   broadcast_params(params, len(batch), device) if params else None)
-                if device.type == 'cuda':
-                    x = x.contiguous(memory_format=torch.channels_last)
+                x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16,
                                     enabled=device.type == 'cuda'):
                     _, features = model(x, return_features=True)
@@ -199,7 +207,8 @@ def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu
                                     value.astype(np.float32))
                 # Last: a run killed before this line leaves files a rerun will not trust.
                 atomic.write_text(paths.feature_source(config.name, split, done, skip),
-                                  json.dumps(dict(fingerprint=fingerprint, weights=weights)))
+                                  json.dumps(dict(fingerprint=fingerprint, weights=weights,
+                                                  images=images_key)))
     bar.close()
     return dict(mean=paths.features(config.name, split, 'mean', n_iter, skip),
                 std=paths.features(config.name, split, 'std', n_iter, skip), rows=len(names),

@@ -19,6 +19,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,8 +27,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from retina import atomic, cache, checkpoint, data, lock, paths
-from retina.config import lr_for_epoch
+from retina import atomic, cache, checkpoint, data, lock, paths, preprocess
+from retina.config import lr_for_epoch, to_jsonable
 from retina.plots import training_curves
 from retina.augment import prepare_batch, random_params
 from retina.errors import UserError
@@ -84,6 +85,9 @@ def resolve_device(requested='auto'):
 def setup_runtime(requested='auto'):
     """One process per device; under torchrun, join the process group."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
+    if 'OMP_NUM_THREADS' not in os.environ:  # never more threads than the cores we may use
+        torch.set_num_threads(max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))
+                                         // world)))
     if world == 1:
         return Runtime(resolve_device(requested))
     rank, local_rank = int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', '0'))
@@ -97,11 +101,12 @@ def setup_runtime(requested='auto'):
 
 
 def make_optimizer(model, cnf, lr):
-    """Nesterov SGD; L2 on weights only, with Lasagne's λ·Σw² (gradient 2λw)."""
-    weights = [p for n, p in model.named_parameters() if n.endswith('weight')]
-    biases = [p for n, p in model.named_parameters() if not n.endswith('weight')]
+    """Nesterov SGD; L2 on conv and dense weights only (Lasagne's `regularizable`: not biases,
+    not batch-norm scales), with Lasagne's λ·Σw² (gradient 2λw)."""
+    weights = [p for p in model.parameters() if p.ndim > 1 and p.ndim != 3]
+    others = [p for p in model.parameters() if not (p.ndim > 1 and p.ndim != 3)]
     return torch.optim.SGD([dict(params=weights, weight_decay=2 * cnf['weight_decay']),
-                            dict(params=biases, weight_decay=0.0)],
+                            dict(params=others, weight_decay=0.0)],
                            lr=lr, momentum=cnf['momentum'], nesterov=True)
 
 
@@ -171,8 +176,7 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
         params = random_params(len(chunk), cnf['aug_params'], cnf['sigma'], generator,
                                runtime.device)
         x = prepare(batch, config.input_size, params)
-        if runtime.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         target = levels_device[chunk]
         with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
             out = model(x)
@@ -210,8 +214,7 @@ def predict(model, images, indices, config, runtime, batch_size=None):
     outputs, chunks = [], []
     for batch, chunk in batches(images, order, batch_size, runtime.device):
         x = prepare_batch(batch, config.input_size)
-        if runtime.cuda:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
             outputs.append(model(x).float().squeeze(1))  # read back once, after the loop
         chunks.append(chunk)
@@ -303,6 +306,7 @@ def _train(config, runtime, say, weights_from, resume, max_epochs, seed, determi
         torch.backends.cudnn.allow_tf32 = True
 
     image_paths, levels = data.labelled_images(cnf['train_dir'], cnf['labels'], say)
+    preprocessing = preprocess.folder_method(cnf['train_dir'])  # kept in every checkpoint
     names = [p.stem for p in image_paths]
     if runtime.main:
         host_images = cache.load_images(image_paths, progress=progress)
@@ -315,8 +319,8 @@ def _train(config, runtime, say, weights_from, resume, max_epochs, seed, determi
     train_idx, valid_idx = data.split_indices(names, levels)
 
     model = config.build_net().to(runtime.device)
-    if runtime.cuda:
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last on the CPU too: oneDNN's convolutions are about 1.3× faster in it.
+    model = model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(model, cnf, lr_for_epoch(cnf['schedule'], 1))
     last_path = paths.resume_checkpoint(name)
     if resume:
@@ -337,6 +341,8 @@ def _train(config, runtime, say, weights_from, resume, max_epochs, seed, determi
         # The augmentation too: one fused kernel from uint8 pixels to the standardised input.
         prepare = compile_or_eager(prepare_batch, say)
     if runtime.distributed:
+        if runtime.cuda:  # batch statistics over the global batch, as on one device
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[runtime.device.index] if runtime.cuda else None)
 
@@ -364,6 +370,8 @@ def _train(config, runtime, say, weights_from, resume, max_epochs, seed, determi
         except Diverged as where:
             raise diverged(name, epoch, f'the training loss became NaN ({where})',
                            None if fresh else last_path)
+        if runtime.distributed:
+            average_buffers(model, runtime.world)
         metrics.update(evaluate(model, images, levels, valid_idx, config, runtime))
         if len(valid_idx) and not math.isfinite(metrics['valid_loss']):
             raise diverged(name, epoch, 'the validation predictions became NaN or infinite',
@@ -373,7 +381,8 @@ def _train(config, runtime, say, weights_from, resume, max_epochs, seed, determi
             if fresh:
                 begin_run(config, seed, say)
                 fresh = False
-            state = dict(model=model, config=config, epoch=epoch, seed=seed)
+            state = dict(model=model, config=config, epoch=epoch, seed=seed,
+                         preprocessing=preprocessing)
             kappa = metrics['valid_kappa']  # NaN when the validation set is one level only
             if kappa > best_kappa or (math.isnan(kappa) and best_kappa == -math.inf):
                 best_kappa = kappa if not math.isnan(kappa) else best_kappa
@@ -401,7 +410,8 @@ def _train(config, runtime, say, weights_from, resume, max_epochs, seed, determi
     if runtime.main and not fresh:
         if stopped_by == 'schedule':  # as the original: weights_final.pt marks a finished schedule
             checkpoint.save(paths.final_weights(name), model=model, config=config,
-                            epoch=epoch - 1, seed=seed, best_kappa=best_kappa)
+                            epoch=epoch - 1, seed=seed, best_kappa=best_kappa,
+                            preprocessing=preprocessing)
             how = 'the schedule is done'
         else:
             how = (f'--max_epochs {max_epochs}; continue with --resume and a larger '
@@ -413,6 +423,49 @@ def _train(config, runtime, say, weights_from, resume, max_epochs, seed, determi
         dist.destroy_process_group()
     return dict(epoch=epoch - 1, best_kappa=best_kappa, best_loss=best_loss,
                 state_dict=checkpoint.unwrap(model).state_dict())
+
+
+def average_buffers(model, world):
+    """Batch-norm running statistics, averaged over the ranks so that every rank (and the
+    checkpoint) holds the same net: each rank's last steps updated them from its own batches."""
+    for buffer in checkpoint.unwrap(model).buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= world
+
+
+def resumed_config(config, given=()):
+    """The config to continue the run of `config.name` with.
+
+    The data folders come from the run itself unless given again (`given` names the
+    keys the user passed: train_dir, labels); any other difference between the config
+    now and the one the run was started with is an error naming the keys: a resumed
+    run continues as it was started, or it would silently become another run.
+    """
+    last_path = paths.resume_checkpoint(config.name)
+    if not last_path.is_file():
+        return config  # resume_state says there is nothing to resume
+    saved = checkpoint.config_of(checkpoint.load(last_path))
+    for key in ('train_dir', 'labels'):
+        if key not in given:
+            config.cnf[key] = saved.cnf[key]
+
+    def same(key):
+        now, then = config.cnf.get(key), saved.cnf.get(key)
+        if key in ('train_dir', 'labels') and now and then:
+            return Path(now).resolve() == Path(then).resolve()
+        return to_jsonable(now) == to_jsonable(then)
+
+    differ = [f'{key} {saved.cnf.get(key)!r} -> {config.cnf.get(key)!r}'
+              for key in sorted(set(config.cnf) | set(saved.cnf)) if not same(key)]
+    if to_jsonable(config.layers) != to_jsonable(saved.layers):
+        differ.append('layers')
+    if differ:
+        raise UserError(f'{last_path}: the run of {config.name} was started with other settings '
+                        f'({"; ".join(differ)}); --resume continues a run as it was started: '
+                        f'restore the config (and pass the same --train_dir/--labels, or none), '
+                        f'or start a new run without --resume')
+    return config
 
 
 def resume_state(model, optimizer, name, seed, weights_from, say):
