@@ -1,21 +1,26 @@
 #!/usr/bin/env python
-"""Regression activation maps of a RAM net: where its predicted level comes from.
+"""Heat maps of a net: where its predicted level comes from, drawn and scored against lesion masks.
 
     python ram.py --cnf c_128_5x5_32_ram        # data/test_tiny -> data/ram/c_128_5x5_32_ram/
     python ram.py --cnf c_128_5x5_32_ram --images data/test_tiny/10_left.jpeg --signed
+    python ram.py --cnf c_128_5x5_32 --method gradcam --layer conv8     # a baseline net
+    python ram.py --cnf c_256_5x5_32_ram_fine --fuse c_128_5x5_32_ram_fine --images data/test_medium
     python ram.py --cnf c_128_5x5_32_ram --images data/synthetic_tiny/test \\
         --masks data/synthetic/masks --photos data/synthetic/test --labels data/synthetic/testLabels.csv
 
-The work is done by retina.ram; see its docstring for the map, the geometry
-and the scores.
+The work is done by retina.ram (the run), retina.heatmaps.methods (the maps),
+.scores (what they are worth) and .figures (the drawing).
 """
 import difflib
+import json
 import sys
 
 import click
 
 from retina import config as config_module, paths
-from retina.errors import handle_errors
+from retina.errors import UserError, handle_errors
+
+METHODS = ('ram', 'gradcam', 'layercam')
 
 
 def _check_cmap(_context, _parameter, value):
@@ -31,16 +36,36 @@ def _check_cmap(_context, _parameter, value):
 
 @click.command(context_settings={'help_option_names': ['-h', '--help']})
 @click.option('--cnf', required=True, metavar='CONFIG',
-              help='A RAM config (global-average-pool head), e.g. c_128_5x5_32_ram or '
-                   'configs/c_512_5x5_32_ram.py.')
+              help='The net to explain, e.g. c_128_5x5_32_ram_fine or configs/c_512_5x5_32_ram.py; '
+                   '--method ram needs a RAM config (global-average-pool head).')
 @click.option('--weights_from', type=click.Path(dir_okay=False),
               help='Weights to explain [default: weights/CNF/weights.pt, the best validation kappa].')
+@click.option('--method', type=click.Choice(METHODS), default='ram', show_default=True,
+              help='ram: sum_k w_k A_k of the last conv (RAM nets); gradcam: ReLU of the conv maps '
+                   'weighted by their mean gradient; layercam: ReLU of the maps times their positive '
+                   'gradient, position by position. gradcam and layercam work on any net, baseline '
+                   'nets included. Output names carry the method.')
+@click.option('--layer', metavar='NAME',
+              help='Conv layer for gradcam/layercam, e.g. conv5 (train_nn.py --summary lists them) '
+                   '[default: the last conv]; earlier layers give finer maps.')
+@click.option('--include_bias', is_flag=True,
+              help='With --method ram, add the output bias to every position, so the map\'s mean is '
+                   'the prediction (the bias only shifts the colours; off as in the RAM repository).')
+@click.option('--fuse', 'fuse_cnf', metavar='CONFIG',
+              help='A second heat-map net whose maps are added to those of --cnf, each min-max '
+                   'normalised to [0, 1] on the smaller grid (e.g. --cnf c_256_5x5_32_ram_fine '
+                   '--fuse c_128_5x5_32_ram_fine). Pass images converted for the larger net.')
+@click.option('--fuse_weights', type=click.Path(dir_okay=False),
+              help='Weights of the --fuse net [default: weights/FUSE/weights.pt].')
+@click.option('--per_image_scale', is_flag=True,
+              help='Scale each image\'s colours to its own peak [default: one colour scale for all '
+                   'images of the run, so a weak map looks weak].')
 @click.option('--images', multiple=True, type=click.Path(),
               help='Converted images: a folder or single files; repeat the option for several '
                    "[default: the config's test_dir].")
 @click.option('--output_dir', type=click.Path(file_okay=False),
-              help='Where {image}_{CNF}.png and {CNF}_by_level.png go '
-                   f'[default: {paths.RAM_DIR}/CNF].')
+              help='Where {image}_{METHOD}_{CNF}.png and {METHOD}_{CNF}_by_level.png go '
+                   f'[default: {paths.RAM_DIR}/CNF, or CNF+FUSE].')
 @click.option('--signed', is_flag=True,
               help='Show negative evidence too, on a diverging scale centred at 0 (files end in '
                    '_signed); without it only the positive part is coloured.')
@@ -49,16 +74,25 @@ def _check_cmap(_context, _parameter, value):
 @click.option('--alpha', default=0.5, show_default=True, type=click.FloatRange(0, 1),
               help='Opacity of the map over the image.')
 @click.option('--masks', type=click.Path(file_okay=False),
-              help='Folder of lesion masks {image}.png (white = lesion): prints ram_mass_in_lesions, '
-                   'pointing_game and the deletion check. Masks at the converted size are used as '
+              help='Folder of lesion masks {image}.png (white = lesion), or of one subfolder of them '
+                   'per lesion kind (scored separately): prints the per-image AUROC, pointing game '
+                   '(exact and within half a map cell) and mass in lesions, each beside the image-blind '
+                   'map (mean map of the other images) and the grid oracle (the mask pooled to the '
+                   'map\'s grid), and the deletion check. Masks at the converted size are used as '
                    'they are; masks at the photographs\' resolution need --photos. Do not convert '
                    'masks with convert.py: it cannot find the eye in a mask.')
 @click.option('--photos', type=click.Path(file_okay=False),
               help='The original photographs the images were converted from, so that full-size '
                    'masks are cropped to the eye exactly like their photographs.')
 @click.option('--labels', type=click.Path(dir_okay=False),
-              help='Labels CSV (image,level): shown on the maps, and with --masks the scored images '
-                   'are those labelled level >= 1 instead of those predicted level >= 1.')
+              help='Labels CSV (image,level): shown on the maps, the by-level figure picks its examples '
+                   'by label, and with --masks the scored images are those labelled level >= 1 instead '
+                   'of those predicted level >= 1.')
+@click.option('--all_levels', is_flag=True,
+              help='With --masks, score every image with a lesion in its mask, whatever its level '
+                   '(for masks of photos without grades, e.g. HEI-MED).')
+@click.option('--scores_json', type=click.Path(dir_okay=False),
+              help='With --masks, also write the scores to this JSON file (for benchmarks).')
 @click.option('--deletion_fill', type=click.Choice(['black', 'mean']), default='mean', show_default=True,
               help='With --masks, what the deletion check blanks pixels to: the data set\'s mean '
                    'colour, or black (raw 0, like the surround of the eye; black blobs inside the '
@@ -70,30 +104,51 @@ def _check_cmap(_context, _parameter, value):
               help="Images per forward pass [default: the config's batch_size_test].")
 @click.option('--no_progress', is_flag=True, help='No progress bar (for logs).')
 @handle_errors()
-def main(cnf, weights_from, images, output_dir, signed, cmap, alpha, masks, photos, labels,
+def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights, per_image_scale,
+         images, output_dir, signed, cmap, alpha, masks, photos, labels, all_levels, scores_json,
          deletion_fill, limit, device, batch_size, no_progress):
-    """Draw the regression activation map of every image over the window the network sees.
+    """Draw a heat map of every image over the window the network sees, inside the fundus.
 
     Writes one heat map per image, with the predicted level (continuous and
     rounded) and the map's mean, and one figure with an example of each
-    predicted level.  Exits with status 1 if any image could not be read
-    (each is named on stderr; the others are still drawn).
+    level.  Exits with status 1 if any image could not be read (each is named
+    on stderr; the others are still drawn).
     """
-    from retina import ram
+    if fuse_weights and not fuse_cnf:
+        raise UserError('--fuse_weights needs --fuse CONFIG (the net those weights belong to)')
+    if layer and method == 'ram':
+        raise UserError('--layer is for --method gradcam or layercam; the RAM is defined at the last conv')
+    if scores_json and not masks:
+        raise UserError('--scores_json needs --masks (there is nothing to score without lesion masks)')
+    from retina import atomic, ram
     from retina.train import resolve_device
     config = config_module.load(cnf)
-    net, weights, trained_with = ram.load_ram_net(config, weights_from, resolve_device(device))
+    device = resolve_device(device)
+    net, weights, trained_with = ram.load_net(config, weights_from, device, method)
     if trained_with and trained_with != config.name:
         click.echo(f'note: {weights} was trained with {trained_with}, not {config.name}')
+    if layer and layer not in ram.methods.conv_layers(net):
+        raise UserError(f'--layer {layer}: {config.name} has no such conv layer; use one of '
+                        f'{", ".join(ram.methods.conv_layers(net))}')
+    fuse_with = None
+    if fuse_cnf:
+        fuse_config = config_module.load(fuse_cnf)
+        fuse_net, _, _ = ram.load_net(fuse_config, fuse_weights, device, method)
+        fuse_with = (fuse_config, fuse_net)
     image_paths = ram.collect_images(images or [config.cnf['test_dir']])[:limit]
-    output_dir = output_dir or paths.ram_dir(config.name)
-    summary = ram.run(config, net, image_paths, output_dir, signed=signed, cmap=cmap, alpha=alpha,
-                      masks=masks, photos=photos, labels=labels, batch_size=batch_size,
-                      deletion_fill=deletion_fill, progress=not no_progress)
+    title = config.name + (f'+{fuse_config.name}' if fuse_cnf else '')
+    output_dir = output_dir or paths.ram_dir(title)
+    summary = ram.run(config, net, image_paths, output_dir, method=method, layer=layer,
+                      include_bias=include_bias, fuse_with=fuse_with, per_image_scale=per_image_scale,
+                      signed=signed, cmap=cmap, alpha=alpha, masks=masks, photos=photos, labels=labels,
+                      all_levels=all_levels, batch_size=batch_size, deletion_fill=deletion_fill,
+                      progress=not no_progress)
     click.echo(f'wrote {len(summary.written)} heat map(s) to {output_dir}/ and {summary.by_level}')
     if summary.scores is not None:
         for line in summary.scores.lines():
             click.echo(line)
+        if scores_json:
+            atomic.write_text(scores_json, json.dumps(summary.scores.as_dict(), indent=1))
     if summary.failed:
         click.echo(f'error: {len(summary.failed)} file(s) could not be read (named above); '
                    f'replace or remove them and run again', err=True)

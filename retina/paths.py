@@ -109,11 +109,11 @@ def ram_dir(cnf_name):
     return RAM_DIR / cnf_name
 
 
-def heat_map(output_dir, image, cnf_name, signed):
-    """One image's heat map, named after the image and the net that made it."""
-    return Path(output_dir) / f'{image}_{cnf_name}{"_signed" if signed else ""}.png'
+def heat_map(output_dir, image, cnf_name, signed, method='ram'):
+    """One image's heat map, named after the image, the method and the net(s) that made it."""
+    return Path(output_dir) / f'{image}_{method}_{cnf_name}{"_signed" if signed else ""}.png'
 
 
-def heat_map_figure(output_dir, cnf_name, signed):
-    """The figure with one example per predicted level."""
-    return Path(output_dir) / f'{cnf_name}{"_signed" if signed else ""}_by_level.png'
+def heat_map_figure(output_dir, cnf_name, signed, method='ram'):
+    """The figure with one example per level."""
+    return Path(output_dir) / f'{method}_{cnf_name}{"_signed" if signed else ""}_by_level.png'

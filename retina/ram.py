@@ -1,22 +1,18 @@
-"""Regression activation maps (RAM; Wang & Yang 2017): where a RAM net's predicted level comes from.
+"""Heat maps of a folder of converted images, drawn and scored: what ram.py runs.
 
-A RAM net ends in a global average pool of its last conv layer and one
-linear unit, so its prediction is b + sum_k w_k mean_xy A_k(x, y), with A_k
-the k-th map of the last conv layer (after its untied bias and leaky ReLU).
-The map
-
-    RAM(x, y) = sum_k w_k A_k(x, y) + b
-
-therefore has the prediction as its mean: it shows where the severity comes
-from.  b is spread evenly (added to every position); `include_bias=False`
-gives the evidence map sum_k w_k A_k alone, whose mean is prediction - b.
+A method of `retina.heatmaps.methods` (the regression activation map of a
+RAM net by default, or Grad-CAM / LayerCAM at any conv layer of any net)
+gives each image a map at a conv layer's resolution; `--fuse` adds the
+min-max normalised maps of a second net (a 128-px and a 256-px heat-map
+net, as the RAM repository's notebook fused them).
 
 Geometry.  The network sees the centred h x w window of the S x S converted
-image (112 of 128 for the 128-pixel nets) and the map has the last conv
-layer's resolution (6 x 6 there).  The map is upsampled bilinearly
-(align_corners=False: every map cell covers an equal share of the window)
-to the window and drawn over that window; the margin outside it, which the
-network never sees, is not shown.
+image (112 of 128 for the 128-pixel nets).  The map is upsampled (bicubic,
+see `upsample`) to that window and drawn over it, coloured only inside the
+fundus; the margin outside the window, which the network never sees, is
+not shown.  With `--fuse` the images are converted for the larger net; the
+smaller net sees the same window shrunk to its input (a 256-px image's 224
+window shrunk to 112 is the 128-px image's 112 window).
 
 Lesion masks (`--masks`) must line up with the converted images.  A mask is
 accepted at the converted image's size (S x S, cropped like the image), as
@@ -27,238 +23,35 @@ the mask.  Running convert.py on a mask folder does not work: it would look
 for the eye in the mask, find none and fall back to the centred square.
 A mask pixel at the converted size is a lesion when at least
 MASK_COVERAGE of it is covered, so that microaneurysms survive shrinking.
+A masks folder whose subfolders hold the masks (exudate/, red/, ...) is
+scored per lesion kind.
 
-Scores (over images of level >= 1: the labels' level if given, else the
-predicted one).  All use the upsampled evidence map (no bias: b adds the
-same value everywhere):
-
-- ram_mass_in_lesions: per image, the share of the map's positive mass that
-  lies in lesions, averaged over images with a lesion in the window;
-- pointing_game: the share of those images whose map maximum lies within
-  `tolerance` pixels (default half a map cell) of a lesion;
-- deletion: the drop in prediction when the top 10% of the map's pixels are
-  blanked, against blanking a random 10%: the top 10% of a random map of the
-  same resolution, so blobs of the map's grain in random places.  Blanked
-  pixels take the image's mean colour by default (`fill='mean'`): black
-  blobs look like haemorrhages and raise the prediction; `fill='black'`
-  (the photograph's surround) is kept for comparison.
-
-The printed summary also gives the chance level of the two lesion scores
-(the share of the window covered by lesions, and within the tolerance of
-one), since both depend on how much of the eye is diseased.
+Scores (see `retina.heatmaps.scores`): images of level >= 1 (the labels'
+level if given, else the predicted one; every image with `all_levels`)
+that have a lesion in the window, each map beside the image-blind map and
+the grid oracle, overall and per level.
 """
-import contextlib
 import dataclasses
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from scipy import ndimage
 from tqdm import tqdm
 
-from retina import atomic, crop, data, paths
+from retina import crop, data, paths
 from retina.augment import centre_crop, standardise
 from retina.errors import UserError
 from retina.features import rebuild
+from retina.heatmaps import figures, methods, scores as scoring
 from retina.images import BadImage, image_name, list_images, load_rgb
 
 LEVELS = data.LEVELS
-SEQUENTIAL_CMAP = 'jet'
-SIGNED_CMAP = 'RdBu_r'
 MASK_COVERAGE = 0.25        # share of a converted pixel a lesion must cover to count
-DELETION_FRACTION = 0.1
 DELETION_SEED = 0
-DELETION_FILLS = ('black', 'mean')
-RAM_ADVICE = 'use a *_ram config (e.g. c_512_5x5_32_ram): its global-average-pool head makes the map exact'
-
-
-# --- the map -----------------------------------------------------------------
-
-class Captured:
-    """What a forward hook saw: `activations` is the layer's latest output (detached)."""
-
-    def __init__(self):
-        self.activations = None
-
-
-@contextlib.contextmanager
-def capture_activations(net, layer_name):
-    """Record the output of `net`'s layer `layer_name` at each forward; the hook is always removed."""
-    try:
-        module = net.get_submodule(layer_name)
-    except AttributeError:
-        raise ValueError(f'the network has no layer {layer_name!r}') from None
-    captured = Captured()
-
-    def hook(_module, _inputs, output):
-        captured.activations = output.detach()
-
-    handle = module.register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def check_ram_net(net):
-    """Refuse a network whose head does not make the regression activation map exact."""
-    if not getattr(net, 'is_ram', False):
-        raise UserError(f'this network has no global-average-pool head (a baseline net); {RAM_ADVICE}')
-    names = [name for name, _ in net.named_children()]
-    after = [name for name in names[names.index(net.last_conv) + 1:]
-             if not isinstance(net.get_submodule(name), nn.Dropout)]
-    if after != [net.feature_layer, 'output']:
-        raise UserError(f'the layers after {net.last_conv} are {", ".join(after)}; a RAM needs exactly '
-                        f'a global average pool and the linear output; {RAM_ADVICE}')
-
-
-@torch.no_grad()
-def regression_activation_map(net, x, include_bias=True):
-    """(maps (N, h', w') at the last conv layer's resolution, predictions (N,)) for the batch `x`.
-
-    `x` is the standardised network input.  With `include_bias` the output
-    bias is added to every position, so each map's mean is its prediction.
-    """
-    check_ram_net(net)
-    was_training = net.training
-    net.eval()
-    try:
-        with capture_activations(net, net.last_conv) as captured:
-            predictions = net(x).squeeze(1)
-    finally:
-        net.train(was_training)
-    weight, bias = net.output.weight[0], net.output.bias[0]
-    maps = torch.einsum('k,nkhw->nhw', weight.float(), captured.activations.float())
-    if include_bias:
-        maps = maps + bias
-    return maps, predictions.float()
-
-
-def upsample(maps, size):
-    """(N, h', w') maps -> (N, *size), bilinear, every map cell covering an equal share."""
-    return F.interpolate(maps[:, None], size=tuple(size), mode='bilinear', align_corners=False)[:, 0]
-
-
-# --- scores --------------------------------------------------------------------
-
-def default_tolerance(window_size, map_size):
-    """Half a map cell in window pixels: the map cannot place a maximum more finely."""
-    return max(1, int(round(0.5 * max(w / m for w, m in zip(window_size, map_size)))))
-
-
-def lesion_mass_share(evidence, lesions):
-    """Share of the positive part of `evidence` (h, w) inside the boolean `lesions`; nan if none positive."""
-    positive = np.clip(np.asarray(evidence, dtype=np.float64), 0, None)
-    total = positive.sum()
-    return float(positive[lesions].sum() / total) if total > 0 else float('nan')
-
-
-def near_lesions(lesions, tolerance):
-    """Boolean map of the pixels within `tolerance` pixels of a lesion."""
-    if not lesions.any():
-        return np.zeros_like(lesions)
-    return ndimage.distance_transform_edt(~lesions) <= tolerance
-
-
-def points_at_lesion(evidence, lesions, tolerance):
-    """Whether the maximum of `evidence` lies within `tolerance` pixels of a lesion."""
-    y, x = np.unravel_index(int(np.argmax(evidence)), evidence.shape)
-    return bool(near_lesions(lesions, tolerance)[y, x])
-
-
-def blank(x, where, fill='mean'):
-    """`x` (N, 3, h, w, standardised) with the pixels where `where` (N, h, w) is True blanked.
-
-    `fill` 'black' is raw 0, the photograph's surround (standardised:
-    -mean / std); 'mean' is the data set's mean colour (standardised: 0).
-    """
-    if fill not in DELETION_FILLS:
-        raise ValueError(f'fill must be one of {", ".join(DELETION_FILLS)}, not {fill!r}')
-    value = torch.zeros(1, 3, 1, 1, device=x.device, dtype=x.dtype)
-    if fill == 'black':
-        value = standardise(value)
-    return torch.where(where[:, None], value, x)
-
-
-def top_pixels(maps, size, fraction):
-    """Boolean (N, *size): the top `fraction` of the pixels of `maps` upsampled to `size`."""
-    up = upsample(maps.float(), size).flatten(1)
-    chosen = torch.zeros_like(up, dtype=torch.bool)
-    chosen.scatter_(1, up.topk(max(1, int(round(fraction * up.shape[1]))), dim=1).indices, True)
-    return chosen.reshape(-1, *size)
-
-
-@torch.no_grad()
-def deletion_drops(net, x, maps, fraction=DELETION_FRACTION, generator=None, fill='mean'):
-    """(drop when blanking the top `fraction` of the map's pixels, drop for a random `fraction`).
-
-    `maps` (N, h', w') are upsampled to the input; drops are prediction(x) -
-    prediction(blanked x), per image.  The random pixels are the top
-    `fraction` of a random map at the same resolution, upsampled the same
-    way: blobs of the same grain in random places.  Scattered single black
-    pixels would be no control: they look like microaneurysms and raise
-    the prediction.
-    """
-    size = tuple(x.shape[-2:])
-    random_maps = torch.rand(maps.shape, generator=generator).to(maps.device)
-    net.eval()
-    before = net(x).squeeze(1)
-    after_top = net(blank(x, top_pixels(maps, size, fraction), fill)).squeeze(1)
-    after_random = net(blank(x, top_pixels(random_maps, size, fraction), fill)).squeeze(1)
-    return (before - after_top).float().cpu().numpy(), (before - after_random).float().cpu().numpy()
-
-
-@dataclasses.dataclass
-class Scores:
-    """Per-image localisation and deletion results, summarised by `lines`."""
-    level_source: str
-    fill: str = 'mean'
-    tolerance: int = 0
-    mass: list = dataclasses.field(default_factory=list)
-    hits: list = dataclasses.field(default_factory=list)
-    top_drops: list = dataclasses.field(default_factory=list)
-    random_drops: list = dataclasses.field(default_factory=list)
-    mass_chance: list = dataclasses.field(default_factory=list)
-    hit_chance: list = dataclasses.field(default_factory=list)
-    no_mask: list = dataclasses.field(default_factory=list)
-    no_label: list = dataclasses.field(default_factory=list)
-
-    def summary(self):
-        mass = np.array(self.mass, dtype=np.float64)
-        top, random = np.mean(self.top_drops or [np.nan]), np.mean(self.random_drops or [np.nan])
-        return dict(ram_mass_in_lesions=float(np.nanmean(mass)) if np.isfinite(mass).any() else float('nan'),
-                    pointing_game=float(np.mean(self.hits)) if self.hits else float('nan'),
-                    deletion_top10_drop=float(top), deletion_random10_drop=float(random),
-                    deletion_excess_drop=float(top - random),
-                    deletion_ratio=float(top / random) if random > 0 else float('nan'))
-
-    def lines(self):
-        values = self.summary()
-        notes = [f'# localisation: {len(self.hits)} image(s) of level >= 1 ({self.level_source}) with a '
-                 f'lesion in the network\'s window; a pointing hit is a lesion within {self.tolerance} px '
-                 f'of the map\'s maximum']
-        if self.hits:
-            notes.append(f'# by chance: lesions cover {np.mean(self.mass_chance):.4f} of the window '
-                         f'(mass); {np.mean(self.hit_chance):.4f} of it is within {self.tolerance} px '
-                         f'of one (pointing)')
-        if self.no_mask:
-            notes.append(f'# {len(self.no_mask)} image(s) of level >= 1 have no mask and are not '
-                         f'localised (e.g. {self.no_mask[0]})')
-        if self.no_label:
-            notes.append(f'# {len(self.no_label)} image(s) have no label and are not scored '
-                         f'(e.g. {self.no_label[0]})')
-        notes.append(f'# deletion: {len(self.top_drops)} image(s) of level >= 1; {DELETION_FRACTION:.0%} '
-                     f'of the window set to {"black" if self.fill == "black" else "the mean colour"}: the '
-                     f'map\'s top pixels, or random blobs of the map\'s grain')
-        if values['deletion_random10_drop'] <= 0:
-            notes.append(f'# deletion_ratio is nan: blanking random blobs did not lower the prediction '
-                         f'(change {-values["deletion_random10_drop"]:+.4f}); deletion_excess_drop '
-                         f'(top minus random) is the comparison that stays defined')
-        return notes + [f'{key}: {value:.4f}' for key, value in values.items()]
+METHODS = tuple(methods.METHODS)
 
 
 # --- inputs --------------------------------------------------------------------
@@ -312,14 +105,18 @@ class MaskSource:
         self.photos = {image_name(p): p for p in list_images(photos)} if photos else None
         self.photos_folder = photos
 
-    def lesions(self, name, image_size, window_size):
-        """Boolean (h, w) lesions in the network's window, or None when `name` has no mask."""
+    def coverage(self, name, image_size, window_size):
+        """Float (h, w) share of each window pixel covered by lesions, or None when `name` has no mask."""
         path = self.masks.get(name)
         if path is None:
             return None
         coverage = np.asarray(self.converted(path, name, image_size), dtype=np.float32) / 255.0
-        window = centre_crop(torch.from_numpy(coverage), window_size).numpy()
-        return window >= MASK_COVERAGE
+        return centre_crop(torch.from_numpy(coverage), window_size).numpy()
+
+    def lesions(self, name, image_size, window_size):
+        """Boolean (h, w) lesions in the network's window, or None when `name` has no mask."""
+        coverage = self.coverage(name, image_size, window_size)
+        return None if coverage is None else coverage >= MASK_COVERAGE
 
     def converted(self, path, name, size):
         """The mask as a mode-L image of the converted image's size (size x size)."""
@@ -350,122 +147,71 @@ def _original_size(path):
         return image.size
 
 
-# --- drawing -------------------------------------------------------------------
-
-def _figure(width_in, height_in):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-    figure = Figure(figsize=(width_in, height_in), dpi=100)
-    FigureCanvasAgg(figure)
-    return figure
-
-
-def _norm(maps, signed):
-    from matplotlib.colors import Normalize
-    peak = max(float(np.max(np.abs(m) if signed else m)) for m in maps)
-    peak = peak if peak > 1e-6 else 1e-6
-    return Normalize(-peak, peak) if signed else Normalize(0.0, peak)
-
-
-def _overlay(axes, window, ram, cmap, norm, alpha, signed):
-    axes.imshow(window, interpolation='bilinear')
-    shown = ram if signed else np.clip(ram, 0, None)
-    image = axes.imshow(shown, cmap=cmap, norm=norm, alpha=alpha, interpolation='bilinear')
-    axes.set_axis_off()
-    return image
-
-
-def _opaque(image):
-    """The colour scale of an overlay, drawn at full opacity so its colours can be read."""
-    from matplotlib.cm import ScalarMappable
-    return ScalarMappable(norm=image.norm, cmap=image.cmap)
-
-
-def _save(figure, path):
-    with atomic.atomic_path(path) as tmp:
-        figure.savefig(tmp, format='png')
-
-
-@dataclasses.dataclass
-class Example:
-    """One image with its map, as drawn."""
-    name: str
-    window: np.ndarray       # (h, w, 3) uint8: what the network saw
-    ram: np.ndarray          # (h, w) upsampled map including the bias
-    prediction: float
-    map_mean: float          # mean of the map at conv resolution (= prediction)
-    label: int = None
-
-    @property
-    def level(self):
-        return int(data.to_levels([self.prediction])[0])
-
-
-def heat_map_figure(example, cnf_name, cmap, alpha, signed):
-    figure = _figure(4.4, 4.9)
-    axes = figure.add_axes([0.03, 0.03, 0.75, 0.78])
-    image = _overlay(axes, example.window, example.ram, cmap, _norm([example.ram], signed), alpha, signed)
-    label = f'   label {example.label}' if example.label is not None else ''
-    figure.text(0.03, 0.97, f'{example.name}   {cnf_name}', va='top', fontsize=9)
-    figure.text(0.03, 0.91, f'predicted {example.prediction:.2f} -> level {example.level}{label}',
-                va='top', fontsize=10, weight='bold')
-    figure.text(0.03, 0.855, f'RAM mean {example.map_mean:.2f}'
-                f'{"   (signed, 0 = white)" if signed else "   (positive part)"}', va='top', fontsize=9)
-    bar = figure.colorbar(_opaque(image), cax=figure.add_axes([0.81, 0.05, 0.04, 0.74]))
-    bar.ax.tick_params(labelsize=8)
-    bar.set_label('RAM (level units)', fontsize=8)
-    return figure
-
-
-def by_level_figure(examples, cnf_name, cmap, alpha, signed):
-    """One column per predicted level 0..4: the image above, its RAM below, on one colour scale.
-
-    `examples` maps each level to an `Example` (the run picks the image whose
-    prediction is nearest the level) or None, drawn as empty panels saying none.
-    """
-    figure = _figure(11.5, 5.2)
-    shown = [e for e in examples.values() if e is not None]
-    norm = _norm([e.ram for e in shown], signed) if shown else _norm([np.zeros(1)], signed)
-    image = None
-    for column, level in enumerate(LEVELS):
-        left = 0.02 + column * 0.178
-        top_axes = figure.add_axes([left, 0.47, 0.17, 0.37])
-        bottom_axes = figure.add_axes([left, 0.07, 0.17, 0.37])
-        example = examples.get(level)
-        if example is None:
-            for axes in (top_axes, bottom_axes):
-                axes.set_xticks([])
-                axes.set_yticks([])
-                axes.text(0.5, 0.5, 'none', ha='center', va='center', color='grey',
-                          transform=axes.transAxes)
-            top_axes.set_title(f'level {level}\n(no image predicted)\n', fontsize=8)
-            continue
-        top_axes.imshow(example.window, interpolation='bilinear')
-        top_axes.set_axis_off()
-        label = f', label {example.label}' if example.label is not None else ''
-        top_axes.set_title(f'level {level}\n{example.name}\npredicted {example.prediction:.2f}{label}',
-                           fontsize=8)
-        image = _overlay(bottom_axes, example.window, example.ram, cmap, norm, alpha, signed)
-    figure.suptitle(f'{cnf_name}: regression activation maps by predicted level '
-                    f'({"signed" if signed else "positive part"}, one colour scale)', fontsize=11)
-    if image is not None:
-        bar = figure.colorbar(_opaque(image), cax=figure.add_axes([0.925, 0.07, 0.015, 0.37]))
-        bar.ax.tick_params(labelsize=8)
-        bar.set_label('RAM', fontsize=8)
-    return figure
+def mask_sources(folder, photos=None):
+    """{kind: MaskSource}: one per subfolder of `folder` that holds masks, else {'': the folder}."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f'{folder}: no such masks folder; it should hold {{image}}.png lesion masks '
+                        f'(white = lesion), or one subfolder of them per lesion kind')
+    kinds = sorted(p for p in folder.iterdir() if p.is_dir() and any(
+        q.suffix.lower() in paths.IMAGE_EXTENSIONS for q in p.iterdir()))
+    if kinds:
+        return {kind.name: MaskSource(kind, photos) for kind in kinds}
+    return {'': MaskSource(folder, photos)}
 
 
 # --- the run -----------------------------------------------------------------------
 
-def load_ram_net(config, weights_from, device):
-    """The config's net with the weights of `weights_from` (default: its best-kappa weights)."""
-    if not any(kind == 'gap' for kind, _ in config.layers):
+def load_net(config, weights_from, device, method='ram'):
+    """(the config's net with the weights of `weights_from` (default: its best-kappa weights),
+    the weights' path, the config the weights were trained with)."""
+    if method == 'ram' and not any(kind == 'gap' for kind, _ in config.layers):
         raise UserError(f'{config.path}: {config.name} is a baseline config (RMS-pool head) and has '
-                        f'no regression activation map; use --cnf {config.name}_ram')
+                        f'no regression activation map; use --cnf {config.name}_ram, or --method '
+                        f'gradcam or layercam for this net')
     path = Path(weights_from) if weights_from else paths.best_kappa_weights(config.name)
     net, state = rebuild(config, path)
-    check_ram_net(net)
+    if method == 'ram':
+        methods.check_ram_net(net)
     return net.to(device).eval(), path, state.get('config_name')
+
+
+def method_tag(method, layer=None, include_bias=False, net=None):
+    """How output names carry the method: ram, ram_bias, gradcam, gradcam-conv5 (not the last conv)."""
+    tag = method + ('_bias' if include_bias and method == 'ram' else '')
+    if layer and (net is None or layer != net.last_conv):
+        tag += f'-{layer}'
+    return tag
+
+
+@dataclasses.dataclass
+class Net:
+    """A net that makes maps: its config, the module and where its input comes from."""
+    config: object
+    module: torch.nn.Module
+
+    @property
+    def input_size(self):
+        return tuple(self.config.input_size)
+
+
+@dataclasses.dataclass
+class Item:
+    """One image after the forward passes: its map at conv resolution and what scoring needs."""
+    path: Path
+    name: str
+    size: int
+    map: torch.Tensor             # (h', w') on the CPU
+    prediction: float
+    label: int = None
+    scored: bool = False
+    coverage: dict = dataclasses.field(default_factory=dict)   # kind -> float16 (h, w) in the window
+    inside: np.ndarray = None
+
+    @property
+    def level(self):
+        """The true label when known, else the predicted level."""
+        return self.label if self.label is not None else int(data.to_levels([self.prediction])[0])
 
 
 @dataclasses.dataclass
@@ -473,7 +219,7 @@ class RunSummary:
     written: list
     by_level: Path
     failed: list
-    scores: Scores = None
+    scores: scoring.Scores = None
 
 
 def _batches(image_paths, batch_size, window_size, failed, bar):
@@ -493,87 +239,172 @@ def _batches(image_paths, batch_size, window_size, failed, bar):
         yield batch
 
 
-def run(config, net, image_paths, output_dir, signed=False, cmap=None, alpha=0.5, masks=None,
-        photos=None, labels=None, batch_size=None, deletion_fill='mean', progress=True):
-    """Write a heat map per image and the by-level figure; score localisation when `masks` is given."""
-    device = next(net.parameters()).device
-    window_size = config.input_size
-    cmap = cmap or (SIGNED_CMAP if signed else SEQUENTIAL_CMAP)
+def network_input(windows, input_size):
+    """Standardised input of a net from uint8 windows (N, 3, h, w), shrunk to `input_size` if larger."""
+    x = windows.float()
+    if tuple(x.shape[-2:]) != tuple(input_size):
+        x = F.interpolate(x, size=tuple(input_size), mode='bilinear', align_corners=False, antialias=True)
+    return standardise(x)
+
+
+def run(config, net, image_paths, output_dir, method='ram', layer=None, include_bias=False,
+        fuse_with=None, per_image_scale=False, signed=False, cmap=None, alpha=0.5, masks=None,
+        photos=None, labels=None, all_levels=False, batch_size=None, deletion_fill='mean',
+        progress=True):
+    """Write a heat map per image and the by-level figure; score localisation when `masks` is given.
+
+    `fuse_with` is (config, net) of a second net whose maps are fused with
+    this one's; the images must then be converted for the larger of the two.
+    """
+    nets = [Net(config, net)] + ([Net(*fuse_with)] if fuse_with else [])
+    window_size = max((n.input_size for n in nets), key=lambda s: s[0] * s[1])
+    title = '+'.join(n.config.name for n in nets)
+    tag = method_tag(method, layer, include_bias, net)
+    cmap = cmap or (figures.SIGNED_CMAP if signed else figures.SEQUENTIAL_CMAP)
     batch_size = batch_size or config.cnf['batch_size_test']
     known = data.load_labels(labels) if labels else None
-    mask_source = MaskSource(masks, photos) if masks else None
-    scores = Scores(level_source=f'labels of {labels}' if labels else 'predicted levels',
-                    fill=deletion_fill) if mask_source else None
+    sources = mask_sources(masks, photos) if masks else None
+    scores = None
+    if sources:
+        level_source = ('every level' if all_levels else 'level >= 1') + (
+            f' by the labels of {labels}' if labels else '' if all_levels else ' as predicted')
+        scores = scoring.Scores(level_source=level_source,
+                                fill=deletion_fill, kinds=tuple(sources))
     generator = torch.Generator().manual_seed(DELETION_SEED)
-    best = {level: None for level in LEVELS}
-    written, failed = [], []
-    bar = tqdm(total=len(image_paths), desc=f'RAM {config.name}', unit='img', disable=not progress)
+    items, failed = [], []
+    bar = tqdm(total=len(image_paths), desc=f'{tag} {title}', unit='img', disable=not progress)
     with bar:
         for batch in _batches(image_paths, batch_size, window_size, failed, bar):
-            windows = torch.stack([window for _, window, _ in batch]).to(device)
-            x = standardise(windows.float())
-            maps, predictions = regression_activation_map(net, x)
-            bias = float(net.output.bias.detach()[0])
-            ram = upsample(maps, window_size)
-            for i, (path, window, _) in enumerate(batch):
-                name = image_name(path)
-                example = Example(name=name, window=window.permute(1, 2, 0).cpu().numpy(),
-                                  ram=ram[i].cpu().numpy(), prediction=float(predictions[i]),
-                                  map_mean=float(maps[i].mean()),
-                                  label=known.get(name) if known is not None else None)
-                path_out = paths.heat_map(output_dir, name, config.name, signed)
-                _save(heat_map_figure(example, config.name, cmap, alpha, signed), path_out)
-                written.append(path_out)
-                current = best[example.level]
-                if current is None or abs(example.prediction - example.level) < \
-                        abs(current.prediction - current.level):
-                    best[example.level] = example
-            if scores is not None:
-                _score_batch(net, batch, x, maps - bias, predictions, known, mask_source, scores,
-                             window_size, generator, failed)
+            items.extend(_forward(nets, batch, method, layer, include_bias, known, sources, scores,
+                                  all_levels, window_size, generator, failed))
             bar.update(len(batch))
-    by_level = paths.heat_map_figure(output_dir, config.name, signed)
-    _save(by_level_figure(best, config.name, cmap, alpha, signed), by_level)
+    if scores is not None:
+        _score(items, scores, window_size)
+    written, by_level = _draw(items, output_dir, title, tag, window_size, cmap, alpha, signed,
+                              per_image_scale, by_label=known is not None, failed=failed,
+                              unit='RAM (level units)' if method == 'ram' and len(nets) == 1 else tag)
     return RunSummary(written=written, by_level=by_level, failed=failed, scores=scores)
 
 
-def _score_batch(net, batch, x, evidence, predictions, known, mask_source, scores, window_size,
-                 generator, failed):
-    """Localisation and deletion scores of a batch; `evidence` is the map without bias (N, h', w')."""
-    scores.tolerance = default_tolerance(window_size, evidence.shape[-2:])
-    evidence_up = upsample(evidence, window_size)
-    chosen = []
-    for i, (path, _, size) in enumerate(batch):
+def _forward(nets, batch, method, layer, include_bias, known, sources, scores, all_levels,
+             window_size, generator, failed):
+    """Items of a batch: maps (fused when there are two nets), predictions, masks of the scored ones."""
+    device = next(nets[0].module.parameters()).device
+    windows = torch.stack([window for _, window, _ in batch]).to(device)
+    maps, inputs = [], []
+    for n in nets:
+        x = network_input(windows, n.input_size)
+        m, p = methods.compute_maps(method, n.module, x, layer=layer if n is nets[0] else None,
+                                    include_bias=include_bias)
+        maps.append(m)
+        inputs.append(x)
+        if n is nets[0]:
+            predictions = p
+    fused = methods.fuse(*maps) if len(maps) == 2 else maps[0]
+    items = []
+    for i, (path, window, size) in enumerate(batch):
         name = image_name(path)
-        if known is not None:
-            if name not in known:
-                scores.no_label.append(name)
+        label = known.get(name) if known is not None else None
+        item = Item(path=path, name=name, size=size, map=fused[i].float().cpu(),
+                    prediction=float(predictions[i]), label=label)
+        items.append(item)
+        if sources is None:
+            continue
+        if known is not None and label is None:
+            scores.no_label.append(name)
+            continue
+        if not all_levels and item.level < 1:
+            continue
+        item.scored = True
+        item.inside = figures.fundus_mask(window.permute(1, 2, 0).cpu().numpy())
+        for kind, source in sources.items():
+            try:
+                coverage = source.coverage(name, size, window_size)
+            except BadImage as error:
+                failed.append(str(error))
+                tqdm.write(f'mask skipped: {error}', file=sys.stderr)
                 continue
-            level = known[name]
-        else:
-            level = int(data.to_levels([float(predictions[i])])[0])
-        if level < 1:
-            continue
-        chosen.append(i)
-        try:
-            lesions = mask_source.lesions(name, size, window_size)
-        except BadImage as error:
-            failed.append(str(error))
-            tqdm.write(f'mask skipped: {error}', file=sys.stderr)
-            continue
-        if lesions is None:
-            scores.no_mask.append(name)
-            continue
-        if not lesions.any():
-            continue
-        map_i = evidence_up[i].cpu().numpy()
-        scores.mass.append(lesion_mass_share(map_i, lesions))
-        scores.hits.append(points_at_lesion(map_i, lesions, scores.tolerance))
-        scores.mass_chance.append(float(lesions.mean()))
-        scores.hit_chance.append(float(near_lesions(lesions, scores.tolerance).mean()))
-    if chosen:
-        index = torch.tensor(chosen, device=x.device)
-        top, random = deletion_drops(net, x[index], evidence[index], generator=generator,
-                                     fill=scores.fill)
+            if coverage is None:
+                if name not in scores.no_mask:
+                    scores.no_mask.append(name)
+                continue
+            item.coverage[kind] = coverage.astype(np.float16)
+    scored = [i for i, item in enumerate(items) if item.scored]
+    if scores is not None and scored and len(nets) == 1:
+        index = torch.tensor(scored, device=device)
+        top, random = scoring.deletion_drops(nets[0].module, inputs[0][index], maps[0][index],
+                                             generator=generator, fill=scores.fill)
         scores.top_drops.extend(top.tolist())
         scores.random_drops.extend(random.tolist())
+    return items
+
+
+def _score(items, scores, window_size):
+    """Every scored image's map, blind map and grid oracle against its lesions, per kind."""
+    scored = [item for item in items if item.scored]
+    if not scored:
+        return
+    grid = tuple(scored[0].map.shape)
+    scores.grid = grid
+    scores.tolerance = scoring.default_tolerance(window_size, grid)
+    maps = torch.stack([item.map for item in scored])
+    evidence = methods.upsample(maps, window_size).numpy()
+    blind = methods.upsample(scoring.blind_maps(maps), window_size).numpy() if len(scored) > 1 else None
+    for i, item in enumerate(scored):
+        for kind, coverage in item.coverage.items():
+            lesions = coverage.astype(np.float32) >= MASK_COVERAGE
+            if not (lesions & item.inside).any():
+                continue
+            oracle = scoring.grid_oracle(coverage.astype(np.float32), grid, window_size).numpy()
+            values = {variant: scoring.score_map(heat, lesions, item.inside, scores.tolerance)
+                      if heat is not None else dict.fromkeys(scoring.SCORE_NAMES, float('nan'))
+                      for variant, heat in (('map', evidence[i]), ('oracle', oracle),
+                                            ('blind', blind[i] if blind is not None else None))}
+            scores.records.append(scoring.Record(name=item.name, kind=kind, level=item.level,
+                                                 values=values))
+
+
+def _draw(items, output_dir, title, tag, window_size, cmap, alpha, signed, per_image_scale,
+          by_label, failed, unit):
+    """Write each image's figure and the by-level figure, on one colour scale unless `per_image_scale`.
+
+    Two passes over the images (the first finds the shared scale), reading
+    each window again rather than holding every image of a large run in memory.
+    """
+    def example(item):
+        window, _ = load_window(item.path, window_size)
+        window = window.permute(1, 2, 0).numpy()
+        return figures.Example(
+            name=item.name, window=window, heat=methods.upsample(item.map[None], window_size)[0].numpy(),
+            prediction=item.prediction, map_mean=float(item.map.mean()), label=item.label,
+            inside=item.inside if item.inside is not None else figures.fundus_mask(window))
+
+    drawable, peaks = [], []
+    for item in items:
+        try:
+            shown = figures.shown(example(item), signed)
+        except BadImage as error:       # changed on disk since the forward pass
+            failed.append(str(error))
+            continue
+        drawable.append(item)
+        peaks.append(np.full(1, np.nanmax(np.abs(shown)) if np.isfinite(shown).any() else np.nan))
+    shared = figures.colour_norm(peaks, signed)
+    written = []
+    for item in drawable:
+        current = example(item)
+        norm = figures.colour_norm([figures.shown(current, signed)], signed) if per_image_scale else shared
+        path = paths.heat_map(output_dir, item.name, title, signed, tag)
+        figures.save(figures.heat_map_figure(current, title, cmap, alpha, signed, norm, unit), path)
+        written.append(path)
+    best = {level: None for level in LEVELS}
+    for item in drawable:
+        if (by_label and item.label is None) or item.level not in best:
+            continue
+        current = best[item.level]
+        if current is None or abs(item.prediction - item.level) < abs(current.prediction - item.level):
+            best[item.level] = item
+    chosen = {level: example(item) if item is not None else None for level, item in best.items()}
+    by_level = paths.heat_map_figure(output_dir, title, signed, tag)
+    figures.save(figures.by_level_figure(chosen, f'{tag} {title}', cmap, alpha, signed, shared, by_label),
+                 by_level)
+    return written, by_level

@@ -16,7 +16,7 @@ from retina import data
 from retina.cache import load_images
 from retina.augment import prepare_batch, random_params
 from retina.features import load_features
-from retina.ram import regression_activation_map
+from retina.heatmaps.methods import regression_activation_map
 from retina.train import Runtime, make_optimizer, place_images, train_one_epoch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -92,7 +92,7 @@ def test_ram_on_the_gpu_mean_equals_prediction():
     torch.manual_seed(0)
     net = config.build_net().to(CUDA).eval()
     x = torch.randn(3, 3, *config.input_size, device=CUDA)
-    maps, predictions = regression_activation_map(net, x)
+    maps, predictions = regression_activation_map(net, x, include_bias=True)
     assert maps.device.type == 'cuda'
     assert torch.allclose(maps.mean(dim=(1, 2)), predictions, atol=1e-3, rtol=1e-4)
 

@@ -1,5 +1,6 @@
-"""Regression activation maps: the map's mean is the prediction, hooks, scores, masks and the CLI."""
+"""Heat maps: the methods against their definitions, hooks, honest scores, masks, drawing and the CLI."""
 import csv
+import json
 import re
 
 import numpy as np
@@ -10,17 +11,18 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from conftest import REPO, run_script
-from retina import checkpoint, config as config_module, crop, ram
+from retina import checkpoint, config as config_module, crop, nets, ram
 from retina.augment import standardise
 from retina.data import MEAN, STD
 from retina.errors import UserError
+from retina.heatmaps import figures, methods, scores
 
 CONFIGS = sorted(p.stem for p in (REPO / 'configs').glob('c_*.py'))
-RAM_CONFIGS = [c for c in CONFIGS if c.endswith('_ram')]
-BASELINE_CONFIGS = [c for c in CONFIGS if not c.endswith('_ram')]
+RAM_CONFIGS = [c for c in CONFIGS if '_ram' in c]
+BASELINE_CONFIGS = [c for c in CONFIGS if '_ram' not in c]
 CNF = 'c_128_5x5_32_ram'
-SCORE_NAMES = ('ram_mass_in_lesions', 'pointing_game', 'deletion_top10_drop',
-               'deletion_random10_drop', 'deletion_excess_drop', 'deletion_ratio')
+LOCALISATION_NAMES = scores.SCORE_NAMES
+DELETION_NAMES = scores.DELETION_NAMES
 
 
 @pytest.fixture(scope='module')
@@ -33,20 +35,20 @@ def net():
 
 
 def hook_count(model):
-    return sum(len(m._forward_hooks) for m in model.modules())
+    return sum(len(m._forward_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
-# --- the map --------------------------------------------------------------------
+# --- the methods ------------------------------------------------------------------
 
-@pytest.mark.parametrize('name', RAM_CONFIGS)
-def test_map_mean_is_the_prediction(name):
+@pytest.mark.parametrize('name', [c for c in RAM_CONFIGS if not c.endswith('_fine')])
+def test_map_mean_is_the_prediction_with_the_bias(name):
     torch.manual_seed(1)
     model = config_module.load(name).build_net().eval()
     with torch.no_grad():
         model.output.bias.fill_(-0.4)
     x = torch.randn(2, 3, *model.input_size)
-    maps, predictions = ram.regression_activation_map(model, x)
-    evidence, same_predictions = ram.regression_activation_map(model, x, include_bias=False)
+    maps, predictions = methods.regression_activation_map(model, x, include_bias=True)
+    evidence, same_predictions = methods.regression_activation_map(model, x)   # default: no bias
     with torch.no_grad():
         expected = model(x).squeeze(1)
     c, h, w = model.output_shapes[model.last_conv]
@@ -62,64 +64,175 @@ def test_map_mean_is_the_prediction(name):
 
 def test_map_is_the_weighted_sum_of_the_last_conv_maps(net):
     x = torch.randn(3, 3, 112, 112, generator=torch.Generator().manual_seed(1))
-    with ram.capture_activations(net, net.last_conv) as captured:
+    with methods.capture_activations(net, net.last_conv) as captured:
         with torch.no_grad():
             net(x)
     activations = captured.activations
     assert activations.shape == (3, 128, 6, 6)
-    weight, bias = net.output.weight.detach()[0], float(net.output.bias.detach()[0])
-    expected = (weight[None, :, None, None] * activations).sum(1) + bias
-    maps, _ = ram.regression_activation_map(net, x)
+    weight = net.output.weight.detach()[0]
+    expected = (weight[None, :, None, None] * activations).sum(1)
+    maps, _ = methods.regression_activation_map(net, x)
     torch.testing.assert_close(maps, expected, rtol=1e-5, atol=1e-5)
+
+
+def tiny_ram_net():
+    """A 2x2-input RAM net: one 1x1 conv whose two maps are channel 0 and its leaky negative."""
+    model = nets.Net([('conv', dict(name='conv1', filters=2, size=1, stride=1, pad=0)),
+                      ('gap', dict(name='gap')), ('output', dict(name='output', units=1))], (2, 2))
+    with torch.no_grad():
+        model.conv1.weight.zero_()
+        model.conv1.weight[0, 0] = 1.0
+        model.conv1.weight[1, 0] = -1.0
+        model.conv1.bias.zero_()
+        model.output.weight.copy_(torch.tensor([[2.0, 3.0]]))
+        model.output.bias.fill_(0.5)
+    return model.eval()
+
+
+def test_ram_against_a_hand_computed_map():
+    x = torch.zeros(1, 3, 2, 2)
+    x[0, 0] = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    leak = nets.LEAKINESS
+    # A_0 = x, A_1 = leaky(-x) = -leak x; map = 2 A_0 + 3 A_1 = (2 - 3 leak) x.
+    expected = (2 - 3 * leak) * torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    maps, predictions = methods.regression_activation_map(tiny_ram_net(), x)
+    torch.testing.assert_close(maps[0], expected)
+    torch.testing.assert_close(predictions, torch.tensor([0.5 + 2.5 * (2 - 3 * leak)]))
+    with_bias, _ = methods.regression_activation_map(tiny_ram_net(), x, include_bias=True)
+    torch.testing.assert_close(with_bias[0], expected + 0.5)
+
+
+class LinearInActivations(nn.Module):
+    """prediction = sum_kxy V[k, x, y] A[k, x, y] with A = (x, -x): the gradient at A is V."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 1, bias=False)
+        with torch.no_grad():
+            self.conv.weight.copy_(torch.tensor([1.0, -1.0]).view(2, 1, 1, 1))
+        self.register_buffer('v', torch.tensor([[[1.0, 0.0], [0.0, 1.0]], [[0.0, -1.0], [2.0, 0.0]]]))
+
+    def forward(self, x):
+        return (self.conv(x) * self.v).sum(dim=(1, 2, 3))[:, None]
+
+
+def test_gradcam_and_layercam_against_hand_computed_maps():
+    model = LinearInActivations()
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(1, 1, 2, 2)
+    # Grad-CAM: alpha = mean V_k = (0.5, 0.25); 0.5 x + 0.25 (-x) = 0.25 x, all positive.
+    gradcam, predictions = methods.grad_cam(model, x, 'conv')
+    torch.testing.assert_close(gradcam[0], torch.tensor([[0.25, 0.5], [0.75, 1.0]]))
+    torch.testing.assert_close(predictions, torch.tensor([1.0]))    # 1 + 4 + 2 - 6
+    # LayerCAM: ReLU(V_0) A_0 + ReLU(V_1) A_1 = [[1, 0], [0, 4]] + [[0, 0], [-6, 0]], then ReLU.
+    layercam, _ = methods.layer_cam(model, x, 'conv')
+    torch.testing.assert_close(layercam[0], torch.tensor([[1.0, 0.0], [0.0, 4.0]]))
+    assert hook_count(model) == 0
+    assert set(methods.METHODS) == set(ram.METHODS) == {'ram', 'gradcam', 'layercam'}
+
+
+def test_gradcam_at_the_last_conv_of_a_ram_net_is_the_rectified_ram_over_its_area(net):
+    x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(3))
+    evidence, predictions = methods.regression_activation_map(net, x)
+    gradcam, same = methods.grad_cam(net, x)
+    h, w = evidence.shape[-2:]
+    torch.testing.assert_close(gradcam, torch.relu(evidence) / (h * w), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(same, predictions)
+    assert float(gradcam.max()) > 0 and float((gradcam == 0).float().mean()) > 0, \
+        'the test needs maps with both signs'
+    layercam, _ = methods.layer_cam(net, x)       # ReLU(w_k) / (h w) per channel
+    activations = None
+    with methods.capture_activations(net, net.last_conv) as captured:
+        with torch.no_grad():
+            net(x)
+        activations = captured.activations
+    expected = torch.relu((torch.relu(net.output.weight.detach()[0])[None, :, None, None]
+                           * activations).sum(1)) / (h * w)
+    torch.testing.assert_close(layercam, expected, rtol=1e-4, atol=1e-6)
+    assert hook_count(net) == 0
+
+
+def test_gradient_methods_work_on_baseline_nets_at_any_conv_layer():
+    model = config_module.load('c_128_5x5_32').build_net()
+    x = torch.randn(2, 3, *model.input_size, generator=torch.Generator().manual_seed(4))
+    for method in ('gradcam', 'layercam'):
+        maps, predictions = methods.compute_maps(method, model, x, layer='conv5')
+        assert maps.shape == (2, *model.output_shapes['conv5'][1:])
+        with torch.no_grad():
+            torch.testing.assert_close(predictions, model.eval()(x)[:, 0])   # maps come in eval mode
+        model.train()
+        assert (maps >= 0).all()
+    assert model.training, 'the method should leave the net in the mode it found it'
+    with pytest.raises(UserError, match='not a layer with a spatial map'):
+        methods.grad_cam(model, x, 'output')
+    with pytest.raises(UserError, match='only at the last conv'):
+        methods.regression_activation_map(config_module.load(CNF).build_net(), x, layer='conv5')
+    assert hook_count(model) == 0
+    assert methods.conv_layers(model)[-1] == model.last_conv
 
 
 def test_hook_is_removed_even_when_the_block_raises(net):
     assert hook_count(net) == 0
     with pytest.raises(RuntimeError, match='inside'):
-        with ram.capture_activations(net, net.last_conv):
+        with methods.capture_activations(net, net.last_conv):
             assert hook_count(net) == 1
             raise RuntimeError('inside the block')
     assert hook_count(net) == 0
-    with ram.capture_activations(net, 'conv2') as captured:
+    with methods.capture_activations(net, 'conv2') as captured:
         with torch.no_grad():
             net(torch.zeros(1, 3, 112, 112))
     assert captured.activations.shape == (1, 32, 56, 56)
     assert hook_count(net) == 0
     with pytest.raises(ValueError, match='no layer'):
-        with ram.capture_activations(net, 'conv99'):
+        with methods.capture_activations(net, 'conv99'):
             pass
     assert hook_count(net) == 0
 
 
-def test_baseline_net_is_refused():
+def test_baseline_net_is_refused_by_the_ram():
     model = config_module.load('c_128_5x5_32').build_net()
-    with pytest.raises(UserError, match=r'_ram config'):
-        ram.regression_activation_map(model, torch.zeros(1, 3, *model.input_size))
+    with pytest.raises(UserError, match=r'_ram config.*--method gradcam'):
+        methods.regression_activation_map(model, torch.zeros(1, 3, *model.input_size))
     assert hook_count(model) == 0
 
 
 @pytest.mark.parametrize('name', CONFIGS)
-def test_only_ram_configs_are_loaded(tmp_path, name):
+def test_only_ram_configs_are_loaded_for_the_ram(tmp_path, name):
     config = config_module.load(name)
     if name in BASELINE_CONFIGS:
         with pytest.raises(UserError, match=f'use --cnf {name}_ram'):
-            ram.load_ram_net(config, tmp_path / 'weights.pt', 'cpu')
+            ram.load_net(config, tmp_path / 'weights.pt', 'cpu')
     else:
         with pytest.raises(UserError, match='train first'):
-            ram.load_ram_net(config, tmp_path / 'weights.pt', 'cpu')
+            ram.load_net(config, tmp_path / 'weights.pt', 'cpu')
+    with pytest.raises(UserError, match='train first'):     # any net has a Grad-CAM
+        ram.load_net(config, tmp_path / 'weights.pt', 'cpu', method='gradcam')
 
 
 def test_upsampled_map_covers_the_network_window(net):
     x = torch.randn(2, 3, 112, 112, generator=torch.Generator().manual_seed(2))
-    maps, _ = ram.regression_activation_map(net, x)
-    up = ram.upsample(maps, (112, 112))
+    maps, _ = methods.regression_activation_map(net, x)
+    up = methods.upsample(maps, (112, 112))
     assert up.shape == (2, 112, 112)
-    # Bilinear upsampling keeps the map's range and (nearly) its mean.
+    # Bicubic upsampling, clamped: the map's range, (nearly) its mean, and smooth (no 6x6 blocks).
     assert float(up.max()) <= float(maps.max()) + 1e-5
     assert float(up.min()) >= float(maps.min()) - 1e-5
     torch.testing.assert_close(up.mean(dim=(1, 2)), maps.mean(dim=(1, 2)), rtol=0.05, atol=0.02)
-    constant = ram.upsample(torch.full((1, 6, 6), 2.5), (112, 112))
+    steps = up.diff(dim=-1).abs()
+    assert float(steps.max()) < 0.2 * float(maps.diff(dim=-1).abs().max())
+    constant = methods.upsample(torch.full((1, 6, 6), 2.5), (112, 112))
     torch.testing.assert_close(constant, torch.full((1, 112, 112), 2.5))
+
+
+def test_fusion_of_two_toy_maps():
+    a = torch.tensor([[[0.0, 2.0], [4.0, 8.0]]])                          # 2x2: min-max -> /8
+    b = torch.tensor([[[1.0, 1.0, 9.0], [3.0, 5.0, 9.0], [9.0, 9.0, 9.0]]])   # 3x3: last row/col dropped
+    fused = methods.fuse(a, b)
+    expected = torch.tensor([[0.0, 0.25], [0.5, 1.0]]) + torch.tensor([[0.0, 0.0], [0.5, 1.0]])
+    torch.testing.assert_close(fused[0], expected)
+    torch.testing.assert_close(methods.fuse(b, a), fused)
+    four = torch.arange(16.0).view(1, 4, 4)           # two cells more: resampled by area
+    torch.testing.assert_close(methods.to_grid(four, (2, 2))[0], torch.tensor([[2.5, 4.5], [10.5, 12.5]]))
+    torch.testing.assert_close(methods.fuse(torch.ones(1, 2, 2), a)[0], a[0] / 8)   # constant -> 0
 
 
 # --- scores ---------------------------------------------------------------------
@@ -133,35 +246,96 @@ def test_localisation_of_a_map_peaking_in_the_lesion():
     lesions = np.zeros((112, 112), dtype=bool)
     lesions[20:40, 60:80] = True
     inside = gaussian((30, 70)) - 0.2        # negative evidence elsewhere is not mass
-    assert ram.points_at_lesion(inside, lesions, tolerance=0)
-    assert ram.lesion_mass_share(inside, lesions) > 0.99
+    assert scores.points_at_lesion(inside, lesions, tolerance=0)
+    assert scores.lesion_mass_share(inside, lesions) > 0.99
     outside = gaussian((90, 10))
-    assert not ram.points_at_lesion(outside, lesions, tolerance=9)
-    assert ram.lesion_mass_share(outside, lesions) < 0.01
+    assert not scores.points_at_lesion(outside, lesions, tolerance=9)
+    assert scores.lesion_mass_share(outside, lesions) < 0.01
     near = gaussian((45, 70))                # 6 px below the lesion's last row
-    assert ram.points_at_lesion(near, lesions, tolerance=9)
-    assert not ram.points_at_lesion(near, lesions, tolerance=2)
-    assert not ram.points_at_lesion(inside, np.zeros_like(lesions), tolerance=9)
-    assert np.isnan(ram.lesion_mass_share(-gaussian((30, 70)), lesions))
-    assert ram.default_tolerance((112, 112), (6, 6)) == 9
+    assert scores.points_at_lesion(near, lesions, tolerance=9)
+    assert not scores.points_at_lesion(near, lesions, tolerance=2)
+    assert not scores.points_at_lesion(inside, np.zeros_like(lesions), tolerance=9)
+    assert np.isnan(scores.lesion_mass_share(-gaussian((30, 70)), lesions))
+    assert scores.score_map(-gaussian((30, 70)), lesions, None, 9)['mass_in_lesions'] == 0.0
+    assert scores.default_tolerance((112, 112), (6, 6)) == 9
+    # Only the fundus counts: a maximum in the surround is not where the map points.
+    fundus = np.zeros_like(lesions)
+    fundus[10:100, 10:100] = True
+    surround_peak = gaussian((30, 70)) + 5 * gaussian((2, 2), sigma=1)
+    assert not scores.points_at_lesion(surround_peak, lesions, 0)
+    assert scores.points_at_lesion(surround_peak, lesions, 0, fundus)
 
 
-def test_scores_summary_prints_one_figure_per_line():
-    scores = ram.Scores(level_source='predicted levels', tolerance=9, mass=[1.0, 0.5, float('nan')],
-                        hits=[True, False, False, True], mass_chance=[0.1] * 4, hit_chance=[0.3] * 4,
-                        top_drops=[0.4, 0.2], random_drops=[0.1, 0.1])
-    values = scores.summary()
-    assert values['ram_mass_in_lesions'] == pytest.approx(0.75)
-    assert values['pointing_game'] == pytest.approx(0.5)
-    assert values['deletion_ratio'] == pytest.approx(3.0)
-    assert values['deletion_excess_drop'] == pytest.approx(0.2)
-    figures = [line for line in scores.lines() if not line.startswith('#')]
-    assert [line.split(':')[0] for line in figures] == list(SCORE_NAMES)
-    assert figures[-1] == 'deletion_ratio: 3.0000'
-    scores.random_drops = [-0.1, -0.2]       # random blanking raised the prediction: no ratio
-    assert np.isnan(scores.summary()['deletion_ratio'])
-    assert scores.summary()['deletion_excess_drop'] == pytest.approx(0.45)
-    assert any('deletion_ratio is nan' in line for line in scores.lines())
+def test_auroc_of_the_mask_and_of_the_grid_oracle_is_one():
+    lesions = np.zeros((112, 112), dtype=bool)
+    lesions[28:56] = True                     # one row of cells of a 4x4 grid
+    assert scores.auroc(lesions.astype(float), lesions) == 1.0
+    assert scores.auroc(-lesions.astype(float), lesions) == 0.0
+    oracle = scores.grid_oracle(lesions.astype(np.float32), (4, 4), (112, 112)).numpy()
+    assert oracle.shape == (112, 112)
+    assert scores.auroc(oracle, lesions) == 1.0
+    # Outside the fundus nothing counts, however the map looks there.
+    fundus = np.zeros_like(lesions)
+    fundus[:, 20:90] = True
+    noisy = lesions + np.where(fundus, 0.0, 5.0)
+    assert scores.auroc(noisy, lesions) < 0.9
+    assert scores.auroc(noisy, lesions, fundus) == 1.0
+    assert np.isnan(scores.auroc(oracle, np.zeros_like(lesions)))      # no lesion: undefined
+    # A coarse lesion (one 2-D cell) on the oracle still beats chance by far.
+    cell = np.zeros((112, 112), dtype=bool)
+    cell[30:50, 60:80] = True
+    assert scores.auroc(scores.grid_oracle(cell.astype(np.float32), (4, 4), (112, 112)).numpy(), cell) > 0.9
+
+
+def test_blind_map_is_the_mean_of_the_other_images_only():
+    maps = torch.stack([torch.full((2, 2), 1.0), torch.tensor([[0.0, 2.0], [0.0, 0.0]]),
+                        torch.tensor([[0.0, 0.0], [-4.0, 0.0]])])
+    blind = scores.blind_maps(maps)
+    # each divided by its peak |value| (1, 2, 4), then the mean of the two others
+    torch.testing.assert_close(blind[0], torch.tensor([[0.0, 0.5], [-0.5, 0.0]]))
+    torch.testing.assert_close(blind[1], torch.tensor([[0.5, 0.5], [0.0, 0.5]]))
+    torch.testing.assert_close(blind[2], torch.tensor([[0.5, 1.0], [0.5, 0.5]]))
+    changed = maps.clone()
+    changed[1] = torch.tensor([[9.0, -3.0], [0.0, 1.0]])      # image 1 changes: its own blind map does not
+    torch.testing.assert_close(scores.blind_maps(changed)[1], blind[1])
+    assert torch.isnan(scores.blind_maps(maps[:1])).all()
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    mean, low, high = scores.bootstrap_interval([0.1, 0.2, 0.3, 0.2, float('nan')])
+    assert mean == pytest.approx(0.2) and low < mean < high and 0.1 <= low and high <= 0.3
+    assert scores.bootstrap_interval([0.2] * 5)[1:] == (pytest.approx(0.2), pytest.approx(0.2))
+
+
+def record(name, kind, level, map_auroc, blind_auroc, hit):
+    values = {v: dict(auroc=a, pointing_exact=float(hit), pointing_game=1.0, mass_in_lesions=0.5)
+              for v, a in (('map', map_auroc), ('blind', blind_auroc), ('oracle', 0.9))}
+    return scores.Record(name=name, kind=kind, level=level, values=values)
+
+
+def test_scores_summary_prints_map_blind_and_oracle_per_kind_and_level():
+    summary = scores.Scores(level_source='labels', tolerance=1, grid=(53, 53), kinds=('exudate', 'red'),
+                            records=[record('a', 'exudate', 1, 0.8, 0.6, True),
+                                     record('b', 'exudate', 2, 0.6, 0.6, False),
+                                     record('a', 'red', 1, 0.5, 0.7, False)],
+                            top_drops=[0.4, 0.2], random_drops=[0.1, 0.1])
+    lines = summary.lines()
+    assert 'auroc[exudate]: 0.7000  0.6000  0.9000' in lines
+    assert 'pointing_exact[exudate]: 0.5000  0.5000  0.5000' in lines
+    assert 'auroc[red]: 0.5000  0.7000  0.9000' in lines
+    assert any(line.startswith('# exudate level 2 (1 image(s)): auroc 0.600/0.600/0.900') for line in lines)
+    assert 'deletion_ratio: 3.0000' in lines
+    data = summary.as_dict()
+    assert data['kinds']['exudate']['n'] == 2
+    assert data['kinds']['exudate']['auroc_minus_blind']['mean'] == pytest.approx(0.1)
+    assert data['kinds']['red']['levels']['1']['scores']['auroc']['blind'] == pytest.approx(0.7)
+    json.dumps(data)
+    summary.random_drops = [-0.1, -0.2]       # random blanking raised the prediction: no ratio
+    assert np.isnan(summary.deletion()['deletion_ratio'])
+    assert summary.deletion()['deletion_excess_drop'] == pytest.approx(0.45)
+    assert any('deletion_ratio is nan' in line for line in summary.lines())
+    summary.top_drops = []
+    assert any('deletion: not measured' in line for line in summary.lines())
 
 
 class MeanOfRed(nn.Module):
@@ -175,20 +349,20 @@ def test_blanking_to_black_or_mean_and_deleting_the_evidence_drops_the_predictio
     x = torch.zeros(2, 3, 20, 20)
     where = torch.zeros(2, 20, 20, dtype=torch.bool)
     where[:, :2] = True
-    blanked = ram.blank(x, where, fill='black')
+    blanked = scores.blank(x, where, fill='black')
     black = torch.as_tensor(-MEAN / STD)
     torch.testing.assert_close(blanked[0, :, 0, 0], black)
     torch.testing.assert_close(blanked[:, :, 5:], x[:, :, 5:])
     torch.testing.assert_close(standardise(torch.zeros(1, 3, 1, 1))[0, :, 0, 0], black)
-    torch.testing.assert_close(ram.blank(x + 1, where, fill='mean')[0, :, 0, 0], torch.zeros(3))
+    torch.testing.assert_close(scores.blank(x + 1, where, fill='mean')[0, :, 0, 0], torch.zeros(3))
     with pytest.raises(ValueError, match='fill'):
-        ram.blank(x, where, fill='grey')
+        scores.blank(x, where, fill='grey')
 
     x[:, 0, :4, :10] = 5.0                    # 40 bright pixels = the top 10% of the map
     evidence = x[:, 0].clone()
     for fill, value in (('black', black[0].item()), ('mean', 0.0)):
-        top, random = ram.deletion_drops(MeanOfRed(), x, evidence, fill=fill,
-                                         generator=torch.Generator().manual_seed(0))
+        top, random = scores.deletion_drops(MeanOfRed(), x, evidence, fill=fill,
+                                            generator=torch.Generator().manual_seed(0))
         expected_top = 40 * (5.0 - value) / 400
         np.testing.assert_allclose(top, [expected_top, expected_top], rtol=1e-5)
         assert (random < top / 2).all()
@@ -197,14 +371,57 @@ def test_blanking_to_black_or_mean_and_deleting_the_evidence_drops_the_predictio
 def test_random_deletion_control_has_the_grain_of_the_map():
     maps = torch.zeros(1, 6, 6)
     maps[0, 2, 2] = 1.0                       # cell 2 covers pixels 37..55
-    top = ram.top_pixels(maps, (112, 112), 0.1)[0]
+    top = scores.top_pixels(maps, (112, 112), 0.1)[0]
     assert int(top.sum()) == round(0.1 * 112 * 112)
     assert top[20:75, 20:75].sum() == top.sum(), 'the top pixels should form one blob at the hot cell'
     assert ndimage.label(top.numpy())[1] == 1
     random_maps = torch.rand(4, 6, 6, generator=torch.Generator().manual_seed(0))
-    for mask in ram.top_pixels(random_maps, (112, 112), 0.1).numpy():  # one image at a time
-        # about 4 cells' worth: a few blobs (2-12 over 800 random maps), not ~1,000 pixels
+    for mask in scores.top_pixels(random_maps, (112, 112), 0.1).numpy():  # one image at a time
+        # about 4 cells' worth: a few blobs, not ~1,000 pixels
         assert ndimage.label(mask)[1] < 20
+
+
+# --- drawing --------------------------------------------------------------------
+
+def eye_window(size=112):
+    """An orange disc on black with a dark spot inside (a haemorrhage: still fundus)."""
+    image = Image.new('RGB', (size, size))
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((6, 6, size - 7, size - 7), fill=(200, 90, 40))
+    draw.ellipse((50, 50, 60, 60), fill=(5, 5, 5))
+    return np.asarray(image)
+
+
+def test_fundus_mask_is_the_eye_disc_with_its_holes_filled():
+    window = eye_window()
+    inside = figures.fundus_mask(window)
+    disc = np.asarray(Image.fromarray(window).convert('L')) > 0      # the drawn disc, spot included
+    assert inside[disc].all(), 'no pixel of the eye may be left out'
+    assert not inside[~ndimage.binary_dilation(disc, iterations=2)].any(), 'at most 2 px beyond the rim'
+    assert inside[55, 55], 'a dark lesion inside the eye is fundus'
+    assert not inside[0, 0] and not inside[2, 56]
+    assert figures.fundus_mask(np.zeros((20, 20, 3), dtype=np.uint8)).all()
+
+
+def test_drawing_colours_the_fundus_only_on_one_scale():
+    window = eye_window()
+    example = figures.Example(name='a', window=window, heat=np.full((112, 112), 1.0), prediction=1.0,
+                              map_mean=1.0)
+    norm = figures.colour_norm([figures.shown(example, False), np.full((2, 2), 4.0)], False)
+    assert (norm.vmin, norm.vmax) == (0.0, 4.0)
+    figure = figures.heat_map_figure(example, 'net', 'jet', 1.0, False, norm, 'RAM')
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].astype(int)
+    axes = figure.axes[0]
+
+    def at(x, y):
+        column, row = axes.transData.transform((x, y))
+        return pixels[int(round(pixels.shape[0] - row)), int(round(column))]
+
+    assert at(1, 1).max() < 30, f'the black surround was coloured: {at(1, 1)}'
+    centre = at(30, 80)
+    assert np.abs(centre - window[80, 30]).max() > 60, 'the fundus should carry the map\'s colour'
+    np.testing.assert_allclose(figures.shown(example, False)[0, 0], np.nan)
 
 
 # --- masks ----------------------------------------------------------------------
@@ -295,6 +512,13 @@ def tiny_data_set(root):
     return images
 
 
+def score_columns(stdout, name):
+    """(map, blind, oracle) of the summary line `name: m b o`."""
+    match = re.search(rf'^{re.escape(name)}: (\S+)  (\S+)  (\S+)$', stdout, re.MULTILINE)
+    assert match, f'{name} missing from:\n{stdout}'
+    return tuple(float(v) for v in match.groups())
+
+
 def test_cli_writes_maps_figure_and_scores_and_names_bad_images(tmp_path):
     images = tiny_data_set(tmp_path)
     (images / '9_left.jpeg').write_bytes(b'not a jpeg')
@@ -305,37 +529,75 @@ def test_cli_writes_maps_figure_and_scores_and_names_bad_images(tmp_path):
     assert '9_left.jpeg' in result.stderr and 'Traceback' not in result.stderr
     out = tmp_path / 'data' / 'ram' / CNF
     for name in LEVELS_OF_TINY_SET:
-        with Image.open(out / f'{name}_{CNF}.png') as image:
+        with Image.open(out / f'{name}_ram_{CNF}.png') as image:
             assert image.format == 'PNG' and min(image.size) >= 300
-    assert not (out / f'9_left_{CNF}.png').exists()
-    with Image.open(out / f'{CNF}_by_level.png') as figure:
+    assert not (out / f'9_left_ram_{CNF}.png').exists()
+    with Image.open(out / f'ram_{CNF}_by_level.png') as figure:
         assert figure.size[0] > figure.size[1]
-    values = {}
-    for name in SCORE_NAMES:
-        match = re.search(rf'^{name}: (\S+)$', result.stdout, re.MULTILINE)
-        assert match, f'{name} missing from:\n{result.stdout}'
-        values[name] = float(match[1])
-    assert 0 <= values['ram_mass_in_lesions'] <= 1
-    assert 0 <= values['pointing_game'] <= 1
-    assert np.isfinite(values['deletion_top10_drop'])
-    assert '5 image(s) of level >= 1' in result.stdout
+    for name in LOCALISATION_NAMES:
+        for value in score_columns(result.stdout, name):
+            assert 0 <= value <= 1, (name, value)
+    assert score_columns(result.stdout, 'auroc')[2] > 0.9, 'the oracle knows where the spots are'
+    for name in DELETION_NAMES:
+        assert re.search(rf'^{name}: \S+$', result.stdout, re.MULTILINE), name
+    assert '# 5 image(s)' in result.stdout
+    assert re.search(r'^# level 4 \(1 image\(s\)\): auroc ', result.stdout, re.MULTILINE)
 
 
-def test_cli_single_files_signed_and_output_dir(tmp_path):
+def test_cli_gradcam_of_a_baseline_net_with_masks_per_kind(tmp_path):
+    images = tiny_data_set(tmp_path)
+    baseline = config_module.load('c_128_5x5_32')
+    checkpoint.save(tmp_path / 'baseline.pt', model=baseline.build_net(), config=baseline, epoch=0)
+    kinds = tmp_path / 'kinds'
+    (kinds / 'bright').mkdir(parents=True)
+    (kinds / 'red').mkdir()
+    for mask in (tmp_path / 'masks').iterdir():
+        (kinds / 'bright' / mask.name).write_bytes(mask.read_bytes())
+    red = np.zeros((128, 128), dtype=np.uint8)
+    red[60:70, 60:70] = 255
+    Image.fromarray(red).save(kinds / 'red' / '3_left.png')
+    result = run_script('ram.py', '--cnf', 'c_128_5x5_32', '--weights_from', 'baseline.pt', '--method',
+                        'gradcam', '--layer', 'conv5', '--masks', kinds, '--all_levels', '--per_image_scale',
+                        '--scores_json', 'scores.json', '--no_progress', cwd=tmp_path)
+    out = tmp_path / 'data' / 'ram' / 'c_128_5x5_32'
+    assert len(list(out.glob('*_gradcam-conv5_c_128_5x5_32.png'))) == len(LEVELS_OF_TINY_SET)
+    assert (out / 'gradcam-conv5_c_128_5x5_32_by_level.png').is_file()
+    scored = json.loads((tmp_path / 'scores.json').read_text())
+    assert set(scored['kinds']) == {'bright', 'red'}
+    assert scored['kinds']['bright']['n'] == 5        # every level, but 1_left has no lesion
+    assert scored['kinds']['red']['n'] == 1
+    assert scored['grid'] == list(baseline.build_net().output_shapes['conv5'][1:])
+    assert score_columns(result.stdout, 'auroc[red]')[0] == \
+        pytest.approx(scored['kinds']['red']['scores']['auroc']['map'], abs=1e-4)
+    assert '# 5 image(s) have no mask' in result.stdout   # in red/
+
+
+def test_cli_single_files_signed_output_dir_and_fuse(tmp_path):
     images = tiny_data_set(tmp_path)
     result = run_script('ram.py', '--cnf', CNF, '--images', images / '2_left.jpeg', '--images',
                         images / '3_left.jpeg', '--signed', '--limit', 1, '--output_dir', 'maps',
-                        '--no_progress', cwd=tmp_path)
-    assert (tmp_path / 'maps' / f'2_left_{CNF}_signed.png').is_file()
-    assert not (tmp_path / 'maps' / f'3_left_{CNF}_signed.png').exists()
-    assert (tmp_path / 'maps' / f'{CNF}_signed_by_level.png').is_file()
-    assert 'ram_mass_in_lesions' not in result.stdout
+                        '--include_bias', '--no_progress', cwd=tmp_path)
+    assert (tmp_path / 'maps' / f'2_left_ram_bias_{CNF}_signed.png').is_file()
+    assert not (tmp_path / 'maps' / f'3_left_ram_bias_{CNF}_signed.png').exists()
+    assert (tmp_path / 'maps' / f'ram_bias_{CNF}_signed_by_level.png').is_file()
+    assert 'auroc' not in result.stdout
+    other = config_module.load('c_128_4x4_32_ram')       # a 7x7 map, fused with the 6x6 one
+    checkpoint.save(tmp_path / 'other.pt', model=other.build_net(), config=other, epoch=0)
+    result = run_script('ram.py', '--cnf', CNF, '--fuse', 'c_128_4x4_32_ram', '--fuse_weights', 'other.pt',
+                        '--masks', tmp_path / 'masks', '--labels', tmp_path / 'labels.csv', '--no_progress',
+                        cwd=tmp_path)
+    fused = tmp_path / 'data' / 'ram' / f'{CNF}+c_128_4x4_32_ram'
+    assert len(list(fused.glob(f'*_ram_{CNF}+c_128_4x4_32_ram.png'))) == len(LEVELS_OF_TINY_SET)
+    assert '# deletion: not measured' in result.stdout
+    assert 'pooled to the 6x6 grid' in result.stdout
 
 
 @pytest.mark.parametrize('case, expected', [
     ('baseline', 'use --cnf c_128_5x5_32_ram'),
     ('no_weights', 'train first'),
     ('other_weights', 'do not fit config c_128_5x5_32_ram'),
+    ('layer_of_ram', '--layer is for --method gradcam or layercam'),
+    ('fuse_weights_alone', '--fuse_weights needs --fuse'),
 ])
 def test_cli_errors_are_one_line(tmp_path, case, expected):
     if case == 'other_weights':
@@ -343,7 +605,9 @@ def test_cli_errors_are_one_line(tmp_path, case, expected):
         checkpoint.save(tmp_path / 'other.pt', model=other.build_net(), config=other, epoch=0)
     args = {'baseline': ['--cnf', 'c_128_5x5_32'],
             'no_weights': ['--cnf', CNF],
-            'other_weights': ['--cnf', CNF, '--weights_from', 'other.pt']}[case]
+            'other_weights': ['--cnf', CNF, '--weights_from', 'other.pt'],
+            'layer_of_ram': ['--cnf', CNF, '--layer', 'conv5'],
+            'fuse_weights_alone': ['--cnf', CNF, '--fuse_weights', 'x.pt']}[case]
     result = run_script('ram.py', *args, cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert 'Traceback' not in result.stderr

@@ -1,0 +1,188 @@
+"""Heat-map methods: each turns a batch into (maps at a conv layer's resolution, predictions).
+
+- `ram`: the regression activation map (Wang & Yang 2017) of a RAM net, whose
+  head is a global average pool of the last conv layer A and one linear unit:
+  prediction = b + sum_k w_k mean_xy A_k(x, y).  The map is sum_k w_k A_k,
+  without b by default as the RAM repository's notebook drew it (b adds the
+  same value everywhere, so it only shifts the colours); with the bias the
+  map's mean is the prediction.
+- `gradcam` (Selvaraju et al. 2017): ReLU(sum_k alpha_k A_k) with alpha_k the
+  spatial mean of d prediction / d A_k, at any conv layer, so baseline nets
+  (RMS-pool and dense head) get maps too.  On a RAM net's last conv
+  d prediction / d A_k(x, y) = w_k / (h w), so Grad-CAM there is
+  ReLU(RAM without bias) / (h w).
+- `layercam` (Jiang et al. 2021): ReLU(sum_k ReLU(d prediction / d A_k) A_k),
+  the gradient kept per position, which keeps finer detail at earlier layers.
+
+Each method is one small function; the hook that reads a layer lives in a
+context manager that always removes it.  `upsample` brings maps to the
+window smoothly (bicubic, clamped to each map's range so the overshoot of
+the cubic kernel invents no values), and `fuse` adds the maps of two nets
+as the RAM repository's notebook did.
+"""
+import contextlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from retina.errors import UserError
+
+RAM_ADVICE = 'use a *_ram config (e.g. c_512_5x5_32_ram): its global-average-pool head makes the map exact'
+
+
+class Captured:
+    """What a forward hook saw: `activations` is the layer's latest output."""
+
+    def __init__(self):
+        self.activations = None
+
+
+@contextlib.contextmanager
+def capture_activations(net, layer_name, keep_graph=False):
+    """Record the output of `net`'s layer `layer_name` at each forward; the hook is always removed.
+
+    With `keep_graph` the output is kept attached to the autograd graph, so
+    that gradient methods can differentiate the prediction with respect to it.
+    """
+    try:
+        module = net.get_submodule(layer_name)
+    except AttributeError:
+        raise ValueError(f'the network has no layer {layer_name!r}') from None
+    captured = Captured()
+
+    def hook(_module, _inputs, output):
+        captured.activations = output if keep_graph else output.detach()
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def check_ram_net(net):
+    """Refuse a network whose head does not make the regression activation map exact."""
+    if not getattr(net, 'is_ram', False):
+        raise UserError(f'this network has no global-average-pool head (a baseline net); {RAM_ADVICE}, '
+                        f'or pass --method gradcam or layercam')
+    names = [name for name, _ in net.named_children()]
+    after = [name for name in names[names.index(net.last_conv) + 1:]
+             if not isinstance(net.get_submodule(name), nn.Dropout)]
+    if after != [net.feature_layer, 'output']:
+        raise UserError(f'the layers after {net.last_conv} are {", ".join(after)}; a RAM needs exactly '
+                        f'a global average pool and the linear output; {RAM_ADVICE}')
+
+
+def conv_layers(net):
+    """Names of the net's conv layers, input first."""
+    from retina.nets import UntiedConv2d
+    return [name for name, module in net.named_children() if isinstance(module, UntiedConv2d)]
+
+
+@contextlib.contextmanager
+def _eval_mode(net):
+    was_training = net.training
+    net.eval()
+    try:
+        yield
+    finally:
+        net.train(was_training)
+
+
+@torch.no_grad()
+def regression_activation_map(net, x, include_bias=False, layer=None):
+    """(maps (N, h', w') at the last conv layer's resolution, predictions (N,)) for the batch `x`.
+
+    `x` is the standardised network input.  With `include_bias` the output
+    bias is added to every position, so each map's mean is its prediction.
+    `layer` must be the last conv (or None): the map is exact only there.
+    """
+    check_ram_net(net)
+    if layer not in (None, net.last_conv):
+        raise UserError(f'--layer {layer}: the regression activation map exists only at the last conv '
+                        f'layer ({net.last_conv}); use --method gradcam or layercam for other layers')
+    with _eval_mode(net), capture_activations(net, net.last_conv) as captured:
+        predictions = net(x)[:, 0]
+    weight, bias = net.output.weight[0], net.output.bias[0]
+    maps = torch.einsum('k,nkhw->nhw', weight.float(), captured.activations.float())
+    if include_bias:
+        maps = maps + bias
+    return maps, predictions.float()
+
+
+def activations_and_gradients(net, x, layer=None):
+    """(A (N, K, h', w') at `layer`, d prediction_n / d A_n, predictions (N,)), in eval mode.
+
+    Images do not interact in eval mode, so the gradient of the batch's summed
+    prediction gives every image's own gradient in one backward pass.
+    """
+    layer = layer or net.last_conv
+    with _eval_mode(net), torch.enable_grad(), capture_activations(net, layer, keep_graph=True) as captured:
+        predictions = net(x)[:, 0]
+        if captured.activations is None or captured.activations.dim() != 4:
+            raise UserError(f'--layer {layer}: not a layer with a spatial map; use one of '
+                            f'{", ".join(conv_layers(net))}')
+        gradients, = torch.autograd.grad(predictions.sum(), captured.activations)
+    return captured.activations.detach().float(), gradients.float(), predictions.detach().float()
+
+
+def grad_cam(net, x, layer=None):
+    """Grad-CAM: ReLU(sum_k alpha_k A_k), alpha_k the spatial mean of the gradient of the prediction."""
+    activations, gradients, predictions = activations_and_gradients(net, x, layer)
+    alpha = gradients.mean(dim=(2, 3), keepdim=True)
+    return F.relu((alpha * activations).sum(1)), predictions
+
+
+def layer_cam(net, x, layer=None):
+    """LayerCAM: ReLU(sum_k ReLU(gradient_k) A_k), position by position."""
+    activations, gradients, predictions = activations_and_gradients(net, x, layer)
+    return F.relu((F.relu(gradients) * activations).sum(1)), predictions
+
+
+METHODS = {'ram': regression_activation_map, 'gradcam': grad_cam, 'layercam': layer_cam}
+
+
+def compute_maps(method, net, x, layer=None, include_bias=False):
+    """Maps and predictions of `method` (a key of METHODS) for the batch `x`."""
+    if method == 'ram':
+        return regression_activation_map(net, x, include_bias=include_bias, layer=layer)
+    return METHODS[method](net, x, layer)
+
+
+def upsample(maps, size):
+    """(N, h', w') maps -> (N, *size): bicubic, every cell covering an equal share, in each map's range.
+
+    Bicubic interpolation overshoots next to sharp changes; clamping to the
+    map's own minimum and maximum keeps the upsampled map from showing values
+    the map does not have.
+    """
+    maps = maps.float()
+    up = F.interpolate(maps[:, None], size=tuple(size), mode='bicubic', align_corners=False)[:, 0]
+    low = maps.amin(dim=(1, 2))[:, None, None]
+    high = maps.amax(dim=(1, 2))[:, None, None]
+    return torch.maximum(torch.minimum(up, high), low)
+
+
+def to_grid(maps, grid):
+    """(N, h, w) maps on the (h', w') `grid`: equal sizes unchanged; one cell more loses its last row
+    and column (the RAM notebook's 55 -> 54); anything else is resampled by area."""
+    h, w = maps.shape[-2:]
+    if (h, w) == tuple(grid):
+        return maps
+    if (h - grid[0], w - grid[1]) in ((1, 1), (1, 0), (0, 1)):
+        return maps[:, :grid[0], :grid[1]]
+    return F.interpolate(maps[:, None].float(), size=tuple(grid), mode='area')[:, 0]
+
+
+def min_max(maps):
+    """Each map rescaled to [0, 1] (a constant map becomes 0)."""
+    low = maps.amin(dim=(1, 2), keepdim=True)
+    span = maps.amax(dim=(1, 2), keepdim=True) - low
+    return (maps - low) / torch.where(span > 0, span, torch.ones_like(span))
+
+
+def fuse(maps_a, maps_b):
+    """The sum of two nets' maps, each min-max normalised to [0, 1] on the smaller of the two grids."""
+    grid = min(maps_a.shape[-2:], maps_b.shape[-2:], key=lambda s: s[0] * s[1])
+    return min_max(to_grid(maps_a, grid)) + min_max(to_grid(maps_b, grid))
