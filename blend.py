@@ -13,7 +13,7 @@ import click
 
 from retina import blend, paths
 from retina import config as config_module
-from retina.errors import handle_errors
+from retina.errors import UserError, handle_errors
 
 
 @click.command(context_settings={'help_option_names': ['-h', '--help']})
@@ -50,13 +50,23 @@ from retina.errors import handle_errors
                    'report both kappas; with --predict a validation fit is made first and its '
                    'fitted cut-offs are used for the submission (else 0.5, 1.5, 2.5, 3.5).')
 @click.option('--output', type=click.Path(dir_okay=False),
-              help='Submission path. [default: data/sub_{git sha}_{time}.csv]')
+              help='Submission path. [default: data/sub_{git sha}_{time}.csv] The fitted blend is '
+                   'saved beside it as NAME_blend.pt, for predict.py --blend.')
+@click.option('--scores', is_flag=True,
+              help='With --predict: add a third column, score, with each image\'s continuous '
+                   'prediction (the runs averaged) before it is cut into a level.')
+@click.option('--no_pictures', is_flag=True,
+              help='Do not draw the validation confusion matrices (by default each is written '
+                   'as data/blend/RUN_confusion.png beside its printout).')
 @handle_errors()
 def main(cnf, predict, per_patient, features_file, n_iter, blend_cnf, test_dir, labels, seed,
-         optimize_thresholds, output):
+         optimize_thresholds, output, scores, no_pictures):
     """Fit the blend net on each run's features: report validation kappa and the
-    confusion matrix per run (and for the runs averaged), or with --predict
-    write the submission and print its path."""
+    confusion matrix per run (and for the runs averaged; also drawn as a PNG),
+    or with --predict write the submission and the fitted blend, and print
+    their paths."""
+    if scores and not predict:
+        raise UserError('--scores adds a column to the submission: use it with --predict')
     config = config_module.load(cnf) if cnf else None
     runs = blend.runs_from_options(features_file, blend_cnf, config.name if config else None)
     result = blend.run_blend(
@@ -65,9 +75,11 @@ def main(cnf, predict, per_patient, features_file, n_iter, blend_cnf, test_dir, 
         per_patient=per_patient, n_iter=n_iter, seed=seed, predict=predict,
         test_dir=test_dir or (config.cnf['test_dir'] if config else None),
         test_dir_required=test_dir is not None,
-        optimize_thresholds=optimize_thresholds, output=output, echo=click.echo)
+        optimize_thresholds=optimize_thresholds, output=output, echo=click.echo, scores=scores,
+        pictures=not no_pictures)
     if result['submission'] is not None:
         click.echo(f'wrote {result["submission"]}')
+        click.echo(f'wrote {result["fitted_blend"]} (the fitted blend, for predict.py --blend)')
 
 
 if __name__ == '__main__':

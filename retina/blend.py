@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 from sklearn.preprocessing import StandardScaler
 
-from retina import atomic, data, paths
+from retina import atomic, data, fitted_blend, paths
 from retina.config import lr_for_epoch
 from retina.errors import UserError
 from retina.features import load_features, names_file_for, read_names
@@ -53,6 +53,7 @@ MAXOUT_POOL = 2
 FIXED_THRESHOLDS = (0.5, 1.5, 2.5, 3.5)
 DEFAULT_BLEND_CONFIG = Path('blend.yml')
 DEFAULT_TEST_DIR = paths.DATA_DIR / 'test_medium'
+FEW_VALIDATION_IMAGES = 20  # kappa on fewer images is mostly noise: say so beside it
 _OTHER_EYE = {'left': 'right', 'right': 'left'}
 _TRAIN_PART = re.compile(r'_train_(?=(mean|std)_iter_)')
 _TRAIN_FEATURES = re.compile(
@@ -468,8 +469,17 @@ def format_cuts(thresholds):
     return ' '.join(f'{t:.3f}' for t in thresholds)
 
 
-def echo_report(title, report, echo):
-    echo(f'{title}: valid kappa {report.kappa:.4f} (cut-offs {format_cuts(FIXED_THRESHOLDS)})')
+def few_images_warning(count):
+    """A note for a kappa computed on fewer than FEW_VALIDATION_IMAGES images, else ''."""
+    if count >= FEW_VALIDATION_IMAGES:
+        return ''
+    return (f'  [warning: only {count} validation images; a kappa on fewer than '
+            f'{FEW_VALIDATION_IMAGES} is mostly noise]')
+
+
+def echo_report(title, report, echo, picture=None):
+    echo(f'{title}: valid kappa {report.kappa:.4f} (cut-offs {format_cuts(FIXED_THRESHOLDS)})'
+         + few_images_warning(len(report.levels)))
     if report.kappa_fitted is not None:
         echo(f'{title}: valid kappa {report.kappa_fitted:.4f} (fitted cut-offs '
              f'{format_cuts(report.thresholds)})')
@@ -481,6 +491,14 @@ def echo_report(title, report, echo):
     if report.confusion_fitted is not None:
         echo('  confusion matrix, fitted cut-offs:')
         echo(format_confusion(report.confusion_fitted))
+    if picture is not None:
+        from retina import plots
+        fitted = report.confusion_fitted is not None
+        plots.confusion_matrix(report.confusion_fitted if fitted else report.confusion, picture,
+                               f'{title}: kappa '
+                               f'{report.kappa_fitted if fitted else report.kappa:.4f}'
+                               + (' (fitted cut-offs)' if fitted else ''))
+        echo(f'  confusion matrix picture: {picture}')
 
 
 # ---------------------------------------------------------------- the blend
@@ -489,12 +507,15 @@ def _fit_seed(seed, run_index, iteration, phase):
     return np.random.SeedSequence([seed, run_index, iteration, phase]).generate_state(1)[0]
 
 
-def _fit_and_predict(inputs, levels, fit_rows, predict_inputs, seed, label, echo):
+def _fit_and_predict(inputs, levels, fit_rows, predict_inputs, seed, label, echo, keep=None):
+    """Fit one net and predict `predict_inputs`; the net is appended to `keep` if given."""
     started = time.perf_counter()
     net, mse = fit_net(inputs[fit_rows], levels[fit_rows], seed)
     predictions = net_predictions(net, predict_inputs)
     echo(f'  {label}: {len(fit_rows)} images, last epoch train MSE {mse:.4f}, '
          f'{time.perf_counter() - started:.1f} s')
+    if keep is not None:
+        keep.append(net)
     return predictions
 
 
@@ -572,8 +593,9 @@ def validate_run(inputs, levels, split, n_iter, seed, run_index, optimize_thresh
                              [data.kappa(levels[valid_idx], fit) for fit in fits])
 
 
-def predict_run(features, plan, files, per_patient, n_iter, seed, run_index, echo):
-    """Fit on every training image `n_iter` times; the summed predictions for plan.test_names."""
+def predict_run(features, plan, files, per_patient, n_iter, seed, run_index, echo, run='run'):
+    """Fit on every training image `n_iter` times: (the summed predictions for
+    plan.test_names, the fitted run for `fitted_blend.save`)."""
     test_files = [matching_test_file(f) for f in files]
     test_features, test_names = load_run(test_files)
     if test_features.shape[1] != features.shape[1]:
@@ -587,21 +609,29 @@ def predict_run(features, plan, files, per_patient, n_iter, seed, run_index, ech
         test_inputs = per_patient_inputs(test_inputs, test_names)
     row_of = {name: i for i, name in enumerate(test_names)}
     test_inputs = test_inputs[[row_of[name] for name in plan.test_names]]
-    return sum(_fit_and_predict(inputs, plan.levels, all_rows, test_inputs,
-                                _fit_seed(seed, run_index, iteration, 1),
-                                f'full fit {iteration + 1}/{n_iter}', echo)
-               for iteration in range(n_iter))
+    nets = []
+    total = sum(_fit_and_predict(inputs, plan.levels, all_rows, test_inputs,
+                                 _fit_seed(seed, run_index, iteration, 1),
+                                 f'full fit {iteration + 1}/{n_iter}', echo, keep=nets)
+                for iteration in range(n_iter))
+    return total, fitted_blend.fitted_run(run, files, scaler, nets)
 
 
-def write_submission(path, names, levels, replace=True):
+def write_submission(path, names, levels, replace=True, scores=None):
     """Write image,level rows (csv quoting: a name may hold a comma); returns the path written.
 
     Without `replace`, a taken name is never overwritten: the next free `-N` name is used.
+    With `scores`, a third column holds each image's continuous prediction.
     """
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator='\n')
-    writer.writerow(['image', 'level'])
-    writer.writerows([name, int(level)] for name, level in zip(names, levels))
+    if scores is None:
+        writer.writerow(['image', 'level'])
+        writer.writerows([name, int(level)] for name, level in zip(names, levels))
+    else:
+        writer.writerow(['image', 'level', 'score'])
+        writer.writerows([name, int(level), f'{score:.4f}']
+                         for name, level, score in zip(names, levels, scores))
     if replace:
         atomic.write_text(path, buffer.getvalue())
         return Path(path)
@@ -610,7 +640,7 @@ def write_submission(path, names, levels, replace=True):
 
 def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, seed=0,
               predict=False, test_dir=None, optimize_thresholds=False, output=None, echo=print,
-              test_dir_required=False):
+              test_dir_required=False, scores=False, pictures=True):
     """Fit the blend net on each run's features; validate, and with `predict` write a submission.
 
     `runs` maps a run name to its train feature files (test files: _train_ -> _test_).
@@ -618,12 +648,16 @@ def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, 
     both, the submission uses the cut-offs fitted on the validation predictions
     of the runs averaged.  `test_dir` (default data/test_medium) lists the
     images the submission must cover; when it is missing the first run's test
-    feature names are used instead, unless `test_dir_required`.
+    feature names are used instead, unless `test_dir_required`.  `scores` adds the
+    continuous prediction to the submission as a third column.  The fitted blend is
+    saved beside the submission (`paths.fitted_blend`) for predict.py --blend; with
+    `pictures` each validation confusion matrix is also drawn (`paths.confusion_picture`).
 
     Returns {'validation': {run: ValidationReport}, 'blend': ValidationReport of the runs
     averaged (None with one run or without validation), 'kappas': {run: valid kappa},
     'thresholds': the cut-offs of the submission, 'submission': its path (None unless
-    `predict`), 'test_predictions': {image: averaged continuous prediction}}.
+    `predict`), 'test_predictions': {image: averaged continuous prediction},
+    'fitted_blend': the saved blend's path (None unless `predict`)}.
     """
     if not runs:
         raise UserError('no runs to blend; name train feature files in blend.yml or with '
@@ -644,8 +678,8 @@ def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, 
                             f'{data.VALIDATION_FRACTION:.0%} validation split ({patients} '
                             f'patients); use more images, or --predict alone')
     result = dict(validation={}, blend=None, kappas={}, thresholds=None, submission=None,
-                  test_predictions=None)
-    test_sum, first_file = 0.0, next(iter(runs.values()))[0]
+                  test_predictions=None, fitted_blend=None)
+    test_sum, first_file, fitted = 0.0, next(iter(runs.values()))[0], []
     for run_index, (run, files) in enumerate(runs.items()):
         features, names = load_run(files)
         features = reorder_rows(features, names, plan.names, files[0], first_file)
@@ -659,25 +693,31 @@ def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, 
                                   optimize_thresholds, plan.names, echo)
             del inputs
             result['validation'][run], result['kappas'][run] = report, report.kappa
-            echo_report(f'run {run}', report, echo)
+            echo_report(f'run {run}', report, echo,
+                        paths.confusion_picture(run) if pictures else None)
         if predict:
-            test_sum = test_sum + predict_run(features, plan, files, per_patient, n_iter, seed,
-                                              run_index, echo)
+            run_sum, fitted_run = predict_run(features, plan, files, per_patient, n_iter, seed,
+                                              run_index, echo, run)
+            test_sum = test_sum + run_sum
+            fitted.append(fitted_run)
 
     if validate and len(runs) > 1:
         reports = list(result['validation'].values())
         result['blend'] = validation_report(reports[0].names, reports[0].levels,
                                             np.mean([r.predictions for r in reports], axis=0),
                                             optimize_thresholds)
-        echo_report(f'all {len(runs)} runs averaged', result['blend'], echo)
+        echo_report(f'all {len(runs)} runs averaged', result['blend'], echo,
+                    paths.confusion_picture('all_runs') if pictures else None)
 
     if predict:
         chosen = result['blend'] or next(iter(result['validation'].values()), None)
         thresholds = chosen.thresholds if optimize_thresholds else FIXED_THRESHOLDS
         average = test_sum / (len(runs) * n_iter)
         path = write_submission(path, plan.test_names, data.to_levels(average, thresholds),
-                                replace=output is not None)
+                                replace=output is not None, scores=average if scores else None)
+        saved = fitted_blend.save(paths.fitted_blend(path), fitted, per_patient, thresholds)
         result.update(thresholds=tuple(thresholds), submission=path,
-                      test_predictions=dict(zip(plan.test_names, average.tolist())))
+                      test_predictions=dict(zip(plan.test_names, average.tolist())),
+                      fitted_blend=saved)
         echo(f'cut-offs {format_cuts(thresholds)}; {len(plan.test_names)} test images')
     return result

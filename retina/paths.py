@@ -100,6 +100,18 @@ def submission():
     return DATA_DIR / f'sub_{git_short_sha()}_{timestamp()}.csv'
 
 
+def fitted_blend(submission_path):
+    """The blend that wrote a submission, saved beside it for predict.py --blend."""
+    submission_path = Path(submission_path)
+    return submission_path.with_name(f'{submission_path.stem}_blend.pt')
+
+
+def confusion_picture(run_name):
+    """blend.py's validation confusion matrix of one run, drawn."""
+    safe = ''.join(c if c.isalnum() or c in '-_.' else '_' for c in str(run_name))
+    return DATA_DIR / 'blend' / f'{safe}_confusion.png'
+
+
 def image_cache(folder, size, key):
     """A uint8 cache of the images of `folder` decoded at `size`; `key` names its content."""
     return CACHE_DIR / f'{Path(folder).name}_{size}_{key}.npy'
