@@ -6,10 +6,55 @@
 # continued with --resume, transform.py continues from its last save (every 5 iterations).
 #   PYTHON=python3 ./make_kaggle_solution.sh     # the interpreter [default: .venv/bin/python]
 #   TTA=10 ./make_kaggle_solution.sh             # TTA iterations [default: 50, as the original]
+#   ./make_kaggle_solution.sh --dry-run          # print the commands, run nothing
+#   ./make_kaggle_solution.sh --help             # this usage
 set -euo pipefail
+
+usage() {
+  cat <<'USAGE'
+Usage: ./make_kaggle_solution.sh [--dry-run | --help]
+
+Reproduce the Kaggle DR 2nd-place solution end to end: convert the photographs
+(512, 256, 128 px), train the 128 -> 256 -> 512 nets (baseline and RAM, 5x5 and
+4x4), extract test-time-augmented features, blend per patient into
+data/sub_*.csv, and draw the RAM nets' heat maps into data/ram/.  Needs
+data/train/*.jpeg, data/test/*.jpeg and data/trainLabels.csv.  Run it again
+after an interruption: finished work is skipped, interrupted work continues.
+
+Options:
+  -n, --dry-run   print each command (with the interpreter) instead of running it
+  -h, --help      print this usage and exit
+
+Environment:
+  PYTHON=python3  the interpreter [default: .venv/bin/python]
+  TTA=10          test-time augmentation iterations, a positive integer [default: 50]
+USAGE
+}
+
+DRY_RUN=0
+for argument in "$@"; do
+  case "$argument" in
+    -h|--help) usage; exit 0 ;;
+    -n|--dry-run|--dry_run) DRY_RUN=1 ;;
+    *) echo "error: unknown argument $argument; see ./make_kaggle_solution.sh --help" >&2; exit 2 ;;
+  esac
+done
 cd "$(dirname "$0")"
 PY=${PYTHON:-.venv/bin/python}
 TTA=${TTA:-50}
+# Checked before any work: a typo must not surface after days of training.
+if ! [[ "$TTA" =~ ^[1-9][0-9]*$ ]]; then
+  echo "error: TTA=$TTA is not a positive whole number of iterations; e.g. TTA=50" >&2
+  exit 2
+fi
+
+run() {  # run COMMAND...: or only print it with --dry-run
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "$*"
+  else
+    "$@"
+  fi
+}
 
 train() {  # train CNF [OPTIONS...]: skipped once finished, continued after an interruption
   local cnf=$1
@@ -17,18 +62,18 @@ train() {  # train CNF [OPTIONS...]: skipped once finished, continued after an i
   if [ -f "weights/$cnf/weights_final.pt" ]; then
     echo "$cnf: already trained (weights/$cnf/weights_final.pt)"
   elif [ -f "weights/$cnf/last.pt" ]; then
-    $PY train_nn.py --cnf "configs/$cnf.py" --resume
+    run $PY train_nn.py --cnf "configs/$cnf.py" --resume
   else
-    $PY train_nn.py --cnf "configs/$cnf.py" "$@"
+    run $PY train_nn.py --cnf "configs/$cnf.py" "$@"
   fi
 }
 
 # 1. Crop to the eye and resize: 512 px from the photographs, 256 and 128 from the 512s.
-$PY convert.py --directory data/train --convert_directory data/train_medium --crop_size 512
-$PY convert.py --directory data/test --convert_directory data/test_medium --crop_size 512
+run $PY convert.py --directory data/train --convert_directory data/train_medium --crop_size 512
+run $PY convert.py --directory data/test --convert_directory data/test_medium --crop_size 512
 for split in train test; do
-  $PY convert.py --directory data/${split}_medium --convert_directory data/${split}_small --crop_size 256
-  $PY convert.py --directory data/${split}_medium --convert_directory data/${split}_tiny --crop_size 128
+  run $PY convert.py --directory data/${split}_medium --convert_directory data/${split}_small --crop_size 256
+  run $PY convert.py --directory data/${split}_medium --convert_directory data/${split}_tiny --crop_size 128
 done
 
 # 2. Train each net at 128, then 256 and 512 starting from the smaller net's final weights.
@@ -41,9 +86,9 @@ done
 # 3. Test-time-augmented features: best-kappa weights of both 512 nets, and the 4x4 net's
 #    final weights on other augmentations (--skip keeps the file names apart).
 for cnf in c_512_5x5_32 c_512_4x4_32 c_512_5x5_32_ram c_512_4x4_32_ram; do
-  $PY transform.py --cnf configs/${cnf}.py --train --test --n_iter "$TTA"
+  run $PY transform.py --cnf configs/${cnf}.py --train --test --n_iter "$TTA"
 done
-$PY transform.py --cnf configs/c_512_4x4_32.py --train --test --n_iter "$TTA" --skip "$TTA" \
+run $PY transform.py --cnf configs/c_512_4x4_32.py --train --test --n_iter "$TTA" --skip "$TTA" \
     --weights_from weights/c_512_4x4_32/weights_final.pt
 
 # 4. Blend per patient (runs of blend.yml): validation kappa and confusion matrices with fixed
@@ -52,14 +97,22 @@ $PY transform.py --cnf configs/c_512_4x4_32.py --train --test --n_iter "$TTA" --
 BLEND=blend.yml
 if [ "$TTA" != 50 ]; then
   BLEND=data/blend_tta${TTA}.yml
-  sed -e "s/_iter_50_skip_50/_iter_${TTA}_skip_${TTA}/" -e "s/_iter_50_skip_0/_iter_${TTA}_skip_0/" \
-    blend.yml > "$BLEND"
+  if [ "$DRY_RUN" = 1 ]; then
+    echo "# write $BLEND: blend.yml with _iter_${TTA}_ features"
+  else
+    sed -e "s/_iter_50_skip_50/_iter_${TTA}_skip_${TTA}/" -e "s/_iter_50_skip_0/_iter_${TTA}_skip_0/" \
+      blend.yml > "$BLEND"
+  fi
 fi
-$PY blend.py --per_patient --blend_cnf "$BLEND" --optimize_thresholds --n_iter 5 --predict \
+run $PY blend.py --per_patient --blend_cnf "$BLEND" --optimize_thresholds --n_iter 5 --predict \
     --test_dir data/test_medium
 
 # 5. Regression activation maps of the RAM nets (128 and 256 px like the paper, and 512 px).
 for cnf in c_128_5x5_32_ram c_256_5x5_32_ram c_512_5x5_32_ram; do
-  $PY ram.py --cnf configs/${cnf}.py --limit 200
+  run $PY ram.py --cnf configs/${cnf}.py --limit 200
 done
-echo "done: the submission is the newest data/sub_*.csv; heat maps are in data/ram/"
+if [ "$DRY_RUN" = 1 ]; then
+  echo "# dry run: nothing was run"
+else
+  echo "done: the submission is the newest data/sub_*.csv; heat maps are in data/ram/"
+fi

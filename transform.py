@@ -19,9 +19,12 @@ from retina.errors import handle_errors
 @click.option('--weights_from', type=click.Path(dir_okay=False),
               help='Weights file [default: weights/CNF/weights.pt, the best validation kappa].')
 @click.option('--test_dir', type=click.Path(file_okay=False),
-              help="Folder of test images [default: the config's test_dir].")
+              help="Folder of test images [default: the config's test_dir]. Given without "
+                   "--train, --test or --train_dir, only the test features are extracted (as the "
+                   "original did).")
 @click.option('--train_dir', type=click.Path(file_okay=False),
-              help="Folder of training images [default: the config's train_dir].")
+              help="Folder of training images [default: the config's train_dir]. Given without "
+                   "--train, --test or --test_dir, only the training features are extracted.")
 @click.option('--device', default='auto', show_default=True, help='auto, cpu, cuda or cuda:N.')
 @click.option('--batch_size', type=click.IntRange(min=1),
               help="Images per batch [default: the config's batch_size_test; use more on a GPU].")
@@ -35,7 +38,8 @@ def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, devi
     """Write data/features/CNF_{train,test}_{mean,std}_iter_N_skip_K.npy.
 
     Features come from the RMS-pool layer (baseline nets) or the global-
-    average-pool layer (RAM nets).  With neither --train nor --test, both.
+    average-pool layer (RAM nets).  With neither --train nor --test: the split
+    whose folder is given (--test_dir or --train_dir alone), else both.
     """
     from retina.features import extract_features, load_model
     from retina.train import resolve_device
@@ -44,7 +48,7 @@ def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, devi
     weights = weights_from or paths.best_kappa_weights(config.name)
     device = resolve_device(device)
     model = load_model(config, weights, device)
-    splits = [s for s, wanted in (('train', train), ('test', test)) if wanted] or ['train', 'test']
+    splits = splits_to_extract(train, test, train_dir, test_dir)
     folders = dict(train=train_dir or config.cnf['train_dir'],
                    test=test_dir or config.cnf['test_dir'])
     for split in splits:
@@ -53,6 +57,18 @@ def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, devi
                                   weights=str(weights))
         click.echo(f'{split}: {result["rows"]} images × {result["features"]} features -> '
                    f'{result["mean"]}, {result["std"]}')
+
+
+def splits_to_extract(train, test, train_dir, test_dir):
+    """--train/--test choose; without them a lone --test_dir (or --train_dir) picks its split."""
+    chosen = [s for s, wanted in (('train', train), ('test', test)) if wanted]
+    if chosen:
+        return chosen
+    if test_dir and not train_dir:
+        return ['test']
+    if train_dir and not test_dir:
+        return ['train']
+    return ['train', 'test']
 
 
 if __name__ == '__main__':

@@ -10,7 +10,8 @@ import yaml
 
 from conftest import REPO, run_script
 
-SCRIPTS = ('convert.py', 'train_nn.py', 'transform.py', 'blend.py', 'ram.py')
+SCRIPTS = ('convert.py', 'train_nn.py', 'transform.py', 'blend.py', 'ram.py', 'predict.py')
+PIPELINE_SCRIPTS = SCRIPTS[:5]
 
 
 @pytest.mark.parametrize('script', SCRIPTS)
@@ -23,8 +24,9 @@ def test_help_explains_every_option(script):
         assert len(block.split()) >= 4, f'{script}: option without help: {block!r}'
 
 
-def run_kaggle_script(tmp_path, **env):
-    """Run make_kaggle_solution.sh with a stand-in interpreter; returns its calls, one list each."""
+def run_kaggle_script(tmp_path, *args, check=True, **env):
+    """Run make_kaggle_solution.sh with a stand-in interpreter; returns its calls, one list each
+    (with check=False: the calls and the CompletedProcess)."""
     root = tmp_path / 'project'
     (root / 'data').mkdir(parents=True, exist_ok=True)
     for name in ('make_kaggle_solution.sh', 'blend.yml'):
@@ -34,10 +36,11 @@ def run_kaggle_script(tmp_path, **env):
     stub = tmp_path / 'python'
     stub.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n')
     stub.chmod(0o755)
-    subprocess.run(['bash', str(root / 'make_kaggle_solution.sh')], check=True,
-                   capture_output=True, text=True,
-                   env=dict(os.environ, PYTHON=str(stub), CALLS=str(calls), **env))
-    return root, [line.split() for line in calls.read_text().splitlines()]
+    result = subprocess.run(['bash', str(root / 'make_kaggle_solution.sh'), *args], check=check,
+                            capture_output=True, text=True,
+                            env=dict(os.environ, PYTHON=str(stub), CALLS=str(calls), **env))
+    made = [line.split() for line in calls.read_text().splitlines()] if calls.exists() else []
+    return (root, made) if check else (made, result)
 
 
 def option(call, name):
@@ -46,7 +49,7 @@ def option(call, name):
 
 def test_kaggle_script_runs_the_pipeline_with_existing_options(tmp_path):
     root, calls = run_kaggle_script(tmp_path)
-    helps = {name: run_script(name, '--help', cwd=REPO).stdout for name in SCRIPTS}
+    helps = {name: run_script(name, '--help', cwd=REPO).stdout for name in PIPELINE_SCRIPTS}
     assert [c[0] for c in calls] == (['convert.py'] * 6 + ['train_nn.py'] * 12
                                      + ['transform.py'] * 5 + ['blend.py'] + ['ram.py'] * 3)
     for call in calls:
@@ -91,6 +94,39 @@ def test_kaggle_script_with_fewer_tta_iterations_blends_those_features(tmp_path)
     files = [f for names in runs.values() for f in names]
     assert files and all('_iter_10_skip_' in f for f in files)
     assert any(f.endswith('_iter_10_skip_10.npy') for f in files)
+
+
+def test_kaggle_script_help_and_dry_run_run_nothing(tmp_path):
+    calls, result = run_kaggle_script(tmp_path, '--help', check=False)
+    assert result.returncode == 0 and calls == []
+    assert 'Usage:' in result.stdout and '--dry-run' in result.stdout and 'TTA' in result.stdout
+    assert not list((tmp_path / 'project' / 'data').iterdir())
+
+    _, real = run_kaggle_script(tmp_path / 'real', TTA='10')
+    calls, result = run_kaggle_script(tmp_path, '--dry-run', check=False, TTA='10')
+    assert result.returncode == 0 and calls == []
+    printed = [line.split()[1:] for line in result.stdout.splitlines()
+               if line.startswith(str(tmp_path / 'python'))]
+    assert printed == real  # the same commands, in the same order, none of them run
+    assert not list((tmp_path / 'project' / 'data').iterdir())  # not even the blend file
+
+
+@pytest.mark.parametrize('args, env, message', [
+    ((), {'TTA': 'abc'}, 'TTA=abc'), ((), {'TTA': '0'}, 'TTA=0'),
+    (('--fast',), {}, 'unknown argument --fast')])
+def test_kaggle_script_refuses_bad_settings_before_any_work(tmp_path, args, env, message):
+    calls, result = run_kaggle_script(tmp_path, *args, check=False, **env)
+    assert result.returncode == 2 and calls == []
+    assert message in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_transform_test_dir_alone_extracts_test_features_only():
+    from transform import splits_to_extract
+    assert splits_to_extract(False, False, None, 'data/other_test') == ['test']
+    assert splits_to_extract(False, False, 'data/other_train', None) == ['train']
+    assert splits_to_extract(False, False, None, None) == ['train', 'test']
+    assert splits_to_extract(False, False, 'a', 'b') == ['train', 'test']
+    assert splits_to_extract(True, False, None, 'data/other_test') == ['train']
 
 
 def test_blend_yml_runs_name_features_that_the_kaggle_script_makes():

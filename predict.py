@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Grade raw photographs in one command: crop to the eye in memory, score, blend, draw.
+
+    python predict.py data/new_photos/                         # the c_512_5x5_32_ram net
+    python predict.py photo.jpeg --cnf c_512_5x5_32 --cnf c_512_4x4_32 --n_iter 10
+    python predict.py data/new_photos --blend data/sub_abc1234_20261126-101500_blend.pt --per_patient
+    python predict.py photo.jpeg --heatmap data/predict_maps --output grades.csv
+
+The work is done by retina.predict; see its docstring for how each photograph
+is prepared (exactly as convert.py, then as the net's training images were).
+"""
+import sys
+
+import click
+
+from retina.errors import UserError, handle_errors
+
+DEFAULT_CNF = 'c_512_5x5_32_ram'
+
+
+@click.command(context_settings={'help_option_names': ['-h', '--help']})
+@click.argument('images', nargs=-1, required=True, type=click.Path())
+@click.option('--cnf', multiple=True, metavar='CONFIG',
+              help='Config of a trained net (name or path); repeat for several nets, each gets a '
+                   'score column and the nets are averaged. [default: the nets of --blend, else '
+                   f'{DEFAULT_CNF}]')
+@click.option('--weights_from', multiple=True, type=click.Path(dir_okay=False),
+              help='Weights of each --cnf, in the same order (repeat as often as --cnf, or leave '
+                   'out). [default: weights/CNF/weights.pt, the best validation kappa]')
+@click.option('--n_iter', default=1, show_default=True, type=click.IntRange(min=1),
+              help="Test-time augmentations per net (transform.py's Halton sequence); a net's "
+                   'score is its output averaged over them. 1: the centred window only.')
+@click.option('--blend', 'blend_file', type=click.Path(dir_okay=False),
+              help='A blend saved by blend.py --predict (data/sub_..._blend.pt): adds its score '
+                   '(column blend) and its level replaces the mean\'s. Its features are computed '
+                   'with the TTA iterations it was fitted on; its nets are used when no --cnf is '
+                   'given.')
+@click.option('--per_patient', is_flag=True,
+              help='Apply a per-patient blend (blend.py --per_patient): the eyes of a patient '
+                   '({patient}_left / _right among the photographs) are blended together; an eye '
+                   'alone uses its own features. Needs --blend.')
+@click.option('--heatmap', 'heatmap_dir', type=click.Path(file_okay=False),
+              help='Write the regression activation map of each RAM net over each uncropped '
+                   'photograph to this folder ({image}_{cnf}.png; the outline is the net\'s '
+                   'window).')
+@click.option('--output', default='-', show_default=True, type=click.Path(dir_okay=False,
+                                                                           allow_dash=True),
+              help='Where the results go (- is standard output).')
+@click.option('--json', 'as_json', is_flag=True,
+              help='Write JSON (the nets, one record per photograph, the failures) instead of CSV '
+                   '(image, score per net, mean, [blend,] level).')
+@click.option('--crop_size', type=click.IntRange(min=8, max=8192),
+              help='Side of the converted images the nets were trained on. [default: the net\'s '
+                   'input / 0.875: 512 for 448-px nets, 256 for 224, 128 for 112]')
+@click.option('--batch_size', default=8, show_default=True, type=click.IntRange(min=1),
+              help='Photographs decoded and scored together.')
+@click.option('--device', default='auto', show_default=True, help='auto, cpu, cuda or cuda:N.')
+@click.option('--no_progress', is_flag=True, help='No progress bar (for logs).')
+@handle_errors()
+def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir, output, as_json,
+         crop_size, batch_size, device, no_progress):
+    """Grade IMAGES (photographs, or folders of them: .jpeg, .jpg, .png, .tif, .tiff) on the
+    0-4 scale.
+
+    Each photograph is cropped to the eye exactly as convert.py would crop it
+    (EXIF orientation applied), preprocessed as the net's training images were,
+    and scored by every net.  Output columns: image, score_CNF per net, mean,
+    level (the mean cut at 0.5, 1.5, 2.5, 3.5; the blend's level with --blend).
+    A photograph that cannot be read is named on stderr and the others are
+    graded; the exit status is then 1.
+    """
+    from retina import atomic
+    from retina.predict import LoadedBlend, format_csv, format_json, grade, load_grader
+    from retina.train import resolve_device
+
+    if per_patient and not blend_file:
+        raise UserError('--per_patient applies a fitted per-patient blend: pass --blend '
+                        'data/sub_..._blend.pt (written by blend.py --per_patient --predict)')
+    if weights_from and len(weights_from) != len(cnf):
+        raise UserError(f'{len(weights_from)} --weights_from for {len(cnf)} --cnf; give one '
+                        f'--weights_from per --cnf, in the same order, or none')
+    if output != '-':
+        atomic.check_writable(output)
+    blend = LoadedBlend(blend_file) if blend_file else None
+    if blend is not None and blend.per_patient != per_patient:
+        raise UserError(f'{blend_file}: fitted {"with" if blend.per_patient else "without"} '
+                        f'--per_patient; {"add" if blend.per_patient else "drop"} --per_patient')
+    device = resolve_device(device)
+    if cnf:
+        nets = list(zip(cnf, weights_from or [None] * len(cnf)))
+    elif blend is not None:
+        nets = blend.nets()
+    else:
+        nets = [(DEFAULT_CNF, None)]
+    graders = [load_grader(c, w, device, crop_size) for c, w in nets]
+    result = grade(graders, images, n_iter=n_iter, blend=blend, heatmap_dir=heatmap_dir,
+                   batch_size=batch_size, progress=not no_progress)
+    text = format_json(result, graders) if as_json else format_csv(result)
+    if output == '-':
+        click.echo(text, nl=False)
+    else:
+        atomic.write_text(output, text)
+        click.echo(f'wrote {output} ({len(result.rows)} photographs)', err=True)
+    if result.heat_maps:
+        click.echo(f'wrote {len(result.heat_maps)} heat maps to {heatmap_dir}', err=True)
+    if result.failed:
+        total = len(result.failed) + len(result.rows)
+        click.echo(f'error: {len(result.failed)} of {total} photographs could not be graded '
+                   f'(listed above); replace or remove them', err=True)
+        sys.exit(1)
+
+
+if __name__ == '__main__':
+    main()

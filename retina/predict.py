@@ -1,0 +1,496 @@
+"""Grade raw photographs in one command (predict.py): crop in memory, score, blend, draw.
+
+Each photograph goes through exactly what convert.py → transform.py → the
+net would do to it, without writing a converted folder:
+
+1. decode (a JPEG straight at the DCT scale convert.py would pick for the
+   net's converted size), EXIF orientation applied, to RGB;
+2. find the eye's box and crop + resize it to the converted size S with
+   `retina.crop` (convert.py's own functions), then the preprocessing the
+   net's training images had (`retina.preprocess`, recorded in its checkpoint);
+3. the net sees the centred h × w window of the S × S image (S is
+   round(w / 0.875): 128, 256, 512 for the 112, 224, 448-pixel nets), or
+   with `n_iter` > 1 the same Halton augmentations as transform.py.
+
+So the levels equal those of the converted-folder route for the same
+photographs (tested).  A net's score is its output averaged over the
+augmentations; `mean` averages the nets; `level` cuts the mean at 0.5 … 3.5.
+
+With a blend saved by blend.py --predict (`retina.blend.save_fitted`), the
+features the blend was fitted on (each config's mean/std over its own TTA
+iterations) are computed the same way, the two eyes of a patient are paired
+by name ({patient}_{left|right}, an eye alone uses its own features), and the
+blend's level per eye is reported.
+
+With a RAM net, `heatmap_dir` gets the regression activation map
+(RAM = Σ_k w_k A_k over the last conv layer's maps, without the output bias,
+as the RAM repository drew it) placed back over the *uncropped* photograph:
+the map covers the net's window, which is mapped through the eye's box to
+photograph pixels.
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageOps
+from tqdm import tqdm
+
+from retina import atomic, checkpoint, crop, data, paths, preprocess
+from retina import config as config_module
+from retina.augment import broadcast_params, prepare_batch, tta_params
+from retina.errors import UserError
+from retina.features import rebuild, weights_fingerprint
+from retina.images import BadImage, image_name, list_images
+from retina.paths import IMAGE_EXTENSIONS
+
+WINDOW_SHARE = 0.875        # the net's window is this share of the converted image (448 of 512)
+BATCH_SIZE = 8              # photographs decoded and scored together
+HEATMAP_WIDTH = 1536        # heat maps are drawn on the photograph shrunk to at most this wide
+HEATMAP_ALPHA = 0.6         # opacity of the strongest evidence
+HEATMAP_CMAP = 'jet'
+
+
+# --- the nets ------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Grader:
+    """One trained net and how its input is made."""
+    config: object          # the config the weights were trained with
+    net: nn.Module
+    weights: Path
+    preprocessing: str      # retina.preprocess method of its training images
+    crop_size: int          # S: the converted image side its window is cut from
+    column: str = ''        # its score column in the output
+
+    @property
+    def input_size(self):
+        return tuple(self.net.input_size)
+
+    @property
+    def is_ram(self):
+        return ram_ready(self.net)
+
+    @property
+    def fingerprint(self):
+        if not hasattr(self, '_fingerprint'):
+            self._fingerprint = weights_fingerprint(self.net)
+        return self._fingerprint
+
+
+def converted_size(input_size):
+    """The converted image side a net's window is cut from: 448 -> 512, 224 -> 256, 112 -> 128."""
+    return round(max(input_size) / WINDOW_SHARE)
+
+
+def load_grader(cnf, weights_from=None, device='cpu', crop_size=None):
+    """A `Grader` for config `cnf` (name or path) with `weights_from` (default: its best-kappa
+    weights, weights/CNF/weights.pt)."""
+    config = config_module.load(cnf)
+    weights = Path(weights_from) if weights_from else paths.best_kappa_weights(config.name)
+    net, state = rebuild(config, weights)
+    used = checkpoint.config_of(state) if state.get('config_name') == config.name else config
+    method = state.get('preprocessing', 'none')
+    if method not in preprocess.METHODS:
+        raise UserError(f'{weights}: trained on images preprocessed with {method!r}, which this '
+                        f'version does not know ({", ".join(preprocess.METHODS)})')
+    size = crop_size or converted_size(net.input_size)
+    if size < max(net.input_size):
+        raise UserError(f'--crop_size {size} is smaller than the {max(net.input_size)}-px window '
+                        f'of {config.name}; use at least {max(net.input_size)} (it was trained on '
+                        f'{converted_size(net.input_size)}-px converted images)')
+    return Grader(config=used, net=net.to(device).eval(), weights=weights, preprocessing=method,
+                  crop_size=size)
+
+
+def name_columns(graders):
+    """Score columns named after the configs (score_c_512_5x5_32), numbered when one repeats."""
+    counts = {}
+    for grader in graders:
+        counts[grader.config.name] = counts.get(grader.config.name, 0) + 1
+    seen = {}
+    for grader in graders:
+        name = grader.config.name
+        seen[name] = seen.get(name, 0) + 1
+        grader.column = f'score_{name}' + (f'_{seen[name]}' if counts[name] > 1 else '')
+
+
+def ram_ready(net):
+    """Whether the net's head makes the regression activation map exact: last conv, global
+    average pool, linear output (dropout aside)."""
+    if not getattr(net, 'is_ram', False):
+        return False
+    names = [name for name, _ in net.named_children()]
+    after = [name for name in names[names.index(net.last_conv) + 1:]
+             if not isinstance(net.get_submodule(name), nn.Dropout)]
+    return after == [net.feature_layer, 'output']
+
+
+@contextlib.contextmanager
+def last_conv_output(net):
+    """Keep the output of the net's last conv layer at each forward; the hook is always removed."""
+    captured = {}
+
+    def hook(_module, _inputs, output):
+        captured['maps'] = output.detach()
+
+    handle = net.get_submodule(net.last_conv).register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def ram_maps(net, last_conv_maps):
+    """(N, h', w') regression activation maps Σ_k w_k A_k (no output bias)."""
+    weight = net.get_submodule('output').weight[0].float()
+    return torch.einsum('k,nkhw->nhw', weight, last_conv_maps.float())
+
+
+# --- one photograph --------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Photo:
+    """A decoded photograph and its converted images, one per (crop size, preprocessing)."""
+    path: Path
+    name: str
+    converted: dict                   # (crop_size, method) -> (S, S, 3) uint8
+    boxes: dict                       # crop_size -> the eye's box in that decode
+    images: dict                      # crop_size -> the decode (kept only for heat maps)
+
+
+def load_oriented(path, crop_size):
+    """`path` decoded as convert.py decodes it for `crop_size`, turned upright by its EXIF tag."""
+    image = crop.load_for_crop(path, crop_size)
+    try:
+        upright = ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, TypeError):  # a broken EXIF block: keep the pixels
+        return image
+    return upright if upright.mode == 'RGB' else upright.convert('RGB')
+
+
+def prepare_photo(path, needs, keep_images=False):
+    """A `Photo` with the converted image for each (crop_size, method) in `needs`.
+
+    Each crop size decodes the file on its own (convert.py's JPEG draft scale
+    depends on it), so every converted image is the one convert.py writes.
+    """
+    converted, boxes, images = {}, {}, {}
+    for crop_size in sorted({s for s, _ in needs}):
+        image = load_oriented(path, crop_size)
+        box = crop.find_eye_box_fast(image)
+        rgb = np.asarray(crop.crop_to_eye(image, crop_size, box))
+        boxes[crop_size] = box
+        if keep_images:
+            images[crop_size] = image
+        for method in sorted({m for s, m in needs if s == crop_size}):
+            converted[(crop_size, method)] = preprocess.apply(rgb, method)
+    return Photo(path=Path(path), name=image_name(path), converted=converted, boxes=boxes,
+                 images=images)
+
+
+# --- scoring ---------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class NetOutput:
+    """One net on a batch: score per photo and, where asked, TTA feature statistics and maps."""
+    scores: np.ndarray
+    features: dict = dataclasses.field(default_factory=dict)  # (n_iter, skip) -> (mean, std)
+    maps: torch.Tensor = None
+
+
+def _passes(grader, images, augmentations, want_maps=False):
+    """Outputs and features of `images` (N, 3, S, S) uint8 under each parameter set
+    (None: the centred window); the last conv maps of the first pass when `want_maps`."""
+    outputs, features, maps = [], [], None
+    device = next(grader.net.parameters()).device
+    with torch.no_grad():
+        for params in augmentations:
+            x = prepare_batch(images, grader.input_size,
+                              broadcast_params(params, len(images), device) if params else None)
+            hook = last_conv_output(grader.net) if want_maps and maps is None \
+                else contextlib.nullcontext({})
+            with hook as captured:
+                out, feat = grader.net(x, return_features=True)
+            if 'maps' in captured:
+                maps = ram_maps(grader.net, captured['maps']).cpu()
+            outputs.append(out.float().squeeze(1).cpu().numpy())
+            features.append(feat.double().cpu().numpy())
+    return outputs, features, maps
+
+
+def augmentation_list(grader, n_iter, skip=0):
+    """transform.py's parameter sets: [None] (the centred window) for one iteration."""
+    if n_iter == 1:
+        return [None]
+    return tta_params(n_iter, skip, grader.config.cnf['aug_params'], grader.config.cnf['sigma'])
+
+
+def score_batch(grader, photos, n_iter, feature_sets=(), want_maps=False):
+    """`NetOutput` of `grader` for `photos`: the score averaged over `n_iter` augmentations,
+    the mean/std features of each (n_iter, skip) in `feature_sets` (as transform.py saves
+    them), the RAM maps of the centred window when `want_maps`."""
+    device = next(grader.net.parameters()).device
+    key = (grader.crop_size, grader.preprocessing)
+    images = torch.from_numpy(np.stack([p.converted[key] for p in photos])).permute(0, 3, 1, 2)
+    images = images.contiguous().to(device)
+    result = NetOutput(scores=None)
+    outputs, _, maps = _passes(grader, images, augmentation_list(grader, n_iter),
+                               want_maps=want_maps and n_iter == 1)
+    result.scores = np.mean(outputs, axis=0)
+    if want_maps:
+        result.maps = maps if maps is not None else _passes(grader, images, [None], True)[2]
+    for tta in feature_sets:
+        _, features, _ = _passes(grader, images, augmentation_list(grader, *tta))
+        stack = np.stack(features)
+        mean = stack.mean(axis=0)
+        std = np.sqrt(np.maximum((stack ** 2).mean(axis=0) - mean ** 2, 0))
+        result.features[tta] = (mean.astype(np.float32), std.astype(np.float32))
+    return result
+
+
+# --- heat maps over the photograph ---------------------------------------------------------
+
+def window_in_photo(box, crop_size, input_size):
+    """The net's window (left, top, right, bottom) in photograph pixels (floats).
+
+    The converted image is the eye's box resized to crop_size²; the window is
+    its centred h × w part (augment.centre_crop's offsets).
+    """
+    height, width = input_size
+    top, left = (crop_size - height) // 2, (crop_size - width) // 2
+    box_left, box_top, box_right, box_bottom = box
+    sx, sy = (box_right - box_left) / crop_size, (box_bottom - box_top) / crop_size
+    return (box_left + left * sx, box_top + top * sy,
+            box_left + (left + width) * sx, box_top + (top + height) * sy)
+
+
+def heat_map_over_photo(image, ram, box, crop_size, input_size, caption=''):
+    """The photograph (RGB, at most HEATMAP_WIDTH wide) with `ram` (h', w') drawn over the net's
+    window: colour by the map's value, opacity growing with it, so the eye shows through where
+    the map says little."""
+    from matplotlib import colormaps
+
+    scale = min(1.0, HEATMAP_WIDTH / image.width)
+    shown = image if scale == 1.0 else image.resize(
+        (round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+    left, top, right, bottom = (v * scale for v in window_in_photo(box, crop_size, input_size))
+    # Pixel grid of the window, clipped to the photograph (a box may reach past its edge).
+    x0, y0 = max(0, math.floor(left)), max(0, math.floor(top))
+    x1, y1 = min(shown.width, math.ceil(right)), min(shown.height, math.ceil(bottom))
+    canvas = np.asarray(shown, dtype=np.float32).copy()
+    ram = ram.float()
+    low, high = float(ram.min()), float(ram.max())
+    if x1 > x0 and y1 > y0:
+        full_h, full_w = max(1, round(bottom - top)), max(1, round(right - left))
+        upsampled = F.interpolate(ram[None, None], size=(full_h, full_w), mode='bilinear',
+                                  align_corners=False)[0, 0].numpy()
+        oy, ox = y0 - round(top), x0 - round(left)
+        part = upsampled[max(oy, 0):max(oy, 0) + (y1 - y0), max(ox, 0):max(ox, 0) + (x1 - x0)]
+        y1, x1 = y0 + part.shape[0], x0 + part.shape[1]
+        level = (part - low) / (high - low) if high > low else np.zeros_like(part)
+        colour = colormaps[HEATMAP_CMAP](level)[..., :3] * 255
+        alpha = (HEATMAP_ALPHA * level)[..., None]
+        region = canvas[y0:y1, x0:x1]
+        canvas[y0:y1, x0:x1] = region * (1 - alpha) + colour * alpha
+    out = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(out)
+    draw.rectangle((left, top, right - 1, bottom - 1), outline=(255, 255, 255),
+                   width=max(1, out.width // 600))
+    if caption:
+        draw.text((8, 8), caption, fill=(255, 255, 255))
+    return out
+
+
+# --- the run -------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Result:
+    """What `grade` found: one row per graded photograph, the messages of those that failed."""
+    rows: list
+    failed: list
+    columns: list
+    heat_maps: list = dataclasses.field(default_factory=list)
+
+
+def collect_photos(inputs):
+    """Image paths from files and folders, in the given order (a folder sorted); one per name."""
+    found = []
+    for entry in inputs:
+        entry = Path(entry)
+        if entry.is_dir():
+            found.extend(list_images(entry))
+        elif entry.is_file():
+            found.append(entry)
+        else:
+            raise UserError(f'{entry}: no such file or folder; pass photographs or folders of '
+                            f'them ({", ".join(IMAGE_EXTENSIONS)})')
+    if not found:
+        raise UserError('no photographs given; pass files or folders')
+    seen = {}
+    for path in found:  # rows, heat maps and the blend's eye pairs go by name
+        if image_name(path) in seen and seen[image_name(path)] != path:
+            raise UserError(f'{seen[image_name(path)]} and {path} are both image '
+                            f'{image_name(path)}; grade them in separate runs')
+        seen[image_name(path)] = path
+    return list(dict.fromkeys(found))
+
+
+def _load_all(paths_, needs, keep_images, failed, bar, workers):
+    """Decode and crop a batch in threads (the decoders release the GIL); failures are named."""
+    def one(path):
+        try:
+            return prepare_photo(path, needs, keep_images)
+        except BadImage as error:
+            return str(error)
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        loaded = list(pool.map(one, paths_))
+    photos = []
+    for item in loaded:
+        if isinstance(item, str):
+            failed.append(item)
+            tqdm.write(f'failed: {item}', file=sys.stderr)
+            bar.update(1)
+        else:
+            photos.append(item)
+    return photos
+
+
+def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BATCH_SIZE,
+          progress=True, workers=None):
+    """Grade the photographs of `inputs` (files and folders) with every grader; returns `Result`.
+
+    `blend` is a `LoadedBlend` (its feature sets are computed too); `heatmap_dir`
+    gets one PNG per photograph and RAM net.
+    """
+    import os
+    photo_paths = collect_photos(inputs)
+    name_columns(graders)
+    ram_graders = [g for g in graders if g.is_ram] if heatmap_dir else []
+    if heatmap_dir and not ram_graders:
+        raise UserError('--heatmap needs a RAM net (a *_ram config: its global-average-pool head '
+                        'makes the map exact); none of the --cnf nets is one')
+    needs = {(g.crop_size, g.preprocessing) for g in graders}
+    feature_sets = blend.feature_sets(graders) if blend else {}
+    workers = workers or min(BATCH_SIZE, os.cpu_count() or 1)
+    rows, failed, heat_maps = [], [], []
+    per_photo_features = []
+    bar = tqdm(total=len(photo_paths), desc='grade', unit='photo', file=sys.stderr,
+               disable=not progress or len(photo_paths) < 2, dynamic_ncols=True)
+    with bar:
+        for start in range(0, len(photo_paths), batch_size):
+            photos = _load_all(photo_paths[start:start + batch_size], needs, bool(ram_graders),
+                               failed, bar, workers)
+            if not photos:
+                continue
+            outputs = {id(g): score_batch(g, photos, n_iter, feature_sets.get(id(g), ()),
+                                          want_maps=g in ram_graders) for g in graders}
+            for i, photo in enumerate(photos):
+                row = {'image': photo.name}
+                for g in graders:
+                    row[g.column] = float(outputs[id(g)].scores[i])
+                row['mean'] = float(np.mean([row[g.column] for g in graders]))
+                row['level'] = int(data.to_levels([row['mean']])[0])
+                rows.append(row)
+                per_photo_features.append({(id(g), tta): (stats[0][i], stats[1][i])
+                                           for g in graders
+                                           for tta, stats in outputs[id(g)].features.items()})
+                for g in ram_graders:
+                    path = paths.heat_map(heatmap_dir, photo.name, g.config.name, False)
+                    caption = f'{g.config.name}: score {row[g.column]:.2f}, level ' \
+                              f'{int(data.to_levels([row[g.column]])[0])}'
+                    picture = heat_map_over_photo(photo.images[g.crop_size], outputs[id(g)].maps[i],
+                                                  photo.boxes[g.crop_size], g.crop_size,
+                                                  g.input_size, caption)
+                    atomic.save_image(path, picture)
+                    heat_maps.append(path)
+            bar.update(len(photos))
+    columns = ['image', *[g.column for g in graders], 'mean', 'level']
+    if blend and rows:
+        blended = blend.predict([r['image'] for r in rows], per_photo_features, graders)
+        for row, score in zip(rows, blended):
+            row['blend'] = float(score)
+            row['level'] = int(data.to_levels([score], blend.thresholds)[0])
+        columns = ['image', *[g.column for g in graders], 'mean', 'blend', 'level']
+    return Result(rows=rows, failed=failed, columns=columns, heat_maps=heat_maps)
+
+
+def format_csv(result):
+    import csv
+    import io
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator='\n')
+    writer.writerow(result.columns)
+    for row in result.rows:
+        writer.writerow([f'{row[c]:.4f}' if isinstance(row[c], float) else row[c]
+                         for c in result.columns])
+    return buffer.getvalue()
+
+
+def format_json(result, graders):
+    nets = [dict(column=g.column, config=g.config.name, weights=str(g.weights),
+                 preprocessing=g.preprocessing, crop_size=g.crop_size) for g in graders]
+    return json.dumps(dict(nets=nets, images=result.rows, failed=result.failed), indent=2) + '\n'
+
+
+# --- a blend fitted by blend.py --------------------------------------------------------------
+
+class LoadedBlend:
+    """A blend saved by blend.py --predict, tied to the graders that compute its features."""
+
+    def __init__(self, path):
+        from retina import fitted_blend
+        self.path = Path(path)
+        self.state = fitted_blend.load(path)
+        self.thresholds = tuple(self.state['thresholds'])
+        self.per_patient = self.state['per_patient']
+        self._grader_of = {}
+
+    def nets(self):
+        """(config name, weights path) of every net the blend's features came from."""
+        from retina import fitted_blend
+        return list(dict.fromkeys((e['cnf'], e['weights']) for e in fitted_blend.entries(self.state)))
+
+    def feature_sets(self, graders):
+        """{id(grader): [(n_iter, skip), ...]}: the TTA runs each grader must make for the
+        blend; every feature file needs a grader of its config with the same weights."""
+        from retina import fitted_blend
+        wanted = {}
+        for index, entry in enumerate(fitted_blend.entries(self.state)):
+            same_config = [g for g in graders if g.config.name == entry['cnf']]
+            matching = [g for g in same_config if entry['fingerprint'] in (None, g.fingerprint)]
+            if not matching:
+                given = (f'the --weights_from given for {entry["cnf"]} are other weights'
+                         if same_config else f'no --cnf {entry["cnf"]} was given')
+                raise UserError(f'{self.path}: fitted on {entry["file"]}, features of '
+                                f'{entry["cnf"]} with {entry["weights"] or "unrecorded weights"}, '
+                                f'but {given}; pass --cnf {entry["cnf"]} --weights_from '
+                                f'{entry["weights"] or "WEIGHTS"}')
+            grader = matching[0]
+            self._grader_of[index] = grader
+            tta = (entry['n_iter'], entry['skip'])
+            wanted.setdefault(id(grader), [])
+            if tta not in wanted[id(grader)]:
+                wanted[id(grader)].append(tta)
+        return wanted
+
+    def predict(self, names, per_photo_features, graders):
+        """The blend's score per photograph (rows of `names`, features from `grade`)."""
+        from retina import fitted_blend
+        position = {id(entry): index for index, entry in enumerate(fitted_blend.entries(self.state))}
+
+        def features_of(entry):
+            grader = self._grader_of[position[id(entry)]]
+            key = (id(grader), (entry['n_iter'], entry['skip']))
+            stat = 0 if entry['stat'] == 'mean' else 1
+            return np.stack([photo[key][stat] for photo in per_photo_features])
+
+        return fitted_blend.predict(self.state, features_of, names)
