@@ -16,7 +16,6 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import norm, qmc
 
 from retina.data import MEAN, STD
 
@@ -57,6 +56,7 @@ def tta_params(n_iter, skip, aug, sigma):
     if n_iter == 1:
         return [dict(rotation=0.0, shear=0.0, tx=0.0, ty=0.0, zoom_x=1.0, zoom_y=1.0,
                      flip=0.0, colour=[0.0, 0.0, 0.0])]
+    from scipy.stats import norm, qmc  # here: a second of import that training never needs
     # The unscrambled sequence starts at the origin, a degenerate corner (an
     # infinite colour shift); point k of the sequence is row k + 1 here.
     points = qmc.Halton(d=10, scramble=False).random(skip + n_iter + 1)[skip + 1:]
