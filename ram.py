@@ -97,6 +97,8 @@ def _check_cmap(_context, _parameter, value):
               help='With --masks, what the deletion check blanks pixels to: the data set\'s mean '
                    'colour, or black (raw 0, like the surround of the eye; black blobs inside the '
                    'eye look like haemorrhages and can raise the prediction).')
+@click.option('--scores_only', is_flag=True,
+              help='With --masks, only score: draw no figures (for benchmarks over many images).')
 @click.option('--limit', type=click.IntRange(min=1), help='Only the first N images.')
 @click.option('--device', default='auto', show_default=True,
               help='auto (CUDA if present), cpu, cuda or cuda:N.')
@@ -106,7 +108,7 @@ def _check_cmap(_context, _parameter, value):
 @handle_errors()
 def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights, per_image_scale,
          images, output_dir, signed, cmap, alpha, masks, photos, labels, all_levels, scores_json,
-         deletion_fill, limit, device, batch_size, no_progress):
+         deletion_fill, scores_only, limit, device, batch_size, no_progress):
     """Draw a heat map of every image over the window the network sees, inside the fundus.
 
     Writes one heat map per image, with the predicted level (continuous and
@@ -118,8 +120,9 @@ def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights,
         raise UserError('--fuse_weights needs --fuse CONFIG (the net those weights belong to)')
     if layer and method == 'ram':
         raise UserError('--layer is for --method gradcam or layercam; the RAM is defined at the last conv')
-    if scores_json and not masks:
-        raise UserError('--scores_json needs --masks (there is nothing to score without lesion masks)')
+    if (scores_json or scores_only) and not masks:
+        option = '--scores_json' if scores_json else '--scores_only'
+        raise UserError(f'{option} needs --masks (there is nothing to score without lesion masks)')
     from retina import atomic, ram
     from retina.train import resolve_device
     config = config_module.load(cnf)
@@ -133,17 +136,20 @@ def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights,
     fuse_with = None
     if fuse_cnf:
         fuse_config = config_module.load(fuse_cnf)
-        fuse_net, _, _ = ram.load_net(fuse_config, fuse_weights, device, method)
+        fuse_net, fuse_path, _ = ram.load_net(fuse_config, fuse_weights, device, method)
         fuse_with = (fuse_config, fuse_net)
     image_paths = ram.collect_images(images or [config.cnf['test_dir']])[:limit]
+    ram.check_preprocessing(image_paths, [(net, weights)] + ([(fuse_net, fuse_path)]
+                                                             if fuse_cnf else []))
     title = config.name + (f'+{fuse_config.name}' if fuse_cnf else '')
     output_dir = output_dir or paths.ram_dir(title)
     summary = ram.run(config, net, image_paths, output_dir, method=method, layer=layer,
                       include_bias=include_bias, fuse_with=fuse_with, per_image_scale=per_image_scale,
                       signed=signed, cmap=cmap, alpha=alpha, masks=masks, photos=photos, labels=labels,
                       all_levels=all_levels, batch_size=batch_size, deletion_fill=deletion_fill,
-                      progress=not no_progress)
-    click.echo(f'wrote {len(summary.written)} heat map(s) to {output_dir}/ and {summary.by_level}')
+                      draw=not scores_only, progress=not no_progress)
+    if summary.by_level is not None:
+        click.echo(f'wrote {len(summary.written)} heat map(s) to {output_dir}/ and {summary.by_level}')
     if summary.scores is not None:
         for line in summary.scores.lines():
             click.echo(line)

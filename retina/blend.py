@@ -37,7 +37,7 @@ from sklearn.preprocessing import StandardScaler
 from retina import atomic, data, fitted_blend, paths
 from retina.config import lr_for_epoch
 from retina.errors import UserError
-from retina.features import load_features, names_file_for, read_names
+from retina.features import load_features, names_file_for, read_names, source_of
 from retina.images import image_name, list_images
 
 # {epoch: learning rate or 'stop'}; an entry {k: v} takes effect at the end of
@@ -72,6 +72,26 @@ def resolve_feature_path(entry):
     return path if path.is_file() and not in_features.is_file() else in_features
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice (plain YAML keeps the last: a run would vanish)."""
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None, None, f'{key!r} is given twice (each run needs its own name)',
+                key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _mapping_without_duplicates)
+
+
 def load_blend_config(path):
     """{run name: [train feature paths]} from a YAML mapping; every file must exist."""
     path = Path(path)
@@ -80,7 +100,7 @@ def load_blend_config(path):
                         f'to a list of train feature files, like blend.yml in the repository) '
                         f'or pass --features_file or --cnf')
     try:
-        content = yaml.safe_load(path.read_text())
+        content = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, 'problem_mark', None)
         where = f', line {mark.line + 1}' if mark is not None else ''
@@ -106,6 +126,9 @@ def load_blend_config(path):
                 raise UserError(f'{path}: run {name!r} names {entry}, but {file} does not exist; '
                                 f'run transform.py for that config (python transform.py --cnf CNF '
                                 f'--n_iter N --train --test) or fix the entry')
+        if str(name) in runs:  # e.g. 1 and '1'
+            raise UserError(f'{path}: run name {str(name)!r} is given twice; give each run its '
+                            f'own name')
         runs[str(name)] = resolved
     return runs
 
@@ -535,6 +558,20 @@ def submission_images(test_dir, test_dir_required, first_test_file, first_test_n
     return list(first_test_names), str(names_path)
 
 
+def check_same_weights(train_file, test_file):
+    """Train and test features of a run must come from the same weights (the fingerprints
+    transform.py records beside them); features from before those records are not checked."""
+    train, test = source_of(train_file), source_of(test_file)
+    if not (train and test and train.get('fingerprint') and test.get('fingerprint')):
+        return
+    if train['fingerprint'] != test['fingerprint']:
+        raise UserError(f'{test_file}: made with other weights than {train_file} ('
+                        f'{test.get("weights")} vs {train.get("weights")}, fingerprints '
+                        f'{test["fingerprint"]} vs {train["fingerprint"]}); a blend fitted on '
+                        f'one net\'s features cannot score another\'s: run transform.py --train '
+                        f'--test again with one weights file')
+
+
 @dataclass
 class BlendPlan:
     """What the names files say, checked before any fitting."""
@@ -567,6 +604,7 @@ def check_runs(runs, labels, labels_file, predict, test_dir, test_dir_required, 
                                     f'{train_file} has {train_width}; extract train and test '
                                     f'features with the same config (transform.py --train '
                                     f'--test)')
+                check_same_weights(train_file, test_file)
             if plan.test_names is None:
                 plan.test_names, test_source = submission_images(
                     test_dir, test_dir_required, test_files[0], test_names, echo)

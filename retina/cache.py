@@ -9,6 +9,7 @@ are augmented and standardised.
 import glob
 import hashlib
 import os
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tqdm import tqdm
 
 from retina import atomic, paths as paths_module
 from retina.errors import UserError
-from retina.images import BadImage, load_rgb
+from retina.images import TOO_LARGE, BadImage, check_pixels, load_rgb, too_large
 
 
 def cache_key(image_paths, size):
@@ -33,7 +34,10 @@ def image_size_of(image_paths):
     """The side of the (square) converted images: the first image's larger side."""
     try:
         with Image.open(image_paths[0]) as image:
+            check_pixels(image_paths[0], image)
             width, height = image.size
+    except TOO_LARGE as error:
+        raise too_large(image_paths[0], error) from None
     except (OSError, SyntaxError) as error:
         raise UserError(f'{image_paths[0]}: cannot read it ({error}); run convert.py again') from None
     if width != height:  # fail before decoding a whole folder of raw photos
@@ -81,11 +85,13 @@ def load_images(image_paths, size=None, cache_dir=None, progress=True):
     path = paths_module.image_cache(image_paths[0].parent, size, key)
     if cache_dir is not None:
         path = Path(cache_dir) / path.name
+    shape = (len(image_paths), 3, size, size)
     if path.is_file():
-        return np.load(path, mmap_mode='r')
+        cached = _open_cached(path, shape)
+        if cached is not None:
+            return cached
     with atomic.atomic_path(path) as tmp:
-        array = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8,
-                                          shape=(len(image_paths), 3, size, size))
+        array = np.lib.format.open_memmap(tmp, mode='w+', dtype=np.uint8, shape=shape)
         failures = _fill(array, image_paths, size, progress)
         array.flush()
         del array  # closes the map before the rename
@@ -95,6 +101,21 @@ def load_images(image_paths, size=None, cache_dir=None, progress=True):
             raise UserError(f'{len(failures)} image(s) cannot be used: {shown}')
     _drop_older_caches(path, image_paths[0].parent, size, key)
     return np.load(path, mmap_mode='r')
+
+
+def _open_cached(path, shape):
+    """The cache at `path` if it is whole and of `shape`; None (after a note) if it is damaged
+    (truncated by a full disk or a copy, say): it is only a cache, so it is built again."""
+    try:
+        array = np.load(path, mmap_mode='r', allow_pickle=False)
+        if array.shape == shape and array.dtype == np.uint8:
+            return array
+        problem = f'holds {array.dtype} {array.shape}, not uint8 {shape}'
+    except (ValueError, OSError, EOFError) as error:
+        problem = f'unreadable: {error}'
+    tqdm.write(f'note: image cache {path} is damaged ({problem}); building it again',
+               file=sys.stderr)
+    return None
 
 
 def _drop_older_caches(path, folder, size, key):

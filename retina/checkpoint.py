@@ -4,8 +4,18 @@ A checkpoint is a dict: model and optimizer state, epoch, best metrics, the
 config name and the resolved config (so later stages rebuild the model from
 the file alone).  Files are written atomically and read with
 `weights_only=True`: a file carrying pickled code is refused.
+
+Reading never trusts the file's size claims: torch.save never compresses, so
+a compressed entry (a decompression bomb: a megabyte that inflates to
+gigabytes) is refused before anything is read; tensors are memory-mapped,
+not copied; and the tensors must be exactly those of the network its own
+config describes (built on the `meta` device, which allocates nothing), so a
+file can neither make us build a giant network nor carry extra payload.
+Weights holding NaN or infinity are refused as broken.
 """
+import math
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
@@ -29,8 +39,9 @@ def load(path):
     if not path.is_file():
         raise UserError(f'{path}: weights file not found; train first (train_nn.py --cnf ...) '
                         f'or pass --weights_from')
+    _check_container(path)
     try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
+        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception as error:  # torch.load fails in many ways on a file that is not weights
         first = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
         if isinstance(error, pickle.UnpicklingError) and 'Weights only load failed' in str(error):
@@ -42,7 +53,61 @@ def load(path):
                         f'by train_nn.py') from None
     if not isinstance(state, dict) or state.get('format') != FORMAT:
         raise UserError(f'{path}: not a checkpoint written by train_nn.py')
+    _check_contents(state, path)
     return state
+
+
+def _check_container(path):
+    """Refuse what torch.save never writes: not a zip, or compressed (inflating) entries."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError):
+        raise UserError(f'{path}: not a readable weights file (not the zip archive torch.save '
+                        f'writes); it may be truncated or another kind of file: use a .pt file '
+                        f'written by train_nn.py') from None
+    packed = [e.filename for e in entries
+              if e.compress_type != zipfile.ZIP_STORED or e.file_size != e.compress_size]
+    if packed:
+        raise UserError(f'{path}: refused to load: {packed[0]} is compressed (inflating to '
+                        f'{sum(e.file_size for e in entries) / 1e6:.0f} MB), which torch.save '
+                        f'never writes; use weights written by train_nn.py')
+
+
+def _check_contents(state, path):
+    """The state's tensors must be those of its config's network, and finite."""
+    try:
+        config = config_of(state)
+    except Exception as error:  # absent, or not the shape Config.resolved() writes
+        raise UserError(f'{path}: the checkpoint has no usable config ({type(error).__name__}: '
+                        f'{error}); it was not written by train_nn.py, or is damaged: use the '
+                        f'weights of a complete run') from None
+    model = state.get('model')
+    if not isinstance(model, dict) or not all(isinstance(v, torch.Tensor) for v in model.values()):
+        raise UserError(f'{path}: the checkpoint holds no weights (model state); use weights '
+                        f'written by train_nn.py')
+    try:
+        with torch.device('meta'):  # shapes only: nothing is allocated
+            expected = {k: tuple(v.shape) for k, v in config.build_net().state_dict().items()}
+    except Exception as error:
+        raise UserError(f'{path}: its config does not describe a network ({error}); use '
+                        f'weights written by train_nn.py') from None
+    found = {k: tuple(v.shape) for k, v in model.items()}
+    if found != expected:
+        count = sum(math.prod(s) for s in found.values())
+        wanted = sum(math.prod(s) for s in expected.values())
+        odd = sorted(set(found) ^ set(expected)) or sorted(k for k in found
+                                                           if found[k] != expected[k])
+        raise UserError(f'{path}: its tensors do not match the network of its config '
+                        f'{config.name} ({count} values in {len(found)} tensors, the network '
+                        f'has {wanted} in {len(expected)}; first difference: {odd[0]}); the file '
+                        f'is damaged or not from train_nn.py: use weights of a complete run')
+    for name, value in model.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise UserError(f'{path}: the weights are broken: {name} holds NaN or infinite '
+                            f'values (saved by a run that diverged, or damaged); use weights of '
+                            f'an earlier epoch (the best/ or epochs/ folder of the run) or train '
+                            f'again')
 
 
 def config_of(state):
@@ -79,6 +144,7 @@ def load_exact(model, state, source, config_name):
     own = unwrap(model).state_dict()
     theirs = state['model']
     wrong = [name for name in own if name not in theirs or theirs[name].shape != own[name].shape]
+    wrong += [name for name in theirs if name not in own]
     if wrong:
         raise UserError(f'{source}: weights of {state.get("config_name")} do not fit config '
                         f'{config_name} (layers {", ".join(sorted({w.split(".")[0] for w in wrong}))}'

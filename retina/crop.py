@@ -40,6 +40,8 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
+import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -51,7 +53,7 @@ from tqdm import tqdm
 from retina import preprocess
 from retina.atomic import save_image
 from retina.errors import UserError
-from retina.images import BadImage, image_name, list_images, load_rgb
+from retina.images import TOO_LARGE, BadImage, image_name, list_images, load_rgb
 from retina.paths import IMAGE_EXTENSIONS
 
 WIDE_RATIO = 1.2          # only images wider than this x height are searched for the eye
@@ -256,13 +258,21 @@ def _plan(directory, convert_directory, extension):
 
 
 def _done(dst, crop_size):
-    """True if `dst` is already converted at this size; an unreadable `dst` is redone."""
+    """True if `dst` is already converted at this size; an unreadable `dst` is redone.
+
+    The file is decoded, not only opened: an output cut short (a full disk, a copy
+    interrupted) has a valid header, and a rerun must repair it.  JPEGs decode at 1/8
+    scale, which still reads every byte of the data.
+    """
     if not dst.exists():
         return False
     try:
         with Image.open(dst) as image:
             size = image.size
-    except (OSError, SyntaxError, ValueError):
+            if image.format == 'JPEG':
+                image.draft(image.mode, (1, 1))
+            image.load()
+    except (OSError, SyntaxError, ValueError, *TOO_LARGE):
         return False
     if size != (crop_size, crop_size):
         raise UserError(f'{dst} is {size[0]}×{size[1]}, not {crop_size}×{crop_size}: this folder '
@@ -275,13 +285,33 @@ def _has_images(folder):
     return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in Path(folder).iterdir())
 
 
-def _init_worker():
+def _init_worker(lifeline):
     # Ctrl-C reaches every process of the group; only the parent should handle it,
     # or each worker prints its own traceback.  The parent then stops the pool
     # with SIGTERM: turning that into SystemExit lets an unfinished atomic write
     # remove its temporary file instead of leaving it in the output folder.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _exit_quietly)
+    threading.Thread(target=_die_with, args=(lifeline,), daemon=True).start()
+
+
+def _die_with(lifeline):
+    """Worker thread: end this worker when convert.py's main process is gone.
+
+    A SIGKILLed parent cannot stop its pool, and the workers would wait for work
+    forever, holding its output pipe (and keeping the forkserver and resource
+    tracker alive).  Only the main process holds the write end of `lifeline`, and
+    never writes: the read returns when the kernel closes it, however it died.
+    """
+    try:
+        lifeline.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    os.kill(os.getpid(), signal.SIGTERM)  # SystemExit in the main thread: temp files removed
+    # Then go, whatever the main thread does (stuck in a decoder, or in multiprocessing's exit
+    # handlers flushing results to the dead parent).
+    time.sleep(2)
+    os._exit(1)
 
 
 def _exit_quietly(signum, frame):
@@ -360,11 +390,17 @@ def _convert_in_pool(todo, n_proc, summary, bar):
         return
 
 
+_LIFELINE = []  # (read end, write end), made once; the write end never leaves this process
+
+
 def _start_pool(n_proc):
     # forkserver: workers start from a clean process, not a fork of this one with
     # its threads (tqdm's monitor) and whatever locks they held at that moment.
-    return ProcessPoolExecutor(n_proc, mp_context=multiprocessing.get_context('forkserver'),
-                               initializer=_init_worker)
+    context = multiprocessing.get_context('forkserver')
+    if not _LIFELINE:
+        _LIFELINE.extend(context.Pipe(duplex=False))
+    return ProcessPoolExecutor(n_proc, mp_context=context, initializer=_init_worker,
+                               initargs=(_LIFELINE[0],))
 
 
 def _stop(pool):

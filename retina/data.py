@@ -36,6 +36,10 @@ def load_labels(path):
     if not rows:
         raise UserError(f'{path}: empty labels file; expected a header image,level')
     header = [h.strip().lower() for h in rows[0]]
+    doubled = sorted({h for h in header if h and header.count(h) > 1})
+    if doubled:  # which of the two would be the labels? refuse rather than guess
+        raise UserError(f'{path}: column {", ".join(doubled)} appears more than once in the '
+                        f'header; keep one image and one level column')
     missing = [c for c in ('image', 'level') if c not in header]
     if missing:
         raise UserError(f'{path}: missing column {", ".join(missing)}; the header must be '

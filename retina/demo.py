@@ -6,7 +6,8 @@ Generates synthetic fundus photos, then runs the real scripts in order, in
 the output folder, printing each command as a user would type it:
 convert.py -> train_nn.py (a 128-pixel RAM net) -> transform.py (a few TTA
 iterations) -> blend.py (per patient; validation, then --predict) -> ram.py
-(heat maps, scored against the generator's lesion masks).  It ends with the
+(heat maps, scored against the generator's lesion masks beside an
+image-blind map and the grid oracle).  It ends with the
 validation kappa, the test kappa of the submission, its path and the
 heat-map folder.
 """
@@ -124,11 +125,14 @@ def main(out, n_patients, epochs, tta, seed):
         if 'valid kappa' in line:
             click.echo(f'blend validation, {line.strip()}')
     click.echo(f'test kappa of the submission ({rows} images): {test_kappa:.4f}')
-    for name in ('ram_mass_in_lesions', 'pointing_game', 'deletion_top10_drop',
-                 'deletion_random10_drop', 'deletion_excess_drop', 'deletion_ratio'):
-        line = last_value(ram_lines, name)
+    click.echo('heat maps, test photos of level >= 1, per image inside the fundus; columns: the RAM, '
+               'the image-blind map (mean RAM of the other photos), the grid oracle (lesion mask '
+               'pooled to the RAM\'s grid):')
+    for name in ('auroc', 'pointing_exact', 'pointing_game', 'mass_in_lesions', '# auroc minus blind',
+                 'deletion_excess_drop'):
+        line = last_value(ram_lines, f'{name}: ')
         if line:
-            click.echo(line)
+            click.echo(line.lstrip('# '))
     click.echo(f'submission: {submission}')
     click.echo(f'heat maps: {work / paths.ram_dir(CONFIG)}')
     click.echo(f'wall time: {time.perf_counter() - started:.0f}s')

@@ -26,6 +26,18 @@ def names_file_for(feature_path):
     return feature_path.with_name(_STAT.sub('_names_iter_', feature_path.stem, count=1) + '.txt')
 
 
+def source_of(feature_path):
+    """What transform.py recorded about the weights (and images) a feature file came from:
+    the dict of X_SPLIT_source_iter_N_skip_K.json beside it, or None if there is none."""
+    feature_path = Path(feature_path)
+    source = names_file_for(feature_path).name.replace('_names_iter_', '_source_iter_', 1)
+    try:
+        recorded = json.loads(feature_path.with_name(source).with_suffix('.json').read_text())
+    except (OSError, ValueError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
 def read_names(feature_path):
     """The image names of a feature file's rows, from its names file (the array is not read)."""
     feature_path = Path(feature_path)
@@ -59,9 +71,22 @@ def load_features(path, mmap=False):
     except (ValueError, OSError, EOFError) as error:
         raise UserError(f'{path}: not a readable feature file ({error}); run transform.py '
                         f'again') from None
+    if not isinstance(array, np.ndarray):  # np.load opens a .npz archive as a mapping
+        if hasattr(array, 'close'):
+            array.close()
+        raise UserError(f'{path}: a .npz archive, not the .npy array transform.py writes; '
+                        f'use transform.py\'s feature files (or save the array with np.save)')
+    if array.dtype.names is not None or array.dtype.kind not in 'fiu':
+        what = ('a structured array' if array.dtype.names is not None else
+                'complex numbers' if array.dtype.kind == 'c' else f'{array.dtype} values')
+        raise UserError(f'{path}: holds {what}, not real-valued features; use the files '
+                        f'transform.py writes (float32)')
     if array.ndim != 2:
         raise UserError(f'{path}: expected a 2-d array (images × features), found shape '
                         f'{array.shape}; run transform.py again')
+    if 0 in array.shape:
+        raise UserError(f'{path}: empty ({array.shape[0]} images × {array.shape[1]} features); '
+                        f'run transform.py again')
     if len(names) != array.shape[0]:
         raise UserError(f'{path}: {array.shape[0]} rows but {names_file_for(path).name} lists '
                         f'{len(names)} images; the files are from different runs: run '

@@ -176,6 +176,14 @@ def load_net(config, weights_from, device, method='ram'):
     return net.to(device).eval(), path, state.get('config_name')
 
 
+def check_preprocessing(image_paths, nets_and_weights):
+    """Every image folder must be prepared (convert.py --enhance) as each net's training images were."""
+    from retina import preprocess
+    for folder in dict.fromkeys(Path(p).parent for p in image_paths):
+        for net, weights in nets_and_weights:
+            preprocess.check_matches(folder, getattr(net, 'preprocessing', 'none'), weights)
+
+
 def method_tag(method, layer=None, include_bias=False, net=None):
     """How output names carry the method: ram, ram_bias, gradcam, gradcam-conv5 (not the last conv)."""
     tag = method + ('_bias' if include_bias and method == 'ram' else '')
@@ -250,11 +258,12 @@ def network_input(windows, input_size):
 def run(config, net, image_paths, output_dir, method='ram', layer=None, include_bias=False,
         fuse_with=None, per_image_scale=False, signed=False, cmap=None, alpha=0.5, masks=None,
         photos=None, labels=None, all_levels=False, batch_size=None, deletion_fill='mean',
-        progress=True):
+        draw=True, progress=True):
     """Write a heat map per image and the by-level figure; score localisation when `masks` is given.
 
     `fuse_with` is (config, net) of a second net whose maps are fused with
     this one's; the images must then be converted for the larger of the two.
+    Without `draw` nothing is written (scores only).
     """
     nets = [Net(config, net)] + ([Net(*fuse_with)] if fuse_with else [])
     window_size = max((n.input_size for n in nets), key=lambda s: s[0] * s[1])
@@ -280,6 +289,8 @@ def run(config, net, image_paths, output_dir, method='ram', layer=None, include_
             bar.update(len(batch))
     if scores is not None:
         _score(items, scores, window_size)
+    if not draw:
+        return RunSummary(written=[], by_level=None, failed=failed, scores=scores)
     written, by_level = _draw(items, output_dir, title, tag, window_size, cmap, alpha, signed,
                               per_image_scale, by_label=known is not None, failed=failed,
                               unit='RAM (level units)' if method == 'ram' and len(nets) == 1 else tag)
@@ -394,7 +405,8 @@ def _draw(items, output_dir, title, tag, window_size, cmap, alpha, signed, per_i
         current = example(item)
         norm = figures.colour_norm([figures.shown(current, signed)], signed) if per_image_scale else shared
         path = paths.heat_map(output_dir, item.name, title, signed, tag)
-        figures.save(figures.heat_map_figure(current, title, cmap, alpha, signed, norm, unit), path)
+        figures.save(figures.heat_map_figure(current, f'{tag}   {title}', cmap, alpha, signed, norm, unit),
+                     path)
         written.append(path)
     best = {level: None for level in LEVELS}
     for item in drawable:

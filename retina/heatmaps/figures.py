@@ -11,29 +11,27 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from retina import atomic, data
+from retina import atomic, data, preprocess
 
 LEVELS = data.LEVELS
 SEQUENTIAL_CMAP = 'jet'
 SIGNED_CMAP = 'RdBu_r'
-FUNDUS_THRESHOLD = 20       # of 255, on the blurred brightest channel: the surround is near 0
-FUNDUS_BLUR = 1.0           # pixels; smooths JPEG noise at the rim without growing the disc much
 
 
 def fundus_mask(window):
     """Boolean (h, w): the eye's disc in the uint8 (h, w, 3) `window`, holes filled.
 
-    The brightest channel, blurred, above a low threshold; the largest
-    connected part with its holes filled (dark lesions and vessels inside the
-    eye stay in).  An image with no bright part is all fundus.
+    The eye as convert.py's preprocessing finds it (`preprocess.fundus_mask`:
+    the blurred brightest channel above a low threshold, holes filled, so
+    dark lesions stay in), reduced to its largest connected part so that
+    specks of noise in the surround are not coloured.  An image with no
+    bright part is all fundus.
     """
-    brightest = ndimage.gaussian_filter(np.asarray(window, dtype=np.float32).max(axis=2), FUNDUS_BLUR)
-    bright = brightest > FUNDUS_THRESHOLD
-    labels, count = ndimage.label(bright)
+    eye = preprocess.fundus_mask(np.asarray(window))
+    labels, count = ndimage.label(eye)
     if count == 0:
-        return np.ones(bright.shape, dtype=bool)
-    largest = 1 + int(np.argmax(ndimage.sum(bright, labels, range(1, count + 1))))
-    return ndimage.binary_fill_holes(labels == largest)
+        return np.ones(eye.shape, dtype=bool)
+    return labels == 1 + int(np.argmax(ndimage.sum(eye, labels, range(1, count + 1))))
 
 
 @dataclasses.dataclass
