@@ -1,7 +1,10 @@
 """Heat maps: the methods against their definitions, hooks, honest scores, masks, drawing and the CLI."""
 import csv
 import json
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -572,23 +575,20 @@ def test_cli_gradcam_of_a_baseline_net_with_masks_per_kind(tmp_path):
     assert '# 5 image(s) have no mask' in result.stdout   # in red/
 
 
-def test_cli_single_files_signed_output_dir_and_fuse(tmp_path):
+def test_cli_single_files_signed_output_dir_bias_and_fuse(tmp_path):
     images = tiny_data_set(tmp_path)
-    result = run_script('ram.py', '--cnf', CNF, '--images', images / '2_left.jpeg', '--images',
-                        images / '3_left.jpeg', '--signed', '--limit', 1, '--output_dir', 'maps',
-                        '--include_bias', '--no_progress', cwd=tmp_path)
-    assert (tmp_path / 'maps' / f'2_left_ram_bias_{CNF}_signed.png').is_file()
-    assert not (tmp_path / 'maps' / f'3_left_ram_bias_{CNF}_signed.png').exists()
-    assert (tmp_path / 'maps' / f'ram_bias_{CNF}_signed_by_level.png').is_file()
-    assert 'auroc' not in result.stdout
     other = config_module.load('c_128_4x4_32_ram')       # a 7x7 map, fused with the 6x6 one
     checkpoint.save(tmp_path / 'other.pt', model=other.build_net(), config=other, epoch=0)
     result = run_script('ram.py', '--cnf', CNF, '--fuse', 'c_128_4x4_32_ram', '--fuse_weights', 'other.pt',
-                        '--masks', tmp_path / 'masks', '--labels', tmp_path / 'labels.csv', '--no_progress',
-                        cwd=tmp_path)
-    fused = tmp_path / 'data' / 'ram' / f'{CNF}+c_128_4x4_32_ram'
-    assert len(list(fused.glob(f'*_ram_{CNF}+c_128_4x4_32_ram.png'))) == len(LEVELS_OF_TINY_SET)
-    assert '# deletion: not measured' in result.stdout
+                        '--images', images / '2_left.jpeg', '--images', images / '3_left.jpeg', '--limit', 1,
+                        '--signed', '--include_bias', '--output_dir', 'maps', '--masks', tmp_path / 'masks',
+                        '--no_progress', cwd=tmp_path)
+    title = f'{CNF}+c_128_4x4_32_ram'
+    assert (tmp_path / 'maps' / f'2_left_ram_bias_{title}_signed.png').is_file()
+    assert not (tmp_path / 'maps' / f'3_left_ram_bias_{title}_signed.png').exists()
+    assert (tmp_path / 'maps' / f'ram_bias_{title}_signed_by_level.png').is_file()
+    assert len(list((tmp_path / 'maps').iterdir())) == 2
+    assert '# deletion: not measured' in result.stdout      # no single net made the fused map
     assert 'pooled to the 6x6 grid' in result.stdout
 
 
@@ -613,3 +613,22 @@ def test_cli_errors_are_one_line(tmp_path, case, expected):
     assert 'Traceback' not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_heat_map_benchmark_scores_given_weights_and_skips_missing_parts(tmp_path):
+    config = config_module.load(CNF)
+    checkpoint.save(tmp_path / 'tiny.pt', model=config.build_net(), config=config, epoch=0)
+    result = subprocess.run(
+        [sys.executable, str(REPO / 'bench' / 'bench_heatmaps.py'), '--synthetic_weights', 'tiny.pt',
+         '--synthetic_weights', 'missing.pt', '--real_weights', 'tiny.pt', '--heimed', 'no_heimed',
+         '--methods', 'ram', '--n_patients', '12', '--work', 'work', '--device', 'cpu', '--no_write'],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert 'skipped: synthetic weights missing.pt do not exist' in result.stdout
+    assert 'skipped: the real-photo part' in result.stdout
+    row = re.search(rf'^\| synthetic \| lesion \| {CNF} \| ram \| 6x6 \| (\d+) \| (\S+) / (\S+) / (\S+) \|',
+                    result.stdout, re.MULTILINE)
+    assert row, result.stdout[-3000:]
+    assert int(row[1]) >= 1 and all(0 <= float(v) <= 1 for v in row.groups()[1:])
+    scored = json.loads(next((tmp_path / 'work' / 'scores').glob('*.json')).read_text())
+    assert scored['kinds']['lesion']['n'] == int(row[1])
