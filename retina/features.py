@@ -114,10 +114,28 @@ def rebuild(config, weights_path):
     """
     from retina import checkpoint
     state = checkpoint.load(weights_path)
-    model = (checkpoint.config_of(state) if state.get('config_name') == config.name
-             else config).build_net()
+    model = build_uninitialised((checkpoint.config_of(state)
+                                 if state.get('config_name') == config.name else config))
     checkpoint.load_exact(model, state, weights_path, config.name)
     return model, state
+
+
+def build_uninitialised(config):
+    """The config's net with uninitialised weights, for loading a checkpoint into.
+
+    Built on the meta device and then given (empty) storage: the orthogonal
+    initialisation of a 512-px net takes seconds of QR decompositions that
+    loading the weights throws away.  Every parameter and buffer must then come
+    from the checkpoint, which `checkpoint.load_exact` checks; a net with a
+    buffer that checkpoints do not hold is built the ordinary way.
+    """
+    import torch
+    with torch.device('meta'):
+        model = config.build_net()
+    saved = set(model.state_dict())
+    if not all(name in saved for name, _ in model.named_buffers()):
+        return config.build_net()
+    return model.to_empty(device='cpu')
 
 
 def weights_fingerprint(model):
