@@ -43,7 +43,7 @@ from retina.errors import UserError, handle_errors
 @click.option('--labels', type=click.Path(dir_okay=False),
               help=f'Training labels CSV (image,level). [default: the config\'s labels with '
                    f'--cnf, else {paths.LABELS_FILE}]')
-@click.option('--seed', default=0, show_default=True, type=int,
+@click.option('--seed', default=0, show_default=True, type=click.IntRange(0, 2 ** 63 - 1),
               help='Seed of the nets\' initialisation and batches.')
 @click.option('--optimize_thresholds', is_flag=True,
               help='Fit the four cut-offs to maximise kappa on the validation predictions and '

@@ -24,7 +24,7 @@ from retina.errors import handle_errors
               help='Stop after this many epochs in all (short runs); the schedule still applies.')
 @click.option('--device', default='auto', show_default=True,
               help='auto (CUDA if present), cpu, cuda or cuda:N.')
-@click.option('--seed', default=0, show_default=True, type=int,
+@click.option('--seed', default=0, show_default=True, type=click.IntRange(0, 2 ** 63 - 1),
               help='Seed for sampling, augmentation, dropout and initialisation.')
 @click.option('--deterministic', is_flag=True,
               help='Use deterministic algorithms only (reproducible, maybe slower on GPU).')
@@ -44,8 +44,10 @@ def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed,
     Writes, under weights/CNF/: weights.pt (best validation kappa),
     best/ (each new best validation loss), epochs/ (every 5 epochs),
     weights_final.pt (end of schedule), last.pt (for --resume), log.csv and
-    config.json.  A new run (without --resume) first moves an earlier run's
-    folder to weights/CNF.earlier-TIME/.  Run under torchrun for several GPUs.
+    config.json.  A new run (without --resume) moves an earlier run's files
+    to weights/CNF.earlier-TIME/ when its own first epoch ends (a run that
+    fails sooner leaves them in place).  weights/CNF/run.lock keeps a second
+    run of the config out while one runs.  Run under torchrun for several GPUs.
     """
     config = config_module.load(cnf)
     given = {k: v for k, v in (('train_dir', train_dir), ('labels', labels)) if v}

@@ -48,6 +48,24 @@ def random_params(n, aug, sigma, generator=None, device='cpu'):
                 colour=sigma * torch.randn(n, 3, generator=generator, device=device))
 
 
+HALTON_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29)
+
+
+def halton(indices, bases=HALTON_BASES):
+    """Points `indices` of the unscrambled Halton sequence (scipy's qmc.Halton rows), computed
+    directly: a --skip of 10**12 costs no more than a --skip of 0 (scipy would draw them all)."""
+    def radical_inverse(index, base):
+        value, scale = 0.0, 1.0 / base
+        while index:
+            index, digit = divmod(index, base)
+            value += digit * scale
+            scale /= base
+        return value
+
+    points = [[radical_inverse(i, b) for b in bases] for i in indices]
+    return np.array(points, dtype=np.float64).reshape(-1, len(bases))
+
+
 def tta_params(n_iter, skip, aug, sigma):
     """One parameter set per TTA iteration from the 10-d Halton sequence, as the original.
 
@@ -56,11 +74,10 @@ def tta_params(n_iter, skip, aug, sigma):
     if n_iter == 1:
         return [dict(rotation=0.0, shear=0.0, tx=0.0, ty=0.0, zoom_x=1.0, zoom_y=1.0,
                      flip=0.0, colour=[0.0, 0.0, 0.0])]
-    from scipy.stats import norm, qmc  # here: a second of import that training never needs
+    from scipy.stats import norm  # here: a second of import that training never needs
     # The unscrambled sequence starts at the origin, a degenerate corner (an
     # infinite colour shift); point k of the sequence is row k + 1 here.
-    points = qmc.Halton(d=10, scramble=False).random(skip + n_iter + 1)[skip + 1:]
-    points = np.clip(points, 1e-6, 1 - 1e-6)
+    points = np.clip(halton(range(skip + 1, skip + n_iter + 1)), 1e-6, 1 - 1e-6)
 
     def scale(u, lo_hi):
         return float(lo_hi[0] + u * (lo_hi[1] - lo_hi[0]))

@@ -146,6 +146,9 @@ def check_cnf(cnf, path):
     if missing:
         raise UserError(f'{path}: config key(s) missing: {", ".join(missing)} '
                         f'({"; ".join(REQUIRED_KEYS[k] for k in missing)})')
+    if not isinstance(cnf['aug_params'], dict):
+        raise UserError(f'{path}: aug_params must be a dict with the keys {", ".join(AUG_KEYS)}'
+                        f' (found {type(cnf["aug_params"]).__name__})')
     bad_aug = [k for k in cnf['aug_params'] if k not in AUG_KEYS]
     if bad_aug or any(k not in cnf['aug_params'] for k in AUG_KEYS):
         raise UserError(f'{path}: aug_params must have exactly the keys {", ".join(AUG_KEYS)}'
@@ -159,6 +162,9 @@ def check_cnf(cnf, path):
         if epoch < 0 or not (value == 'stop' or (_is_number(value) and value > 0)):
             raise UserError(f'{path}: schedule entry {epoch}: {value!r}; each entry must be '
                             f'epoch (≥ 0): a positive learning rate or \'stop\'')
+    if 'stop' not in schedule.values():
+        raise UserError(f'{path}: the schedule has no \'stop\' entry, so training would never '
+                        f'end; add one, e.g. {max(schedule) + 1}: \'stop\'')
 
 
 def load(spec):
@@ -168,6 +174,16 @@ def load(spec):
     for attribute in ('cnf', 'layers'):
         if not hasattr(module, attribute):
             raise UserError(f'{path}: a config module must define `{attribute}`')
+    if not isinstance(module.cnf, dict):
+        raise UserError(f'{path}: cnf must be a dict of settings, found '
+                        f'{type(module.cnf).__name__}; write cnf = dict(w=..., h=..., ...)')
+    if not (isinstance(module.layers, (list, tuple)) and module.layers
+            and all(isinstance(layer, (list, tuple)) and len(layer) == 2
+                    and isinstance(layer[0], str) and isinstance(layer[1], dict)
+                    for layer in module.layers)):
+        raise UserError(f'{path}: layers must be a non-empty list of (kind, options dict) pairs, '
+                        f'like (\'conv\', dict(filters=32, size=5)); found '
+                        f'{type(module.layers).__name__} {str(module.layers)[:60]}')
     cnf = dict(module.cnf)
     schedule = cnf.get('schedule')
     if isinstance(schedule, dict):

@@ -79,7 +79,7 @@ def last_value(lines, prefix):
               help='Training epochs of the 128-pixel RAM net (--max_epochs).')
 @click.option('--tta', default=5, show_default=True, type=click.IntRange(min=1),
               help='Test-time augmentation iterations for transform.py.')
-@click.option('--seed', default=0, show_default=True, type=int,
+@click.option('--seed', default=0, show_default=True, type=click.IntRange(0, 2 ** 63 - 1),
               help='Seed of the synthetic data and of training.')
 @handle_errors(resume_hint='Run the demo again: finished steps are skipped or resumed.')
 def main(out, n_patients, epochs, tta, seed):

@@ -104,7 +104,8 @@ def _acquire(path, what, echo):
             continue
         previous = _owner_of(path)
         if previous and previous.get('pid') != os.getpid():
-            echo(f'note: {path} was left by {_describe(previous)}, which has ended; taking it over')
+            echo(f'note: {path} was left by {_describe(previous)}, which has ended; taking it '
+                 f'over')
         _write_owner(fd)
         return fd
     raise UserError(f'{path}: could not take the lock (it keeps changing); try again')

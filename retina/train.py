@@ -260,10 +260,21 @@ def write_log(path, rows):
 
 
 def read_log(path):
+    """The rows of a run's log.csv; a log edited elsewhere (a spreadsheet's byte-order mark)
+    still reads, and one that is not a log is a UserError naming it."""
     if not path.is_file():
         return []
-    with open(path, newline='') as f:
-        return list(csv.DictReader(f))
+    try:
+        with open(path, newline='', encoding='utf-8-sig') as f:
+            rows = list(csv.DictReader(f))
+        for row in rows:
+            int(row['epoch'])
+    except (UnicodeDecodeError, csv.Error, KeyError, TypeError, ValueError) as error:
+        raise UserError(f'{path}: not a training log (expected the columns '
+                        f'{",".join(LOG_COLUMNS)} with an epoch number per row; '
+                        f'{type(error).__name__}: {error}); restore it, or move it away to '
+                        f'start the log again from the resumed epoch') from None
+    return rows
 
 
 def place_images(images, runtime, cache_on_device):

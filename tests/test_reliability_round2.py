@@ -368,3 +368,68 @@ def test_a_labels_file_with_a_column_twice(tmp_path):
     labels.write_text('image,level,level\n1_left,0,4\n')
     with pytest.raises(UserError, match='labels.csv: column level appears more than once'):
         load_labels(labels)
+
+
+# ---------------------------------------------------------------- user mistakes, one line each
+
+def test_a_truncated_earlier_output_is_converted_again(tmp_path):
+    from PIL import Image
+    from retina.crop import convert_folder
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    photo = np.zeros((60, 80, 3), np.uint8)
+    photo[10:50, 20:60] = 150
+    Image.fromarray(photo).save(folder / '1_left.jpeg')
+    out = tmp_path / 'out'
+    for extension in ('jpeg', 'png'):
+        convert_folder(folder, out / extension, 32, extension, n_proc=1, progress=False)
+        result = out / extension / f'1_left.{extension}'
+        result.write_bytes(result.read_bytes()[:len(result.read_bytes()) // 2])
+        summary = convert_folder(folder, out / extension, 32, extension, n_proc=1,
+                                 progress=False)
+        assert summary.converted == 1, extension
+        with Image.open(result) as image:
+            image.load()
+
+
+def test_a_log_with_a_byte_order_mark_reads_and_a_foreign_one_is_named(tmp_path):
+    from retina.train import read_log
+    log = tmp_path / 'log.csv'
+    log.write_text('\ufeffepoch,train_loss\n1,0.5\n2,0.4\n', encoding='utf-8')
+    assert [row['epoch'] for row in read_log(log)] == ['1', '2']
+    log.write_text('when,loss\nmonday,0.5\n')
+    with pytest.raises(UserError, match='log.csv: not a training log'):
+        read_log(log)
+
+
+def test_a_huge_skip_draws_its_augmentations_at_once():
+    from scipy.stats import qmc
+    from retina.augment import halton, tta_params
+    assert np.array_equal(halton(range(41, 46)),
+                          qmc.Halton(d=10, scramble=False).random(46)[41:])
+    aug = config_module.load(CONFIG).cnf['aug_params']
+    params = tta_params(3, 10 ** 15, aug, 0.25)
+    assert len(params) == 3 and all(np.isfinite(p['rotation']) for p in params)
+
+
+@pytest.mark.parametrize('body, words', [
+    ("cnf = [('w', 112)]\nlayers = base_layers\n", 'cnf must be a dict'),
+    ("cnf = base\nlayers = 'conv'\n", 'layers must be a non-empty list of (kind, options'),
+    ("cnf = base\nlayers = [('conv', 32)]\n", 'layers must be a non-empty list'),
+    ("cnf = dict(base, aug_params=[1, 2])\nlayers = base_layers\n", 'aug_params must be a dict'),
+    ("cnf = dict(base, schedule={0: 0.003, 50: 0.0003})\nlayers = base_layers\n",
+     "no 'stop' entry, so training would never end; add one, e.g. 51: 'stop'"),
+])
+def test_configs_of_the_wrong_shape(tmp_path, body, words):
+    (tmp_path / 'configs').mkdir()
+    path = tmp_path / 'configs' / 'c_odd.py'
+    path.write_text(f'from configs.{CONFIG} import cnf as base, layers as base_layers\n' + body)
+    with pytest.raises(UserError, match=re.escape(words)):
+        config_module.load(path)
+
+
+def test_a_negative_seed_is_refused_by_the_option(tmp_path):
+    result = run_script('train_nn.py', '--cnf', CONFIG, '--seed', '-1', cwd=tmp_path,
+                        check=False)
+    assert result.returncode == 2 and "'--seed': -1 is not in the range" in result.stderr
+    assert 'Traceback' not in result.stderr
