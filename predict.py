@@ -70,7 +70,8 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     graded; the exit status is then 1.
     """
     from retina import atomic
-    from retina.predict import LoadedBlend, format_csv, format_json, grade, load_grader
+    from retina.predict import (LoadedBlend, collect_photos, format_csv, format_json, grade,
+                                load_grader)
     from retina.train import resolve_device
 
     if per_patient and not blend_file:
@@ -79,6 +80,7 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     if weights_from and len(weights_from) != len(cnf):
         raise UserError(f'{len(weights_from)} --weights_from for {len(cnf)} --cnf; give one '
                         f'--weights_from per --cnf, in the same order, or none')
+    photos = collect_photos(images)  # a wrong path fails now, before the nets are loaded
     if output != '-':
         atomic.check_writable(output)
     blend = LoadedBlend(blend_file) if blend_file else None
@@ -93,7 +95,7 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     else:
         nets = [(DEFAULT_CNF, None)]
     graders = [load_grader(c, w, device, crop_size) for c, w in nets]
-    result = grade(graders, images, n_iter=n_iter, blend=blend, heatmap_dir=heatmap_dir,
+    result = grade(graders, photos, n_iter=n_iter, blend=blend, heatmap_dir=heatmap_dir,
                    batch_size=batch_size, progress=not no_progress)
     text = format_json(result, graders) if as_json else format_csv(result)
     if output == '-':

@@ -4,7 +4,8 @@ Each photograph goes through exactly what convert.py → transform.py → the
 net would do to it, without writing a converted folder:
 
 1. decode (a JPEG straight at the DCT scale convert.py would pick for the
-   net's converted size), EXIF orientation applied, to RGB;
+   net's converted size), turned upright by its EXIF orientation, to RGB
+   (`crop.load_for_crop`, convert.py's own decoder);
 2. find the eye's box and crop + resize it to the converted size S with
    `retina.crop` (convert.py's own functions), then the preprocessing the
    net's training images had (`retina.preprocess`, recorded in its checkpoint);
@@ -32,6 +33,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -40,7 +42,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from retina import atomic, checkpoint, crop, data, paths, preprocess
@@ -166,16 +168,6 @@ class Photo:
     images: dict                      # crop_size -> the decode (kept only for heat maps)
 
 
-def load_oriented(path, crop_size):
-    """`path` decoded as convert.py decodes it for `crop_size`, turned upright by its EXIF tag."""
-    image = crop.load_for_crop(path, crop_size)
-    try:
-        upright = ImageOps.exif_transpose(image)
-    except (OSError, ValueError, SyntaxError, TypeError):  # a broken EXIF block: keep the pixels
-        return image
-    return upright if upright.mode == 'RGB' else upright.convert('RGB')
-
-
 def prepare_photo(path, needs, keep_images=False):
     """A `Photo` with the converted image for each (crop_size, method) in `needs`.
 
@@ -184,7 +176,7 @@ def prepare_photo(path, needs, keep_images=False):
     """
     converted, boxes, images = {}, {}, {}
     for crop_size in sorted({s for s, _ in needs}):
-        image = load_oriented(path, crop_size)
+        image = crop.load_for_crop(path, crop_size)  # EXIF orientation applied (images.py)
         box = crop.find_eye_box_fast(image)
         rgb = np.asarray(crop.crop_to_eye(image, crop_size, box))
         boxes[crop_size] = box
@@ -305,7 +297,9 @@ def heat_map_over_photo(image, ram, box, crop_size, input_size, caption=''):
     draw.rectangle((left, top, right - 1, bottom - 1), outline=(255, 255, 255),
                    width=max(1, out.width // 600))
     if caption:
-        draw.text((8, 8), caption, fill=(255, 255, 255))
+        font = ImageFont.load_default(size=max(12, out.width // 45))
+        draw.text((8, 8), caption, fill=(255, 255, 255), font=font, stroke_width=1,
+                  stroke_fill=(0, 0, 0))
     return out
 
 
@@ -371,7 +365,6 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
     `blend` is a `LoadedBlend` (its feature sets are computed too); `heatmap_dir`
     gets one PNG per photograph and RAM net.
     """
-    import os
     photo_paths = collect_photos(inputs)
     name_columns(graders)
     ram_graders = [g for g in graders if g.is_ram] if heatmap_dir else []

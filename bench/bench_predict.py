@@ -1,0 +1,116 @@
+#!/usr/bin/env python
+"""Time predict.py per photograph: a full-resolution photo graded by a 512-px net on the CPU.
+
+    python bench/bench_predict.py                      # the competition's sample photographs
+    python bench/bench_predict.py --directory photos --cnf c_512_4x4_32 --threads 2
+
+Untrained weights of the config (the time does not depend on the values).
+Per photograph, after the net is loaded (once per process): decoding at
+convert.py's DCT scale with EXIF orientation, finding the eye, crop and
+Lanczos resize to 512 px, the net on the 448-px window; then the same with
+the RAM heat map drawn over the photograph, and with 5 TTA iterations.
+Each is the median over the photographs (after one warm-up).  Also the whole
+command once (`python predict.py PHOTO`: interpreter, imports, weights).
+Prints a markdown table and puts it in BENCHMARKS.md under `## predict.py`.
+"""
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import click
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / 'bench'))
+
+from report import device_name, replace_section, today  # noqa: E402
+from retina.errors import handle_errors  # noqa: E402
+
+SECTION = 'predict.py'
+DEFAULT_DIRECTORY = REPO.parent / 'shared' / 'data' / 'eyepacs_sample' / 'train'
+TARGET_SECONDS = 2.0
+
+
+def median_seconds(run, photos):
+    run(photos[0])  # warm-up: first-call allocations, thread pools
+    times = []
+    for photo in photos:
+        start = time.perf_counter()
+        run(photo)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@click.command(context_settings={'help_option_names': ['-h', '--help']})
+@click.option('--directory', default=str(DEFAULT_DIRECTORY), show_default=True,
+              type=click.Path(file_okay=False, exists=True),
+              help='Photographs to grade (full resolution is the realistic case).')
+@click.option('--cnf', default='c_512_5x5_32_ram', show_default=True,
+              help='A 512-px config (RAM for the heat-map row).')
+@click.option('--limit', default=5, show_default=True, type=click.IntRange(min=1),
+              help='Photographs timed.')
+@click.option('--threads', type=click.IntRange(min=1),
+              help='torch CPU threads [default: torch\'s own choice].')
+@click.option('--no_write', is_flag=True, help='Print the table only; leave BENCHMARKS.md alone.')
+@handle_errors()
+def main(directory, cnf, limit, threads, no_write):
+    """Time grading one photograph with predict.py's functions on the CPU."""
+    import torch
+    from PIL import Image
+
+    from retina import checkpoint, config as config_module
+    from retina.images import list_images
+    from retina.predict import grade, load_grader
+
+    if threads:
+        torch.set_num_threads(threads)
+    photos = list_images(directory)[:limit]
+    config = config_module.load(cnf)
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / 'weights.pt'
+        checkpoint.save(weights, config.build_net(), config, epoch=0)
+        started = time.perf_counter()
+        grader = load_grader(cnf, weights, 'cpu')
+        load_seconds = time.perf_counter() - started
+
+        def plain(photo):
+            grade([grader], [photo], progress=False)
+
+        def with_map(photo):
+            grade([grader], [photo], heatmap_dir=Path(tmp) / 'maps', progress=False)
+
+        def with_tta(photo):
+            grade([grader], [photo], n_iter=5, progress=False)
+
+        rows = [('score', median_seconds(plain, photos))]
+        if grader.is_ram:
+            rows.append(('score + heat map over the photograph', median_seconds(with_map, photos)))
+        rows.append(('score, 5 TTA iterations', median_seconds(with_tta, photos)))
+        started = time.perf_counter()
+        subprocess.run([sys.executable, str(REPO / 'predict.py'), str(photos[0]), '--cnf', cnf,
+                        '--weights_from', str(weights), '--no_progress'], check=True,
+                       capture_output=True, env={'PYTHONPATH': str(REPO), 'PATH': '/usr/bin:/bin'})
+        command_seconds = time.perf_counter() - started
+    sizes = sorted({Image.open(p).size for p in photos})
+    shown = ', '.join(f'{w}×{h}' for w, h in sizes[:3]) + (' …' if len(sizes) > 3 else '')
+    lines = [f'{today()}, {device_name(torch.device("cpu"))}; {cnf} (untrained weights), '
+             f'{len(photos)} photographs of {Path(directory).name} ({shown}), median per '
+             f'photograph after a warm-up; target < {TARGET_SECONDS:.0f} s.',
+             '', '| per photograph | seconds |', '| --- | --- |']
+    lines += [f'| {what} | {seconds:.2f} |' for what, seconds in rows]
+    lines += [f'| loading the net (once per run) | {load_seconds:.2f} |',
+              f'| the whole command on one photograph (`python predict.py PHOTO`) | '
+              f'{command_seconds:.2f} |', '',
+              'Command: `python bench/bench_predict.py'
+              + (f' --threads {threads}' if threads else '') + '`.']
+    body = '\n'.join(lines)
+    click.echo(body)
+    if not no_write:
+        replace_section(SECTION, body)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,253 @@
+"""predict.py on raw photographs, the fitted blend it applies, the ONNX export, the pictures.
+
+The reference for predict.py is the converted-folder route: convert.py's
+function on the same photographs, then the net on the centred window
+(transform.py and blend.py for the blend).  Nets are untrained (random
+weights): parity needs the same weights on both routes, not good ones.
+"""
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import REPO, SHARED_DATA, run_script
+from retina import checkpoint, config as config_module
+from retina.errors import UserError
+
+RAM = 'c_128_5x5_32_ram'
+BASELINE = 'c_128_4x4_32'
+
+
+def quick_init(tensor, gain=1.0):
+    """A scaled Gaussian in place of the orthogonal initialisation, whose QR decompositions take
+    seconds for a 512-px net: parity tests need the same weights on both routes, not these."""
+    with torch.no_grad():
+        return tensor.normal_(0, gain / tensor[0].numel() ** 0.5)
+
+
+def save_untrained(workdir, name, seed=0):
+    """weights/NAME/weights.pt with random weights; returns the path."""
+    config = config_module.load(name)
+    torch.manual_seed(seed)
+    path = workdir / 'weights' / name / 'weights.pt'
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch.nn.init, 'orthogonal_', quick_init)
+        checkpoint.save(path, config.build_net(), config, epoch=0)
+    return path
+
+
+def converted_route_scores(workdir, photos, name, weights, crop_size=128):
+    """{image: score}: convert.py's function into a folder (lossless tiff), then the net on
+    the centred window, as train.py's predict and transform.py see it."""
+    from retina.augment import prepare_batch
+    from retina.crop import convert_folder
+    from retina.features import load_model
+    folder = workdir / f'converted_{name}'
+    convert_folder(photos, folder, crop_size, 'tiff', n_proc=1, progress=False)
+    net = load_model(config_module.load(name), weights, 'cpu')
+    scores = {}
+    for path in sorted(folder.glob('*.tiff')):
+        image = torch.from_numpy(np.array(Image.open(path).convert('RGB'))).permute(2, 0, 1)
+        with torch.no_grad():
+            scores[path.stem] = float(net(prepare_batch(image[None], net.input_size)))
+    return scores
+
+
+@pytest.fixture
+def photos(synthetic_source, tmp_path):
+    """Four raw test photographs, a lossless upright copy of one and the same copy stored
+    rotated with an EXIF orientation tag that turns it upright."""
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    for path in sorted((synthetic_source / 'test').glob('*.jpeg'))[:4]:
+        shutil.copy(path, folder / path.name)
+    upright = Image.open(sorted(folder.glob('*.jpeg'))[0]).convert('RGB')
+    upright.save(tmp_path / 'upright.png')
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90° clockwise to view"
+    upright.transpose(Image.Transpose.ROTATE_90).save(tmp_path / 'rotated.png', exif=exif)
+    return folder
+
+
+def test_predict_grades_raw_photos_as_the_converted_route(photos, tmp_path):
+    work = tmp_path
+    weights = save_untrained(work, RAM)
+    reference = converted_route_scores(work, photos, RAM, weights)
+    (photos / 'broken.jpeg').write_bytes(b'not a photograph')
+    result = run_script('predict.py', photos, work / 'upright.png', work / 'rotated.png',
+                        '--cnf', RAM, '--weights_from', weights, '--json', '--output',
+                        work / 'out.json', '--heatmap', work / 'maps', cwd=work, check=False)
+    assert result.returncode == 1
+    assert 'broken.jpeg' in result.stderr and '1 of 7 photographs' in result.stderr
+    assert 'Traceback' not in result.stderr
+    rows = {row['image']: row for row in json.loads((work / 'out.json').read_text())['images']}
+    assert set(rows) == set(reference) | {'upright', 'rotated'}
+    for name, score in reference.items():
+        assert abs(rows[name][f'score_{RAM}'] - score) < 1e-4, name
+        assert rows[name]['level'] == int(np.digitize(np.clip(score, 0, 4), [.5, 1.5, 2.5, 3.5]))
+    # EXIF orientation applied: the rotated file is graded as the upright one.
+    assert abs(rows['rotated']['mean'] - rows['upright']['mean']) < 1e-5
+    # One heat map per photograph over the whole, uncropped photograph.
+    for name in rows:
+        with Image.open(work / 'maps' / f'{name}_ram_{RAM}.png') as picture:
+            assert picture.size == (300, 200)
+
+
+@pytest.mark.skipif(not (SHARED_DATA / 'eyepacs_raw').is_dir(), reason='needs ../shared/data')
+def test_predict_matches_the_converted_route_on_real_photographs(tmp_path):
+    """Raw EyePACS photographs (1536 px wide) and a 512-px net: the same scores as
+    convert.py at 512 px, then the net on the 448-px window."""
+    from retina.predict import grade, load_grader
+    name = 'c_512_5x5_32_ram'
+    photos = tmp_path / 'raw'
+    photos.mkdir()
+    for path in sorted((SHARED_DATA / 'eyepacs_raw' / 'train').glob('*.jpeg'))[:3]:
+        shutil.copy(path, photos / path.name)
+    weights = save_untrained(tmp_path, name)
+    reference = converted_route_scores(tmp_path, photos, name, weights, crop_size=512)
+    result = grade([load_grader(name, weights, 'cpu')], [photos], progress=False)
+    assert [row['image'] for row in result.rows] == sorted(reference)
+    for row in result.rows:
+        assert abs(row[f'score_{name}'] - reference[row['image']]) < 1e-4
+
+
+def test_heat_map_lies_over_the_eye_in_the_photograph():
+    from retina.predict import heat_map_over_photo, window_in_photo
+    # A 400 x 200 photo whose eye box is the square (100, 0, 300, 200), converted to 128 px;
+    # the 112-px window is 8 converted px (12.5 photo px) inside the box on each side.
+    window = window_in_photo((100, 0, 300, 200), 128, (112, 112))
+    assert np.allclose(window, (112.5, 12.5, 287.5, 187.5))
+    photo = Image.new('RGB', (400, 200), (0, 0, 0))
+    ram = torch.zeros(6, 6)
+    ram[0, 0] = 1.0  # evidence in the window's top-left cell only
+    drawn = np.asarray(heat_map_over_photo(photo, ram, (100, 0, 300, 200), 128, (112, 112)))
+    interior = drawn[16:184, 116:284].astype(int).sum(axis=2)  # inside the window's outline
+    assert interior[:20, :20].min() > 0          # the top-left cell is coloured ...
+    assert interior[50:, :].max() == 0 and interior[:, 50:].max() == 0  # ... and only it
+    assert drawn[:, :110].max() == 0 and drawn[:, 290:].max() == 0  # nothing outside the window
+
+
+def test_blend_saved_by_blend_py_gives_predict_the_submission_levels(workdir, synthetic_source):
+    """transform.py's and blend.py's functions (--predict --scores --per_patient) on converted
+    images; predict.py --blend on the raw test photos gives the submission's scores and levels."""
+    from retina.blend import run_blend
+    from retina.crop import convert_folder
+    from retina.features import extract_features, load_model
+    weights = save_untrained(workdir, RAM)
+    data = workdir / 'data'
+    convert_folder(synthetic_source / 'test', data / 'test_lossless', 128, 'tiff', n_proc=1,
+                   progress=False)
+    config, files = config_module.load(RAM), []
+    net = load_model(config, weights, 'cpu')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(workdir)  # the pipeline's relative data/ and weights/ paths
+        for split, folder in (('train', data / 'train_tiny'), ('test', data / 'test_lossless')):
+            made = extract_features(config, net, folder, split, n_iter=2, progress=False,
+                                    echo=lambda *a: None, weights=str(weights.relative_to(workdir)))
+            files += [made['mean'], made['std']] if split == 'train' else []
+        result = run_blend({'features': files}, labels_file=data / 'trainLabels.csv',
+                           per_patient=True, predict=True, test_dir=data / 'test_lossless',
+                           optimize_thresholds=True, output=data / 'sub.csv', scores=True,
+                           echo=lambda *a: None)
+    assert result['fitted_blend'] == data / 'sub_blend.pt'
+    assert (data / 'blend' / 'features_confusion.png').is_file()
+    lines = (data / 'sub.csv').read_text().split()
+    assert lines[0] == 'image,level,score'
+    submission = {name: (int(level), float(score))
+                  for name, level, score in (line.split(',') for line in lines[1:])}
+    assert len(set(level for level, _ in submission.values())) > 1  # not a trivial match
+
+    out = run_script('predict.py', synthetic_source / 'test', '--blend', 'data/sub_blend.pt',
+                     '--per_patient', '--json', '--no_progress', cwd=workdir)
+    rows = {row['image']: row for row in json.loads(out.stdout)['images']}
+    assert set(rows) == set(submission)
+    for name, (level, score) in submission.items():
+        assert abs(rows[name]['blend'] - score) < 2e-4, name
+        assert rows[name]['level'] == level, name
+
+    from retina.predict import LoadedBlend, load_grader
+    loaded = LoadedBlend(data / 'sub_blend.pt')
+    assert loaded.nets() == [(RAM, str(weights.relative_to(workdir)))]
+    other = save_untrained(workdir, RAM, seed=1).rename(workdir / 'other.pt')
+    with pytest.raises(UserError, match='other weights'):
+        loaded.feature_sets([load_grader(RAM, other)])
+
+
+def invoke(script_module, args, cwd):
+    """Run a click script in this process (for quick checks of refusals); returns the result."""
+    from click.testing import CliRunner
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        return CliRunner().invoke(script_module.main, [str(a) for a in args])
+
+
+def test_predict_refuses_bad_options_in_one_line(tmp_path, photos):
+    import predict as predict_script
+    weights = save_untrained(tmp_path, RAM)
+    for args, message in (
+            ([photos, '--per_patient'], '--blend'),
+            ([photos, '--cnf', RAM, '--cnf', RAM, '--weights_from', weights],
+             'one --weights_from per --cnf'),
+            ([tmp_path / 'nowhere'], 'no such file or folder'),
+            ([photos, '--cnf', RAM, '--weights_from', weights, '--heatmap', tmp_path / 'm',
+              '--cnf', BASELINE, '--weights_from', save_untrained(tmp_path, BASELINE),
+              '--blend', tmp_path / 'missing.pt'], 'no such blend file')):
+        result = invoke(predict_script, args, tmp_path)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_onnx_export_matches_torch(synthetic_source, tmp_path):
+    """The CLI on a RAM net (score and map), the module on a baseline net (RMS pool, maxout);
+    compared on real photographs where they are present."""
+    pytest.importorskip('onnxruntime')
+    import onnx
+
+    from retina import export
+    from retina.predict import load_grader
+    real = SHARED_DATA / 'eyepacs_raw' / 'train'
+    sources = sorted(real.glob('*.jpeg'))[:3] if real.is_dir() else [synthetic_source / 'test']
+    weights = save_untrained(tmp_path, RAM)
+    result = subprocess.run([sys.executable, '-m', 'retina.export', '--cnf', RAM,
+                             '--weights_from', str(weights), '--output', 'net.onnx',
+                             *[a for s in sources for a in ('--check_images', str(s))]],
+                            cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, 'PYTHONPATH': str(REPO)})
+    assert result.returncode == 0, result.stderr
+    assert 'N×128×128×3' in result.stdout
+    differences = dict(re.findall(r'(score|ram) ([0-9.e+-]+)', result.stdout.split('|difference|')[1]))
+    assert set(differences) == {'score', 'ram'}
+    assert max(float(v) for v in differences.values()) < 1e-4, result.stdout
+    model = onnx.load(tmp_path / 'net.onnx')
+    assert [i.name for i in model.graph.input] == ['image']
+    assert [o.name for o in model.graph.output] == ['score', 'ram']
+
+    grader = load_grader(BASELINE, save_untrained(tmp_path, BASELINE), 'cpu')
+    wrapped = export.export(grader, tmp_path / 'baseline.onnx')
+    images, _ = export.check_images(grader, sources, limit=3)
+    differences = export.check(wrapped, tmp_path / 'baseline.onnx', images)
+    assert set(differences) == {'score'} and differences['score'] < 1e-4
+
+
+def test_pictures_curves_and_confusion_matrix(tmp_path):
+    from retina import plots
+    rows = [dict(epoch=str(e), train_loss=str(1 / e), valid_loss='nan' if e == 1 else str(2 / e),
+                 valid_kappa=str(e / 10), lr='0.003') for e in range(1, 6)]
+    plots.training_curves(rows, tmp_path / 'curves.png', 'c')
+    plots.confusion_matrix(np.diag([5, 1, 2, 0, 1]), tmp_path / 'confusion.png', 'run')
+    for name in ('curves.png', 'confusion.png'):
+        with Image.open(tmp_path / name) as picture:
+            assert picture.format == 'PNG' and picture.width > 300
+
+
+def test_few_validation_images_carry_a_warning():
+    from retina.blend import few_images_warning
+    assert 'only 8 validation images' in few_images_warning(8)
+    assert few_images_warning(20) == ''
