@@ -128,8 +128,19 @@ def _drop_older_caches(path, folder, size, key):
             other.unlink(missing_ok=True)
 
 
+def converted_size(input_size):
+    """The converted image side a net's window is cut from: 128 for 112, 256 for 224, 512 for 448."""
+    return round(max(input_size) * 8 / 7)
+
+
 def check_size(images, input_size, folder, config_name):
-    """Images smaller than the network's window cannot be used: say which crop size to make."""
-    if images.shape[-1] < max(input_size):
-        raise UserError(f'{folder}: images are {images.shape[-1]} px but {config_name} needs at '
-                        f'least {max(input_size)}; convert them with convert.py --crop_size')
+    """Images must be the converted size of the net's window (or between the two): smaller
+    ones cannot be used, and larger ones would lose all but their middle to the window."""
+    side, window, expected = images.shape[-1], max(input_size), converted_size(input_size)
+    if side < window:
+        raise UserError(f'{folder}: images are {side} px but {config_name} needs at least '
+                        f'{window}; convert them with convert.py --crop_size {expected}')
+    if side > expected:
+        raise UserError(f'{folder}: images are {side} px but {config_name} expects {expected} px '
+                        f'(it would see only their middle {window} px); convert the photographs '
+                        f'with convert.py --crop_size {expected} into another folder')
