@@ -53,7 +53,6 @@ MAXOUT_POOL = 2
 FIXED_THRESHOLDS = (0.5, 1.5, 2.5, 3.5)
 DEFAULT_BLEND_CONFIG = Path('blend.yml')
 DEFAULT_TEST_DIR = paths.DATA_DIR / 'test_medium'
-FEW_VALIDATION_IMAGES = 20  # kappa on fewer images is mostly noise: say so beside it
 _OTHER_EYE = {'left': 'right', 'right': 'left'}
 _TRAIN_PART = re.compile(r'_train_(?=(mean|std)_iter_)')
 _TRAIN_FEATURES = re.compile(
@@ -492,17 +491,9 @@ def format_cuts(thresholds):
     return ' '.join(f'{t:.3f}' for t in thresholds)
 
 
-def few_images_warning(count):
-    """A note for a kappa computed on fewer than FEW_VALIDATION_IMAGES images, else ''."""
-    if count >= FEW_VALIDATION_IMAGES:
-        return ''
-    return (f'  [warning: only {count} validation images; a kappa on fewer than '
-            f'{FEW_VALIDATION_IMAGES} is mostly noise]')
-
-
 def echo_report(title, report, echo, picture=None):
     echo(f'{title}: valid kappa {report.kappa:.4f} (cut-offs {format_cuts(FIXED_THRESHOLDS)})'
-         + few_images_warning(len(report.levels)))
+         + data.few_images_warning(len(report.levels)))
     if report.kappa_fitted is not None:
         echo(f'{title}: valid kappa {report.kappa_fitted:.4f} (fitted cut-offs '
              f'{format_cuts(report.thresholds)})')

@@ -147,6 +147,17 @@ def to_levels(predictions, thresholds=(0.5, 1.5, 2.5, 3.5)):
     return np.digitize(predictions, np.asarray(thresholds)).astype(np.int64)
 
 
+FEW_VALIDATION_IMAGES = 20  # a kappa on fewer images is mostly noise: say so beside it
+
+
+def few_images_warning(count):
+    """A note to print beside a kappa of `count` images, or '' when there are enough."""
+    if count >= FEW_VALIDATION_IMAGES:
+        return ''
+    return (f'  [warning: only {count} validation images; a kappa on fewer than '
+            f'{FEW_VALIDATION_IMAGES} is mostly noise]')
+
+
 def kappa(labels, predictions, thresholds=(0.5, 1.5, 2.5, 3.5)):
     """Quadratic weighted kappa of continuous predictions against levels 0..4."""
     from sklearn.metrics import cohen_kappa_score  # here: 1.7 s of import grading never needs

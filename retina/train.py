@@ -415,7 +415,8 @@ def _train(config, runtime, say, weights_from, resume, max_epochs, seed, determi
             say(f'epoch {epoch:4d}  train loss {metrics["train_loss"]:.4f}  valid loss '
                 f'{metrics["valid_loss"]:.4f}  kappa {metrics["valid_kappa"]:.4f}  lr {lr:g}  '
                 f'{metrics["seconds"]:.1f}s  {metrics["images_per_s"]:.0f} img/s'
-                + (f'  [{", ".join(marks)}]' if marks else ''))
+                + (f'  [{", ".join(marks)}]' if marks else '')
+                + (data.few_images_warning(len(valid_idx)) if len(valid_idx) else ''))
         if runtime.distributed:
             dist.barrier()
     if runtime.main and not fresh:

@@ -248,6 +248,6 @@ def test_pictures_curves_and_confusion_matrix(tmp_path):
 
 
 def test_few_validation_images_carry_a_warning():
-    from retina.blend import few_images_warning
+    from retina.data import few_images_warning
     assert 'only 8 validation images' in few_images_warning(8)
     assert few_images_warning(20) == ''

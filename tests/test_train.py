@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from PIL import Image
 
 from conftest import run_script
 from retina import checkpoint, config as config_module, data, paths
@@ -152,6 +153,9 @@ def test_cli_short_run_a_second_run_and_missing_labels(workdir):
     result = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1',
                         '--no_progress', cwd=workdir)
     assert 'epoch    1' in result.stdout and 'max_epochs 1' in result.stdout
+    assert 'validation images; a kappa on fewer than 20 is mostly noise' in result.stdout
+    with Image.open(workdir / 'weights' / CONFIG / 'curves.png') as curves:  # drawn each epoch
+        assert curves.format == 'PNG'
     assert 'note: 2 image(s) named in data/trainLabels.csv are not in data/train_tiny' in \
         result.stdout
     labels.write_text(text)
