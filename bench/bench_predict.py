@@ -13,6 +13,7 @@ Each is the median over the photographs (after one warm-up).  Also the whole
 command once (`python predict.py PHOTO`: interpreter, imports, weights).
 Prints a markdown table and puts it in BENCHMARKS.md under `## predict.py`.
 """
+import os
 import statistics
 import subprocess
 import sys
@@ -67,6 +68,7 @@ def main(directory, cnf, limit, threads, no_write):
 
     if threads:
         torch.set_num_threads(threads)
+    load_before = os.getloadavg()[0]
     photos = list_images(directory)[:limit]
     config = config_module.load(cnf)
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,11 +96,14 @@ def main(directory, cnf, limit, threads, no_write):
                         '--weights_from', str(weights), '--no_progress'], check=True,
                        capture_output=True, env={'PYTHONPATH': str(REPO), 'PATH': '/usr/bin:/bin'})
         command_seconds = time.perf_counter() - started
+    load = max(load_before, os.getloadavg()[0])
     sizes = sorted({Image.open(p).size for p in photos})
     shown = ', '.join(f'{w}×{h}' for w, h in sizes[:3]) + (' …' if len(sizes) > 3 else '')
     lines = [f'{today()}, {device_name(torch.device("cpu"))}; {cnf} (untrained weights), '
              f'{len(photos)} photographs of {Path(directory).name} ({shown}), median per '
-             f'photograph after a warm-up; target < {TARGET_SECONDS:.0f} s.',
+             f'photograph after a warm-up; target < {TARGET_SECONDS:.0f} s.  Load average '
+             f'{load:.1f} during the run (other jobs share the machine: the times are upper '
+             f'bounds when it exceeds the core count).',
              '', '| per photograph | seconds |', '| --- | --- |']
     lines += [f'| {what} | {seconds:.2f} |' for what, seconds in rows]
     lines += [f'| loading the net (once per run) | {load_seconds:.2f} |',
