@@ -70,6 +70,7 @@ class Weights:
         self.path = Path(path).resolve()
         state = checkpoint.load(self.path)
         self.config = state.get('config_name') or '?'
+        self.epoch = state.get('epoch')
         config = checkpoint.config_of(state) if 'config' in state else config_module.load(self.config)
         self.input = config.input_size[1]
         self.size = int(round(self.input / WINDOW_SHARE))
@@ -80,6 +81,11 @@ class Weights:
 
     def __str__(self):
         return self.config
+
+    @property
+    def label(self):
+        """The net as the table names it: its config and the epoch its weights are from."""
+        return self.config + (f' (epoch {self.epoch})' if self.epoch is not None else '')
 
 
 def checkpoints(paths, what):
@@ -193,7 +199,7 @@ def synthetic_part(work, nets, fuses, synthetic_dir, n_patients, seed, methods, 
             name = f'synthetic_{weights}_{method}' + (f'-{layer}' if layer else '')
             result = score(work, name, images, weights, method, layer, mask_args, **options)
             if result:
-                rows += rows_of('synthetic', str(weights), method + (f' @{layer}' if layer else ''), result)
+                rows += rows_of('synthetic', weights.label, method + (f' @{layer}' if layer else ''), result)
     rows += fused_rows(work, 'synthetic', tag, synthetic_dir / 'test', fuses, mask_args, options)
     return rows
 
@@ -207,7 +213,7 @@ def fused_rows(work, set_name, tag, photos, fuses, mask_args, options):
         result = score(work, f'{tag}_{big}+{small}_ram', images, big, 'ram', None, mask_args,
                        fuse=small, **options)
         if result:
-            rows += rows_of(set_name, f'{big} + {small}', 'ram, fused', result)
+            rows += rows_of(set_name, f'{big.label} + {small.label}', 'ram, fused', result)
     return rows
 
 
@@ -225,7 +231,7 @@ def heimed_part(work, nets, fuses, heimed, methods, layers, options):
             name = f'heimed_{weights}_{method}' + (f'-{layer}' if layer else '')
             result = score(work, name, images, weights, method, layer, mask_args, **options)
             if result:
-                rows += rows_of('HEI-MED', str(weights), method + (f' @{layer}' if layer else ''), result)
+                rows += rows_of('HEI-MED', weights.label, method + (f' @{layer}' if layer else ''), result)
     rows += fused_rows(work, 'HEI-MED', 'heimed', heimed / 'images', fuses, mask_args, options)
     return rows
 
@@ -260,17 +266,21 @@ def heimed_part(work, nets, fuses, heimed, methods, layers, options):
               help='Work folder (converted photos, scores JSON); reruns reuse the conversions.')
 @click.option('--device', default='auto', show_default=True, help='Passed to ram.py.')
 @click.option('--batch_size', type=click.IntRange(min=1), help='Passed to ram.py [default: the config\'s].')
-@click.option('--limit', type=click.IntRange(min=1), help='Only the first N images of each set (quick checks).')
+@click.option('--limit', type=click.IntRange(min=1),
+              help='Only the first N images of each set (quick checks).')
+@click.option('--note', default='', help='A sentence for BENCHMARKS.md on where the weights come from '
+              '(data, epochs, machine): the benchmark cannot tell.')
 @click.option('--write/--no_write', default=True, show_default=True,
               help=f'Write the table to BENCHMARKS.md ("## {SECTION}").')
 def main(synthetic_weights, synthetic_fuse, real_weights, real_fuse, synthetic_dir, n_patients, seed,
-         heimed, methods, layers, work, device, batch_size, limit, write):
+         heimed, methods, layers, work, device, batch_size, limit, note, write):
     """Score every method's heat maps against lesion masks, beside the blind map and the grid oracle."""
     from retina.errors import UserError
     methods = [m.strip() for m in methods.split(',') if m.strip()]
     unknown = set(methods) - {'ram', 'gradcam', 'layercam'}
     if unknown:
-        raise click.BadParameter(f'{", ".join(sorted(unknown))}; use ram, gradcam, layercam', param_hint='--methods')
+        raise click.BadParameter(f'{", ".join(sorted(unknown))}; use ram, gradcam, layercam',
+                                 param_hint='--methods')
     if not (synthetic_weights or synthetic_fuse or real_weights or real_fuse):
         raise click.UsageError('give at least one of --synthetic_weights, --synthetic_fuse, --real_weights, '
                                '--real_fuse (checkpoints written by train_nn.py)')
@@ -299,7 +309,7 @@ def main(synthetic_weights, synthetic_fuse, real_weights, real_fuse, synthetic_d
     body = '\n'.join([
         f'{today()}, {device_name(torch.device(resolve_device(device)))}, '
         f'{time.perf_counter() - started:.0f} s. `python bench/bench_heatmaps.py '
-        + ' '.join(sys.argv[1:]) + '`',
+        + ' '.join(sys.argv[1:]) + '`' + (f'  Weights: {note}' if note else ''),
         '',
         'Per image, inside the fundus, averaged over the images with a lesion of the kind in the network\'s '
         'window (synthetic: test photos labelled level >= 1, seed ' + str(seed) + '; HEI-MED: every photo '

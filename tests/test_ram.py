@@ -626,8 +626,8 @@ def test_heat_map_benchmark_scores_given_weights_and_skips_missing_parts(tmp_pat
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert 'skipped: synthetic weights missing.pt do not exist' in result.stdout
     assert 'skipped: the real-photo part' in result.stdout
-    row = re.search(rf'^\| synthetic \| lesion \| {CNF} \| ram \| 6x6 \| (\d+) \| (\S+) / (\S+) / (\S+) \|',
-                    result.stdout, re.MULTILINE)
+    row = re.search(rf'^\| synthetic \| lesion \| {CNF} \(epoch 0\) \| ram \| 6x6 \| (\d+) \| '
+                    r'(\S+) / (\S+) / (\S+) \|', result.stdout, re.MULTILINE)
     assert row, result.stdout[-3000:]
     assert int(row[1]) >= 1 and all(0 <= float(v) <= 1 for v in row.groups()[1:])
     scored = json.loads(next((tmp_path / 'work' / 'scores').glob('*.json')).read_text())

@@ -80,7 +80,8 @@ def points_at_lesion(evidence, lesions, tolerance, inside=None):
 
 
 def auroc(evidence, lesions, inside=None):
-    """AUROC of `evidence` as a detector of the `lesions` pixels inside the fundus; nan if one class is absent."""
+    """AUROC of `evidence` as a detector of the `lesions` pixels inside the fundus (nan when
+    the fundus holds only lesion or only background)."""
     from sklearn.metrics import roc_auc_score
     where = _inside(evidence, inside)
     truth = lesions[where]
