@@ -251,3 +251,15 @@ def test_few_validation_images_carry_a_warning():
     from retina.data import few_images_warning
     assert 'only 8 validation images' in few_images_warning(8)
     assert few_images_warning(20) == ''
+
+
+def test_export_help_explains_every_option():
+    from click.testing import CliRunner
+
+    from retina import export
+    result = CliRunner().invoke(export.main, ['--help'])
+    assert result.exit_code == 0 and 'N×S×S×3' in result.output
+    blocks = re.split(r'\n(?=  \S)', result.output.split('Options:')[1].strip('\n'))
+    assert len(blocks) >= 7
+    for block in blocks:
+        assert len(block.split()) >= 4, f'option without help: {block!r}'
