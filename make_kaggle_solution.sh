@@ -6,6 +6,7 @@
 # continued with --resume, transform.py continues from its last save (every 5 iterations).
 #   PYTHON=python3 ./make_kaggle_solution.sh     # the interpreter [default: .venv/bin/python]
 #   TTA=10 ./make_kaggle_solution.sh             # TTA iterations [default: 50, as the original]
+#   RAM=1 ./make_kaggle_solution.sh              # blend the RAM nets into the submission too
 #   ./make_kaggle_solution.sh --dry-run          # print the commands, run nothing
 #   ./make_kaggle_solution.sh --help             # this usage
 set -euo pipefail
@@ -28,6 +29,9 @@ Options:
 Environment:
   PYTHON=python3  the interpreter [default: .venv/bin/python]
   TTA=10          test-time augmentation iterations, a positive integer [default: 50]
+  RAM=1           also blend the two 512-px RAM nets into the submission (blend_ram.yml's
+                  runs); 0 [default] makes the original solution's six runs, which had no
+                  RAM nets (they are trained for the heat maps either way)
 USAGE
 }
 
@@ -42,9 +46,14 @@ done
 cd "$(dirname "$0")"
 PY=${PYTHON:-.venv/bin/python}
 TTA=${TTA:-50}
+RAM=${RAM:-0}
 # Checked before any work: a typo must not surface after days of training.
 if ! [[ "$TTA" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: TTA=$TTA is not a positive whole number of iterations; e.g. TTA=50" >&2
+  exit 2
+fi
+if [ "$RAM" != 0 ] && [ "$RAM" != 1 ]; then
+  echo "error: RAM=$RAM must be 0 (the original solution's blend) or 1 (add the RAM nets)" >&2
   exit 2
 fi
 
@@ -83,25 +92,49 @@ for variant in 5x5_32 4x4_32 5x5_32_ram 4x4_32_ram; do
   train c_512_${variant} --weights_from weights/c_256_${variant}/weights_final.pt
 done
 
-# 3. Test-time-augmented features: best-kappa weights of both 512 nets, and the 4x4 net's
-#    final weights on other augmentations (--skip keeps the file names apart).
-for cnf in c_512_5x5_32 c_512_4x4_32 c_512_5x5_32_ram c_512_4x4_32_ram; do
-  run $PY transform.py --cnf configs/${cnf}.py --train --test --n_iter "$TTA"
+# 3. Test-time-augmented features of each 512 baseline net, as the original: three weight sets,
+#    each on its own augmentations (--skip 0, TTA, 2 TTA keeps them and their files apart):
+#    the last best/ file (lowest validation loss), weights.pt (best kappa), weights_final.pt.
+for cnf in c_512_5x5_32 c_512_4x4_32; do
+  best_loss=$(ls "weights/$cnf/best/"*.pt 2>/dev/null | tail -n 1 || true)  # epoch-numbered names
+  if [ -z "$best_loss" ]; then
+    if [ "$DRY_RUN" != 1 ]; then
+      echo "error: weights/$cnf/best/ holds no weights; train $cnf first" >&2
+      exit 1
+    fi
+    best_loss="weights/$cnf/best/LAST.pt"
+  fi
+  run $PY transform.py --cnf configs/${cnf}.py --train --test --n_iter "$TTA" \
+      --weights_from "$best_loss"
+  run $PY transform.py --cnf configs/${cnf}.py --train --test --n_iter "$TTA" --skip "$TTA"
+  run $PY transform.py --cnf configs/${cnf}.py --train --test --n_iter "$TTA" \
+      --skip $((2 * TTA)) --weights_from "weights/$cnf/weights_final.pt"
 done
-run $PY transform.py --cnf configs/c_512_4x4_32.py --train --test --n_iter "$TTA" --skip "$TTA" \
-    --weights_from weights/c_512_4x4_32/weights_final.pt
+if [ "$RAM" = 1 ]; then  # best-kappa weights of the 512 RAM nets
+  for cnf in c_512_5x5_32_ram c_512_4x4_32_ram; do
+    run $PY transform.py --cnf configs/${cnf}.py --train --test --n_iter "$TTA"
+  done
+fi
 
-# 4. Blend per patient (runs of blend.yml): validation kappa and confusion matrices with fixed
-#    and fitted cut-offs, then the submission with the fitted ones.  blend.yml names the
-#    50-iteration features; with another TTA a copy naming those is written to data/.
+# 4. Blend per patient (the six runs of blend.yml, with RAM=1 also blend_ram.yml's): validation
+#    kappa and confusion matrices with fixed and fitted cut-offs, then the submission with the
+#    fitted ones.  The yml files name the 50-iteration features; with another TTA, or RAM=1, a
+#    copy naming the features made above is written to data/.
 BLEND=blend.yml
-if [ "$TTA" != 50 ]; then
+if [ "$TTA" != 50 ] || [ "$RAM" = 1 ]; then
   BLEND=data/blend_tta${TTA}.yml
+  sources=blend.yml
+  if [ "$RAM" = 1 ]; then
+    BLEND=data/blend_tta${TTA}_ram.yml
+    sources="blend.yml blend_ram.yml"
+  fi
   if [ "$DRY_RUN" = 1 ]; then
-    echo "# write $BLEND: blend.yml with _iter_${TTA}_ features"
+    echo "# write $BLEND: the runs of $sources with the _iter_${TTA}_ features"
   else
-    sed -e "s/_iter_50_skip_50/_iter_${TTA}_skip_${TTA}/" -e "s/_iter_50_skip_0/_iter_${TTA}_skip_0/" \
-      blend.yml > "$BLEND"
+    # shellcheck disable=SC2086  # two file names
+    cat $sources | sed -e "s/_iter_50_skip_100/_iter_${TTA}_skip_$((2 * TTA))/" \
+      -e "s/_iter_50_skip_50/_iter_${TTA}_skip_${TTA}/" -e "s/_iter_50_skip_0/_iter_${TTA}_skip_0/" \
+      > "$BLEND"
   fi
 fi
 run $PY blend.py --per_patient --blend_cnf "$BLEND" --optimize_thresholds --n_iter 5 --predict \

@@ -29,8 +29,13 @@ def run_kaggle_script(tmp_path, *args, check=True, **env):
     (with check=False: the calls and the CompletedProcess)."""
     root = tmp_path / 'project'
     (root / 'data').mkdir(parents=True, exist_ok=True)
-    for name in ('make_kaggle_solution.sh', 'blend.yml'):
+    for name in ('make_kaggle_solution.sh', 'blend.yml', 'blend_ram.yml'):
         shutil.copy(REPO / name, root / name)
+    for net in ('c_512_5x5_32', 'c_512_4x4_32'):  # what training leaves in best/
+        best = root / 'weights' / net / 'best'
+        best.mkdir(parents=True, exist_ok=True)
+        for epoch, loss in ((12, 0.9), (140, 0.5)):
+            (best / f'{epoch:04d}_20260101-000000_{loss:.6f}.pt').write_bytes(b'')
     calls = tmp_path / 'calls.txt'
     calls.unlink(missing_ok=True)
     stub = tmp_path / 'python'
@@ -51,7 +56,7 @@ def test_kaggle_script_runs_the_pipeline_with_existing_options(tmp_path):
     root, calls = run_kaggle_script(tmp_path)
     helps = {name: run_script(name, '--help', cwd=REPO).stdout for name in PIPELINE_SCRIPTS}
     assert [c[0] for c in calls] == (['convert.py'] * 6 + ['train_nn.py'] * 12
-                                     + ['transform.py'] * 5 + ['blend.py'] + ['ram.py'] * 3)
+                                     + ['transform.py'] * 6 + ['blend.py'] + ['ram.py'] * 3)
     for call in calls:
         for word in call[1:]:
             if word.startswith('--'):
@@ -68,6 +73,30 @@ def test_kaggle_script_runs_the_pipeline_with_existing_options(tmp_path):
     assert sum(1 for c in calls if c[0] == 'train_nn.py' and '--weights_from' in c) == 8
     blend_call = next(c for c in calls if c[0] == 'blend.py')
     assert option(blend_call, '--blend_cnf') == 'blend.yml' and '--predict' in blend_call
+    # As the original: three weight sets per 512 baseline net, each on its own augmentations.
+    transforms = [c for c in calls if c[0] == 'transform.py']
+    for net in ('c_512_5x5_32', 'c_512_4x4_32'):
+        runs = [(option(c, '--skip'), option(c, '--weights_from')) for c in transforms
+                if option(c, '--cnf') == f'configs/{net}.py']
+        assert runs == [(None, f'weights/{net}/best/0140_20260101-000000_0.500000.pt'),
+                        ('50', None), ('100', f'weights/{net}/weights_final.pt')]
+    runs = yaml.safe_load((REPO / 'blend.yml').read_text())
+    made = {(option(c, '--cnf').split('/')[1][:-3], option(c, '--skip') or '0')
+            for c in transforms}
+    assert len(runs) == 6 and all('_ram_' not in f for files in runs.values() for f in files)
+    for files in runs.values():  # each run names features the script makes
+        for name in files:
+            found = re.match(r'(c_\w+?)_train_(mean|std)_iter_50_skip_(\d+)\.npy$', name)
+            assert (found.group(1), found.group(3)) in made, name
+
+
+def test_kaggle_script_blends_the_ram_nets_only_when_asked(tmp_path):
+    root, calls = run_kaggle_script(tmp_path, RAM='1')
+    transforms = [option(c, '--cnf') for c in calls if c[0] == 'transform.py']
+    assert len(transforms) == 8 and 'configs/c_512_5x5_32_ram.py' in transforms
+    blend_file = option(next(c for c in calls if c[0] == 'blend.py'), '--blend_cnf')
+    runs = yaml.safe_load((root / blend_file).read_text())
+    assert len(runs) == 8 and {'ram_net5', 'ram_net4'} <= set(runs)
 
 
 def test_kaggle_script_skips_finished_nets_and_resumes_interrupted_ones(tmp_path):
@@ -88,12 +117,12 @@ def test_kaggle_script_with_fewer_tta_iterations_blends_those_features(tmp_path)
     root, calls = run_kaggle_script(tmp_path, TTA='10')
     transforms = [c for c in calls if c[0] == 'transform.py']
     assert {option(c, '--n_iter') for c in transforms} == {'10'}
-    assert option(transforms[-1], '--skip') == '10'
+    assert {option(c, '--skip') for c in transforms} == {None, '10', '20'}
     blend_file = option(next(c for c in calls if c[0] == 'blend.py'), '--blend_cnf')
     runs = yaml.safe_load((root / blend_file).read_text())
     files = [f for names in runs.values() for f in names]
-    assert files and all('_iter_10_skip_' in f for f in files)
-    assert any(f.endswith('_iter_10_skip_10.npy') for f in files)
+    assert len(runs) == 6 and all('_iter_10_skip_' in f for f in files)
+    assert {f.rsplit('_skip_', 1)[1] for f in files} == {'0.npy', '10.npy', '20.npy'}
 
 
 def test_kaggle_script_help_and_dry_run_run_nothing(tmp_path):
@@ -129,8 +158,9 @@ def test_transform_test_dir_alone_extracts_test_features_only():
     assert splits_to_extract(True, False, None, 'data/other_test') == ['train']
 
 
-def test_blend_yml_runs_name_features_that_the_kaggle_script_makes():
-    runs = yaml.safe_load((REPO / 'blend.yml').read_text())
+@pytest.mark.parametrize('blend_file', ['blend.yml', 'blend_ram.yml'])
+def test_blend_yml_runs_name_features_that_the_kaggle_script_makes(blend_file):
+    runs = yaml.safe_load((REPO / blend_file).read_text())
     text = (REPO / 'make_kaggle_solution.sh').read_text()
     for files in runs.values():
         for name in files:
