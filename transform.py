@@ -9,9 +9,9 @@ from retina.errors import handle_errors
 @click.command(context_settings={'help_option_names': ['-h', '--help']})
 @click.option('--cnf', required=True, metavar='CONFIG',
               help='Config module of the trained net (path or name, e.g. c_512_5x5_32).')
-@click.option('--n_iter', default=1, show_default=True, type=click.IntRange(min=1),
-              help='Test-time augmentation iterations (1: no augmentation). Running mean and '
-                   'std are saved every 5 iterations.')
+@click.option('--n_iter', default=1, show_default=True, type=click.IntRange(1, 10_000),
+              help='Test-time augmentation iterations (1: no augmentation; the original used '
+                   '50, at most 10000). Running mean and std are saved every 5 iterations.')
 @click.option('--skip', default=0, show_default=True, type=click.IntRange(min=0),
               help='Start at this point of the Halton sequence (to draw other augmentations).')
 @click.option('--test', is_flag=True, help='Extract features of the test images.')

@@ -187,7 +187,18 @@ def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu
 
     Returns a dict: the final mean and std paths, the row and feature counts.  `weights`
     (the file's name) is recorded beside the features with the weights' fingerprint.
+    Two extractions of one config, split and skip would write the same files (the
+    saves at iterations 5, 10, ... too), so the second is refused while the first runs.
     """
+    from retina import lock, paths
+    with lock.hold(paths.features_lock(config.name, split, skip),
+                   f'the {split} features of {config.name} (skip {skip})', echo):
+        return _extract_features(config, model, folder, split, n_iter, skip, device,
+                                 batch_size, progress, echo, restart, weights)
+
+
+def _extract_features(config, model, folder, split, n_iter, skip, device, batch_size,
+                      progress, echo, restart, weights):
     import torch
     from tqdm import tqdm
 

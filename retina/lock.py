@@ -1,11 +1,13 @@
-"""One writer per run folder: a lock file that names its owner and dies with it.
+"""One writer at a time: a lock file that names its owner and dies with it.
 
 Two trainings of one config write the same weights/NAME/ folder; without a
 lock the second would move the first's folder aside while the first goes on
-writing into it, and one run's weights would be lost.  The lock is a file in
-the folder holding the owner's pid, host and start time, locked with
-`flock`: the kernel releases that when the owner dies, however it dies, so a
-lock file left by a killed run is recognised as stale and taken over.  Where
+writing into it, and one run's weights would be lost (two transform.py runs of
+one config and split would likewise mix their feature files).  The lock is a
+file beside what it protects, holding the owner's pid, host and start time,
+locked with `flock`: the kernel releases that when the owner dies, however it
+dies, so a lock file left by a killed run is recognised as stale and taken
+over.  Where
 the file system has no `flock` (some network mounts), a lock is stale when
 its pid is no longer alive on this host; one of another host is reported
 with its owner and left for the user to remove.
@@ -91,7 +93,7 @@ def _acquire(path, what, echo):
             owner = _owner_of(path)
             os.close(fd)
             raise Busy(f'{what} is in use by {_describe(owner)}, whose lock is {path}; wait for '
-                       f'that run to end (or stop it), or use another config name')
+                       f'that run to end, or stop it')
         try:
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
@@ -134,7 +136,7 @@ def _take_without_flock(path, what):
                    f'{path} and start again')
     if atomic.pid_alive(owner.get('pid')):
         raise Busy(f'{what} is in use by {_describe(owner)}, whose lock is {path}; wait for '
-                   f'that run to end (or stop it), or use another config name')
+                   f'that run to end, or stop it')
     return True
 
 

@@ -85,6 +85,11 @@ def feature_source(cnf_name, split, n_iter, skip):
     return FEATURES_DIR / f'{cnf_name}_{split}_source_iter_{n_iter}_skip_{skip}.json'
 
 
+def features_lock(cnf_name, split, skip):
+    """Held by the transform.py run that writes a config's features of one split and skip."""
+    return FEATURES_DIR / f'{cnf_name}_{split}_skip_{skip}.lock'
+
+
 def git_short_sha():
     try:
         out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], capture_output=True,

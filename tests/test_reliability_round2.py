@@ -66,6 +66,22 @@ def test_a_live_lock_refuses_a_second_holder_and_a_stale_one_is_taken_over(tmp_p
     assert any(f'pid {dead.pid}' in note and 'taking it over' in note for note in notes)
 
 
+def test_without_flock_the_owner_record_decides(tmp_path, monkeypatch):
+    import socket
+    monkeypatch.setattr(lock, '_flock', lambda fd, path: None)  # e.g. an NFS mount without it
+    path = tmp_path / 'run.lock'
+    path.write_text(json.dumps(dict(pid=1, host='elsewhere', started='then')))
+    with pytest.raises(lock.Busy, match='locked by pid 1 on elsewhere .* delete'):
+        lock.hold(path, 'run').__enter__()
+    path.write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname())))
+    code = 'import sys; from retina import lock; lock._flock = lambda fd, p: None\n' \
+           'try:\n    lock.hold(sys.argv[1], "run").__enter__()\n' \
+           'except lock.Busy:\n    sys.exit(3)\n'
+    result = subprocess.run([sys.executable, '-c', code, str(path)],
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert result.returncode == 3  # its owner (this process) is alive
+
+
 def test_a_second_run_of_a_config_is_refused_while_the_first_runs(workdir):
     run = _earlier_run(workdir)
     with lock.hold(workdir / paths.run_lock(CONFIG), 'first run'):
@@ -91,6 +107,17 @@ def test_a_run_failing_in_setup_or_epoch_1_leaves_the_earlier_run_in_place(workd
     assert sorted(p.name for p in run.iterdir()) == ['last.pt', 'log.csv']
     assert (run / 'last.pt').read_bytes() == b'earlier weights'
     assert not list((workdir / 'weights').glob('*.earlier-*'))
+
+
+def test_two_feature_extractions_of_one_config_and_split_exclude_each_other(tmp_path,
+                                                                          monkeypatch):
+    from retina.features import extract_features
+    monkeypatch.chdir(tmp_path)
+    config = config_module.load(CONFIG)
+    with lock.hold(paths.features_lock(CONFIG, 'test', 0), 'first'):
+        with pytest.raises(lock.Busy, match=f'the test features of {CONFIG} .* in use by pid'):
+            extract_features(config, None, tmp_path, 'test')
+    assert not (tmp_path / 'data').exists()
 
 
 def test_submissions_and_earlier_runs_never_take_a_taken_name(tmp_path):
