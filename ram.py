@@ -4,7 +4,7 @@
     python ram.py --cnf c_128_5x5_32_ram        # data/test_tiny -> data/ram/c_128_5x5_32_ram/
     python ram.py --cnf c_128_5x5_32_ram --images data/test_tiny/10_left.jpeg --signed
     python ram.py --cnf c_128_5x5_32 --method gradcam --layer conv8     # a baseline net
-    python ram.py --cnf c_256_5x5_32_ram_fine --fuse c_128_5x5_32_ram_fine --images data/test_medium
+    python ram.py --cnf c_256_5x5_32_ram_fine --fuse c_128_5x5_32_ram_fine --images data/test_small
     python ram.py --cnf c_128_5x5_32_ram --images data/synthetic_tiny/test \\
         --masks data/synthetic/masks --photos data/synthetic/test --labels data/synthetic/testLabels.csv
 

@@ -42,7 +42,6 @@ from report import device_name, replace_section, today  # noqa: E402
 
 HEIMED = REPO.parent / 'shared' / 'data' / 'heimed'
 SECTION = 'Heat maps: do they find lesions?'
-WINDOW_SHARE = 7 / 8          # every config's input is 7/8 of its converted size (112 of 128, ...)
 SCORES = ('auroc', 'pointing_exact', 'pointing_game', 'mass_in_lesions')
 
 
@@ -67,13 +66,14 @@ class Weights:
 
     def __init__(self, path):
         from retina import checkpoint, config as config_module
+        from retina.cache import converted_size
         self.path = Path(path).resolve()
         state = checkpoint.load(self.path)
         self.config = state.get('config_name') or '?'
         self.epoch = state.get('epoch')
         config = checkpoint.config_of(state) if 'config' in state else config_module.load(self.config)
         self.input = config.input_size[1]
-        self.size = int(round(self.input / WINDOW_SHARE))
+        self.size = converted_size(config.input_size)
         self.enhance = state.get('preprocessing', 'none') or 'none'
         self.is_ram = any(kind == 'gap' for kind, _ in config.layers)
         self.conv_layers = [opt['name'] for kind, opt in config.layers if kind == 'conv']

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from retina import crop, data, paths
 from retina.augment import centre_crop, standardise
+from retina.cache import converted_size
 from retina.errors import UserError
 from retina.features import rebuild
 from retina.heatmaps import figures, methods, scores as scoring
@@ -88,6 +89,11 @@ def load_window(path, window_size):
     if width < max(window_size):
         raise BadImage(f'{path}: {width} px is smaller than the network\'s {window_size[1]}x'
                        f'{window_size[0]} input; convert it with a larger --crop_size')
+    expected = converted_size(window_size)
+    if width > expected:        # the window would be the middle of the eye only: wrong for every image
+        raise UserError(f'{path}: the image is {width} px but the net expects {expected} px (it would '
+                        f'see only the middle {max(window_size)} px); convert the photographs with '
+                        f'convert.py --crop_size {expected} into another folder')
     array = torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
     return centre_crop(array, window_size).to(torch.uint8), width
 

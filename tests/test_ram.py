@@ -480,6 +480,10 @@ def test_image_lists_refuse_missing_paths_and_clashing_names(tmp_path):
     Image.new('RGB', (300, 200)).save(tmp_path / 'wide.png')
     with pytest.raises(UserError, match='not square'):
         ram.load_window(tmp_path / 'wide.png', (112, 112))
+    Image.new('RGB', (256, 256)).save(tmp_path / 'large.png')   # the 112 window: the eye's middle only
+    with pytest.raises(UserError, match='expects 128 px.*--crop_size 128'):
+        ram.load_window(tmp_path / 'large.png', (112, 112))
+    assert ram.load_window(tmp_path / 'large.png', (224, 224))[1] == 256
 
 
 # --- the script -----------------------------------------------------------------
