@@ -118,6 +118,8 @@ def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights,
     """
     if fuse_weights and not fuse_cnf:
         raise UserError('--fuse_weights needs --fuse CONFIG (the net those weights belong to)')
+    if include_bias and method != 'ram':
+        raise UserError(f'--include_bias is for --method ram; {method} maps have no output bias to add')
     if layer and method == 'ram':
         raise UserError('--layer is for --method gradcam or layercam; the RAM is defined at the last conv')
     if (scores_json or scores_only) and not masks:

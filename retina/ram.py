@@ -342,8 +342,7 @@ def _forward(nets, batch, method, layer, include_bias, known, sources, scores, a
                 tqdm.write(f'mask skipped: {error}', file=sys.stderr)
                 continue
             if coverage is None:
-                if name not in scores.no_mask:
-                    scores.no_mask.append(name)
+                scores.no_mask.setdefault(kind, []).append(name)
                 continue
             item.coverage[kind] = coverage.astype(np.float16)
     scored = [i for i, item in enumerate(items) if item.scored]
@@ -381,6 +380,23 @@ def _score(items, scores, window_size):
                                                  values=values))
 
 
+def examples_by_level(items, by_label):
+    """{level: the item of that level whose prediction is nearest it, or None}.
+
+    The level is the true label when `by_label` (items without a label are
+    left out), else the predicted level: a figure by label shows what the
+    net makes of each grade, one by prediction what it thinks each grade is.
+    """
+    best = {level: None for level in LEVELS}
+    for item in items:
+        if (by_label and item.label is None) or item.level not in best:
+            continue
+        current = best[item.level]
+        if current is None or abs(item.prediction - item.level) < abs(current.prediction - item.level):
+            best[item.level] = item
+    return best
+
+
 def _draw(items, output_dir, title, tag, window_size, cmap, alpha, signed, per_image_scale,
           by_label, failed, unit):
     """Write each image's figure and the by-level figure, on one colour scale unless `per_image_scale`.
@@ -414,13 +430,7 @@ def _draw(items, output_dir, title, tag, window_size, cmap, alpha, signed, per_i
         figures.save(figures.heat_map_figure(current, f'{tag}   {title}', cmap, alpha, signed, norm, unit),
                      path)
         written.append(path)
-    best = {level: None for level in LEVELS}
-    for item in drawable:
-        if (by_label and item.label is None) or item.level not in best:
-            continue
-        current = best[item.level]
-        if current is None or abs(item.prediction - item.level) < abs(current.prediction - item.level):
-            best[item.level] = item
+    best = examples_by_level(drawable, by_label)
     chosen = {level: example(item) if item is not None else None for level, item in best.items()}
     by_level = paths.heat_map_figure(output_dir, title, signed, tag)
     figures.save(figures.by_level_figure(chosen, f'{tag} {title}', cmap, alpha, signed, shared, by_label),

@@ -384,6 +384,20 @@ def test_random_deletion_control_has_the_grain_of_the_map():
         assert ndimage.label(mask)[1] < 20
 
 
+def test_by_level_figure_picks_its_examples_by_label_when_labels_are_given():
+    items = [ram.Item(path=None, name=name, size=128, map=torch.zeros(2, 2), prediction=prediction,
+                      label=label) for name, prediction, label in
+             [('a', 0.2, 3), ('b', 2.9, 3), ('c', 0.1, 0), ('d', 1.0, None)]]
+    by_label = ram.examples_by_level(items, by_label=True)
+    assert by_label[3].name == 'b' and by_label[0].name == 'c' and by_label[1] is None
+    items[1].label = None                  # 'a' is then the only label 3, however low its prediction
+    assert ram.examples_by_level(items, by_label=True)[3].name == 'a'
+    for item in items:
+        item.label = None
+    by_prediction = ram.examples_by_level(items, by_label=False)
+    assert by_prediction[0].name == 'c' and by_prediction[1].name == 'd' and by_prediction[3].name == 'b'
+
+
 # --- drawing --------------------------------------------------------------------
 
 def eye_window(size=112):
@@ -576,7 +590,7 @@ def test_cli_gradcam_of_a_baseline_net_with_masks_per_kind(tmp_path):
     assert scored['grid'] == list(baseline.build_net().output_shapes['conv5'][1:])
     assert score_columns(result.stdout, 'auroc[red]')[0] == \
         pytest.approx(scored['kinds']['red']['scores']['auroc']['map'], abs=1e-4)
-    assert '# 5 image(s) have no mask' in result.stdout   # in red/
+    assert '# red: 5 image(s) have no mask of this kind' in result.stdout
 
 
 def test_cli_single_files_signed_output_dir_bias_and_fuse(tmp_path):
@@ -602,6 +616,7 @@ def test_cli_single_files_signed_output_dir_bias_and_fuse(tmp_path):
     ('other_weights', 'do not fit config c_128_5x5_32_ram'),
     ('layer_of_ram', '--layer is for --method gradcam or layercam'),
     ('fuse_weights_alone', '--fuse_weights needs --fuse'),
+    ('bias_of_gradcam', '--include_bias is for --method ram'),
 ])
 def test_cli_errors_are_one_line(tmp_path, case, expected):
     if case == 'other_weights':
@@ -611,7 +626,8 @@ def test_cli_errors_are_one_line(tmp_path, case, expected):
             'no_weights': ['--cnf', CNF],
             'other_weights': ['--cnf', CNF, '--weights_from', 'other.pt'],
             'layer_of_ram': ['--cnf', CNF, '--layer', 'conv5'],
-            'fuse_weights_alone': ['--cnf', CNF, '--fuse_weights', 'x.pt']}[case]
+            'fuse_weights_alone': ['--cnf', CNF, '--fuse_weights', 'x.pt'],
+            'bias_of_gradcam': ['--cnf', CNF, '--method', 'gradcam', '--include_bias']}[case]
     result = run_script('ram.py', *args, cwd=tmp_path, check=False)
     assert result.returncode == 2
     assert 'Traceback' not in result.stderr

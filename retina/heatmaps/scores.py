@@ -198,7 +198,7 @@ class Scores:
     records: list = dataclasses.field(default_factory=list)
     top_drops: list = dataclasses.field(default_factory=list)
     random_drops: list = dataclasses.field(default_factory=list)
-    no_mask: list = dataclasses.field(default_factory=list)
+    no_mask: dict = dataclasses.field(default_factory=dict)     # kind -> names of images without a mask
     no_label: list = dataclasses.field(default_factory=list)
     kinds: tuple = ('',)
 
@@ -258,9 +258,10 @@ class Scores:
                 values.append(f'# {notes_kind}level {level} ({level_n} image(s)): ' + '   '.join(
                     f'{score} ' + '/'.join(f'{level_table[score][v]:.3f}' for v in VARIANTS)
                     for score in SCORE_NAMES))
-        if self.no_mask:
-            notes.append(f'# {len(self.no_mask)} image(s) have no mask and are not localised '
-                         f'(e.g. {self.no_mask[0]})')
+        for kind, names in self.no_mask.items():
+            if names:
+                notes.append(f'# {kind + ": " if kind else ""}{len(names)} image(s) have no mask'
+                             f'{" of this kind" if kind else ""} and are not localised (e.g. {names[0]})')
         if self.no_label:
             notes.append(f'# {len(self.no_label)} image(s) have no label and are not scored '
                          f'(e.g. {self.no_label[0]})')
