@@ -364,9 +364,11 @@ def _score(items, scores, window_size):
     scores.grid = grid
     scores.tolerance = scoring.default_tolerance(window_size, grid)
     maps = torch.stack([item.map for item in scored])
-    evidence = methods.upsample(maps, window_size).numpy()
-    blind = methods.upsample(scoring.blind_maps(maps), window_size).numpy() if len(scored) > 1 else None
+    blind = scoring.blind_maps(maps) if len(scored) > 1 else None
     for i, item in enumerate(scored):
+        # Upsampled one image at a time: a whole large run at window size would not fit in memory.
+        evidence = methods.upsample(maps[i:i + 1], window_size)[0].numpy()
+        blind_i = methods.upsample(blind[i:i + 1], window_size)[0].numpy() if blind is not None else None
         for kind, coverage in item.coverage.items():
             lesions = coverage.astype(np.float32) >= MASK_COVERAGE
             if not (lesions & item.inside).any():
@@ -374,8 +376,7 @@ def _score(items, scores, window_size):
             oracle = scoring.grid_oracle(coverage.astype(np.float32), grid, window_size).numpy()
             values = {variant: scoring.score_map(heat, lesions, item.inside, scores.tolerance)
                       if heat is not None else dict.fromkeys(scoring.SCORE_NAMES, float('nan'))
-                      for variant, heat in (('map', evidence[i]), ('oracle', oracle),
-                                            ('blind', blind[i] if blind is not None else None))}
+                      for variant, heat in (('map', evidence), ('oracle', oracle), ('blind', blind_i))}
             scores.records.append(scoring.Record(name=item.name, kind=kind, level=item.level,
                                                  values=values))
 
