@@ -2,12 +2,11 @@
 
 `training_curves` draws a run's log.csv rows (train/valid loss, valid kappa,
 learning rate per epoch) and is called after every epoch, so the picture is
-always current.  It draws with PIL: a few milliseconds and no matplotlib
-import in the training process (matplotlib took 0.7 s to start and 0.3 s per
-redraw, a second per short run).  `confusion_matrix` draws blend.py's
-validation table with matplotlib's Figure and Agg canvas (never pyplot: no
-display is needed, no global figure state).  Files are written atomically, so
-a viewer that reloads the PNG never sees half of it.
+always current; `confusion_matrix` draws blend.py's validation table.  Both
+draw with PIL: a few milliseconds a picture and no matplotlib import (which
+took 0.7 s to start and 0.3 s per redraw, a second per short training run).
+Files are written atomically, so a viewer that reloads the PNG never sees
+half of it.
 """
 import math
 
@@ -24,13 +23,6 @@ def _number(value):
         return float(value)
     except (TypeError, ValueError):
         return math.nan
-
-
-def _save(figure, path):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    FigureCanvasAgg(figure)
-    with atomic.atomic_path(path) as tmp:
-        figure.savefig(tmp, format='png', dpi=100)
 
 
 # --- training curves, drawn with PIL ------------------------------------------------------
@@ -151,23 +143,38 @@ def training_curves(rows, path, title=''):
 
 def confusion_matrix(confusion, path, title=''):
     """Write `path` (PNG): rows are the true level, columns the predicted one; each cell
-    shows its count, coloured by its share of the true level's row (so rare levels show)."""
-    from matplotlib.figure import Figure
+    shows its count, shaded by its share of the true level's row (so rare levels show)."""
+    from PIL import Image, ImageDraw
 
     confusion = np.asarray(confusion)
-    share = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
-    figure = Figure(figsize=(5.2, 4.6), layout='constrained')
-    axes = figure.subplots()
-    image = axes.imshow(share, cmap='Blues', vmin=0, vmax=1)
     n = confusion.shape[0]
-    for i in range(n):
-        for j in range(n):
-            axes.text(j, i, str(int(confusion[i, j])), ha='center', va='center',
-                      color='white' if share[i, j] > 0.6 else 'black')
+    share = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     names = LEVEL_NAMES[:n] if n <= len(LEVEL_NAMES) else [str(k) for k in range(n)]
-    axes.set_xticks(range(n), names, rotation=30)
-    axes.set_yticks(range(n), names)
-    axes.set(xlabel='predicted level', ylabel='true level', title=title or 'confusion matrix')
-    figure.colorbar(image, ax=axes, label='share of the true level')
-    _save(figure, path)
+    cell, left, top = 76, 120, 70
+    image = Image.new('RGB', (left + n * cell + 20, top + n * cell + 60), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    font, small = _font(15), _font(12)
+    draw.text((left + n * cell / 2, 10), title or 'confusion matrix', fill=(0, 0, 0), font=font,
+              anchor='mt')
+    draw.text((left + n * cell / 2, 34), 'predicted level', fill=COLOURS['axis'], font=small,
+              anchor='mt')
+    for i in range(n):
+        y = top + i * cell
+        draw.text((left - 8, y + cell / 2), names[i], fill=COLOURS['axis'], font=small,
+                  anchor='rm')
+        for j in range(n):
+            x = left + j * cell
+            if i == 0:
+                draw.text((x + cell / 2, top - 6), names[j], fill=COLOURS['axis'], font=small,
+                          anchor='mb')
+            # White to dark blue with the row share.
+            shade = tuple(int(round(a + (b - a) * share[i, j]))
+                          for a, b in zip((247, 251, 255), (8, 48, 107)))
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=shade, outline=(255, 255, 255))
+            draw.text((x + cell / 2, y + cell / 2), str(int(confusion[i, j])), font=font,
+                      fill=(255, 255, 255) if share[i, j] > 0.5 else (0, 0, 0), anchor='mm')
+    draw.text((12, top + n * cell + 14), 'rows: true level; shade: share of the row',
+              fill=COLOURS['axis'], font=small)
+    with atomic.atomic_path(path) as tmp:
+        image.save(tmp, format='PNG')
     return path
