@@ -32,25 +32,25 @@ def quick_init(tensor, gain=1.0):
         return tensor.normal_(0, gain / tensor[0].numel() ** 0.5)
 
 
-def save_untrained(workdir, name, seed=0):
-    """weights/NAME/weights.pt with random weights; returns the path."""
+def save_untrained(workdir, name, seed=0, **extra):
+    """weights/NAME/weights.pt with random weights (`extra` goes into the checkpoint)."""
     config = config_module.load(name)
     torch.manual_seed(seed)
     path = workdir / 'weights' / name / 'weights.pt'
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(torch.nn.init, 'orthogonal_', quick_init)
-        checkpoint.save(path, config.build_net(), config, epoch=0)
+        checkpoint.save(path, config.build_net(), config, epoch=0, **extra)
     return path
 
 
-def converted_route_scores(workdir, photos, name, weights, crop_size=128):
+def converted_route_scores(workdir, photos, name, weights, crop_size=128, enhance='none'):
     """{image: score}: convert.py's function into a folder (lossless tiff), then the net on
     the centred window, as train.py's predict and transform.py see it."""
     from retina.augment import prepare_batch
     from retina.crop import convert_folder
     from retina.features import load_model
     folder = workdir / f'converted_{name}'
-    convert_folder(photos, folder, crop_size, 'tiff', n_proc=1, progress=False)
+    convert_folder(photos, folder, crop_size, 'tiff', n_proc=1, progress=False, enhance=enhance)
     net = load_model(config_module.load(name), weights, 'cpu')
     scores = {}
     for path in sorted(folder.glob('*.tiff')):
@@ -116,6 +116,22 @@ def test_predict_matches_the_converted_route_on_real_photographs(tmp_path):
     assert [row['image'] for row in result.rows] == sorted(reference)
     for row in result.rows:
         assert abs(row[f'score_{name}'] - reference[row['image']]) < 1e-4
+
+
+def test_predict_applies_the_preprocessing_the_net_was_trained_with(photos, tmp_path):
+    """A net trained on convert.py --enhance local_contrast images (recorded in its
+    checkpoint) grades raw photographs enhanced the same way, in memory."""
+    from retina.predict import grade, load_grader
+    weights = save_untrained(tmp_path, RAM, preprocessing='local_contrast')
+    reference = converted_route_scores(tmp_path, photos, RAM, weights, enhance='local_contrast')
+    grader = load_grader(RAM, weights, 'cpu')
+    assert grader.preprocessing == 'local_contrast'
+    rows = grade([grader], [photos], progress=False).rows
+    for row in rows:
+        assert abs(row[f'score_{RAM}'] - reference[row['image']]) < 1e-4
+    grader.preprocessing = 'none'  # the enhancement matters: without it the scores move
+    plain = grade([grader], [photos], progress=False).rows
+    assert max(abs(a[f'score_{RAM}'] - b[f'score_{RAM}']) for a, b in zip(rows, plain)) > 1e-3
 
 
 def test_heat_map_lies_over_the_eye_in_the_photograph():
