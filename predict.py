@@ -41,7 +41,7 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
                    'alone uses its own features. Needs --blend.')
 @click.option('--heatmap', 'heatmap_dir', type=click.Path(file_okay=False),
               help='Write the regression activation map of each RAM net over each uncropped '
-                   'photograph to this folder ({image}_{cnf}.png; the outline is the net\'s '
+                   'photograph to this folder ({image}_ram_{cnf}.png; the outline is the net\'s '
                    'window).')
 @click.option('--output', default='-', show_default=True, type=click.Path(dir_okay=False,
                                                                            allow_dash=True),
