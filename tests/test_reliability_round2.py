@@ -148,21 +148,27 @@ def test_a_writer_never_removes_the_temporary_file_of_another_live_writer(tmp_pa
 
 # ---------------------------------------------------------------- weights files
 
-def _saved(tmp_path, change=None, name='w.pt'):
-    """An untrained checkpoint of CONFIG; `change(state)` edits its dict before saving."""
+@pytest.fixture(scope='module')
+def untrained(tmp_path_factory):
+    """An untrained checkpoint of CONFIG, built once."""
     config = config_module.load(CONFIG)
-    path = tmp_path / name
+    path = tmp_path_factory.mktemp('weights') / 'untrained.pt'
     checkpoint.save(path, model=config.build_net(), config=config, epoch=0)
-    if change is not None:
-        state = torch.load(path, weights_only=True)
-        change(state)
-        torch.save(state, path)
     return path
 
 
-def test_a_compressed_weights_file_is_refused_before_it_inflates(tmp_path):
+def _saved(tmp_path, untrained, change):
+    """A copy of the untrained checkpoint after `change(state)` edits its dict."""
+    state = torch.load(untrained, weights_only=True)
+    change(state)
+    path = tmp_path / 'w.pt'
+    torch.save(state, path)
+    return path
+
+
+def test_a_compressed_weights_file_is_refused_before_it_inflates(tmp_path, untrained):
     import zipfile
-    plain = _saved(tmp_path, lambda s: s.update(zeros=torch.zeros(4_000_000)))  # 16 MB
+    plain = _saved(tmp_path, untrained, lambda s: s.update(zeros=torch.zeros(4_000_000)))
     bomb = tmp_path / 'bomb.pt'
     with zipfile.ZipFile(plain) as source, \
             zipfile.ZipFile(bomb, 'w', zipfile.ZIP_DEFLATED) as packed:
@@ -182,8 +188,10 @@ def test_a_compressed_weights_file_is_refused_before_it_inflates(tmp_path):
     (lambda s: s.pop('config'), 'has no usable config'),
     (lambda s: s['config'].update(cnf=[1, 2]), 'has no usable config'),
 ])
-def test_weights_that_do_not_match_their_config_or_are_not_finite(tmp_path, change, words):
-    path = _saved(tmp_path, change)
+def test_weights_that_do_not_match_their_config_or_are_not_finite(tmp_path, untrained, change,
+                                                                   words):
+    checkpoint.load(untrained)
+    path = _saved(tmp_path, untrained, change)
     with pytest.raises(UserError, match=words) as caught:
         checkpoint.load(path)
     assert str(path) in str(caught.value) and '\n' not in str(caught.value)
