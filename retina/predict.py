@@ -234,13 +234,14 @@ def score_batch(grader, photos, n_iter, feature_sets=(), want_maps=False):
     images = torch.from_numpy(np.stack([p.converted[key] for p in photos])).permute(0, 3, 1, 2)
     images = images.contiguous().to(device)
     result = NetOutput(scores=None)
-    outputs, _, maps = _passes(grader, images, augmentation_list(grader, n_iter),
-                               want_maps=want_maps and n_iter == 1)
+    outputs, score_features, maps = _passes(grader, images, augmentation_list(grader, n_iter),
+                                            want_maps=want_maps and n_iter == 1)
     result.scores = np.mean(outputs, axis=0)
     if want_maps:
         result.maps = maps if maps is not None else _passes(grader, images, [None], True)[2]
     for tta in feature_sets:
-        _, features, _ = _passes(grader, images, augmentation_list(grader, *tta))
+        features = score_features if tta == (n_iter, 0) else \
+            _passes(grader, images, augmentation_list(grader, *tta))[1]
         stack = np.stack(features)
         mean = stack.mean(axis=0)
         std = np.sqrt(np.maximum((stack ** 2).mean(axis=0) - mean ** 2, 0))
