@@ -5,6 +5,7 @@ pixels) becomes a `BadImage` that names the file, so that callers can report
 it and go on.  Photos are turned upright by their EXIF orientation tag, as a
 viewer shows them.
 """
+import re
 import warnings
 from pathlib import Path
 
@@ -80,8 +81,9 @@ def too_large(path, error_or_image):
     if isinstance(error_or_image, Image.Image):
         width, height = error_or_image.size
         found = f'{width}×{height} = {width * height / 1e6:.0f} MP'
-    else:
-        found = str(error_or_image).split(',')[0]
+    else:  # "Image size (400000000 pixels) exceeds limit of ..."
+        count = re.search(r'\((\d+) pixels\)', str(error_or_image))
+        found = f'{int(count[1]) / 1e6:.0f} MP' if count else str(error_or_image).split(',')[0]
     return BadImage(f'{path}: too many pixels to decode safely ({found}; the limit is '
                     f'{MAX_PIXELS // 1_000_000} MP, far above any fundus photograph); it is a '
                     f'decompression bomb or not a photograph: remove it')
