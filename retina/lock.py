@@ -30,10 +30,12 @@ class Busy(UserError):
 
 
 def _owner_of(path):
+    """The owner record in a lock file ({} if empty or not one)."""
     try:
-        return json.loads(Path(path).read_text())
+        owner = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return {}
+    return owner if isinstance(owner, dict) else {}
 
 
 def _describe(owner):
