@@ -123,8 +123,9 @@ def check_images(grader, sources, limit=CHECK_IMAGES):
     return np.stack(images), names
 
 
-def synthetic_images(crop_size, count=2, seed=0):
-    """Random uint8 images when no real ones are given (the check is numerical only)."""
+def synthetic_images(crop_size, count=3, seed=0):
+    """Random uint8 images when no real ones are given (the check is numerical only; three,
+    not the two the graph was traced with, so the dynamic batch is checked too)."""
     return np.random.default_rng(seed).integers(0, 256, (count, crop_size, crop_size, 3),
                                                 dtype=np.uint8)
 
@@ -153,14 +154,14 @@ def check(wrapped, path, images):
 @click.option('--crop_size', type=click.IntRange(min=8, max=8192),
               help='Side S of the converted images the graph takes (N×S×S×3 uint8). [default: '
                    "the net's input / 0.875: 512 for 448-px nets]")
-@click.option('--check_images', multiple=True, type=click.Path(exists=True),
+@click.option('--check_images', 'check_sources', multiple=True, type=click.Path(exists=True),
               help='Photographs or converted images (files or folders; repeatable) to compare '
                    f'torch and onnxruntime on (the first {CHECK_IMAGES}); they are prepared as '
                    'predict.py prepares them. [default: random images]')
 @click.option('--no_check', is_flag=True,
               help='Only export; do not compare with onnxruntime.')
 @handle_errors()
-def main(cnf, weights_from, output, crop_size, check_images, no_check):
+def main(cnf, weights_from, output, crop_size, check_sources, no_check):
     """Export the net of CNF to ONNX: uint8 N×S×S×3 (RGB) converted images in, the
     standardisation and centred window inside, outputs score (N) and, for RAM nets,
     ram (N×h'×w').  Then check it against torch with onnxruntime and print the
@@ -175,11 +176,12 @@ def main(cnf, weights_from, output, crop_size, check_images, no_check):
                   else '') + f'), outputs {outputs}')
     if no_check:
         return
-    if check_images:
-        images, names = globals()['check_images'](grader, check_images)
-        what = f'{len(names)} image(s) of {", ".join(check_images)}'
+    if check_sources:
+        images, names = check_images(grader, check_sources)
+        what = f'{len(names)} image(s) of {", ".join(check_sources)}'
     else:
-        images, what = synthetic_images(size), '2 random images'
+        images = synthetic_images(size)
+        what = f'{len(images)} random images'
     differences = check(wrapped, output, images)
     worst = max(differences.values())
     click.echo(f'onnxruntime vs torch on {what}: largest |difference| '
