@@ -299,7 +299,8 @@ def run(config, net, image_paths, output_dir, method='ram', layer=None, include_
         return RunSummary(written=[], by_level=None, failed=failed, scores=scores)
     written, by_level = _draw(items, output_dir, title, tag, window_size, cmap, alpha, signed,
                               per_image_scale, by_label=known is not None, failed=failed,
-                              unit='RAM (level units)' if method == 'ram' and len(nets) == 1 else tag)
+                              unit=('sum of the min-max normalised maps' if len(nets) == 2 else
+                                    'RAM (level units)' if method == 'ram' else tag))
     return RunSummary(written=written, by_level=by_level, failed=failed, scores=scores)
 
 
