@@ -3,7 +3,7 @@
 
     python predict.py data/new_photos/                         # the c_512_5x5_32_ram net
     python predict.py photo.jpeg --cnf c_512_5x5_32 --cnf c_512_4x4_32 --n_iter 10
-    python predict.py data/new_photos --blend data/sub_abc1234_20261126-101500_blend.pt --per_patient
+    python predict.py data/new_photos --blend data/sub_abc1234_20261126-1015_blend.pt --per_patient
     python predict.py photo.jpeg --heatmap data/predict_maps --output grades.csv
 
 The work is done by retina.predict; see its docstring for how each photograph

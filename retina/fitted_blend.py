@@ -30,13 +30,13 @@ _FEATURE_FILE = re.compile(
 
 
 def describe_file(path):
-    """What made a train feature file: config, statistic, TTA iterations and skip, weights."""
+    """What made a train feature file: config, statistic, TTA iterations and skip, weights
+    (config None for a file not named as transform.py names them)."""
     path = Path(path)
     match = _FEATURE_FILE.match(path.name)
-    if not match:
-        raise UserError(f'{path}: not named like a transform.py feature file '
-                        f'(CNF_train_mean_iter_N_skip_K.npy), so predict.py could not compute '
-                        f'its features; blend files written by transform.py')
+    if not match:  # blended all the same; predict.py says what it cannot do with it
+        return dict(file=path.name, cnf=None, stat=None, n_iter=None, skip=None, weights=None,
+                    fingerprint=None)
     entry = dict(file=path.name, cnf=match['cnf'], stat=match['stat'],
                  n_iter=int(match['n_iter']), skip=int(match['skip']), weights=None,
                  fingerprint=None)

@@ -129,8 +129,10 @@ def training_curves(rows, path, title=''):
            [(column['train_loss'], COLOURS['train'], 'train'),
             (column['valid_loss'], COLOURS['valid'], 'valid')])
     kappas = [k for k in column['valid_kappa'] if math.isfinite(k)]
-    best = f' (best {max(kappas):.4f}, epoch {epochs[column["valid_kappa"].index(max(kappas))]:.0f})' \
-        if kappas else ''
+    best = ''
+    if kappas:
+        best_epoch = epochs[column['valid_kappa'].index(max(kappas))]
+        best = f' (best {max(kappas):.4f}, epoch {best_epoch:.0f})'
     _panel(draw, (PANEL[0], 0), f'valid kappa{best}', epochs,
            [(column['valid_kappa'], COLOURS['kappa'], '')],
            y_range=(min([0.0] + kappas) - 0.02, 1.02), hline=max(kappas) if kappas else None)

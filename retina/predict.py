@@ -451,7 +451,8 @@ class LoadedBlend:
     def nets(self):
         """(config name, weights path) of every net the blend's features came from."""
         from retina import fitted_blend
-        return list(dict.fromkeys((e['cnf'], e['weights']) for e in fitted_blend.entries(self.state)))
+        entries = fitted_blend.entries(self.state)
+        return list(dict.fromkeys((e['cnf'], e['weights']) for e in entries))
 
     def feature_sets(self, graders):
         """{id(grader): [(n_iter, skip), ...]}: the TTA runs each grader must make for the
@@ -459,6 +460,11 @@ class LoadedBlend:
         from retina import fitted_blend
         wanted = {}
         for index, entry in enumerate(fitted_blend.entries(self.state)):
+            if entry['cnf'] is None:
+                raise UserError(f'{self.path}: fitted on {entry["file"]}, which is not named '
+                                f'like a transform.py feature file (CNF_train_mean_iter_N_skip_'
+                                f'K.npy), so its features cannot be computed for new '
+                                f'photographs; blend the files transform.py wrote')
             same_config = [g for g in graders if g.config.name == entry['cnf']]
             matching = [g for g in same_config if entry['fingerprint'] in (None, g.fingerprint)]
             if not matching:
@@ -479,7 +485,8 @@ class LoadedBlend:
     def predict(self, names, per_photo_features, graders):
         """The blend's score per photograph (rows of `names`, features from `grade`)."""
         from retina import fitted_blend
-        position = {id(entry): index for index, entry in enumerate(fitted_blend.entries(self.state))}
+        entries = fitted_blend.entries(self.state)
+        position = {id(entry): index for index, entry in enumerate(entries)}
 
         def features_of(entry):
             grader = self._grader_of[position[id(entry)]]

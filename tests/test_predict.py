@@ -240,7 +240,8 @@ def test_onnx_export_matches_torch(synthetic_source, tmp_path):
                             env={**os.environ, 'PYTHONPATH': str(REPO)})
     assert result.returncode == 0, result.stderr
     assert 'N×128×128×3' in result.stdout
-    differences = dict(re.findall(r'(score|ram) ([0-9.e+-]+)', result.stdout.split('|difference|')[1]))
+    printed = result.stdout.split('|difference|')[1]
+    differences = dict(re.findall(r'(score|ram) ([0-9.e+-]+)', printed))
     assert set(differences) == {'score', 'ram'}
     assert max(float(v) for v in differences.values()) < 1e-4, result.stdout
     model = onnx.load(tmp_path / 'net.onnx')
@@ -281,3 +282,18 @@ def test_export_help_explains_every_option():
     assert len(blocks) >= 7
     for block in blocks:
         assert len(block.split()) >= 4, f'option without help: {block!r}'
+
+
+def test_a_blend_of_files_not_named_by_transform_py_is_refused_by_predict(tmp_path):
+    from retina import fitted_blend
+    from retina.predict import LoadedBlend
+    entry = fitted_blend.describe_file(tmp_path / 'my_features.npy')
+    assert entry['cnf'] is None  # blend.py still saves it
+    run = dict(name='run', files=[entry], mean=torch.zeros(3), scale=torch.ones(3), nets=[],
+               n_inputs=3)
+    fitted_blend.save(tmp_path / 'b.pt', [run], per_patient=False, thresholds=(.5, 1.5, 2.5, 3.5))
+    with pytest.raises(UserError, match='my_features.npy, which is not named like'):
+        LoadedBlend(tmp_path / 'b.pt').feature_sets([])
+    (tmp_path / 'junk.pt').write_bytes(b'junk')
+    with pytest.raises(UserError, match='not a readable blend file'):
+        LoadedBlend(tmp_path / 'junk.pt')
