@@ -50,8 +50,9 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
               help='Write JSON (the nets, one record per photograph, the failures) instead of CSV '
                    '(image, score per net, mean, [blend,] level).')
 @click.option('--crop_size', type=click.IntRange(min=8, max=8192),
-              help='Side of the converted images the nets were trained on. [default: the net\'s '
-                   'input / 0.875: 512 for 448-px nets, 256 for 224, 128 for 112]')
+              help='Side of the converted images the nets were trained on, from the window to '
+                   'the default. [default: the net\'s input / 0.875: 512 for 448-px nets, 256 '
+                   'for 224, 128 for 112]')
 @click.option('--batch_size', default=8, show_default=True, type=click.IntRange(min=1),
               help='Photographs decoded and scored together.')
 @click.option('--device', default='auto', show_default=True, help='auto, cpu, cuda or cuda:N.')

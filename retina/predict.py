@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
 from retina import atomic, checkpoint, crop, data, paths, preprocess
+from retina.cache import converted_size
 from retina import config as config_module
 from retina.augment import broadcast_params, prepare_batch, tta_params
 from retina.errors import UserError
@@ -53,7 +54,6 @@ from retina.features import rebuild, weights_fingerprint
 from retina.images import BadImage, image_name, list_images
 from retina.paths import IMAGE_EXTENSIONS
 
-WINDOW_SHARE = 0.875        # the net's window is this share of the converted image (448 of 512)
 BATCH_SIZE = 8              # photographs decoded and scored together
 HEATMAP_WIDTH = 1536        # heat maps are drawn on the photograph shrunk to at most this wide
 HEATMAP_ALPHA = 0.6         # opacity of the strongest evidence
@@ -87,11 +87,6 @@ class Grader:
         return self._fingerprint
 
 
-def converted_size(input_size):
-    """The converted image side a net's window is cut from: 448 -> 512, 224 -> 256, 112 -> 128."""
-    return round(max(input_size) / WINDOW_SHARE)
-
-
 def load_grader(cnf, weights_from=None, device='cpu', crop_size=None):
     """A `Grader` for config `cnf` (name or path) with `weights_from` (default: its best-kappa
     weights, weights/CNF/weights.pt)."""
@@ -103,11 +98,12 @@ def load_grader(cnf, weights_from=None, device='cpu', crop_size=None):
     if method not in preprocess.METHODS:
         raise UserError(f'{weights}: trained on images preprocessed with {method!r}, which this '
                         f'version does not know ({", ".join(preprocess.METHODS)})')
-    size = crop_size or converted_size(net.input_size)
-    if size < max(net.input_size):
-        raise UserError(f'--crop_size {size} is smaller than the {max(net.input_size)}-px window '
-                        f'of {config.name}; use at least {max(net.input_size)} (it was trained on '
-                        f'{converted_size(net.input_size)}-px converted images)')
+    expected = converted_size(net.input_size)
+    size = crop_size or expected
+    if not max(net.input_size) <= size <= expected:  # as transform.py checks converted images
+        raise UserError(f'--crop_size {size}: {config.name} sees a {max(net.input_size)}-px '
+                        f'window of {expected}-px converted images; use a size from '
+                        f'{max(net.input_size)} to {expected} (or leave --crop_size out)')
     return Grader(config=used, net=net.to(device).eval(), weights=weights, preprocessing=method,
                   crop_size=size)
 
