@@ -190,6 +190,19 @@ def check_preprocessing(image_paths, nets_and_weights):
             preprocess.check_matches(folder, getattr(net, 'preprocessing', 'none'), weights)
 
 
+def check_output_dir(output_dir, image_paths, *input_folders):
+    """The heat maps must not land among the inputs: a folder of converted images (or of
+    masks or photographs) that receives non-square PNGs is spoiled for the next run."""
+    out = Path(output_dir).resolve()
+    folders = {Path(p).parent.resolve() for p in image_paths}
+    folders |= {Path(f).resolve() for f in input_folders if f}
+    for folder in sorted(folders):
+        if out == folder or folder in out.parents:
+            raise UserError(f'--output_dir {output_dir} is inside the input folder {folder}; the '
+                            f'heat maps would be mixed with the images: choose a folder outside '
+                            f'it, e.g. {paths.RAM_DIR}')
+
+
 def method_tag(method, layer=None, include_bias=False, net=None):
     """How output names carry the method: ram, ram_bias, gradcam, gradcam-conv5 (not the last conv)."""
     tag = method + ('_bias' if include_bias and method == 'ram' else '')

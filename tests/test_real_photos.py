@@ -155,3 +155,16 @@ def test_raw_and_enhanced_real_photographs_meet_in_one_look(tmp_path):
     enhanced_gap = np.abs(means['eyepacs_raw', 'local_contrast']
                           - means['eyepacs256', 'local_contrast']).max()
     assert enhanced_gap < 3 and enhanced_gap < plain_gap / 4
+
+
+def test_ram_output_dir_inside_an_image_folder_is_refused(workdir):
+    config = config_module.load(CONFIG)
+    checkpoint.save(workdir / 'weights' / CONFIG / 'weights.pt', model=config.build_net(),
+                    config=config, epoch=0)
+    images = workdir / 'data' / 'test_tiny'
+    before = sorted(p.name for p in images.iterdir())
+    result = run_script('ram.py', '--cnf', CONFIG, '--images', images, '--output_dir',
+                        images / 'maps', '--no_progress', cwd=workdir, check=False)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert 'is inside the input folder' in result.stderr
+    assert sorted(p.name for p in images.iterdir()) == before
