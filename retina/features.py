@@ -99,14 +99,12 @@ SAVE_EVERY = 5
 
 def load_model(config, weights_path, device):
     """The net of `weights_path`, in eval mode on `device`; it must be weights of `config`."""
-    model, state = rebuild(config, weights_path)
-    # Which look the training images had (convert.py --enhance): later images must match.
-    model.preprocessing = state.get('preprocessing', 'none')
-    return model.to(device).eval()
+    return rebuild(config, weights_path)[0].to(device).eval()
 
 
 def rebuild(config, weights_path):
-    """(net with the weights of `weights_path`, the checkpoint dict), on the CPU.
+    """(net with the weights of `weights_path`, the checkpoint dict), on the CPU; the net's
+    `preprocessing` is the look of its training images.
 
     The net is rebuilt from the checkpoint's own resolved config, so weights stay
     usable after the config module is edited; weights of another config must fit
@@ -117,6 +115,9 @@ def rebuild(config, weights_path):
     model = build_uninitialised((checkpoint.config_of(state)
                                  if state.get('config_name') == config.name else config))
     checkpoint.load_exact(model, state, weights_path, config.name)
+    # Which look the training images had (convert.py --enhance): every later stage that
+    # loads the net (transform, ram, predict, export) compares its images' look with it.
+    model.preprocessing = state.get('preprocessing', 'none')
     return model, state
 
 

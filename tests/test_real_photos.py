@@ -65,6 +65,17 @@ def test_a_folder_never_mixes_looks_and_later_stages_refuse_the_other_look(synth
     assert refused.returncode == 2 and 'Traceback' not in refused.stderr
     assert 'trained on --enhance none images' in refused.stderr
     assert 'convert.py without --enhance' in refused.stderr
+    # weights trained on enhanced images accept it, in ram.py as in transform.py
+    enhanced = tmp_path / 'enhanced.pt'
+    checkpoint.save(enhanced, model=config.build_net(), config=config, epoch=0,
+                    preprocessing='local_contrast')
+    for script in ('transform.py', 'ram.py'):
+        run_script(script, '--cnf', CONFIG, *(('--train', '--train_dir', out) if script ==
+                                              'transform.py' else ('--images', out)),
+                   '--weights_from', enhanced, '--no_progress', cwd=tmp_path)
+    refused = run_script('ram.py', '--cnf', CONFIG, '--images', out, '--weights_from', weights,
+                         '--no_progress', cwd=tmp_path, check=False)
+    assert refused.returncode == 2 and 'trained on --enhance none images' in refused.stderr
 
 
 def test_resume_keeps_the_runs_folders_and_refuses_a_changed_config(workdir):
