@@ -7,7 +7,6 @@
 
 The work is done by retina.crop; see its docstring for the algorithm.
 """
-import os
 import sys
 
 import click
@@ -32,8 +31,10 @@ from retina.errors import handle_errors
 @click.option('--extension', default='tiff', show_default=True,
               type=click.Choice(crop.OUTPUT_EXTENSIONS, case_sensitive=False),
               help='Output format: tiff and png are lossless, jpeg is saved at quality 97.')
-@click.option('--n_proc', default=os.cpu_count(), show_default=True, type=click.IntRange(min=1),
-              help="Worker processes; the default is this machine's CPU count.")
+@click.option('--n_proc', type=click.IntRange(min=1),
+              help="Worker processes [default: this machine's CPU count, but no more than one per "
+                   f'{crop.IMAGES_PER_PROCESS} images: a few images convert sooner in one process '
+                   'than a pool starts].')
 @click.option('--labels', default=str(paths.LABELS_FILE), show_default=True, type=click.Path(dir_okay=False),
               help='Labels CSV (image,level) used by --test to pick level-1 images; '
                    'if it is missing --test uses the first images.')

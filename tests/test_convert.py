@@ -294,7 +294,9 @@ def test_real_photographs_fill_the_frame(tmp_path):
         out = np.asarray(Image.open(dst)).astype(float)
         assert out.shape == (128, 128, 3)
         assert out[54:74, 54:74].mean() > 40            # the middle is retina, not surround
-        assert out[:, :3].max() > 40 and out[:, -3:].max() > 40  # the disc touches both sides
+        # The disc touches both sides (the surround is below 15; the reference crop's edge
+        # columns reach 41 on 10_right, the bilinear resize's 39).
+        assert out[:, :3].max() > 30 and out[:, -3:].max() > 30
 
         full = load_rgb(src)
         reference_box = crop.find_eye_box(full)
@@ -303,3 +305,13 @@ def test_real_photographs_fill_the_frame(tmp_path):
         decoded = crop.load_for_crop(src, 128)
         fast_box = crop.scale_box(crop.find_eye_box_fast(decoded), decoded.size, full.size)
         assert_close(fast_box, reference_box, 0.01 * max(full.size))
+
+
+def test_worker_count_keeps_few_images_in_one_process():
+    per = crop.IMAGES_PER_PROCESS
+    assert crop.worker_count(None, 10) == 1
+    assert crop.worker_count(None, 0) == 1
+    assert crop.worker_count(None, 100 * per) == (os.cpu_count() or 1)
+    assert crop.worker_count(None, per + 1) == min(2, os.cpu_count() or 1)
+    assert crop.worker_count(4, 10) == 4   # asked for: as asked, but never more than the images
+    assert crop.worker_count(4, 3) == 3
