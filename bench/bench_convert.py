@@ -1,21 +1,29 @@
 #!/usr/bin/env python
-"""How much faster convert.py's fast path is than the plain algorithm, and how close its box is.
+"""How much faster convert.py's fast path is than the plain algorithm, and how close its crops are.
 
     python bench/bench_convert.py --directory ../shared/data/eyepacs_sample/train --crop_size 512
 
-Times, on the same images and in one run: the reference (full decode, blur
-the whole photograph, find the box, crop, Lanczos resize), the fast path
-(`retina.crop.convert_one`: DCT-scaled decode, box on a reduced copy), both
-in one process, and the fast path over a process pool as convert.py runs it.
-Every pass decodes, crops and saves each image.  Also reports how far the
-fast box is from the reference box in full-resolution pixels and how much
-the two outputs differ.  Prints a markdown table and puts it in
-BENCHMARKS.md under `## convert.py` (other sections are kept).
+Times, interleaved round by round (see report.interleaved) so that a shared
+machine's load falls on every variant alike, medians reported:
+- per image, in this process: the reference (full decode, blur the whole
+  photograph, find the box, crop, Lanczos resize) against the fast path
+  (`retina.crop.convert_one`: DCT-scaled decode, box on a reduced copy,
+  bilinear resize), and the fast path over a process pool;
+- whole processes, start-up included: `python convert.py` on the folder
+  against a process running the reference over it;
+- the decode/resize alternatives, each photograph decoded, cropped and
+  resized (not saved) with Pillow's draft decode and Lanczos, bicubic or
+  bilinear, and, when OpenCV is installed, its reduced decode with
+  INTER_AREA; each with its largest mean absolute difference from the
+  reference crop (the tests allow 6 of 255).
+Every pass of the first two groups decodes, crops and saves each image.
+Prints markdown and puts it in BENCHMARKS.md under `## convert.py` (other
+sections are kept).
 """
-import datetime
+import math
 import os
 import platform
-import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -31,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 sys.path.insert(0, str(REPO / 'bench'))
 
-from report import cpu_model, replace_section  # noqa: E402
+from report import cpu_model, interleaved, medians, paired_ratio, replace_section, today  # noqa: E402
 from retina import crop  # noqa: E402
 from retina.atomic import save_image  # noqa: E402
 from retina.errors import handle_errors  # noqa: E402
@@ -47,35 +55,107 @@ def reference_one(src, dst, crop_size):
     save_image(dst, crop.crop_to_eye_reference(image, crop_size), **crop.save_options(dst))
 
 
-def cpu_seconds():
-    """CPU time of this process and of its finished children."""
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    children = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def timed(run):
-    """(wall seconds, CPU seconds) of `run()`."""
-    wall, cpu = time.perf_counter(), cpu_seconds()
+def seconds(run):
+    """Wall seconds of `run()`."""
+    start = time.perf_counter()
     run()
-    return time.perf_counter() - wall, cpu_seconds() - cpu
+    return time.perf_counter() - start
 
 
-def one_by_one(function, sources, out_dir, crop_size, extension):
-    """A pass of `function(src, dst, crop_size)` over all sources in this process, into a fresh folder."""
+class Passes:
+    """Makes each pass write into a fresh folder, so that no pass skips work done before."""
+
+    def __init__(self, root):
+        self.root, self.count = Path(root), 0
+
+    def folder(self, name):
+        self.count += 1
+        return self.root / f'{name}_{self.count}'
+
+
+def one_by_one(function, sources, passes, name, crop_size, extension):
+    """Seconds per image of `function(src, dst, crop_size)` over all sources in this process."""
     def run():
+        out_dir = passes.folder(name)
+        out_dir.mkdir()
         for src in sources:
             function(src, crop.output_path(src, out_dir, extension), crop_size)
-    return run
+    return lambda: seconds(run) / len(sources)
 
 
-def with_pool(directory, out_dir, crop_size, extension, n_proc):
-    """A pass of convert_folder, as convert.py runs it."""
+def with_pool(directory, count, passes, crop_size, extension, n_proc):
+    """Seconds per image of convert_folder with `n_proc` processes, as convert.py runs it."""
     def run():
-        summary = crop.convert_folder(directory, out_dir, crop_size, extension, n_proc=n_proc, progress=False)
+        summary = crop.convert_folder(directory, passes.folder('pool'), crop_size, extension,
+                                      n_proc=n_proc, progress=False)
         if summary.failed:
             raise SystemExit(f'{len(summary.failed)} images failed: {summary.failed[0]}')
-    return run
+    return lambda: seconds(run) / count
+
+
+def process(command_for, passes, name):
+    """Wall seconds of the process `command_for(out_dir)`, start-up included."""
+    def run():
+        subprocess.run(command_for(passes.folder(name)), check=True, cwd=REPO,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    return lambda: seconds(run)
+
+
+# --- the decode/resize alternatives -------------------------------------------
+
+def pillow_path(resample):
+    """convert.py's path (draft decode, box on a reduced copy) with `resample` for the resize."""
+    def crop_of(src, crop_size):
+        image = crop.load_for_crop(src, crop_size)
+        box = crop.find_eye_box_fast(image)
+        return np.asarray(image.resize((crop_size, crop_size), resample, box=box, reducing_gap=3.0))
+    return crop_of
+
+
+def opencv_path():
+    """OpenCV's reduced JPEG decode at the largest 1/2, 1/4, 1/8 that keeps the crop >= crop_size,
+    the box as convert.py finds it, INTER_AREA; None when OpenCV is not installed."""
+    try:
+        import cv2
+    except ImportError:
+        return None
+    cv2.setNumThreads(1)
+    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+             8: cv2.IMREAD_REDUCED_COLOR_8}
+
+    def crop_of(src, crop_size):
+        with Image.open(src) as image:
+            width, height = image.size
+        need, scale = math.ceil(crop_size / crop.MIN_BOX_FRACTION), 1
+        while scale < 8 and min(width, height) // (2 * scale) >= need:
+            scale *= 2
+        rgb = cv2.imread(str(src), flags[scale])[:, :, ::-1]
+        left, top, right, bottom = crop.find_eye_box_fast(Image.fromarray(rgb))
+        return cv2.resize(np.ascontiguousarray(rgb[top:bottom, left:right]), (crop_size, crop_size),
+                          interpolation=cv2.INTER_AREA)
+    return crop_of
+
+
+def alternatives(sources, crop_size, rounds):
+    """Rows (label, ms per image, largest mean |difference| from the reference crop)."""
+    resample = Image.Resampling
+    paths = {f'Pillow draft decode + {f.name.lower()}'
+             + (' (convert.py)' if f == crop.RESAMPLE else ''): pillow_path(f)
+             for f in (resample.LANCZOS, resample.BICUBIC, resample.BILINEAR)}
+    if (opencv := opencv_path()) is not None:
+        import cv2
+        paths[f'OpenCV {cv2.__version__} reduced decode + INTER_AREA'] = opencv
+    references = [np.asarray(crop.crop_to_eye_reference(load_rgb(src), crop_size), dtype=np.float32)
+                  for src in sources]
+    difference = {label: max(float(np.abs(np.asarray(path(src, crop_size), dtype=np.float32)
+                                           - reference).mean())
+                              for src, reference in zip(sources, references))
+                  for label, path in paths.items()}
+
+    def timing(path):
+        return lambda: seconds(lambda: [path(src, crop_size) for src in sources]) / len(sources)
+    times = medians(interleaved({label: timing(path) for label, path in paths.items()}, rounds))
+    return [(label, 1000 * times[label], difference[label]) for label in paths]
 
 
 def box_agreement(sources, crop_size):
@@ -92,7 +172,7 @@ def box_agreement(sources, crop_size):
         fast = np.asarray(crop.crop_to_eye(decoded, crop_size), dtype=np.float64)
         reference = np.asarray(crop.crop_to_eye_reference(full, crop_size), dtype=np.float64)
         differences.append(np.abs(fast - reference).mean())
-    return worst_px, worst_fraction, float(np.mean(differences))
+    return worst_px, worst_fraction, float(np.max(differences))
 
 
 @click.command()
@@ -101,83 +181,106 @@ def box_agreement(sources, crop_size):
 @click.option('--crop_size', default=512, show_default=True, type=click.IntRange(min=8), help='Output size.')
 @click.option('--extension', default='tiff', show_default=True,
               type=click.Choice(crop.OUTPUT_EXTENSIONS), help='Output format (as convert.py).')
-@click.option('--repeat', default=3, show_default=True, type=click.IntRange(min=1),
-              help='Passes per variant; the fastest pass counts.')
+@click.option('--rounds', default=3, show_default=True, type=click.IntRange(min=1),
+              help='Interleaved rounds: each variant runs once per round; medians are reported.')
 @click.option('--copies', default=10, show_default=True, type=click.IntRange(min=1),
-              help='The fast rows convert each photograph this many times per pass (the reference once).')
+              help='The fast per-image rows convert each photograph this many times per pass '
+                   '(the reference and the whole-process rows once).')
 @click.option('--n_proc', default=os.cpu_count(), show_default=True, type=click.IntRange(min=1),
               help='Processes for the pool row.')
 @click.option('--benchmarks_file', default=str(REPO / 'BENCHMARKS.md'), show_default=True,
               type=click.Path(dir_okay=False), help='Markdown file whose "## convert.py" section is replaced.')
+@click.option('--reference_into', type=click.Path(file_okay=False), hidden=True,
+              help='Internal: run the reference over --directory into this folder and exit '
+                   '(the whole-process reference row).')
 @handle_errors()
-def main(directory, crop_size, extension, repeat, copies, n_proc, benchmarks_file):
+def main(directory, crop_size, extension, rounds, copies, n_proc, benchmarks_file, reference_into):
     """Time convert.py's fast path against the plain full-resolution algorithm."""
     sources = list_images(directory)
+    if reference_into:
+        Path(reference_into).mkdir(parents=True, exist_ok=True)
+        for src in sources:
+            reference_one(src, crop.output_path(src, reference_into, extension), crop_size)
+        return
     n = len(sources)
-    # Warm the page cache so that every variant reads the files from memory.
-    for src in sources:
+    for src in sources:  # the page cache: every variant reads the files from memory
         src.read_bytes()
 
     load_before = os.getloadavg()[0]
-    timings = {}
     with tempfile.TemporaryDirectory(prefix='bench_convert_') as tmp:
         tmp = Path(tmp)
-        # The fast path needs many images per pass for a stable rate (and for the
-        # pool to get past its start-up): link each photograph `copies` times.
+        # The fast rows need many images per pass for a stable rate (and the pool to get past
+        # its start-up): each photograph linked `copies` times.
         copies_dir = tmp / 'inputs'
         copies_dir.mkdir()
         for src in sources:
             for i in range(copies):
                 (copies_dir / f'{src.stem}_copy{i}{src.suffix}').symlink_to(src.resolve())
         many = list_images(copies_dir)
-        counts = {'reference': n, 'fast': len(many), 'pool': len(many)}
-        passes = {
-            'reference': lambda i: one_by_one(reference_one, sources, tmp / f'reference_{i}', crop_size, extension),
-            'fast': lambda i: one_by_one(crop.convert_one, many, tmp / f'fast_{i}', crop_size, extension),
-            'pool': lambda i: with_pool(copies_dir, tmp / f'pool_{i}', crop_size, extension, n_proc),
-        }
-        for name, make in passes.items():
-            # The fastest pass is the least disturbed by whatever else runs on the machine.
-            timings[name] = min((timed(make(i)) for i in range(repeat)), key=lambda t: t[0])
-
+        passes = Passes(tmp)
+        common = ['--directory', str(directory), '--crop_size', str(crop_size), '--extension', extension]
+        per_image = interleaved({
+            'reference': one_by_one(reference_one, sources, passes, 'reference', crop_size, extension),
+            'fast': one_by_one(crop.convert_one, many, passes, 'fast', crop_size, extension),
+            'pool': with_pool(copies_dir, len(many), passes, crop_size, extension, n_proc),
+            'reference process': process(lambda out: [sys.executable, __file__, *common,
+                                                      '--reference_into', str(out)],
+                                         passes, 'reference_process'),
+            'convert.py': process(lambda out: [sys.executable, str(REPO / 'convert.py'), *common,
+                                               '--convert_directory', str(out), '--no_progress'],
+                                  passes, 'convert'),
+        }, rounds)
+    timing = medians(per_image)
     worst_px, worst_fraction, difference = box_agreement(sources, crop_size)
-    rate = {name: counts[name] / wall for name, (wall, cpu) in timings.items()}
-    cpu_ms = {name: 1000 * cpu / counts[name] for name, (wall, cpu) in timings.items()}
+    alternative_rows = alternatives(sources, crop_size, rounds)
     sizes = sorted({Image.open(src).size for src in sources})
     size_text = ', '.join(f'{w}×{h}' for w, h in sizes)
 
+    def speedup(name):
+        return paired_ratio(per_image['reference'], per_image[name])
+
     rows = [
         ('reference: full decode, BLUR whole photo, box, crop, Lanczos', 1, 'reference'),
-        ('fast (`convert_one`): DCT-scaled decode, box on ≤1024-px copy, Lanczos', 1, 'fast'),
-        ('fast, process pool (`convert_folder`, as convert.py)', n_proc, 'pool'),
+        ('fast (`convert_one`): DCT-scaled decode, box on ≤1024-px copy, bilinear', 1, 'fast'),
+        ('fast, process pool (`convert_folder`)', n_proc, 'pool'),
     ]
-    table = ['| path | processes | images/s | wall ms/image | CPU ms/image | speed-up vs reference |',
-             '| --- | ---: | ---: | ---: | ---: | ---: |']
+    table = ['| per image | processes | images/s | ms/image | speed-up vs reference |',
+             '| --- | ---: | ---: | ---: | ---: |']
     for label, processes, key in rows:
-        # The pool's workers are forked by multiprocessing's forkserver, not by this process:
-        # their CPU time is not among this process's children, so it is not shown.
-        cpu_text = '–' if key == 'pool' and processes > 1 else f'{cpu_ms[key]:.0f}'
-        table.append(f'| {label} | {processes} | {rate[key]:.2f} | {1000 / rate[key]:.0f} | {cpu_text} '
-                     f'| {rate[key] / rate["reference"]:.1f}× |')
+        table.append(f'| {label} | {processes} | {1 / timing[key]:.2f} | {1000 * timing[key]:.1f} '
+                     f'| {speedup(key):.1f}× |')
+    whole = paired_ratio(per_image['reference process'], per_image['convert.py'])
+    alternative_table = ['| decode + resize (box as convert.py; not saved) | ms/image | '
+                         'largest mean \\|diff\\| from the reference crop (of 255) |',
+                         '| --- | ---: | ---: |']
+    alternative_table += [f'| {label} | {ms:.1f} | {diff:.2f} |' for label, ms, diff in alternative_rows]
     command = (f'python bench/bench_convert.py --directory {directory} --crop_size {crop_size} '
-               f'--extension {extension} --repeat {repeat} --copies {copies} --n_proc {n_proc}')
+               f'--extension {extension} --rounds {rounds} --copies {copies} --n_proc {n_proc}')
     section = '\n'.join([
         f'`{command}`',
         '',
-        f'- date: {datetime.date.today().isoformat()}; device: {cpu_model()}, {os.cpu_count()} cores; '
+        f'- date: {today()}; device: {cpu_model()}, {os.cpu_count()} cores; '
         f'Python {platform.python_version()}, Pillow {PIL.__version__}, numpy {np.__version__}',
         f'- {n} photographs ({size_text}) → {crop_size}² {extension}; each pass decodes, crops and '
         f'saves every image (the reference each photograph once, the fast rows each {copies} times); '
-        f'best of {repeat} passes; load average before the run {load_before:.1f}',
+        f'{rounds} interleaved rounds, medians; speed-ups are the median of the per-round ratios; '
+        f'load average before the run {load_before:.1f}',
         '',
         *table,
         '',
-        f'- speed-up, one process: **{rate["fast"] / rate["reference"]:.1f}×**; '
-        f'with the pool ({n_proc} processes): **{rate["pool"] / rate["reference"]:.1f}×**; '
-        f'in CPU time per image: {cpu_ms["reference"] / cpu_ms["fast"]:.1f}×',
+        f'- per image, one process: **{speedup("fast"):.1f}×** (target ≥ 50×); with the pool '
+        f'({n_proc} processes): **{speedup("pool"):.1f}×**',
+        f'- whole process on the {n} photographs, start-up included: `convert.py` '
+        f'{timing["convert.py"]:.2f} s (default --n_proc), the reference process '
+        f'{timing["reference process"]:.2f} s: **{whole:.1f}×** (target ≥ 12×)',
         f'- box agreement: the fast box is at most **{worst_px} px** (full resolution; '
         f'{100 * worst_fraction:.2f}% of the height) from the reference box; '
-        f'mean absolute difference of the outputs {difference:.2f} / 255',
+        f'largest mean absolute difference of an output from the reference {difference:.2f} / 255',
+        '',
+        'The decode/resize alternatives, interleaved in one process (medians of '
+        f'{rounds} rounds over the {n} photographs):',
+        '',
+        *alternative_table,
         '',
     ])
     print(section)

@@ -26,6 +26,36 @@ def device_name(device):
     return f'CPU: {cpu_model()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads'
 
 
+def interleaved(variants, rounds):
+    """Run each of `variants` (name -> function returning a measurement) once per round, in
+    turn: A, B, C in the first round, C, B, A in the next, and so on.
+
+    On a shared machine the load from other jobs comes and goes over seconds; variants measured
+    one after another can see different machines and their ratio swings by 2x.  Interleaved,
+    every variant sees the same spread of load, and the median of each (see `medians`) and
+    their ratio hold.  Returns name -> list of the measurements, in round order.
+    """
+    results = {name: [] for name in variants}
+    order = list(variants)
+    for round_ in range(rounds):
+        for name in (order if round_ % 2 == 0 else order[::-1]):
+            results[name].append(variants[name]())
+    return results
+
+
+def medians(results):
+    """name -> median of its measurements (the `interleaved` result)."""
+    import statistics
+    return {name: statistics.median(values) for name, values in results.items()}
+
+
+def paired_ratio(numerators, denominators):
+    """The median over rounds of numerator / denominator, each pair measured in the same round
+    (steadier than the ratio of the medians when the load drifts during the run)."""
+    import statistics
+    return statistics.median(a / b for a, b in zip(numerators, denominators))
+
+
 def today():
     return datetime.date.today().isoformat()
 
