@@ -73,7 +73,7 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     from retina import atomic
     from retina.predict import (LoadedBlend, collect_photos, format_csv, format_json, grade,
                                 load_grader)
-    from retina.train import resolve_device
+    from retina.runtime import resolve_device
 
     if per_patient and not blend_file:
         raise UserError('--per_patient applies a fitted per-patient blend: pass --blend '

@@ -126,7 +126,7 @@ def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights,
         option = '--scores_json' if scores_json else '--scores_only'
         raise UserError(f'{option} needs --masks (there is nothing to score without lesion masks)')
     from retina import atomic, ram
-    from retina.train import resolve_device
+    from retina.runtime import resolve_device
     config = config_module.load(cnf)
     device = resolve_device(device)
     net, weights, trained_with = ram.load_net(config, weights_from, device, method)

@@ -42,7 +42,7 @@ def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, devi
     whose folder is given (--test_dir or --train_dir alone), else both.
     """
     from retina.features import extract_features, load_model
-    from retina.train import resolve_device
+    from retina.runtime import resolve_device
 
     config = config_module.load(cnf)
     weights = weights_from or paths.best_kappa_weights(config.name)

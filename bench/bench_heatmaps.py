@@ -305,7 +305,7 @@ def main(synthetic_weights, synthetic_fuse, real_weights, real_fuse, synthetic_d
     if not rows:
         raise click.ClickException('nothing was scored (see the notes above)')
     import torch
-    from retina.train import resolve_device
+    from retina.runtime import resolve_device
     body = '\n'.join([
         f'{today()}, {device_name(torch.device(resolve_device(device)))}, '
         f'{time.perf_counter() - started:.0f} s. `python bench/bench_heatmaps.py '

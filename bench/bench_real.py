@@ -145,7 +145,8 @@ def grade(work, config_name, image_paths, device):
     import torch
 
     from retina import config as config_module
-    from retina.train import Runtime, predict
+    from retina.runtime import Runtime
+    from retina.train import predict
     config = config_module.load(config_name)
     model = load_model(config, work / paths.best_kappa_weights(config_name), device)
     images = cache.load_images(image_paths, progress=False, cache_dir=work / 'data' / 'cache')
@@ -272,7 +273,7 @@ def table(results, configs, epochs, tta, raw_name):
 def main(source, raw, work, configs, looks, epochs, tta, device, compile_model, note, write):
     """Validation kappa of nets, TTA head and blend on real photographs, beside a pixel floor."""
     import torch
-    from retina.train import resolve_device
+    from retina.runtime import resolve_device
     source, work = Path(source).resolve(), Path(work).resolve()
     raw = Path(raw).resolve() if raw and (Path(raw) / 'train').is_dir() else None
     configs, looks = configs.split(','), looks.split(',')

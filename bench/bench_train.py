@@ -31,8 +31,8 @@ sys.path.insert(0, str(REPO / 'bench'))
 from report import device_name, replace_section, today  # noqa: E402
 from retina import config as config_module  # noqa: E402
 from retina.augment import prepare_batch  # noqa: E402
-from retina.train import (Runtime, batches, make_optimizer, place_images,  # noqa: E402
-                          resolve_device, train_one_epoch)
+from retina.runtime import Runtime, batches, place_images, resolve_device  # noqa: E402
+from retina.train import make_optimizer, train_one_epoch  # noqa: E402
 
 ALL = [f'c_{r}_{k}_32{v}' for r in (128, 256, 512) for k in ('5x5', '4x4') for v in ('', '_ram')]
 FOLDER_SIZE = {112: 128, 224: 256, 448: 512}

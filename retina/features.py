@@ -206,7 +206,7 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
     from retina import atomic, cache, paths, preprocess
     from retina.augment import broadcast_params, prepare_batch, tta_params
     from retina.images import image_name, list_images
-    from retina.train import Runtime, batches, place_images
+    from retina.runtime import Runtime, batches, place_images
 
     image_paths = list_images(folder)
     names = [image_name(p) for p in image_paths]

@@ -2,8 +2,11 @@
 
 Per epoch: a class-balanced resample of the training images, augmentation on
 the device that holds the batch, MSE on the level, Nesterov momentum, then
-validation MSE and kappa on 10% of the patients.  `train` is the loop; it
-calls the plain functions `train_one_epoch` and `evaluate`.
+validation MSE and kappa on 10% of the patients.  `train` reads like the
+epoch loop of torchvision's reference script: `set_up` (data, net, optimizer),
+the start state (`fresh_start` or `resume_state`), then per epoch `one_epoch`
+(the plain functions `train_one_epoch` and `evaluate`) and one call to the
+`Keeper`, which holds the checkpoint policy and the log.
 
 Everything random in an epoch is seeded from (seed, epoch, rank), so a run
 resumed from `last.pt` gives the same result as an uninterrupted one.
@@ -14,11 +17,8 @@ import csv
 import io
 import json
 import math
-import os
-import queue
-import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -28,10 +28,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from retina import atomic, cache, checkpoint, data, lock, paths, preprocess
-from retina.config import lr_for_epoch, to_jsonable
-from retina.plots import training_curves
 from retina.augment import prepare_batch, random_params
+from retina.config import lr_for_epoch, to_jsonable
 from retina.errors import UserError
+from retina.plots import training_curves
+from retina.runtime import Runtime, batches, place_images, setup_runtime
 
 LOG_COLUMNS = ('epoch', 'train_loss', 'valid_loss', 'valid_kappa', 'lr', 'seconds',
                'images_per_s')
@@ -40,64 +41,6 @@ SAVE_EVERY = 5
 
 class Diverged(Exception):
     """The training loss became NaN or infinite."""
-
-
-@dataclass
-class Runtime:
-    device: torch.device
-    rank: int = 0
-    world: int = 1
-
-    @property
-    def cuda(self):
-        return self.device.type == 'cuda'
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-    @property
-    def distributed(self):
-        return self.world > 1
-
-
-def resolve_device(requested='auto'):
-    """'auto', 'cpu', 'cuda' or 'cuda:N' -> torch.device; a missing GPU is a UserError."""
-    if requested == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise UserError(f'unknown device {requested!r}; use auto, cpu, cuda or cuda:N') from None
-    if device.type not in ('cpu', 'cuda'):
-        raise UserError(f'--device {requested}: only cpu and cuda are supported (bf16 autocast '
-                        f'and the tests cover those two); use auto, cpu, cuda or cuda:N')
-    if device.type == 'cuda':
-        if not torch.cuda.is_available():
-            raise UserError(f'--device {requested}: no CUDA GPU is available on this machine; '
-                            f'use --device cpu')
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f'--device {requested}: this machine has '
-                            f'{torch.cuda.device_count()} GPU(s)')
-    return device
-
-
-def setup_runtime(requested='auto'):
-    """One process per device; under torchrun, join the process group."""
-    world = int(os.environ.get('WORLD_SIZE', '1'))
-    if 'OMP_NUM_THREADS' not in os.environ:  # never more threads than the cores we may use
-        torch.set_num_threads(max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))
-                                         // world)))
-    if world == 1:
-        return Runtime(resolve_device(requested))
-    rank, local_rank = int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', '0'))
-    device = resolve_device(requested)
-    if device.type == 'cuda':
-        device = torch.device('cuda', local_rank)
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return Runtime(device, rank, world)
 
 
 def make_optimizer(model, cnf, lr):
@@ -117,43 +60,6 @@ def set_lr(optimizer, lr):
 
 def epoch_seed(seed, epoch, rank=0):
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
-
-
-def _to_device(batch, chunk, device):
-    """A host batch and its indices on `device`; pinned, so the copy does not block."""
-    tensors = (torch.from_numpy(np.ascontiguousarray(batch)), torch.from_numpy(chunk))
-    if device.type == 'cuda':
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
-    return tensors
-
-
-def batches(images, indices, batch_size, device):
-    """Yield (uint8 batch, index tensor), both on `device`.
-
-    From a device-resident cache the batch is gathered on the device and the
-    indices travel once per epoch; from a host cache batches are gathered in
-    index order and, for a GPU, prepared ahead in a thread.
-    """
-    if isinstance(images, torch.Tensor):
-        on_device = torch.as_tensor(np.asarray(indices), device=images.device)
-        for chunk in on_device.split(batch_size):
-            yield images[chunk], chunk
-        return
-    chunks = [np.sort(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
-    if device.type != 'cuda':
-        for chunk in chunks:
-            yield _to_device(images[chunk], chunk, device)
-        return
-    ready = queue.Queue(maxsize=3)
-
-    def produce():
-        for chunk in chunks:
-            ready.put(_to_device(images[chunk], chunk, device))
-        ready.put(None)
-
-    threading.Thread(target=produce, daemon=True).start()
-    while (item := ready.get()) is not None:
-        yield item
 
 
 def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, generator,
@@ -191,7 +97,7 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
             mean_loss = total_loss.item() / seen
             if not math.isfinite(mean_loss):
                 bar.close()
-                raise Diverged(f'step {step + 1}')
+                raise Diverged(f'the training loss became NaN (step {step + 1})')
             rate = seen * runtime.world / (time.perf_counter() - start)
             bar.set_postfix(loss=f'{mean_loss:.4f}', img_s=f'{rate:.0f}')
         bar.update(len(chunk) * runtime.world)
@@ -277,14 +183,29 @@ def read_log(path):
     return rows
 
 
-def place_images(images, runtime, cache_on_device):
-    """Keep the uint8 cache on the GPU when it fits (or when asked), else on the host."""
-    if not runtime.cuda or cache_on_device == 'no':
-        return images
-    free, _ = torch.cuda.mem_get_info(runtime.device)
-    if cache_on_device == 'yes' or images.nbytes < 0.4 * free:
-        return torch.from_numpy(np.ascontiguousarray(images)).to(runtime.device)
-    return images
+@dataclass
+class Run:
+    """What a run trains with: set up once by `set_up`, the same on every rank."""
+    config: object
+    runtime: Runtime
+    images: object  # uint8 cache, on the host (numpy) or the device (torch)
+    levels: np.ndarray
+    train_idx: np.ndarray
+    valid_idx: np.ndarray
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    preprocessing: str  # convert.py --enhance of the training images: kept in every checkpoint
+
+
+@dataclass
+class Start:
+    """Where a run starts: epoch 1 of a new run, or the epoch after the one in last.pt."""
+    epoch: int = 1
+    best_kappa: float = -math.inf
+    best_loss: float = math.inf
+    seed: int = 0
+    log_rows: list = field(default_factory=list)
+    resumed: bool = False
 
 
 def train(config, weights_from=None, resume=False, max_epochs=None, device='auto', seed=0,
@@ -300,12 +221,32 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
     guard = (lock.hold(paths.run_lock(config.name), paths.run_dir(config.name), say)
              if runtime.main else contextlib.nullcontext())
     with guard:
-        return _train(config, runtime, say, weights_from, resume, max_epochs, seed, deterministic,
-                      compile_model, cache_on_device, progress)
+        run = set_up(config, runtime, seed, deterministic, cache_on_device, progress, say)
+        start = (resume_state(run.model, run.optimizer, config.name, seed, weights_from, say)
+                 if resume else fresh_start(run.model, config.name, seed, weights_from, say))
+        keeper = Keeper(run, start, say)
+        net, prepare = wrap(run.model, runtime, compile_model, say)
+        say(f'{config.name}: {len(run.train_idx)} training / {len(run.valid_idx)} validation '
+            f'images ({config.cnf["train_dir"]}), device {runtime.device}'
+            + (f' × {runtime.world} processes' if runtime.distributed else ''))
+        for epoch, lr in schedule_epochs(config.cnf['schedule'], start.epoch, max_epochs):
+            try:
+                metrics = one_epoch(run, net, prepare, epoch, lr, start.seed, progress)
+            except Diverged as what:
+                raise diverged(config.name, epoch, str(what), keeper.last_good())
+            keeper.end_epoch(epoch, lr, metrics)
+            if runtime.distributed:
+                dist.barrier()
+        result = keeper.finish(max_epochs)
+        if runtime.distributed:
+            dist.barrier()
+            dist.destroy_process_group()
+        return result
 
 
-def _train(config, runtime, say, weights_from, resume, max_epochs, seed, deterministic,
-           compile_model, cache_on_device, progress):
+def set_up(config, runtime, seed, deterministic, cache_on_device, progress, say):
+    """Seeds and backend flags, the image cache (on the device when it fits), the split,
+    the net (channels_last) and its optimizer at the first epoch's learning rate."""
     cnf, name = config.cnf, config.name
     torch.manual_seed(seed)
     if deterministic:
@@ -315,37 +256,25 @@ def _train(config, runtime, say, weights_from, resume, max_epochs, seed, determi
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-
     image_paths, levels = data.labelled_images(cnf['train_dir'], cnf['labels'], say)
-    preprocessing = preprocess.folder_method(cnf['train_dir'])  # kept in every checkpoint
-    names = [p.stem for p in image_paths]
-    if runtime.main:
+    preprocessing = preprocess.folder_method(cnf['train_dir'])
+    if runtime.main:  # the main process builds the cache file; the others then read it
         host_images = cache.load_images(image_paths, progress=progress)
     if runtime.distributed:
         dist.barrier()
     if not runtime.main:
         host_images = cache.load_images(image_paths, progress=False)
     cache.check_size(host_images, config.input_size, cnf['train_dir'], name)
-    images = place_images(host_images, runtime, cache_on_device)
-    train_idx, valid_idx = data.split_indices(names, levels)
-
-    model = config.build_net().to(runtime.device)
+    train_idx, valid_idx = data.split_indices([p.stem for p in image_paths], levels)
     # channels_last on the CPU too: oneDNN's convolutions are about 1.3× faster in it.
-    model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cnf, lr_for_epoch(cnf['schedule'], 1))
-    last_path = paths.resume_checkpoint(name)
-    if resume:
-        start = resume_state(model, optimizer, name, seed, weights_from, say)
-    else:
-        start = fresh_start(model, name, seed, weights_from, say)
-    start_epoch, best_kappa, best_loss = start['epoch'], start['best_kappa'], start['best_loss']
-    seed, log_rows = start['seed'], start['log_rows']
-    # A new run writes nothing until its first epoch has ended: one that fails in its setup or
-    # first epoch leaves the earlier run of the config where it was.
-    fresh = not resume
-    if runtime.main and resume:
-        atomic.write_text(paths.resolved_config(name),
-                          json.dumps(dict(config.resolved(), seed=seed), indent=2))
+    model = config.build_net().to(runtime.device).to(memory_format=torch.channels_last)
+    return Run(config, runtime, place_images(host_images, runtime, cache_on_device), levels,
+               train_idx, valid_idx, model,
+               make_optimizer(model, cnf, lr_for_epoch(cnf['schedule'], 1)), preprocessing)
+
+
+def wrap(model, runtime, compile_model, say):
+    """(the net to train, the batch preparation): compiled if asked, under DDP on many ranks."""
     net, prepare = model, prepare_batch
     if compile_model:
         net = compile_or_eager(model, say)
@@ -356,85 +285,120 @@ def _train(config, runtime, say, weights_from, resume, max_epochs, seed, determi
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net = torch.nn.parallel.DistributedDataParallel(
             net, device_ids=[runtime.device.index] if runtime.cuda else None)
+    return net, prepare
 
-    say(f'{name}: {len(train_idx)} training / {len(valid_idx)} validation images '
-        f'({cnf["train_dir"]}), device {runtime.device}'
-        + (f' × {runtime.world} processes' if runtime.distributed else ''))
-    epoch, stopped_by = start_epoch - 1, 'schedule'
-    while True:
+
+def schedule_epochs(schedule, first, max_epochs=None):
+    """(epoch, learning rate) from `first` until the schedule says 'stop' or after
+    `max_epochs`."""
+    epoch = first
+    while ((lr := lr_for_epoch(schedule, epoch)) != 'stop'
+           and (max_epochs is None or epoch <= max_epochs)):
+        yield epoch, lr
         epoch += 1
-        lr = lr_for_epoch(cnf['schedule'], epoch)
-        if lr == 'stop':
-            break
-        if max_epochs is not None and epoch > max_epochs:
-            stopped_by = 'max_epochs'
-            break
-        set_lr(optimizer, lr)
-        torch.manual_seed(epoch_seed(seed, epoch, runtime.rank))
-        generator = torch.Generator(device=runtime.device)
-        generator.manual_seed(epoch_seed(seed, epoch, runtime.rank + 7919))
-        sample = epoch_sample(train_idx, levels, epoch, seed, cnf['balance_ratio'], runtime)
-        try:
-            metrics = train_one_epoch(net, optimizer, images, levels, sample, config, runtime,
-                                      generator, progress, description=f'epoch {epoch}',
-                                      prepare=prepare)
-        except Diverged as where:
-            raise diverged(name, epoch, f'the training loss became NaN ({where})',
-                           None if fresh else last_path)
-        if runtime.distributed:
-            average_buffers(model, runtime.world)
-        metrics.update(evaluate(model, images, levels, valid_idx, config, runtime))
-        if len(valid_idx) and not math.isfinite(metrics['valid_loss']):
-            raise diverged(name, epoch, 'the validation predictions became NaN or infinite',
-                           None if fresh else last_path)
-        marks = []
-        if runtime.main:
-            if fresh:
-                begin_run(config, seed, say)
-                fresh = False
-            state = dict(model=model, config=config, epoch=epoch, seed=seed,
-                         preprocessing=preprocessing)
-            kappa = metrics['valid_kappa']  # NaN when the validation set is one level only
-            if kappa > best_kappa or (math.isnan(kappa) and best_kappa == -math.inf):
-                best_kappa = kappa if not math.isnan(kappa) else best_kappa
-                checkpoint.save(paths.best_kappa_weights(name), **state, best_kappa=best_kappa)
-                marks.append('best kappa')
-            if metrics['valid_loss'] < best_loss:
-                best_loss = metrics['valid_loss']
-                checkpoint.save(paths.best_loss_weights(name, epoch, best_loss), **state)
-                marks.append('best loss')
-            if epoch % SAVE_EVERY == 0:
-                checkpoint.save(paths.epoch_weights(name, epoch), **state)
-            log_rows.append(dict(epoch=epoch, lr=lr, **{k: f'{metrics[k]:.6g}' for k in
-                                                         LOG_COLUMNS if k in metrics}))
-            write_log(paths.train_log(name), log_rows)
-            training_curves(log_rows, paths.train_curves(name), name)
-            # last.pt goes last: a run killed before this line redoes the whole epoch.
-            checkpoint.save(last_path, **state, optimizer=optimizer, best_kappa=best_kappa,
-                            best_loss=best_loss)
-            say(f'epoch {epoch:4d}  train loss {metrics["train_loss"]:.4f}  valid loss '
-                f'{metrics["valid_loss"]:.4f}  kappa {metrics["valid_kappa"]:.4f}  lr {lr:g}  '
-                f'{metrics["seconds"]:.1f}s  {metrics["images_per_s"]:.0f} img/s'
-                + (f'  [{", ".join(marks)}]' if marks else '')
-                + (data.few_images_warning(len(valid_idx)) if len(valid_idx) else ''))
-        if runtime.distributed:
-            dist.barrier()
-    if runtime.main and not fresh:
-        if stopped_by == 'schedule':  # as the original: weights_final.pt marks a finished schedule
-            checkpoint.save(paths.final_weights(name), model=model, config=config,
-                            epoch=epoch - 1, seed=seed, best_kappa=best_kappa,
-                            preprocessing=preprocessing)
-            how = 'the schedule is done'
-        else:
-            how = (f'--max_epochs {max_epochs}; continue with --resume and a larger '
-                   f'--max_epochs, or none')
-        say(f'stopped after epoch {epoch - 1} ({how}): best valid kappa {best_kappa:.4f}, '
-            f'best valid loss {best_loss:.4f}; weights in {paths.run_dir(name)}')
+
+
+def one_epoch(run, net, prepare, epoch, lr, seed, progress):
+    """Train on the epoch's balanced sample, then validate; returns the epoch's metrics.
+
+    Raises `Diverged` on a NaN training loss or NaN validation predictions.
+    """
+    runtime, config = run.runtime, run.config
+    set_lr(run.optimizer, lr)
+    torch.manual_seed(epoch_seed(seed, epoch, runtime.rank))
+    generator = torch.Generator(device=runtime.device)
+    generator.manual_seed(epoch_seed(seed, epoch, runtime.rank + 7919))
+    sample = epoch_sample(run.train_idx, run.levels, epoch, seed, config.cnf['balance_ratio'],
+                          runtime)
+    metrics = train_one_epoch(net, run.optimizer, run.images, run.levels, sample, config,
+                              runtime, generator, progress, description=f'epoch {epoch}',
+                              prepare=prepare)
     if runtime.distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-    return dict(epoch=epoch - 1, best_kappa=best_kappa, best_loss=best_loss,
-                state_dict=checkpoint.unwrap(model).state_dict())
+        average_buffers(run.model, runtime.world)
+    metrics.update(evaluate(run.model, run.images, run.levels, run.valid_idx, config, runtime))
+    if len(run.valid_idx) and not math.isfinite(metrics['valid_loss']):
+        raise Diverged('the validation predictions became NaN or infinite')
+    return metrics
+
+
+class Keeper:
+    """The checkpoint and logging policy of a run, as timm's CheckpointSaver and update_summary.
+
+    After each epoch, in the main process: weights.pt at a new best validation kappa,
+    best/ at a new best validation loss, epochs/ every SAVE_EVERY epochs, log.csv and
+    curves.png, then last.pt; weights_final.pt when the schedule is done.  A new run
+    writes nothing until its first epoch has ended (`begin_run`): one that fails in its
+    set-up or first epoch leaves the earlier run of the config where it was.
+    """
+
+    def __init__(self, run, start, say):
+        self.run, self.say, self.main = run, say, run.runtime.main
+        self.name = run.config.name
+        self.best_kappa, self.best_loss = start.best_kappa, start.best_loss
+        self.seed, self.log_rows = start.seed, start.log_rows
+        self.epoch = start.epoch - 1  # the last epoch done
+        self.fresh = not start.resumed
+        if self.main and start.resumed:
+            atomic.write_text(paths.resolved_config(self.name),
+                              json.dumps(dict(run.config.resolved(), seed=self.seed), indent=2))
+
+    def last_good(self):
+        """last.pt if this run wrote it (None for a new run that has not finished an epoch)."""
+        return None if self.fresh else paths.resume_checkpoint(self.name)
+
+    def _state(self, epoch):
+        return dict(model=self.run.model, config=self.run.config, epoch=epoch, seed=self.seed,
+                    preprocessing=self.run.preprocessing)
+
+    def end_epoch(self, epoch, lr, metrics):
+        self.epoch = epoch
+        if not self.main:
+            return
+        if self.fresh:
+            begin_run(self.run.config, self.seed, self.say)
+            self.fresh = False
+        name, state, marks = self.name, self._state(epoch), []
+        kappa = metrics['valid_kappa']  # NaN when the validation set is one level only
+        if kappa > self.best_kappa or (math.isnan(kappa) and self.best_kappa == -math.inf):
+            self.best_kappa = kappa if not math.isnan(kappa) else self.best_kappa
+            checkpoint.save(paths.best_kappa_weights(name), **state, best_kappa=self.best_kappa)
+            marks.append('best kappa')
+        if metrics['valid_loss'] < self.best_loss:
+            self.best_loss = metrics['valid_loss']
+            checkpoint.save(paths.best_loss_weights(name, epoch, self.best_loss), **state)
+            marks.append('best loss')
+        if epoch % SAVE_EVERY == 0:
+            checkpoint.save(paths.epoch_weights(name, epoch), **state)
+        self.log_rows.append(dict(epoch=epoch, lr=lr, **{k: f'{metrics[k]:.6g}' for k in
+                                                          LOG_COLUMNS if k in metrics}))
+        write_log(paths.train_log(name), self.log_rows)
+        training_curves(self.log_rows, paths.train_curves(name), name)
+        # last.pt goes last: a run killed before this line redoes the whole epoch.
+        checkpoint.save(paths.resume_checkpoint(name), **state, optimizer=self.run.optimizer,
+                        best_kappa=self.best_kappa, best_loss=self.best_loss)
+        n_valid = len(self.run.valid_idx)
+        self.say(f'epoch {epoch:4d}  train loss {metrics["train_loss"]:.4f}  valid loss '
+                 f'{metrics["valid_loss"]:.4f}  kappa {metrics["valid_kappa"]:.4f}  lr {lr:g}  '
+                 f'{metrics["seconds"]:.1f}s  {metrics["images_per_s"]:.0f} img/s'
+                 + (f'  [{", ".join(marks)}]' if marks else '')
+                 + (data.few_images_warning(n_valid) if n_valid else ''))
+
+    def finish(self, max_epochs):
+        """weights_final.pt if the schedule is done, and the closing line; returns the result."""
+        if self.main and not self.fresh:
+            if lr_for_epoch(self.run.config.cnf['schedule'], self.epoch + 1) == 'stop':
+                # As the original: weights_final.pt marks a finished schedule.
+                checkpoint.save(paths.final_weights(self.name), **self._state(self.epoch),
+                                best_kappa=self.best_kappa)
+                how = 'the schedule is done'
+            else:
+                how = (f'--max_epochs {max_epochs}; continue with --resume and a larger '
+                       f'--max_epochs, or none')
+            self.say(f'stopped after epoch {self.epoch} ({how}): best valid kappa '
+                     f'{self.best_kappa:.4f}, best valid loss {self.best_loss:.4f}; weights in '
+                     f'{paths.run_dir(self.name)}')
+        return dict(epoch=self.epoch, best_kappa=self.best_kappa, best_loss=self.best_loss,
+                    state_dict=checkpoint.unwrap(self.run.model).state_dict())
 
 
 def average_buffers(model, world):
@@ -496,10 +460,10 @@ def resume_state(model, optimizer, name, seed, weights_from, say):
     if 'seed' in state and state['seed'] != seed:
         say(f'note: the run was started with --seed {state["seed"]}; it continues with it')
     say(f'resuming {name} at epoch {start_epoch} from {last_path}')
-    return dict(epoch=start_epoch, best_kappa=state['best_kappa'],
-                best_loss=state['best_loss'], seed=state.get('seed', seed),
-                log_rows=[r for r in read_log(paths.train_log(name))
-                          if int(r['epoch']) < start_epoch])
+    return Start(epoch=start_epoch, best_kappa=state['best_kappa'],
+                 best_loss=state['best_loss'], seed=state.get('seed', seed),
+                 log_rows=[r for r in read_log(paths.train_log(name))
+                           if int(r['epoch']) < start_epoch], resumed=True)
 
 
 def fresh_start(model, name, seed, weights_from, say):
@@ -512,7 +476,7 @@ def fresh_start(model, name, seed, weights_from, say):
             + (f' (weights of {source})' if source and source != name else ''))
         for line in skipped:
             say(f'  skipped {line}')
-    return dict(epoch=1, best_kappa=-math.inf, best_loss=math.inf, seed=seed, log_rows=[])
+    return Start(seed=seed)
 
 
 def begin_run(config, seed, say):

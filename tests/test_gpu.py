@@ -17,7 +17,8 @@ from retina.cache import load_images
 from retina.augment import prepare_batch, random_params
 from retina.features import load_features
 from retina.heatmaps.methods import regression_activation_map
-from retina.train import Runtime, make_optimizer, place_images, train_one_epoch
+from retina.runtime import Runtime, place_images
+from retina.train import make_optimizer, train_one_epoch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
