@@ -132,3 +132,25 @@ def test_theta_scales_area_by_the_zooms_and_flips_orientation():
     expected = params['zoom_x'] * params['zoom_y'] * (1 - 2 * params['flip'])
     assert torch.allclose(det, expected, atol=1e-4)
     assert (params['flip'] == 1).any() and (params['flip'] == 0).any()
+
+
+def test_sampling_grid_is_affine_grid():
+    import torch.nn.functional as F
+
+    from retina.augment import sampling_grid
+    theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
+    for size in ((7, 9), (16, 16)):
+        expected = F.affine_grid(theta, (5, 3, *size), align_corners=False)
+        torch.testing.assert_close(sampling_grid(theta, size), expected)
+
+
+def test_prepare_batch_writes_the_asked_dtype_and_layout():
+    images = torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8)
+    params = identity_params(2)
+    for p in (None, params):
+        plain = prepare_batch(images, (16, 16), p)
+        fast = prepare_batch(images, (16, 16), p, dtype=torch.bfloat16,
+                             memory_format=torch.channels_last)
+        assert fast.dtype == torch.bfloat16
+        assert fast.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(fast.float(), plain, atol=0.02, rtol=0.01)
