@@ -28,8 +28,18 @@ from retina.errors import handle_errors
               help='Seed for sampling, augmentation, dropout and initialisation.')
 @click.option('--deterministic', is_flag=True,
               help='Use deterministic algorithms only (reproducible, maybe slower on GPU).')
-@click.option('--compile', 'compile_model', is_flag=True,
-              help='torch.compile the network (faster on GPU; falls back to eager if unavailable).')
+@click.option('--compile/--no_compile', 'compile_model', default=None,
+              help='torch.compile the network and the augmentation [default: on a GPU yes, on '
+                   'the CPU no].  A compiler that fails falls back to eager with a warning; '
+                   "compiled, the epoch's last, smaller batch is left out (a new shape would "
+                   'compile again).')
+@click.option('--split_batch', is_flag=True,
+              help="Under torchrun: split the config's batch_size_train between the processes "
+                   '(the global batch and learning rates exactly as the config says).  Without '
+                   'it each process trains on the whole batch_size_train, so N GPUs train on '
+                   "N × batch per step with the schedule's learning rates unchanged; for that "
+                   'larger batch the linear scaling rule (rates × N in the schedule) is the usual '
+                   'starting point.')
 @click.option('--cache_on_device', type=click.Choice(['auto', 'yes', 'no']), default='auto',
               show_default=True,
               help='Keep the uint8 image cache in GPU memory (auto: when it fits).')
@@ -38,7 +48,7 @@ from retina.errors import handle_errors
 @click.option('--no_progress', is_flag=True, help='No progress bars (for logs).')
 @handle_errors(resume_hint='Continue with: python train_nn.py --cnf {cnf} --resume')
 def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed, deterministic,
-         compile_model, cache_on_device, summary, no_progress):
+         compile_model, split_batch, cache_on_device, summary, no_progress):
     """Train the network of config CNF on its train_dir and labels.
 
     Writes, under weights/CNF/: weights.pt (best validation kappa),
@@ -47,7 +57,8 @@ def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed,
     config.json.  A new run (without --resume) moves an earlier run's files
     to weights/CNF.earlier-TIME/ when its own first epoch ends (a run that
     fails sooner leaves them in place).  weights/CNF/run.lock keeps a second
-    run of the config out while one runs.  Run under torchrun for several GPUs.
+    run of the config out while one runs.  Run under torchrun for several GPUs:
+    batch_size_train is then per process (see --split_batch for the learning rate).
     """
     config = config_module.load(cnf)
     given = {k: v for k, v in (('train_dir', train_dir), ('labels', labels)) if v}
@@ -61,7 +72,8 @@ def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed,
         config = resumed_config(config, given)
     train(config, weights_from=weights_from, resume=resume, max_epochs=max_epochs,
           device=device, seed=seed, deterministic=deterministic, compile_model=compile_model,
-          cache_on_device=cache_on_device, progress=not no_progress, echo=click.echo)
+          cache_on_device=cache_on_device, progress=not no_progress, echo=click.echo,
+          split_batch=split_batch)
 
 
 if __name__ == '__main__':

@@ -4,11 +4,13 @@
     python bench/compare_revisions.py --old 8012f52 [--configs c_128_5x5_32_ram] [--rounds 3]
 
 The old revision is checked out into a temporary git worktree; the two trees'
-own `bench/bench_train.py` run in alternation (old, new, old, new, …) on the
-same device, so that machine noise hits both alike, and the best of the rounds
-is kept.  On the CPU the augmentation (`prepare_batch` with random
-parameters) of both trees is also timed alone, interleaved in one process.  Prints a table of images/s and new/old ratios and writes it to
-BENCHMARKS.md ("Training and feature extraction: <old> against this checkout").
+own `bench/bench_train.py` run in alternation (report.interleaved: old, new,
+new, old, …) on the same device, so that machine noise hits both alike; each
+figure is the median of the rounds and each ratio the median of the per-round
+ratios.  On the CPU the augmentation (`prepare_batch` with random parameters)
+of both trees is also timed alone, interleaved in one process.  Prints a table
+of images/s and new/old ratios and writes it to BENCHMARKS.md ("Training and
+feature extraction: <old> against this checkout").
 """
 import re
 import subprocess
@@ -22,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / 'bench'))
 
-from report import replace_section, today  # noqa: E402
+from report import interleaved, medians, paired_ratio, replace_section, today  # noqa: E402
 
 LINE = re.compile(r'^(\S+): train ([\d.]+) img/s, bare ([\d.]+) img/s, overhead [-\d.]+%, '
                   r'features ([\d.]+) img/s$', re.M)
@@ -60,15 +62,19 @@ def augment_rates(old_tree, repeats=30):
     config = config_module.load('c_128_5x5_32_ram')
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (128, 3, 128, 128), dtype=torch.uint8, generator=generator)
-    times = {'old': [], 'new': []}
-    for _ in range(repeats):
-        params = new.random_params(128, config.cnf['aug_params'], config.cnf['sigma'], generator)
-        for label, module in (('old', old), ('new', new)):
+    params = new.random_params(128, config.cnf['aug_params'], config.cnf['sigma'], generator)
+
+    def rate(module):
+        def run():
             start = time.process_time()
-            module.prepare_batch(images, config.input_size, params)
-            times[label].append(time.process_time() - start)
+            # In the network's layout, as training asks for it (old trees: a copy after).
+            out = module.prepare_batch(images, config.input_size, params)
+            out.contiguous(memory_format=torch.channels_last)
+            return 128 / (time.process_time() - start)
+        return run
+    rates = medians(interleaved({'old': rate(old), 'new': rate(new)}, repeats))
     torch.set_num_threads(threads)
-    return {label: 128 / sorted(t)[len(t) // 2] for label, t in times.items()}
+    return rates
 
 
 @click.command()
@@ -76,7 +82,7 @@ def augment_rates(old_tree, repeats=30):
 @click.option('--configs', default='c_128_5x5_32_ram,c_128_4x4_32', show_default=True,
               help='Comma-separated config names.')
 @click.option('--rounds', default=3, show_default=True, type=click.IntRange(min=1),
-              help='Alternating runs of each tree; the best is kept.')
+              help='Alternating runs of each tree; medians are reported.')
 @click.option('--steps', default=3, show_default=True, type=click.IntRange(min=1),
               help='Timed steps per measurement (passed to bench_train.py).')
 @click.option('--batch_size', type=click.IntRange(min=1),
@@ -86,19 +92,18 @@ def augment_rates(old_tree, repeats=30):
               help='Write the table to BENCHMARKS.md.')
 def main(old, configs, rounds, steps, batch_size, device, write):
     """Compare training/bare/feature images/s of revision OLD with this checkout."""
-    best = {'old': {}, 'new': {}}
     with tempfile.TemporaryDirectory() as tmp:
         old_tree = Path(tmp) / 'old'
         subprocess.run(['git', 'worktree', 'add', '--detach', '-f', str(old_tree), old],
                        cwd=REPO, check=True, capture_output=True)
         try:
-            for round_ in range(rounds):
-                for label, tree in (('old', old_tree), ('new', REPO)):
+            def bench(label, tree):
+                def run():
                     rates = run_bench(tree, configs, steps, device, batch_size)
-                    click.echo(f'round {round_ + 1} {label}: {rates}')
-                    for name, values in rates.items():
-                        previous = best[label].get(name, (0, 0, 0))
-                        best[label][name] = tuple(max(a, b) for a, b in zip(previous, values))
+                    click.echo(f'{label}: {rates}')
+                    return rates
+                return run
+            runs = interleaved({'old': bench('old', old_tree), 'new': bench('new', REPO)}, rounds)
             if device == 'cpu':
                 augmentation = augment_rates(old_tree)
                 click.echo(f'augmentation alone: {augmentation}')
@@ -109,8 +114,12 @@ def main(old, configs, rounds, steps, batch_size, device, write):
              'features old | new | new/old |',
              '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |']
     for name in configs.split(','):
-        o, n = best['old'][name], best['new'][name]
-        cells = [f'{o[i]:.1f} | {n[i]:.1f} | {n[i] / o[i]:.2f}' for i in range(3)]
+        cells = []
+        for i in range(3):  # train, bare, features
+            per_round = {label: [r[name][i] for r in runs[label]] for label in runs}
+            o, n = medians(per_round).values()
+            ratio = paired_ratio(per_round['new'], per_round['old'])
+            cells.append(f'{o:.1f} | {n:.1f} | {ratio:.2f}')
         table.append(f'| {name} | ' + ' | '.join(cells) + ' |')
     if device == 'cpu':
         o, n = augmentation['old'], augmentation['new']
@@ -120,7 +129,7 @@ def main(old, configs, rounds, steps, batch_size, device, write):
     command = ('python bench/compare_revisions.py ' + ' '.join(sys.argv[1:])).strip()
     if write:
         replace_section(f'Training and feature extraction: {old} against this checkout',
-                        f'Device: {device}; {today()}; best of {rounds} alternating rounds.\n'
+                        f'Device: {device}; {today()}; medians of {rounds} interleaved rounds.\n'
                         f'Command: `{command}`.\n\n' + '\n'.join(table))
 
 

@@ -15,6 +15,7 @@ Weights holding NaN or infinity are refused as broken.
 """
 import math
 import pickle
+import threading
 import zipfile
 from pathlib import Path
 
@@ -27,10 +28,64 @@ FORMAT = 'retina-checkpoint-1'
 
 
 def save(path, model, config, epoch, optimizer=None, **extra):
-    state = dict(format=FORMAT, config_name=config.name, config=config.resolved(), epoch=epoch,
-                 model={k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()},
-                 optimizer=optimizer.state_dict() if optimizer is not None else None, **extra)
-    atomic.torch_save(path, state)
+    atomic.torch_save(path, snapshot(model, config, epoch, optimizer, **extra))
+
+
+def snapshot(model, config, epoch, optimizer=None, **extra):
+    """The checkpoint dict of `model` (and `optimizer`) now, every tensor a CPU copy of its
+    own: training may go on changing the originals while the dict is written."""
+    return dict(format=FORMAT, config_name=config.name, config=config.resolved(), epoch=epoch,
+                model={k: host_copy(v) for k, v in unwrap(model).state_dict().items()},
+                optimizer=(host_copy(optimizer.state_dict()) if optimizer is not None
+                           else None), **extra)
+
+
+def host_copy(value):
+    """`value` with its tensors (inside dicts and lists too) copied to the CPU, copied even
+    when already there."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to('cpu', copy=True)
+    if isinstance(value, dict):
+        return {k: host_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(host_copy(v) for v in value)
+    return value
+
+
+class BackgroundWriter:
+    """Writes checkpoint dicts (`snapshot`s) to their files in a thread, in the order given.
+
+    A 512-px net's last.pt (weights and momentum, ~60 MB) takes a second or more to reach a
+    network disk: written in the training loop it stops the GPU for that long every epoch.
+    The snapshot is taken in the loop (a device-to-host copy), the writing goes on beside the
+    next epoch.  `wait` joins the writes in flight and raises their error, if any (a full
+    disk): call it before the next writes and before the run ends or reports a file.
+    """
+
+    def __init__(self):
+        self._thread, self._error = None, None
+
+    def write(self, files):
+        """Start writing `files`, a list of (path, state), after the writes in flight."""
+        self.wait()
+        self._thread = threading.Thread(target=self._write, args=(list(files),),
+                                        name='checkpoint-writer', daemon=False)
+        self._thread.start()
+
+    def _write(self, files):
+        try:
+            for path, state in files:
+                atomic.torch_save(path, state)
+        except BaseException as error:  # raised again in the training thread by wait()
+            self._error = error
+
+    def wait(self):
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
 
 def load(path):

@@ -16,6 +16,8 @@ import torch.distributed as dist
 
 from retina.errors import UserError
 
+GPU_EVAL_BATCH = 512  # validation and feature batches on a GPU: no gradients, bf16, < 10 GB
+
 
 @dataclass
 class Runtime:
@@ -34,6 +36,17 @@ class Runtime:
     @property
     def distributed(self):
         return self.world > 1
+
+    @property
+    def input_dtype(self):
+        """The network input's dtype: bf16 on a GPU (what the autocast convolutions read, so
+        the augmentation writes it directly), float32 on the CPU (no autocast there)."""
+        return torch.bfloat16 if self.cuda else torch.float32
+
+    def eval_batch_size(self, cnf):
+        """Images per validation or feature batch: the config's batch_size_test, at least
+        GPU_EVAL_BATCH on a GPU (a batch of 32 leaves an H100 waiting on kernel launches)."""
+        return max(cnf['batch_size_test'], GPU_EVAL_BATCH) if self.cuda else cnf['batch_size_test']
 
 
 def resolve_device(requested='auto'):

@@ -63,15 +63,21 @@ def epoch_seed(seed, epoch, rank=0):
 
 
 def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, generator,
-                    progress=True, sync_every=20, description='train', prepare=prepare_batch):
+                    progress=True, sync_every=20, description='train', prepare=prepare_batch,
+                    batch_size=None, drop_last=False):
     """One pass over `indices` (this rank's share of the epoch's sample); returns metrics.
 
     `prepare` turns a uint8 batch and its augmentation parameters into the
     network's input (`prepare_batch`, or a torch.compile'd copy of it).
+    `batch_size` is this process's [default: the config's batch_size_train];
+    `drop_last` leaves out the epoch's last, smaller batch (a compiled net would
+    compile again for its shape).
     """
     cnf = config.cnf
     model.train()
-    batch_size = max(1, cnf['batch_size_train'] // runtime.world)
+    batch_size = batch_size or cnf['batch_size_train']
+    if drop_last and len(indices) > batch_size:
+        indices = indices[:len(indices) - len(indices) % batch_size]
     levels_device = torch.as_tensor(levels, dtype=torch.float32, device=runtime.device)
     total_loss = torch.zeros((), device=runtime.device)
     seen, start = 0, time.perf_counter()
@@ -81,8 +87,8 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
     for step, (batch, chunk) in enumerate(batches(images, indices, batch_size, runtime.device)):
         params = random_params(len(chunk), cnf['aug_params'], cnf['sigma'], generator,
                                runtime.device)
-        x = prepare(batch, config.input_size, params)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = prepare(batch, config.input_size, params, dtype=runtime.input_dtype,
+                    memory_format=torch.channels_last)
         target = levels_device[chunk]
         with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
             out = model(x)
@@ -113,14 +119,15 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
 
 @torch.no_grad()
 def predict(model, images, indices, config, runtime, batch_size=None):
-    """Predictions for `indices` on the centred window (no augmentation), in index order."""
+    """Predictions for `indices` on the centred window (no augmentation), in index order;
+    batches of `batch_size` [default: runtime.eval_batch_size, larger on a GPU]."""
     model.eval()
-    batch_size = batch_size or config.cnf['batch_size_test']
+    batch_size = batch_size or runtime.eval_batch_size(config.cnf)
     order = np.asarray(indices)
     outputs, chunks = [], []
     for batch, chunk in batches(images, order, batch_size, runtime.device):
-        x = prepare_batch(batch, config.input_size)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = prepare_batch(batch, config.input_size, dtype=runtime.input_dtype,
+                          memory_format=torch.channels_last)
         with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
             outputs.append(model(x).float().squeeze(1))  # read back once, after the loop
         chunks.append(chunk)
@@ -195,6 +202,7 @@ class Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     preprocessing: str  # convert.py --enhance of the training images: kept in every checkpoint
+    batch_size: int = 0  # images per step in this process (`process_batch_size`)
 
 
 @dataclass
@@ -209,10 +217,13 @@ class Start:
 
 
 def train(config, weights_from=None, resume=False, max_epochs=None, device='auto', seed=0,
-          deterministic=False, compile_model=False, cache_on_device='auto', progress=True,
-          echo=print):
+          deterministic=False, compile_model=None, cache_on_device='auto', progress=True,
+          echo=print, split_batch=False):
     """Train `config`'s net; returns a dict with the final epoch and the best metrics.
 
+    `compile_model` None compiles on a GPU and not on the CPU.  Under torchrun each
+    process trains on the config's batch_size_train (`process_batch_size`), or on its
+    share of it with `split_batch`.
     The run holds weights/NAME/run.lock from start to end: a second run of the
     same config is refused instead of writing into (or moving aside) this one.
     """
@@ -222,22 +233,30 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
              if runtime.main else contextlib.nullcontext())
     with guard:
         run = set_up(config, runtime, seed, deterministic, cache_on_device, progress, say)
+        run.batch_size = process_batch_size(config.cnf, runtime, split_batch)
         start = (resume_state(run.model, run.optimizer, config.name, seed, weights_from, say)
                  if resume else fresh_start(run.model, config.name, seed, weights_from, say))
         keeper = Keeper(run, start, say)
-        net, prepare = wrap(run.model, runtime, compile_model, say)
+        compile_model = runtime.cuda if compile_model is None else compile_model
+        net, prepare, eval_net = wrap(run.model, runtime, compile_model, say)
         say(f'{config.name}: {len(run.train_idx)} training / {len(run.valid_idx)} validation '
             f'images ({config.cnf["train_dir"]}), device {runtime.device}'
-            + (f' × {runtime.world} processes' if runtime.distributed else ''))
-        for epoch, lr in schedule_epochs(config.cnf['schedule'], start.epoch, max_epochs):
-            try:
-                metrics = one_epoch(run, net, prepare, epoch, lr, start.seed, progress)
-            except Diverged as what:
-                raise diverged(config.name, epoch, str(what), keeper.last_good())
-            keeper.end_epoch(epoch, lr, metrics)
-            if runtime.distributed:
-                dist.barrier()
-        result = keeper.finish(max_epochs)
+            + (f' × {runtime.world} processes, {run.batch_size} images per step each'
+               if runtime.distributed else '') + (', compiled' if compile_model else ''))
+        try:
+            for epoch, lr in schedule_epochs(config.cnf['schedule'], start.epoch, max_epochs):
+                try:
+                    metrics = one_epoch(run, net, prepare, epoch, lr, start.seed, progress,
+                                        eval_net, drop_last=compile_model)
+                except Diverged as what:
+                    keeper.wait()  # last.pt of the epoch before is complete before it is named
+                    raise diverged(config.name, epoch, str(what), keeper.last_good())
+                keeper.end_epoch(epoch, lr, metrics)
+                if runtime.distributed:
+                    dist.barrier()
+            result = keeper.finish(max_epochs)
+        finally:
+            keeper.wait()  # an interrupted run still leaves its last checkpoints whole
         if runtime.distributed:
             dist.barrier()
             dist.destroy_process_group()
@@ -273,19 +292,42 @@ def set_up(config, runtime, seed, deterministic, cache_on_device, progress, say)
                make_optimizer(model, cnf, lr_for_epoch(cnf['schedule'], 1)), preprocessing)
 
 
+def process_batch_size(cnf, runtime, split_batch=False):
+    """Images per training step in this process.
+
+    The config's batch_size_train is per process: under torchrun with N processes a step
+    trains on N × batch images (splitting 32 over 8 GPUs left 4 images each, too few to keep
+    a GPU busy or for batch norm).  The learning rates of the config's schedule are used as
+    they are: for the N-times larger global batch the linear scaling rule (rates × N) is
+    the usual starting point; `split_batch` keeps the config's global batch and its
+    rates exactly, each process taking batch / N.
+    """
+    if split_batch:
+        return max(1, cnf['batch_size_train'] // runtime.world)
+    return cnf['batch_size_train']
+
+
 def wrap(model, runtime, compile_model, say):
-    """(the net to train, the batch preparation): compiled if asked, under DDP on many ranks."""
-    net, prepare = model, prepare_batch
-    if compile_model:
-        net = compile_or_eager(model, say)
-        # The augmentation too: one fused kernel from uint8 pixels to the standardised input.
-        prepare = compile_or_eager(prepare_batch, say)
+    """(the net to train, the batch preparation, the net to validate with): compiled if asked,
+    the first under DDP on many ranks."""
+    net, prepare, eval_net = model, prepare_batch, model
     if runtime.distributed:
         if runtime.cuda:  # batch statistics over the global batch, as on one device
             net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        # gradient_as_bucket_view: the gradients are views into DDP's all-reduce buckets, so
+        # no copy into and out of them on every step (and one gradient-sized buffer less).
         net = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[runtime.device.index] if runtime.cuda else None)
-    return net, prepare
+            net, device_ids=[runtime.device.index] if runtime.cuda else None,
+            gradient_as_bucket_view=True)
+    if compile_model:
+        # DDP first, then compile (PyTorch's advice): the compiler splits the graph at the
+        # gradient buckets so that their all-reduce overlaps the backward pass.
+        compiled = compile_or_eager(net, say)
+        eval_net = compiled if net is model else compile_or_eager(model, say, quiet=True)
+        net = compiled
+        # The augmentation too: one fused kernel from uint8 pixels to the standardised input.
+        prepare = compile_or_eager(prepare_batch, say, quiet=True)
+    return net, prepare, eval_net
 
 
 def schedule_epochs(schedule, first, max_epochs=None):
@@ -298,8 +340,9 @@ def schedule_epochs(schedule, first, max_epochs=None):
         epoch += 1
 
 
-def one_epoch(run, net, prepare, epoch, lr, seed, progress):
-    """Train on the epoch's balanced sample, then validate; returns the epoch's metrics.
+def one_epoch(run, net, prepare, epoch, lr, seed, progress, eval_net=None, drop_last=False):
+    """Train on the epoch's balanced sample, then validate (with `eval_net`, compiled or not,
+    default the model itself); returns the epoch's metrics.
 
     Raises `Diverged` on a NaN training loss or NaN validation predictions.
     """
@@ -312,10 +355,12 @@ def one_epoch(run, net, prepare, epoch, lr, seed, progress):
                           runtime)
     metrics = train_one_epoch(net, run.optimizer, run.images, run.levels, sample, config,
                               runtime, generator, progress, description=f'epoch {epoch}',
-                              prepare=prepare)
+                              prepare=prepare, batch_size=run.batch_size or None,
+                              drop_last=drop_last)
     if runtime.distributed:
         average_buffers(run.model, runtime.world)
-    metrics.update(evaluate(run.model, run.images, run.levels, run.valid_idx, config, runtime))
+    metrics.update(evaluate(eval_net or run.model, run.images, run.levels, run.valid_idx, config,
+                            runtime))
     if len(run.valid_idx) and not math.isfinite(metrics['valid_loss']):
         raise Diverged('the validation predictions became NaN or infinite')
     return metrics
@@ -326,7 +371,9 @@ class Keeper:
 
     After each epoch, in the main process: weights.pt at a new best validation kappa,
     best/ at a new best validation loss, epochs/ every SAVE_EVERY epochs, log.csv and
-    curves.png, then last.pt; weights_final.pt when the schedule is done.  A new run
+    curves.png, then last.pt; weights_final.pt when the schedule is done.  The weights are
+    copied to the host at once and written by a `checkpoint.BackgroundWriter` while the next
+    epoch trains; `wait` (before the next epoch's writes, and at the end) joins them.  A new run
     writes nothing until its first epoch has ended (`begin_run`): one that fails in its
     set-up or first epoch leaves the earlier run of the config where it was.
     """
@@ -338,6 +385,7 @@ class Keeper:
         self.seed, self.log_rows = start.seed, start.log_rows
         self.epoch = start.epoch - 1  # the last epoch done
         self.fresh = not start.resumed
+        self.writer = checkpoint.BackgroundWriter()
         if self.main and start.resumed:
             atomic.write_text(paths.resolved_config(self.name),
                               json.dumps(dict(run.config.resolved(), seed=self.seed), indent=2))
@@ -350,32 +398,43 @@ class Keeper:
         return dict(model=self.run.model, config=self.run.config, epoch=epoch, seed=self.seed,
                     preprocessing=self.run.preprocessing)
 
+    def wait(self):
+        """Join the checkpoint writes in flight (raising their error, e.g. a full disk)."""
+        self.writer.wait()
+
     def end_epoch(self, epoch, lr, metrics):
         self.epoch = epoch
         if not self.main:
             return
+        self.writer.wait()  # the previous epoch's files are complete before any moves
         if self.fresh:
             begin_run(self.run.config, self.seed, self.say)
             self.fresh = False
-        name, state, marks = self.name, self._state(epoch), []
+        name, marks, files = self.name, [], []
+        # One host copy of the weights for every file of this epoch (the optimizer's only
+        # for last.pt); written in the background, in this order, last.pt last.
+        weights = checkpoint.snapshot(**self._state(epoch))
         kappa = metrics['valid_kappa']  # NaN when the validation set is one level only
         if kappa > self.best_kappa or (math.isnan(kappa) and self.best_kappa == -math.inf):
             self.best_kappa = kappa if not math.isnan(kappa) else self.best_kappa
-            checkpoint.save(paths.best_kappa_weights(name), **state, best_kappa=self.best_kappa)
+            files.append((paths.best_kappa_weights(name),
+                          dict(weights, best_kappa=self.best_kappa)))
             marks.append('best kappa')
         if metrics['valid_loss'] < self.best_loss:
             self.best_loss = metrics['valid_loss']
-            checkpoint.save(paths.best_loss_weights(name, epoch, self.best_loss), **state)
+            files.append((paths.best_loss_weights(name, epoch, self.best_loss), weights))
             marks.append('best loss')
         if epoch % SAVE_EVERY == 0:
-            checkpoint.save(paths.epoch_weights(name, epoch), **state)
+            files.append((paths.epoch_weights(name, epoch), weights))
         self.log_rows.append(dict(epoch=epoch, lr=lr, **{k: f'{metrics[k]:.6g}' for k in
                                                           LOG_COLUMNS if k in metrics}))
         write_log(paths.train_log(name), self.log_rows)
         training_curves(self.log_rows, paths.train_curves(name), name)
-        # last.pt goes last: a run killed before this line redoes the whole epoch.
-        checkpoint.save(paths.resume_checkpoint(name), **state, optimizer=self.run.optimizer,
-                        best_kappa=self.best_kappa, best_loss=self.best_loss)
+        # last.pt goes last: a run killed before it is written redoes the whole epoch.
+        files.append((paths.resume_checkpoint(name),
+                       dict(weights, best_kappa=self.best_kappa, best_loss=self.best_loss,
+                            optimizer=checkpoint.host_copy(self.run.optimizer.state_dict()))))
+        self.writer.write(files)
         n_valid = len(self.run.valid_idx)
         self.say(f'epoch {epoch:4d}  train loss {metrics["train_loss"]:.4f}  valid loss '
                  f'{metrics["valid_loss"]:.4f}  kappa {metrics["valid_kappa"]:.4f}  lr {lr:g}  '
@@ -385,6 +444,7 @@ class Keeper:
 
     def finish(self, max_epochs):
         """weights_final.pt if the schedule is done, and the closing line; returns the result."""
+        self.writer.wait()
         if self.main and not self.fresh:
             if lr_for_epoch(self.run.config.cnf['schedule'], self.epoch + 1) == 'stop':
                 # As the original: weights_final.pt marks a finished schedule.
@@ -515,10 +575,20 @@ def diverged(name, epoch, what, last_path):
                      f'rate in the schedule')
 
 
-def compile_or_eager(model, say):
-    """torch.compile the model (or function) if the toolchain allows it, else keep it eager."""
+def compile_or_eager(model, say, quiet=False, backend='inductor'):
+    """torch.compile the model (or function) if the toolchain allows it, else keep it eager.
+
+    Compiling happens at the first call: a compiler that fails there (no C compiler, no
+    Triton for this GPU) makes that code run eager, with a warning, instead of stopping the
+    run (dynamo's suppress_errors).  Shapes are static: one graph per batch size, which is
+    why training drops the epoch's last, smaller batch and evaluation compiles its last batch
+    once.
+    """
     try:
-        return torch.compile(model)
+        import torch._dynamo
+        torch._dynamo.config.suppress_errors = True
+        return torch.compile(model, dynamic=False, backend=backend)
     except Exception as error:  # compile support varies by platform: never fatal
-        say(f'note: torch.compile unavailable ({type(error).__name__}); running eager')
+        if not quiet:
+            say(f'note: torch.compile unavailable ({type(error).__name__}); running eager')
         return model

@@ -240,3 +240,90 @@ def test_other_devices_are_one_line(tmp_path, device, words):
                         check=False)
     assert result.returncode == 2 and words in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- issue 14: the GPU paths, checked on the CPU ------------------------------
+
+def test_batch_is_per_process_under_torchrun_unless_split():
+    from retina.runtime import Runtime
+    from retina.train import process_batch_size
+    cnf = dict(batch_size_train=32)
+    eight = Runtime(torch.device('cpu'), rank=3, world=8)
+    assert process_batch_size(cnf, eight) == 32
+    assert process_batch_size(cnf, eight, split_batch=True) == 4
+    assert process_batch_size(cnf, Runtime(torch.device('cpu')), split_batch=True) == 32
+
+
+def _tiny_epoch(indices, **kwargs):
+    """train_one_epoch of a tiny net over `indices` of 8 random 20-px images; the batch sizes."""
+    from retina.runtime import Runtime
+    from retina.train import train_one_epoch
+    config = config_module.load(CONFIG)
+    config.cnf.update(h=16, w=16)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1),
+                              torch.nn.Flatten(), torch.nn.Linear(2, 1))
+    images = np.random.default_rng(0).integers(0, 256, (8, 3, 20, 20), dtype=np.uint8)
+    sizes = []
+
+    def prepare(batch, size, params, **layout):
+        sizes.append(len(batch))
+        x = prepare_batch(batch, size, params, **layout)
+        assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
+        return x
+
+    metrics = train_one_epoch(net, torch.optim.SGD(net.parameters(), lr=0.01), images,
+                              np.arange(8) % 5, np.asarray(indices), config,
+                              Runtime(torch.device('cpu')), torch.Generator().manual_seed(0),
+                              progress=False, prepare=prepare, **kwargs)
+    return sizes, metrics
+
+
+def test_a_compiled_run_drops_the_last_smaller_batch():
+    assert _tiny_epoch(range(7), batch_size=3)[0] == [3, 3, 1]
+    assert _tiny_epoch(range(7), batch_size=3, drop_last=True)[0] == [3, 3]
+    # fewer images than one batch: kept (one more compile is better than no step)
+    assert _tiny_epoch(range(2), batch_size=3, drop_last=True)[0] == [2]
+
+
+def test_a_failing_compiler_falls_back_to_eager():
+    from retina.train import compile_or_eager
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError('no compiler here')
+
+    net = torch.nn.Linear(4, 2)
+    x = torch.randn(3, 4)
+    said = []
+    compiled = compile_or_eager(net, said.append, backend=broken_backend)
+    torch.testing.assert_close(compiled(x), net(x))
+    assert not said  # the fallback is dynamo's warning at run time, not a note up front
+
+
+def test_checkpoints_are_host_copies_written_in_order_in_the_background(tmp_path, monkeypatch):
+    config = config_module.load(CONFIG)
+    net = torch.nn.Linear(3, 1)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.ones(2, 3)).sum().backward()
+    optimizer.step()
+    state = checkpoint.snapshot(net, config, 1, optimizer)
+    before = state['model']['weight'].clone()
+    with torch.no_grad():
+        net.weight += 1  # training goes on: the snapshot keeps the weights of its moment
+    assert torch.equal(state['model']['weight'], before)
+    momentum = state['optimizer']['state'][0]['momentum_buffer']
+    assert momentum.data_ptr() != optimizer.state_dict()['state'][0]['momentum_buffer'].data_ptr()
+
+    written = []
+    monkeypatch.setattr(checkpoint.atomic, 'torch_save', lambda path, s: written.append(path))
+    writer = checkpoint.BackgroundWriter()
+    writer.write([(tmp_path / 'a.pt', state), (tmp_path / 'last.pt', state)])
+    writer.wait()
+    assert written == [tmp_path / 'a.pt', tmp_path / 'last.pt']
+
+    def full_disk(path, s):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(checkpoint.atomic, 'torch_save', full_disk)
+    writer.write([(tmp_path / 'b.pt', state)])
+    with pytest.raises(OSError, match='No space'):
+        writer.wait()
+    writer.wait()  # reported once
