@@ -12,6 +12,7 @@ shear · zoom · flip; positive rotation turns the picture counter-clockwise.
 The output is the centred out_h × out_w window; outside the photo is black.
 """
 import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -24,6 +25,39 @@ COLOUR_U = np.array([[-0.56543481, 0.71983482, 0.40240142],
                      [-0.5989477, -0.02304967, -0.80036049],
                      [-0.56694071, -0.6935729, 0.44423429]], dtype=np.float32)
 COLOUR_EV = np.array([1.65513492, 0.48450358, 0.1565086], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class PixelConstants:
+    """A data set's channel mean and std (raw 0..255 pixels) and the colour PCA of its
+    standardised pixels (U: eigenvectors as columns; EV: square roots of the eigenvalues).
+
+    Tuples of floats: hashable, so the tensors made of them are cached per constants.
+    """
+    mean: tuple
+    std: tuple
+    colour_u: tuple
+    colour_ev: tuple
+
+
+def _floats(values):
+    return tuple(np.asarray(values, dtype=np.float64).tolist())
+
+
+# SPEC §3: the constants of the Kaggle training set, what every config uses by default.
+KAGGLE = PixelConstants(mean=_floats(MEAN), std=_floats(STD),
+                        colour_u=tuple(_floats(row) for row in COLOUR_U),
+                        colour_ev=_floats(COLOUR_EV))
+
+
+def constants_for(cnf):
+    """The `PixelConstants` of a config: its own `mean`, `std`, `colour_u`, `colour_ev`
+    (see retina.stats), each defaulting to the Kaggle one."""
+    return PixelConstants(mean=_floats(cnf.get('mean', KAGGLE.mean)),
+                          std=_floats(cnf.get('std', KAGGLE.std)),
+                          colour_u=tuple(_floats(row) for row in cnf.get('colour_u', KAGGLE.colour_u)),
+                          colour_ev=_floats(cnf.get('colour_ev', KAGGLE.colour_ev)))
+
 
 def identity_params(n, device='cpu'):
     zeros = torch.zeros(n, device=device)
@@ -109,18 +143,22 @@ def broadcast_params(params, n, device='cpu'):
 _CONSTANTS = {}
 
 
-def _constant(name, device, dtype=torch.float32):
-    """A module constant as a tensor on `device`, copied there once.
+def _constant(name, device, dtype=torch.float32, constants=None):
+    """One of `constants` [default: the Kaggle ones] as a tensor on `device`, copied there once.
 
     Copying a small host array to a GPU inside the training step would make the
     host wait for the queue to drain (pageable memory): every batch would then
     pay the step's launch time on top of its GPU time.
     """
-    key = (name, device, dtype)
+    constants = constants or KAGGLE
+    key = (name, device, dtype, constants)
     if key not in _CONSTANTS:
-        values = dict(mean=MEAN, std=STD, colour_u=COLOUR_U, colour_ev=COLOUR_EV,
-                      inverse_std=1 / np.asarray(STD, dtype=np.float64),
-                      standard_shift=-np.asarray(MEAN, dtype=np.float64) / STD)[name]
+        # float32 first: the Kaggle constants give exactly the tensors they always gave.
+        mean, std = (np.asarray(v, dtype=np.float32) for v in (constants.mean, constants.std))
+        values = dict(mean=mean, std=std, colour_u=constants.colour_u,
+                      colour_ev=constants.colour_ev,
+                      inverse_std=1 / np.asarray(std, dtype=np.float64),
+                      standard_shift=-np.asarray(mean, dtype=np.float64) / std)[name]
         _CONSTANTS[key] = torch.as_tensor(np.asarray(values, dtype=np.float32)).to(
             device=device, dtype=dtype)
     return _CONSTANTS[key]
@@ -193,27 +231,29 @@ def centre_crop(images, out_size):
     return images[..., top:top + out_size[0], left:left + out_size[1]].float()
 
 
-def standardise(x):
-    mean = _constant('mean', x.device, x.dtype)[None, :, None, None]
-    std = _constant('std', x.device, x.dtype)[None, :, None, None]
+def standardise(x, constants=None):
+    """(x − mean) / std with `constants` [default: the Kaggle ones]."""
+    mean = _constant('mean', x.device, x.dtype, constants)[None, :, None, None]
+    std = _constant('std', x.device, x.dtype, constants)[None, :, None, None]
     return (x - mean) / std
 
 
-def colour_shift(colour):
+def colour_shift(colour, constants=None):
     """(N, 3) noise vectors c -> (N, 3) per-channel shifts U · (c ∘ EV)."""
-    u = _constant('colour_u', colour.device)
-    ev = _constant('colour_ev', colour.device)
+    u = _constant('colour_u', colour.device, constants=constants)
+    ev = _constant('colour_ev', colour.device, constants=constants)
     return (colour.float() * ev) @ u.T
 
 
 def augment_batch(images, params, out_size, dtype=torch.float32,
-                  memory_format=torch.contiguous_format):
+                  memory_format=torch.contiguous_format, constants=None):
     """uint8 batch -> warped, standardised, colour-noised batch (the original order)."""
-    return _standardised(warp(images, params, out_size), colour_shift(params['colour']),
-                         dtype, memory_format)
+    return _standardised(warp(images, params, out_size),
+                         colour_shift(params['colour'], constants), dtype, memory_format,
+                         constants)
 
 
-def _standardised(x, shift, dtype, memory_format):
+def _standardised(x, shift, dtype, memory_format, constants=None):
     """(x − mean) / std + `shift` (N × 3 or None), written once into a new `dtype` tensor laid
     out in `memory_format`.
 
@@ -222,18 +262,20 @@ def _standardised(x, shift, dtype, memory_format):
     and on the CPU they cost more than the warp itself.  On the GPU the result is bf16
     channels_last, what the autocast convolutions read, so they need no conversion either.
     """
-    offset = _constant('standard_shift', x.device)[None, :, None, None]
+    offset = _constant('standard_shift', x.device, constants=constants)[None, :, None, None]
     if shift is not None:
         offset = offset + shift.float()[:, :, None, None]
     out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=memory_format)
-    return torch.addcmul(offset, x, _constant('inverse_std', x.device)[None, :, None, None],
-                         out=out)
+    inverse_std = _constant('inverse_std', x.device, constants=constants)[None, :, None, None]
+    return torch.addcmul(offset, x, inverse_std, out=out)
 
 
 def prepare_batch(images, out_size, params=None, dtype=torch.float32,
-                  memory_format=torch.contiguous_format):
+                  memory_format=torch.contiguous_format, constants=None):
     """The network's input: augmented when `params` is given, else the centred window; a new
-    `dtype` tensor in `memory_format` (train.py: bf16 channels_last on the GPU)."""
+    `dtype` tensor in `memory_format` (train.py: bf16 channels_last on the GPU), standardised
+    and colour-noised with `constants` (`constants_for(cnf)`; default: the Kaggle ones)."""
     if params is None:
-        return _standardised(centre_crop(images, out_size), None, dtype, memory_format)
-    return augment_batch(images, params, out_size, dtype, memory_format)
+        return _standardised(centre_crop(images, out_size), None, dtype, memory_format,
+                             constants)
+    return augment_batch(images, params, out_size, dtype, memory_format, constants)
