@@ -127,16 +127,19 @@ def split_indices(names, levels, fraction=VALIDATION_FRACTION, seed=SPLIT_SEED):
     return np.array(train_idx, dtype=np.int64), np.array(valid_idx, dtype=np.int64)
 
 
-def balance_weights_at(epoch, ratio=BALANCE_RATIO):
-    """Class weights at `epoch` (from 0): decays from BALANCE to FINAL weights."""
+def balance_weights_at(epoch, ratio=BALANCE_RATIO, weights=None):
+    """Class weights at `epoch` (from 0): decays from the balance `weights` [default: the
+    Kaggle BALANCE_WEIGHTS; a config's `balance_weights`] to the FINAL weights."""
+    start = BALANCE_WEIGHTS if weights is None else np.asarray(weights, dtype=np.float64)
     decay = ratio ** epoch
-    return BALANCE_WEIGHTS * decay + FINAL_BALANCE_WEIGHTS * (1 - decay)
+    return start * decay + FINAL_BALANCE_WEIGHTS * (1 - decay)
 
 
-def balanced_sample(levels, epoch, rng, n=None, ratio=BALANCE_RATIO):
-    """Draw `n` (default len(levels)) indices with replacement, ∝ the class weight at `epoch`."""
+def balanced_sample(levels, epoch, rng, n=None, ratio=BALANCE_RATIO, weights=None):
+    """Draw `n` (default len(levels)) indices with replacement, ∝ the class weight at `epoch`
+    (`balance_weights_at`, from the balance `weights`)."""
     levels = np.asarray(levels)
-    weights = balance_weights_at(epoch, ratio)[levels]
+    weights = balance_weights_at(epoch, ratio, weights)[levels]
     return rng.choice(len(levels), size=len(levels) if n is None else n, replace=True,
                       p=weights / weights.sum())
 
