@@ -104,17 +104,20 @@ def load_model(config, weights_path, device):
 
 def rebuild(config, weights_path):
     """(net with the weights of `weights_path`, the checkpoint dict), on the CPU; the net's
-    `preprocessing` is the look of its training images.
+    `preprocessing` is the look of its training images, its `pixel_constants` the mean, std
+    and colour PCA it was trained with (`augment.constants_for`).
 
     The net is rebuilt from the checkpoint's own resolved config, so weights stay
     usable after the config module is edited; weights of another config must fit
     this one's layers exactly.
     """
     from retina import checkpoint
+    from retina.augment import constants_for
     state = checkpoint.load(weights_path)
-    model = build_uninitialised((checkpoint.config_of(state)
-                                 if state.get('config_name') == config.name else config))
+    trained = checkpoint.config_of(state) if state.get('config_name') == config.name else config
+    model = build_uninitialised(trained)
     checkpoint.load_exact(model, state, weights_path, config.name)
+    model.pixel_constants = constants_for(trained.cnf)
     # Which look the training images had (convert.py --enhance): every later stage that
     # loads the net (transform, ram, predict, export) compares its images' look with it.
     model.preprocessing = state.get('preprocessing', 'none')
@@ -237,7 +240,8 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
             rows = []
             for batch, _ in batches(images, order, batch_size, device):
                 x = prepare_batch(batch, config.input_size,
-                                  broadcast_params(params, len(batch), device) if params else None)
+                                  broadcast_params(params, len(batch), device) if params else None,
+                                  constants=getattr(model, 'pixel_constants', None))
                 x = x.contiguous(memory_format=torch.channels_last)
                 with torch.autocast(device.type, dtype=torch.bfloat16,
                                     enabled=device.type == 'cuda'):
