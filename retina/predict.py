@@ -202,7 +202,8 @@ def _passes(grader, images, augmentations, want_maps=False):
     with torch.no_grad():
         for params in augmentations:
             x = prepare_batch(images, grader.input_size,
-                              broadcast_params(params, len(images), device) if params else None)
+                              broadcast_params(params, len(images), device) if params else None,
+                              constants=getattr(grader.net, 'pixel_constants', None))
             hook = last_conv_output(grader.net) if want_maps and maps is None \
                 else contextlib.nullcontext({})
             with hook as captured:
