@@ -266,12 +266,13 @@ def _batches(image_paths, batch_size, window_size, failed, bar):
         yield batch
 
 
-def network_input(windows, input_size):
-    """Standardised input of a net from uint8 windows (N, 3, h, w), shrunk to `input_size` if larger."""
+def network_input(windows, input_size, constants=None):
+    """Standardised input of a net from uint8 windows (N, 3, h, w), shrunk to `input_size` if larger;
+    `constants`: the net's `pixel_constants` [default: the Kaggle ones]."""
     x = windows.float()
     if tuple(x.shape[-2:]) != tuple(input_size):
         x = F.interpolate(x, size=tuple(input_size), mode='bilinear', align_corners=False, antialias=True)
-    return standardise(x)
+    return standardise(x, constants)
 
 
 def run(config, net, image_paths, output_dir, method='ram', layer=None, include_bias=False,
@@ -324,7 +325,7 @@ def _forward(nets, batch, method, layer, include_bias, known, sources, scores, a
     windows = torch.stack([window for _, window, _ in batch]).to(device)
     maps, inputs = [], []
     for n in nets:
-        x = network_input(windows, n.input_size)
+        x = network_input(windows, n.input_size, getattr(n.module, 'pixel_constants', None))
         m, p = methods.compute_maps(method, n.module, x, layer=layer if n is nets[0] else None,
                                     include_bias=include_bias)
         maps.append(m)

@@ -135,17 +135,18 @@ def bootstrap_interval(values, samples=BOOTSTRAP_SAMPLES, level=0.95, seed=0):
 
 # --- deletion --------------------------------------------------------------------------
 
-def blank(x, where, fill='mean'):
+def blank(x, where, fill='mean', constants=None):
     """`x` (N, 3, h, w, standardised) with the pixels where `where` (N, h, w) is True blanked.
 
     `fill` 'black' is raw 0, the photograph's surround (standardised:
-    -mean / std); 'mean' is the data set's mean colour (standardised: 0).
+    -mean / std with the net's `constants`); 'mean' is the data set's mean colour
+    (standardised: 0).
     """
     if fill not in DELETION_FILLS:
         raise ValueError(f'fill must be one of {", ".join(DELETION_FILLS)}, not {fill!r}')
     value = torch.zeros(1, 3, 1, 1, device=x.device, dtype=x.dtype)
     if fill == 'black':
-        value = standardise(value)
+        value = standardise(value, constants)
     return torch.where(where[:, None], value, x)
 
 
@@ -172,8 +173,10 @@ def deletion_drops(net, x, maps, fraction=DELETION_FRACTION, generator=None, fil
     random_maps = torch.rand(maps.shape, generator=generator).to(maps.device)
     net.eval()
     before = net(x)[:, 0]
-    top = before - net(blank(x, top_pixels(maps, size, fraction), fill))[:, 0]
-    random = before - net(blank(x, top_pixels(random_maps, size, fraction), fill))[:, 0]
+    constants = getattr(net, 'pixel_constants', None)
+    top = before - net(blank(x, top_pixels(maps, size, fraction), fill, constants))[:, 0]
+    random = before - net(blank(x, top_pixels(random_maps, size, fraction), fill,
+                                constants))[:, 0]
     return top.float().cpu().numpy(), random.float().cpu().numpy()
 
 
