@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from retina.data import MEAN, STD
+from retina.augment import KAGGLE
 from retina.errors import UserError, handle_errors
 
 OPSET = 17
@@ -50,9 +50,12 @@ class ExportedNet(nn.Module):
         height, width = net.input_size
         self.top, self.left = (crop_size - height) // 2, (crop_size - width) // 2
         self.height, self.width = height, width
-        # Buffers, so the constants are part of the graph like the weights.
-        self.register_buffer('mean', torch.tensor(np.asarray(MEAN, np.float32)).view(1, 3, 1, 1))
-        self.register_buffer('std', torch.tensor(np.asarray(STD, np.float32)).view(1, 3, 1, 1))
+        # Buffers, so the constants are part of the graph like the weights: the net's own
+        # (those of the config it was trained with, features.rebuild), else the Kaggle ones.
+        constants = getattr(net, 'pixel_constants', None) or KAGGLE
+        for name in ('mean', 'std'):
+            values = np.asarray(getattr(constants, name), np.float32)
+            self.register_buffer(name, torch.tensor(values).view(1, 3, 1, 1))
 
     def forward(self, image):
         x = image.permute(0, 3, 1, 2).float()
