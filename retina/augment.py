@@ -50,13 +50,21 @@ KAGGLE = PixelConstants(mean=_floats(MEAN), std=_floats(STD),
                         colour_ev=_floats(COLOUR_EV))
 
 
+_INTERNED = {KAGGLE: KAGGLE}
+
+
 def constants_for(cnf):
     """The `PixelConstants` of a config: its own `mean`, `std`, `colour_u`, `colour_ev`
-    (see retina.stats), each defaulting to the Kaggle one."""
-    return PixelConstants(mean=_floats(cnf.get('mean', KAGGLE.mean)),
-                          std=_floats(cnf.get('std', KAGGLE.std)),
-                          colour_u=tuple(_floats(row) for row in cnf.get('colour_u', KAGGLE.colour_u)),
-                          colour_ev=_floats(cnf.get('colour_ev', KAGGLE.colour_ev)))
+    (see retina.stats), each defaulting to the Kaggle one.
+
+    Equal constants are the same object: a torch.compile'd prepare_batch that guards on
+    the object's identity does not compile again each epoch.
+    """
+    constants = PixelConstants(
+        mean=_floats(cnf.get('mean', KAGGLE.mean)), std=_floats(cnf.get('std', KAGGLE.std)),
+        colour_u=tuple(_floats(row) for row in cnf.get('colour_u', KAGGLE.colour_u)),
+        colour_ev=_floats(cnf.get('colour_ev', KAGGLE.colour_ev)))
+    return _INTERNED.setdefault(constants, constants)
 
 
 def identity_params(n, device='cpu'):

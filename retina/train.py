@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from retina import atomic, cache, checkpoint, data, lock, paths, preprocess
-from retina.augment import prepare_batch, random_params
+from retina.augment import constants_for, prepare_batch, random_params
 from retina.config import lr_for_epoch, to_jsonable
 from retina.errors import UserError
 from retina.plots import training_curves
@@ -74,6 +74,7 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
     compile again for its shape).
     """
     cnf = config.cnf
+    constants = constants_for(cnf)  # the config's mean, std and colour PCA [default: Kaggle]
     model.train()
     batch_size = batch_size or cnf['batch_size_train']
     if drop_last and len(indices) > batch_size:
@@ -88,7 +89,7 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
         params = random_params(len(chunk), cnf['aug_params'], cnf['sigma'], generator,
                                runtime.device)
         x = prepare(batch, config.input_size, params, dtype=runtime.input_dtype,
-                    memory_format=torch.channels_last)
+                    memory_format=torch.channels_last, constants=constants)
         target = levels_device[chunk]
         with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
             out = model(x)
@@ -127,7 +128,7 @@ def predict(model, images, indices, config, runtime, batch_size=None):
     outputs, chunks = [], []
     for batch, chunk in batches(images, order, batch_size, runtime.device):
         x = prepare_batch(batch, config.input_size, dtype=runtime.input_dtype,
-                          memory_format=torch.channels_last)
+                          memory_format=torch.channels_last, constants=constants_for(config.cnf))
         with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
             outputs.append(model(x).float().squeeze(1))  # read back once, after the loop
         chunks.append(chunk)
@@ -155,10 +156,12 @@ def evaluate(model, images, levels, indices, config, runtime):
                 valid_kappa=data.kappa(truth, predictions))
 
 
-def epoch_sample(train_indices, levels, epoch, seed, balance_ratio, runtime):
-    """This rank's share of the epoch's class-balanced resample (same on every rank)."""
+def epoch_sample(train_indices, levels, epoch, seed, balance_ratio, runtime, weights=None):
+    """This rank's share of the epoch's class-balanced resample (same on every rank), from the
+    balance `weights` (a config's balance_weights; default: the Kaggle ones)."""
     rng = np.random.default_rng(epoch_seed(seed, epoch))
-    picks = data.balanced_sample(levels[train_indices], epoch - 1, rng, ratio=balance_ratio)
+    picks = data.balanced_sample(levels[train_indices], epoch - 1, rng, ratio=balance_ratio,
+                                 weights=weights)
     sample = train_indices[picks]
     usable = len(sample) - len(sample) % runtime.world
     return sample[:usable][runtime.rank::runtime.world]
@@ -352,7 +355,7 @@ def one_epoch(run, net, prepare, epoch, lr, seed, progress, eval_net=None, drop_
     generator = torch.Generator(device=runtime.device)
     generator.manual_seed(epoch_seed(seed, epoch, runtime.rank + 7919))
     sample = epoch_sample(run.train_idx, run.levels, epoch, seed, config.cnf['balance_ratio'],
-                          runtime)
+                          runtime, config.cnf.get('balance_weights'))
     metrics = train_one_epoch(net, run.optimizer, run.images, run.levels, sample, config,
                               runtime, generator, progress, description=f'epoch {epoch}',
                               prepare=prepare, batch_size=run.batch_size or None,
