@@ -41,7 +41,8 @@ from retina import cache, checkpoint, data, paths, preprocess  # noqa: E402
 from retina.atomic import save_image  # noqa: E402
 from retina.crop import save_options  # noqa: E402
 from retina.blend import fit_thresholds  # noqa: E402
-from retina.features import load_features, load_model  # noqa: E402
+from retina.feature_files import load_features  # noqa: E402
+from retina.features import load_model  # noqa: E402
 from retina.images import image_name, list_images, load_rgb  # noqa: E402
 
 SHARED = REPO.parent / 'shared' / 'data'

@@ -24,7 +24,6 @@ import contextlib
 import csv
 import io
 import math
-import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -36,8 +35,8 @@ from sklearn.preprocessing import StandardScaler
 
 from retina import atomic, data, fitted_blend, paths
 from retina.config import lr_for_epoch
-from retina.errors import UserError
-from retina.features import load_features, names_file_for, read_names, source_of
+from retina.errors import UserError, first_few
+from retina.feature_files import load_features, names_file_for, read_names, source_of
 from retina.images import image_name, list_images
 
 # {epoch: learning rate or 'stop'}; an entry {k: v} takes effect at the end of
@@ -54,9 +53,6 @@ FIXED_THRESHOLDS = (0.5, 1.5, 2.5, 3.5)
 DEFAULT_BLEND_CONFIG = Path('blend.yml')
 DEFAULT_TEST_DIR = paths.DATA_DIR / 'test_medium'
 _OTHER_EYE = {'left': 'right', 'right': 'left'}
-_TRAIN_PART = re.compile(r'_train_(?=(mean|std)_iter_)')
-_TRAIN_FEATURES = re.compile(
-    r'^(?P<cnf>.+)_train_mean_iter_(?P<n_iter>\d+)_skip_(?P<skip>\d+)\.npy$')
 
 
 # ---------------------------------------------------------------- which files
@@ -136,10 +132,12 @@ def latest_features(cnf_name):
     """The most recently written train mean+std feature pair of a config."""
     candidates = []
     for mean in paths.FEATURES_DIR.glob(f'{cnf_name}_train_mean_iter_*_skip_*.npy'):
-        match = _TRAIN_FEATURES.match(mean.name)
-        std = mean.with_name(mean.name.replace('_train_mean_', '_train_std_', 1))
-        if match and match['cnf'] == cnf_name and std.is_file():
-            candidates.append((mean.stat().st_mtime, int(match['n_iter']), mean, std))
+        parts = paths.parse_features(mean)
+        if parts is None or parts.cnf != cnf_name:
+            continue
+        std = paths.features(cnf_name, 'train', 'std', parts.n_iter, parts.skip)
+        if std.is_file():
+            candidates.append((mean.stat().st_mtime, parts.n_iter, mean, std))
     if not candidates:
         raise UserError(f'{paths.FEATURES_DIR}: no train mean+std features of {cnf_name} '
                         f'(looked for {cnf_name}_train_mean_iter_N_skip_K.npy and its _std_ '
@@ -167,10 +165,12 @@ def runs_from_options(features_files=(), blend_config=None, cnf_name=None):
 def matching_test_file(train_path):
     """X_train_mean_iter_5_skip_0.npy -> X_test_mean_iter_5_skip_0.npy, in the same folder."""
     train_path = Path(train_path)
-    if not _TRAIN_PART.search(train_path.name):
+    parts = paths.parse_features(train_path)
+    if parts is None or parts.split != 'train':
         raise UserError(f'{train_path}: cannot tell its test features: the name has no _train_ '
                         f'before mean/std (expected CNF_train_mean_iter_N_skip_K.npy)')
-    return train_path.with_name(_TRAIN_PART.sub('_test_', train_path.name, count=1))
+    return train_path.with_name(paths.features(parts.cnf, 'test', parts.stat, parts.n_iter,
+                                               parts.skip).name)
 
 
 # ---------------------------------------------------------------- features
@@ -241,16 +241,11 @@ def prepare_inputs(features, names, fit_rows, per_patient):
     return (per_patient_inputs(scaled, names) if per_patient else scaled), scaler
 
 
-def _listing(names, shown=3):
-    more = f' and {len(names) - shown} more' if len(names) > shown else ''
-    return ', '.join(names[:shown]) + more
-
-
 def labels_for(names, labels, labels_file, names_source):
     missing = [name for name in names if name not in labels]
     if missing:
         raise UserError(f'{labels_file}: no label for {len(missing)} of the {len(names)} images '
-                        f'of {names_source} ({_listing(missing)}); use the labels of the images '
+                        f'of {names_source} ({first_few(missing)}); use the labels of the images '
                         f'transform.py read (--labels) or extract features of labelled images')
     return np.array([labels[name] for name in names], dtype=np.int64)
 
@@ -266,15 +261,12 @@ def build_net(n_inputs, generator=None):
     """
     from torch import nn
 
-    def maxout():
-        # The max of consecutive pairs of units, like Lasagne's FeaturePoolLayer.
-        return nn.Sequential(nn.Unflatten(1, (1, HIDDEN_UNITS)), nn.MaxPool1d(MAXOUT_POOL),
-                             nn.Flatten())
+    from retina.nets import Maxout  # the max of consecutive pairs: Lasagne's FeaturePoolLayer
 
     pooled = HIDDEN_UNITS // MAXOUT_POOL
     net = nn.Sequential(OrderedDict(
-        hidden1=nn.Linear(n_inputs, HIDDEN_UNITS), relu1=nn.ReLU(), maxout1=maxout(),
-        hidden2=nn.Linear(pooled, HIDDEN_UNITS), relu2=nn.ReLU(), maxout2=maxout(),
+        hidden1=nn.Linear(n_inputs, HIDDEN_UNITS), relu1=nn.ReLU(), maxout1=Maxout(MAXOUT_POOL),
+        hidden2=nn.Linear(pooled, HIDDEN_UNITS), relu2=nn.ReLU(), maxout2=Maxout(MAXOUT_POOL),
         output=nn.Linear(pooled, 1), level=nn.Flatten(0)))
     for layer in (net.hidden1, net.hidden2):
         nn.init.orthogonal_(layer.weight, gain=nn.init.calculate_gain('relu'),
@@ -604,7 +596,7 @@ def check_runs(runs, labels, labels_file, predict, test_dir, test_dir_required, 
             if missing:
                 raise UserError(f'{test_files[0]}: no features for {len(missing)} of the '
                                 f'{len(plan.test_names)} test images of {test_source} '
-                                f'({_listing(missing)}); run transform.py --test on that folder '
+                                f'({first_few(missing)}); run transform.py --test on that folder '
                                 f'(with --test_dir)')
     return plan
 

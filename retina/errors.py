@@ -15,6 +15,13 @@ class UserError(Exception):
     """Something wrong with the user's input: the message says what and how to fix it."""
 
 
+def first_few(items, shown=3, separator=', '):
+    """'a, b, c and 4 more': what a message lists of many offending items."""
+    items = [str(item) for item in items]
+    more = f' and {len(items) - shown} more' if len(items) > shown else ''
+    return separator.join(items[:shown]) + more
+
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 

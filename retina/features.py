@@ -1,98 +1,18 @@
-"""Test-time-augmented feature extraction (transform.py) and reading feature files back.
+"""Test-time-augmented feature extraction (transform.py), and the nets it loads.
 
 For each of n_iter Halton augmentations the net's feature layer (RMS pool
 for baseline nets, global average pool for RAM nets) is computed for every
 image; the running mean and standard deviation over the iterations are
-saved every 5 iterations.  Rows follow the sorted image list of the folder;
-a names file beside each feature file records which image each row is.
+saved every 5 iterations (`feature_files.save`).  Rows follow the sorted
+image list of the folder; a names file beside each feature file records
+which image each row is.
 """
 import json
-import re
-from pathlib import Path
 
 import numpy as np
 
 from retina.errors import UserError
-
-_STAT = re.compile(r'_(mean|std)_iter_')
-
-
-def names_file_for(feature_path):
-    """data/features/X_train_mean_iter_5_skip_0.npy -> data/features/X_train_names_iter_5_skip_0.txt"""
-    feature_path = Path(feature_path)
-    if not _STAT.search(feature_path.name):
-        raise UserError(f'{feature_path}: not a feature file name (expected '
-                        f'CNF_SPLIT_mean_iter_N_skip_K.npy as written by transform.py)')
-    return feature_path.with_name(_STAT.sub('_names_iter_', feature_path.stem, count=1) + '.txt')
-
-
-def source_of(feature_path):
-    """What transform.py recorded about the weights (and images) a feature file came from:
-    the dict of X_SPLIT_source_iter_N_skip_K.json beside it, or None if there is none."""
-    feature_path = Path(feature_path)
-    source = names_file_for(feature_path).name.replace('_names_iter_', '_source_iter_', 1)
-    try:
-        recorded = json.loads(feature_path.with_name(source).with_suffix('.json').read_text())
-    except (OSError, ValueError):
-        return None
-    return recorded if isinstance(recorded, dict) else None
-
-
-def read_names(feature_path):
-    """The image names of a feature file's rows, from its names file (the array is not read)."""
-    feature_path = Path(feature_path)
-    if not feature_path.is_file():
-        raise UserError(f'{feature_path}: feature file not found; run transform.py for that '
-                        f'config (e.g. python transform.py --cnf CNF --n_iter N --train --test)')
-    names_path = names_file_for(feature_path)
-    if not names_path.is_file():
-        raise UserError(f'{names_path}: missing (it lists the image of each row of '
-                        f'{feature_path.name}); run transform.py again')
-    # One name per line, read back exactly: a name may hold spaces or commas.
-    names = names_path.read_text(encoding='utf-8').split('\n')
-    if names and names[-1] == '':
-        names.pop()
-    duplicates = len(names) - len(set(names))
-    if duplicates:
-        raise UserError(f'{names_path}: {duplicates} image name(s) listed more than once; run '
-                        f'transform.py again')
-    return names
-
-
-def load_features(path, mmap=False):
-    """(array of shape (rows, features), list of image names), checked against each other.
-
-    `mmap` maps the file instead of reading it: for checking shapes before any work.
-    """
-    path = Path(path)
-    names = read_names(path)
-    try:
-        array = np.load(path, allow_pickle=False, mmap_mode='r' if mmap else None)
-    except (ValueError, OSError, EOFError) as error:
-        raise UserError(f'{path}: not a readable feature file ({error}); run transform.py '
-                        f'again') from None
-    if not isinstance(array, np.ndarray):  # np.load opens a .npz archive as a mapping
-        if hasattr(array, 'close'):
-            array.close()
-        raise UserError(f'{path}: a .npz archive, not the .npy array transform.py writes; '
-                        f'use transform.py\'s feature files (or save the array with np.save)')
-    if array.dtype.names is not None or array.dtype.kind not in 'fiu':
-        what = ('a structured array' if array.dtype.names is not None else
-                'complex numbers' if array.dtype.kind == 'c' else f'{array.dtype} values')
-        raise UserError(f'{path}: holds {what}, not real-valued features; use the files '
-                        f'transform.py writes (float32)')
-    if array.ndim != 2:
-        raise UserError(f'{path}: expected a 2-d array (images × features), found shape '
-                        f'{array.shape}; run transform.py again')
-    if 0 in array.shape:
-        raise UserError(f'{path}: empty ({array.shape[0]} images × {array.shape[1]} features); '
-                        f'run transform.py again')
-    if len(names) != array.shape[0]:
-        raise UserError(f'{path}: {array.shape[0]} rows but {names_file_for(path).name} lists '
-                        f'{len(names)} images; the files are from different runs: run '
-                        f'transform.py again')
-    return (array if mmap else array.astype(np.float32, copy=False)), names
-
+from retina.feature_files import load_features, read_names
 
 SAVE_EVERY = 5
 
@@ -206,7 +126,7 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
     import torch
     from tqdm import tqdm
 
-    from retina import atomic, cache, paths, preprocess
+    from retina import cache, feature_files, paths, preprocess
     from retina.augment import broadcast_params, prepare_batch, tta_params
     from retina.images import image_name, list_images
     from retina.runtime import Runtime, batches, place_images
@@ -259,15 +179,9 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
             if done % SAVE_EVERY == 0 or done == n_iter:
                 mean = (total / done).cpu().numpy()
                 std = np.sqrt(np.maximum((total_sq / done).cpu().numpy() - mean ** 2, 0))
-                atomic.write_text(paths.feature_names(config.name, split, done, skip),
-                                  '\n'.join(names) + '\n')
-                for stat, value in (('mean', mean), ('std', std)):
-                    atomic.save_npy(paths.features(config.name, split, stat, done, skip),
-                                    value.astype(np.float32))
-                # Last: a run killed before this line leaves files a rerun will not trust.
-                atomic.write_text(paths.feature_source(config.name, split, done, skip),
-                                  json.dumps(dict(fingerprint=fingerprint, weights=weights,
-                                                  images=images_key)))
+                feature_files.save(config.name, split, done, skip, names, mean, std,
+                                   dict(fingerprint=fingerprint, weights=weights,
+                                        images=images_key))
     bar.close()
     return dict(mean=paths.features(config.name, split, 'mean', n_iter, skip),
                 std=paths.features(config.name, split, 'std', n_iter, skip), rows=len(names),

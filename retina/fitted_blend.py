@@ -15,38 +15,30 @@ A fitted blend of the 512-px nets is about 1 MB per net fitted.  It is a plain
 dict of tensors and values written with torch.save and read back with
 `weights_only=True`.
 """
-import json
-import re
 from pathlib import Path
 
 import numpy as np
 
-from retina import atomic
+from retina import atomic, paths
 from retina.errors import UserError
+from retina.feature_files import source_of
 
 FORMAT = 'retina-blend-1'
-_FEATURE_FILE = re.compile(
-    r'^(?P<cnf>.+)_train_(?P<stat>mean|std)_iter_(?P<n_iter>\d+)_skip_(?P<skip>\d+)\.npy$')
 
 
 def describe_file(path):
     """What made a train feature file: config, statistic, TTA iterations and skip, weights
     (config None for a file not named as transform.py names them)."""
     path = Path(path)
-    match = _FEATURE_FILE.match(path.name)
-    if not match:  # blended all the same; predict.py says what it cannot do with it
+    parts = paths.parse_features(path)
+    if parts is None or parts.split != 'train':
+        # Blended all the same; predict.py says what it cannot do with it.
         return dict(file=path.name, cnf=None, stat=None, n_iter=None, skip=None, weights=None,
                     fingerprint=None)
-    entry = dict(file=path.name, cnf=match['cnf'], stat=match['stat'],
-                 n_iter=int(match['n_iter']), skip=int(match['skip']), weights=None,
-                 fingerprint=None)
-    source = path.with_name(f'{entry["cnf"]}_train_source_iter_{entry["n_iter"]}_skip_'
-                            f'{entry["skip"]}.json')
-    try:
-        recorded = json.loads(source.read_text())
-        entry.update(weights=recorded.get('weights'), fingerprint=recorded.get('fingerprint'))
-    except (OSError, ValueError, AttributeError):
-        pass  # features from before the source files: matched by config name only
+    entry = dict(file=path.name, cnf=parts.cnf, stat=parts.stat, n_iter=parts.n_iter,
+                 skip=parts.skip, weights=None, fingerprint=None)
+    recorded = source_of(path) or {}  # none before the source files: matched by config name
+    entry.update(weights=recorded.get('weights'), fingerprint=recorded.get('fingerprint'))
     return entry
 
 

@@ -5,7 +5,9 @@ submission names); scripts ask this module for paths instead of joining
 strings.  Paths are relative to the working directory unless given absolute.
 """
 import datetime
+import re
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 DATA_DIR = Path('data')
@@ -73,6 +75,31 @@ def resolved_config(cnf_name):
 def features(cnf_name, split, stat, n_iter, skip):
     """`split` is train or test, `stat` is mean or std."""
     return FEATURES_DIR / f'{cnf_name}_{split}_{stat}_iter_{n_iter}_skip_{skip}.npy'
+
+
+@dataclass(frozen=True)
+class FeatureFile:
+    """What the name of a feature file says: the arguments `features` built it from."""
+    cnf: str
+    split: str
+    stat: str
+    n_iter: int
+    skip: int
+
+
+_FEATURE_FILE = re.compile(r'^(?P<cnf>.+)_(?P<split>train|test)_(?P<stat>mean|std)'
+                           r'_iter_(?P<n_iter>\d+)_skip_(?P<skip>\d+)\.npy$')
+
+
+def parse_features(path):
+    """The `FeatureFile` of a name as `features` makes it (CNF_SPLIT_STAT_iter_N_skip_K.npy),
+    or None for a file named otherwise.  The only parser of feature names: the names,
+    source and test files beside a feature file are built from its parts."""
+    match = _FEATURE_FILE.match(Path(path).name)
+    if match is None:
+        return None
+    return FeatureFile(match['cnf'], match['split'], match['stat'], int(match['n_iter']),
+                       int(match['skip']))
 
 
 def feature_names(cnf_name, split, n_iter, skip):

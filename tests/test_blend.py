@@ -327,6 +327,22 @@ def test_latest_features_pick_the_newest_pair(tmp_path, monkeypatch):
         blend.latest_features('c_y')
 
 
+def test_feature_names_are_parsed_by_the_function_paths_builds_them_beside():
+    from retina import paths
+    name = paths.features('c_x_ram', 'train', 'std', 12, 36)
+    assert paths.parse_features(name) == paths.FeatureFile('c_x_ram', 'train', 'std', 12, 36)
+    for other in ('my_features.npy', 'c_x_train_mean_iter_5.npy',
+                  'c_x_valid_mean_iter_5_skip_0.npy', paths.feature_names('c_x', 'train', 5, 0)):
+        assert paths.parse_features(other) is None, other
+    moved = Path('elsewhere') / name.name
+    assert blend.matching_test_file(moved) == Path('elsewhere') / paths.features(
+        'c_x_ram', 'test', 'std', 12, 36).name
+    assert blend.names_file_for(moved) == Path('elsewhere') / paths.feature_names(
+        'c_x_ram', 'train', 12, 36).name
+    with pytest.raises(UserError, match='no _train_'):
+        blend.matching_test_file(paths.features('c_x', 'test', 'mean', 5, 0))
+
+
 def test_blend_config_resolves_names_and_test_files(project, monkeypatch):
     root = project['root']
     monkeypatch.chdir(root)
@@ -351,79 +367,73 @@ def test_runs_are_aligned_by_name(project):
 
 # ---------------------------------------------------------------- bad input
 
-def setup_case(case, root):
-    """Damage a copy of the project for `case`; returns the command-line arguments."""
-    features = root / 'data' / 'features'
-    fake = ['--features_file', 'c_fake_train_mean_iter_5_skip_0.npy']
-    if case == 'blend_yml_missing':
-        return []
-    if case == 'blend_yml_malformed':
-        (root / 'blend.yml').write_text('run: [c_fake_train_mean_iter_5_skip_0.npy\n')
-        return []
-    if case == 'blend_yml_not_a_mapping':
-        (root / 'blend.yml').write_text('- c_fake_train_mean_iter_5_skip_0.npy\n')
-        return []
-    if case == 'blend_yml_names_missing_file':
-        (root / 'blend.yml').write_text('run:\n  - c_gone_train_mean_iter_5_skip_0.npy\n')
-        return []
-    if case == 'features_file_missing':
-        return ['--features_file', 'data/features/c_gone_train_mean_iter_5_skip_0.npy']
-    if case == 'rows_differ_between_files':
-        names = (features / 'c_noise_train_names_iter_5_skip_0.txt').read_text().split()
-        (features / 'c_noise_train_names_iter_5_skip_0.txt').write_text('\n'.join(names[::-1]))
-        return fake + ['--features_file', 'c_noise_train_mean_iter_5_skip_0.npy']
-    if case == 'rows_differ_from_names_file':
-        names = (features / 'c_fake_train_names_iter_5_skip_0.txt').read_text().split()
-        (features / 'c_fake_train_names_iter_5_skip_0.txt').write_text('\n'.join(names[:-1]))
-        return fake
-    if case == 'train_images_without_labels':
-        lines = (root / 'data' / 'trainLabels.csv').read_text().splitlines()
-        (root / 'data' / 'trainLabels.csv').write_text('\n'.join(lines[:-5]) + '\n')
-        return fake
-    if case == 'labels_out_of_range':
-        lines = (root / 'data' / 'trainLabels.csv').read_text().splitlines()
-        lines[3] = lines[3].split(',')[0] + ',7'
-        (root / 'data' / 'trainLabels.csv').write_text('\n'.join(lines) + '\n')
-        return fake
-    if case == 'test_features_miss_an_image':
-        (root / 'data' / 'test_fake' / '5000_left.jpeg').write_bytes(b'')
-        return fake + ['--predict', '--test_dir', 'data/test_fake']
-    if case == 'test_features_missing':
-        (features / 'c_fake_test_mean_iter_5_skip_0.npy').unlink()
-        return fake + ['--predict', '--test_dir', 'data/test_fake']
-    if case == 'test_dir_given_but_missing':
-        return fake + ['--predict', '--test_dir', 'data/test_gone']
-    if case == 'features_file_and_blend_cnf':
-        return fake + ['--blend_cnf', 'blend.yml']
-    if case == 'cnf_without_features':
-        return ['--cnf', 'c_128_5x5_32']
-    if case == 'test_features_wrong_width':
-        test = features / 'c_fake_test_mean_iter_5_skip_0.npy'
-        np.save(test, np.load(test)[:, :-1])
-        return fake + ['--predict', '--test_dir', 'data/test_fake']
-    if case == 'output_not_writable':
-        (root / 'a_file').write_text('')
-        return fake + ['--predict', '--test_dir', 'data/test_fake', '--output', 'a_file/sub.csv']
-    raise AssertionError(case)
+def write(relative, text):
+    return lambda root: (root / relative).write_text(text)
 
 
-BAD_INPUTS = {  # case -> what the one-line message must mention
-    'blend_yml_missing': 'blend.yml',
-    'blend_yml_malformed': 'blend.yml, line',
-    'blend_yml_not_a_mapping': 'blend.yml',
-    'blend_yml_names_missing_file': 'c_gone_train_mean_iter_5_skip_0.npy',
-    'features_file_missing': 'c_gone_train_mean_iter_5_skip_0.npy',
-    'rows_differ_between_files': 'c_noise_train_mean_iter_5_skip_0.npy',
-    'rows_differ_from_names_file': 'c_fake_train_mean_iter_5_skip_0.npy',
-    'train_images_without_labels': 'trainLabels.csv',
-    'labels_out_of_range': 'trainLabels.csv, line 4',
-    'test_features_miss_an_image': 'transform.py --test',
-    'test_features_missing': 'c_fake_test_mean_iter_5_skip_0.npy',
-    'test_dir_given_but_missing': 'data/test_gone',
-    'features_file_and_blend_cnf': '--blend_cnf',
-    'cnf_without_features': 'transform.py --cnf c_128_5x5_32',
-    'test_features_wrong_width': 'features per image',
-    'output_not_writable': 'a_file',
+def edit_lines(relative, change):
+    """Damage that replaces the lines of a text file by `change(lines)`."""
+    def damage(root):
+        path = root / relative
+        path.write_text('\n'.join(change(path.read_text().splitlines())) + '\n')
+    return damage
+
+
+def unlink(relative):
+    return lambda root: (root / relative).unlink()
+
+
+def drop_a_column(relative):
+    def damage(root):
+        np.save(root / relative, np.load(root / relative)[:, :-1])
+    return damage
+
+
+FAKE = ['--features_file', 'c_fake_train_mean_iter_5_skip_0.npy']
+PREDICT = FAKE + ['--predict', '--test_dir', 'data/test_fake']
+LABELS = 'data/trainLabels.csv'
+FAKE_TEST = 'data/features/c_fake_test_mean_iter_5_skip_0.npy'
+
+
+def out_of_range_at_line_4(lines):
+    return lines[:3] + [lines[3].split(',')[0] + ',7'] + lines[4:]
+
+
+# case: (damage done to a copy of the project, blend.py's arguments, what its one-line
+# message must mention)
+BAD_INPUTS = {
+    'blend_yml_missing': (None, [], 'blend.yml'),
+    'blend_yml_malformed': (write('blend.yml', 'run: [c_fake_train_mean_iter_5_skip_0.npy\n'), [],
+                            'blend.yml, line'),
+    'blend_yml_not_a_mapping': (write('blend.yml', '- c_fake_train_mean_iter_5_skip_0.npy\n'), [],
+                                'blend.yml'),
+    'blend_yml_names_missing_file': (
+        write('blend.yml', 'run:\n  - c_gone_train_mean_iter_5_skip_0.npy\n'), [],
+        'c_gone_train_mean_iter_5_skip_0.npy'),
+    'features_file_missing': (
+        None, ['--features_file', 'data/features/c_gone_train_mean_iter_5_skip_0.npy'],
+        'c_gone_train_mean_iter_5_skip_0.npy'),
+    'rows_differ_between_files': (
+        edit_lines('data/features/c_noise_train_names_iter_5_skip_0.txt', lambda n: n[::-1]),
+        FAKE + ['--features_file', 'c_noise_train_mean_iter_5_skip_0.npy'],
+        'c_noise_train_mean_iter_5_skip_0.npy'),
+    'rows_differ_from_names_file': (
+        edit_lines('data/features/c_fake_train_names_iter_5_skip_0.txt', lambda n: n[:-1]), FAKE,
+        'c_fake_train_mean_iter_5_skip_0.npy'),
+    'train_images_without_labels': (edit_lines(LABELS, lambda lines: lines[:-5]), FAKE,
+                                    'trainLabels.csv'),
+    'labels_out_of_range': (edit_lines(LABELS, out_of_range_at_line_4), FAKE,
+                            'trainLabels.csv, line 4'),
+    'test_features_miss_an_image': (write('data/test_fake/5000_left.jpeg', ''), PREDICT,
+                                    'transform.py --test'),
+    'test_features_missing': (unlink(FAKE_TEST), PREDICT, 'c_fake_test_mean_iter_5_skip_0.npy'),
+    'test_dir_given_but_missing': (None, FAKE + ['--predict', '--test_dir', 'data/test_gone'],
+                                   'data/test_gone'),
+    'features_file_and_blend_cnf': (None, FAKE + ['--blend_cnf', 'blend.yml'], '--blend_cnf'),
+    'cnf_without_features': (None, ['--cnf', 'c_128_5x5_32'], 'transform.py --cnf c_128_5x5_32'),
+    'test_features_wrong_width': (drop_a_column(FAKE_TEST), PREDICT, 'features per image'),
+    'output_not_writable': (write('a_file', ''), PREDICT + ['--output', 'a_file/sub.csv'],
+                            'a_file'),
 }
 
 
@@ -433,7 +443,10 @@ def bad_input_results(project, tmp_path_factory):
     def run_case(case):
         root = tmp_path_factory.mktemp(case)
         shutil.copytree(project['root'], root, dirs_exist_ok=True)
-        result = run_cli(*setup_case(case, root), cwd=root)
+        damage, arguments, _ = BAD_INPUTS[case]
+        if damage is not None:
+            damage(root)
+        result = run_cli(*arguments, cwd=root)
         return case, (result.returncode, result.stdout, result.stderr)
 
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
@@ -447,5 +460,5 @@ def test_bad_input_is_one_line_error(bad_input_results, case):
     assert 'Traceback' not in stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
-    assert lines[0].startswith('error: ') and BAD_INPUTS[case] in lines[0], lines[0]
+    assert lines[0].startswith('error: ') and BAD_INPUTS[case][2] in lines[0], lines[0]
     assert 'valid kappa' not in stdout, 'bad input must stop blend.py before the first fit'

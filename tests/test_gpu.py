@@ -15,7 +15,7 @@ from retina import config as config_module
 from retina import data
 from retina.cache import load_images
 from retina.augment import prepare_batch, random_params
-from retina.features import load_features
+from retina.feature_files import load_features
 from retina.heatmaps.methods import regression_activation_map
 from retina.runtime import Runtime, place_images
 from retina.train import make_optimizer, train_one_epoch

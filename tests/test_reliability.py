@@ -136,7 +136,7 @@ def test_transform_killed_leaves_no_partial_file_and_a_rerun_completes(workdir, 
     shutil.rmtree(workdir / 'data' / 'cache', ignore_errors=True)
     process = start(command, workdir)
     assert kill_after(process, 0.7 * duration) == -signal.SIGKILL, 'finished before the kill'
-    from retina.features import load_features
+    from retina.feature_files import load_features
     for path in _features(workdir):
         load_features(path)
     run_script(*command, cwd=workdir)

@@ -370,7 +370,7 @@ def test_train_and_test_features_of_other_weights_are_not_blended(tmp_path, monk
     ('no columns', 'empty (3 images × 0 features)'),
 ])
 def test_feature_files_that_are_not_plain_real_arrays(tmp_path, content, words):
-    from retina.features import load_features
+    from retina.feature_files import load_features
     names = ['a', 'b', 'c']
     arrays = {'structured': np.zeros(3, dtype=[('x', 'f4'), ('y', 'f4')]),
               'complex': np.ones((3, 2), np.complex64), 'empty': np.zeros((0, 4), np.float32),

@@ -9,6 +9,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_script
+from retina import paths
 
 SCRIPTS = ('convert.py', 'train_nn.py', 'transform.py', 'blend.py', 'ram.py', 'predict.py')
 PIPELINE_SCRIPTS = SCRIPTS[:5]
@@ -86,8 +87,9 @@ def test_kaggle_script_runs_the_pipeline_with_existing_options(tmp_path):
     assert len(runs) == 6 and all('_ram_' not in f for files in runs.values() for f in files)
     for files in runs.values():  # each run names features the script makes
         for name in files:
-            found = re.match(r'(c_\w+?)_train_(mean|std)_iter_50_skip_(\d+)\.npy$', name)
-            assert (found.group(1), found.group(3)) in made, name
+            found = paths.parse_features(name)
+            assert found.split == 'train' and found.n_iter == 50, name
+            assert (found.cnf, str(found.skip)) in made, name
 
 
 def test_kaggle_script_blends_the_ram_nets_only_when_asked(tmp_path):
@@ -164,7 +166,7 @@ def test_blend_yml_runs_name_features_that_the_kaggle_script_makes(blend_file):
     text = (REPO / 'make_kaggle_solution.sh').read_text()
     for files in runs.values():
         for name in files:
-            cnf = re.match(r'(c_\w+?)_train_', name).group(1)
+            cnf = paths.parse_features(name).cnf
             assert (REPO / 'configs' / f'{cnf}.py').is_file()
             assert cnf in text
 
