@@ -67,6 +67,7 @@ class Weights:
     def __init__(self, path):
         from retina import checkpoint, config as config_module
         from retina.cache import converted_size
+        from retina.nets import is_ram_net
         self.path = Path(path).resolve()
         state = checkpoint.load(self.path)
         self.config = state.get('config_name') or '?'
@@ -75,7 +76,7 @@ class Weights:
         self.input = config.input_size[1]
         self.size = converted_size(config.input_size)
         self.enhance = state.get('preprocessing', 'none') or 'none'
-        self.is_ram = any(kind == 'gap' for kind, _ in config.layers)
+        self.is_ram = is_ram_net(config.layers)
         self.conv_layers = [opt['name'] for kind, opt in config.layers if kind == 'conv']
         self.last_conv = self.conv_layers[-1]
 

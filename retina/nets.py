@@ -72,6 +72,26 @@ class Maxout(nn.Module):
         return x.unflatten(1, (-1, self.pool)).amax(2)
 
 
+def is_ram_net(layers):
+    """Whether a layer list is a RAM net's: a global-average-pool head (the baseline nets
+    have an RMS pool).  Every "is this a RAM net" question asks here or `ram_exact`."""
+    return any(kind == 'gap' for kind, _ in layers)
+
+
+def layers_after_last_conv(net):
+    """The names of the net's layers after its last conv, dropout aside."""
+    names = [name for name, _ in net.named_children()]
+    return [name for name in names[names.index(net.last_conv) + 1:]
+            if not isinstance(net.get_submodule(name), nn.Dropout)]
+
+
+def ram_exact(net):
+    """Whether the net's head makes the regression activation map exact: last conv, global
+    average pool, linear output (dropout aside)."""
+    return (getattr(net, 'is_ram', False)
+            and layers_after_last_conv(net) == [net.feature_layer, 'output'])
+
+
 class GlobalAveragePool(nn.Module):
     def forward(self, x):
         return x.mean(dim=(2, 3))
@@ -223,7 +243,7 @@ class Net(nn.Sequential):
         self.feature_layer = features
         self.last_conv = [name for kind, opt in layers if kind == 'conv'
                           for name in [opt['name']]][-1]
-        self.is_ram = any(kind == 'gap' for kind, _ in layers)
+        self.is_ram = is_ram_net(layers)
 
     def forward(self, x, return_features=False):
         features = None

@@ -52,6 +52,7 @@ from retina.augment import broadcast_params, prepare_batch, tta_params
 from retina.errors import UserError
 from retina.features import rebuild, weights_fingerprint
 from retina.images import BadImage, image_name, list_images
+from retina.nets import ram_exact
 from retina.paths import IMAGE_EXTENSIONS
 
 BATCH_SIZE = 8              # photographs decoded and scored together
@@ -78,7 +79,7 @@ class Grader:
 
     @property
     def is_ram(self):
-        return ram_ready(self.net)
+        return ram_exact(self.net)
 
     @property
     def fingerprint(self):
@@ -118,17 +119,6 @@ def name_columns(graders):
         name = grader.config.name
         seen[name] = seen.get(name, 0) + 1
         grader.column = f'score_{name}' + (f'_{seen[name]}' if counts[name] > 1 else '')
-
-
-def ram_ready(net):
-    """Whether the net's head makes the regression activation map exact: last conv, global
-    average pool, linear output (dropout aside)."""
-    if not getattr(net, 'is_ram', False):
-        return False
-    names = [name for name, _ in net.named_children()]
-    after = [name for name in names[names.index(net.last_conv) + 1:]
-             if not isinstance(net.get_submodule(name), nn.Dropout)]
-    return after == [net.feature_layer, 'output']
 
 
 @contextlib.contextmanager

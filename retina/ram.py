@@ -48,6 +48,7 @@ from retina.errors import UserError
 from retina.features import rebuild
 from retina.heatmaps import figures, methods, scores as scoring
 from retina.images import BadImage, image_name, list_images, load_rgb
+from retina.nets import is_ram_net
 
 LEVELS = data.LEVELS
 MASK_COVERAGE = 0.25        # share of a converted pixel a lesion must cover to count
@@ -171,7 +172,7 @@ def mask_sources(folder, photos=None):
 def load_net(config, weights_from, device, method='ram'):
     """(the config's net with the weights of `weights_from` (default: its best-kappa weights),
     the weights' path, the config the weights were trained with)."""
-    if method == 'ram' and not any(kind == 'gap' for kind, _ in config.layers):
+    if method == 'ram' and not is_ram_net(config.layers):
         raise UserError(f'{config.path}: {config.name} is a baseline config (RMS-pool head) and has '
                         f'no regression activation map; use --cnf {config.name}_ram, or --method '
                         f'gradcam or layercam for this net')

@@ -23,7 +23,6 @@ as the RAM repository's notebook did.
 import contextlib
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 
 from retina.errors import UserError
@@ -66,10 +65,9 @@ def check_ram_net(net):
     if not getattr(net, 'is_ram', False):
         raise UserError(f'this network has no global-average-pool head (a baseline net); {RAM_ADVICE}, '
                         f'or pass --method gradcam or layercam')
-    names = [name for name, _ in net.named_children()]
-    after = [name for name in names[names.index(net.last_conv) + 1:]
-             if not isinstance(net.get_submodule(name), nn.Dropout)]
-    if after != [net.feature_layer, 'output']:
+    from retina.nets import layers_after_last_conv, ram_exact
+    if not ram_exact(net):
+        after = layers_after_last_conv(net)
         raise UserError(f'the layers after {net.last_conv} are {", ".join(after)}; a RAM needs exactly '
                         f'a global average pool and the linear output; {RAM_ADVICE}')
 
