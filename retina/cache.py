@@ -18,7 +18,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from retina import atomic, paths as paths_module
-from retina.errors import UserError
+from retina.errors import UserError, first_few
 from retina.images import TOO_LARGE, BadImage, check_pixels, load_rgb, too_large
 
 
@@ -96,9 +96,8 @@ def load_images(image_paths, size=None, cache_dir=None, progress=True):
         array.flush()
         del array  # closes the map before the rename
         if failures:
-            shown = '; '.join(failures[:3]) + (f' (and {len(failures) - 3} more)'
-                                                if len(failures) > 3 else '')
-            raise UserError(f'{len(failures)} image(s) cannot be used: {shown}')
+            raise UserError(f'{len(failures)} image(s) cannot be used: '
+                            f'{first_few(failures, 3, "; ")}')
     _drop_older_caches(path, image_paths[0].parent, size, key)
     return np.load(path, mmap_mode='r')
 

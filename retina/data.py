@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from retina.errors import UserError
+from retina.errors import UserError, first_few
 from retina.images import image_name, list_images
 
 LEVELS = (0, 1, 2, 3, 4)
@@ -79,10 +79,8 @@ def labelled_images(folder, labels_file, echo=None):
     labels = load_labels(labels_file)
     unlabelled = [image_name(p) for p in paths if image_name(p) not in labels]
     if unlabelled:
-        shown = ', '.join(unlabelled[:5]) + (f' and {len(unlabelled) - 5} more'
-                                            if len(unlabelled) > 5 else '')
         raise UserError(f'{labels_file}: no label for {len(unlabelled)} image(s) of {folder}: '
-                        f'{shown}; add rows for them or remove the images')
+                        f'{first_few(unlabelled, 5)}; add rows for them or remove the images')
     absent = len(labels) - len(paths)
     if absent > 0 and echo is not None:
         echo(f'note: {absent} image(s) named in {labels_file} are not in {folder}; '
