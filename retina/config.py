@@ -26,6 +26,9 @@ REQUIRED_KEYS = {
     'schedule': '{epoch: learning rate or "stop"}', 'momentum': 'Nesterov momentum',
     'weight_decay': 'L2 factor on weights (Lasagne convention, λ·Σw²)',
 }
+# Keys a config may carry or leave out (code reads them with cnf.get and a default): a new
+# setting goes here, so that the configs and checkpoints written before it stay valid.
+OPTIONAL_KEYS = {}
 AUG_KEYS = ('zoom_range', 'rotation_range', 'shear_range', 'translation_range', 'do_flip',
             'allow_stretch')
 
@@ -136,12 +139,13 @@ def _check_values(cnf, path):
 
 
 def check_cnf(cnf, path):
-    unknown = [k for k in cnf if k not in REQUIRED_KEYS]
+    allowed = {**REQUIRED_KEYS, **OPTIONAL_KEYS}
+    unknown = [k for k in cnf if k not in allowed]
     for key in unknown:
-        close = difflib.get_close_matches(key, REQUIRED_KEYS, n=1)
+        close = difflib.get_close_matches(key, allowed, n=1)
         hint = f'did you mean {close[0]!r}? ' if close else ''
         raise UserError(f'{path}: unknown config key {key!r}; {hint}valid keys: '
-                        f'{", ".join(REQUIRED_KEYS)}')
+                        f'{", ".join(allowed)}')
     missing = [k for k in REQUIRED_KEYS if k not in cnf]
     if missing:
         raise UserError(f'{path}: config key(s) missing: {", ".join(missing)} '

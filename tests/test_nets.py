@@ -158,6 +158,17 @@ def test_typo_key_and_syntax_error_are_one_line(tmp_path):
 
 
 
+def test_a_config_may_carry_or_leave_out_an_optional_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(config_module, 'OPTIONAL_KEYS', {'note': 'free text'})
+    base = config_module.load('c_128_5x5_32')
+    for extra, name in (({}, 'c_without'), ({'note': 'hi'}, 'c_with')):
+        config_module.check_cnf(dict(base.cnf, **extra), name)
+    with pytest.raises(UserError, match="unknown config key 'nots'; did you mean 'note'"):
+        config_module.check_cnf(dict(base.cnf, nots='hi'), 'c_typo')
+    with pytest.raises(UserError, match='missing: sigma'):
+        config_module.check_cnf({k: v for k, v in base.cnf.items() if k != 'sigma'}, 'c_short')
+
+
 @pytest.mark.parametrize('override, words', [
     ('w=0', 'w=0; it must be a positive integer'),
     ("w='112'", "w='112'; it must be a positive integer"),
