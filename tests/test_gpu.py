@@ -41,6 +41,13 @@ def test_augmentation_on_the_gpu_matches_the_cpu():
                            {k: v.to(CUDA) for k, v in params.items()})
     assert on_gpu.device.type == 'cuda' and on_gpu.dtype == torch.float32
     assert relative_error(on_gpu, on_cpu) < 1e-4
+    # What training asks for on the GPU: bf16 channels_last written directly.
+    direct = prepare_batch(images.to(CUDA), config.input_size,
+                           {k: v.to(CUDA) for k, v in params.items()},
+                           dtype=Runtime(CUDA).input_dtype, memory_format=torch.channels_last)
+    assert direct.dtype == torch.bfloat16
+    assert direct.is_contiguous(memory_format=torch.channels_last)
+    assert relative_error(direct.float(), on_cpu) < 1e-2
 
 
 @pytest.mark.parametrize('name', ['c_128_5x5_32', 'c_128_4x4_32_ram', 'c_512_5x5_32_ram'])
@@ -99,10 +106,11 @@ def test_ram_on_the_gpu_mean_equals_prediction():
 
 
 def test_scripts_on_cuda_match_the_cpu(workdir):
-    """train_nn.py on the GPU, then transform.py on both devices with the same weights."""
+    """train_nn.py on the GPU (compiled: the default there), then transform.py on both devices
+    with the same weights."""
     result = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '2', '--device', 'cuda',
-                        '--no_progress', '--compile', cwd=workdir)
-    assert 'device cuda' in result.stdout
+                        '--no_progress', cwd=workdir)
+    assert 'device cuda' in result.stdout and 'compiled' in result.stdout
     with open(workdir / 'weights' / CONFIG / 'log.csv', newline='') as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and all(np.isfinite(float(r['train_loss'])) for r in rows)
@@ -138,8 +146,8 @@ def test_training_step_never_waits_for_the_gpu():
     def step():
         params = random_params(16, config.cnf['aug_params'], config.cnf['sigma'], generator,
                                CUDA)
-        x = prepare_batch(images[index], config.input_size, params)
-        x = x.contiguous(memory_format=torch.channels_last)
+        x = prepare_batch(images[index], config.input_size, params, dtype=torch.bfloat16,
+                          memory_format=torch.channels_last)
         with torch.autocast('cuda', dtype=torch.bfloat16):
             out = model(x)
         torch.nn.functional.mse_loss(out.float().squeeze(1), target).backward()
@@ -152,3 +160,22 @@ def test_training_step_never_waits_for_the_gpu():
     finally:
         torch.cuda.set_sync_debug_mode('default')
     torch.cuda.synchronize()
+
+
+def test_checkpoint_snapshot_of_a_gpu_net_is_written_in_the_background(tmp_path):
+    from retina import checkpoint
+    config = config_module.load(CONFIG)
+    net = config.build_net().to(CUDA)
+    optimizer = make_optimizer(net, config.cnf, 1e-3)
+    net(torch.randn(2, 3, *config.input_size, device=CUDA)).sum().backward()
+    optimizer.step()
+    state = checkpoint.snapshot(net, config, 1, optimizer)
+    assert all(v.device.type == 'cpu' for v in state['model'].values())
+    writer = checkpoint.BackgroundWriter()
+    writer.write([(tmp_path / 'last.pt', state)])
+    with torch.no_grad():  # the next epoch goes on while the file is written
+        next(net.parameters()).add_(1)
+    writer.wait()
+    loaded = checkpoint.load(tmp_path / 'last.pt')
+    for name, value in loaded['model'].items():
+        assert torch.equal(value, state['model'][name]), name
