@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from retina.errors import UserError
+from retina.stats import DESCRIPTIONS as PIXEL_CONSTANT_KEYS, check_constants
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 REQUIRED_KEYS = {
@@ -28,7 +29,11 @@ REQUIRED_KEYS = {
 }
 # Keys a config may carry or leave out (code reads them with cnf.get and a default): a new
 # setting goes here, so that the configs and checkpoints written before it stay valid.
-OPTIONAL_KEYS = {}
+OPTIONAL_KEYS = {
+    # A data set's own mean, std, colour PCA and balance weights (python -m retina.stats);
+    # without them: the Kaggle constants.
+    **PIXEL_CONSTANT_KEYS,
+}
 AUG_KEYS = ('zoom_range', 'rotation_range', 'shear_range', 'translation_range', 'do_flip',
             'allow_stretch')
 
@@ -158,6 +163,7 @@ def check_cnf(cnf, path):
         raise UserError(f'{path}: aug_params must have exactly the keys {", ".join(AUG_KEYS)}'
                         f' (found {", ".join(cnf["aug_params"])})')
     _check_values(cnf, path)
+    cnf.update(check_constants(cnf, path))  # as plain lists: the resolved config is JSON
     schedule = cnf['schedule']
     if not isinstance(schedule, dict) or 0 not in schedule or schedule[0] == 'stop':
         raise UserError(f'{path}: schedule must be a dict {{epoch: lr or "stop"}} starting at '
