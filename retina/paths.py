@@ -149,6 +149,12 @@ def image_cache(folder, size, key):
     return CACHE_DIR / f'{Path(folder).name}_{size}_{key}.npy'
 
 
+def dataset_stats(folder):
+    """`python -m retina.stats`'s output for a folder of converted images: its own mean, std,
+    colour PCA and balance weights, data/stats_FOLDER.json."""
+    return DATA_DIR / f'stats_{Path(folder).name}.json'
+
+
 def ram_dir(cnf_name):
     return RAM_DIR / cnf_name
 

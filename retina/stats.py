@@ -170,12 +170,6 @@ def write(stats, output):
         tmp.write_text(json.dumps(stats, indent=2) + '\n', encoding='utf-8')
 
 
-def default_output(folder):
-    """data/stats_FOLDER.json: beside the data, named after the folder it describes."""
-    from retina import paths
-    return paths.DATA_DIR / f'stats_{Path(folder).name}.json'
-
-
 @click.command(context_settings={'help_option_names': ['-h', '--help']})
 @click.option('--directory', required=True, type=click.Path(exists=True, file_okay=False),
               help='Folder of converted images (convert.py\'s output, e.g. data/train_medium).')
@@ -205,7 +199,7 @@ def main(directory, labels, output, sample, seed, no_progress):
     from retina import paths
     if labels is None and paths.LABELS_FILE.is_file():
         labels = paths.LABELS_FILE
-    output = Path(output) if output else default_output(directory)
+    output = Path(output) if output else paths.dataset_stats(directory)
     stats = compute(directory, labels, sample, seed, progress=not no_progress)
     write(stats, output)
     about = stats['about']
