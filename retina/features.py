@@ -7,12 +7,10 @@ saved every 5 iterations (`feature_files.save`).  Rows follow the sorted
 image list of the folder; a names file beside each feature file records
 which image each row is.
 """
-import json
-
 import numpy as np
 
 from retina.errors import UserError
-from retina.feature_files import load_features, read_names
+from retina.feature_files import load_features, read_names, source_of
 
 SAVE_EVERY = 5
 
@@ -86,9 +84,8 @@ def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, ima
             try:  # names and fingerprint first: the arrays are read only if they are usable
                 if read_names(mean_path) != names:
                     continue
-                source = json.loads(paths.feature_source(config_name, split, done, skip)
-                                    .read_text())
-                if source['fingerprint'] != fingerprint:
+                source = source_of(mean_path)
+                if source['fingerprint'] != fingerprint:  # no source: TypeError, skipped
                     echo(f'{split}: {mean_path} came from other weights; starting from the '
                          f'first iteration')
                     return 0, None, None
