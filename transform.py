@@ -27,14 +27,18 @@ from retina.errors import handle_errors
                    "--train, --test or --test_dir, only the training features are extracted.")
 @click.option('--device', default='auto', show_default=True, help='auto, cpu, cuda or cuda:N.')
 @click.option('--batch_size', type=click.IntRange(min=1),
-              help="Images per batch [default: the config's batch_size_test; use more on a GPU].")
+              help="Images per batch [default: the config's batch_size_test, at least 512 on a "
+                   'GPU].')
+@click.option('--compile/--no_compile', 'compile_model', default=None,
+              help='torch.compile the network [default: on a GPU yes, on the CPU no]; a compiler '
+                   'that fails falls back to eager with a warning.')
 @click.option('--restart', is_flag=True,
               help='Ignore the saved iterations of an interrupted run and start from the first.')
 @click.option('--no_progress', is_flag=True, help='No progress bars.')
 @handle_errors(resume_hint='Run the same command again: it continues from the last saved '
                            'iteration (every 5).')
 def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, device, batch_size,
-         restart, no_progress):
+         compile_model, restart, no_progress):
     """Write data/features/CNF_{train,test}_{mean,std}_iter_N_skip_K.npy.
 
     Features come from the RMS-pool layer (baseline nets) or the global-
@@ -54,7 +58,7 @@ def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, devi
     for split in splits:
         result = extract_features(config, model, folders[split], split, n_iter, skip, device,
                                   batch_size, not no_progress, click.echo, restart,
-                                  weights=str(weights))
+                                  weights=str(weights), compile_model=compile_model)
         click.echo(f'{split}: {result["rows"]} images × {result["features"]} features -> '
                    f'{result["mean"]}, {result["std"]}')
 

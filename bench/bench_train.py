@@ -37,8 +37,9 @@ from report import (device_name, interleaved, medians, paired_ratio,  # noqa: E4
                     replace_section, today)
 from retina import config as config_module  # noqa: E402
 from retina.augment import prepare_batch  # noqa: E402
-from retina.runtime import Runtime, batches, place_images, resolve_device  # noqa: E402
-from retina.train import compile_or_eager, make_optimizer, train_one_epoch  # noqa: E402
+from retina.runtime import (Runtime, batches, compile_or_eager, place_images,  # noqa: E402
+                            resolve_device)
+from retina.train import make_optimizer, train_one_epoch  # noqa: E402
 
 ALL = [f'c_{r}_{k}_32{v}' for r in (128, 256, 512) for k in ('5x5', '4x4') for v in ('', '_ram')]
 FOLDER_SIZE = {112: 128, 224: 256, 448: 512}

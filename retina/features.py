@@ -103,11 +103,14 @@ def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, ima
 
 
 def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu',
-                     batch_size=None, progress=True, echo=print, restart=False, weights=None):
+                     batch_size=None, progress=True, echo=print, restart=False, weights=None,
+                     compile_model=None):
     """Write running mean/std features of `folder`'s images every SAVE_EVERY iterations.
 
     Returns a dict: the final mean and std paths, the row and feature counts.  `weights`
     (the file's name) is recorded beside the features with the weights' fingerprint.
+    `batch_size` defaults to Runtime.eval_batch_size (larger on a GPU); `compile_model`
+    None compiles the net on a GPU and not on the CPU.
     Two extractions of one config, split and skip would write the same files (the
     saves at iterations 5, 10, ... too), so the second is refused while the first runs.
     """
@@ -115,18 +118,18 @@ def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu
     with lock.hold(paths.features_lock(config.name, split, skip),
                    f'the {split} features of {config.name} (skip {skip})', echo):
         return _extract_features(config, model, folder, split, n_iter, skip, device,
-                                 batch_size, progress, echo, restart, weights)
+                                 batch_size, progress, echo, restart, weights, compile_model)
 
 
 def _extract_features(config, model, folder, split, n_iter, skip, device, batch_size,
-                      progress, echo, restart, weights):
+                      progress, echo, restart, weights, compile_model):
     import torch
     from tqdm import tqdm
 
     from retina import cache, feature_files, paths, preprocess
     from retina.augment import broadcast_params, prepare_batch, tta_params
     from retina.images import image_name, list_images
-    from retina.runtime import Runtime, batches, place_images
+    from retina.runtime import Runtime, batches, compile_or_eager, place_images
 
     image_paths = list_images(folder)
     names = [image_name(p) for p in image_paths]
@@ -135,10 +138,11 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
     cache.check_size(images, config.input_size, folder, config.name)
     images_key = cache.cache_key(image_paths, images.shape[-1])
     device = torch.device(device)
+    runtime = Runtime(device)
     # On the GPU when it fits (a 512-px Kaggle test set is 42 GB), else streamed from the host.
-    images = place_images(images, Runtime(device), 'auto')
+    images = place_images(images, runtime, 'auto')
     model = model.to(memory_format=torch.channels_last)
-    batch_size = batch_size or config.cnf['batch_size_test']
+    batch_size = batch_size or runtime.eval_batch_size(config.cnf)
     augmentations = tta_params(n_iter, skip, config.cnf['aug_params'], config.cnf['sigma'])
     fingerprint = weights_fingerprint(model)
     start, total, total_sq = (0, None, None) if restart else _previous_progress(
@@ -148,37 +152,44 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
              f'--restart computes it again')
     elif start:
         echo(f'{split}: continuing from iteration {start} of an earlier run')
+    if total is not None:  # sums of an interrupted run
+        total, total_sq = (torch.from_numpy(a).to(device) for a in (total, total_sq))
+    compile_model = runtime.cuda if compile_model is None else compile_model
+    net = compile_or_eager(model, echo) if compile_model else model
+    constants = getattr(model, 'pixel_constants', None)
     order = np.arange(len(names))
     bar = tqdm(total=(n_iter - start) * len(names), desc=f'{config.name} {split} features',
                unit='img', disable=not progress, dynamic_ncols=True)
     with torch.no_grad():
-        for iteration in range(start, n_iter):
-            params = augmentations[iteration] if n_iter > 1 else None
-            rows = []
-            for batch, _ in batches(images, order, batch_size, device):
-                x = prepare_batch(batch, config.input_size,
-                                  broadcast_params(params, len(batch), device) if params else None,
-                                  constants=getattr(model, 'pixel_constants', None))
-                x = x.contiguous(memory_format=torch.channels_last)
-                with torch.autocast(device.type, dtype=torch.bfloat16,
-                                    enabled=device.type == 'cuda'):
-                    _, features = model(x, return_features=True)
-                rows.append(features.float())  # stays on the device: no wait per batch
-                bar.update(len(batch))
-            features = torch.cat(rows).double()
-            if total is None:
-                total, total_sq = torch.zeros_like(features), torch.zeros_like(features)
-            elif not isinstance(total, torch.Tensor):  # sums of an interrupted run
-                total, total_sq = (torch.from_numpy(a).to(device) for a in (total, total_sq))
-            total += features
-            total_sq += features ** 2
-            done = iteration + 1
-            if done % SAVE_EVERY == 0 or done == n_iter:
-                mean = (total / done).cpu().numpy()
-                std = np.sqrt(np.maximum((total_sq / done).cpu().numpy() - mean ** 2, 0))
-                feature_files.save(config.name, split, done, skip, names, mean, std,
-                                   dict(fingerprint=fingerprint, weights=weights,
-                                        images=images_key))
+        # The iterations between two saves run inside the batch loop: each batch is gathered
+        # (from a host cache: copied to the GPU) once for SAVE_EVERY augmentations, where a
+        # pass per iteration streamed the whole cache again each time (42 GB per iteration for
+        # the 512-px Kaggle test set).  `start` is 0 or a saved iteration: blocks end at saves.
+        for first in range(start, n_iter, SAVE_EVERY):
+            block = range(first, min(first + SAVE_EVERY, n_iter))
+            for batch, chunk in batches(images, order, batch_size, device):
+                for iteration in block:
+                    params = augmentations[iteration] if n_iter > 1 else None
+                    x = prepare_batch(batch, config.input_size,
+                                      broadcast_params(params, len(batch), device)
+                                      if params else None, dtype=runtime.input_dtype,
+                                      memory_format=torch.channels_last, constants=constants)
+                    with torch.autocast(device.type, dtype=torch.bfloat16,
+                                        enabled=runtime.cuda):
+                        _, features = net(x, return_features=True)
+                    features = features.float().double()  # stays on the device: no wait
+                    if total is None:
+                        total = features.new_zeros(len(names), features.shape[1])
+                        total_sq = torch.zeros_like(total)
+                    total.index_add_(0, chunk, features)
+                    total_sq.index_add_(0, chunk, features ** 2)
+                    bar.update(len(batch))
+            done = block[-1] + 1
+            mean = (total / done).cpu().numpy()
+            std = np.sqrt(np.maximum((total_sq / done).cpu().numpy() - mean ** 2, 0))
+            feature_files.save(config.name, split, done, skip, names, mean, std,
+                               dict(fingerprint=fingerprint, weights=weights,
+                                    images=images_key))
     bar.close()
     return dict(mean=paths.features(config.name, split, 'mean', n_iter, skip),
                 std=paths.features(config.name, split, 'std', n_iter, skip), rows=len(names),

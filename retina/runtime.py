@@ -133,3 +133,22 @@ def batches(images, indices, batch_size, device):
     threading.Thread(target=produce, daemon=True).start()
     while (item := ready.get()) is not None:
         yield item
+
+
+def compile_or_eager(model, say, quiet=False, backend='inductor'):
+    """torch.compile the model (or function) if the toolchain allows it, else keep it eager.
+
+    Compiling happens at the first call: a compiler that fails there (no C compiler, no
+    Triton for this GPU) makes that code run eager, with a warning, instead of stopping the
+    run (dynamo's suppress_errors).  Shapes are static: one graph per batch size, which is
+    why training drops the epoch's last, smaller batch and evaluation compiles its last batch
+    once.
+    """
+    try:
+        import torch._dynamo
+        torch._dynamo.config.suppress_errors = True
+        return torch.compile(model, dynamic=False, backend=backend)
+    except Exception as error:  # compile support varies by platform: never fatal
+        if not quiet:
+            say(f'note: torch.compile unavailable ({type(error).__name__}); running eager')
+        return model

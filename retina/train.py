@@ -32,7 +32,7 @@ from retina.augment import constants_for, prepare_batch, random_params
 from retina.config import lr_for_epoch, to_jsonable
 from retina.errors import UserError
 from retina.plots import training_curves
-from retina.runtime import Runtime, batches, place_images, setup_runtime
+from retina.runtime import Runtime, batches, compile_or_eager, place_images, setup_runtime
 
 LOG_COLUMNS = ('epoch', 'train_loss', 'valid_loss', 'valid_kappa', 'lr', 'seconds',
                'images_per_s')
@@ -576,22 +576,3 @@ def diverged(name, epoch, what, last_path):
         kept = 'no epoch completed, so no weights were saved'
     return UserError(f'{name}: {what} at epoch {epoch}; stopped: {kept}. Lower the learning '
                      f'rate in the schedule')
-
-
-def compile_or_eager(model, say, quiet=False, backend='inductor'):
-    """torch.compile the model (or function) if the toolchain allows it, else keep it eager.
-
-    Compiling happens at the first call: a compiler that fails there (no C compiler, no
-    Triton for this GPU) makes that code run eager, with a warning, instead of stopping the
-    run (dynamo's suppress_errors).  Shapes are static: one graph per batch size, which is
-    why training drops the epoch's last, smaller batch and evaluation compiles its last batch
-    once.
-    """
-    try:
-        import torch._dynamo
-        torch._dynamo.config.suppress_errors = True
-        return torch.compile(model, dynamic=False, backend=backend)
-    except Exception as error:  # compile support varies by platform: never fatal
-        if not quiet:
-            say(f'note: torch.compile unavailable ({type(error).__name__}); running eager')
-        return model

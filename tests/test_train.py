@@ -286,7 +286,7 @@ def test_a_compiled_run_drops_the_last_smaller_batch():
 
 
 def test_a_failing_compiler_falls_back_to_eager():
-    from retina.train import compile_or_eager
+    from retina.runtime import compile_or_eager
 
     def broken_backend(graph, example_inputs):
         raise RuntimeError('no compiler here')
@@ -327,3 +327,33 @@ def test_checkpoints_are_host_copies_written_in_order_in_the_background(tmp_path
     with pytest.raises(OSError, match='No space'):
         writer.wait()
     writer.wait()  # reported once
+
+
+def test_tta_iterations_inside_the_batch_loop_give_each_iteration_s_features(tmp_path,
+                                                                              monkeypatch):
+    """transform.py's blocks of iterations per batch: the same sums as one pass per iteration."""
+    from retina.augment import broadcast_params, tta_params
+    from retina.feature_files import load_features
+    from retina.features import extract_features
+    monkeypatch.chdir(tmp_path)
+    config = config_module.load(CONFIG)
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 128, 128, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f'{i}_left.png')
+    torch.manual_seed(0)
+    net = config.build_net().eval()
+    made = extract_features(config, net, folder, 'test', n_iter=7, batch_size=2, progress=False,
+                            echo=lambda *a: None)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2)
+    augmentations = tta_params(7, 0, config.cnf['aug_params'], config.cnf['sigma'])
+    with torch.no_grad():
+        each = torch.stack([net(prepare_batch(images, config.input_size,
+                                              broadcast_params(p, 5)), return_features=True)[1]
+                            for p in augmentations]).double()
+    for done in (5, 7):
+        mean, _ = load_features(paths.features(CONFIG, 'test', 'mean', done, 0))
+        np.testing.assert_allclose(mean, each[:done].mean(0).numpy(), rtol=1e-4, atol=1e-5)
+    std, _ = load_features(made['std'])
+    np.testing.assert_allclose(std, each.std(0, unbiased=False).numpy(), rtol=1e-3, atol=1e-4)
