@@ -179,3 +179,31 @@ def test_checkpoint_snapshot_of_a_gpu_net_is_written_in_the_background(tmp_path)
     loaded = checkpoint.load(tmp_path / 'last.pt')
     for name, value in loaded['model'].items():
         assert torch.equal(value, state['model'][name]), name
+
+
+def test_tta_from_a_host_cache_matches_the_device_cache(tmp_path, monkeypatch):
+    """The 42-GB test set stays on the host: its batches cross once per block of iterations,
+    compiled (the GPU default), and give the features of the device-resident cache."""
+    from PIL import Image
+
+    from retina import runtime
+    from retina.features import extract_features
+    config = config_module.load(CONFIG)
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for i, image in enumerate(np.random.default_rng(0).integers(0, 256, (6, 128, 128, 3),
+                                                                 dtype=np.uint8)):
+        Image.fromarray(image).save(folder / f'{i}_left.png')
+    torch.manual_seed(0)
+    net = config.build_net().eval()
+    means = {}
+    place = runtime.place_images
+    for where in ('yes', 'no'):  # cache_on_device: on the GPU, then on the host
+        monkeypatch.setattr(runtime, 'place_images',
+                            lambda images, rt, _, where=where: place(images, rt, where))
+        (tmp_path / where).mkdir()
+        monkeypatch.chdir(tmp_path / where)  # each run writes its own data/features
+        made = extract_features(config, net, folder, 'test', n_iter=6, device='cuda',
+                                batch_size=4, progress=False, echo=lambda *a: None)
+        means[where] = torch.from_numpy(load_features(made['mean'])[0])
+    assert relative_error(means['no'], means['yes']) < 1e-3
