@@ -40,7 +40,7 @@ def write_labels(path, names, levels):
 
 def quick_init(tensor, gain=1.0):
     with torch.no_grad():
-        return tensor.normal_(0, 0.01)
+        return tensor.normal_(0, gain / tensor[0].numel() ** 0.5)
 
 
 def run_stats(*args, cwd):
@@ -219,6 +219,21 @@ def test_a_trained_net_carries_its_constants_to_later_stages(tmp_path, monkeypat
     exported = ExportedNet(net, 128, with_ram=False)
     np.testing.assert_allclose(exported.mean.flatten().numpy(), OWN['mean'])
     np.testing.assert_allclose(exported.std.flatten().numpy(), OWN['std'])
+    # predict.py and ram.py feed the net its own standardisation.
+    from retina.predict import _passes, load_grader
+    from retina.ram import network_input
+    grader = load_grader('configs/c_own.py', tmp_path / 'w.pt')
+    images = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
+    own = prepare_batch(images, grader.input_size, constants=constants_for(OWN))
+    with torch.no_grad():
+        own_features = grader.net(own, return_features=True)[1].double().numpy()
+        kaggle_features = grader.net(prepare_batch(images, grader.input_size),
+                                     return_features=True)[1].double().numpy()
+    features = _passes(grader, images, [None])[1][0]
+    np.testing.assert_allclose(features, own_features, rtol=1e-5, atol=1e-6)
+    assert not np.allclose(features, kaggle_features, rtol=1e-3, atol=1e-3)
+    windows = augment.centre_crop(images, grader.input_size).to(torch.uint8)
+    torch.testing.assert_close(network_input(windows, grader.input_size, net.pixel_constants), own)
 
 
 def test_training_standardises_and_balances_with_the_config_constants():
