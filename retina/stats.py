@@ -129,18 +129,28 @@ def balance_weights(levels):
     return weights, counts
 
 
-def compute(folder, labels=None, sample=None, seed=0, progress=True):
+def compute(folder, labels=None, sample=None, seed=0, progress=True, echo=None):
     """The statistics of the converted images of `folder` (a random `sample` of them if given)
-    and, with a `labels` file, the balance weights of its labelled images: a JSON-able dict."""
+    and, with a `labels` file, the balance weights of its labelled images: a JSON-able dict.
+
+    Images without a label are an error, unless `echo` is given: then it hears why there are
+    no balance weights (the default labels file of another folder, e.g. a test folder).
+    """
     from tqdm import tqdm
 
     from retina import data
-    from retina.images import list_images, load_rgb
+    from retina.images import image_name, list_images, load_rgb
 
+    image_paths, levels = list_images(folder), None
+    if labels is not None and echo is not None:
+        known = data.load_labels(labels)
+        unlabelled = sum(image_name(p) not in known for p in image_paths)
+        if unlabelled:
+            echo(f'note: {unlabelled} image(s) of {folder} have no label in {labels}: no '
+                 f'balance weights (--labels names the file with their levels)')
+            labels = None
     if labels is not None:
         image_paths, levels = data.labelled_images(folder, labels)
-    else:
-        image_paths, levels = list_images(folder), None
     if not image_paths:
         raise UserError(f'{folder}: no images; point --directory at a folder convert.py wrote')
     used = list(image_paths)
@@ -175,8 +185,8 @@ def write(stats, output):
               help='Folder of converted images (convert.py\'s output, e.g. data/train_medium).')
 @click.option('--labels', type=click.Path(dir_okay=False),
               help='Labels CSV (image,level) for the class-balance weights; every image of '
-                   '--directory needs a label. [default: data/trainLabels.csv if it exists, '
-                   'else no balance weights]')
+                   '--directory needs a label. [default: data/trainLabels.csv if it exists and '
+                   'labels every image, else no balance weights]')
 @click.option('--output', type=click.Path(dir_okay=False),
               help='JSON file to write. [default: data/stats_DIRECTORY.json]')
 @click.option('--sample', type=click.IntRange(min=1),
@@ -197,10 +207,12 @@ def main(directory, labels, output, sample, seed, no_progress):
     (from retina.stats import load_stats).  Configs without them use the Kaggle constants.
     """
     from retina import paths
+    lenient = labels is None  # the default labels may be another folder's: then no weights
     if labels is None and paths.LABELS_FILE.is_file():
         labels = paths.LABELS_FILE
     output = Path(output) if output else paths.dataset_stats(directory)
-    stats = compute(directory, labels, sample, seed, progress=not no_progress)
+    stats = compute(directory, labels, sample, seed, progress=not no_progress,
+                    echo=(lambda line: click.echo(line, err=True)) if lenient else None)
     write(stats, output)
     about = stats['about']
     click.echo(f'{about["images"]} image(s), {about["pixels"]:,} pixels: mean '
@@ -213,7 +225,7 @@ def main(directory, labels, output, sample, seed, no_progress):
             click.echo(f'note: no image of level {", ".join(map(str, about["missing_levels"]))}'
                        f' in {directory}; weight 1.0 written for it', err=True)
     else:
-        click.echo('no labels (--labels): no balance weights; configs keep the Kaggle ones')
+        click.echo('no balance weights (no --labels): configs keep the Kaggle ones')
     click.echo(f'wrote {output}; a config uses it with cnf = dict(base.cnf, '
                f'**load_stats({str(output)!r}))')
 

@@ -264,3 +264,11 @@ def test_training_standardises_and_balances_with_the_config_constants():
     sample = epoch_sample(np.arange(1000), levels, 1, 0, 0.975, runtime,
                           config.cnf['balance_weights'])
     assert abs(levels[sample].mean() - 0.9) < 0.03
+
+
+def test_default_labels_of_another_folder_mean_no_weights_not_an_error(workdir):
+    result = run_stats('--directory', 'data/test_tiny', '--no_progress', cwd=workdir)
+    assert result.returncode == 0, result.stderr
+    assert 'have no label in data/trainLabels.csv: no balance weights' in result.stderr
+    saved = json.loads((workdir / 'data' / 'stats_test_tiny.json').read_text())
+    assert 'balance_weights' not in saved and len(saved['colour_ev']) == 3
