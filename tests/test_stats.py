@@ -272,3 +272,13 @@ def test_default_labels_of_another_folder_mean_no_weights_not_an_error(workdir):
     assert 'have no label in data/trainLabels.csv: no balance weights' in result.stderr
     saved = json.loads((workdir / 'data' / 'stats_test_tiny.json').read_text())
     assert 'balance_weights' not in saved and len(saved['colour_ev']) == 3
+
+
+def test_help_explains_every_option():
+    from click.testing import CliRunner
+    result = CliRunner().invoke(stats.main, ['--help'])
+    assert result.exit_code == 0
+    for option in stats.main.params:
+        assert option.help, option.name
+        assert f'--{option.name}' in result.output
+    assert 'over all pixels' in ' '.join(result.output.split())
