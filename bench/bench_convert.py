@@ -14,8 +14,9 @@ machine's load falls on every variant alike, medians reported:
 - the decode/resize alternatives, each photograph decoded, cropped and
   resized (not saved) with Pillow's draft decode and Lanczos, bicubic or
   bilinear, and, when OpenCV is installed, its reduced decode with
-  INTER_AREA; each with its largest mean absolute difference from the
-  reference crop (the tests allow 6 of 255).
+  INTER_AREA; also the box and resize alone on the decoded images; each with
+  its largest mean absolute difference from the reference crop (the tests
+  allow 6 of 255).
 Every pass of the first two groups decodes, crops and saves each image.
 Prints markdown and puts it in BENCHMARKS.md under `## convert.py` (other
 sections are kept).
@@ -47,6 +48,7 @@ from retina.images import list_images, load_rgb  # noqa: E402
 
 SECTION = 'convert.py'
 DEFAULT_DIRECTORY = REPO.parent / 'shared' / 'data' / 'eyepacs_sample' / 'train'
+ALTERNATIVE_ROUNDS = 3  # rounds of the alternatives per --rounds: they are short, and close
 
 
 def reference_one(src, dst, crop_size):
@@ -103,59 +105,79 @@ def process(command_for, passes, name):
 
 # --- the decode/resize alternatives -------------------------------------------
 
-def pillow_path(resample):
+class PillowPath:
     """convert.py's path (draft decode, box on a reduced copy) with `resample` for the resize."""
-    def crop_of(src, crop_size):
-        image = crop.load_for_crop(src, crop_size)
+
+    def __init__(self, resample):
+        self.resample = resample
+
+    def decode(self, src, crop_size):
+        return crop.load_for_crop(src, crop_size)
+
+    def resize(self, image, crop_size):
         box = crop.find_eye_box_fast(image)
-        return np.asarray(image.resize((crop_size, crop_size), resample, box=box, reducing_gap=3.0))
-    return crop_of
+        return np.asarray(image.resize((crop_size, crop_size), self.resample, box=box,
+                                       reducing_gap=3.0))
 
 
-def opencv_path():
-    """OpenCV's reduced JPEG decode at the largest 1/2, 1/4, 1/8 that keeps the crop >= crop_size,
-    the box as convert.py finds it, INTER_AREA; None when OpenCV is not installed."""
-    try:
-        import cv2
-    except ImportError:
-        return None
-    cv2.setNumThreads(1)
-    flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-             8: cv2.IMREAD_REDUCED_COLOR_8}
+class OpenCVPath:
+    """OpenCV's reduced JPEG decode at the largest 1/2, 1/4, 1/8 that keeps the crop >=
+    crop_size, the box as convert.py finds it, INTER_AREA."""
 
-    def crop_of(src, crop_size):
+    def __init__(self, cv2):
+        self.cv2 = cv2
+        cv2.setNumThreads(1)
+        self.flags = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2,
+                      4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+    def decode(self, src, crop_size):
         with Image.open(src) as image:
             width, height = image.size
         need, scale = math.ceil(crop_size / crop.MIN_BOX_FRACTION), 1
         while scale < 8 and min(width, height) // (2 * scale) >= need:
             scale *= 2
-        rgb = cv2.imread(str(src), flags[scale])[:, :, ::-1]
+        return self.cv2.imread(str(src), self.flags[scale])[:, :, ::-1]
+
+    def resize(self, rgb, crop_size):
         left, top, right, bottom = crop.find_eye_box_fast(Image.fromarray(rgb))
-        return cv2.resize(np.ascontiguousarray(rgb[top:bottom, left:right]), (crop_size, crop_size),
-                          interpolation=cv2.INTER_AREA)
-    return crop_of
+        return self.cv2.resize(np.ascontiguousarray(rgb[top:bottom, left:right]),
+                               (crop_size, crop_size), interpolation=self.cv2.INTER_AREA)
 
 
 def alternatives(sources, crop_size, rounds):
-    """Rows (label, ms per image, largest mean |difference| from the reference crop)."""
+    """Rows (label, ms per image decoded + boxed + resized, ms of box + resize alone, largest
+    mean |difference| from the reference crop); OpenCV's row only where it is installed."""
     resample = Image.Resampling
     paths = {f'Pillow draft decode + {f.name.lower()}'
-             + (' (convert.py)' if f == crop.RESAMPLE else ''): pillow_path(f)
+             + (' (convert.py)' if f == crop.RESAMPLE else ''): PillowPath(f)
              for f in (resample.LANCZOS, resample.BICUBIC, resample.BILINEAR)}
-    if (opencv := opencv_path()) is not None:
+    try:
         import cv2
-        paths[f'OpenCV {cv2.__version__} reduced decode + INTER_AREA'] = opencv
+        paths[f'OpenCV {cv2.__version__} reduced decode + INTER_AREA'] = OpenCVPath(cv2)
+    except ImportError:
+        pass
     references = [np.asarray(crop.crop_to_eye_reference(load_rgb(src), crop_size), dtype=np.float32)
                   for src in sources]
-    difference = {label: max(float(np.abs(np.asarray(path(src, crop_size), dtype=np.float32)
-                                           - reference).mean())
-                              for src, reference in zip(sources, references))
+    decoded = {label: [path.decode(src, crop_size) for src in sources]
+               for label, path in paths.items()}
+    difference = {label: max(float(np.abs(np.asarray(path.resize(image, crop_size),
+                                                      dtype=np.float32) - reference).mean())
+                              for image, reference in zip(decoded[label], references))
                   for label, path in paths.items()}
 
-    def timing(path):
-        return lambda: seconds(lambda: [path(src, crop_size) for src in sources]) / len(sources)
-    times = medians(interleaved({label: timing(path) for label, path in paths.items()}, rounds))
-    return [(label, 1000 * times[label], difference[label]) for label in paths]
+    def whole(path):
+        return lambda: seconds(lambda: [path.resize(path.decode(src, crop_size), crop_size)
+                                        for src in sources]) / len(sources)
+
+    def resize_alone(path, images):
+        return lambda: seconds(lambda: [path.resize(image, crop_size)
+                                        for image in images]) / len(sources)
+    variants = {(label, 'whole'): whole(path) for label, path in paths.items()}
+    variants.update({(label, 'resize'): resize_alone(path, decoded[label])
+                     for label, path in paths.items()})
+    times = medians(interleaved(variants, rounds))
+    return [(label, 1000 * times[label, 'whole'], 1000 * times[label, 'resize'],
+             difference[label]) for label in paths]
 
 
 def box_agreement(sources, crop_size):
@@ -232,7 +254,7 @@ def main(directory, crop_size, extension, rounds, copies, n_proc, benchmarks_fil
         }, rounds)
     timing = medians(per_image)
     worst_px, worst_fraction, difference = box_agreement(sources, crop_size)
-    alternative_rows = alternatives(sources, crop_size, rounds)
+    alternative_rows = alternatives(sources, crop_size, ALTERNATIVE_ROUNDS * rounds)
     sizes = sorted({Image.open(src).size for src in sources})
     size_text = ', '.join(f'{w}×{h}' for w, h in sizes)
 
@@ -250,10 +272,11 @@ def main(directory, crop_size, extension, rounds, copies, n_proc, benchmarks_fil
         table.append(f'| {label} | {processes} | {1 / timing[key]:.2f} | {1000 * timing[key]:.1f} '
                      f'| {speedup(key):.1f}× |')
     whole = paired_ratio(per_image['reference process'], per_image['convert.py'])
-    alternative_table = ['| decode + resize (box as convert.py; not saved) | ms/image | '
-                         'largest mean \\|diff\\| from the reference crop (of 255) |',
-                         '| --- | ---: | ---: |']
-    alternative_table += [f'| {label} | {ms:.1f} | {diff:.2f} |' for label, ms, diff in alternative_rows]
+    alternative_table = ['| decode + box + resize (not saved) | ms/image | box + resize alone, '
+                         'ms/image | largest mean \\|diff\\| from the reference crop (of 255) |',
+                         '| --- | ---: | ---: | ---: |']
+    alternative_table += [f'| {label} | {ms:.1f} | {alone:.1f} | {diff:.2f} |'
+                          for label, ms, alone, diff in alternative_rows]
     command = (f'python bench/bench_convert.py --directory {directory} --crop_size {crop_size} '
                f'--extension {extension} --rounds {rounds} --copies {copies} --n_proc {n_proc}')
     section = '\n'.join([
@@ -278,7 +301,8 @@ def main(directory, crop_size, extension, rounds, copies, n_proc, benchmarks_fil
         f'largest mean absolute difference of an output from the reference {difference:.2f} / 255',
         '',
         'The decode/resize alternatives, interleaved in one process (medians of '
-        f'{rounds} rounds over the {n} photographs):',
+        f'{ALTERNATIVE_ROUNDS * rounds} rounds over the {n} photographs; the OpenCV row '
+        'appears where opencv-python-headless is installed):',
         '',
         *alternative_table,
         '',
