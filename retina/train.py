@@ -205,7 +205,7 @@ class Run:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     preprocessing: str  # convert.py --enhance of the training images: kept in every checkpoint
-    batch_size: int = 0  # images per step in this process (`process_batch_size`)
+    batch_size: int  # images per step in this process (`process_batch_size`)
 
 
 @dataclass
@@ -224,28 +224,23 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
           echo=print, split_batch=False):
     """Train `config`'s net; returns a dict with the final epoch and the best metrics.
 
-    `compile_model` None compiles on a GPU and not on the CPU.  Under torchrun each
-    process trains on the config's batch_size_train (`process_batch_size`), or on its
-    share of it with `split_batch`.
-    The run holds weights/NAME/run.lock from start to end: a second run of the
-    same config is refused instead of writing into (or moving aside) this one.
+    `compile_model` None compiles on a GPU and not on the CPU.  Under torchrun each process
+    trains on the config's batch_size_train, or on its share of it with `split_batch`.  The
+    run holds weights/NAME/run.lock from start to end (a second run of the config is refused).
     """
     runtime = setup_runtime(device)
     say = echo if runtime.main else (lambda *a, **k: None)
     guard = (lock.hold(paths.run_lock(config.name), paths.run_dir(config.name), say)
              if runtime.main else contextlib.nullcontext())
     with guard:
-        run = set_up(config, runtime, seed, deterministic, cache_on_device, progress, say)
-        run.batch_size = process_batch_size(config.cnf, runtime, split_batch)
+        run = set_up(config, runtime, seed, deterministic, cache_on_device, progress, say,
+                     split_batch)
         start = (resume_state(run.model, run.optimizer, config.name, seed, weights_from, say)
                  if resume else fresh_start(run.model, config.name, seed, weights_from, say))
         keeper = Keeper(run, start, say)
         compile_model = runtime.cuda if compile_model is None else compile_model
         net, prepare, eval_net = wrap(run.model, runtime, compile_model, say)
-        say(f'{config.name}: {len(run.train_idx)} training / {len(run.valid_idx)} validation '
-            f'images ({config.cnf["train_dir"]}), device {runtime.device}'
-            + (f' × {runtime.world} processes, {run.batch_size} images per step each'
-               if runtime.distributed else '') + (', compiled' if compile_model else ''))
+        say(announcement(run, compile_model))
         try:
             for epoch, lr in schedule_epochs(config.cnf['schedule'], start.epoch, max_epochs):
                 try:
@@ -266,9 +261,20 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
         return result
 
 
-def set_up(config, runtime, seed, deterministic, cache_on_device, progress, say):
+def announcement(run, compiled):
+    """The line that opens a run: images, device, processes, compiled or not."""
+    runtime, cnf = run.runtime, run.config.cnf
+    return (f'{run.config.name}: {len(run.train_idx)} training / {len(run.valid_idx)} validation '
+            f'images ({cnf["train_dir"]}), device {runtime.device}'
+            + (f' × {runtime.world} processes, {run.batch_size} images per step each'
+               if runtime.distributed else '') + (', compiled' if compiled else ''))
+
+
+def set_up(config, runtime, seed, deterministic, cache_on_device, progress, say,
+           split_batch=False):
     """Seeds and backend flags, the image cache (on the device when it fits), the split,
-    the net (channels_last) and its optimizer at the first epoch's learning rate."""
+    the net (channels_last), its optimizer at the first epoch's learning rate and this
+    process's batch size (`process_batch_size`)."""
     cnf, name = config.cnf, config.name
     torch.manual_seed(seed)
     if deterministic:
@@ -292,7 +298,8 @@ def set_up(config, runtime, seed, deterministic, cache_on_device, progress, say)
     model = config.build_net().to(runtime.device).to(memory_format=torch.channels_last)
     return Run(config, runtime, place_images(host_images, runtime, cache_on_device), levels,
                train_idx, valid_idx, model,
-               make_optimizer(model, cnf, lr_for_epoch(cnf['schedule'], 1)), preprocessing)
+               make_optimizer(model, cnf, lr_for_epoch(cnf['schedule'], 1)), preprocessing,
+               process_batch_size(cnf, runtime, split_batch))
 
 
 def process_batch_size(cnf, runtime, split_batch=False):
