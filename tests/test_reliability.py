@@ -27,11 +27,25 @@ TRAIN = ['train_nn.py', '--cnf', CONFIG, '--max_epochs', '4', '--seed', '1', '--
          '--no_progress']
 
 
-def start(args, cwd, **kwargs):
+def _as_from_a_terminal():
+    """In the child, before exec: Ctrl-C as a shell leaves it (default action, not blocked).
+    Children inherit an ignored or blocked SIGINT from this process, and in the full suite
+    something in the pytest process leaves it so; a script started that way never sees it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def start(args, cwd, preexec_fn=None, **kwargs):
     env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED='1')
+
+    def prepare():
+        _as_from_a_terminal()
+        if preexec_fn is not None:
+            preexec_fn()
+
     return subprocess.Popen([sys.executable, str(REPO / args[0]), *map(str, args[1:])], cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            **kwargs)
+                            preexec_fn=prepare, **kwargs)
 
 
 def kill_after(process, seconds):
@@ -108,7 +122,8 @@ def test_training_killed_at_random_moments_resumes_to_the_uninterrupted_result(w
 
 
 def test_ctrl_c_ends_cleanly_and_says_how_to_resume(workdir):
-    process = start(['train_nn.py', '--cnf', CONFIG, '--max_epochs', '50', '--no_progress'],
+    # Long enough that the interrupt always lands mid-run, however fast the machine.
+    process = start(['train_nn.py', '--cnf', CONFIG, '--max_epochs', '1000', '--no_progress'],
                     workdir)
     deadline = time.time() + 120
     while not (workdir / 'weights' / CONFIG / 'last.pt').is_file() and time.time() < deadline:
@@ -407,7 +422,7 @@ def _convert_started(process, out, deadline=60):
 def test_convert_survives_a_dead_worker_and_stops_cleanly_on_ctrl_c(synthetic_source, tmp_path):
     out = tmp_path / 'out'
     command = ['convert.py', '--directory', synthetic_source / 'train', '--convert_directory', out,
-               '--crop_size', 1024, '--n_proc', 2]  # slow enough to interrupt
+               '--crop_size', 3072, '--n_proc', 2]  # slow enough to interrupt
     process = start(command, tmp_path)
     workers = _convert_started(process, out)
     assert workers, 'no worker processes found'
