@@ -23,6 +23,17 @@ def run_script(script, *args, cwd, check=True, timeout=600, env=None):
     return result
 
 
+def one_line_error(result, *fragments):
+    """The run failed with exactly one line on stderr, containing every fragment."""
+    assert result.returncode != 0, result.stdout
+    assert 'Traceback' not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith('error:')]
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
 @pytest.fixture(scope='session')
 def synthetic_source(tmp_path_factory):
     """Raw synthetic photos: train/, test/, trainLabels.csv, testLabels.csv, masks/."""

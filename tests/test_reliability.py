@@ -18,7 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, run_script
+from conftest import REPO, one_line_error, run_script
 from retina import checkpoint, config as config_module
 from retina.errors import UserError
 
@@ -55,17 +55,6 @@ def kill_after(process, seconds):
         process.send_signal(signal.SIGKILL)
         process.wait()
     return process.returncode
-
-
-def one_line_error(result, *fragments):
-    """The run failed with exactly one line on stderr, containing every fragment."""
-    assert result.returncode != 0, result.stdout
-    assert 'Traceback' not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.startswith('error:')]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def kill_during_next_epoch(process, rng, epoch_seconds):

@@ -13,21 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, run_script
+from conftest import REPO, one_line_error, run_script
 from retina import atomic, checkpoint, config as config_module, lock, paths
 from retina.errors import UserError
 
 CONFIG = 'c_128_5x5_32_ram'
-
-
-def one_line_error(result, *fragments):
-    assert result.returncode != 0, result.stdout
-    assert 'Traceback' not in result.stderr, result.stderr
-    lines = [line for line in result.stderr.strip().splitlines() if line.startswith('error:')]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def _earlier_run(workdir):
