@@ -33,6 +33,11 @@ from retina.errors import handle_errors
                    'the CPU no].  A compiler that fails falls back to eager with a warning; '
                    "compiled, the epoch's last, smaller batch is left out (a new shape would "
                    'compile again).')
+@click.option('--cuda_graphs', is_flag=True,
+              help='Compile with CUDA graphs too (torch.compile mode "reduce-overhead"): each '
+                   "step's kernels replay from one launch, for small batches (the configs' 32) "
+                   'that leave a fast GPU waiting on kernel launches.  One CUDA GPU, compiled; '
+                   'more GPU memory (a graph per batch shape).  See BENCHMARKS.md.')
 @click.option('--split_batch', is_flag=True,
               help="Under torchrun: split the config's batch_size_train between the processes "
                    '(the global batch and learning rates exactly as the config says).  Without '
@@ -48,7 +53,7 @@ from retina.errors import handle_errors
 @click.option('--no_progress', is_flag=True, help='No progress bars (for logs).')
 @handle_errors(resume_hint='Continue with: python train_nn.py --cnf {cnf} --resume')
 def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed, deterministic,
-         compile_model, split_batch, cache_on_device, summary, no_progress):
+         compile_model, cuda_graphs, split_batch, cache_on_device, summary, no_progress):
     """Train the network of config CNF on its train_dir and labels.
 
     Writes, under weights/CNF/: weights.pt (best validation kappa),
@@ -73,7 +78,7 @@ def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed,
     train(config, weights_from=weights_from, resume=resume, max_epochs=max_epochs,
           device=device, seed=seed, deterministic=deterministic, compile_model=compile_model,
           cache_on_device=cache_on_device, progress=not no_progress, echo=click.echo,
-          split_batch=split_batch)
+          split_batch=split_batch, cuda_graphs=cuda_graphs)
 
 
 if __name__ == '__main__':

@@ -8,6 +8,7 @@ Training, feature extraction, the heat maps and prediction all share these:
 import os
 import queue
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,45 +99,144 @@ def place_images(images, runtime, cache_on_device):
     return images
 
 
-def _to_device(batch, chunk, device):
-    """A host batch and its indices on `device`; pinned, so the copy does not block."""
-    tensors = (torch.from_numpy(np.ascontiguousarray(batch)), torch.from_numpy(chunk))
-    if device.type == 'cuda':
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in tensors)
-    return tensors
+PREFETCH = 2  # host batches copied ahead of the one the GPU is working on
+
+
+def host_tensor(images):
+    """A torch view of a host cache (a read-only memory map), without a copy: it is only
+    read from."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings('ignore', message='The given NumPy array is not writable')
+        return torch.from_numpy(images)
+
+
+def gather(host, chunk, out=None):
+    """Rows `chunk` of the host cache `host` (a `host_tensor`) as one (n, 3, S, S) tensor.
+
+    One `index_select`, which ATen spreads over its intra-op threads (a 512-px
+    batch is 25 MB: numpy's fancy indexing copies it in one thread, and the old
+    path copied it a second time into pinned memory); into `out` (a pinned
+    buffer for the GPU) when given.
+    """
+    index = torch.from_numpy(np.asarray(chunk, dtype=np.int64))
+    if out is None:
+        return torch.index_select(host, 0, index)
+    return torch.index_select(host, 0, index, out=out[:len(index)])
 
 
 def batches(images, indices, batch_size, device):
     """Yield (uint8 batch, index tensor), both on `device`.
 
     From a device-resident cache the batch is gathered on the device and the
-    indices travel once per epoch; from a host cache batches are gathered in
-    index order and, for a GPU, prepared ahead in a thread.
+    indices travel once per epoch.  From a host cache batches are gathered in
+    index order (`gather`); for a GPU, ahead of time in a thread, into pinned
+    buffers, and copied on a stream of their own (`_prefetched`), so that the
+    copy overlaps the previous batch's compute.
     """
-    if isinstance(images, torch.Tensor):
+    if isinstance(images, torch.Tensor) and images.device.type != 'cpu':
         on_device = torch.as_tensor(np.asarray(indices), device=images.device)
         for chunk in on_device.split(batch_size):
             yield images[chunk], chunk
         return
-    chunks = [np.sort(indices[i:i + batch_size]) for i in range(0, len(indices), batch_size)]
+    host = images if isinstance(images, torch.Tensor) else host_tensor(images)
+    chunks = [np.sort(np.asarray(indices[i:i + batch_size], dtype=np.int64))
+              for i in range(0, len(indices), batch_size)]
     if device.type != 'cuda':
         for chunk in chunks:
-            yield _to_device(images[chunk], chunk, device)
-        return
-    ready = queue.Queue(maxsize=3)
+            yield gather(host, chunk), torch.from_numpy(chunk)
+    elif chunks:
+        yield from _prefetched(host, chunks, batch_size, device)
+
+
+def _prefetched(host, chunks, batch_size, device, depth=PREFETCH):
+    """The GPU batches of `chunks` from the host cache, prepared by a producer thread.
+
+    The thread gathers each batch into one of depth + 2 pinned buffers and copies it
+    to the GPU on a side stream, recording an event; the consumer's stream waits for
+    that event (the host does not) and `record_stream` keeps the allocator from
+    reusing the batch's memory while the consumer's stream still reads it.  A
+    pinned buffer is refilled only after its last copy has completed.  An error in
+    the thread is raised in the consumer; a consumer that stops early stops it.
+    """
+    slots = [torch.empty((min(batch_size, max(map(len, chunks))), *host.shape[1:]),
+                         dtype=host.dtype, pin_memory=True) for _ in range(depth + 2)]
+    copied = [None] * len(slots)  # per buffer: the event of its last copy to the GPU
+    stream = torch.cuda.Stream(device)
+    ready, stop = queue.Queue(maxsize=depth), threading.Event()
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                pass
+        return False
 
     def produce():
-        for chunk in chunks:
-            ready.put(_to_device(images[chunk], chunk, device))
-        ready.put(None)
+        try:
+            with torch.cuda.device(device), torch.cuda.stream(stream):
+                for k, chunk in enumerate(chunks):
+                    slot = k % len(slots)
+                    if copied[slot] is not None:
+                        copied[slot].synchronize()
+                    pinned = gather(host, chunk, slots[slot])
+                    batch = pinned.to(device, non_blocking=True)
+                    index = torch.from_numpy(chunk).to(device)
+                    copied[slot] = torch.cuda.Event()
+                    copied[slot].record(stream)
+                    if not put((batch, index, copied[slot])):
+                        return
+        except BaseException as error:  # raised again in the consumer
+            put(error)
+            return
+        put(None)
 
-    threading.Thread(target=produce, daemon=True).start()
-    while (item := ready.get()) is not None:
-        yield item
+    worker = threading.Thread(target=produce, daemon=True, name='host-batches')
+    worker.start()
+    current = torch.cuda.current_stream(device)
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            batch, index, event = item
+            current.wait_event(event)
+            batch.record_stream(current)
+            index.record_stream(current)
+            yield batch, index
+    finally:
+        stop.set()
+        worker.join(timeout=10)
 
 
-def compile_or_eager(model, say, quiet=False, backend='inductor'):
+CUDA_GRAPHS = 'reduce-overhead'  # torch.compile's mode that records CUDA graphs
+
+
+def new_step(cuda_graphs):
+    """Mark the start of a training step or evaluation batch for CUDA graphs: the outputs of
+    the previous replay may be overwritten from here on (they have been used or copied)."""
+    if cuda_graphs:
+        torch.compiler.cudagraph_mark_step_begin()
+
+
+def check_cuda_graphs(runtime, compile_model):
+    """CUDA graphs come from the compiler, on one CUDA GPU: anything else is a UserError."""
+    if not runtime.cuda:
+        raise UserError(f'--cuda_graphs: CUDA graphs need a CUDA GPU, and this run is on '
+                        f'{runtime.device}; leave --cuda_graphs out')
+    if not compile_model:
+        raise UserError('--cuda_graphs: the graphs are recorded by torch.compile; leave out '
+                        '--no_compile (or --cuda_graphs)')
+    if runtime.distributed:
+        raise UserError('--cuda_graphs: for one process only; under torchrun each GPU has the '
+                        "config's whole batch, large enough to keep it busy: leave it out")
+
+
+def compile_or_eager(model, say, quiet=False, backend='inductor', mode=None):
     """torch.compile the model (or function) if the toolchain allows it, else keep it eager.
+
+    `mode` 'reduce-overhead' also records CUDA graphs (`CUDA_GRAPHS`): each shape's kernels
+    replay from one launch, for batches too small to keep a GPU busy one launch at a time.
 
     Compiling happens at the first call: a compiler that fails there (no C compiler, no
     Triton for this GPU) makes that code run eager, with a warning, instead of stopping the
@@ -147,7 +247,8 @@ def compile_or_eager(model, say, quiet=False, backend='inductor'):
     try:
         import torch._dynamo
         torch._dynamo.config.suppress_errors = True
-        return torch.compile(model, dynamic=False, backend=backend)
+        return torch.compile(model, dynamic=False, backend=backend,
+                             **({'mode': mode} if mode else {}))
     except Exception as error:  # compile support varies by platform: never fatal
         if not quiet:
             say(f'note: torch.compile unavailable ({type(error).__name__}); running eager')

@@ -32,7 +32,8 @@ from retina.augment import constants_for, prepare_batch, random_params
 from retina.config import lr_for_epoch, to_jsonable
 from retina.errors import UserError
 from retina.plots import training_curves
-from retina.runtime import Runtime, batches, compile_or_eager, place_images, setup_runtime
+from retina.runtime import (CUDA_GRAPHS, Runtime, batches, check_cuda_graphs, compile_or_eager,
+                            new_step, place_images, setup_runtime)
 
 LOG_COLUMNS = ('epoch', 'train_loss', 'valid_loss', 'valid_kappa', 'lr', 'seconds',
                'images_per_s')
@@ -64,14 +65,15 @@ def epoch_seed(seed, epoch, rank=0):
 
 def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, generator,
                     progress=True, sync_every=20, description='train', prepare=prepare_batch,
-                    batch_size=None, drop_last=False):
+                    batch_size=None, drop_last=False, cuda_graphs=False):
     """One pass over `indices` (this rank's share of the epoch's sample); returns metrics.
 
     `prepare` turns a uint8 batch and its augmentation parameters into the
     network's input (`prepare_batch`, or a torch.compile'd copy of it).
     `batch_size` is this process's [default: the config's batch_size_train];
     `drop_last` leaves out the epoch's last, smaller batch (a compiled net would
-    compile again for its shape).
+    compile again for its shape); `cuda_graphs` says that the net and `prepare` replay CUDA
+    graphs (`compile_or_eager` with CUDA_GRAPHS), whose outputs live until the next step.
     """
     cnf = config.cnf
     constants = constants_for(cnf)  # the config's mean, std and colour PCA [default: Kaggle]
@@ -86,6 +88,7 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
     bar = tqdm(total=len(indices) * runtime.world, desc=description, unit='img', leave=False,
                disable=not (progress and runtime.main), dynamic_ncols=True)
     for step, (batch, chunk) in enumerate(batches(images, indices, batch_size, runtime.device)):
+        new_step(cuda_graphs)
         params = random_params(len(chunk), cnf['aug_params'], cnf['sigma'], generator,
                                runtime.device)
         x = prepare(batch, config.input_size, params, dtype=runtime.input_dtype,
@@ -119,18 +122,21 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
 
 
 @torch.no_grad()
-def predict(model, images, indices, config, runtime, batch_size=None):
+def predict(model, images, indices, config, runtime, batch_size=None, cuda_graphs=False):
     """Predictions for `indices` on the centred window (no augmentation), in index order;
-    batches of `batch_size` [default: runtime.eval_batch_size, larger on a GPU]."""
+    batches of `batch_size` [default: runtime.eval_batch_size, larger on a GPU]; each batch's
+    output is copied out of `model`'s CUDA graph (`cuda_graphs`) before the next replay."""
     model.eval()
     batch_size = batch_size or runtime.eval_batch_size(config.cnf)
     order = np.asarray(indices)
     outputs, chunks = [], []
     for batch, chunk in batches(images, order, batch_size, runtime.device):
+        new_step(cuda_graphs)
         x = prepare_batch(batch, config.input_size, dtype=runtime.input_dtype,
                           memory_format=torch.channels_last, constants=constants_for(config.cnf))
         with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
-            outputs.append(model(x).float().squeeze(1))  # read back once, after the loop
+            out = model(x)  # read back once, after the loop: a copy, never the graph's output
+            outputs.append(out.to(torch.float32, copy=True).squeeze(1))
         chunks.append(chunk)
     out = np.empty(len(order), dtype=np.float32)
     if outputs:
@@ -140,12 +146,12 @@ def predict(model, images, indices, config, runtime, batch_size=None):
     return out
 
 
-def evaluate(model, images, levels, indices, config, runtime):
+def evaluate(model, images, levels, indices, config, runtime, cuda_graphs=False):
     """Validation MSE and kappa over `indices`, shared out between ranks."""
     if len(indices) == 0:
         return dict(valid_loss=float('nan'), valid_kappa=float('nan'))
     mine = indices[runtime.rank::runtime.world]
-    predictions = predict(model, images, mine, config, runtime)
+    predictions = predict(model, images, mine, config, runtime, cuda_graphs=cuda_graphs)
     if runtime.distributed:
         gathered = [None] * runtime.world
         dist.all_gather_object(gathered, (mine, predictions))
@@ -221,15 +227,19 @@ class Start:
 
 def train(config, weights_from=None, resume=False, max_epochs=None, device='auto', seed=0,
           deterministic=False, compile_model=None, cache_on_device='auto', progress=True,
-          echo=print, split_batch=False):
+          echo=print, split_batch=False, cuda_graphs=False):
     """Train `config`'s net; returns a dict with the final epoch and the best metrics.
 
-    `compile_model` None compiles on a GPU and not on the CPU.  Under torchrun each process
+    `compile_model` None compiles on a GPU and not on the CPU; `cuda_graphs` compiles with
+    CUDA graphs (one GPU only: `check_cuda_graphs`).  Under torchrun each process
     trains on the config's batch_size_train, or on its share of it with `split_batch`.  The
     run holds weights/NAME/run.lock from start to end (a second run of the config is refused).
     """
     runtime = setup_runtime(device)
     say = echo if runtime.main else (lambda *a, **k: None)
+    compile_model = runtime.cuda if compile_model is None else compile_model
+    if cuda_graphs:
+        check_cuda_graphs(runtime, compile_model)
     guard = (lock.hold(paths.run_lock(config.name), paths.run_dir(config.name), say)
              if runtime.main else contextlib.nullcontext())
     with guard:
@@ -238,14 +248,14 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
         start = (resume_state(run.model, run.optimizer, config.name, seed, weights_from, say)
                  if resume else fresh_start(run.model, config.name, seed, weights_from, say))
         keeper = Keeper(run, start, say)
-        compile_model = runtime.cuda if compile_model is None else compile_model
-        net, prepare, eval_net = wrap(run.model, runtime, compile_model, say)
-        say(announcement(run, compile_model))
+        net, prepare, eval_net = wrap(run.model, runtime, compile_model, say, cuda_graphs)
+        say(announcement(run, compile_model, cuda_graphs))
         try:
             for epoch, lr in schedule_epochs(config.cnf['schedule'], start.epoch, max_epochs):
                 try:
                     metrics = one_epoch(run, net, prepare, epoch, lr, start.seed, progress,
-                                        eval_net, drop_last=compile_model)
+                                        eval_net, drop_last=compile_model,
+                                        cuda_graphs=cuda_graphs)
                 except Diverged as what:
                     keeper.wait()  # last.pt of the epoch before is complete before it is named
                     raise diverged(config.name, epoch, str(what), keeper.last_good())
@@ -261,13 +271,14 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
         return result
 
 
-def announcement(run, compiled):
+def announcement(run, compiled, cuda_graphs=False):
     """The line that opens a run: images, device, processes, compiled or not."""
     runtime, cnf = run.runtime, run.config.cnf
     return (f'{run.config.name}: {len(run.train_idx)} training / {len(run.valid_idx)} validation '
             f'images ({cnf["train_dir"]}), device {runtime.device}'
             + (f' × {runtime.world} processes, {run.batch_size} images per step each'
-               if runtime.distributed else '') + (', compiled' if compiled else ''))
+               if runtime.distributed else '') + (', compiled' if compiled else '')
+            + (' with CUDA graphs' if cuda_graphs else ''))
 
 
 def set_up(config, runtime, seed, deterministic, cache_on_device, progress, say,
@@ -317,9 +328,9 @@ def process_batch_size(cnf, runtime, split_batch=False):
     return cnf['batch_size_train']
 
 
-def wrap(model, runtime, compile_model, say):
-    """(the net to train, the batch preparation, the net to validate with): compiled if asked,
-    the first under DDP on many ranks."""
+def wrap(model, runtime, compile_model, say, cuda_graphs=False):
+    """(the net to train, the batch preparation, the net to validate with): compiled if asked
+    (recording CUDA graphs with `cuda_graphs`), the first under DDP on many ranks."""
     net, prepare, eval_net = model, prepare_batch, model
     if runtime.distributed:
         if runtime.cuda:  # batch statistics over the global batch, as on one device
@@ -330,13 +341,15 @@ def wrap(model, runtime, compile_model, say):
             net, device_ids=[runtime.device.index] if runtime.cuda else None,
             gradient_as_bucket_view=True)
     if compile_model:
+        mode = CUDA_GRAPHS if cuda_graphs else None
         # DDP first, then compile (PyTorch's advice): the compiler splits the graph at the
         # gradient buckets so that their all-reduce overlaps the backward pass.
-        compiled = compile_or_eager(net, say)
-        eval_net = compiled if net is model else compile_or_eager(model, say, quiet=True)
+        compiled = compile_or_eager(net, say, mode=mode)
+        eval_net = (compiled if net is model
+                    else compile_or_eager(model, say, quiet=True, mode=mode))
         net = compiled
         # The augmentation too: one fused kernel from uint8 pixels to the standardised input.
-        prepare = compile_or_eager(prepare_batch, say, quiet=True)
+        prepare = compile_or_eager(prepare_batch, say, quiet=True, mode=mode)
     return net, prepare, eval_net
 
 
@@ -350,7 +363,8 @@ def schedule_epochs(schedule, first, max_epochs=None):
         epoch += 1
 
 
-def one_epoch(run, net, prepare, epoch, lr, seed, progress, eval_net=None, drop_last=False):
+def one_epoch(run, net, prepare, epoch, lr, seed, progress, eval_net=None, drop_last=False,
+              cuda_graphs=False):
     """Train on the epoch's balanced sample, then validate (with `eval_net`, compiled or not,
     default the model itself); returns the epoch's metrics.
 
@@ -366,11 +380,11 @@ def one_epoch(run, net, prepare, epoch, lr, seed, progress, eval_net=None, drop_
     metrics = train_one_epoch(net, run.optimizer, run.images, run.levels, sample, config,
                               runtime, generator, progress, description=f'epoch {epoch}',
                               prepare=prepare, batch_size=run.batch_size or None,
-                              drop_last=drop_last)
+                              drop_last=drop_last, cuda_graphs=cuda_graphs)
     if runtime.distributed:
         average_buffers(run.model, runtime.world)
     metrics.update(evaluate(eval_net or run.model, run.images, run.levels, run.valid_idx, config,
-                            runtime))
+                            runtime, cuda_graphs))
     if len(run.valid_idx) and not math.isfinite(metrics['valid_loss']):
         raise Diverged('the validation predictions became NaN or infinite')
     return metrics

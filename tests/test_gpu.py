@@ -207,3 +207,83 @@ def test_tta_from_a_host_cache_matches_the_device_cache(tmp_path, monkeypatch):
                                 batch_size=4, progress=False, echo=lambda *a: None)
         means[where] = torch.from_numpy(load_features(made['mean'])[0])
     assert relative_error(means['no'], means['yes']) < 1e-3
+
+
+def test_host_cache_batches_reach_the_gpu_whole_and_in_order(tmp_path):
+    """The pinned, prefetched path: every batch equals its rows of the host cache, a consumer
+    that stops early stops the producer, and an error in the producer reaches the consumer."""
+    import threading
+
+    from retina import runtime as runtime_module
+    from retina.runtime import batches
+    cache = np.lib.format.open_memmap(tmp_path / 'cache.npy', mode='w+', dtype=np.uint8,
+                                      shape=(40, 3, 16, 16))
+    cache[:] = np.random.default_rng(0).integers(0, 256, cache.shape, dtype=np.uint8)
+    cache.flush()
+    host = np.load(tmp_path / 'cache.npy', mmap_mode='r')
+    indices = np.random.default_rng(1).permutation(40)[:37]
+    seen = []
+    for batch, chunk in batches(host, indices, 6, CUDA):
+        assert batch.device.type == 'cuda' and chunk.device.type == 'cuda'
+        batch = batch.float() + 0  # work on the consumer's stream, as training does
+        np.testing.assert_array_equal(batch.cpu().numpy(), host[chunk.cpu().numpy()])
+        seen += chunk.tolist()
+    assert sorted(seen) == sorted(indices.tolist())
+
+    before = threading.active_count()
+    for _ in batches(host, indices, 6, CUDA):
+        break
+    assert threading.active_count() == before  # the producer thread has ended
+
+    def broken(*args, **kwargs):
+        raise OSError('disk gone')
+    original = runtime_module.gather
+    runtime_module.gather = broken
+    try:
+        with pytest.raises(OSError, match='disk gone'):
+            list(batches(host, indices, 6, CUDA))
+    finally:
+        runtime_module.gather = original
+
+
+def test_cuda_graphs_train_like_the_compiled_net(converted_workdir):
+    """train_one_epoch with CUDA graphs (compiled, mode reduce-overhead) against the same
+    epochs compiled without them: same seeds, losses and validation predictions alike."""
+    from retina.runtime import CUDA_GRAPHS, compile_or_eager
+    from retina.train import predict
+    config = config_module.load(CONFIG)
+    config.cnf['batch_size_train'] = 16
+    runtime = Runtime(CUDA)
+    image_paths, levels = data.labelled_images(converted_workdir / 'data' / 'train_tiny',
+                                               converted_workdir / 'data' / 'trainLabels.csv')
+    images = place_images(np.array(load_images(image_paths, 128, cache_dir=converted_workdir /
+                                               'cache', progress=False)), runtime, 'yes')
+    results = {}
+    for mode in (None, CUDA_GRAPHS):
+        torch.manual_seed(0)
+        model = config.build_net().to(CUDA).to(memory_format=torch.channels_last)
+        net = compile_or_eager(model, print, mode=mode)
+        prepare = compile_or_eager(prepare_batch, print, quiet=True, mode=mode)
+        optimizer = make_optimizer(model, config.cnf, 3e-3)
+        generator = torch.Generator(device=CUDA).manual_seed(0)
+        losses = [train_one_epoch(net, optimizer, images, levels, np.arange(len(levels)),
+                                  config, runtime, generator, progress=False, prepare=prepare,
+                                  drop_last=True, cuda_graphs=bool(mode))['train_loss']
+                  for _ in range(4)]
+        predictions = predict(net, images, np.arange(len(levels)), config, runtime,
+                              batch_size=8, cuda_graphs=bool(mode))
+        results[mode] = np.array(losses), predictions
+    (plain_losses, plain), (graph_losses, graphs) = results[None], results[CUDA_GRAPHS]
+    assert np.all(np.isfinite(graph_losses)) and np.all(np.isfinite(graphs))
+    np.testing.assert_allclose(graph_losses, plain_losses, rtol=0.05, atol=0.02)
+    np.testing.assert_allclose(graphs, plain, rtol=0.1, atol=0.05)
+
+
+def test_train_nn_with_cuda_graphs(workdir):
+    result = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '2', '--device', 'cuda',
+                        '--cuda_graphs', '--no_progress', cwd=workdir)
+    assert 'with CUDA graphs' in result.stdout
+    with open(workdir / 'weights' / CONFIG / 'log.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2
+    assert all(np.isfinite(float(r[k])) for r in rows for k in ('train_loss', 'valid_loss'))

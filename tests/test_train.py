@@ -299,6 +299,60 @@ def test_a_failing_compiler_falls_back_to_eager():
     assert not said  # the fallback is dynamo's warning at run time, not a note up front
 
 
+def test_host_cache_batches_are_the_gathered_rows_in_index_order(tmp_path):
+    """A memory-mapped (read-only) cache and a torch one give the same sorted batches."""
+    from retina.runtime import batches
+    cache = np.lib.format.open_memmap(tmp_path / 'cache.npy', mode='w+', dtype=np.uint8,
+                                      shape=(11, 3, 4, 4))
+    cache[:] = np.random.default_rng(0).integers(0, 256, cache.shape, dtype=np.uint8)
+    cache.flush()
+    read_only = np.load(tmp_path / 'cache.npy', mmap_mode='r')
+    indices = np.array([9, 2, 2, 7, 0, 10, 5, 3], dtype=np.int32)
+    for images in (read_only, torch.from_numpy(np.array(read_only))):
+        got = list(batches(images, indices, 3, torch.device('cpu')))
+        assert [c.tolist() for _, c in got] == [[2, 2, 9], [0, 7, 10], [3, 5]]
+        for batch, chunk in got:
+            assert batch.dtype == torch.uint8 and chunk.dtype == torch.int64
+            np.testing.assert_array_equal(batch.numpy(), read_only[chunk.numpy()])
+
+
+def test_cuda_graphs_compile_the_net_the_validation_net_and_the_augmentation(monkeypatch):
+    from retina import runtime as runtime_module
+    from retina.runtime import CUDA_GRAPHS, Runtime
+    from retina.train import wrap
+    modes = []
+
+    def fake_compile(model, **options):
+        modes.append(options.get('mode'))
+        return model
+    monkeypatch.setattr(torch, 'compile', fake_compile)
+    net = torch.nn.Linear(2, 1)
+    for graphs, expected in ((True, CUDA_GRAPHS), (False, None)):
+        modes.clear()
+        wrap(net, Runtime(torch.device('cpu')), True, print, cuda_graphs=graphs)
+        assert modes == [expected, expected]  # the net (also the validation net), prepare
+    assert runtime_module.CUDA_GRAPHS == 'reduce-overhead'
+
+
+def test_cuda_graphs_are_refused_where_they_cannot_run():
+    from retina.errors import UserError
+    from retina.runtime import Runtime, check_cuda_graphs
+    cuda = torch.device('cuda')  # a device object only: nothing runs on it
+    check_cuda_graphs(Runtime(cuda), compile_model=True)
+    for runtime, compiled, words in ((Runtime(torch.device('cpu')), True, 'need a CUDA GPU'),
+                                     (Runtime(cuda), False, '--no_compile'),
+                                     (Runtime(cuda, rank=1, world=2), True, 'torchrun')):
+        with pytest.raises(UserError, match=words):
+            check_cuda_graphs(runtime, compiled)
+
+
+def test_train_nn_cuda_graphs_on_the_cpu_is_a_one_line_error(tmp_path):
+    result = run_script('train_nn.py', '--cnf', CONFIG, '--cuda_graphs', '--device', 'cpu',
+                        cwd=tmp_path, check=False)
+    assert result.returncode != 0 and 'CUDA graphs need a CUDA GPU' in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and 'Traceback' not in result.stderr
+
+
 def test_checkpoints_are_host_copies_written_in_order_in_the_background(tmp_path, monkeypatch):
     config = config_module.load(CONFIG)
     net = torch.nn.Linear(3, 1)
