@@ -37,8 +37,8 @@ from report import (device_name, interleaved, medians, paired_ratio,  # noqa: E4
                     replace_section, today)
 from retina import config as config_module  # noqa: E402
 from retina.augment import prepare_batch  # noqa: E402
-from retina.runtime import (Runtime, batches, compile_or_eager, place_images,  # noqa: E402
-                            resolve_device)
+from retina.runtime import (CUDA_GRAPHS, Runtime, batches, compile_or_eager,  # noqa: E402
+                            new_step, place_images, resolve_device)
 from retina.train import make_optimizer, train_one_epoch  # noqa: E402
 
 ALL = [f'c_{r}_{k}_32{v}' for r in (128, 256, 512) for k in ('5x5', '4x4') for v in ('', '_ram')]
@@ -70,7 +70,7 @@ def images_per_second(run, count, device):
     return timed
 
 
-def bare_run(model, optimizer, config, batch_size, steps, runtime):
+def bare_run(model, optimizer, config, batch_size, steps, runtime, cuda_graphs=False):
     """`steps` forward + backward + optimizer steps on one random input already in place."""
     device = runtime.device
     x = torch.randn(batch_size, 3, *config.input_size, device=device).to(
@@ -78,6 +78,7 @@ def bare_run(model, optimizer, config, batch_size, steps, runtime):
     y = torch.rand(batch_size, device=device) * 4
 
     def step():
+        new_step(cuda_graphs)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
             out = model(x)
         loss = F.mse_loss(out.float().squeeze(1), y)
@@ -92,7 +93,8 @@ def bare_run(model, optimizer, config, batch_size, steps, runtime):
     return run
 
 
-def pipeline_run(model, optimizer, config, images, batch_size, steps, runtime, prepare):
+def pipeline_run(model, optimizer, config, images, batch_size, steps, runtime, prepare,
+                 cuda_graphs=False):
     """`steps` batches of train_one_epoch, from the cache to the optimizer step."""
     levels = np.random.default_rng(0).integers(0, 5, len(images))
     generator = torch.Generator(device=runtime.device).manual_seed(0)
@@ -101,7 +103,8 @@ def pipeline_run(model, optimizer, config, images, batch_size, steps, runtime, p
     def run():
         indices = rng.integers(0, len(images), batch_size * steps)
         train_one_epoch(model, optimizer, images, levels, indices, config, runtime, generator,
-                        progress=False, prepare=prepare, batch_size=batch_size)
+                        progress=False, prepare=prepare, batch_size=batch_size,
+                        cuda_graphs=cuda_graphs)
     return run
 
 
@@ -120,7 +123,8 @@ def feature_run(model, config, images, batch_size, steps, runtime):
     return run
 
 
-def measure(name, batch_size, test_batch_size, steps, rounds, runtime, compile_model):
+def measure(name, batch_size, test_batch_size, steps, rounds, runtime, compile_model,
+            cuda_graphs=False, cache='device'):
     """One config's row: medians of train, bare and feature images/s, the overhead, memory."""
     device = runtime.device
     config = config_module.load(name)
@@ -128,25 +132,27 @@ def measure(name, batch_size, test_batch_size, steps, rounds, runtime, compile_m
     test_batch = test_batch_size or runtime.eval_batch_size(config.cnf)
     size = FOLDER_SIZE.get(config.cnf['w'], config.cnf['w'])
     count = min(MAX_IMAGES, max(batch * steps, test_batch * steps))
-    if device.type == 'cuda':  # the device-resident uint8 cache that train_nn.py uses
+    if device.type == 'cuda' and cache == 'device':  # the cache train_nn.py keeps on a GPU
         images = torch.randint(0, 256, (count, 3, size, size), dtype=torch.uint8,
                                device=device, generator=torch.Generator(device).manual_seed(0))
     else:
         images = np.random.default_rng(0).integers(0, 256, (count, 3, size, size),
                                                    dtype=np.uint8)
-        images = place_images(images, runtime, 'auto')
+        images = place_images(images, runtime, 'no' if cache == 'host' else 'auto')
     torch.manual_seed(0)
     model = config.build_net().to(device).to(memory_format=torch.channels_last)
     net, prepare = model, prepare_batch
     if compile_model:  # as train.wrap and the feature extraction do
-        net = compile_or_eager(model, click.echo)
-        prepare = compile_or_eager(prepare_batch, click.echo, quiet=True)
+        mode = CUDA_GRAPHS if cuda_graphs else None
+        net = compile_or_eager(model, click.echo, mode=mode)
+        prepare = compile_or_eager(prepare_batch, click.echo, quiet=True, mode=mode)
     optimizer = make_optimizer(model, config.cnf, 1e-4)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     runs = {
-        'bare': bare_run(net, optimizer, config, batch, steps, runtime),
-        'train': pipeline_run(net, optimizer, config, images, batch, steps, runtime, prepare),
+        'bare': bare_run(net, optimizer, config, batch, steps, runtime, cuda_graphs),
+        'train': pipeline_run(net, optimizer, config, images, batch, steps, runtime, prepare,
+                              cuda_graphs),
         'features': feature_run(net, config, images, test_batch, steps, runtime),
     }
     counts = dict(bare=batch * steps, train=batch * steps, features=test_batch * steps)
@@ -178,24 +184,33 @@ def measure(name, batch_size, test_batch_size, steps, rounds, runtime, compile_m
 @click.option('--compile/--no_compile', 'compile_model', default=None,
               help='torch.compile the model and the augmentation [default: on a GPU yes, on the '
                    'CPU no, as train_nn.py].')
+@click.option('--cuda_graphs', is_flag=True,
+              help='Compile with CUDA graphs (train_nn.py --cuda_graphs; a CUDA GPU only).')
+@click.option('--cache', type=click.Choice(['device', 'host']), default='device',
+              show_default=True,
+              help='Where the uint8 cache is on a GPU: device (train_nn.py when it fits) or host '
+                   '(a cache too large for the GPU: pinned gather and copy on a side stream).')
 @click.option('--write/--no_write', default=True, show_default=True,
               help='Write the table to BENCHMARKS.md.')
 @click.option('--section', default='', metavar='TEXT',
               help='Words added to the BENCHMARKS.md section title, so that runs with other '
                    'settings (batch size, --compile) keep their own table.')
-def main(configs, steps, rounds, device, batch_size, test_batch_size, compile_model, write,
-         section):
+def main(configs, steps, rounds, device, batch_size, test_batch_size, compile_model,
+         cuda_graphs, cache, write, section):
     """Print training/bare/feature images/s per config and write them to BENCHMARKS.md."""
     device = resolve_device(device)
     runtime = Runtime(device)
     compile_model = device.type == 'cuda' if compile_model is None else compile_model
+    if cuda_graphs and not (device.type == 'cuda' and compile_model):
+        raise click.UsageError('--cuda_graphs needs a CUDA device and compiling')
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     rows = []
     for name in configs.split(','):
-        row = measure(name, batch_size, test_batch_size, steps, rounds, runtime, compile_model)
+        row = measure(name, batch_size, test_batch_size, steps, rounds, runtime, compile_model,
+                      cuda_graphs, cache)
         rows.append(row)
         click.echo(f'{name}: train {row["train"]:.1f} img/s, bare {row["bare"]:.1f} img/s, '
                    f'overhead {100 * row["overhead"]:.1f}%, features {row["features"]:.1f} img/s')
@@ -208,7 +223,9 @@ def main(configs, steps, rounds, device, batch_size, test_batch_size, compile_mo
                      f'{row["features"]:.1f} | {row["peak"]:.1f} |')
     command = ('python bench/bench_train.py ' + ' '.join(sys.argv[1:])).strip()
     body = (f'Device: {device_name(device)}; torch {torch.__version__}; '
-            f'{"compiled" if compile_model else "eager"}; {today()}.\n'
+            f'{"compiled" if compile_model else "eager"}'
+            f'{" with CUDA graphs" if cuda_graphs else ""}; uint8 cache on the '
+            f'{"host" if cache == "host" or device.type != "cuda" else "device"}; {today()}.\n'
             f'Command: `{command}`.\n\n' + '\n'.join(table) +
             f'\n\nInterleaved in one run ({rounds} rounds of {steps} batches each; medians): '
             'the overhead is the share of the bare model step that the input pipeline '

@@ -119,8 +119,9 @@ def gather(host, chunk, out=None):
     buffer for the GPU) when given.
     """
     index = torch.from_numpy(np.asarray(chunk, dtype=np.int64))
-    if out is None:
-        return torch.index_select(host, 0, index)
+    if out is None:  # numpy's allocator asks for huge pages, torch's CPU one does not: the
+        # first-touch page faults of a fresh torch tensor doubled a 400-MB batch's time
+        out = torch.from_numpy(np.empty((len(index), *host.shape[1:]), dtype=np.uint8))
     return torch.index_select(host, 0, index, out=out[:len(index)])
 
 
