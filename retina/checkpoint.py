@@ -94,39 +94,45 @@ def load(path):
     if not path.is_file():
         raise UserError(f'{path}: weights file not found; train first (train_nn.py --cnf ...) '
                         f'or pass --weights_from')
-    _check_container(path)
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-    except Exception as error:  # torch.load fails in many ways on a file that is not weights
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
-        if isinstance(error, pickle.UnpicklingError) and 'Weights only load failed' in str(error):
-            raise UserError(f'{path}: refused to load: the file holds pickled Python objects, '
-                            f'not plain weights ({first}); only load weights you trust, '
-                            f're-saved as tensors') from None
-        raise UserError(f'{path}: not a readable weights file ({type(error).__name__}: {first}); '
-                        f'it may be truncated or another kind of file: use a .pt file written '
-                        f'by train_nn.py') from None
+    state = read_torch_file(path, 'weights file', 'use a .pt file written by train_nn.py')
     if not isinstance(state, dict) or state.get('format') != FORMAT:
         raise UserError(f'{path}: not a checkpoint written by train_nn.py')
     _check_contents(state, path)
     return state
 
 
-def _check_container(path):
+def read_torch_file(path, kind, fix):
+    """torch.load of a file that torch.save wrote, safely: a zip of stored entries
+    (`_check_container`), plain tensors and containers only (weights_only), tensors
+    memory-mapped.  Every problem is a UserError naming the file as a `kind` ('weights
+    file') and ending with `fix` (what to pass instead)."""
+    _check_container(path, kind, fix)
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+    except Exception as error:  # torch.load fails in many ways on a file of another kind
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        if isinstance(error, pickle.UnpicklingError) and 'Weights only load failed' in str(error):
+            raise UserError(f'{path}: refused to load: the file holds pickled Python objects, '
+                            f'not plain tensors ({first}); only load files you trust; '
+                            f'{fix}') from None
+        raise UserError(f'{path}: not a readable {kind} ({type(error).__name__}: {first}); it '
+                        f'may be truncated or another kind of file: {fix}') from None
+
+
+def _check_container(path, kind, fix):
     """Refuse what torch.save never writes: not a zip, or compressed (inflating) entries."""
     try:
         with zipfile.ZipFile(path) as archive:
             entries = archive.infolist()
     except (zipfile.BadZipFile, OSError, ValueError):
-        raise UserError(f'{path}: not a readable weights file (not the zip archive torch.save '
-                        f'writes); it may be truncated or another kind of file: use a .pt file '
-                        f'written by train_nn.py') from None
+        raise UserError(f'{path}: not a readable {kind} (not the zip archive torch.save '
+                        f'writes); it may be truncated or another kind of file: {fix}') from None
     packed = [e.filename for e in entries
               if e.compress_type != zipfile.ZIP_STORED or e.file_size != e.compress_size]
     if packed:
         raise UserError(f'{path}: refused to load: {packed[0]} is compressed (inflating to '
                         f'{sum(e.file_size for e in entries) / 1e6:.0f} MB), which torch.save '
-                        f'never writes; use weights written by train_nn.py')
+                        f'never writes; {fix}')
 
 
 def _check_contents(state, path):

@@ -60,18 +60,15 @@ def save(path, runs, per_patient, thresholds):
 
 
 def load(path):
-    """A saved blend, checked; every problem is a UserError naming the file."""
-    import torch
+    """A saved blend, checked (as safely as a checkpoint); every problem is a UserError naming
+    the file."""
+    from retina import checkpoint
     path = Path(path)
     if not path.is_file():
         raise UserError(f'{path}: no such blend file; blend.py --predict writes one beside its '
                         f'submission (data/sub_..._blend.pt)')
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:  # torch.load fails in many ways on a file that is not a blend
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
-        raise UserError(f'{path}: not a readable blend file ({first}); pass the _blend.pt file '
-                        f'written by blend.py --predict') from None
+    state = checkpoint.read_torch_file(path, 'blend file', 'pass the _blend.pt file written '
+                                       'by blend.py --predict')
     if not isinstance(state, dict) or state.get('format') != FORMAT or not state.get('runs'):
         raise UserError(f'{path}: not a blend written by blend.py --predict (it writes '
                         f'data/sub_..._blend.pt beside the submission)')

@@ -297,3 +297,12 @@ def test_a_blend_of_files_not_named_by_transform_py_is_refused_by_predict(tmp_pa
     (tmp_path / 'junk.pt').write_bytes(b'junk')
     with pytest.raises(UserError, match='not a readable blend file'):
         LoadedBlend(tmp_path / 'junk.pt')
+    # A blend is read as safely as a checkpoint: compressed entries (which torch.save never
+    # writes, and which could inflate to gigabytes) are refused before anything is read.
+    import zipfile
+    with zipfile.ZipFile(tmp_path / 'b.pt') as source, \
+            zipfile.ZipFile(tmp_path / 'packed.pt', 'w', zipfile.ZIP_DEFLATED) as packed:
+        for info in source.infolist():
+            packed.writestr(info.filename, source.read(info.filename))
+    with pytest.raises(UserError, match=r'packed.pt: refused to load: .* is compressed.*_blend'):
+        LoadedBlend(tmp_path / 'packed.pt')
