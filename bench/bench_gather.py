@@ -29,7 +29,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / 'bench'))
 
-from report import device_name, interleaved, medians, paired_ratio, replace_section, today  # noqa: E402,I001
+from report import (device_name, interleaved, medians, paired_ratio,  # noqa: E402
+                    replace_section, today)
 from retina.runtime import batches, resolve_device  # noqa: E402
 
 CASES = [(512, 32, 'training, 512 px'), (512, 512, 'features, 512 px'),

@@ -108,7 +108,7 @@ def pipeline_run(model, optimizer, config, images, batch_size, steps, runtime, p
     return run
 
 
-def feature_run(model, config, images, batch_size, steps, runtime):
+def feature_run(model, config, images, batch_size, steps, runtime, cuda_graphs=False):
     """`steps` batches of the feature extraction's loop (centred window, feature layer)."""
     order = np.arange(batch_size * steps) % len(images)
 
@@ -116,6 +116,7 @@ def feature_run(model, config, images, batch_size, steps, runtime):
     def run():
         model.eval()
         for batch, _ in batches(images, order, batch_size, runtime.device):
+            new_step(cuda_graphs)
             x = prepare_batch(batch, config.input_size, dtype=runtime.input_dtype,
                               memory_format=torch.channels_last)
             with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
@@ -153,7 +154,7 @@ def measure(name, batch_size, test_batch_size, steps, rounds, runtime, compile_m
         'bare': bare_run(net, optimizer, config, batch, steps, runtime, cuda_graphs),
         'train': pipeline_run(net, optimizer, config, images, batch, steps, runtime, prepare,
                               cuda_graphs),
-        'features': feature_run(net, config, images, test_batch, steps, runtime),
+        'features': feature_run(net, config, images, test_batch, steps, runtime, cuda_graphs),
     }
     counts = dict(bare=batch * steps, train=batch * steps, features=test_batch * steps)
     for key in ('bare', 'train'):  # warm-up: compilation, cuDNN's autotuning, allocations

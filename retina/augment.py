@@ -172,6 +172,21 @@ def _constant(name, device, dtype=torch.float32, constants=None):
     return _CONSTANTS[key]
 
 
+def place_constants(device, constants=None):
+    """Copy the constants `prepare_batch` reads to `device` now, outside compiled code.
+
+    Filled from inside a compiled `prepare_batch`, the cached tensors would be outputs of
+    its first graph (and the cache's change would make the second call compile again);
+    with CUDA graphs, memory that the next replay reuses.  The key's device carries its
+    index, as `x.device` does.
+    """
+    device = torch.device(device)
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', torch.cuda.current_device())
+    for name in ('colour_u', 'colour_ev', 'standard_shift', 'inverse_std'):
+        _constant(name, device, constants=constants)
+
+
 def affine_theta(params, in_size, out_size):
     """(N, 2, 3) matrices for `F.affine_grid` mapping output to input normalised coordinates.
 
@@ -273,8 +288,12 @@ def _standardised(x, shift, dtype, memory_format, constants=None):
     offset = _constant('standard_shift', x.device, constants=constants)[None, :, None, None]
     if shift is not None:
         offset = offset + shift.float()[:, :, None, None]
-    out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=memory_format)
     inverse_std = _constant('inverse_std', x.device, constants=constants)[None, :, None, None]
+    if torch.compiler.is_compiling():  # dynamo cannot trace `out=` into a channels_last tensor
+        # (a graph break: two graphs and an eager op); inductor fuses this form into one kernel
+        return torch.addcmul(offset, x, inverse_std).to(dtype).contiguous(
+            memory_format=memory_format)
+    out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=memory_format)
     return torch.addcmul(offset, x, inverse_std, out=out)
 
 

@@ -123,6 +123,8 @@ def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu
 
 def _extract_features(config, model, folder, split, n_iter, skip, device, batch_size,
                       progress, echo, restart, weights, compile_model):
+    import contextlib
+
     import torch
     from tqdm import tqdm
 
@@ -167,23 +169,24 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
         # the 512-px Kaggle test set).  `start` is 0 or a saved iteration: blocks end at saves.
         for first in range(start, n_iter, SAVE_EVERY):
             block = range(first, min(first + SAVE_EVERY, n_iter))
-            for batch, chunk in batches(images, order, batch_size, device):
-                for iteration in block:
-                    params = augmentations[iteration] if n_iter > 1 else None
-                    x = prepare_batch(batch, config.input_size,
-                                      broadcast_params(params, len(batch), device)
-                                      if params else None, dtype=runtime.input_dtype,
-                                      memory_format=torch.channels_last, constants=constants)
-                    with torch.autocast(device.type, dtype=torch.bfloat16,
-                                        enabled=runtime.cuda):
-                        _, features = net(x, return_features=True)
-                    features = features.float().double()  # stays on the device: no wait
-                    if total is None:
-                        total = features.new_zeros(len(names), features.shape[1])
-                        total_sq = torch.zeros_like(total)
-                    total.index_add_(0, chunk, features)
-                    total_sq.index_add_(0, chunk, features ** 2)
-                    bar.update(len(batch))
+            with contextlib.closing(batches(images, order, batch_size, device)) as stream:
+                for batch, chunk in stream:
+                    for iteration in block:
+                        params = augmentations[iteration] if n_iter > 1 else None
+                        x = prepare_batch(batch, config.input_size,
+                                          broadcast_params(params, len(batch), device)
+                                          if params else None, dtype=runtime.input_dtype,
+                                          memory_format=torch.channels_last, constants=constants)
+                        with torch.autocast(device.type, dtype=torch.bfloat16,
+                                            enabled=runtime.cuda):
+                            _, features = net(x, return_features=True)
+                        features = features.float().double()  # stays on the device: no wait
+                        if total is None:
+                            total = features.new_zeros(len(names), features.shape[1])
+                            total_sq = torch.zeros_like(total)
+                        total.index_add_(0, chunk, features)
+                        total_sq.index_add_(0, chunk, features ** 2)
+                        bar.update(len(batch))
             done = block[-1] + 1
             mean = (total / done).cpu().numpy()
             std = np.sqrt(np.maximum((total_sq / done).cpu().numpy() - mean ** 2, 0))

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from retina import atomic, cache, checkpoint, data, lock, paths, preprocess
-from retina.augment import constants_for, prepare_batch, random_params
+from retina.augment import constants_for, place_constants, prepare_batch, random_params
 from retina.config import lr_for_epoch, to_jsonable
 from retina.errors import UserError
 from retina.plots import training_curves
@@ -77,6 +77,7 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
     """
     cnf = config.cnf
     constants = constants_for(cnf)  # the config's mean, std and colour PCA [default: Kaggle]
+    place_constants(runtime.device, constants)  # before `prepare`, which may be compiled
     model.train()
     batch_size = batch_size or cnf['batch_size_train']
     if drop_last and len(indices) > batch_size:
@@ -87,30 +88,32 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
     steps = math.ceil(len(indices) / batch_size)
     bar = tqdm(total=len(indices) * runtime.world, desc=description, unit='img', leave=False,
                disable=not (progress and runtime.main), dynamic_ncols=True)
-    for step, (batch, chunk) in enumerate(batches(images, indices, batch_size, runtime.device)):
-        new_step(cuda_graphs)
-        params = random_params(len(chunk), cnf['aug_params'], cnf['sigma'], generator,
-                               runtime.device)
-        x = prepare(batch, config.input_size, params, dtype=runtime.input_dtype,
-                    memory_format=torch.channels_last, constants=constants)
-        target = levels_device[chunk]
-        with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
-            out = model(x)
-        loss = F.mse_loss(out.float().squeeze(1), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        total_loss += loss.detach() * len(chunk)
-        seen += len(chunk)
-        # Reading the loss back stalls the GPU: do it once every `sync_every` steps.
-        if (step + 1) % sync_every == 0 or step + 1 == steps:
-            mean_loss = total_loss.item() / seen
-            if not math.isfinite(mean_loss):
-                bar.close()
-                raise Diverged(f'the training loss became NaN (step {step + 1})')
-            rate = seen * runtime.world / (time.perf_counter() - start)
-            bar.set_postfix(loss=f'{mean_loss:.4f}', img_s=f'{rate:.0f}')
-        bar.update(len(chunk) * runtime.world)
+    # closing: a loop left by an exception (a NaN loss) stops the host-cache thread at once
+    with contextlib.closing(batches(images, indices, batch_size, runtime.device)) as stream:
+        for step, (batch, chunk) in enumerate(stream):
+            new_step(cuda_graphs)
+            params = random_params(len(chunk), cnf['aug_params'], cnf['sigma'], generator,
+                                   runtime.device)
+            x = prepare(batch, config.input_size, params, dtype=runtime.input_dtype,
+                        memory_format=torch.channels_last, constants=constants)
+            target = levels_device[chunk]
+            with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
+                out = model(x)
+            loss = F.mse_loss(out.float().squeeze(1), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total_loss += loss.detach() * len(chunk)
+            seen += len(chunk)
+            # Reading the loss back stalls the GPU: do it once every `sync_every` steps.
+            if (step + 1) % sync_every == 0 or step + 1 == steps:
+                mean_loss = total_loss.item() / seen
+                if not math.isfinite(mean_loss):
+                    bar.close()
+                    raise Diverged(f'the training loss became NaN (step {step + 1})')
+                rate = seen * runtime.world / (time.perf_counter() - start)
+                bar.set_postfix(loss=f'{mean_loss:.4f}', img_s=f'{rate:.0f}')
+            bar.update(len(chunk) * runtime.world)
     bar.close()
     loss = total_loss / max(seen, 1)
     if runtime.distributed:
@@ -129,15 +132,16 @@ def predict(model, images, indices, config, runtime, batch_size=None, cuda_graph
     model.eval()
     batch_size = batch_size or runtime.eval_batch_size(config.cnf)
     order = np.asarray(indices)
-    outputs, chunks = [], []
-    for batch, chunk in batches(images, order, batch_size, runtime.device):
-        new_step(cuda_graphs)
-        x = prepare_batch(batch, config.input_size, dtype=runtime.input_dtype,
-                          memory_format=torch.channels_last, constants=constants_for(config.cnf))
-        with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
-            out = model(x)  # read back once, after the loop: a copy, never the graph's output
-            outputs.append(out.to(torch.float32, copy=True).squeeze(1))
-        chunks.append(chunk)
+    outputs, chunks, constants = [], [], constants_for(config.cnf)
+    with contextlib.closing(batches(images, order, batch_size, runtime.device)) as stream:
+        for batch, chunk in stream:
+            new_step(cuda_graphs)
+            x = prepare_batch(batch, config.input_size, dtype=runtime.input_dtype,
+                              memory_format=torch.channels_last, constants=constants)
+            with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
+                out = model(x)  # read back once, after the loop: a copy, never the graph's output
+                outputs.append(out.to(torch.float32, copy=True).squeeze(1))
+            chunks.append(chunk)
     out = np.empty(len(order), dtype=np.float32)
     if outputs:
         position = {int(i): k for k, i in enumerate(order)}

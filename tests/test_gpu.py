@@ -230,14 +230,27 @@ def test_host_cache_batches_reach_the_gpu_whole_and_in_order(tmp_path):
         seen += chunk.tolist()
     assert sorted(seen) == sorted(indices.tolist())
 
-    before = threading.active_count()
     for _ in batches(host, indices, 6, CUDA):
         break
-    assert threading.active_count() == before  # the producer thread has ended
+    assert not any(t.name == 'host-batches' for t in threading.enumerate())  # it has ended
+
+    # The copies wait behind a long kernel on their side stream: a consumer that did not wait
+    # for their event (or a buffer refilled too soon) would read unfinished batches.
+    original = runtime_module.gather
+
+    def slow(*args, **kwargs):
+        torch.cuda._sleep(20_000_000)
+        return original(*args, **kwargs)
+    runtime_module.gather = slow
+    try:
+        for batch, chunk in batches(host, indices, 6, CUDA):
+            np.testing.assert_array_equal((batch.float() + 0).cpu().numpy(),
+                                          host[chunk.cpu().numpy()])
+    finally:
+        runtime_module.gather = original
 
     def broken(*args, **kwargs):
         raise OSError('disk gone')
-    original = runtime_module.gather
     runtime_module.gather = broken
     try:
         with pytest.raises(OSError, match='disk gone'):
@@ -258,8 +271,15 @@ def test_cuda_graphs_train_like_the_compiled_net(converted_workdir):
                                                converted_workdir / 'data' / 'trainLabels.csv')
     images = place_images(np.array(load_images(image_paths, 128, cache_dir=converted_workdir /
                                                'cache', progress=False)), runtime, 'yes')
+    from torch._dynamo.utils import counters
+    from torch._inductor import cudagraph_trees
+
+    from retina import augment
     results = {}
     for mode in (None, CUDA_GRAPHS):
+        augment._CONSTANTS.clear()  # each run places its own constants, as a new process does
+        torch._dynamo.reset()  # and compiles afresh
+        skips = counters['inductor']['cudagraph_skips']
         torch.manual_seed(0)
         model = config.build_net().to(CUDA).to(memory_format=torch.channels_last)
         net = compile_or_eager(model, print, mode=mode)
@@ -273,6 +293,10 @@ def test_cuda_graphs_train_like_the_compiled_net(converted_workdir):
         predictions = predict(net, images, np.arange(len(levels)), config, runtime,
                               batch_size=8, cuda_graphs=bool(mode))
         results[mode] = np.array(losses), predictions
+        if mode:  # the graphs were recorded and none of the compiled code skipped them
+            manager = cudagraph_trees.get_manager(torch.cuda.current_device(), False)
+            assert manager is not None and any(manager.roots.values())
+            assert counters['inductor']['cudagraph_skips'] == skips
     (plain_losses, plain), (graph_losses, graphs) = results[None], results[CUDA_GRAPHS]
     assert np.all(np.isfinite(graph_losses)) and np.all(np.isfinite(graphs))
     np.testing.assert_allclose(graph_losses, plain_losses, rtol=0.05, atol=0.02)

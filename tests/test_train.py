@@ -254,8 +254,9 @@ def test_batch_is_per_process_under_torchrun_unless_split():
     assert process_batch_size(cnf, Runtime(torch.device('cpu')), split_batch=True) == 32
 
 
-def _tiny_epoch(indices, **kwargs):
-    """train_one_epoch of a tiny net over `indices` of 8 random 20-px images; the batch sizes."""
+def _tiny_epoch(indices, inner=prepare_batch, **kwargs):
+    """train_one_epoch of a tiny net over `indices` of 8 random 20-px images, each batch
+    prepared by `inner`; the batch sizes and the metrics."""
     from retina.runtime import Runtime
     from retina.train import train_one_epoch
     config = config_module.load(CONFIG)
@@ -267,7 +268,7 @@ def _tiny_epoch(indices, **kwargs):
 
     def prepare(batch, size, params, **layout):
         sizes.append(len(batch))
-        x = prepare_batch(batch, size, params, **layout)
+        x = inner(batch, size, params, **layout)
         assert x.is_contiguous(memory_format=torch.channels_last) and x.dtype == torch.float32
         return x
 
@@ -351,6 +352,40 @@ def test_train_nn_cuda_graphs_on_the_cpu_is_a_one_line_error(tmp_path):
                         cwd=tmp_path, check=False)
     assert result.returncode != 0 and 'CUDA graphs need a CUDA GPU' in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and 'Traceback' not in result.stderr
+
+
+def test_the_compiled_augmentation_is_one_graph_compiled_once():
+    """Compiled (as on a GPU), prepare_batch is one graph, traced once for an epoch: no graph
+    break (dynamo cannot trace `out=` into a channels_last tensor) and no second trace (the
+    constants are placed before it runs, not cached from inside its first graph, which with
+    CUDA graphs would be memory the next replay reuses)."""
+    from retina import augment
+    graphs = []
+
+    def counting(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+    augment._CONSTANTS.clear()
+    torch._dynamo.reset()
+    compiled = torch.compile(prepare_batch, backend=counting, dynamic=False)
+    sizes, metrics = _tiny_epoch(range(8), compiled, batch_size=2, drop_last=True)
+    assert sizes == [2, 2, 2, 2] and math.isfinite(metrics['train_loss'])
+    assert len(graphs) == 1
+
+
+def test_the_compiled_augmentation_gives_the_eager_result():
+    config = config_module.load(CONFIG)
+    images = torch.randint(0, 256, (3, 3, 128, 128), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(0))
+    params = random_params(3, config.cnf['aug_params'], config.cnf['sigma'],
+                           torch.Generator().manual_seed(1))
+    traced = torch.compile(prepare_batch, backend='eager', dynamic=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        layout = dict(dtype=dtype, memory_format=torch.channels_last)
+        eager = prepare_batch(images, config.input_size, params, **layout)
+        got = traced(images, config.input_size, params, **layout)
+        assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, eager)
 
 
 def test_checkpoints_are_host_copies_written_in_order_in_the_background(tmp_path, monkeypatch):
