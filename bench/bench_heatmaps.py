@@ -273,8 +273,11 @@ def heimed_part(work, nets, fuses, heimed, methods, layers, options):
               '(data, epochs, machine): the benchmark cannot tell.')
 @click.option('--write/--no_write', default=True, show_default=True,
               help=f'Write the table to BENCHMARKS.md ("## {SECTION}").')
+@click.option('--section', default='', metavar='TEXT',
+              help='Words added to the BENCHMARKS.md section title, so that a run on other weights '
+                   'keeps its own table instead of replacing the last one.')
 def main(synthetic_weights, synthetic_fuse, real_weights, real_fuse, synthetic_dir, n_patients, seed,
-         heimed, methods, layers, work, device, batch_size, limit, note, write):
+         heimed, methods, layers, work, device, batch_size, limit, note, write, section):
     """Score every method's heat maps against lesion masks, beside the blind map and the grid oracle."""
     from retina.errors import UserError
     methods = [m.strip() for m in methods.split(',') if m.strip()]
@@ -324,8 +327,9 @@ def main(synthetic_weights, synthetic_fuse, real_weights, real_fuse, synthetic_d
         table(rows)])
     click.echo('\n' + table(rows))
     if write:
-        replace_section(SECTION, body)
-        click.echo(f'\nwrote "## {SECTION}" in BENCHMARKS.md')
+        title = f'{SECTION} ({section})' if section else SECTION
+        replace_section(title, body)
+        click.echo(f'\nwrote "## {title}" in BENCHMARKS.md')
 
 
 if __name__ == '__main__':
