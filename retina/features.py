@@ -123,15 +123,13 @@ def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu
 
 def _extract_features(config, model, folder, split, n_iter, skip, device, batch_size,
                       progress, echo, restart, weights, compile_model):
-    import contextlib
-
     import torch
     from tqdm import tqdm
 
     from retina import cache, feature_files, paths, preprocess
-    from retina.augment import broadcast_params, prepare_batch, tta_params
+    from retina.augment import tta_params
     from retina.images import image_name, list_images
-    from retina.runtime import Runtime, batches, compile_or_eager, place_images
+    from retina.runtime import Runtime, compile_or_eager, place_images, smaller_batch
 
     image_paths = list_images(folder)
     names = [image_name(p) for p in image_paths]
@@ -162,38 +160,66 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
     order = np.arange(len(names))
     bar = tqdm(total=(n_iter - start) * len(names), desc=f'{config.name} {split} features',
                unit='img', disable=not progress, dynamic_ncols=True)
-    with torch.no_grad():
-        # The iterations between two saves run inside the batch loop: each batch is gathered
-        # (from a host cache: copied to the GPU) once for SAVE_EVERY augmentations, where a
-        # pass per iteration streamed the whole cache again each time (42 GB per iteration for
-        # the 512-px Kaggle test set).  `start` is 0 or a saved iteration: blocks end at saves.
-        for first in range(start, n_iter, SAVE_EVERY):
-            block = range(first, min(first + SAVE_EVERY, n_iter))
-            with contextlib.closing(batches(images, order, batch_size, device)) as stream:
-                for batch, chunk in stream:
-                    for iteration in block:
-                        params = augmentations[iteration] if n_iter > 1 else None
-                        x = prepare_batch(batch, config.input_size,
-                                          broadcast_params(params, len(batch), device)
-                                          if params else None, dtype=runtime.input_dtype,
-                                          memory_format=torch.channels_last, constants=constants)
-                        with torch.autocast(device.type, dtype=torch.bfloat16,
-                                            enabled=runtime.cuda):
-                            _, features = net(x, return_features=True)
-                        features = features.float().double()  # stays on the device: no wait
-                        if total is None:
-                            total = features.new_zeros(len(names), features.shape[1])
-                            total_sq = torch.zeros_like(total)
-                        total.index_add_(0, chunk, features)
-                        total_sq.index_add_(0, chunk, features ** 2)
-                        bar.update(len(batch))
-            done = block[-1] + 1
-            mean = (total / done).cpu().numpy()
-            std = np.sqrt(np.maximum((total_sq / done).cpu().numpy() - mean ** 2, 0))
-            feature_files.save(config.name, split, done, skip, names, mean, std,
-                               dict(fingerprint=fingerprint, weights=weights,
-                                    images=images_key))
+    # The iterations between two saves run inside the batch loop: each batch is gathered
+    # (from a host cache: copied to the GPU) once for SAVE_EVERY augmentations, where a pass
+    # per iteration streamed the whole cache again each time (42 GB per iteration for the
+    # 512-px Kaggle test set).  `start` is 0 or a saved iteration: blocks end at saves.
+    for first in range(start, n_iter, SAVE_EVERY):
+        block = range(first, min(first + SAVE_EVERY, n_iter))
+        # Out of memory (a GPU smaller than the default batch needs), the block is done again
+        # at half the batch size from its starting sums, kept on the host: the largest batch
+        # that fits is found.
+        before = None if total is None else tuple(t.to('cpu', copy=True) for t in (total, total_sq))
+        shown = bar.n
+        while True:
+            try:
+                total, total_sq = _feature_block(net, images, order, batch_size, block,
+                                                 augmentations, n_iter, config, runtime,
+                                                 constants, total, total_sq, len(names), bar)
+                break
+            except torch.OutOfMemoryError as error:
+                batch_size = smaller_batch(error, batch_size, runtime, f'{split} features')
+                total, total_sq = ((None, None) if before is None else
+                                   tuple(t.to(device) for t in before))
+                bar.n = shown
+                bar.refresh()
+        done = block[-1] + 1
+        mean = (total / done).cpu().numpy()
+        std = np.sqrt(np.maximum((total_sq / done).cpu().numpy() - mean ** 2, 0))
+        feature_files.save(config.name, split, done, skip, names, mean, std,
+                           dict(fingerprint=fingerprint, weights=weights, images=images_key))
     bar.close()
     return dict(mean=paths.features(config.name, split, 'mean', n_iter, skip),
                 std=paths.features(config.name, split, 'std', n_iter, skip), rows=len(names),
                 features=int(total.shape[1]))
+
+
+def _feature_block(net, images, order, batch_size, block, augmentations, n_iter, config, runtime,
+                   constants, total, total_sq, rows, bar):
+    """The TTA iterations of `block` added to the running sums (None at the start: created
+    at the first batch, `rows` × features); returns the sums."""
+    import contextlib
+
+    import torch
+
+    from retina.augment import broadcast_params, prepare_batch
+    from retina.runtime import batches
+    device = runtime.device
+    with torch.no_grad(), contextlib.closing(batches(images, order, batch_size, device)) as stream:
+        for batch, chunk in stream:
+            for iteration in block:
+                params = augmentations[iteration] if n_iter > 1 else None
+                x = prepare_batch(batch, config.input_size,
+                                  broadcast_params(params, len(batch), device) if params else None,
+                                  dtype=runtime.input_dtype, memory_format=torch.channels_last,
+                                  constants=constants)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
+                    _, features = net(x, return_features=True)
+                features = features.float().double()  # stays on the device: no wait
+                if total is None:
+                    total = features.new_zeros(rows, features.shape[1])
+                    total_sq = torch.zeros_like(total)
+                total.index_add_(0, chunk, features)
+                total_sq.index_add_(0, chunk, features ** 2)
+                bar.update(len(batch))
+    return total, total_sq

@@ -7,6 +7,7 @@ Training, feature extraction, the heat maps and prediction all share these:
 """
 import os
 import queue
+import sys
 import threading
 import warnings
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ class Runtime:
     device: torch.device
     rank: int = 0
     world: int = 1
+    eval_limit: int = 0  # the evaluation batch that fits, once a larger one ran out of memory
 
     @property
     def cuda(self):
@@ -46,8 +48,25 @@ class Runtime:
 
     def eval_batch_size(self, cnf):
         """Images per validation or feature batch: the config's batch_size_test, at least
-        GPU_EVAL_BATCH on a GPU (a batch of 32 leaves an H100 waiting on kernel launches)."""
-        return max(cnf['batch_size_test'], GPU_EVAL_BATCH) if self.cuda else cnf['batch_size_test']
+        GPU_EVAL_BATCH on a GPU (a batch of 32 leaves an H100 waiting on kernel launches), at
+        most `eval_limit` once a batch ran out of memory (`smaller_batch`)."""
+        size = max(cnf['batch_size_test'], GPU_EVAL_BATCH) if self.cuda else cnf['batch_size_test']
+        return min(size, self.eval_limit) if self.eval_limit else size
+
+
+def smaller_batch(error, batch_size, runtime, what):
+    """The batch to try after out-of-memory `error` at `batch_size` images: half of it,
+    kept as `runtime.eval_limit` for the evaluations that follow, with a note; `error`
+    itself when a single image did not fit."""
+    from tqdm import tqdm
+    if batch_size <= 1:
+        raise error
+    if runtime.cuda:
+        torch.cuda.empty_cache()  # the failed batch's blocks, back to the GPU
+    runtime.eval_limit = batch_size // 2
+    tqdm.write(f'note: {what}: {batch_size} images per batch do not fit in memory; trying '
+               f'{runtime.eval_limit}', file=sys.stderr)
+    return runtime.eval_limit
 
 
 def resolve_device(requested='auto'):

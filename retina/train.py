@@ -33,7 +33,7 @@ from retina.config import lr_for_epoch, to_jsonable
 from retina.errors import UserError
 from retina.plots import training_curves
 from retina.runtime import (CUDA_GRAPHS, Runtime, batches, check_cuda_graphs, compile_or_eager,
-                            new_step, place_images, setup_runtime)
+                            new_step, place_images, setup_runtime, smaller_batch)
 
 LOG_COLUMNS = ('epoch', 'train_loss', 'valid_loss', 'valid_kappa', 'lr', 'seconds',
                'images_per_s')
@@ -131,7 +131,15 @@ def predict(model, images, indices, config, runtime, batch_size=None, cuda_graph
     output is copied out of `model`'s CUDA graph (`cuda_graphs`) before the next replay."""
     model.eval()
     batch_size = batch_size or runtime.eval_batch_size(config.cnf)
-    order = np.asarray(indices)
+    while True:  # out of memory (a GPU smaller than the default batch needs): half, again
+        try:
+            return _predict(model, images, np.asarray(indices), config, runtime, batch_size,
+                            cuda_graphs)
+        except torch.OutOfMemoryError as error:
+            batch_size = smaller_batch(error, batch_size, runtime, 'validation')
+
+
+def _predict(model, images, order, config, runtime, batch_size, cuda_graphs):
     outputs, chunks, constants = [], [], constants_for(config.cnf)
     with contextlib.closing(batches(images, order, batch_size, runtime.device)) as stream:
         for batch, chunk in stream:

@@ -446,3 +446,68 @@ def test_tta_iterations_inside_the_batch_loop_give_each_iteration_s_features(tmp
         np.testing.assert_allclose(mean, each[:done].mean(0).numpy(), rtol=1e-4, atol=1e-5)
     std, _ = load_features(made['std'])
     np.testing.assert_allclose(std, each.std(0, unbiased=False).numpy(), rtol=1e-3, atol=1e-4)
+
+
+def _short_of_memory(net, fits, from_call=1):
+    """`net`, whose forward raises out-of-memory on batches of more than `fits` images (as a
+    GPU smaller than the default batch needs would) from its `from_call`-th call on; the
+    batch sizes it was called with."""
+    forward, seen = net.forward, []
+
+    def limited(x, **kwargs):
+        seen.append(len(x))
+        if len(x) > fits and len(seen) >= from_call:
+            raise torch.OutOfMemoryError(f'CUDA out of memory (a batch of {len(x)}: simulated)')
+        return forward(x, **kwargs)
+    net.forward = limited
+    return seen
+
+
+def test_validation_halves_its_batch_until_it_fits_and_keeps_that_size(capsys):
+    from retina.runtime import Runtime
+    from retina.train import predict
+    config = config_module.load(CONFIG)
+    torch.manual_seed(0)
+    net = config.build_net().eval()
+    images = np.random.default_rng(0).integers(0, 256, (7, 3, 128, 128), dtype=np.uint8)
+    runtime = Runtime(torch.device('cpu'))
+    expected = predict(net, images, np.arange(7), config, runtime, batch_size=7)
+    seen = _short_of_memory(net, fits=2)
+    got = predict(net, images, np.arange(7)[::-1], config, runtime, batch_size=8)
+    np.testing.assert_allclose(got, expected[::-1], rtol=1e-5, atol=1e-6)
+    assert seen[:3] == [7, 4, 2] and runtime.eval_limit == 2
+    assert 'validation: 4 images per batch do not fit in memory; trying 2' in capsys.readouterr().err
+    seen.clear()
+    predict(net, images, np.arange(7), config, runtime)  # the next epoch starts at what fit
+    assert max(seen) == 2
+    with pytest.raises(torch.OutOfMemoryError):  # not even one image: the error itself
+        _short_of_memory(net, fits=0)
+        predict(net, images, np.arange(3), config, runtime)
+
+
+def test_features_redo_a_block_at_half_the_batch_when_memory_runs_out(tmp_path, monkeypatch,
+                                                                      capsys):
+    from retina.feature_files import load_features
+    from retina.features import extract_features
+    config = config_module.load(CONFIG)
+    folder = tmp_path / 'images'
+    folder.mkdir()
+    for i, image in enumerate(np.random.default_rng(0).integers(0, 256, (5, 128, 128, 3),
+                                                                 dtype=np.uint8)):
+        Image.fromarray(image).save(folder / f'{i}_left.png')
+    torch.manual_seed(0)
+    net = config.build_net().eval()
+    results = {}
+    for name in ('plain', 'short'):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        # the first block: 2 batches (4 + 1 images) × 5 iterations; in the second, the first
+        # batch's iteration 6 runs out of memory after its iteration 5 has added to the sums
+        seen = _short_of_memory(net, fits=2, from_call=12) if name == 'short' else []
+        made = extract_features(config, net, folder, 'test', n_iter=7, batch_size=4,
+                                progress=False, echo=lambda *a: None)
+        results[name] = [load_features(made[k])[0] for k in ('mean', 'std')]
+    assert seen[:12] == [4] * 5 + [1] * 5 + [4, 4] and max(seen[12:]) == 2
+    assert 'test features: 4 images per batch do not fit' in capsys.readouterr().err
+    for short, plain in zip(results['short'], results['plain']):
+        np.testing.assert_allclose(short, plain, rtol=1e-4, atol=1e-5)
