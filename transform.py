@@ -28,7 +28,7 @@ from retina.errors import handle_errors
 @click.option('--device', default='auto', show_default=True, help='auto, cpu, cuda or cuda:N.')
 @click.option('--batch_size', type=click.IntRange(min=1),
               help="Images per batch [default: the config's batch_size_test, at least 512 on a "
-                   'GPU].')
+                   'GPU]; halved (with a note) while it does not fit in memory.')
 @click.option('--compile/--no_compile', 'compile_model', default=None,
               help='torch.compile the network [default: on a GPU yes, on the CPU no]; a compiler '
                    'that fails falls back to eager with a warning.')
