@@ -252,6 +252,18 @@ def check_cuda_graphs(runtime, compile_model):
                         "config's whole batch, large enough to keep it busy: leave it out")
 
 
+def note_cuda_graph_skips(say):
+    """After the first epoch with CUDA graphs: say if the compiler ran parts of the step
+    without them (its own count; a CPU tensor or an unsupported op in a graph), which costs
+    speed, not correctness."""
+    from torch._dynamo.utils import counters
+    skipped = counters['inductor']['cudagraph_skips']
+    if skipped:
+        say(f'note: --cuda_graphs: the compiler ran {skipped} compiled part(s) without CUDA '
+            f'graphs (slower, still correct); TORCH_LOGS=perf_hints shows why')
+    return skipped
+
+
 def compile_or_eager(model, say, quiet=False, backend='inductor', mode=None):
     """torch.compile the model (or function) if the toolchain allows it, else keep it eager.
 

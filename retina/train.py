@@ -33,7 +33,8 @@ from retina.config import lr_for_epoch, to_jsonable
 from retina.errors import UserError
 from retina.plots import training_curves
 from retina.runtime import (CUDA_GRAPHS, Runtime, batches, check_cuda_graphs, compile_or_eager,
-                            new_step, place_images, setup_runtime, smaller_batch)
+                            new_step, note_cuda_graph_skips, place_images, setup_runtime,
+                            smaller_batch)
 
 LOG_COLUMNS = ('epoch', 'train_loss', 'valid_loss', 'valid_kappa', 'lr', 'seconds',
                'images_per_s')
@@ -272,6 +273,8 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
                     keeper.wait()  # last.pt of the epoch before is complete before it is named
                     raise diverged(config.name, epoch, str(what), keeper.last_good())
                 keeper.end_epoch(epoch, lr, metrics)
+                if cuda_graphs and epoch == start.epoch:
+                    note_cuda_graph_skips(say)
                 if runtime.distributed:
                     dist.barrier()
             result = keeper.finish(max_epochs)

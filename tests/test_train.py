@@ -347,6 +347,19 @@ def test_cuda_graphs_are_refused_where_they_cannot_run():
             check_cuda_graphs(runtime, compiled)
 
 
+def test_parts_run_without_cuda_graphs_are_noted(monkeypatch):
+    from torch._dynamo.utils import counters
+
+    from retina.runtime import note_cuda_graph_skips
+    said = []
+    monkeypatch.setitem(counters['inductor'], 'cudagraph_skips', 0)
+    assert note_cuda_graph_skips(said.append) == 0 and not said
+    monkeypatch.setitem(counters['inductor'], 'cudagraph_skips', 2)
+    assert note_cuda_graph_skips(said.append) == 2
+    assert said == ['note: --cuda_graphs: the compiler ran 2 compiled part(s) without CUDA '
+                    'graphs (slower, still correct); TORCH_LOGS=perf_hints shows why']
+
+
 def test_train_nn_cuda_graphs_on_the_cpu_is_a_one_line_error(tmp_path):
     result = run_script('train_nn.py', '--cnf', CONFIG, '--cuda_graphs', '--device', 'cpu',
                         cwd=tmp_path, check=False)
