@@ -129,7 +129,8 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
     from retina import cache, feature_files, paths, preprocess
     from retina.augment import tta_params
     from retina.images import image_name, list_images
-    from retina.runtime import Runtime, compile_or_eager, place_images, smaller_batch
+    from retina.runtime import (Runtime, compile_or_eager, place_images, release_memory,
+                                smaller_batch)
 
     image_paths = list_images(folder)
     names = [image_name(p) for p in image_paths]
@@ -179,10 +180,14 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
                 break
             except torch.OutOfMemoryError as error:
                 batch_size = smaller_batch(error, batch_size, runtime, f'{split} features')
-                total, total_sq = ((None, None) if before is None else
-                                   tuple(t.to(device) for t in before))
-                bar.n = shown
-                bar.refresh()
+            # The failed attempt added into the sums in place (or made new ones, lost with it).
+            if before is None:
+                total = total_sq = None
+            else:
+                total.copy_(before[0])
+                total_sq.copy_(before[1])
+            release_memory(runtime)
+            bar.update(shown - bar.n)
         done = block[-1] + 1
         mean = (total / done).cpu().numpy()
         std = np.sqrt(np.maximum((total_sq / done).cpu().numpy() - mean ** 2, 0))

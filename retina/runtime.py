@@ -5,6 +5,7 @@ Training, feature extraction, the heat maps and prediction all share these:
 `place_images` keeps a uint8 image cache on the GPU when it fits, and
 `batches` streams batches of it to the device.
 """
+import gc
 import os
 import queue
 import sys
@@ -57,16 +58,26 @@ class Runtime:
 def smaller_batch(error, batch_size, runtime, what):
     """The batch to try after out-of-memory `error` at `batch_size` images: half of it,
     kept as `runtime.eval_limit` for the evaluations that follow, with a note; `error`
-    itself when a single image did not fit."""
+    itself when a single image did not fit.  Each new size compiles again (a compiled net):
+    past dynamo's recompile limit, new sizes run eager, slower but the same.  Call
+    `release_memory` once the handler has ended."""
     from tqdm import tqdm
     if batch_size <= 1:
         raise error
-    if runtime.cuda:
-        torch.cuda.empty_cache()  # the failed batch's blocks, back to the GPU
     runtime.eval_limit = batch_size // 2
     tqdm.write(f'note: {what}: {batch_size} images per batch do not fit in memory; trying '
                f'{runtime.eval_limit}', file=sys.stderr)
     return runtime.eval_limit
+
+
+def release_memory(runtime):
+    """After an out-of-memory error has been handled: free what the failed batch held.  The
+    collection breaks the cycle between an error raised in the host-batch thread and the
+    frames of its traceback (it would keep the queued batches alive); the GPU's cache then
+    goes back to the device, so that the smaller batch starts from unfragmented memory."""
+    gc.collect()
+    if runtime.cuda:
+        torch.cuda.empty_cache()
 
 
 def resolve_device(requested='auto'):

@@ -33,8 +33,8 @@ from retina.config import lr_for_epoch, to_jsonable
 from retina.errors import UserError
 from retina.plots import training_curves
 from retina.runtime import (CUDA_GRAPHS, Runtime, batches, check_cuda_graphs, compile_or_eager,
-                            new_step, note_cuda_graph_skips, place_images, setup_runtime,
-                            smaller_batch)
+                            new_step, note_cuda_graph_skips, place_images, release_memory,
+                            setup_runtime, smaller_batch)
 
 LOG_COLUMNS = ('epoch', 'train_loss', 'valid_loss', 'valid_kappa', 'lr', 'seconds',
                'images_per_s')
@@ -138,6 +138,7 @@ def predict(model, images, indices, config, runtime, batch_size=None, cuda_graph
                             cuda_graphs)
         except torch.OutOfMemoryError as error:
             batch_size = smaller_batch(error, batch_size, runtime, 'validation')
+        release_memory(runtime)
 
 
 def _predict(model, images, order, config, runtime, batch_size, cuda_graphs):

@@ -461,15 +461,14 @@ def test_tta_iterations_inside_the_batch_loop_give_each_iteration_s_features(tmp
     np.testing.assert_allclose(std, each.std(0, unbiased=False).numpy(), rtol=1e-3, atol=1e-4)
 
 
-def _short_of_memory(net, fits, from_call=1):
-    """`net`, whose forward raises out-of-memory on batches of more than `fits` images (as a
-    GPU smaller than the default batch needs would) from its `from_call`-th call on; the
-    batch sizes it was called with."""
+def _short_of_memory(net, fails):
+    """`net`, whose forward raises out-of-memory where `fails(call number, batch size)` (as a
+    GPU smaller than the default batch needs would); the batch sizes it was called with."""
     forward, seen = net.forward, []
 
     def limited(x, **kwargs):
         seen.append(len(x))
-        if len(x) > fits and len(seen) >= from_call:
+        if fails(len(seen), len(x)):
             raise torch.OutOfMemoryError(f'CUDA out of memory (a batch of {len(x)}: simulated)')
         return forward(x, **kwargs)
     net.forward = limited
@@ -485,21 +484,30 @@ def test_validation_halves_its_batch_until_it_fits_and_keeps_that_size(capsys):
     images = np.random.default_rng(0).integers(0, 256, (7, 3, 128, 128), dtype=np.uint8)
     runtime = Runtime(torch.device('cpu'))
     expected = predict(net, images, np.arange(7), config, runtime, batch_size=7)
-    seen = _short_of_memory(net, fits=2)
+    seen = _short_of_memory(net, lambda call, size: size > 2)
     got = predict(net, images, np.arange(7)[::-1], config, runtime, batch_size=8)
     np.testing.assert_allclose(got, expected[::-1], rtol=1e-5, atol=1e-6)
     assert seen[:3] == [7, 4, 2] and runtime.eval_limit == 2
-    assert 'validation: 4 images per batch do not fit in memory; trying 2' in capsys.readouterr().err
+    assert ("validation: 4 images per batch do not fit in memory; trying 2"
+            in capsys.readouterr().err)
     seen.clear()
     predict(net, images, np.arange(7), config, runtime)  # the next epoch starts at what fit
     assert max(seen) == 2
     with pytest.raises(torch.OutOfMemoryError):  # not even one image: the error itself
-        _short_of_memory(net, fits=0)
+        _short_of_memory(net, lambda call, size: True)
         predict(net, images, np.arange(3), config, runtime)
 
 
+# The first block: 2 batches (4 + 1 images) × 5 iterations, calls 1-10; in the second, the
+# first batch's iteration 6 (call 12) runs after its iteration 5 has added to the sums.
+@pytest.mark.parametrize('failing, expected', [
+    ({1}, [4, 2, 2, 2, 2, 2]),  # the first call: the sums do not exist yet
+    ({12}, [4] * 5 + [1] * 5 + [4, 4, 2]),  # the second block, halfway through a batch
+    ({12, 15}, [4] * 5 + [1] * 5 + [4, 4, 2, 2, 2, 1]),  # twice in one block: 4, 2, then 1
+])
 def test_features_redo_a_block_at_half_the_batch_when_memory_runs_out(tmp_path, monkeypatch,
-                                                                      capsys):
+                                                                      capsys, failing,
+                                                                      expected):
     from retina.feature_files import load_features
     from retina.features import extract_features
     config = config_module.load(CONFIG)
@@ -514,13 +522,12 @@ def test_features_redo_a_block_at_half_the_batch_when_memory_runs_out(tmp_path, 
     for name in ('plain', 'short'):
         (tmp_path / name).mkdir()
         monkeypatch.chdir(tmp_path / name)
-        # the first block: 2 batches (4 + 1 images) × 5 iterations; in the second, the first
-        # batch's iteration 6 runs out of memory after its iteration 5 has added to the sums
-        seen = _short_of_memory(net, fits=2, from_call=12) if name == 'short' else []
+        seen = (_short_of_memory(net, lambda call, size: call in failing and size > 1)
+                if name == 'short' else [])
         made = extract_features(config, net, folder, 'test', n_iter=7, batch_size=4,
                                 progress=False, echo=lambda *a: None)
         results[name] = [load_features(made[k])[0] for k in ('mean', 'std')]
-    assert seen[:12] == [4] * 5 + [1] * 5 + [4, 4] and max(seen[12:]) == 2
+    assert seen[:len(expected)] == expected
     assert 'test features: 4 images per batch do not fit' in capsys.readouterr().err
     for short, plain in zip(results['short'], results['plain']):
         np.testing.assert_allclose(short, plain, rtol=1e-4, atol=1e-5)
