@@ -23,6 +23,18 @@ def run_script(script, *args, cwd, check=True, timeout=600, env=None):
     return result
 
 
+def noise_images(folder, count, side=128):
+    """`count` random side × side PNGs named 0_left.png, 1_left.png, ... in a new `folder`
+    (a converted folder's shape, for feature extraction); their (count, side, side, 3) pixels."""
+    import numpy as np
+    from PIL import Image
+    folder.mkdir()
+    pixels = np.random.default_rng(0).integers(0, 256, (count, side, side, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(folder / f'{i}_left.png')
+    return pixels
+
+
 def one_line_error(result, *fragments):
     """The run failed with exactly one line on stderr, containing every fragment."""
     assert result.returncode != 0, result.stdout

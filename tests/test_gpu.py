@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import run_script
+from conftest import noise_images, run_script
 from retina import config as config_module
 from retina import data
 from retina.cache import load_images
@@ -184,16 +184,11 @@ def test_checkpoint_snapshot_of_a_gpu_net_is_written_in_the_background(tmp_path)
 def test_tta_from_a_host_cache_matches_the_device_cache(tmp_path, monkeypatch):
     """The 42-GB test set stays on the host: its batches cross once per block of iterations,
     compiled (the GPU default), and give the features of the device-resident cache."""
-    from PIL import Image
-
     from retina import runtime
     from retina.features import extract_features
     config = config_module.load(CONFIG)
     folder = tmp_path / 'images'
-    folder.mkdir()
-    for i, image in enumerate(np.random.default_rng(0).integers(0, 256, (6, 128, 128, 3),
-                                                                 dtype=np.uint8)):
-        Image.fromarray(image).save(folder / f'{i}_left.png')
+    noise_images(folder, 6)
     torch.manual_seed(0)
     net = config.build_net().eval()
     means = {}

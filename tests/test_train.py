@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import run_script
+from conftest import noise_images, run_script
 from retina import checkpoint, config as config_module, data, paths
 from retina.augment import prepare_batch, random_params
 from retina.train import lr_for_epoch, make_optimizer, train
@@ -440,10 +440,7 @@ def test_tta_iterations_inside_the_batch_loop_give_each_iteration_s_features(tmp
     monkeypatch.chdir(tmp_path)
     config = config_module.load(CONFIG)
     folder = tmp_path / 'images'
-    folder.mkdir()
-    pixels = np.random.default_rng(0).integers(0, 256, (5, 128, 128, 3), dtype=np.uint8)
-    for i, image in enumerate(pixels):
-        Image.fromarray(image).save(folder / f'{i}_left.png')
+    pixels = noise_images(folder, 5)
     torch.manual_seed(0)
     net = config.build_net().eval()
     made = extract_features(config, net, folder, 'test', n_iter=7, batch_size=2, progress=False,
@@ -512,10 +509,7 @@ def test_features_redo_a_block_at_half_the_batch_when_memory_runs_out(tmp_path, 
     from retina.features import extract_features
     config = config_module.load(CONFIG)
     folder = tmp_path / 'images'
-    folder.mkdir()
-    for i, image in enumerate(np.random.default_rng(0).integers(0, 256, (5, 128, 128, 3),
-                                                                 dtype=np.uint8)):
-        Image.fromarray(image).save(folder / f'{i}_left.png')
+    noise_images(folder, 5)
     torch.manual_seed(0)
     net = config.build_net().eval()
     results = {}
