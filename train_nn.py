@@ -35,9 +35,10 @@ from retina.errors import handle_errors
                    'compile again).')
 @click.option('--cuda_graphs', is_flag=True,
               help='Compile with CUDA graphs too (torch.compile mode "reduce-overhead"): each '
-                   "step's kernels replay from one launch, for small batches (the configs' 32) "
-                   'that leave a fast GPU waiting on kernel launches.  One CUDA GPU, compiled; '
-                   'more GPU memory (a graph per batch shape).  See BENCHMARKS.md.')
+                   "step's kernels replay from one launch, for small batches (the 512-px "
+                   "configs' 32 and 48) that leave a fast GPU waiting on kernel launches.  One "
+                   'CUDA GPU, compiled; more GPU memory (a graph per batch shape).  See '
+                   'BENCHMARKS.md.')
 @click.option('--split_batch', is_flag=True,
               help="Under torchrun: split the config's batch_size_train between the processes "
                    '(the global batch and learning rates exactly as the config says).  Without '

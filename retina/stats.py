@@ -17,8 +17,9 @@ writes `data/stats_train_medium.json` with
 
 A config takes them over by merging:
 
+    from configs.c_512_5x5_32 import cnf as base
     from retina.stats import load_stats
-    cnf = dict(base.cnf, **load_stats('data/stats_train_medium.json'))
+    cnf = dict(base, **load_stats('data/stats_train_medium.json'))
 
 Configs without these keys use the Kaggle constants.  The checkpoint keeps the
 resolved config, so transform.py, predict.py, ram.py and the ONNX export use
@@ -202,9 +203,9 @@ def main(directory, labels, output, sample, seed, no_progress):
     colour PCA of the standardised pixels and the class-balance weights of its labels; write
     them as JSON for configs to use:
 
-        cnf = dict(base.cnf, **load_stats('data/stats_train_medium.json'))
+        cnf = dict(base, **load_stats('data/stats_train_medium.json'))
 
-    (from retina.stats import load_stats).  Configs without them use the Kaggle constants.
+    (base: the cnf the config starts from; from retina.stats import load_stats).  Configs without them use the Kaggle constants.
     """
     from retina import paths
     lenient = labels is None  # the default labels may be another folder's: then no weights
@@ -226,7 +227,7 @@ def main(directory, labels, output, sample, seed, no_progress):
                        f' in {directory}; weight 1.0 written for it', err=True)
     else:
         click.echo('no balance weights (no --labels): configs keep the Kaggle ones')
-    click.echo(f'wrote {output}; a config uses it with cnf = dict(base.cnf, '
+    click.echo(f'wrote {output}; a config uses it with cnf = dict(base, '
                f'**load_stats({str(output)!r}))')
 
 
