@@ -176,10 +176,10 @@ def batches(images, indices, batch_size, device):
         for chunk in chunks:
             yield gather(host, chunk), torch.from_numpy(chunk)
     elif chunks:
-        yield from _prefetched(host, chunks, batch_size, device)
+        yield from _prefetched(host, chunks, device)
 
 
-def _prefetched(host, chunks, batch_size, device, depth=PREFETCH):
+def _prefetched(host, chunks, device, depth=PREFETCH):
     """The GPU batches of `chunks` from the host cache, prepared by a producer thread.
 
     The thread gathers each batch into one of depth + 2 pinned buffers and copies it
@@ -189,7 +189,7 @@ def _prefetched(host, chunks, batch_size, device, depth=PREFETCH):
     pinned buffer is refilled only after its last copy has completed.  An error in
     the thread is raised in the consumer; a consumer that stops early stops it.
     """
-    slots = [torch.empty((min(batch_size, max(map(len, chunks))), *host.shape[1:]),
+    slots = [torch.empty((max(map(len, chunks)), *host.shape[1:]),  # the largest batch
                          dtype=host.dtype, pin_memory=True) for _ in range(depth + 2)]
     copied = [None] * len(slots)  # per buffer: the event of its last copy to the GPU
     stream = torch.cuda.Stream(device)

@@ -205,7 +205,8 @@ def main(directory, labels, output, sample, seed, no_progress):
 
         cnf = dict(base, **load_stats('data/stats_train_medium.json'))
 
-    (base: the cnf the config starts from; from retina.stats import load_stats).  Configs without them use the Kaggle constants.
+    (base: the cnf the config starts from; from retina.stats import load_stats).  Configs
+    without them use the Kaggle constants.
     """
     from retina import paths
     lenient = labels is None  # the default labels may be another folder's: then no weights
