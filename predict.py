@@ -22,11 +22,15 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
 @click.argument('images', nargs=-1, required=True, type=click.Path())
 @click.option('--cnf', multiple=True, metavar='CONFIG',
               help='Config of a trained net (name or path); repeat for several nets, each gets a '
-                   'score column and the nets are averaged. [default: the nets of --blend, else '
-                   f'{DEFAULT_CNF}]')
+                   'score column and the nets are averaged. [default: the config each '
+                   '--weights_from was trained as, else the nets of --blend, else '
+                   f'{DEFAULT_CNF} if weights/{DEFAULT_CNF}/weights.pt exists, else the '
+                   'released model (models/index.json: said on stderr)]')
 @click.option('--weights_from', multiple=True, type=click.Path(dir_okay=False),
               help='Weights of each --cnf, in the same order (repeat as often as --cnf, or leave '
-                   'out). [default: weights/CNF/weights.pt, the best validation kappa]')
+                   'out): a checkpoint file, or the short name of a released model (e.g. '
+                   'eyepacs-128: models/, checksum checked), which needs no --cnf. [default: '
+                   'weights/CNF/weights.pt, the best validation kappa]')
 @click.option('--n_iter', default=1, show_default=True, type=click.IntRange(min=1),
               help="Test-time augmentations per net (transform.py's Halton sequence); a net's "
                    'score is its output averaged over them. 1: the centred window only.')
@@ -78,7 +82,7 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     if per_patient and not blend_file:
         raise UserError('--per_patient applies a fitted per-patient blend: pass --blend '
                         'data/sub_..._blend.pt (written by blend.py --per_patient --predict)')
-    if weights_from and len(weights_from) != len(cnf):
+    if weights_from and cnf and len(weights_from) != len(cnf):
         raise UserError(f'{len(weights_from)} --weights_from for {len(cnf)} --cnf; give one '
                         f'--weights_from per --cnf, in the same order, or none')
     photos = collect_photos(images)  # a wrong path fails now, before the nets are loaded
@@ -91,10 +95,12 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     device = resolve_device(device)
     if cnf:
         nets = list(zip(cnf, weights_from or [None] * len(cnf)))
+    elif weights_from:  # each checkpoint names its own config (a released model's too)
+        nets = [(trained_config(w), w) for w in weights_from]
     elif blend is not None:
         nets = blend.nets()
     else:
-        nets = [(DEFAULT_CNF, None)]
+        nets = [default_net()]
     graders = [load_grader(c, w, device, crop_size) for c, w in nets]
     result = grade(graders, photos, n_iter=n_iter, blend=blend, heatmap_dir=heatmap_dir,
                    batch_size=batch_size, progress=not no_progress)
@@ -111,6 +117,28 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
         click.echo(f'error: {len(result.failed)} of {total} photographs could not be graded '
                    f'(listed above); replace or remove them', err=True)
         sys.exit(1)
+
+
+def trained_config(weights):
+    """The config name a checkpoint (a file or a released model's name) was trained as."""
+    from retina import checkpoint
+    return checkpoint.load(weights)['config_name']
+
+
+def default_net():
+    """(config, weights) to grade with when none are named: DEFAULT_CNF's trained weights if
+    this folder has them, else the released default model (said once on stderr)."""
+    from retina import paths, released
+    if paths.best_kappa_weights(DEFAULT_CNF).is_file():
+        return DEFAULT_CNF, None
+    shipped = released.default()
+    if shipped is None:
+        return DEFAULT_CNF, None  # its 'weights file not found' error says what to do
+    name, config_name, path = shipped
+    card = released.MODELS_DIR / released.index()['models'][name]['card']
+    click.echo(f'note: no trained weights in {paths.best_kappa_weights(DEFAULT_CNF).parent}; '
+               f'grading with the released model {name} ({config_name}; see {card})', err=True)
+    return config_name, str(path)
 
 
 if __name__ == '__main__':

@@ -4,6 +4,7 @@ import click
 
 from retina import config as config_module
 from retina.errors import handle_errors
+from retina.precision import PRECISION_HELP, PRECISIONS
 
 
 @click.command(context_settings={'help_option_names': ['-h', '--help']})
@@ -49,12 +50,22 @@ from retina.errors import handle_errors
 @click.option('--cache_on_device', type=click.Choice(['auto', 'yes', 'no']), default='auto',
               show_default=True,
               help='Keep the uint8 image cache in GPU memory (auto: when it fits).')
+@click.option('--precision', type=click.Choice(PRECISIONS), default='auto', show_default=True,
+              help=PRECISION_HELP + '  Recorded in the checkpoints and config.json.')
+@click.option('--hold_out', type=click.FloatRange(0, 0.5, max_open=True), metavar='FRACTION',
+              help='Keep about this fraction of the patients (e.g. 0.15) out of training and '
+                   'validation as a test split that nothing is tuned on: a fixed rule on the '
+                   'patient id alone (retina.data.held_out: both eyes together, the same '
+                   'patients in every folder and run), so that scripts after training can score '
+                   "the same patients.  Recorded as the config's hold_out; --resume keeps the "
+                   "run's.  [default: the config's hold_out, or none]")
 @click.option('--summary', is_flag=True,
               help='Print every layer with its output shape and parameter count, then exit.')
 @click.option('--no_progress', is_flag=True, help='No progress bars (for logs).')
 @handle_errors(resume_hint='Continue with: python train_nn.py --cnf {cnf} --resume')
 def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed, deterministic,
-         compile_model, cuda_graphs, split_batch, cache_on_device, summary, no_progress):
+         compile_model, cuda_graphs, split_batch, cache_on_device, precision, hold_out, summary,
+         no_progress):
     """Train the network of config CNF on its train_dir and labels.
 
     Writes, under weights/CNF/: weights.pt (best validation kappa),
@@ -67,7 +78,8 @@ def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed,
     batch_size_train is then per process (see --split_batch for the learning rate).
     """
     config = config_module.load(cnf)
-    given = {k: v for k, v in (('train_dir', train_dir), ('labels', labels)) if v}
+    given = {k: v for k, v in (('train_dir', train_dir), ('labels', labels),
+                               ('hold_out', hold_out)) if v is not None}
     config.cnf.update(given)
     if summary:
         from retina.nets import format_summary
@@ -79,7 +91,7 @@ def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed,
     train(config, weights_from=weights_from, resume=resume, max_epochs=max_epochs,
           device=device, seed=seed, deterministic=deterministic, compile_model=compile_model,
           cache_on_device=cache_on_device, progress=not no_progress, echo=click.echo,
-          split_batch=split_batch, cuda_graphs=cuda_graphs)
+          split_batch=split_batch, cuda_graphs=cuda_graphs, precision=precision)
 
 
 if __name__ == '__main__':

@@ -2,8 +2,9 @@
 """Extract test-time-augmented features of a trained net for blend.py."""
 import click
 
-from retina import config as config_module, paths
+from retina import config as config_module, paths, released
 from retina.errors import handle_errors
+from retina.precision import PRECISION_HELP, PRECISIONS
 
 
 @click.command(context_settings={'help_option_names': ['-h', '--help']})
@@ -32,13 +33,16 @@ from retina.errors import handle_errors
 @click.option('--compile/--no_compile', 'compile_model', default=None,
               help='torch.compile the network [default: on a GPU yes, on the CPU no]; a compiler '
                    'that fails falls back to eager with a warning.')
+@click.option('--precision', type=click.Choice(PRECISIONS), default='auto', show_default=True,
+              help=PRECISION_HELP + '  Saved iterations of the other precision are not '
+                   'continued: the extraction starts again.')
 @click.option('--restart', is_flag=True,
               help='Ignore the saved iterations of an interrupted run and start from the first.')
 @click.option('--no_progress', is_flag=True, help='No progress bars.')
 @handle_errors(resume_hint='Run the same command again: it continues from the last saved '
                            'iteration (every 5).')
 def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, device, batch_size,
-         compile_model, restart, no_progress):
+         compile_model, precision, restart, no_progress):
     """Write data/features/CNF_{train,test}_{mean,std}_iter_N_skip_K.npy.
 
     Features come from the RMS-pool layer (baseline nets) or the global-
@@ -49,7 +53,8 @@ def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, devi
     from retina.runtime import resolve_device
 
     config = config_module.load(cnf)
-    weights = weights_from or paths.best_kappa_weights(config.name)
+    weights = (released.weights_path(weights_from) if weights_from
+               else paths.best_kappa_weights(config.name))
     device = resolve_device(device)
     model = load_model(config, weights, device)
     splits = splits_to_extract(train, test, train_dir, test_dir)
@@ -58,7 +63,8 @@ def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, devi
     for split in splits:
         result = extract_features(config, model, folders[split], split, n_iter, skip, device,
                                   batch_size, not no_progress, click.echo, restart,
-                                  weights=str(weights), compile_model=compile_model)
+                                  weights=str(weights), compile_model=compile_model,
+                                  precision=precision)
         click.echo(f'{split}: {result["rows"]} images × {result["features"]} features -> '
                    f'{result["mean"]}, {result["std"]}')
 

@@ -89,11 +89,16 @@ class BackgroundWriter:
 
 
 def load(path):
-    """Read a checkpoint safely; every problem is a UserError naming the file."""
-    path = Path(path)
+    """Read a checkpoint safely; every problem is a UserError naming the file.  `path` may be
+    a released model's short name (models/: `released.weights_path`, checksum checked)."""
+    from retina import released
+    path = released.weights_path(path)
     if not path.is_file():
+        shipped = released.names()
         raise UserError(f'{path}: weights file not found; train first (train_nn.py --cnf ...) '
-                        f'or pass --weights_from')
+                        f'or pass --weights_from'
+                        + (f' (a file, or a released model: {", ".join(shipped)})'
+                           if shipped else ''))
     state = read_torch_file(path, 'weights file', 'use a .pt file written by train_nn.py')
     if not isinstance(state, dict) or state.get('format') != FORMAT:
         raise UserError(f'{path}: not a checkpoint written by train_nn.py')

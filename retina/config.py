@@ -33,6 +33,8 @@ OPTIONAL_KEYS = {
     # A data set's own mean, std, colour PCA and balance weights (python -m retina.stats);
     # without them: the Kaggle constants.
     **PIXEL_CONSTANT_KEYS,
+    # train_nn.py --hold_out: the fraction of patients kept out as a test split (data.held_out)
+    'hold_out': 'fraction of the patients held out of training as a test split (0..0.5)',
 }
 AUG_KEYS = ('zoom_range', 'rotation_range', 'shear_range', 'translation_range', 'do_flip',
             'allow_stretch')

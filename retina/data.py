@@ -3,6 +3,7 @@
 Names follow the competition: `{patient}_{left|right}`; levels are 0..4.
 """
 import csv
+import hashlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -94,6 +95,22 @@ def patient_and_eye(name):
     if eye in ('left', 'right') and patient:
         return patient, eye
     return name, ''
+
+
+HOLD_OUT_SALT = 'retina test split'
+
+
+def held_out(name, fraction):
+    """Whether image `name`'s patient belongs to the test split of `fraction` of the patients
+    (train_nn.py --hold_out): the rule is the patient id alone, so both eyes fall together
+    and a patient is on the same side in every folder (eyepacs256, raw photos), run and
+    machine.  The first 8 bytes of sha256('retina test split:' + patient id), read as an
+    unsigned big-endian integer and divided by 2**64, below `fraction`."""
+    if not fraction:
+        return False
+    patient = patient_and_eye(name)[0]
+    digest = hashlib.sha256(f'{HOLD_OUT_SALT}:{patient}'.encode()).digest()
+    return int.from_bytes(digest[:8], 'big') / 2 ** 64 < fraction
 
 
 def split_indices(names, levels, fraction=VALIDATION_FRACTION, seed=SPLIT_SEED):

@@ -72,7 +72,8 @@ def weights_fingerprint(model):
     return digest.hexdigest()[:16]
 
 
-def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, images_key, echo):
+def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, images_key, echo,
+                       precision=None):
     """Sums recovered from the last saved iteration of an interrupted run of the same weights
     on the same images (`images_key`: their folder, sizes and modification times)."""
     from retina import paths
@@ -93,6 +94,10 @@ def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, ima
                     echo(f'{split}: {mean_path} came from other images (another folder, or '
                          f'images changed since); starting from the first iteration')
                     return 0, None, None
+                if source.get('precision', precision) != precision:
+                    echo(f'{split}: {mean_path} was computed in {source["precision"]}, this run '
+                         f'in {precision}; starting from the first iteration')
+                    return 0, None, None
                 mean, _ = load_features(mean_path)
                 std, _ = load_features(std_path)
             except (UserError, OSError, ValueError, KeyError, TypeError):
@@ -104,13 +109,14 @@ def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, ima
 
 def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu',
                      batch_size=None, progress=True, echo=print, restart=False, weights=None,
-                     compile_model=None):
+                     compile_model=None, precision='auto'):
     """Write running mean/std features of `folder`'s images every SAVE_EVERY iterations.
 
     Returns a dict: the final mean and std paths, the row and feature counts.  `weights`
     (the file's name) is recorded beside the features with the weights' fingerprint.
     `batch_size` defaults to Runtime.eval_batch_size (larger on a GPU); `compile_model`
-    None compiles the net on a GPU and not on the CPU.
+    None compiles the net on a GPU and not on the CPU; `precision` is runtime.PRECISIONS'
+    (bf16 autocast or fp32).
     Two extractions of one config, split and skip would write the same files (the
     saves at iterations 5, 10, ... too), so the second is refused while the first runs.
     """
@@ -118,11 +124,12 @@ def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu
     with lock.hold(paths.features_lock(config.name, split, skip),
                    f'the {split} features of {config.name} (skip {skip})', echo):
         return _extract_features(config, model, folder, split, n_iter, skip, device,
-                                 batch_size, progress, echo, restart, weights, compile_model)
+                                 batch_size, progress, echo, restart, weights, compile_model,
+                                 precision)
 
 
 def _extract_features(config, model, folder, split, n_iter, skip, device, batch_size,
-                      progress, echo, restart, weights, compile_model):
+                      progress, echo, restart, weights, compile_model, precision):
     import torch
     from tqdm import tqdm
 
@@ -139,7 +146,7 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
     cache.check_size(images, config.input_size, folder, config.name)
     images_key = cache.cache_key(image_paths, images.shape[-1])
     device = torch.device(device)
-    runtime = Runtime(device)
+    runtime = Runtime(device, precision=precision)
     # On the GPU when it fits (a 512-px Kaggle test set is 42 GB), else streamed from the host.
     images = place_images(images, runtime, 'auto')
     model = model.to(memory_format=torch.channels_last)
@@ -147,7 +154,8 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
     augmentations = tta_params(n_iter, skip, config.cnf['aug_params'], config.cnf['sigma'])
     fingerprint = weights_fingerprint(model)
     start, total, total_sq = (0, None, None) if restart else _previous_progress(
-        config.name, split, n_iter, skip, names, fingerprint, images_key, echo)
+        config.name, split, n_iter, skip, names, fingerprint, images_key, echo,
+        runtime.precision)
     if start == n_iter:
         echo(f'{split}: already complete ({n_iter} iterations of these weights); '
              f'--restart computes it again')
@@ -192,7 +200,8 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
         mean = (total / done).cpu().numpy()
         std = np.sqrt(np.maximum((total_sq / done).cpu().numpy() - mean ** 2, 0))
         feature_files.save(config.name, split, done, skip, names, mean, std,
-                           dict(fingerprint=fingerprint, weights=weights, images=images_key))
+                           dict(fingerprint=fingerprint, weights=weights, images=images_key,
+                                precision=runtime.precision))
     bar.close()
     return dict(mean=paths.features(config.name, split, 'mean', n_iter, skip),
                 std=paths.features(config.name, split, 'std', n_iter, skip), rows=len(names),
@@ -218,7 +227,7 @@ def _feature_block(net, images, order, batch_size, block, augmentations, n_iter,
                                   broadcast_params(params, len(batch), device) if params else None,
                                   dtype=runtime.input_dtype, memory_format=torch.channels_last,
                                   constants=constants)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
+                with runtime.autocast():
                     _, features = net(x, return_features=True)
                 features = features.float().double()  # stays on the device: no wait
                 if total is None:

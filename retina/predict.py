@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from retina import atomic, checkpoint, crop, data, paths, preprocess
+from retina import atomic, checkpoint, crop, data, paths, preprocess, released
 from retina.cache import converted_size
 from retina import config as config_module
 from retina.augment import broadcast_params, prepare_batch, tta_params
@@ -92,7 +92,8 @@ def load_grader(cnf, weights_from=None, device='cpu', crop_size=None):
     """A `Grader` for config `cnf` (name or path) with `weights_from` (default: its best-kappa
     weights, weights/CNF/weights.pt)."""
     config = config_module.load(cnf)
-    weights = Path(weights_from) if weights_from else paths.best_kappa_weights(config.name)
+    weights = (released.weights_path(weights_from) if weights_from
+               else paths.best_kappa_weights(config.name))
     net, state = rebuild(config, weights)
     used = checkpoint.config_of(state) if state.get('config_name') == config.name else config
     method = state.get('preprocessing', 'none')

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from retina import crop, data, paths
+from retina import crop, data, paths, released
 from retina.augment import centre_crop, standardise
 from retina.cache import converted_size
 from retina.errors import UserError
@@ -176,7 +176,8 @@ def load_net(config, weights_from, device, method='ram'):
         raise UserError(f'{config.path}: {config.name} is a baseline config (RMS-pool head) and has '
                         f'no regression activation map; use --cnf {config.name}_ram, or --method '
                         f'gradcam or layercam for this net')
-    path = Path(weights_from) if weights_from else paths.best_kappa_weights(config.name)
+    path = (released.weights_path(weights_from) if weights_from
+            else paths.best_kappa_weights(config.name))
     net, state = rebuild(config, path)
     if method == 'ram':
         methods.check_ram_net(net)

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from retina.errors import UserError
+from retina.precision import resolve_precision
 
 GPU_EVAL_BATCH = 512  # validation and feature batches on a GPU: no gradients, bf16, < 10 GB
 
@@ -28,6 +29,13 @@ class Runtime:
     rank: int = 0
     world: int = 1
     eval_limit: int = 0  # the evaluation batch that fits, once a larger one ran out of memory
+    # 'auto', 'bf16' or 'fp32' (resolve_precision); '' keeps what came before the option:
+    # bf16 on a GPU, fp32 on the CPU (grading and heat maps, whose figures tests compare)
+    precision: str = ''
+
+    def __post_init__(self):
+        self.precision = resolve_precision(self.precision or
+                                           ('bf16' if self.cuda else 'fp32'), self.device)
 
     @property
     def cuda(self):
@@ -42,10 +50,18 @@ class Runtime:
         return self.world > 1
 
     @property
+    def bf16(self):
+        return self.precision == 'bf16'
+
+    @property
     def input_dtype(self):
-        """The network input's dtype: bf16 on a GPU (what the autocast convolutions read, so
-        the augmentation writes it directly), float32 on the CPU (no autocast there)."""
-        return torch.bfloat16 if self.cuda else torch.float32
+        """The network input's dtype: bf16 under bf16 autocast (what the autocast convolutions
+        read, so the augmentation writes it directly), float32 otherwise."""
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def autocast(self):
+        """The context the net's forward pass runs in: bf16 autocast or none (`precision`)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     def eval_batch_size(self, cnf):
         """Images per validation or feature batch: the config's batch_size_test, at least
@@ -101,14 +117,15 @@ def resolve_device(requested='auto'):
     return device
 
 
-def setup_runtime(requested='auto'):
-    """One process per device; under torchrun, join the process group."""
+def setup_runtime(requested='auto', precision='auto'):
+    """One process per device (computing in `precision`, see `resolve_precision`); under
+    torchrun, join the process group."""
     world = int(os.environ.get('WORLD_SIZE', '1'))
     if 'OMP_NUM_THREADS' not in os.environ:  # never more threads than the cores we may use
         torch.set_num_threads(max(1, min(torch.get_num_threads(), len(os.sched_getaffinity(0))
                                          // world)))
     if world == 1:
-        return Runtime(resolve_device(requested))
+        return Runtime(resolve_device(requested), precision=precision)
     rank, local_rank = int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', '0'))
     device = resolve_device(requested)
     if device.type == 'cuda':
@@ -116,7 +133,7 @@ def setup_runtime(requested='auto'):
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
-    return Runtime(device, rank, world)
+    return Runtime(device, rank, world, precision=precision)
 
 
 def place_images(images, runtime, cache_on_device):

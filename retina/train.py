@@ -98,7 +98,7 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
             x = prepare(batch, config.input_size, params, dtype=runtime.input_dtype,
                         memory_format=torch.channels_last, constants=constants)
             target = levels_device[chunk]
-            with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
+            with runtime.autocast():
                 out = model(x)
             loss = F.mse_loss(out.float().squeeze(1), target)
             optimizer.zero_grad(set_to_none=True)
@@ -148,7 +148,7 @@ def _predict(model, images, order, config, runtime, batch_size, cuda_graphs):
             new_step(cuda_graphs)
             x = prepare_batch(batch, config.input_size, dtype=runtime.input_dtype,
                               memory_format=torch.channels_last, constants=constants)
-            with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
+            with runtime.autocast():
                 out = model(x)  # read back once, after the loop: a copy, never the graph's output
                 outputs.append(out.to(torch.float32, copy=True).squeeze(1))
             chunks.append(chunk)
@@ -241,15 +241,16 @@ class Start:
 
 def train(config, weights_from=None, resume=False, max_epochs=None, device='auto', seed=0,
           deterministic=False, compile_model=None, cache_on_device='auto', progress=True,
-          echo=print, split_batch=False, cuda_graphs=False):
+          echo=print, split_batch=False, cuda_graphs=False, precision='auto'):
     """Train `config`'s net; returns a dict with the final epoch and the best metrics.
 
+    `precision` is runtime.PRECISIONS' (bf16 autocast or fp32; recorded in the checkpoints).
     `compile_model` None compiles on a GPU and not on the CPU; `cuda_graphs` compiles with
     CUDA graphs (one GPU only: `check_cuda_graphs`).  Under torchrun each process
     trains on the config's batch_size_train, or on its share of it with `split_batch`.  The
     run holds weights/NAME/run.lock from start to end (a second run of the config is refused).
     """
-    runtime = setup_runtime(device)
+    runtime = setup_runtime(device, precision)
     say = echo if runtime.main else (lambda *a, **k: None)
     compile_model = runtime.cuda if compile_model is None else compile_model
     if cuda_graphs:
@@ -259,7 +260,8 @@ def train(config, weights_from=None, resume=False, max_epochs=None, device='auto
     with guard:
         run = set_up(config, runtime, seed, deterministic, cache_on_device, progress, say,
                      split_batch)
-        start = (resume_state(run.model, run.optimizer, config.name, seed, weights_from, say)
+        start = (resume_state(run.model, run.optimizer, config.name, seed, weights_from, say,
+                              runtime.precision)
                  if resume else fresh_start(run.model, config.name, seed, weights_from, say))
         keeper = Keeper(run, start, say)
         net, prepare, eval_net = wrap(run.model, runtime, compile_model, say, cuda_graphs)
@@ -294,7 +296,7 @@ def announcement(run, compiled, cuda_graphs=False):
             f'images ({cnf["train_dir"]}), device {runtime.device}'
             + (f' × {runtime.world} processes, {run.batch_size} images per step each'
                if runtime.distributed else '') + (', compiled' if compiled else '')
-            + (' with CUDA graphs' if cuda_graphs else ''))
+            + (' with CUDA graphs' if cuda_graphs else '') + f', {runtime.precision}')
 
 
 def set_up(config, runtime, seed, deterministic, cache_on_device, progress, say,
@@ -312,6 +314,7 @@ def set_up(config, runtime, seed, deterministic, cache_on_device, progress, say,
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     image_paths, levels = data.labelled_images(cnf['train_dir'], cnf['labels'], say)
+    image_paths, levels = without_held_out(image_paths, levels, cnf.get('hold_out'), say)
     preprocessing = preprocess.folder_method(cnf['train_dir'])
     if runtime.main:  # the main process builds the cache file; the others then read it
         host_images = cache.load_images(image_paths, progress=progress)
@@ -327,6 +330,21 @@ def set_up(config, runtime, seed, deterministic, cache_on_device, progress, say,
                train_idx, valid_idx, model,
                make_optimizer(model, cnf, lr_for_epoch(cnf['schedule'], 1)), preprocessing,
                process_batch_size(cnf, runtime, split_batch))
+
+
+def without_held_out(image_paths, levels, fraction, say):
+    """The images and levels left for training and validation once the test split of
+    `fraction` of the patients (`data.held_out`) is kept out."""
+    if not fraction:
+        return image_paths, levels
+    keep = np.array([not data.held_out(p.stem, fraction) for p in image_paths], dtype=bool)
+    if not keep.any():
+        raise UserError(f'--hold_out {fraction}: every image of {len(image_paths)} is a '
+                        f'held-out patient; nothing is left to train on (a smaller fraction)')
+    patients = {data.patient_and_eye(p.stem)[0] for p, k in zip(image_paths, keep) if not k}
+    say(f'hold-out: {int((~keep).sum())} image(s) of {len(patients)} patient(s) kept out of '
+        f'training and validation (test split, hold_out {fraction:g})')
+    return [p for p, k in zip(image_paths, keep) if k], levels[keep]
 
 
 def process_batch_size(cnf, runtime, split_batch=False):
@@ -428,7 +446,8 @@ class Keeper:
         self.writer = checkpoint.BackgroundWriter()
         if self.main and start.resumed:
             atomic.write_text(paths.resolved_config(self.name),
-                              json.dumps(dict(run.config.resolved(), seed=self.seed), indent=2))
+                              json.dumps(dict(run.config.resolved(), seed=self.seed,
+                                              precision=run.runtime.precision), indent=2))
 
     def last_good(self):
         """last.pt if this run wrote it (None for a new run that has not finished an epoch)."""
@@ -436,7 +455,7 @@ class Keeper:
 
     def _state(self, epoch):
         return dict(model=self.run.model, config=self.run.config, epoch=epoch, seed=self.seed,
-                    preprocessing=self.run.preprocessing)
+                    preprocessing=self.run.preprocessing, precision=self.run.runtime.precision)
 
     def wait(self):
         """Join the checkpoint writes in flight (raising their error, e.g. a full disk)."""
@@ -448,7 +467,7 @@ class Keeper:
             return
         self.writer.wait()  # the previous epoch's files are complete before any moves
         if self.fresh:
-            begin_run(self.run.config, self.seed, self.say)
+            begin_run(self.run.config, self.seed, self.say, self.run.runtime.precision)
             self.fresh = False
         name, marks, files = self.name, [], []
         # One host copy of the weights for every file of this epoch (the optimizer's only
@@ -522,9 +541,12 @@ def resumed_config(config, given=()):
     if not last_path.is_file():
         return config  # resume_state says there is nothing to resume
     saved = checkpoint.config_of(checkpoint.load(last_path))
-    for key in ('train_dir', 'labels'):
+    for key in ('train_dir', 'labels', 'hold_out'):
         if key not in given:
-            config.cnf[key] = saved.cnf[key]
+            if key in saved.cnf:
+                config.cnf[key] = saved.cnf[key]
+            else:
+                config.cnf.pop(key, None)
 
     def same(key):
         now, then = config.cnf.get(key), saved.cnf.get(key)
@@ -544,7 +566,7 @@ def resumed_config(config, given=()):
     return config
 
 
-def resume_state(model, optimizer, name, seed, weights_from, say):
+def resume_state(model, optimizer, name, seed, weights_from, say, precision=None):
     """Load weights/NAME/last.pt into model and optimizer; returns where the run stood."""
     last_path = paths.resume_checkpoint(name)
     if not last_path.is_file():
@@ -559,6 +581,10 @@ def resume_state(model, optimizer, name, seed, weights_from, say):
         say(f'note: --weights_from {weights_from} ignored: --resume continues from {last_path}')
     if 'seed' in state and state['seed'] != seed:
         say(f'note: the run was started with --seed {state["seed"]}; it continues with it')
+    if precision and state.get('precision', precision) != precision:  # weights and momentum
+        # are fp32 under either precision: only the arithmetic of the steps to come changes
+        say(f'note: the run computed in {state["precision"]} until epoch {state["epoch"]}; it '
+            f'continues in {precision} (--precision {state["precision"]} keeps it)')
     say(f'resuming {name} at epoch {start_epoch} from {last_path}')
     return Start(epoch=start_epoch, best_kappa=state['best_kappa'],
                  best_loss=state['best_loss'], seed=state.get('seed', seed),
@@ -579,7 +605,7 @@ def fresh_start(model, name, seed, weights_from, say):
     return Start(seed=seed)
 
 
-def begin_run(config, seed, say):
+def begin_run(config, seed, say, precision):
     """The first write of a new run: move an earlier run's files aside, record the config.
 
     Everything but the lock moves (the lock stays, held, in the run folder), into a
@@ -595,7 +621,8 @@ def begin_run(config, seed, say):
         say(f'note: moved the earlier run of {name} to {earlier} (use --resume to continue a '
             f'run instead of starting over)')
     atomic.write_text(paths.resolved_config(name),
-                      json.dumps(dict(config.resolved(), seed=seed), indent=2))
+                      json.dumps(dict(config.resolved(), seed=seed, precision=precision),
+                                 indent=2))
 
 
 def diverged(name, epoch, what, last_path):

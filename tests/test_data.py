@@ -138,3 +138,27 @@ def test_image_cache_is_rebuilt_when_a_photo_changes_and_the_old_one_goes(tmp_pa
     second = np.array(load_images(paths, cache_dir=tmp_path / 'cache', progress=False))
     assert (second[1] == 0).all() and np.array_equal(second[0], first[0])
     assert len(list((tmp_path / 'cache').glob('*.npy'))) == 1
+
+
+def test_the_held_out_test_split_is_a_rule_on_the_patient_alone():
+    names = [f'{p}_{eye}' for p in range(4000) for eye in ('left', 'right')]
+    out = {n for n in names if data.held_out(n, 0.15)}
+    patients = lambda ns: {data.patient_and_eye(n)[0] for n in ns}
+    # Both eyes together: no patient on both sides.
+    assert not patients(out) & patients(set(names) - out)
+    assert 0.13 < len(patients(out)) / 4000 < 0.17
+    # The rule reads the id alone: another folder's names (raw photos, upper-case eyes left as
+    # their own patients) and another order give the same patients.
+    assert {n for n in reversed(names) if data.held_out(n, 0.15)} == out
+    assert all(data.held_out(f'{p}_right', 0.15) == data.held_out(f'{p}_left', 0.15)
+               for p in range(200))
+    # A larger fraction only adds patients; none holds nobody out.
+    assert out <= {n for n in names if data.held_out(n, 0.3)}
+    assert not any(data.held_out(n, 0) for n in names[:100])
+    # Fixed for good, as documented (README, --hold_out): the same patients on every machine
+    # and in every release, whatever else changes in the code.
+    import hashlib
+    documented = [p for p in range(300) if int.from_bytes(hashlib.sha256(
+        f'retina test split:{p}'.encode()).digest()[:8], 'big') / 2 ** 64 < 0.15]
+    assert [p for p in range(300) if data.held_out(f'{p}_left', 0.15)] == documented
+    assert documented[:7] == [0, 3, 5, 8, 9, 29, 30]

@@ -1,7 +1,9 @@
 """Training: loss goes down, schedule, checkpoints, resume, NaN stop, devices, DDP on gloo."""
 import csv
+import json
 import math
 import os
+import re
 import socket
 
 import numpy as np
@@ -444,7 +446,7 @@ def test_tta_iterations_inside_the_batch_loop_give_each_iteration_s_features(tmp
     torch.manual_seed(0)
     net = config.build_net().eval()
     made = extract_features(config, net, folder, 'test', n_iter=7, batch_size=2, progress=False,
-                            echo=lambda *a: None)
+                            echo=lambda *a: None, precision='fp32')
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2)
     augmentations = tta_params(7, 0, config.cnf['aug_params'], config.cnf['sigma'])
     with torch.no_grad():
@@ -525,3 +527,74 @@ def test_features_redo_a_block_at_half_the_batch_when_memory_runs_out(tmp_path, 
     assert 'test features: 4 images per batch do not fit' in capsys.readouterr().err
     for short, plain in zip(results['short'], results['plain']):
         np.testing.assert_allclose(short, plain, rtol=1e-4, atol=1e-5)
+
+
+def test_precision_is_recorded_and_a_run_resumes_under_the_other(workdir, monkeypatch):
+    said = []
+    monkeypatch.chdir(workdir)
+    train(config_module.load(CONFIG), device='cpu', progress=False, max_epochs=1,
+          precision='fp32', echo=said.append)
+    run = workdir / paths.run_dir(CONFIG)
+    assert checkpoint.load(run / 'last.pt')['precision'] == 'fp32'
+    assert json.loads((run / 'config.json').read_text())['precision'] == 'fp32'
+    assert any(', fp32' in line for line in said)
+    result = train(config_module.load(CONFIG), device='cpu', progress=False, max_epochs=2,
+                   precision='bf16', resume=True, echo=said.append)
+    assert result['epoch'] == 2
+    assert any('computed in fp32 until epoch 1; it continues in bf16' in line for line in said)
+    last = checkpoint.load(run / 'last.pt')
+    assert last['precision'] == 'bf16' and last['epoch'] == 2
+    # Weights and momentum stay fp32 under bf16 autocast.
+    assert all(v.dtype == torch.float32 for v in last['model'].values() if v.is_floating_point())
+    momentum = [s['momentum_buffer'] for s in last['optimizer']['state'].values()]
+    assert momentum and all(m.dtype == torch.float32 for m in momentum)
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    from retina import precision
+    from retina.runtime import Runtime
+    cpu = torch.device('cpu')
+    monkeypatch.setattr(precision, 'cpu_has_native_bf16', lambda: False)
+    assert precision.resolve_precision('auto', cpu) == 'fp32'
+    assert Runtime(cpu, precision='auto').input_dtype == torch.float32
+    monkeypatch.setattr(precision, 'cpu_has_native_bf16', lambda: True)
+    assert precision.resolve_precision('auto', cpu) == 'bf16'
+    runtime = Runtime(cpu, precision='auto')
+    assert runtime.input_dtype == torch.bfloat16
+    with runtime.autocast():
+        assert torch.nn.Linear(2, 1)(torch.ones(1, 2)).dtype == torch.bfloat16
+    # The flag turns it off; grading without a precision keeps fp32 on the CPU.
+    assert Runtime(cpu, precision='fp32').input_dtype == torch.float32
+    assert Runtime(cpu).precision == 'fp32'
+    assert precision.resolve_precision('auto', torch.device('cuda')) == 'bf16'
+
+
+def test_a_cpu_without_bf16_trains_in_fp32_and_says_so(workdir, monkeypatch):
+    from retina import precision
+    monkeypatch.setattr(precision, 'cpu_has_native_bf16', lambda: False)
+    said = []
+    _train(workdir, monkeypatch, max_epochs=1, precision='auto')
+    monkeypatch.chdir(workdir)
+    train(config_module.load(CONFIG), device='cpu', progress=False, max_epochs=2, resume=True,
+          echo=said.append)
+    assert checkpoint.load(workdir / paths.resume_checkpoint(CONFIG))['precision'] == 'fp32'
+    assert any(line.endswith(', fp32') for line in said), said
+
+
+def test_train_nn_hold_out_keeps_the_test_patients_out_and_resume_keeps_it(workdir):
+    names = [p.stem for p in (workdir / 'data' / 'train_tiny').iterdir() if p.suffix == '.jpeg']
+    out = {n for n in names if data.held_out(n, 0.3)}
+    assert out and len(out) < len(names)
+    result = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', '--hold_out', '0.3',
+                        '--precision', 'fp32', '--no_progress', cwd=workdir)
+    patients = {data.patient_and_eye(n)[0] for n in out}
+    assert f'{len(out)} image(s) of {len(patients)} patient(s) kept out' in result.stdout
+    assert f'{len(names) - len(out)} training / ' not in result.stdout  # validation is split off
+    line = next(l for l in result.stdout.splitlines() if 'training /' in l)
+    trained, validated = (int(w) for w in re.findall(r'(\d+) (?:training|validation)', line))
+    assert trained + validated == len(names) - len(out)
+    state = checkpoint.load(workdir / paths.resume_checkpoint(CONFIG))
+    assert state['config']['cnf']['hold_out'] == 0.3 and state['precision'] == 'fp32'
+    resumed = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '2', '--resume',
+                         '--precision', 'fp32', '--no_progress', cwd=workdir)
+    assert 'kept out' in resumed.stdout and 'epoch    2' in resumed.stdout

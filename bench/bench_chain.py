@@ -1,0 +1,326 @@
+#!/usr/bin/env python
+"""The chain on real photographs, scored on a test split of patients that nothing was tuned on.
+
+    python bench/bench_chain.py --work data/real --labels data/real/eyepacs_labels.csv \\
+        --net c_128_5x5_32_ram:e128 [--net c_256_5x5_32_ram:e256] --tta 10
+
+Every net was trained with `train_nn.py --hold_out FRACTION` on its folder (the same
+photographs at its size, e.g. eyepacs256 converted to 128 and 256 px with --enhance
+local_contrast); weights are each run's weights/CNF/weights.pt under `--work` (best validation
+kappa).  The test split is `data.held_out(name, FRACTION)`: patients that no training,
+epoch choice, cut-off or blend fit ever saw; the validation split is the one training used
+(`data.split_indices` of the other patients).  Anything fitted here (the pixel floor,
+cut-offs, blends) is fitted on the training or validation patients only.
+
+Rows of the table, each on the test split with a 95% patient-bootstrap interval:
+the pixel floor (ridge on 24 × 24 pixels); each net on the centred window and its own linear
+head on the TTA-mean features (transform.py, run here: resumable); per-patient blends of the
+nets' TTA features fitted (a) on the training patients, as blend.py does, (b) on the
+validation patients by cross-fitting (features the nets never trained on), and (c) a linear
+per-patient blend of the nets' TTA head scores fitted on the validation patients.  Each row:
+kappa at the fixed cut-offs 0.5..3.5, kappa at cut-offs fitted on validation predictions of
+the same kind (out of fold where the validation patients were fitted on), the AUROC of
+referable DR (level >= 2) and the Spearman correlation with the level (neither depends on the
+cut-offs).  Cross-camera rows (`--raw`) grade raw photographs through predict.py, on the
+patients that no net trained or validated on.  Writes the table to BENCHMARKS.md.
+"""
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import click
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / 'bench'))
+
+from report import device_name, replace_section, today  # noqa: E402
+
+from retina import cache, data, evaluation, paths  # noqa: E402
+from retina.images import image_name  # noqa: E402
+
+SHARED = REPO.parent / 'shared' / 'data'
+FLOOR_SIDE = 24
+FOLDS = 5
+
+
+# ---------------------------------------------------------------- scores
+
+def patients_of(names):
+    return np.array([data.patient_and_eye(n)[0] for n in names])
+
+
+def bootstrap(names, levels, predictions, cuts=None):
+    """Every score of `evaluation.scores` (kappa at 0.5..3.5 and at `cuts`, AUROC, Spearman)
+    with its patient-bootstrap interval."""
+    return evaluation.bootstrap(names, levels, predictions,
+                                lambda lv, pr: evaluation.scores(lv, pr, cuts))
+
+
+def fitted_cuts(levels, predictions):
+    from retina.blend import fit_thresholds
+    return fit_thresholds(levels, predictions)
+
+
+# ---------------------------------------------------------------- the pieces
+
+def run(args, cwd, log):
+    started = time.perf_counter()
+    result = subprocess.run([sys.executable, str(REPO / args[0]), *map(str, args[1:])],
+                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, 'PYTHONPATH': str(REPO)})
+    with open(log, 'a') as f:
+        f.write(f'$ python {" ".join(map(str, args))}\n{result.stdout}\n')
+    if result.returncode != 0:
+        raise click.ClickException(f'{args[0]} failed ({result.returncode}); see {log}')
+    click.echo(f'  {args[0]} {args[2] if len(args) > 2 else ""} '
+               f'({time.perf_counter() - started:.0f} s)')
+    return result.stdout
+
+
+def shrink(images, side=FLOOR_SIDE):
+    import torch
+    import torch.nn.functional as F
+    return np.concatenate([F.adaptive_avg_pool2d(torch.from_numpy(np.asarray(images[i:i + 512]))
+                                                 .float(), side).flatten(1).numpy()
+                           for i in range(0, len(images), 512)])
+
+
+def pixel_floor(pixels, levels, fit_rows, valid_rows):
+    from sklearn.linear_model import RidgeCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(0, 5, 11)))
+    model.fit(pixels[fit_rows], levels[fit_rows])
+    return model.predict(pixels)
+
+
+def centred(work, name, image_paths, images):
+    """The net's best-kappa weights on the centred window of every image (fp32, as predict.py)."""
+    import torch
+
+    from retina import config as config_module
+    from retina.features import load_model
+    from retina.runtime import Runtime
+    from retina.train import predict
+    config = config_module.load(name)
+    model = load_model(config, work / paths.best_kappa_weights(name), 'cpu')
+    cache.check_size(images, config.input_size, image_paths[0].parent, name)
+    return predict(model, images, np.arange(len(images)), config, Runtime(torch.device('cpu')))
+
+
+def head(work, name, tta, names):
+    """The RAM net's own linear output on its TTA-mean features, in `names` order; and the
+    mean and std features themselves."""
+    from retina import checkpoint
+    from retina.feature_files import load_features
+    state = checkpoint.load(work / paths.best_kappa_weights(name))
+    weight = state['model']['output.weight'].numpy()[0]
+    bias = float(state['model']['output.bias'].numpy()[0])
+    mean, rows = load_features(work / paths.features(name, 'train', 'mean', tta, 0))
+    std, _ = load_features(work / paths.features(name, 'train', 'std', tta, 0))
+    order = [{n: i for i, n in enumerate(rows)}[n] for n in names]
+    return mean[order] @ weight + bias, np.hstack([mean[order], std[order]])
+
+
+def patient_folds(names, rows, k=FOLDS, seed=0):
+    """`rows` split into k folds by patient."""
+    patients = patients_of([names[i] for i in rows])
+    unique = np.unique(patients)
+    np.random.default_rng(seed).shuffle(unique)
+    fold_of = {p: i % k for i, p in enumerate(unique)}
+    return [rows[[fold_of[p] == f for p in patients]] for f in range(k)]
+
+
+def blend_net(inputs, levels, fit_rows, seed=0):
+    """blend.py's maxout net fitted on `fit_rows`; predictions for every row."""
+    from retina.blend import fit_net, net_predictions
+    net, _ = fit_net(inputs[fit_rows], levels[fit_rows], seed)
+    return net_predictions(net, inputs)
+
+
+def cross_fitted(fit, names, levels, rows):
+    """(out-of-fold predictions for `rows`, the folds' mean prediction for every row) of
+    `fit(fit_rows) -> predictions for every row`, with folds by patient over `rows`."""
+    out_of_fold = np.zeros(len(names))
+    total = 0.0
+    folds = patient_folds(names, rows)
+    for held in folds:
+        rest = np.setdiff1d(rows, held)
+        predictions = fit(rest)
+        out_of_fold[held] = predictions[held]
+        total = total + predictions
+    return out_of_fold, total / len(folds)
+
+
+def feature_inputs(features, names, scale_rows):
+    from sklearn.preprocessing import StandardScaler
+
+    from retina.blend import per_patient_inputs
+    scaled = StandardScaler().fit(features[scale_rows]).transform(features).astype(np.float32)
+    return per_patient_inputs(scaled, names)
+
+
+def linear_blend(inputs, levels, fit_rows):
+    from sklearn.linear_model import RidgeCV
+    model = RidgeCV(alphas=np.logspace(-3, 3, 13)).fit(inputs[fit_rows], levels[fit_rows])
+    return model.predict(inputs)
+
+
+def raw_test(work, raw, labels_file, nets, hold_out, trained_patients, log):
+    """predict.py (the user's path: raw photographs, the nets' own crop and look) on the
+    photographs of `raw` whose patients no net trained or validated on; rows per choice of
+    patients: (label, names, levels, mean score of the nets)."""
+    labels = data.load_labels(labels_file)
+    photos = sorted(p for p in (raw / 'train').iterdir() if image_name(p) in labels)
+    unseen = [p for p in photos if data.patient_and_eye(image_name(p))[0] not in trained_patients]
+    if not unseen:
+        return []
+    out = work / f'raw_{raw.name}.csv'
+    if not out.is_file():
+        listing = work / f'raw_{raw.name}'
+        listing.mkdir(exist_ok=True)
+        for p in unseen:
+            if not (listing / p.name).exists():
+                (listing / p.name).symlink_to(p.resolve())
+        args = ['predict.py', listing, '--output', out, '--no_progress']
+        for name, _ in nets:
+            args += ['--cnf', name, '--weights_from', work / paths.best_kappa_weights(name)]
+        run(args, work, log)
+    with open(out, newline='') as f:
+        rows = list(csv.DictReader(f))
+    names = [r['image'] for r in rows]
+    scores_ = np.array([float(r['mean']) for r in rows])
+    levels = np.array([labels[n] for n in names])
+    held = np.array([data.held_out(n, hold_out) for n in names])
+    result = [(f'all {len(unseen)} photographs of patients no net saw', names, levels, scores_)]
+    if held.any() and not held.all():
+        result.append((f'the {int(held.sum())} of test-split patients', list(np.array(names)[held]),
+                       levels[held], scores_[held]))
+    return result
+
+
+# ---------------------------------------------------------------- the table
+
+def table_rows(rows):
+    head_ = ('| stage (test split) | kappa, cut-offs 0.5..3.5 | kappa, cut-offs fitted on '
+             'validation | referable AUROC | Spearman |')
+    lines = [head_, '| --- | ---: | ---: | ---: | ---: |']
+    for label, (fixed, fitted, auroc, rank) in rows:
+        lines.append(f'| {label} | {fixed} | {fitted if np.isfinite(fitted.value) else "–"} | '
+                     f'{auroc} | {rank} |')
+    return '\n'.join(lines)
+
+
+@click.command(context_settings={'help_option_names': ['-h', '--help']})
+@click.option('--work', required=True, type=click.Path(exists=True, file_okay=False),
+              help='Folder the nets were trained in (weights/CNF/ under it); features and '
+                   'the log are written there.')
+@click.option('--labels', required=True, type=click.Path(exists=True, dir_okay=False),
+              help='Labels of the training folders (image,level).')
+@click.option('--net', 'nets', multiple=True, required=True, metavar='CNF:FOLDER',
+              help='A trained config and the folder of converted photographs it trained on '
+                   '(relative to --work); repeat for each net of the chain.')
+@click.option('--hold_out', default=0.15, show_default=True, type=float,
+              help='The fraction the nets were trained with (train_nn.py --hold_out).')
+@click.option('--tta', default=10, show_default=True, type=click.IntRange(min=2),
+              help='TTA iterations of transform.py.')
+@click.option('--raw', multiple=True, type=click.Path(file_okay=False),
+              default=[str(SHARED / 'eyepacs_raw'), str(SHARED / 'eyepacs_raw1024')],
+              show_default=True, help='Raw photographs (train/, trainLabels.csv) graded by '
+                                      'predict.py; skipped when absent.')
+@click.option('--section', default='Real photographs: the chain on held-out patients',
+              show_default=True, help='The BENCHMARKS.md section written.')
+@click.option('--note', default='', help='A sentence for the section (epochs, machine).')
+@click.option('--write/--no_write', default=True, show_default=True)
+def main(work, labels, nets, hold_out, tta, raw, section, note, write):
+    """Test-split kappa, AUROC and Spearman of every stage of the chain, with intervals."""
+    import torch
+    work = Path(work).resolve()
+    log = work / 'bench_chain.log'
+    nets = [tuple(n.split(':', 1)) for n in nets]
+    started = time.perf_counter()
+    first_paths, levels = data.labelled_images(work / nets[0][1], labels)
+    names = [image_name(p) for p in first_paths]
+    test = np.array([data.held_out(n, hold_out) for n in names])
+    rest = np.flatnonzero(~test)
+    train_part, valid_part = data.split_indices([names[i] for i in rest], levels[rest])
+    fit_rows, valid_rows, test_rows = rest[train_part], rest[valid_part], np.flatnonzero(test)
+    test_names, test_levels = [names[i] for i in test_rows], levels[test_rows]
+    click.echo(f'{len(names)} photographs: {len(fit_rows)} training, {len(valid_rows)} '
+               f'validation, {len(test_rows)} test ({len(set(patients_of(test_names)))} '
+               f'patients)')
+    rows = []
+
+    def add(label, predictions, cut_source=None):
+        """A row from predictions for every image; cut-offs fitted on `cut_source` (validation
+        predictions of the same kind) [default: `predictions` at the validation rows]."""
+        source = predictions[valid_rows] if cut_source is None else cut_source
+        cuts = fitted_cuts(levels[valid_rows], source)
+        rows.append((label, bootstrap(test_names, test_levels, predictions[test_rows], cuts)))
+        click.echo(f'{label}: ' + ', '.join(str(v) for v in rows[-1][1]))
+
+    images = cache.load_images(first_paths, progress=False)
+    add(f'pixel floor: ridge on {FLOOR_SIDE}×{FLOOR_SIDE} pixels of the {nets[0][1]} photos',
+        pixel_floor(shrink(images), levels, fit_rows, valid_rows))
+    heads, features = [], []
+    for name, folder in nets:
+        paths_, levels_ = data.labelled_images(work / folder, labels)
+        if [image_name(p) for p in paths_] != names:
+            raise click.ClickException(f'{folder}: not the photographs of {nets[0][1]}')
+        epochs = sum(1 for _ in open(work / paths.train_log(name))) - 1
+        images = cache.load_images(paths_, progress=False)
+        add(f'{name} ({epochs} epochs), centred window', centred(work, name, paths_, images))
+        run(['transform.py', '--cnf', name, '--train', '--n_iter', tta, '--train_dir', folder,
+             '--weights_from', paths.best_kappa_weights(name), '--no_progress'], work, log)
+        score, feature = head(work, name, tta, names)
+        add(f'{name}: its head on {tta}-iteration TTA features', score)
+        heads.append(score)
+        features.append(feature)
+    features = np.hstack(features)
+    inputs = feature_inputs(features, names, fit_rows)
+    add('per-patient blend of the TTA features, fitted on the training patients (blend.py)',
+        blend_net(inputs, levels, fit_rows))
+    valid_inputs = feature_inputs(features, names, valid_rows)
+    out_of_fold, mean = cross_fitted(lambda r: blend_net(valid_inputs, levels, r), names,
+                                     levels, valid_rows)
+    add('per-patient blend of the TTA features, fitted on the validation patients '
+        f'({FOLDS}-fold by patient)', mean, out_of_fold[valid_rows])
+    from retina.blend import per_patient_inputs
+    head_inputs = per_patient_inputs(np.stack(heads, 1).astype(np.float32), names)
+    out_of_fold, mean = cross_fitted(lambda r: linear_blend(head_inputs, levels, r), names,
+                                     levels, valid_rows)
+    add('per-patient linear blend of the TTA head scores (this eye, other eye), fitted on the '
+        f'validation patients ({FOLDS}-fold)', mean, out_of_fold[valid_rows])
+
+    trained = set(patients_of([names[i] for i in rest]))
+    for folder in raw:
+        folder = Path(folder)
+        if not (folder / 'train').is_dir():
+            continue
+        for label, r_names, r_levels, r_scores in raw_test(
+                work, folder, folder / 'trainLabels.csv', nets, hold_out, trained, log):
+            rows.append((f'cross-camera, predict.py on {folder.name}: {label}',
+                         bootstrap(r_names, r_levels, r_scores)))
+            click.echo(f'{rows[-1][0]}: ' + ', '.join(str(v) for v in rows[-1][1]))
+    text = table_rows(rows)
+    click.echo(text)
+    if write:
+        command = ('python bench/bench_chain.py --work WORK --labels LABELS '
+                   + ' '.join(f'--net {n}:{f}' for n, f in nets) + f' --tta {tta}')
+        body = (f'{len(names)} photographs ({nets[0][1]}), {len(test_rows)} of '
+                f'{len(set(patients_of(test_names)))} patients in the test split (hold_out '
+                f'{hold_out}), {len(valid_rows)} validation images. Intervals: 95%, '
+                f'{evaluation.BOOTSTRAP_ROUNDS} patient-bootstrap resamples of the test patients. '
+                f'{note} {device_name(torch.device("cpu"))}; {today()}; '
+                f'{(time.perf_counter() - started) / 60:.1f} min.\nCommand: `{command}`.\n\n'
+                f'{text}')
+        replace_section(section, body)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,266 @@
+"""Release a trained net into models/: its checkpoint, its sha256 in models/index.json, and a
+model card whose figures are measured here, on patients the net never saw.
+
+    python -m retina.release eyepacs-128 --weights data/real/weights/c_128_5x5_32_ram/weights.pt \\
+        --photos data/real/e128 --labels data/real/eyepacs_labels.csv \\
+        --raw ../shared/data/eyepacs_raw --raw ../shared/data/eyepacs_raw1024 --default
+
+The net must have been trained with `train_nn.py --hold_out FRACTION`: the card's figures are
+on that test split of --photos (patients no training, epoch choice or cut-off saw), with 95%
+patient-bootstrap intervals; cross-camera figures grade each --raw folder (train/ and
+trainLabels.csv of raw photographs) through predict.py's path, on all its photographs (what
+a rerun of `predict.py FOLDER/train` gives) and on those of patients the net never trained
+or validated on.  --heatmaps adds a Markdown file of heat-map scores to the card.  Running it
+again with a better run's weights replaces the released files in one step.
+"""
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+from retina import atomic, checkpoint, data, evaluation, released
+from retina.errors import UserError, handle_errors
+from retina.cache import converted_size
+from retina.images import image_name
+
+KEEP = ('format', 'config_name', 'config', 'epoch', 'seed', 'preprocessing', 'precision',
+        'best_kappa')  # what a released checkpoint holds besides the weights (no optimizer)
+
+
+def slim(state):
+    """The checkpoint dict to release: weights (fp32, as trained) and what loading needs."""
+    return dict({k: state[k] for k in KEEP if k in state},
+                model={k: v.clone() for k, v in state['model'].items()})
+
+
+def split_rows(names, levels, hold_out):
+    """(validation rows, test rows) of the images `names`, as training split them."""
+    test = np.array([data.held_out(n, hold_out) for n in names])
+    rest = np.flatnonzero(~test)
+    _, valid = data.split_indices([names[i] for i in rest], levels[rest])
+    return rest[valid], np.flatnonzero(test)
+
+
+def centred_scores(config_name, weights, folder, image_paths):
+    """The net's output on the centred window of each converted image (fp32, as predict.py)."""
+    import torch
+
+    from retina import cache, config as config_module
+    from retina.features import load_model
+    from retina.runtime import Runtime
+    from retina.train import predict
+    config = config_module.load(config_name)
+    model = load_model(config, weights, 'cpu')
+    images = cache.load_images(image_paths, progress=False)
+    cache.check_size(images, config.input_size, folder, config_name)
+    return predict(model, images, np.arange(len(images)), config, Runtime(torch.device('cpu')))
+
+
+def graded_raw(config_name, weights, folder):
+    """{photo name: score} of predict.py's path on the labelled photographs of `folder`/train."""
+    from retina.predict import grade, load_grader
+    labels = data.load_labels(folder / 'trainLabels.csv')
+    photos = sorted(p for p in (folder / 'train').iterdir() if image_name(p) in labels)
+    result = grade([load_grader(config_name, weights)], photos, progress=True)
+    return {row['image']: row['mean'] for row in result.rows}, labels
+
+
+def figures_table(rows):
+    lines = ['| photographs | images (patients) | kappa | referable AUROC | sensitivity / '
+             'specificity, level ≥ 2 | Spearman |', '| --- | ---: | ---: | ---: | ---: | ---: |']
+    for label, names, levels, scores in rows:
+        kappa, _, auroc, rank = evaluation.bootstrap(names, levels, scores)
+        sens, spec = evaluation.referable_rates(levels, scores)
+        patients = len({data.patient_and_eye(n)[0] for n in names})
+        lines.append(f'| {label} | {len(names)} ({patients}) | {kappa} | {auroc} | '
+                     f'{sens:.2f} / {spec:.2f} | {rank} |')
+    return '\n'.join(lines)
+
+
+def confusion_table(levels, scores):
+    matrix = evaluation.confusion(levels, scores)
+    lines = ['| true \\ graded | 0 | 1 | 2 | 3 | 4 |', '| --- |' + ' ---: |' * 5]
+    lines += [f'| {level} | ' + ' | '.join(str(v) for v in matrix[level]) + ' |'
+              for level in range(5)]
+    return '\n'.join(lines)
+
+
+CARD = """# Released model `{name}`
+
+{summary}
+
+**Not a medical device.** A research reproduction of a 2015 competition solution, trained on
+{n_train} photographs (and validated on {n_valid}) of one screening programme (EyePACS) at {size} px. It has not been
+validated for clinical use; do not use its grades to make decisions about anyone's care.
+
+| | |
+| --- | --- |
+| file | `models/{file}` ({megabytes:.1f} MB, sha256 `{sha256}`) |
+| network | `{config}` ({parameters:,} parameters): {layers} |
+| input | photographs cropped to the eye and resized to {size} px by convert.py (predict.py does it), look `--enhance {look}`, centred {window} px window |
+| trained | {epochs} epochs (best validation kappa at epoch {epoch}), {precision}, seed {seed} |
+
+## Data
+{data_text}
+
+## Training
+{training_text}
+
+## Figures on held-out patients
+The test split is `--hold_out {hold_out}` (`retina.data.held_out`): a fixed rule on the
+patient id, both eyes together; no training step, epoch choice, cut-off or blend saw these
+patients. Levels are the score cut at 0.5, 1.5, 2.5, 3.5 (what predict.py does);
+intervals are 95% patient-bootstrap intervals ({rounds} resamples).
+
+{figures}
+
+Confusion matrix on the test split (rows: true level, columns: graded level):
+
+{confusion}
+
+Cross-camera: predict.py on raw camera photographs (its own crop and look). "All" is what
+`python predict.py FOLDER/train` grades (some of those patients may be among the training
+patients: their other, processed photographs); "unseen" keeps the patients that no training or
+validation image came from.
+
+{cross_camera}
+{heatmaps}
+## Use
+```
+python predict.py photo.jpeg                       # this model grades when no weights are trained
+python predict.py photos/ --weights_from {name} --heatmap maps
+python train_nn.py --cnf {config} --weights_from {name} --train_dir data/train_128 --labels labels.csv
+```
+
+## Terms and citation
+The code is under the repository's LICENSE (MIT). These weights were trained on photographs of
+the Kaggle "Diabetic Retinopathy Detection" competition (EyePACS), whose terms allow research
+and non-commercial use: the weights inherit them. Cite the original solution and the RAM
+paper:
+
+- M. Antony and S. Brüggemann (team o_O), 2nd place solution of the Kaggle Diabetic
+  Retinopathy Detection competition, 2015 (github.com/sveitser/kaggle_diabetic).
+- Z. Wang and J. Yang, "Diabetic Retinopathy Detection via Deep Convolutional Networks for
+  Discriminative Localization and Visual Explanation", AAAI Workshops, 2018
+  (github.com/cauchyturing/kaggle_diabetic_RAM).
+
+## Rebuild
+{rebuild}
+"""
+
+
+def write_index(models_dir, name, entry, make_default):
+    found = released.index(models_dir)
+    found['models'][name] = entry
+    if make_default or not found['default']:
+        found['default'] = name
+    atomic.write_text(models_dir / released.INDEX_NAME,
+                      json.dumps(found, indent=2, sort_keys=True) + '\n')
+
+
+@click.command(context_settings={'help_option_names': ['-h', '--help']})
+@click.argument('name')
+@click.option('--weights', required=True, type=click.Path(dir_okay=False),
+              help='The checkpoint to release (a run\'s weights.pt; trained with --hold_out).')
+@click.option('--photos', required=True, type=click.Path(file_okay=False),
+              help='The converted photographs the net trained on (its --train_dir): the test '
+                   'split is scored on them.')
+@click.option('--labels', required=True, type=click.Path(dir_okay=False),
+              help='Their labels (image,level).')
+@click.option('--raw', multiple=True, type=click.Path(file_okay=False),
+              help='A folder of raw photographs (train/, trainLabels.csv) for the cross-camera '
+                   'rows; repeat for several; absent folders are skipped.')
+@click.option('--heatmaps', type=click.Path(dir_okay=False),
+              help='A Markdown file of heat-map scores (bench/bench_heatmaps.py) for the card.')
+@click.option('--training', default='', help='How it was trained, for the card (command, '
+                                             'machine, time).')
+@click.option('--summary', default='', help='One line for the card and the index.')
+@click.option('--default/--no_default', 'make_default', default=False, show_default=True,
+              help='Make it the model predict.py grades with when no weights are given.')
+@click.option('--models_dir', type=click.Path(file_okay=False), default=str(released.MODELS_DIR),
+              show_default=True, help='Where the released files go.')
+@handle_errors()
+def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_default,
+         models_dir):
+    """Release the net of WEIGHTS as NAME (e.g. eyepacs-128): models/NAME.pt, models/NAME.md
+    and its entry in models/index.json, replacing an earlier release of that name."""
+    import re
+    if not re.fullmatch(r'[a-z0-9][a-z0-9._-]*', name):
+        raise UserError(f'{name!r}: a released name is lower-case letters, digits, ., _ and -')
+    models_dir, photos = Path(models_dir), Path(photos)
+    state = checkpoint.load(weights)
+    config = checkpoint.config_of(state)
+    hold_out = config.cnf.get('hold_out')
+    if not hold_out:
+        raise UserError(f'{weights}: trained without --hold_out, so no patients are left that '
+                        f'it never saw: train with train_nn.py --hold_out 0.15 to release it')
+    image_paths, levels = data.labelled_images(photos, labels)
+    names = [image_name(p) for p in image_paths]
+    valid_rows, test_rows = split_rows(names, levels, hold_out)
+    click.echo(f'{name}: scoring {len(test_rows)} test-split photographs of {photos}')
+    scores = centred_scores(config.name, weights, photos, image_paths)
+    table = [('test split (' + photos.name + ')', [names[i] for i in test_rows],
+              levels[test_rows], scores[test_rows]),
+             ('validation split (chose the epoch: optimistic)', [names[i] for i in valid_rows],
+              levels[valid_rows], scores[valid_rows])]
+    trained = {data.patient_and_eye(n)[0] for i, n in enumerate(names)
+               if not data.held_out(n, hold_out)}
+    cross = []
+    for folder in map(Path, raw):
+        if not (folder / 'train').is_dir():
+            click.echo(f'note: {folder}/train not found; no cross-camera row for it', err=True)
+            continue
+        graded, raw_labels = graded_raw(config.name, weights, folder)
+        all_names = sorted(graded)
+        unseen = [n for n in all_names if data.patient_and_eye(n)[0] not in trained]
+        for label, chosen in ((f'{folder.name}: all', all_names),
+                              (f'{folder.name}: unseen patients', unseen)):
+            if chosen:
+                cross.append((label, chosen, np.array([raw_labels[n] for n in chosen]),
+                              np.array([graded[n] for n in chosen])))
+    models_dir.mkdir(parents=True, exist_ok=True)
+    target = models_dir / f'{name}.pt'
+    atomic.torch_save(target, slim(state))
+    checkpoint.load(target)  # what was written loads, and checks
+    digest = released.sha256_of(target)
+    net = config.build_net()
+    log_rows = []
+    log = Path(weights).parent / 'log.csv'
+    if log.is_file():
+        log_rows = list(open(log))[1:]
+    card = CARD.format(
+        name=name, summary=summary or f'{config.name} trained on EyePACS photographs.',
+        n_train=len(names) - len(test_rows) - len(valid_rows), n_valid=len(valid_rows), size=converted_size(config.input_size),
+        file=target.name, megabytes=target.stat().st_size / 1e6, sha256=digest,
+        config=config.name, parameters=sum(p.numel() for p in net.parameters()),
+        layers='batch-norm convolutional net with the RAM head (global average pool + linear '
+               'output)' if config.name.endswith('_ram') else 'convolutional net',
+        look=state.get('preprocessing', 'none'), window=max(config.input_size),
+        epochs=len(log_rows) or state['epoch'], epoch=state['epoch'],
+        precision=state.get('precision', 'fp32'), seed=state.get('seed', 0),
+        data_text=(f'{len(names)} EyePACS photographs of {photos} (labels {labels}), '
+                   f'converted with `--enhance {state.get("preprocessing", "none")}`: '
+                   f'{len(names) - len(test_rows) - len(valid_rows)} for training, '
+                   f'{len(valid_rows)} for validation (10% of the other patients) and '
+                   f'{len(test_rows)} held out. Levels of all {len(names)}: '
+                   f'{" / ".join(str(int((levels == k).sum())) for k in range(5))} '
+                   f'(0 to 4).'),
+        training_text=training or '(not given)', hold_out=hold_out,
+        rounds=evaluation.BOOTSTRAP_ROUNDS, figures=figures_table(table),
+        confusion=confusion_table(levels[test_rows], scores[test_rows]),
+        cross_camera=figures_table(cross) if cross else '(no raw photographs given)',
+        heatmaps=('\n## Heat maps\n' + Path(heatmaps).read_text() + '\n') if heatmaps else '',
+        rebuild='```\npython -m retina.release ' + ' '.join(sys.argv[1:]) + '\n```')
+    card_path = models_dir / f'{name}.md'
+    atomic.write_text(card_path, card)
+    write_index(models_dir, name, dict(file=target.name, sha256=digest, config=config.name,
+                                       card=card_path.name,
+                                       summary=summary or card.splitlines()[2]),
+                make_default)
+    click.echo(f'released {name}: {target} (sha256 {digest[:16]}…), card {card_path}')
+
+
+if __name__ == '__main__':
+    main()
