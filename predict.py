@@ -135,7 +135,7 @@ def default_net():
     if shipped is None:
         return DEFAULT_CNF, None  # its 'weights file not found' error says what to do
     name, config_name, path = shipped
-    card = released.MODELS_DIR / released.index()['models'][name]['card']
+    card = released.default_folder() / released.index()['models'][name]['card']
     click.echo(f'note: no trained weights in {paths.best_kappa_weights(DEFAULT_CNF).parent}; '
                f'grading with the released model {name} ({config_name}; see {card})', err=True)
     return config_name, str(path)

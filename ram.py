@@ -39,7 +39,8 @@ def _check_cmap(_context, _parameter, value):
               help='The net to explain, e.g. c_128_5x5_32_ram_fine or configs/c_512_5x5_32_ram.py; '
                    '--method ram needs a RAM config (global-average-pool head).')
 @click.option('--weights_from', type=click.Path(dir_okay=False),
-              help='Weights to explain [default: weights/CNF/weights.pt, the best validation kappa].')
+              help='Weights to explain: a file, or a released model\'s name (models/index.json, e.g. '
+                   'eyepacs-128) [default: weights/CNF/weights.pt, the best validation kappa].')
 @click.option('--method', type=click.Choice(METHODS), default='ram', show_default=True,
               help='ram: sum_k w_k A_k of the last conv (RAM nets); gradcam: ReLU of the conv maps '
                    'weighted by their mean gradient; layercam: ReLU of the maps times their positive '

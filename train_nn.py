@@ -12,7 +12,8 @@ from retina.precision import PRECISION_HELP, PRECISIONS
               help='Config module: a path like configs/c_128_5x5_32.py or a name like c_128_5x5_32.')
 @click.option('--weights_from', type=click.Path(dir_okay=False),
               help='Start from these weights: every parameter whose name and shape match is '
-                   'copied, the rest are listed as skipped (e.g. weights/c_128_5x5_32/weights.pt).')
+                   'copied, the rest are listed as skipped (e.g. weights/c_128_5x5_32/weights.pt); '
+                   'a released model\'s name (models/index.json, e.g. eyepacs-128) fine-tunes it.')
 @click.option('--train_dir', type=click.Path(file_okay=False),
               help="Folder of converted training images [default: the config's train_dir].")
 @click.option('--labels', type=click.Path(dir_okay=False),

@@ -18,7 +18,8 @@ from retina.precision import PRECISION_HELP, PRECISIONS
 @click.option('--test', is_flag=True, help='Extract features of the test images.')
 @click.option('--train', is_flag=True, help='Extract features of the training images.')
 @click.option('--weights_from', type=click.Path(dir_okay=False),
-              help='Weights file [default: weights/CNF/weights.pt, the best validation kappa].')
+              help='Weights file, or a released model\'s name (models/index.json, e.g. eyepacs-128) '
+                   '[default: weights/CNF/weights.pt, the best validation kappa].')
 @click.option('--test_dir', type=click.Path(file_okay=False),
               help="Folder of test images [default: the config's test_dir]. Given without "
                    "--train, --test or --train_dir, only the test features are extracted (as the "

@@ -37,6 +37,7 @@ from report import (device_name, interleaved, medians, paired_ratio,  # noqa: E4
                     replace_section, today)
 from retina import config as config_module  # noqa: E402
 from retina.augment import prepare_batch  # noqa: E402
+from retina.precision import PRECISION_HELP, PRECISIONS  # noqa: E402
 from retina.runtime import (CUDA_GRAPHS, Runtime, batches, compile_or_eager,  # noqa: E402
                             new_step, place_images, resolve_device)
 from retina.train import make_optimizer, train_one_epoch  # noqa: E402
@@ -79,7 +80,7 @@ def bare_run(model, optimizer, config, batch_size, steps, runtime, cuda_graphs=F
 
     def step():
         new_step(cuda_graphs)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
+        with runtime.autocast():
             out = model(x)
         loss = F.mse_loss(out.float().squeeze(1), y)
         optimizer.zero_grad(set_to_none=True)
@@ -119,7 +120,7 @@ def feature_run(model, config, images, batch_size, steps, runtime, cuda_graphs=F
             new_step(cuda_graphs)
             x = prepare_batch(batch, config.input_size, dtype=runtime.input_dtype,
                               memory_format=torch.channels_last)
-            with torch.autocast(runtime.device.type, dtype=torch.bfloat16, enabled=runtime.cuda):
+            with runtime.autocast():
                 model(x, return_features=True)
     return run
 
@@ -191,16 +192,18 @@ def measure(name, batch_size, test_batch_size, steps, rounds, runtime, compile_m
               show_default=True,
               help='Where the uint8 cache is on a GPU: device (train_nn.py when it fits) or host '
                    '(a cache too large for the GPU: pinned gather and copy on a side stream).')
+@click.option('--precision', type=click.Choice(PRECISIONS), default='auto', show_default=True,
+              help='As train_nn.py --precision: ' + PRECISION_HELP)
 @click.option('--write/--no_write', default=True, show_default=True,
               help='Write the table to BENCHMARKS.md.')
 @click.option('--section', default='', metavar='TEXT',
               help='Words added to the BENCHMARKS.md section title, so that runs with other '
                    'settings (batch size, --compile) keep their own table.')
 def main(configs, steps, rounds, device, batch_size, test_batch_size, compile_model,
-         cuda_graphs, cache, write, section):
+         cuda_graphs, cache, precision, write, section):
     """Print training/bare/feature images/s per config and write them to BENCHMARKS.md."""
     device = resolve_device(device)
-    runtime = Runtime(device)
+    runtime = Runtime(device, precision=precision)
     compile_model = device.type == 'cuda' if compile_model is None else compile_model
     if cuda_graphs and not (device.type == 'cuda' and compile_model):
         raise click.UsageError('--cuda_graphs needs a CUDA device and compiling')
@@ -225,7 +228,7 @@ def main(configs, steps, rounds, device, batch_size, test_batch_size, compile_mo
     command = ('python bench/bench_train.py ' + ' '.join(sys.argv[1:])).strip()
     body = (f'Device: {device_name(device)}; torch {torch.__version__}; '
             f'{"compiled" if compile_model else "eager"}'
-            f'{" with CUDA graphs" if cuda_graphs else ""}; uint8 cache on the '
+            f'{" with CUDA graphs" if cuda_graphs else ""}, {runtime.precision}; uint8 cache on the '
             f'{"host" if cache == "host" or device.type != "cuda" else "device"}; {today()}.\n'
             f'Command: `{command}`.\n\n' + '\n'.join(table) +
             f'\n\nInterleaved in one run ({rounds} rounds of {steps} batches each; medians): '

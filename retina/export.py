@@ -150,8 +150,8 @@ def check(wrapped, path, images):
 @click.option('--cnf', required=True, metavar='CONFIG',
               help='Config of the trained net (name like c_512_5x5_32_ram or a path).')
 @click.option('--weights_from', type=click.Path(dir_okay=False),
-              help='Weights to export. [default: weights/CNF/weights.pt, the best validation '
-                   'kappa]')
+              help='Weights to export: a file, or a released model\'s name (models/index.json). '
+                   '[default: weights/CNF/weights.pt, the best validation kappa]')
 @click.option('--output', required=True, type=click.Path(dir_okay=False),
               help='The ONNX file to write, e.g. c_512_5x5_32_ram.onnx.')
 @click.option('--crop_size', type=click.IntRange(min=8, max=8192),

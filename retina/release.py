@@ -179,8 +179,8 @@ def write_index(models_dir, name, entry, make_default):
 @click.option('--summary', default='', help='One line for the card and the index.')
 @click.option('--default/--no_default', 'make_default', default=False, show_default=True,
               help='Make it the model predict.py grades with when no weights are given.')
-@click.option('--models_dir', type=click.Path(file_okay=False), default=str(released.MODELS_DIR),
-              show_default=True, help='Where the released files go.')
+@click.option('--models_dir', type=click.Path(file_okay=False), default=None,
+              help='Where the released files go [default: models/, or $RETINA_MODELS_DIR].')
 @handle_errors()
 def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_default,
          models_dir):
@@ -189,7 +189,7 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
     import re
     if not re.fullmatch(r'[a-z0-9][a-z0-9._-]*', name):
         raise UserError(f'{name!r}: a released name is lower-case letters, digits, ., _ and -')
-    models_dir, photos = Path(models_dir), Path(photos)
+    models_dir, photos = Path(models_dir or released.default_folder()), Path(photos)
     state = checkpoint.load(weights)
     config = checkpoint.config_of(state)
     hold_out = config.cnf.get('hold_out')

@@ -9,18 +9,25 @@ weights takes a released name too (`--weights_from eyepacs-128`): `checkpoint.lo
 """
 import hashlib
 import json
+import os
 from pathlib import Path
 
 from retina.errors import UserError
 
 MODELS_DIR = Path(__file__).resolve().parent.parent / 'models'
 INDEX_NAME = 'index.json'
+MODELS_DIR_VARIABLE = 'RETINA_MODELS_DIR'  # another folder of released models (tests, mirrors)
 
 
-def index(models_dir=None):
-    """{'default': name or None, 'models': {name: entry}} of `models_dir` [default: the
+def default_folder():
+    """$RETINA_MODELS_DIR if set, else the repository's models/."""
+    return Path(os.environ.get(MODELS_DIR_VARIABLE) or MODELS_DIR)
+
+
+def index(folder=None):
+    """{'default': name or None, 'models': {name: entry}} of `folder` [default: the
     repository's models/]; an absent index is an empty one, a broken one a UserError."""
-    path = Path(models_dir or MODELS_DIR) / INDEX_NAME
+    path = Path(folder or default_folder()) / INDEX_NAME
     if not path.is_file():
         return dict(default=None, models={})
     try:
@@ -38,8 +45,8 @@ def index(models_dir=None):
     return dict(default=found.get('default'), models=models)
 
 
-def names(models_dir=None):
-    return sorted(index(models_dir)['models'])
+def names(folder=None):
+    return sorted(index(folder)['models'])
 
 
 def sha256_of(path):
@@ -50,13 +57,13 @@ def sha256_of(path):
     return digest.hexdigest()
 
 
-def verified(name, models_dir=None):
+def verified(name, folder=None):
     """The checkpoint file of released net `name`, after checking that it and its card are
     there and that the file's sha256 is the index's; a UserError naming the file otherwise."""
-    models_dir = Path(models_dir or MODELS_DIR)
-    entry = index(models_dir)['models'][name]
-    path, card = models_dir / entry['file'], models_dir / entry['card']
-    restore = f'restore the released files with: git checkout -- {models_dir}'
+    folder = Path(folder or default_folder())
+    entry = index(folder)['models'][name]
+    path, card = folder / entry['file'], folder / entry['card']
+    restore = f'restore the released files with: git checkout -- {folder}'
     if not path.is_file():
         raise UserError(f'{path}: the weights of released model {name} are missing; {restore}')
     if not card.is_file():
@@ -70,22 +77,22 @@ def verified(name, models_dir=None):
     return path
 
 
-def weights_path(spec, models_dir=None):
+def weights_path(spec, folder=None):
     """`spec` as given to --weights_from: an existing file is itself; a released name (e.g.
     eyepacs-128) is its verified file; anything else comes back as a Path, for the caller's
     own 'not found' error."""
     path = Path(spec)
     if path.is_file():
         return path
-    if str(spec) in index(models_dir)['models']:
-        return verified(str(spec), models_dir)
+    if str(spec) in index(folder)['models']:
+        return verified(str(spec), folder)
     return path
 
 
-def default(models_dir=None):
+def default(folder=None):
     """(name, config name, verified file) of the default released net, or None."""
-    found = index(models_dir)
+    found = index(folder)
     name = found['default']
     if not name or name not in found['models']:
         return None
-    return name, found['models'][name]['config'], verified(name, models_dir)
+    return name, found['models'][name]['config'], verified(name, folder)

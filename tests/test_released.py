@@ -1,0 +1,140 @@
+"""Released models (models/): the shipped files themselves, and the release path end to end on
+synthetic photographs (retina.release, predict.py's default, --weights_from NAME, checksums)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, one_line_error, run_script
+from retina import checkpoint, data, paths, released
+
+SHIPPED = released.index(released.MODELS_DIR)
+
+
+def run_release(*args, cwd):
+    """python -m retina.release ARGS in `cwd`."""
+    return subprocess.run([sys.executable, '-m', 'retina.release', *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def test_the_repository_ships_a_default_model():
+    assert SHIPPED['default'] in SHIPPED['models'], SHIPPED
+    assert sum(f.stat().st_size for f in released.MODELS_DIR.iterdir()) < 40e6
+
+
+@pytest.mark.parametrize('name', sorted(SHIPPED['models']))
+def test_every_released_file_passes_its_checksum_and_grades_a_photo(name, synthetic_source,
+                                                                     tmp_path):
+    entry = SHIPPED['models'][name]
+    path = released.verified(name, released.MODELS_DIR)
+    state = checkpoint.load(path)
+    assert state['config_name'] == entry['config']
+    assert state['config']['cnf'].get('hold_out'), 'card figures need a held-out test split'
+    assert 'optimizer' not in state or state['optimizer'] is None
+    card = (released.MODELS_DIR / entry['card']).read_text()
+    assert entry['sha256'] in card and 'Not a medical device' in card
+    photo = sorted((synthetic_source / 'train').iterdir())[0]
+    result = run_script('predict.py', photo, '--weights_from', name, '--json', '--no_progress',
+                        cwd=tmp_path, env={released.MODELS_DIR_VARIABLE: str(released.MODELS_DIR)})
+    graded = json.loads(result.stdout)
+    assert graded['nets'][0]['config'] == entry['config']
+    assert graded['images'][0]['level'] in range(5)
+
+
+@pytest.mark.parametrize('name', sorted(SHIPPED['models'])[:1])
+def test_fine_tuning_from_a_released_model_is_one_command(name, workdir):
+    result = run_script('train_nn.py', '--cnf', SHIPPED['models'][name]['config'], '--weights_from',
+                        name, '--train_dir', 'data/train_tiny', '--max_epochs', '1',
+                        '--no_progress', cwd=workdir)
+    assert 'skipped' not in result.stdout  # every layer came from the released weights
+    assert 'loaded' in result.stdout and 'epoch    1' in result.stdout
+
+
+@pytest.fixture(scope='module')
+def release(tmp_path_factory, converted_workdir):
+    """A 1-epoch net trained with --hold_out on the synthetic photos, released as tiny-128
+    into a models folder of its own; (workdir, models folder, the release's output)."""
+    work = tmp_path_factory.mktemp('release')
+    shutil.copytree(converted_workdir / 'data', work / 'data',
+                    ignore=shutil.ignore_patterns('cache'))
+    run_script('train_nn.py', '--cnf', 'c_128_5x5_32_ram', '--max_epochs', '1', '--hold_out',
+               '0.3', '--no_progress', cwd=work)
+    models = work / 'shipped'
+    result = run_release('tiny-128', '--weights', paths.best_kappa_weights('c_128_5x5_32_ram'),
+                         '--photos', 'data/train_tiny', '--labels', 'data/trainLabels.csv',
+                         '--models_dir', models, '--default', '--summary', 'a test net',
+                         cwd=work)
+    assert result.returncode == 0, result.stderr
+    return work, models, result
+
+
+def test_release_writes_the_checkpoint_its_checksum_and_a_card_of_test_split_figures(release):
+    work, models, _ = release
+    index = json.loads((models / 'index.json').read_text())
+    entry = index['models']['tiny-128']
+    assert index['default'] == 'tiny-128' and entry['config'] == 'c_128_5x5_32_ram'
+    assert released.sha256_of(models / entry['file']) == entry['sha256']
+    state = checkpoint.load(models / entry['file'])
+    trained = checkpoint.load(work / paths.best_kappa_weights('c_128_5x5_32_ram'))
+    for key, value in trained['model'].items():
+        assert torch.equal(state['model'][key], value), key
+    card = (models / entry['card']).read_text()
+    names = [p.stem for p in (work / 'data' / 'train_tiny').iterdir() if p.suffix == '.jpeg']
+    held = [n for n in names if data.held_out(n, 0.3)]
+    assert f'| test split (train_tiny) | {len(held)} (' in card
+    assert 'a test net' in card and '--hold_out 0.3' in card
+
+
+def test_predict_grades_with_the_released_default_and_says_so(release, synthetic_source,
+                                                              tmp_path):
+    _, models, _ = release
+    env = {released.MODELS_DIR_VARIABLE: str(models)}
+    photos = sorted((synthetic_source / 'train').iterdir())[:2]
+    result = run_script('predict.py', *photos, '--no_progress', cwd=tmp_path, env=env)
+    assert 'grading with the released model tiny-128' in result.stderr
+    assert len(result.stdout.strip().splitlines()) == 3
+    by_name = run_script('predict.py', *photos, '--weights_from', 'tiny-128', '--no_progress',
+                         cwd=tmp_path, env=env)
+    assert by_name.stdout == result.stdout and 'released model' not in by_name.stderr
+    # transform.py takes the short name too (ram.py and the export load through the same
+    # checkpoint.load).
+    work, _, _ = release
+    features = run_script('transform.py', '--cnf', 'c_128_5x5_32_ram', '--weights_from',
+                          'tiny-128', '--test_dir', work / 'data' / 'train_tiny', '--n_iter', '1',
+                          '--no_progress', cwd=tmp_path, env=env)
+    assert 'test:' in features.stdout
+
+
+def test_a_damaged_release_is_a_one_line_error(release, synthetic_source, tmp_path):
+    _, models, _ = release
+    broken = tmp_path / 'broken'
+    shutil.copytree(models, broken)
+    env = {released.MODELS_DIR_VARIABLE: str(broken)}
+    photo = sorted((synthetic_source / 'train').iterdir())[0]
+    weights = broken / 'tiny-128.pt'
+    content = bytearray(weights.read_bytes())
+    content[-100] ^= 0xFF
+    weights.write_bytes(bytes(content))
+    one_line_error(run_script('predict.py', photo, cwd=tmp_path, env=env, check=False),
+                   'tiny-128.pt', 'fails its checksum', 'git checkout')
+    (broken / 'tiny-128.md').unlink()
+    one_line_error(run_script('predict.py', photo, '--weights_from', 'tiny-128', cwd=tmp_path,
+                              env=env, check=False), 'tiny-128.md', 'card', 'missing')
+    (broken / 'index.json').write_text('{"models": [}')
+    one_line_error(run_script('predict.py', photo, cwd=tmp_path, env=env, check=False),
+                   'index.json', 'not a released-models index')
+
+
+def test_release_refuses_a_net_trained_without_a_held_out_split(workdir):
+    run_script('train_nn.py', '--cnf', 'c_128_5x5_32_ram', '--max_epochs', '1', '--no_progress',
+               cwd=workdir)
+    result = run_release('x', '--weights', paths.best_kappa_weights('c_128_5x5_32_ram'),
+                         '--photos', 'data/train_tiny', '--labels', 'data/trainLabels.csv',
+                         '--models_dir', workdir / 'm', cwd=workdir)
+    one_line_error(result, 'trained without --hold_out')
+    assert not (workdir / 'm').exists()
