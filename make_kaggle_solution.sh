@@ -52,6 +52,12 @@ if ! [[ "$TTA" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: TTA=$TTA is not a positive whole number of iterations; e.g. TTA=50" >&2
   exit 2
 fi
+# transform.py's cap (retina/feature_files.py MAX_TTA_ITERATIONS), compared as text first: a
+# number of 19 digits or more would overflow bash's arithmetic (and --skip is 2 x TTA).
+if [ ${#TTA} -gt 5 ] || [ "$TTA" -gt 10000 ]; then
+  echo "error: TTA=$TTA is more than transform.py takes (10000 iterations); e.g. TTA=50" >&2
+  exit 2
+fi
 if [ "$RAM" != 0 ] && [ "$RAM" != 1 ]; then
   echo "error: RAM=$RAM must be 0 (the original solution's blend) or 1 (add the RAM nets)" >&2
   exit 2
@@ -68,10 +74,15 @@ run() {  # run COMMAND...: or only print it with --dry-run
 train() {  # train CNF [OPTIONS...]: skipped once finished, continued after an interruption
   local cnf=$1
   shift
+  local folder=data/train_medium
+  case "$cnf" in c_128_*) folder=data/train_tiny ;; c_256_*) folder=data/train_small ;; esac
   if [ -f "weights/$cnf/weights_final.pt" ]; then
     echo "$cnf: already trained (weights/$cnf/weights_final.pt)"
   elif [ -f "weights/$cnf/last.pt" ]; then
-    run $PY train_nn.py --cnf "configs/$cnf.py" --resume
+    # This script's folders, named: the last.pt of another experiment (other images) is then
+    # refused by train_nn.py, naming the folders, instead of continuing on its images.
+    run $PY train_nn.py --cnf "configs/$cnf.py" --resume --train_dir "$folder" \
+        --labels data/trainLabels.csv
   else
     run $PY train_nn.py --cnf "configs/$cnf.py" "$@"
   fi

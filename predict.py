@@ -14,6 +14,7 @@ import sys
 import click
 
 from retina.errors import UserError, handle_errors
+from retina.feature_files import MAX_TTA_ITERATIONS
 
 DEFAULT_CNF = 'c_512_5x5_32_ram'
 
@@ -31,7 +32,8 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
                    'out): a checkpoint file, or the short name of a released model (e.g. '
                    'eyepacs-128: models/, checksum checked), which needs no --cnf. [default: '
                    'weights/CNF/weights.pt, the best validation kappa]')
-@click.option('--n_iter', default=1, show_default=True, type=click.IntRange(min=1),
+@click.option('--n_iter', default=1, show_default=True,
+              type=click.IntRange(1, MAX_TTA_ITERATIONS),
               help="Test-time augmentations per net (transform.py's Halton sequence); a net's "
                    'score is its output averaged over them. 1: the centred window only.')
 @click.option('--blend', 'blend_file', type=click.Path(dir_okay=False),
@@ -59,24 +61,31 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
                    'for 224, 128 for 112]')
 @click.option('--batch_size', default=8, show_default=True, type=click.IntRange(min=1),
               help='Photographs decoded and scored together.')
+@click.option('--grade_anyway', is_flag=True,
+              help='Give a level to ungradable photographs too.  Without it every photograph '
+                   'is checked (retina/gradability.py: the eye found, exposure, contrast, '
+                   'focus, size, and for nets that carry them the features of their training '
+                   'photographs); an ungradable one keeps its scores, gets no level, and is '
+                   'named on stderr.  The columns gradable (yes/no) and reasons say why.')
 @click.option('--device', default='auto', show_default=True, help='auto, cpu, cuda or cuda:N.')
 @click.option('--no_progress', is_flag=True, help='No progress bar (for logs).')
 @handle_errors()
 def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir, output, as_json,
-         crop_size, batch_size, device, no_progress):
+         crop_size, batch_size, grade_anyway, device, no_progress):
     """Grade IMAGES (photographs, or folders of them: .jpeg, .jpg, .png, .tif, .tiff) on the
     0-4 scale.
 
     Each photograph is cropped to the eye exactly as convert.py would crop it
     (EXIF orientation applied), preprocessed as the net's training images were,
     and scored by every net.  Output columns: image, score_CNF per net, mean,
-    level (the mean cut at 0.5, 1.5, 2.5, 3.5; the blend's level with --blend).
+    level (the mean cut at 0.5, 1.5, 2.5, 3.5; the blend's level with --blend;
+    empty for an ungradable photograph), gradable (yes/no), reasons.
     A photograph that cannot be read is named on stderr and the others are
     graded; the exit status is then 1.
     """
     from retina import atomic
     from retina.predict import (LoadedBlend, collect_photos, format_csv, format_json, grade,
-                                load_grader)
+                                load_grader, ungradable_note)
     from retina.runtime import resolve_device
 
     if per_patient and not blend_file:
@@ -86,6 +95,7 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
         raise UserError(f'{len(weights_from)} --weights_from for {len(cnf)} --cnf; give one '
                         f'--weights_from per --cnf, in the same order, or none')
     photos = collect_photos(images)  # a wrong path fails now, before the nets are loaded
+    check_outputs(images, photos, output, heatmap_dir, weights_from)
     if output != '-':
         atomic.check_writable(output)
     blend = LoadedBlend(blend_file) if blend_file else None
@@ -103,7 +113,7 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
         nets = [default_net()]
     graders = [load_grader(c, w, device, crop_size) for c, w in nets]
     result = grade(graders, photos, n_iter=n_iter, blend=blend, heatmap_dir=heatmap_dir,
-                   batch_size=batch_size, progress=not no_progress)
+                   batch_size=batch_size, progress=not no_progress, grade_anyway=grade_anyway)
     text = format_json(result, graders) if as_json else format_csv(result)
     if output == '-':
         click.echo(text, nl=False)
@@ -112,11 +122,33 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
         click.echo(f'wrote {output} ({len(result.rows)} photographs)', err=True)
     if result.heat_maps:
         click.echo(f'wrote {len(result.heat_maps)} heat maps to {heatmap_dir}', err=True)
+    note = ungradable_note(result, grade_anyway)
+    if note:
+        click.echo(note, err=True)
     if result.failed:
         total = len(result.failed) + len(result.rows)
         click.echo(f'error: {len(result.failed)} of {total} photographs could not be graded '
                    f'(listed above); replace or remove them', err=True)
         sys.exit(1)
+
+
+def check_outputs(inputs, photos, output, heatmap_dir, weights_from):
+    """Refuse outputs that would overwrite an input (a photograph, the weights) or a heat-map
+    folder that is one of the folders being graded (a second run would grade the maps)."""
+    from pathlib import Path
+    if output != '-':
+        target = Path(output).resolve()
+        for source in [*photos, *(Path(w) for w in weights_from)]:
+            if Path(source).resolve() == target:
+                raise UserError(f'--output {output}: that is one of the inputs ({source}); '
+                                f'write the results to a new file')
+    if heatmap_dir:
+        maps = Path(heatmap_dir).resolve()
+        graded = {Path(i).resolve() for i in inputs if Path(i).is_dir()}
+        graded |= {Path(p).resolve().parent for p in photos}
+        if maps in graded:
+            raise UserError(f'--heatmap {heatmap_dir}: a folder being graded; the maps would '
+                            f'be graded as photographs next time: pass another folder')
 
 
 def trained_config(weights):

@@ -4,13 +4,14 @@ import click
 
 from retina import config as config_module, paths, released
 from retina.errors import handle_errors
+from retina.feature_files import MAX_TTA_ITERATIONS
 from retina.precision import PRECISION_HELP, PRECISIONS
 
 
 @click.command(context_settings={'help_option_names': ['-h', '--help']})
 @click.option('--cnf', required=True, metavar='CONFIG',
               help='Config module of the trained net (path or name, e.g. c_512_5x5_32).')
-@click.option('--n_iter', default=1, show_default=True, type=click.IntRange(1, 10_000),
+@click.option('--n_iter', default=1, show_default=True, type=click.IntRange(1, MAX_TTA_ITERATIONS),
               help='Test-time augmentation iterations (1: no augmentation; the original used '
                    '50, at most 10000). Running mean and std are saved every 5 iterations.')
 @click.option('--skip', default=0, show_default=True, type=click.IntRange(min=0),

@@ -37,7 +37,7 @@ from retina import atomic, data, fitted_blend, paths
 from retina.config import lr_for_epoch
 from retina.errors import UserError, first_few
 from retina.feature_files import load_features, names_file_for, read_names, source_of
-from retina.images import image_name, list_images
+from retina.images import csv_safe, image_name, list_images
 
 # {epoch: learning rate or 'stop'}; an entry {k: v} takes effect at the end of
 # epoch k (epochs count from 1), as in the CNN schedules: 100 epochs in all.
@@ -220,18 +220,27 @@ def reorder_rows(array, names, order, file, reference):
 def per_patient_inputs(features, names):
     """Per eye: [this eye's features, the other eye's features, 1 if right eye else 0].
 
-    The other eye is found by name (`data.patient_and_eye`); an eye whose
-    partner is missing (or a name without an eye) uses its own features.
+    The other eye is found by name (`data.patient_and_eye`, the eye in any case); an eye
+    whose partner is missing (or a name without an eye) uses its own features
+    (`data.lone_eyes` names them, for the note callers print).
     """
-    row_of = {name: i for i, name in enumerate(names)}
+    row_of = {data.patient_and_eye(name): i for i, name in enumerate(names)}
     other = np.arange(len(names))
     right = np.zeros((len(names), 1), dtype=features.dtype)
     for i, name in enumerate(names):
         patient, eye = data.patient_and_eye(name)
         if eye:
-            other[i] = row_of.get(f'{patient}_{_OTHER_EYE[eye]}', i)
+            other[i] = row_of.get((patient, _OTHER_EYE[eye]), i)
             right[i] = eye == 'right'
     return np.hstack([features, features[other], right])
+
+
+def note_lone_eyes(names, what, echo):
+    """One line naming the eyes a per-patient blend pairs with themselves (no partner)."""
+    alone = data.lone_eyes(names)
+    if alone:
+        echo(f'note: {len(alone)} of the {len(names)} {what} have no other eye of their '
+             f'patient and are blended alone: {first_few(alone)}')
 
 
 def prepare_inputs(features, names, fit_rows, per_patient):
@@ -648,10 +657,10 @@ def write_submission(path, names, levels, replace=True, scores=None):
     writer = csv.writer(buffer, lineterminator='\n')
     if scores is None:
         writer.writerow(['image', 'level'])
-        writer.writerows([name, int(level)] for name, level in zip(names, levels))
+        writer.writerows([csv_safe(name), int(level)] for name, level in zip(names, levels))
     else:
         writer.writerow(['image', 'level', 'score'])
-        writer.writerows([name, int(level), f'{score:.4f}']
+        writer.writerows([csv_safe(name), int(level), f'{score:.4f}']
                          for name, level, score in zip(names, levels, scores))
     if replace:
         atomic.write_text(path, buffer.getvalue())
@@ -708,6 +717,8 @@ def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, 
         if per_patient:
             shape += f', {2 * features.shape[1] + 1} inputs per eye'
         echo(f'run {run}: {shape}, {len(plan.names)} training images')
+        if per_patient and run_index == 0:
+            note_lone_eyes(plan.names, 'training images', echo)
         if validate:
             inputs, _ = prepare_inputs(features, plan.names, split[0], per_patient)
             report = validate_run(inputs, plan.levels, split, n_iter, seed, run_index,

@@ -179,6 +179,19 @@ def check_cnf(cnf, path):
                         f'end; add one, e.g. {max(schedule) + 1}: \'stop\'')
 
 
+def check_layer_names(layers, path):
+    """Every layer needs a name of its own: weights, transfers and heat maps go by it."""
+    seen = set()
+    for number, (kind, options) in enumerate(layers, start=1):
+        name = options.get('name')
+        if not isinstance(name, str) or not name:
+            raise UserError(f'{path}: layer {number} ({kind!r}, {options}) has no name; give '
+                            f'every layer a unique name=\'...\' (e.g. name=\'conv{number}\')')
+        if name in seen:
+            raise UserError(f'{path}: two layers are named {name!r}; names must be unique')
+        seen.add(name)
+
+
 def load(spec):
     """Load and check a config module; returns a `Config`."""
     path = find_config_file(spec)
@@ -196,6 +209,7 @@ def load(spec):
         raise UserError(f'{path}: layers must be a non-empty list of (kind, options dict) pairs, '
                         f'like (\'conv\', dict(filters=32, size=5)); found '
                         f'{type(module.layers).__name__} {str(module.layers)[:60]}')
+    check_layer_names(module.layers, path)
     cnf = dict(module.cnf)
     schedule = cnf.get('schedule')
     if isinstance(schedule, dict):

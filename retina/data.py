@@ -90,11 +90,22 @@ def labelled_images(folder, labels_file, echo=None):
 
 
 def patient_and_eye(name):
-    """`'10_left'` -> `('10', 'left')`; names without an eye suffix are their own patient."""
+    """`'10_left'` -> `('10', 'left')` (any case: `'16_LEFT'` -> `('16', 'left')`); names
+    without an eye suffix are their own patient."""
     patient, _, eye = name.rpartition('_')
-    if eye in ('left', 'right') and patient:
-        return patient, eye
+    if eye.lower() in ('left', 'right') and patient:
+        return patient, eye.lower()
     return name, ''
+
+
+def lone_eyes(names):
+    """The names among `names` whose patient has no other eye among them (a per-patient blend
+    pairs each eye with its partner; these are blended with themselves)."""
+    eyes = defaultdict(set)
+    for name in names:
+        patient, eye = patient_and_eye(name)
+        eyes[patient].add(eye)
+    return [n for n in names if len(eyes[patient_and_eye(n)[0]] - {''}) < 2]
 
 
 HOLD_OUT_SALT = 'retina test split'

@@ -92,7 +92,31 @@ def export(grader, output):
         except ImportError as error:
             raise UserError(f'ONNX export needs the onnx package ({error}); pip install onnx '
                             f'onnxruntime (both are in requirements.txt)') from None
+        add_metadata(tmp, metadata(grader, wrapped))
     return wrapped
+
+
+def metadata(grader, wrapped):
+    """What software running the file must know to prepare its input: the look of the
+    training images (convert.py --enhance), the converted size and window, the constants."""
+    return {'retina.config': grader.config.name,
+            'retina.enhance': grader.preprocessing,
+            'retina.crop_size': str(grader.crop_size),
+            'retina.window': f'{wrapped.height}x{wrapped.width}',
+            'retina.mean': ','.join(f'{v:.6g}' for v in wrapped.mean.flatten().tolist()),
+            'retina.std': ','.join(f'{v:.6g}' for v in wrapped.std.flatten().tolist()),
+            'retina.input': ('uint8 N x crop_size x crop_size x 3 RGB: the photograph cropped '
+                             'to the eye and resized by convert.py, with --enhance applied')}
+
+
+def add_metadata(path, entries):
+    """Write `entries` into the ONNX file's metadata_props (onnx.load / model.metadata_props)."""
+    import onnx
+    model = onnx.load(str(path))
+    for key, value in entries.items():
+        prop = model.metadata_props.add()
+        prop.key, prop.value = key, value
+    onnx.save(model, str(path))
 
 
 def _session(path):
@@ -171,6 +195,8 @@ def main(cnf, weights_from, output, crop_size, check_sources, no_check):
     largest absolute difference (exit 1 above 1e-4)."""
     from retina.predict import load_grader
     grader = load_grader(cnf, weights_from, 'cpu', crop_size)
+    if check_sources and not no_check:  # before the file is written: a bad folder writes none
+        images, names = check_images(grader, check_sources)
     wrapped = export(grader, output)
     outputs = 'score, ram' if grader.is_ram else 'score'
     size = grader.crop_size
@@ -180,7 +206,6 @@ def main(cnf, weights_from, output, crop_size, check_sources, no_check):
     if no_check:
         return
     if check_sources:
-        images, names = check_images(grader, check_sources)
         what = f'{len(names)} image(s) of {", ".join(check_sources)}'
     else:
         images = synthetic_images(size)

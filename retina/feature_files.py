@@ -14,6 +14,8 @@ import numpy as np
 from retina import atomic, paths
 from retina.errors import UserError
 
+MAX_TTA_ITERATIONS = 10_000  # transform.py and predict.py --n_iter: beyond it, no output for days
+
 
 def _parts(feature_path):
     parts = paths.parse_features(feature_path)

@@ -32,10 +32,13 @@ def rebuild(config, weights_path):
     from retina import checkpoint
     from retina.augment import constants_for
     state = checkpoint.load(weights_path)
-    trained = checkpoint.config_of(state) if state.get('config_name') == config.name else config
+    own = checkpoint.config_of(state)
+    trained = own if state.get('config_name') == config.name else config
     model = build_uninitialised(trained)
     checkpoint.load_exact(model, state, weights_path, config.name)
-    model.pixel_constants = constants_for(trained.cnf)
+    # The constants the weights were trained with, whatever name they are graded under: the
+    # named config's would standardise the images unlike training (another data set's stats).
+    model.pixel_constants = constants_for(own.cnf)
     # Which look the training images had (convert.py --enhance): every later stage that
     # loads the net (transform, ram, predict, export) compares its images' look with it.
     model.preprocessing = state.get('preprocessing', 'none')

@@ -126,3 +126,14 @@ def load_rgb(path, draft_size=None):
         else:
             hint = f'cannot read it ({reason}); check the file'
         raise BadImage(f'{path}: {hint}') from None
+
+
+FORMULA_STARTS = ('=', '+', '-', '@', '\t', '\r')  # a spreadsheet reads such a cell as a formula
+
+
+def csv_safe(text):
+    """A name for a CSV cell that no spreadsheet runs as a formula: text starting with =, +, -,
+    @, a tab or a carriage return gets a leading apostrophe (OWASP's CSV-injection rule),
+    which spreadsheets show as text and hide.  Numbers are written as they are."""
+    return f"'{text}" if str(text).startswith(FORMULA_STARTS) else text
+

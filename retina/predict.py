@@ -45,13 +45,13 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
 
-from retina import atomic, checkpoint, crop, data, paths, preprocess, released
+from retina import atomic, checkpoint, crop, data, gradability, paths, preprocess, released
 from retina.cache import converted_size
 from retina import config as config_module
 from retina.augment import broadcast_params, prepare_batch, tta_params
 from retina.errors import UserError
 from retina.features import rebuild, weights_fingerprint
-from retina.images import BadImage, image_name, list_images
+from retina.images import BadImage, csv_safe, image_name, list_images
 from retina.nets import ram_exact
 from retina.paths import IMAGE_EXTENSIONS
 
@@ -72,6 +72,7 @@ class Grader:
     preprocessing: str      # retina.preprocess method of its training images
     crop_size: int          # S: the converted image side its window is cut from
     column: str = ''        # its score column in the output
+    feature_stats: object = None  # gradability.FeatureStats of its training photographs
 
     @property
     def input_size(self):
@@ -107,7 +108,8 @@ def load_grader(cnf, weights_from=None, device='cpu', crop_size=None):
                         f'window of {expected}-px converted images; use a size from '
                         f'{max(net.input_size)} to {expected} (or leave --crop_size out)')
     return Grader(config=used, net=net.to(device).eval(), weights=weights, preprocessing=method,
-                  crop_size=size)
+                  crop_size=size,
+                  feature_stats=gradability.FeatureStats.from_state(state.get('feature_stats')))
 
 
 def name_columns(graders):
@@ -153,6 +155,7 @@ class Photo:
     converted: dict                   # (crop_size, method) -> (S, S, 3) uint8
     boxes: dict                       # crop_size -> the eye's box in that decode
     images: dict                      # crop_size -> the decode (kept only for heat maps)
+    problems: list = dataclasses.field(default_factory=list)  # gradability.reasons of the image
 
 
 def prepare_photo(path, needs, keep_images=False):
@@ -161,18 +164,24 @@ def prepare_photo(path, needs, keep_images=False):
     Each crop size decodes the file on its own (convert.py's JPEG draft scale
     depends on it), so every converted image is the one convert.py writes.
     """
-    converted, boxes, images = {}, {}, {}
+    if not Path(path).is_file():  # from a folder's listing: never open a pipe, a folder, ...
+        raise BadImage(f'{path}: not a photograph file (a folder, a pipe, or a link to nothing '
+                       f'or to itself); skipped')
+    converted, boxes, images, problems = {}, {}, {}, None
     for crop_size in sorted({s for s, _ in needs}):
         image = crop.load_for_crop(path, crop_size)  # EXIF orientation applied (images.py)
         box = crop.find_eye_box_fast(image)
         rgb = np.asarray(crop.crop_to_eye(image, crop_size, box))
         boxes[crop_size] = box
+        if problems is None:  # the image checks, on the first (smallest) conversion
+            problems = gradability.reasons(gradability.measures(rgb),
+                                           min(box[2] - box[0], box[3] - box[1]), crop_size)
         if keep_images:
             images[crop_size] = image
         for method in sorted({m for s, m in needs if s == crop_size}):
             converted[(crop_size, method)] = preprocess.apply(rgb, method)
     return Photo(path=Path(path), name=image_name(path), converted=converted, boxes=boxes,
-                 images=images)
+                 images=images, problems=problems or [])
 
 
 # --- scoring ---------------------------------------------------------------------------
@@ -183,6 +192,7 @@ class NetOutput:
     scores: np.ndarray
     features: dict = dataclasses.field(default_factory=dict)  # (n_iter, skip) -> (mean, std)
     maps: torch.Tensor = None
+    unlike: np.ndarray = None  # per photo: beyond the training photographs' feature distance
 
 
 def _passes(grader, images, augmentations, want_maps=False):
@@ -225,6 +235,10 @@ def score_batch(grader, photos, n_iter, feature_sets=(), want_maps=False):
     outputs, score_features, maps = _passes(grader, images, augmentation_list(grader, n_iter),
                                             want_maps=want_maps and n_iter == 1)
     result.scores = np.mean(outputs, axis=0)
+    if grader.feature_stats is not None:  # on the centred window, as they were fitted
+        centred = score_features[0] if n_iter == 1 else _passes(grader, images, [None])[1][0]
+        stats = grader.feature_stats
+        result.unlike = stats.distances(centred) > stats.threshold
     if want_maps:
         result.maps = maps if maps is not None else _passes(grader, images, [None], True)[2]
     for tta in feature_sets:
@@ -348,11 +362,13 @@ def _load_all(paths_, needs, keep_images, failed, bar, workers):
 
 
 def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BATCH_SIZE,
-          progress=True, workers=None):
+          progress=True, workers=None, grade_anyway=False):
     """Grade the photographs of `inputs` (files and folders) with every grader; returns `Result`.
 
     `blend` is a `LoadedBlend` (its feature sets are computed too); `heatmap_dir`
-    gets one PNG per photograph and RAM net.
+    gets one PNG per photograph and RAM net.  Every row says whether the photograph is
+    gradable and why not (`retina.gradability`); an ungradable one keeps its scores but gets
+    no level, unless `grade_anyway`.
     """
     photo_paths = collect_photos(inputs)
     name_columns(graders)
@@ -381,14 +397,22 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                     row[g.column] = float(outputs[id(g)].scores[i])
                 row['mean'] = float(np.mean([row[g.column] for g in graders]))
                 row['level'] = int(data.to_levels([row['mean']])[0])
+                problems = list(photo.problems)
+                if any(outputs[id(g)].unlike is not None and outputs[id(g)].unlike[i]
+                       for g in graders):
+                    problems.append('unlike the training photos')
+                row['gradable'] = 'no' if problems else 'yes'
+                row['reasons'] = '; '.join(problems)
                 rows.append(row)
                 per_photo_features.append({(id(g), tta): (stats[0][i], stats[1][i])
                                            for g in graders
                                            for tta, stats in outputs[id(g)].features.items()})
                 for g in ram_graders:
                     path = paths.heat_map(heatmap_dir, photo.name, g.config.name, False)
-                    caption = f'{g.config.name}: score {row[g.column]:.2f}, level ' \
-                              f'{int(data.to_levels([row[g.column]])[0])}'
+                    caption = f'{g.config.name}: score {row[g.column]:.2f}, ' + (
+                        f'level {int(data.to_levels([row[g.column]])[0])}'
+                        if row['gradable'] == 'yes' or grade_anyway
+                        else f'ungradable ({row["reasons"]})')
                     picture = heat_map_over_photo(photo.images[g.crop_size], outputs[id(g)].maps[i],
                                                   photo.boxes[g.crop_size], g.crop_size,
                                                   g.input_size, caption)
@@ -397,12 +421,32 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
             bar.update(len(photos))
     columns = ['image', *[g.column for g in graders], 'mean', 'level']
     if blend and rows:
+        if blend.per_patient:
+            from retina.blend import note_lone_eyes
+            note_lone_eyes([r['image'] for r in rows], 'photographs',
+                           lambda line: tqdm.write(line, file=sys.stderr))
         blended = blend.predict([r['image'] for r in rows], per_photo_features, graders)
         for row, score in zip(rows, blended):
             row['blend'] = float(score)
             row['level'] = int(data.to_levels([score], blend.thresholds)[0])
         columns = ['image', *[g.column for g in graders], 'mean', 'blend', 'level']
-    return Result(rows=rows, failed=failed, columns=columns, heat_maps=heat_maps)
+    if not grade_anyway:
+        for row in rows:
+            if row['gradable'] == 'no':
+                row['level'] = ''
+    return Result(rows=rows, failed=failed, columns=[*columns, 'gradable', 'reasons'],
+                  heat_maps=heat_maps)
+
+
+def ungradable_note(result, grade_anyway=False):
+    """One line naming the ungradable photographs and why, or '' when there are none."""
+    from retina.errors import first_few
+    bad = [f'{r["image"]} ({r["reasons"]})' for r in result.rows if r['gradable'] == 'no']
+    if not bad:
+        return ''
+    what = 'graded anyway (--grade_anyway)' if grade_anyway else 'given no level'
+    return (f'note: {len(bad)} of {len(result.rows)} photographs are ungradable, {what}: '
+            f'{first_few(bad)}' + ('' if grade_anyway else '; --grade_anyway grades them'))
 
 
 def format_csv(result):
@@ -412,7 +456,7 @@ def format_csv(result):
     writer = csv.writer(buffer, lineterminator='\n')
     writer.writerow(result.columns)
     for row in result.rows:
-        writer.writerow([f'{row[c]:.4f}' if isinstance(row[c], float) else row[c]
+        writer.writerow([f'{row[c]:.4f}' if isinstance(row[c], float) else csv_safe(row[c])
                          for c in result.columns])
     return buffer.getvalue()
 

@@ -158,10 +158,17 @@ def compute(folder, labels=None, sample=None, seed=0, progress=True, echo=None):
     if sample is not None and sample < len(used):
         chosen = np.sort(np.random.default_rng(seed).choice(len(used), sample, replace=False))
         used = [used[i] for i in chosen]
+    from retina.cache import image_size_of
+    side = image_size_of(image_paths)  # raw photographs (not square) are refused at once
     moments = Moments()
     for path in tqdm(used, desc=f'statistics of {Path(folder).name}', unit='img',
                      disable=not progress, dynamic_ncols=True):
-        moments.add(np.asarray(load_rgb(path)))
+        pixels = np.asarray(load_rgb(path))
+        if pixels.shape[:2] != (side, side):  # as training refuses a folder of mixed sizes
+            raise UserError(f'{path}: {pixels.shape[1]}×{pixels.shape[0]}, but '
+                            f'{image_paths[0].name} is {side}×{side}: {folder} mixes sizes; '
+                            f'convert the photographs into it with one convert.py --crop_size')
+        moments.add(pixels)
     mean, std, u, ev = moments.mean_std_pca()
     out = dict(mean=mean.tolist(), std=std.tolist(), colour_u=u.tolist(), colour_ev=ev.tolist())
     about = dict(directory=str(folder), images=len(used), of_images=len(image_paths),

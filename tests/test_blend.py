@@ -128,6 +128,19 @@ def test_per_patient_inputs_pair_eyes_by_name():
     np.testing.assert_array_equal(inputs[:, 4], [0, 1, 0, 1, 0])
 
 
+def test_eyes_pair_in_any_case_and_lone_eyes_are_named(predict_cli):
+    names = ['16_LEFT', '16_Right', '17_left', '18_RIGHT', 'lonely']
+    features = np.arange(10, dtype=np.float32).reshape(-1, 2)
+    inputs = blend.per_patient_inputs(features, names)
+    np.testing.assert_array_equal(inputs[0, 2:4], features[1])  # 16_LEFT sees 16_Right
+    np.testing.assert_array_equal(inputs[1, 2:4], features[0])
+    np.testing.assert_array_equal(inputs[:, 4], [0, 1, 0, 1, 0])
+    assert data.lone_eyes(names) == ['17_left', '18_RIGHT', 'lonely']
+    # blend.py --per_patient says which eyes it blends alone, in one line.
+    notes = [l for l in predict_cli.stdout.splitlines() if 'blended alone' in l]
+    assert len(notes) == 1 and 'have no other eye of their patient' in notes[0], notes
+
+
 def test_per_patient_inputs_never_use_a_neighbouring_row(project):
     rng = np.random.default_rng(0)
     names = [project['names'][i] for i in rng.permutation(len(project['names']))]

@@ -61,6 +61,33 @@ def test_untied_biases_are_per_position_and_hold_a_large_share():
     assert 0.3 < biases / parameter_count(net) < 0.5
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize('layout', [torch.channels_last, torch.contiguous_format])
+def test_the_cpu_untied_bias_gives_autograds_gradients(dtype, layout):
+    from retina.nets import UntiedConv2d
+    torch.manual_seed(0)
+    layer = UntiedConv2d(3, 4, 3, 1, 1, (6, 5))
+    x = torch.randn(7, 3, 6, 5).contiguous(memory_format=layout)
+    target = torch.randn(7, 4, 6, 5)
+    grads = []
+    for fast in (True, False):
+        layer.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            if fast:
+                out = layer(xi)
+            else:  # autograd's own gradient of the broadcast add
+                conv = torch.nn.functional.conv2d(xi, layer.weight, stride=1, padding=1)
+                out = torch.nn.functional.leaky_relu(conv + layer.bias.to(conv.dtype), 0.01)
+        ((out.float() - target) ** 2).sum().backward()
+        grads.append((layer.bias.grad.clone(), layer.weight.grad.clone(), xi.grad.clone()))
+    assert grads[0][0].dtype == torch.float32 and grads[0][0].shape == (4, 6, 5)
+    tolerance = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2,
+                                                                              atol=2e-2)
+    for fast, plain in zip(*grads):
+        torch.testing.assert_close(fast, plain, **tolerance)
+
+
 def test_ram_variant_shares_trunk_and_settings_with_its_base():
     base, ram = config_module.load('c_256_4x4_32'), config_module.load('c_256_4x4_32_ram')
     assert {k: v for k, v in ram.cnf.items() if k not in ('schedule', 'weight_decay')} == \
@@ -156,6 +183,23 @@ def test_typo_key_and_syntax_error_are_one_line(tmp_path):
     for result in (typo, broken):
         assert 'Traceback' not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
+
+@pytest.mark.parametrize('layers, words', [
+    ("[('conv', dict(filters=8, size=3, stride=1, pad=1)), ('output', dict(name='out', units=1))]",
+     "layer 1 ('conv'"),
+    ("[('conv', dict(name='a', filters=8, size=3, stride=1, pad=1)), ('output', dict(name='a', "
+     "units=1))]", "two layers are named 'a'"),
+])
+def test_a_layer_without_a_name_of_its_own_is_one_line(tmp_path, layers, words):
+    (tmp_path / 'configs').mkdir()
+    (tmp_path / 'configs' / 'c_unnamed.py').write_text(
+        'from configs.c_128_5x5_32 import cnf\n'
+        f'layers = {layers}\n')
+    result = run_script('train_nn.py', '--cnf', 'configs/c_unnamed.py', '--summary',
+                        cwd=tmp_path, check=False)
+    assert result.returncode == 2 and words in result.stderr, result.stderr
+    assert 'c_unnamed.py' in result.stderr and 'unexpected' not in result.stderr
+    assert 'Traceback' not in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
 def test_a_config_may_carry_or_leave_out_an_optional_key(tmp_path, monkeypatch):

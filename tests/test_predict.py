@@ -306,3 +306,89 @@ def test_a_blend_of_files_not_named_by_transform_py_is_refused_by_predict(tmp_pa
             packed.writestr(info.filename, source.read(info.filename))
     with pytest.raises(UserError, match=r'packed.pt: refused to load: .* is compressed.*_blend'):
         LoadedBlend(tmp_path / 'packed.pt')
+
+
+def test_predict_never_writes_over_its_inputs_nor_maps_into_a_graded_folder(tmp_path, photos):
+    import predict as predict_script
+    weights = save_untrained(tmp_path, RAM)
+    photo = sorted(photos.glob('*.jpeg'))[0]
+    before = {p: p.read_bytes() for p in (photo, weights)}
+    for args, message in (
+            ([photos, '--cnf', RAM, '--weights_from', weights, '--output', photo],
+             'one of the inputs'),
+            ([photo, '--cnf', RAM, '--weights_from', weights, '--output', weights],
+             'one of the inputs'),
+            ([photos, '--cnf', RAM, '--weights_from', weights, '--heatmap', photos],
+             'a folder being graded'),
+            ([photo, '--cnf', RAM, '--weights_from', weights, '--heatmap', photos / '.'],
+             'a folder being graded'),
+            ([photo, '--cnf', RAM, '--weights_from', weights, '--n_iter', 10 ** 30],
+             '--n_iter')):
+        result = invoke(predict_script, args, tmp_path)
+        assert result.exit_code == 2, (args, result.output)
+        assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert all(p.read_bytes() == content for p, content in before.items())
+    assert list(photos.glob('*.png')) == []
+
+
+def test_names_that_a_spreadsheet_would_run_as_formulas_are_escaped(tmp_path, photos):
+    from retina.blend import write_submission
+    weights = save_untrained(tmp_path, RAM)
+    source = sorted(photos.glob('*.jpeg'))[0]
+    folder = tmp_path / 'odd'
+    folder.mkdir()
+    for name in ('=HYPERLINK("x")_left', '+1_left', '-2_right', '@sum_left', 'plain_left'):
+        shutil.copy(source, folder / f'{name}.jpeg')
+    out = tmp_path / 'grades.csv'
+    run_script('predict.py', folder, '--cnf', RAM, '--weights_from', weights, '--output', out,
+               '--no_progress', cwd=tmp_path)
+    import csv
+    cells = [row[0] for row in csv.reader(open(out))][1:]
+    assert sorted(cells) == sorted(["'+1_left", "'-2_right", '\'=HYPERLINK("x")_left',
+                                    "'@sum_left", 'plain_left'])
+    scores = [row[1] for row in csv.reader(open(out))][1:]
+    assert all(float(s) == float(s) for s in scores)  # numbers stay numbers, negative ones too
+    written = write_submission(tmp_path / 'sub.csv', ['=1_left', '2_left'], [0, 1])
+    assert written.read_text().splitlines()[1:] == ["'=1_left,0", '2_left,1']
+
+
+def test_odd_entries_of_a_folder_are_named_and_the_rest_graded(tmp_path, photos):
+    weights = save_untrained(tmp_path, RAM)
+    (photos / 'gone_left.jpeg').symlink_to(tmp_path / 'nowhere.jpeg')
+    (photos / 'loop_left.jpeg').symlink_to(photos / 'loop_left.jpeg')
+    os.mkfifo(photos / 'pipe_left.jpeg')
+    (photos / 'folder_left.jpg').mkdir()
+    result = run_script('predict.py', photos, '--cnf', RAM, '--weights_from', weights,
+                        '--no_progress', cwd=tmp_path, check=False, timeout=120)
+    assert result.returncode == 1, result.stderr
+    graded = [line.split(',')[0] for line in result.stdout.strip().splitlines()[1:]]
+    assert len(graded) == 4 and not any(n.startswith(('gone', 'loop', 'pipe', 'folder'))
+                                        for n in graded)
+    for name in ('gone_left.jpeg', 'loop_left.jpeg', 'pipe_left.jpeg', 'folder_left.jpg'):
+        assert f'{name}: not a photograph file' in result.stderr, result.stderr
+    assert '4 of 8 photographs could not be graded' in result.stderr
+    assert 'Traceback' not in result.stderr
+
+
+def test_onnx_records_the_look_it_needs_and_checks_its_images_before_writing(tmp_path):
+    pytest.importorskip('onnxruntime')
+    import onnx
+    weights = save_untrained(tmp_path, RAM, preprocessing='local_contrast')
+    empty = tmp_path / 'empty'
+    empty.mkdir()
+    result = subprocess.run([sys.executable, '-m', 'retina.export', '--cnf', RAM,
+                             '--weights_from', str(weights), '--output', 'net.onnx',
+                             '--check_images', str(empty)], cwd=tmp_path, capture_output=True,
+                            text=True, env={**os.environ, 'PYTHONPATH': str(REPO)})
+    assert result.returncode == 2 and 'no images found' in result.stderr, result.stderr
+    assert not (tmp_path / 'net.onnx').exists()
+    result = subprocess.run([sys.executable, '-m', 'retina.export', '--cnf', RAM,
+                             '--weights_from', str(weights), '--output', 'net.onnx'],
+                            cwd=tmp_path, capture_output=True, text=True,
+                            env={**os.environ, 'PYTHONPATH': str(REPO)})
+    assert result.returncode == 0, result.stderr
+    meta = {p.key: p.value for p in onnx.load(tmp_path / 'net.onnx').metadata_props}
+    assert meta['retina.enhance'] == 'local_contrast' and meta['retina.crop_size'] == '128'
+    assert meta['retina.window'] == '112x112' and meta['retina.config'] == RAM
+    assert [float(v) for v in meta['retina.mean'].split(',')] == pytest.approx(
+        [108.64628601, 75.86886597, 54.34005737], rel=1e-5)

@@ -111,6 +111,9 @@ def test_kaggle_script_skips_finished_nets_and_resumes_interrupted_ones(tmp_path
     assert 'configs/c_128_5x5_32.py' not in trains
     resumed = trains['configs/c_256_5x5_32.py']
     assert '--resume' in resumed and '--weights_from' not in resumed
+    # The script's own folders: train_nn.py refuses another experiment's last.pt by them.
+    assert option(resumed, '--train_dir') == 'data/train_small'
+    assert option(resumed, '--labels') == 'data/trainLabels.csv'
     assert '--resume' not in trains['configs/c_512_5x5_32.py']
     assert len(trains) == 11
 
@@ -144,6 +147,9 @@ def test_kaggle_script_help_and_dry_run_run_nothing(tmp_path):
 
 @pytest.mark.parametrize('args, env, message', [
     ((), {'TTA': 'abc'}, 'TTA=abc'), ((), {'TTA': '0'}, 'TTA=0'),
+    ((), {'TTA': '10001'}, 'more than transform.py takes'),
+    ((), {'TTA': '1' + '0' * 30}, 'more than transform.py takes'),
+    ((), {'TTA': '9223372036854775808'}, 'more than transform.py takes'),
     (('--fast',), {}, 'unknown argument --fast')])
 def test_kaggle_script_refuses_bad_settings_before_any_work(tmp_path, args, env, message):
     calls, result = run_kaggle_script(tmp_path, *args, check=False, **env)

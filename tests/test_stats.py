@@ -140,6 +140,17 @@ def test_cli_errors_are_one_line(tmp_path):
     assert not (tmp_path / 'data').exists()
 
 
+def test_raw_photographs_and_mixed_sizes_are_refused_as_training_refuses_them(tmp_path):
+    write_images(tmp_path / 'raw', [np.zeros((6, 8, 3)), np.zeros((6, 8, 3))])
+    write_images(tmp_path / 'mixed', [np.zeros((8, 8, 3)), np.zeros((6, 6, 3))])
+    for folder, words in (('raw', 'is not square'), ('mixed', 'mixes sizes')):
+        result = run_stats('--directory', folder, cwd=tmp_path)
+        assert result.returncode == 2, result.stderr
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and words in lines[0] and 'Traceback' not in result.stderr
+    assert not (tmp_path / 'data').exists()
+
+
 def test_own_constants_change_the_network_input_and_default_is_kaggle():
     images = torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)
     images[:, 1], images[:, 2] = 120, 80
@@ -234,6 +245,29 @@ def test_a_trained_net_carries_its_constants_to_later_stages(tmp_path, monkeypat
     assert not np.allclose(features, kaggle_features, rtol=1e-3, atol=1e-3)
     windows = augment.centre_crop(images, grader.input_size).to(torch.uint8)
     torch.testing.assert_close(network_input(windows, grader.input_size, net.pixel_constants), own)
+
+
+def test_weights_graded_under_another_config_name_keep_their_own_constants(tmp_path,
+                                                                         monkeypatch):
+    """--cnf c_128_5x5_32 --weights_from (weights trained as c_own, its own data's stats):
+    every stage standardises with the weights' constants, not the named config's."""
+    from retina import checkpoint
+    from retina.export import ExportedNet
+    from retina.features import rebuild
+    from retina.predict import load_grader
+    (tmp_path / 'own.json').write_text(json.dumps(OWN))
+    (tmp_path / 'configs').mkdir()
+    (tmp_path / 'configs' / 'c_own.py').write_text(OWN_CONFIG.format(path='own.json'))
+    monkeypatch.chdir(tmp_path)
+    config = config_module.load('configs/c_own.py')
+    monkeypatch.setattr(torch.nn.init, 'orthogonal_', quick_init)
+    checkpoint.save(tmp_path / 'w.pt', config.build_net(), config, epoch=0)
+    net, _ = rebuild(config_module.load('c_128_5x5_32'), tmp_path / 'w.pt')
+    assert net.pixel_constants == constants_for(OWN) != KAGGLE
+    grader = load_grader('c_128_5x5_32', tmp_path / 'w.pt')
+    assert grader.net.pixel_constants == constants_for(OWN)
+    np.testing.assert_allclose(ExportedNet(grader.net, 128, with_ram=False).mean.flatten(),
+                               OWN['mean'])
 
 
 def test_training_standardises_and_balances_with_the_config_constants():
