@@ -152,6 +152,7 @@ def main(limit, weights, photos, labels, write):
     table = ['| photographs | images | ungradable | reasons |', '| --- | ---: | ---: | --- |']
     measured, sample = [], None
     degraded = {name: [] for name in DEGRADATIONS}
+    brightness = []  # of each original, in the order of the copies
     for name, paths in real:
         flagged, why = 0, {}
         for path in paths:
@@ -159,6 +160,7 @@ def main(limit, weights, photos, labels, write):
             sample = sample or image
             reasons, found, _ = verdict(image)
             measured.append(found)
+            brightness.append(found['brightness'])
             flagged += bool(reasons)
             for r in reasons:
                 why[r] = why.get(r, 0) + 1
@@ -176,12 +178,19 @@ def main(limit, weights, photos, labels, write):
         table.append(f'| {label} copies | {len(verdicts)} | {caught / len(verdicts):.1%} | '
                      + ', '.join(f'{r} {n}' for r, n in sorted(why.items())) + ' |')
         click.echo(table[-1])
+        if label.startswith('overexposed'):  # brightening a dim photograph can correct it
+            bright = np.array(brightness) >= np.median(brightness)
+            hit = np.array([bool(v) for v in verdicts])
+            table.append(f'| {label} copies of the photographs at or above the median '
+                         f'brightness / below it | {bright.sum()} / {(~bright).sum()} | '
+                         f'{hit[bright].mean():.1%} / {hit[~bright].mean():.1%} | |')
+            click.echo(table[-1])
     others = no_eye_images(sample)
     for label, image in others.items():
         reasons, _, _ = verdict(image)
         table.append(f'| {label} | 1 | {"yes" if reasons else "no"} | {", ".join(reasons)} |')
         click.echo(table[-1])
-    keys = ('fill', 'corners', 'brightness', 'saturated', 'contrast', 'sharpness')
+    keys = ('fill', 'corners', 'brightness', 'green_saturated', 'contrast', 'sharpness', 'detail')
     spread = ['| measure (real photographs) | 0.5% | 1% | 5% | 50% | 95% | 99% | 99.5% |',
               '| --- |' + ' ---: |' * 7]
     for key in keys:

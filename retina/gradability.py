@@ -10,8 +10,8 @@ verdict, `gradable` yes or no, and the reasons:
 - `too dark`, `overexposed` (too bright, or many saturated pixels), `low contrast`: the
   brightness inside the eye, its saturated share and its spread;
 - `out of focus`: the spread of the Laplacian of the green channel inside the eye (the
-  eye's edge left out) relative to the eye's brightness, so that a dimmer photograph is not
-  called blurred for being dim;
+  eye's edge left out) relative to the eye's brightness (a dimmer photograph is not blurred
+  for being dim), or relative to the spread of coarser detail (a flat one is not either);
 - `unlike the training photos`: the Mahalanobis distance of the net's pooled features (its
   centred window) from those of its training photographs, beyond the distance of most of
   its validation photographs (`FeatureStats`, stored in the checkpoint).
@@ -31,14 +31,18 @@ SURROUND = 15            # a pixel whose brightest channel is at most this is su
 SATURATED = 250          # a channel at or above this is saturated
 EDGE = 3                 # pixels of the eye's edge left out of the focus measure
 
-# Thresholds (bench/bench_gradability.py; BENCHMARKS.md, "Gradability").
-MIN_FILL, MAX_FILL = 0.35, 0.985  # share of the square covered by the eye
-MAX_CORNERS = 0.25       # mean brightest channel (of 1) in the corners outside the circle
-MIN_BRIGHTNESS = 0.12    # mean luminance inside the eye, of 1
-MAX_BRIGHTNESS = 0.80
-MAX_SATURATED = 0.20     # share of the eye's pixels with a saturated channel
-MIN_CONTRAST = 0.025     # standard deviation of the luminance inside the eye, of 1
-MIN_SHARPNESS = 0.040    # std of the green Laplacian inside the eye / its mean green
+# Thresholds, set on the 1,051 real photographs and their degraded copies
+# (bench/bench_gradability.py; BENCHMARKS.md, "Gradability").
+MIN_FILL, MAX_FILL = 0.35, 0.985  # share of the square covered by the eye (real: 0.57-0.91)
+MAX_CORNERS = 0.40       # mean brightest channel (of 1) in the corners outside the circle
+MIN_BRIGHTNESS = 0.10    # mean luminance inside the eye, of 1
+DIM = 0.25               # a low-contrast photograph dimmer than this is called too dark
+MAX_BRIGHTNESS = 0.85
+MAX_GREEN_SATURATED = 0.10  # share of the eye's pixels with a saturated green (red saturates
+                            # in many a good photograph; green does not)
+MIN_CONTRAST = 0.042     # standard deviation of the luminance inside the eye, of 1
+MIN_SHARPNESS = 0.032    # std of the green Laplacian inside the eye / its mean green
+MIN_DETAIL = 1.0         # std of the green Laplacian / std of green minus its σ=2 blur
 TOO_SMALL = 0.5          # the eye's side must be at least this × the converted size
 FEATURE_PERCENTILE = 99  # of the validation photographs' feature distances: the threshold
 
@@ -71,13 +75,22 @@ def measures(rgb):
     count = eye.sum()
     out = dict(fill=float(eye.mean()), corners=float(brightest[outside].mean() / 255))
     if count < 16:
-        return dict(out, brightness=0.0, saturated=0.0, contrast=0.0, sharpness=0.0)
+        return dict(out, brightness=0.0, saturated=0.0, green_saturated=0.0, green=0.0,
+                    contrast=0.0, sharpness=0.0, detail=0.0)
     inside = luminance[eye]
     out.update(brightness=float(inside.mean()),
                saturated=float((rgb[eye] >= SATURATED).any(axis=1).mean()),
+               # red is near saturation in many a good fundus photograph; green is not
+               green_saturated=float((rgb[..., 1][eye] >= SATURATED).mean()),
+               green=float(green[eye].mean() / 255),
                contrast=float(inside.std()))
-    out['sharpness'] = (float(laplacian[inner].std() / max(green[inner].mean(), 1.0))
-                        if inner.sum() >= 16 else 0.0)
+    if inner.sum() < 16:
+        return dict(out, sharpness=0.0, detail=0.0)
+    # Sharpness: the finest detail against the brightness (a dim photograph is not blurred);
+    # detail: the finest detail against coarser detail (a flat photograph is not blurred).
+    coarse = green - ndimage.gaussian_filter(green, 2)
+    out['sharpness'] = float(laplacian[inner].std() / max(green[inner].mean(), 1.0))
+    out['detail'] = float(laplacian[inner].std() / max(coarse[inner].std(), 1e-6))
     return out
 
 
@@ -90,14 +103,15 @@ def reasons(found, eye_side, crop_size):
     no_eye = (not MIN_FILL <= found['fill'] <= MAX_FILL) or found['corners'] > MAX_CORNERS
     if no_eye:
         out.append('no eye found')
-    if found['brightness'] < MIN_BRIGHTNESS:
+    flat = not no_eye and found['contrast'] < MIN_CONTRAST
+    if found['brightness'] < MIN_BRIGHTNESS or (flat and found['brightness'] < DIM):
         out.append('too dark')
-    if found['brightness'] > MAX_BRIGHTNESS or found['saturated'] > MAX_SATURATED:
-        out.append('overexposed')
-    if not no_eye and found['contrast'] < MIN_CONTRAST:
+    elif flat:
         out.append('low contrast')
-    if not no_eye and found['brightness'] >= MIN_BRIGHTNESS and \
-            found['sharpness'] < MIN_SHARPNESS:
+    if found['brightness'] > MAX_BRIGHTNESS or found['green_saturated'] > MAX_GREEN_SATURATED:
+        out.append('overexposed')
+    if not no_eye and found['brightness'] >= MIN_BRIGHTNESS and (
+            found['sharpness'] < MIN_SHARPNESS or found['detail'] < MIN_DETAIL):
         out.append('out of focus')
     return out
 
@@ -139,3 +153,50 @@ class FeatureStats:
         return cls(mean=state['mean'].double().numpy(),
                    precision=state['precision'].double().numpy(),
                    threshold=float(state['threshold']))
+
+
+def centred_features(model, images, rows, config, runtime, batch_size=None):
+    """The pooled features (N × F, float64) of `images[rows]` (a uint8 cache) on the centred
+    window, as predict.py computes them for a photograph."""
+    import contextlib
+
+    import torch
+
+    from retina.augment import prepare_batch
+    from retina.runtime import batches
+    model.eval()
+    batch_size = batch_size or runtime.eval_batch_size(config.cnf)
+    order, out, chunks = np.asarray(rows), [], []
+    constants = getattr(model, 'pixel_constants', None)
+    with torch.no_grad(), contextlib.closing(batches(images, order, batch_size,
+                                                     runtime.device)) as stream:
+        for batch, chunk in stream:
+            x = prepare_batch(batch, config.input_size, dtype=runtime.input_dtype,
+                              memory_format=torch.channels_last, constants=constants)
+            with runtime.autocast():
+                out.append(model(x, return_features=True)[1].double().cpu().numpy())
+            chunks.append(chunk.cpu().numpy())
+    found = np.concatenate(out)
+    position = {int(i): k for k, i in enumerate(np.concatenate(chunks))}
+    return found[[position[int(i)] for i in order]]
+
+
+def attach_feature_stats(path, images, train_rows, valid_rows, runtime):
+    """Fit `FeatureStats` of the checkpoint at `path` on the cached `images` of its training
+    and validation rows, and write them into the checkpoint (its `feature_stats`)."""
+    from retina import atomic, checkpoint
+    from retina.features import rebuild
+    state = checkpoint.load(path)
+    config = checkpoint.config_of(state)
+    model, _ = rebuild(config, path)
+    model = model.to(runtime.device)
+    pixel_constants = model.pixel_constants
+    import torch
+    model = model.to(memory_format=torch.channels_last)
+    model.pixel_constants = pixel_constants
+    stats = FeatureStats.fit(centred_features(model, images, train_rows, config, runtime),
+                             centred_features(model, images, valid_rows, config, runtime))
+    state = dict(state, model={k: v.clone() for k, v in state['model'].items()},
+                 feature_stats=stats.to_state())
+    atomic.torch_save(path, state)
+    return stats

@@ -25,8 +25,9 @@ from retina.errors import UserError, handle_errors
 from retina.cache import converted_size
 from retina.images import image_name
 
+# What a released checkpoint holds besides the weights (no optimizer state).
 KEEP = ('format', 'config_name', 'config', 'epoch', 'seed', 'preprocessing', 'precision',
-        'best_kappa')  # what a released checkpoint holds besides the weights (no optimizer)
+        'best_kappa', 'feature_stats')
 
 
 def slim(state):
@@ -223,6 +224,15 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
     models_dir.mkdir(parents=True, exist_ok=True)
     target = models_dir / f'{name}.pt'
     atomic.torch_save(target, slim(state))
+    if 'feature_stats' not in state:  # weights of a run from before training wrote them
+        import torch
+
+        from retina import cache
+        from retina.gradability import attach_feature_stats
+        from retina.runtime import Runtime
+        train_rows = np.setdiff1d(np.arange(len(names)), np.concatenate([valid_rows, test_rows]))
+        attach_feature_stats(target, cache.load_images(image_paths, progress=False), train_rows,
+                             valid_rows, Runtime(torch.device('cpu')))
     checkpoint.load(target)  # what was written loads, and checks
     digest = released.sha256_of(target)
     net = config.build_net()

@@ -513,11 +513,27 @@ class Keeper:
             else:
                 how = (f'--max_epochs {max_epochs}; continue with --resume and a larger '
                        f'--max_epochs, or none')
+            self.attach_feature_stats()
             self.say(f'stopped after epoch {self.epoch} ({how}): best valid kappa '
                      f'{self.best_kappa:.4f}, best valid loss {self.best_loss:.4f}; weights in '
                      f'{paths.run_dir(self.name)}')
         return dict(epoch=self.epoch, best_kappa=self.best_kappa, best_loss=self.best_loss,
                     state_dict=checkpoint.unwrap(self.run.model).state_dict())
+
+
+    def attach_feature_stats(self):
+        """The training photographs' feature statistics, for predict.py's 'unlike the training
+        photos' check (`gradability.FeatureStats`), written into weights.pt and
+        weights_final.pt: fitted on the training split, the threshold from the validation
+        split (the training split's own where there is none)."""
+        from retina.gradability import attach_feature_stats
+        run = self.run
+        if len(run.train_idx) < 2:
+            return
+        valid = run.valid_idx if len(run.valid_idx) else run.train_idx
+        for path in (paths.best_kappa_weights(self.name), paths.final_weights(self.name)):
+            if path.is_file():
+                attach_feature_stats(path, run.images, run.train_idx, valid, run.runtime)
 
 
 def average_buffers(model, world):
