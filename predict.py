@@ -112,7 +112,7 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     else:
         nets = [default_net()]
     graders = [load_grader(c, w, device, crop_size) for c, w in nets]
-    result = grade(graders, photos, n_iter=n_iter, blend=blend, heatmap_dir=heatmap_dir,
+    result = grade(graders, images, n_iter=n_iter, blend=blend, heatmap_dir=heatmap_dir,
                    batch_size=batch_size, progress=not no_progress, grade_anyway=grade_anyway)
     text = format_json(result, graders) if as_json else format_csv(result)
     if output == '-':

@@ -118,8 +118,8 @@ def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu
     Returns a dict: the final mean and std paths, the row and feature counts.  `weights`
     (the file's name) is recorded beside the features with the weights' fingerprint.
     `batch_size` defaults to Runtime.eval_batch_size (larger on a GPU); `compile_model`
-    None compiles the net on a GPU and not on the CPU; `precision` is runtime.PRECISIONS'
-    (bf16 autocast or fp32).
+    None compiles the net on a GPU and not on the CPU; `precision` is one of
+    precision.PRECISIONS ('auto': bf16 on a GPU, fp32 on the CPU).
     Two extractions of one config, split and skip would write the same files (the
     saves at iterations 5, 10, ... too), so the second is refused while the first runs.
     """
@@ -149,7 +149,10 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
     cache.check_size(images, config.input_size, folder, config.name)
     images_key = cache.cache_key(image_paths, images.shape[-1])
     device = torch.device(device)
-    runtime = Runtime(device, precision=precision)
+    # 'auto' is bf16 on a GPU and fp32 on the CPU: a blend fitted on these features is applied
+    # by predict.py to features it computes a few photographs at a time, and bf16 CPU
+    # arithmetic changes with the batch (up to 0.02 on a blend's score); --precision bf16 asks
+    runtime = Runtime(device, precision='' if precision == 'auto' else precision)
     # On the GPU when it fits (a 512-px Kaggle test set is 42 GB), else streamed from the host.
     images = place_images(images, runtime, 'auto')
     model = model.to(memory_format=torch.channels_last)

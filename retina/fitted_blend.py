@@ -38,7 +38,10 @@ def describe_file(path):
     entry = dict(file=path.name, cnf=parts.cnf, stat=parts.stat, n_iter=parts.n_iter,
                  skip=parts.skip, weights=None, fingerprint=None)
     recorded = source_of(path) or {}  # none before the source files: matched by config name
-    entry.update(weights=recorded.get('weights'), fingerprint=recorded.get('fingerprint'))
+    entry.update(weights=recorded.get('weights'), fingerprint=recorded.get('fingerprint'),
+                 # transform.py's arithmetic (bf16 or fp32): predict.py computes the blend's
+                 # features in it, so that they are the features the blend was fitted on
+                 precision=recorded.get('precision'))
     return entry
 
 

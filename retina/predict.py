@@ -195,19 +195,23 @@ class NetOutput:
     unlike: np.ndarray = None  # per photo: beyond the training photographs' feature distance
 
 
-def _passes(grader, images, augmentations, want_maps=False):
+def _passes(grader, images, augmentations, want_maps=False, precision='fp32'):
     """Outputs and features of `images` (N, 3, S, S) uint8 under each parameter set
-    (None: the centred window); the last conv maps of the first pass when `want_maps`."""
+    (None: the centred window); the last conv maps of the first pass when `want_maps`;
+    the net under bf16 autocast with `precision` 'bf16' (a blend's features, as transform.py
+    computed them)."""
     outputs, features, maps = [], [], None
     device = next(grader.net.parameters()).device
     with torch.no_grad():
         for params in augmentations:
             x = prepare_batch(images, grader.input_size,
                               broadcast_params(params, len(images), device) if params else None,
-                              constants=getattr(grader.net, 'pixel_constants', None))
+                              constants=getattr(grader.net, 'pixel_constants', None),
+                              dtype=torch.bfloat16 if precision == 'bf16' else torch.float32)
             hook = last_conv_output(grader.net) if want_maps and maps is None \
                 else contextlib.nullcontext({})
-            with hook as captured:
+            with hook as captured, torch.autocast(device.type, dtype=torch.bfloat16,
+                                                  enabled=precision == 'bf16'):
                 out, feat = grader.net(x, return_features=True)
             if 'maps' in captured:
                 maps = ram_maps(grader.net, captured['maps']).cpu()
@@ -223,7 +227,8 @@ def augmentation_list(grader, n_iter, skip=0):
     return tta_params(n_iter, skip, grader.config.cnf['aug_params'], grader.config.cnf['sigma'])
 
 
-def score_batch(grader, photos, n_iter, feature_sets=(), want_maps=False):
+def score_batch(grader, photos, n_iter, feature_sets=(), want_maps=False,
+                feature_precision='fp32'):
     """`NetOutput` of `grader` for `photos`: the score averaged over `n_iter` augmentations,
     the mean/std features of each (n_iter, skip) in `feature_sets` (as transform.py saves
     them), the RAM maps of the centred window when `want_maps`."""
@@ -242,8 +247,9 @@ def score_batch(grader, photos, n_iter, feature_sets=(), want_maps=False):
     if want_maps:
         result.maps = maps if maps is not None else _passes(grader, images, [None], True)[2]
     for tta in feature_sets:
-        features = score_features if tta == (n_iter, 0) else \
-            _passes(grader, images, augmentation_list(grader, *tta))[1]
+        features = score_features if tta == (n_iter, 0) and feature_precision == 'fp32' else \
+            _passes(grader, images, augmentation_list(grader, *tta),
+                    precision=feature_precision)[1]
         stack = np.stack(features)
         mean = stack.mean(axis=0)
         std = np.sqrt(np.maximum((stack ** 2).mean(axis=0) - mean ** 2, 0))
@@ -390,7 +396,9 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
             if not photos:
                 continue
             outputs = {id(g): score_batch(g, photos, n_iter, feature_sets.get(id(g), ()),
-                                          want_maps=g in ram_graders) for g in graders}
+                                          want_maps=g in ram_graders,
+                                          feature_precision=blend.precision if blend else 'fp32')
+                       for g in graders}
             for i, photo in enumerate(photos):
                 row = {'image': photo.name}
                 for g in graders:
@@ -478,6 +486,9 @@ class LoadedBlend:
         self.state = fitted_blend.load(path)
         self.thresholds = tuple(self.state['thresholds'])
         self.per_patient = self.state['per_patient']
+        # The arithmetic transform.py computed the blend's features in (fp32 before it said)
+        self.precision = ('bf16' if any(e.get('precision') == 'bf16'
+                                        for e in fitted_blend.entries(self.state)) else 'fp32')
         self._grader_of = {}
 
     def nets(self):

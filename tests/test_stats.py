@@ -144,7 +144,7 @@ def test_raw_photographs_and_mixed_sizes_are_refused_as_training_refuses_them(tm
     write_images(tmp_path / 'raw', [np.zeros((6, 8, 3)), np.zeros((6, 8, 3))])
     write_images(tmp_path / 'mixed', [np.zeros((8, 8, 3)), np.zeros((6, 6, 3))])
     for folder, words in (('raw', 'is not square'), ('mixed', 'mixes sizes')):
-        result = run_stats('--directory', folder, cwd=tmp_path)
+        result = run_stats('--directory', folder, '--no_progress', cwd=tmp_path)
         assert result.returncode == 2, result.stderr
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and words in lines[0] and 'Traceback' not in result.stderr
