@@ -16,6 +16,7 @@ from pathlib import Path
 import click
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / 'bench'))
 
 from report import replace_section, today  # noqa: E402
@@ -81,9 +82,10 @@ def main(runs, epochs, every, picture, section, note):
         figure.savefig(picture, dpi=80)
         click.echo(f'wrote {picture}')
     if section:
-        replace_section(section, f'{note} {today()}.\nCommand: `python bench/compare_logs.py '
-                                 f'{" ".join(sys.argv[1:])}`.\n\n{table}'
-                        + (f'\n\n![curves]({Path(picture).relative_to(REPO)})'
+        command = ('python bench/compare_logs.py ' + ' '.join(runs) + f' --epochs {epochs}'
+                   + (f' --picture {picture}' if picture else ''))
+        replace_section(section, f'{note} {today()}.\nCommand: `{command}`.\n\n{table}'
+                        + (f'\n\n![curves]({Path(picture).resolve().relative_to(REPO)})'
                            if picture and Path(picture).resolve().is_relative_to(REPO) else ''))
 
 
