@@ -57,6 +57,18 @@ def kill_after(process, seconds):
     return process.returncode
 
 
+def kill_when(process, condition, timeout=120):
+    """SIGKILL `process` as soon as `condition()` holds (polled, not slept on); its return code,
+    -SIGKILL when the kill landed while it was still running."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+    return process.returncode
+
+
 def kill_during_next_epoch(process, rng, epoch_seconds):
     """After the run reports an epoch, SIGKILL it at a random moment of the next one."""
     for line in process.stdout:
@@ -156,13 +168,16 @@ def test_convert_killed_never_leaves_a_half_image_under_its_final_name(synthetic
     out = tmp_path / 'converted'
     command = ['convert.py', '--directory', synthetic_source / 'train', '--convert_directory', out,
                '--crop_size', 256, '--extension', 'png', '--n_proc', 1]
-    for delay in (1.5, 2.5):
-        kill_after(start(command, tmp_path), delay)
+    sources = list((synthetic_source / 'train').glob('*.jpeg'))
+    for _ in range(2):  # killed just after one more image is written, mid-run
+        done = len(list(out.glob('*.png')))
+        code = kill_when(start(command, tmp_path), lambda: len(list(out.glob('*.png'))) > done)
+        assert code == -signal.SIGKILL, 'the run ended before the kill landed'
+        assert len(list(out.glob('*.png'))) < len(sources)
         for path in out.glob('*.png'):
             with Image.open(path) as image:
                 image.load()
     result = run_script(*command, cwd=tmp_path)
-    sources = list((synthetic_source / 'train').glob('*.jpeg'))
     outputs = sorted(out.glob('*.png'))
     assert len(outputs) == len(sources)
     for path in outputs:
