@@ -60,12 +60,14 @@ def centred_scores(config_name, weights, folder, image_paths):
 
 
 def graded_raw(config_name, weights, folder):
-    """{photo name: score} of predict.py's path on the labelled photographs of `folder`/train."""
+    """({photo name: score}, {photo name: gradable}, labels) of predict.py's path on the
+    labelled photographs of `folder`/train."""
     from retina.predict import grade, load_grader
     labels = data.load_labels(folder / 'trainLabels.csv')
     photos = sorted(p for p in (folder / 'train').iterdir() if image_name(p) in labels)
     result = grade([load_grader(config_name, weights)], photos, progress=True)
-    return {row['image']: row['mean'] for row in result.rows}, labels
+    return ({row['image']: row['mean'] for row in result.rows},
+            {row['image']: row['gradable'] == 'yes' for row in result.rows}, labels)
 
 
 def figures_table(rows):
@@ -213,10 +215,14 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
         if not (folder / 'train').is_dir():
             click.echo(f'note: {folder}/train not found; no cross-camera row for it', err=True)
             continue
-        graded, raw_labels = graded_raw(config.name, weights, folder)
+        graded, gradable, raw_labels = graded_raw(config.name, weights, folder)
         all_names = sorted(graded)
         unseen = [n for n in all_names if data.patient_and_eye(n)[0] not in trained]
-        for label, chosen in ((f'{folder.name}: all', all_names),
+        bad = sum(not gradable[n] for n in all_names)
+        for label, chosen in ((f'{folder.name}: all ({bad} called ungradable, their score cut '
+                               f'as --grade_anyway does)', all_names),
+                              (f'{folder.name}: all gradable', [n for n in all_names
+                                                                if gradable[n]]),
                               (f'{folder.name}: unseen patients', unseen)):
             if chosen:
                 cross.append((label, chosen, np.array([raw_labels[n] for n in chosen]),
