@@ -78,8 +78,9 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     Each photograph is cropped to the eye exactly as convert.py would crop it
     (EXIF orientation applied), preprocessed as the net's training images were,
     and scored by every net.  Output columns: image, score_CNF per net, mean,
-    level (the mean cut at 0.5, 1.5, 2.5, 3.5; the blend's level with --blend;
-    empty for an ungradable photograph), gradable (yes/no), reasons.
+    level (the mean cut at 0.5, 1.5, 2.5, 3.5, or a lone released net's own
+    cut-offs for its centred window; the blend's level with --blend; empty for an
+    ungradable photograph), gradable (yes/no), reasons.
     A photograph that cannot be read is named on stderr and the others are
     graded; the exit status is then 1.
     """

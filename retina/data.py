@@ -170,7 +170,10 @@ def balanced_sample(levels, epoch, rng, n=None, ratio=BALANCE_RATIO, weights=Non
                       p=weights / weights.sum())
 
 
-def to_levels(predictions, thresholds=(0.5, 1.5, 2.5, 3.5)):
+FIXED_CUTS = (0.5, 1.5, 2.5, 3.5)
+
+
+def to_levels(predictions, thresholds=FIXED_CUTS):
     """Continuous predictions -> integer levels 0..4 (clip and cut at the thresholds)."""
     predictions = np.clip(np.asarray(predictions, dtype=np.float64).ravel(), 0, 4)
     return np.digitize(predictions, np.asarray(thresholds)).astype(np.int64)

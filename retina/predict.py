@@ -73,6 +73,7 @@ class Grader:
     crop_size: int          # S: the converted image side its window is cut from
     column: str = ''        # its score column in the output
     feature_stats: object = None  # gradability.FeatureStats of its training photographs
+    thresholds: tuple = None  # its own cut-offs for the centred window (a released net's)
 
     @property
     def input_size(self):
@@ -109,7 +110,8 @@ def load_grader(cnf, weights_from=None, device='cpu', crop_size=None):
                         f'{max(net.input_size)} to {expected} (or leave --crop_size out)')
     return Grader(config=used, net=net.to(device).eval(), weights=weights, preprocessing=method,
                   crop_size=size,
-                  feature_stats=gradability.FeatureStats.from_state(state.get('feature_stats')))
+                  feature_stats=gradability.FeatureStats.from_state(state.get('feature_stats')),
+                  thresholds=tuple(state['thresholds']) if state.get('thresholds') else None)
 
 
 def name_columns(graders):
@@ -378,6 +380,7 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
     """
     photo_paths = collect_photos(inputs)
     name_columns(graders)
+    cuts = level_cuts(graders, n_iter)
     ram_graders = [g for g in graders if g.is_ram] if heatmap_dir else []
     if heatmap_dir and not ram_graders:
         raise UserError('--heatmap needs a RAM net (a *_ram config: its global-average-pool head '
@@ -404,7 +407,7 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                 for g in graders:
                     row[g.column] = float(outputs[id(g)].scores[i])
                 row['mean'] = float(np.mean([row[g.column] for g in graders]))
-                row['level'] = int(data.to_levels([row['mean']])[0])
+                row['level'] = int(data.to_levels([row['mean']], cuts)[0])
                 problems = list(photo.problems)
                 if any(outputs[id(g)].unlike is not None and outputs[id(g)].unlike[i]
                        for g in graders):
@@ -417,9 +420,9 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                                            for tta, stats in outputs[id(g)].features.items()})
                 for g in ram_graders:
                     path = paths.heat_map(heatmap_dir, photo.name, g.config.name, False)
+                    own = int(data.to_levels([row[g.column]], level_cuts([g], n_iter))[0])
                     caption = f'{g.config.name}: score {row[g.column]:.2f}, ' + (
-                        f'level {int(data.to_levels([row[g.column]])[0])}'
-                        if row['gradable'] == 'yes' or grade_anyway
+                        f'level {own}' if row['gradable'] == 'yes' or grade_anyway
                         else f'ungradable ({row["reasons"]})')
                     picture = heat_map_over_photo(photo.images[g.crop_size], outputs[id(g)].maps[i],
                                                   photo.boxes[g.crop_size], g.crop_size,
@@ -444,6 +447,15 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                 row['level'] = ''
     return Result(rows=rows, failed=failed, columns=[*columns, 'gradable', 'reasons'],
                   heat_maps=heat_maps)
+
+
+def level_cuts(graders, n_iter):
+    """The cut-offs of the level column: a lone net's own (fitted on its validation photographs
+    when it was released: `retina.release`) for its centred window, else 0.5, 1.5, 2.5, 3.5
+    (several nets averaged, or TTA, whose scores sit higher than the centred window's)."""
+    if len(graders) == 1 and n_iter == 1 and graders[0].thresholds:
+        return graders[0].thresholds
+    return data.FIXED_CUTS
 
 
 def ungradable_note(result, grade_anyway=False):

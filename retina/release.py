@@ -70,20 +70,22 @@ def graded_raw(config_name, weights, folder):
             {row['image']: row['gradable'] == 'yes' for row in result.rows}, labels)
 
 
-def figures_table(rows):
-    lines = ['| photographs | images (patients) | kappa | referable AUROC | sensitivity / '
-             'specificity, level ≥ 2 | Spearman |', '| --- | ---: | ---: | ---: | ---: | ---: |']
+def figures_table(rows, cuts):
+    lines = ['| photographs | images (patients) | kappa (its cut-offs) | kappa (0.5..3.5) | '
+             'referable AUROC | sensitivity / specificity, level ≥ 2 | Spearman |',
+             '| --- | ---: | ---: | ---: | ---: | ---: | ---: |']
     for label, names, levels, scores in rows:
-        kappa, _, auroc, rank = evaluation.bootstrap(names, levels, scores)
-        sens, spec = evaluation.referable_rates(levels, scores)
+        fixed, own, auroc, rank = evaluation.bootstrap(
+            names, levels, scores, lambda lv, pr: evaluation.scores(lv, pr, cuts))
+        sens, spec = evaluation.referable_rates(levels, scores, cuts)
         patients = len({data.patient_and_eye(n)[0] for n in names})
-        lines.append(f'| {label} | {len(names)} ({patients}) | {kappa} | {auroc} | '
+        lines.append(f'| {label} | {len(names)} ({patients}) | {own} | {fixed} | {auroc} | '
                      f'{sens:.2f} / {spec:.2f} | {rank} |')
     return '\n'.join(lines)
 
 
-def confusion_table(levels, scores):
-    matrix = evaluation.confusion(levels, scores)
+def confusion_table(levels, scores, cuts):
+    matrix = evaluation.confusion(levels, scores, cuts)
     lines = ['| true \\ graded | 0 | 1 | 2 | 3 | 4 |', '| --- |' + ' ---: |' * 5]
     lines += [f'| {level} | ' + ' | '.join(str(v) for v in matrix[level]) + ' |'
               for level in range(5)]
@@ -114,8 +116,10 @@ validated for clinical use; do not use its grades to make decisions about anyone
 ## Figures on held-out patients
 The test split is `--hold_out {hold_out}` (`retina.data.held_out`): a fixed rule on the
 patient id, both eyes together; no training step, epoch choice, cut-off or blend saw these
-patients. Levels are the score cut at 0.5, 1.5, 2.5, 3.5 (what predict.py does);
-intervals are 95% patient-bootstrap intervals ({rounds} resamples).
+patients. Levels are the score cut at the net's own cut-offs, {cuts}, fitted on the
+validation patients' scores (predict.py uses them when this net grades alone on the centred
+window; kappa at the fixed 0.5, 1.5, 2.5, 3.5 beside); intervals are 95% patient-bootstrap
+intervals ({rounds} resamples).
 
 {figures}
 
@@ -204,6 +208,8 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
     valid_rows, test_rows = split_rows(names, levels, hold_out)
     click.echo(f'{name}: scoring {len(test_rows)} test-split photographs of {photos}')
     scores = centred_scores(config.name, weights, photos, image_paths)
+    from retina.blend import fit_thresholds  # its cut-offs: fitted on validation patients
+    cuts = tuple(float(c) for c in fit_thresholds(levels[valid_rows], scores[valid_rows]))
     table = [('test split (' + photos.name + ')', [names[i] for i in test_rows],
               levels[test_rows], scores[test_rows]),
              ('validation split (chose the epoch: optimistic)', [names[i] for i in valid_rows],
@@ -229,7 +235,7 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
                               np.array([graded[n] for n in chosen])))
     models_dir.mkdir(parents=True, exist_ok=True)
     target = models_dir / f'{name}.pt'
-    atomic.torch_save(target, slim(state))
+    atomic.torch_save(target, dict(slim(state), thresholds=list(cuts)))
     if 'feature_stats' not in state:  # weights of a run from before training wrote them
         import torch
 
@@ -264,9 +270,10 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
                    f'{" / ".join(str(int((levels == k).sum())) for k in range(5))} '
                    f'(0 to 4).'),
         training_text=training or '(not given)', hold_out=hold_out,
-        rounds=evaluation.BOOTSTRAP_ROUNDS, figures=figures_table(table),
-        confusion=confusion_table(levels[test_rows], scores[test_rows]),
-        cross_camera=figures_table(cross) if cross else '(no raw photographs given)',
+        rounds=evaluation.BOOTSTRAP_ROUNDS, figures=figures_table(table, cuts),
+        cuts=' '.join(f'{c:.3f}' for c in cuts),
+        confusion=confusion_table(levels[test_rows], scores[test_rows], cuts),
+        cross_camera=figures_table(cross, cuts) if cross else '(no raw photographs given)',
         heatmaps=('\n## Heat maps\n' + Path(heatmaps).read_text() + '\n') if heatmaps else '',
         rebuild='```\npython -m retina.release ' + ' '.join(sys.argv[1:]) + '\n```')
     card_path = models_dir / f'{name}.md'

@@ -101,6 +101,17 @@ def test_predict_grades_with_the_released_default_and_says_so(release, synthetic
     by_name = run_script('predict.py', *photos, '--weights_from', 'tiny-128', '--no_progress',
                          cwd=tmp_path, env=env)
     assert by_name.stdout == result.stdout and 'released model' not in by_name.stderr
+    # Its level: the score cut at the net's own cut-offs (fitted on its validation photographs)
+    # for the centred window, the fixed ones under TTA.
+    cuts = checkpoint.load(models / 'tiny-128.pt')['thresholds']
+    assert len(cuts) == 4 and list(cuts) == sorted(cuts)
+    import csv
+    import io
+    for args, expected in (((), cuts), (('--n_iter', '2'), data.FIXED_CUTS)):
+        graded = run_script('predict.py', *photos, *args, '--no_progress', cwd=tmp_path, env=env)
+        for row in csv.DictReader(io.StringIO(graded.stdout)):
+            if row['gradable'] == 'yes':
+                assert int(row['level']) == data.to_levels([float(row['mean'])], expected)[0]
     # transform.py takes the short name too (ram.py and the export load through the same
     # checkpoint.load).
     work, _, _ = release
