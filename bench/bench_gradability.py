@@ -201,13 +201,15 @@ def main(limit, weights, photos, labels, write):
     distances = ''
     if weights:
         stats, rows = feature_rows(weights, photos, labels, real, others)
-        lines = [f'Feature distance of `{weights}` (threshold {stats.threshold:.1f}: the 99th '
-                 f'percentile of its validation split):', '',
-                 '| photographs | images | beyond the threshold | median distance |',
-                 '| --- | ---: | ---: | ---: |']
+        lines = [f'Feature distance of `{weights}` (threshold {stats.threshold:.1f}: '
+                 f'{gradability.FEATURE_MARGIN} × the {gradability.FEATURE_PERCENTILE}th '
+                 f'percentile of its validation split\'s distances):', '',
+                 '| photographs | images | beyond the threshold | distance: min | 50% | 99% | '
+                 'max |', '| --- | ---: | ---: | ---: | ---: | ---: | ---: |']
         for label, d in rows:
             lines.append(f'| {label} | {len(d)} | {(d > stats.threshold).mean():.1%} | '
-                         f'{np.median(d):.1f} |')
+                         + ' | '.join(f'{v:.1f}' for v in np.percentile(d, [0, 50, 99, 100]))
+                         + ' |')
         distances = '\n'.join(lines)
         click.echo(distances)
     if write:

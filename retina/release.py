@@ -14,6 +14,7 @@ or validated on.  --heatmaps adds a Markdown file of heat-map scores to the card
 again with a better run's weights replaces the released files in one step.
 """
 import json
+import shlex
 import sys
 from pathlib import Path
 
@@ -216,12 +217,25 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
               levels[valid_rows], scores[valid_rows])]
     trained = {data.patient_and_eye(n)[0] for i, n in enumerate(names)
                if not data.held_out(n, hold_out)}
+    models_dir.mkdir(parents=True, exist_ok=True)
+    target = models_dir / f'{name}.pt'
+    atomic.torch_save(target, dict(slim(state), thresholds=list(cuts)))
+    # Its photographs' feature statistics, fitted again on its splits under this version's rule
+    import torch
+
+    from retina import cache
+    from retina.gradability import attach_feature_stats
+    from retina.runtime import Runtime
+    train_rows = np.setdiff1d(np.arange(len(names)), np.concatenate([valid_rows, test_rows]))
+    attach_feature_stats(target, cache.load_images(image_paths, progress=False), train_rows,
+                         valid_rows, Runtime(torch.device('cpu')))
+    checkpoint.load(target)  # what was written loads, and checks
     cross = []
     for folder in map(Path, raw):
         if not (folder / 'train').is_dir():
             click.echo(f'note: {folder}/train not found; no cross-camera row for it', err=True)
             continue
-        graded, gradable, raw_labels = graded_raw(config.name, weights, folder)
+        graded, gradable, raw_labels = graded_raw(config.name, target, folder)
         all_names = sorted(graded)
         unseen = [n for n in all_names if data.patient_and_eye(n)[0] not in trained]
         bad = sum(not gradable[n] for n in all_names)
@@ -233,19 +247,6 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
             if chosen:
                 cross.append((label, chosen, np.array([raw_labels[n] for n in chosen]),
                               np.array([graded[n] for n in chosen])))
-    models_dir.mkdir(parents=True, exist_ok=True)
-    target = models_dir / f'{name}.pt'
-    atomic.torch_save(target, dict(slim(state), thresholds=list(cuts)))
-    if 'feature_stats' not in state:  # weights of a run from before training wrote them
-        import torch
-
-        from retina import cache
-        from retina.gradability import attach_feature_stats
-        from retina.runtime import Runtime
-        train_rows = np.setdiff1d(np.arange(len(names)), np.concatenate([valid_rows, test_rows]))
-        attach_feature_stats(target, cache.load_images(image_paths, progress=False), train_rows,
-                             valid_rows, Runtime(torch.device('cpu')))
-    checkpoint.load(target)  # what was written loads, and checks
     digest = released.sha256_of(target)
     net = config.build_net()
     log_rows = []
@@ -254,7 +255,8 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
         log_rows = list(open(log))[1:]
     card = CARD.format(
         name=name, summary=summary or f'{config.name} trained on EyePACS photographs.',
-        n_train=len(names) - len(test_rows) - len(valid_rows), n_valid=len(valid_rows), size=converted_size(config.input_size),
+        n_train=len(names) - len(test_rows) - len(valid_rows), n_valid=len(valid_rows),
+        size=converted_size(config.input_size),
         file=target.name, megabytes=target.stat().st_size / 1e6, sha256=digest,
         config=config.name, parameters=sum(p.numel() for p in net.parameters()),
         layers='batch-norm convolutional net with the RAM head (global average pool + linear '
@@ -275,7 +277,7 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
         confusion=confusion_table(levels[test_rows], scores[test_rows], cuts),
         cross_camera=figures_table(cross, cuts) if cross else '(no raw photographs given)',
         heatmaps=('\n## Heat maps\n' + Path(heatmaps).read_text() + '\n') if heatmaps else '',
-        rebuild='```\npython -m retina.release ' + ' '.join(sys.argv[1:]) + '\n```')
+        rebuild='```\npython -m retina.release ' + shlex.join(sys.argv[1:]) + '\n```')
     card_path = models_dir / f'{name}.md'
     atomic.write_text(card_path, card)
     write_index(models_dir, name, dict(file=target.name, sha256=digest, config=config.name,

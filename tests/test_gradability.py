@@ -55,8 +55,10 @@ def test_real_photographs_are_gradable():
 def test_feature_stats_set_their_threshold_on_the_validation_photographs():
     rng = np.random.default_rng(0)
     train, valid = rng.normal(size=(500, 6)), rng.normal(size=(200, 6))
+    bare = gradability.FeatureStats.fit(train, valid, margin=1.0)
+    assert np.mean(bare.distances(valid) > bare.threshold) == pytest.approx(0.01, abs=0.006)
     stats = gradability.FeatureStats.fit(train, valid)
-    assert np.mean(stats.distances(valid) > stats.threshold) == pytest.approx(0.01, abs=0.006)
+    assert stats.threshold == pytest.approx(gradability.FEATURE_MARGIN * bare.threshold)
     far = rng.normal(size=(50, 6)) + 8
     assert (stats.distances(far) > stats.threshold).all()
     again = gradability.FeatureStats.from_state(stats.to_state())
