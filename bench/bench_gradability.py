@@ -190,7 +190,7 @@ def main(limit, weights, photos, labels, write):
         reasons, _, _ = verdict(image)
         table.append(f'| {label} | 1 | {"yes" if reasons else "no"} | {", ".join(reasons)} |')
         click.echo(table[-1])
-    keys = ('fill', 'corners', 'brightness', 'green_saturated', 'contrast', 'sharpness', 'detail')
+    keys = ('fill', 'corners', 'brightness', 'green_saturated', 'contrast', 'focus')
     spread = ['| measure (real photographs) | 0.5% | 1% | 5% | 50% | 95% | 99% | 99.5% |',
               '| --- |' + ' ---: |' * 7]
     for key in keys:

@@ -218,17 +218,20 @@ def convert_one(src, dst, crop_size, warnings=None, enhance='none'):
     """
     image = load_for_crop(src, crop_size)
     box = find_eye_box_fast(image)
-    output = crop_to_eye(image, crop_size, box)
+    cropped = crop_to_eye(image, crop_size, box)
+    output = cropped
     if enhance != 'none':
         output = Image.fromarray(preprocess.apply(np.asarray(output), enhance))
     save_image(dst, output, **save_options(dst))
     if warnings is not None:
-        warnings.extend(doubts(src, box, output, crop_size))
+        warnings.extend(doubts(src, box, cropped, crop_size))
     return box
 
 
 def doubts(src, box, output, crop_size):
-    """Warnings for a converted image that is probably useless: blown up, or black."""
+    """Warnings for a converted image (before --enhance) that is probably useless: blown up,
+    black, or ungradable by predict.py's checks (`retina.gradability`)."""
+    from retina import gradability
     found = []
     side = min(box[2] - box[0], box[3] - box[1])
     if side * MAX_UPSCALE < crop_size:
@@ -236,6 +239,11 @@ def doubts(src, box, output, crop_size):
                      f'{crop_size} px; use the full-resolution photograph')
     if np.asarray(output).mean() < DARK_MEAN:
         found.append(f'{src}: nearly black (no eye found); check the photograph')
+    if not found:
+        reasons = gradability.reasons(gradability.measures(np.asarray(output)), side, crop_size)
+        if reasons:
+            found.append(f'{src}: ungradable ({", ".join(reasons)}); predict.py would give it '
+                         f'no level')
     return found
 
 

@@ -9,9 +9,8 @@ verdict, `gradable` yes or no, and the reasons:
   covers too little or all of it, or the corners outside the inscribed circle are bright;
 - `too dark`, `overexposed` (too bright, or many saturated pixels), `low contrast`: the
   brightness inside the eye, its saturated share and its spread;
-- `out of focus`: the spread of the Laplacian of the green channel inside the eye (the
-  eye's edge left out) relative to the eye's brightness (a dimmer photograph is not blurred
-  for being dim), or relative to the spread of coarser detail (a flat one is not either);
+- `out of focus`: the fine detail of the green channel inside the eye (the eye's edge left
+  out) against its coarser detail: blur takes the fine away first;
 - `unlike the training photos`: the Mahalanobis distance of the net's pooled features (its
   centred window) from those of its training photographs, beyond 1.75 times the 99th
   percentile of its validation photographs' distances (`FeatureStats`, stored in the
@@ -42,8 +41,7 @@ MAX_BRIGHTNESS = 0.85
 MAX_GREEN_SATURATED = 0.10  # share of the eye's pixels with a saturated green (red saturates
                             # in many a good photograph; green does not)
 MIN_CONTRAST = 0.042     # standard deviation of the luminance inside the eye, of 1
-MIN_SHARPNESS = 0.032    # std of the green Laplacian inside the eye / its mean green
-MIN_DETAIL = 1.0         # std of the green Laplacian / std of green minus its σ=2 blur
+MIN_FOCUS = 0.46         # fine detail of the green channel against coarser (`measures`)
 TOO_SMALL = 0.5          # the eye's side must be at least this × the converted size
 FEATURE_PERCENTILE = 99  # of the validation photographs' feature distances ...
 FEATURE_MARGIN = 1.75    # ... times this is the threshold: raw photographs of other sources sit
@@ -65,7 +63,7 @@ def _resized(rgb, size=ANALYSIS_SIZE):
 
 def measures(rgb):
     """The image measures of a converted photograph (S × S × 3 uint8, before --enhance):
-    a dict of fill, corners, brightness, saturated, contrast, sharpness."""
+    a dict of fill, corners, brightness, saturated, green_saturated, green, contrast, focus."""
     from scipy import ndimage
     rgb = _resized(np.asarray(rgb, dtype=np.uint8))
     size = rgb.shape[0]
@@ -76,12 +74,11 @@ def measures(rgb):
     outside = np.hypot(x - size / 2, y - size / 2) > 0.52 * size
     inner = ndimage.binary_erosion(eye, iterations=EDGE)
     green = rgb[..., 1].astype(np.float64)
-    laplacian = ndimage.laplace(green)
     count = eye.sum()
     out = dict(fill=float(eye.mean()), corners=float(brightest[outside].mean() / 255))
     if count < 16:
         return dict(out, brightness=0.0, saturated=0.0, green_saturated=0.0, green=0.0,
-                    contrast=0.0, sharpness=0.0, detail=0.0)
+                    contrast=0.0, focus=0.0)
     inside = luminance[eye]
     out.update(brightness=float(inside.mean()),
                saturated=float((rgb[eye] >= SATURATED).any(axis=1).mean()),
@@ -90,12 +87,14 @@ def measures(rgb):
                green=float(green[eye].mean() / 255),
                contrast=float(inside.std()))
     if inner.sum() < 16:
-        return dict(out, sharpness=0.0, detail=0.0)
-    # Sharpness: the finest detail against the brightness (a dim photograph is not blurred);
-    # detail: the finest detail against coarser detail (a flat photograph is not blurred).
-    coarse = green - ndimage.gaussian_filter(green, 2)
-    out['sharpness'] = float(laplacian[inner].std() / max(green[inner].mean(), 1.0))
-    out['detail'] = float(laplacian[inner].std() / max(coarse[inner].std(), 1e-6))
+        return dict(out, focus=0.0)
+    # Focus: fine detail (a band between Gaussian blurs of σ 1 and 2 pixels) against coarser
+    # detail (σ 2 to 4) inside the eye: blur removes the first before the second, while a dim
+    # or flat photograph loses both alike.  Bands, not the Laplacian: the finest scale of a dim
+    # photograph is mostly 8-bit quantisation, which a blurred photograph keeps.
+    fine, middle, coarse = (ndimage.gaussian_filter(green, s) for s in (1.0, 2.0, 4.0))
+    out['focus'] = float((fine - middle)[inner].std() / max((middle - coarse)[inner].std(),
+                                                            1e-6))
     return out
 
 
@@ -115,8 +114,7 @@ def reasons(found, eye_side, crop_size):
         out.append('low contrast')
     if found['brightness'] > MAX_BRIGHTNESS or found['green_saturated'] > MAX_GREEN_SATURATED:
         out.append('overexposed')
-    if not no_eye and found['brightness'] >= MIN_BRIGHTNESS and (
-            found['sharpness'] < MIN_SHARPNESS or found['detail'] < MIN_DETAIL):
+    if not no_eye and found['brightness'] >= MIN_BRIGHTNESS and found['focus'] < MIN_FOCUS:
         out.append('out of focus')
     return out
 

@@ -315,3 +315,19 @@ def test_worker_count_keeps_few_images_in_one_process():
     assert crop.worker_count(None, per + 1) == min(2, os.cpu_count() or 1)
     assert crop.worker_count(4, 10) == 4   # asked for: as asked, but never more than the images
     assert crop.worker_count(4, 3) == 3
+
+
+def test_convert_warns_of_photographs_predict_would_call_ungradable(synthetic_source, tmp_path):
+    from PIL import ImageFilter
+    folder = tmp_path / 'train'
+    folder.mkdir()
+    source = sorted((synthetic_source / 'train').glob('*.jpeg'))[0]
+    photo = Image.open(source).convert('RGB')
+    photo.save(folder / 'sharp_left.png')
+    photo.filter(ImageFilter.GaussianBlur(0.04 * photo.width)).save(folder / 'blurred_left.png')
+    result = run_convert('--directory', folder, '--convert_directory', tmp_path / 'out',
+                         '--crop_size', 128, '--no_progress', cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith('warning: ')]
+    assert len(warnings) == 1 and 'blurred_left.png: ungradable (out of focus)' in warnings[0]
+    assert (tmp_path / 'out' / 'blurred_left.tiff').is_file()  # converted all the same

@@ -233,7 +233,8 @@ def test_convert_names_every_bad_image_and_converts_the_rest(tmp_path):
         with Image.open(tmp_path / 'out' / f'{name}.png') as image:
             assert image.mode == 'RGB' and image.size == (64, 64), name
     assert not any((tmp_path / 'out' / f'{name}.png').exists() for name in bad)
-    warnings = [line for line in result.stderr.splitlines() if line.startswith('warning: ')]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith('warning: ')
+                and 'ungradable' not in line]  # the flat test discs may be out of focus too
     assert len(warnings) == 2, result.stderr
     assert 'tiny_left.png: the eye is 10 px across, blown up 6× to 64 px' in warnings[0] + warnings[1]
     assert 'black_left.jpeg: nearly black' in warnings[0] + warnings[1]
