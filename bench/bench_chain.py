@@ -25,8 +25,6 @@ cut-offs).  Cross-camera rows (`--raw`) grade raw photographs through predict.py
 patients that no net trained or validated on.  Writes the table to BENCHMARKS.md.
 """
 import csv
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,13 +36,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / 'bench'))
 
+from bench_real import FLOOR_SIDE, pixel_floor, run, shrink  # noqa: E402
 from report import device_name, replace_section, today  # noqa: E402
 
 from retina import cache, data, evaluation, paths  # noqa: E402
 from retina.images import image_name  # noqa: E402
+from retina.release import centred_scores, split_rows  # noqa: E402
 
 SHARED = REPO.parent / 'shared' / 'data'
-FLOOR_SIDE = 24
 FOLDS = 5
 
 
@@ -67,51 +66,6 @@ def fitted_cuts(levels, predictions):
 
 
 # ---------------------------------------------------------------- the pieces
-
-def run(args, cwd, log):
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, str(REPO / args[0]), *map(str, args[1:])],
-                            cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, 'PYTHONPATH': str(REPO)})
-    with open(log, 'a') as f:
-        f.write(f'$ python {" ".join(map(str, args))}\n{result.stdout}\n')
-    if result.returncode != 0:
-        raise click.ClickException(f'{args[0]} failed ({result.returncode}); see {log}')
-    click.echo(f'  {args[0]} {args[2] if len(args) > 2 else ""} '
-               f'({time.perf_counter() - started:.0f} s)')
-    return result.stdout
-
-
-def shrink(images, side=FLOOR_SIDE):
-    import torch
-    import torch.nn.functional as F
-    return np.concatenate([F.adaptive_avg_pool2d(torch.from_numpy(np.asarray(images[i:i + 512]))
-                                                 .float(), side).flatten(1).numpy()
-                           for i in range(0, len(images), 512)])
-
-
-def pixel_floor(pixels, levels, fit_rows, valid_rows):
-    from sklearn.linear_model import RidgeCV
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    model = make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(0, 5, 11)))
-    model.fit(pixels[fit_rows], levels[fit_rows])
-    return model.predict(pixels)
-
-
-def centred(work, name, image_paths, images):
-    """The net's best-kappa weights on the centred window of every image (fp32, as predict.py)."""
-    import torch
-
-    from retina import config as config_module
-    from retina.features import load_model
-    from retina.runtime import Runtime
-    from retina.train import predict
-    config = config_module.load(name)
-    model = load_model(config, work / paths.best_kappa_weights(name), 'cpu')
-    cache.check_size(images, config.input_size, image_paths[0].parent, name)
-    return predict(model, images, np.arange(len(images)), config, Runtime(torch.device('cpu')))
-
 
 def head(work, name, tta, names):
     """The RAM net's own linear output on its TTA-mean features, in `names` order; and the
@@ -246,10 +200,7 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
     started = time.perf_counter()
     first_paths, levels = data.labelled_images(work / nets[0][1], labels)
     names = [image_name(p) for p in first_paths]
-    test = np.array([data.held_out(n, hold_out) for n in names])
-    rest = np.flatnonzero(~test)
-    train_part, valid_part = data.split_indices([names[i] for i in rest], levels[rest])
-    fit_rows, valid_rows, test_rows = rest[train_part], rest[valid_part], np.flatnonzero(test)
+    fit_rows, valid_rows, test_rows = split_rows(names, levels, hold_out)
     test_names, test_levels = [names[i] for i in test_rows], levels[test_rows]
     click.echo(f'{len(names)} photographs: {len(fit_rows)} training, {len(valid_rows)} '
                f'validation, {len(test_rows)} test ({len(set(patients_of(test_names)))} '
@@ -266,15 +217,15 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
 
     images = cache.load_images(first_paths, progress=False)
     add(f'pixel floor: ridge on {FLOOR_SIDE}×{FLOOR_SIDE} pixels of the {nets[0][1]} photos',
-        pixel_floor(shrink(images), levels, fit_rows, valid_rows))
+        pixel_floor(shrink(images[fit_rows]), levels[fit_rows], [shrink(images)])[0])
     heads, features = [], []
     for name, folder in nets:
         paths_, levels_ = data.labelled_images(work / folder, labels)
         if [image_name(p) for p in paths_] != names:
             raise click.ClickException(f'{folder}: not the photographs of {nets[0][1]}')
         epochs = sum(1 for _ in open(work / paths.train_log(name))) - 1
-        images = cache.load_images(paths_, progress=False)
-        add(f'{name} ({epochs} epochs), centred window', centred(work, name, paths_, images))
+        add(f'{name} ({epochs} epochs), centred window',
+            centred_scores(name, work / paths.best_kappa_weights(name), work / folder, paths_))
         run(['transform.py', '--cnf', name, '--train', '--n_iter', tta, '--train_dir', folder,
              '--weights_from', paths.best_kappa_weights(name), '--no_progress'], work, log)
         score, feature = head(work, name, tta, names)
@@ -297,7 +248,7 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
     add('per-patient linear blend of the TTA head scores (this eye, other eye), fitted on the '
         f'validation patients ({FOLDS}-fold)', mean, out_of_fold[valid_rows])
 
-    trained = set(patients_of([names[i] for i in rest]))
+    trained = set(patients_of([names[i] for i in (*fit_rows, *valid_rows)]))
     for folder in raw:
         folder = Path(folder)
         if not (folder / 'train').is_dir():

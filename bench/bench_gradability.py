@@ -97,16 +97,13 @@ def feature_rows(weights, photos, labels, real, others):
     import torch
 
     from retina import cache, checkpoint, data
-    from retina.features import load_model
     from retina.predict import load_grader, prepare_photo, _passes
     from retina.release import split_rows
     state = checkpoint.load(weights)
     config = checkpoint.config_of(state)
     image_paths, levels = data.labelled_images(photos, labels)
     names = [p.stem for p in image_paths]
-    valid_rows, test_rows = split_rows(names, levels, config.cnf.get('hold_out') or 0)
-    train_rows = np.setdiff1d(np.arange(len(names)), np.concatenate([valid_rows, test_rows]))
-    model = load_model(config, weights, 'cpu')
+    train_rows, valid_rows, test_rows = split_rows(names, levels, config.cnf.get('hold_out') or 0)
     images = cache.load_images(image_paths, progress=False)
     grader = load_grader(config.name, weights)
 
@@ -116,10 +113,9 @@ def feature_rows(weights, photos, labels, real, others):
             batch = torch.from_numpy(np.ascontiguousarray(uint8[start:start + 256]))
             out.append(_passes(grader, batch, [None])[1][0])
         return np.concatenate(out)
-    del model
-    stats = gradability.FeatureStats.fit(features_of(images[train_rows]),
-                                         features_of(images[valid_rows]))
-    rows = [('validation split (sets the threshold)', features_of(images[valid_rows])),
+    valid = features_of(images[valid_rows])
+    stats = gradability.FeatureStats.fit(features_of(images[train_rows]), valid)
+    rows = [('validation split (sets the threshold)', valid),
             ('test split (held-out patients)', features_of(images[test_rows]))]
     key = (grader.crop_size, grader.preprocessing)
     for name, paths in real:

@@ -190,7 +190,7 @@ def few_images_warning(count):
             f'{FEW_VALIDATION_IMAGES} is mostly noise]')
 
 
-def kappa(labels, predictions, thresholds=(0.5, 1.5, 2.5, 3.5)):
+def kappa(labels, predictions, thresholds=FIXED_CUTS):
     """Quadratic weighted kappa of continuous predictions against levels 0..4."""
     from sklearn.metrics import cohen_kappa_score  # here: 1.7 s of import grading never needs
     labels = np.asarray(labels).ravel().astype(np.int64)

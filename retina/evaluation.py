@@ -4,7 +4,7 @@ Shared by the model cards (`retina.release`) and the real-photo benchmark
 (bench/bench_chain.py): quadratic kappa at the fixed cut-offs 0.5..3.5 (or given
 ones), the AUROC of referable DR (level >= 2) and the Spearman correlation of the
 score with the level (neither depends on cut-offs), sensitivity and specificity for
-referable DR at the level cut, and the confusion matrix.  Intervals resample the
+referable DR at the level cut.  Intervals resample the
 patients (both eyes of a drawn patient together), as a test set of eyes is not a
 sample of independent eyes.
 """
@@ -33,20 +33,13 @@ def scores(levels, predictions, cuts=None):
             float(auroc), float(rank))
 
 
-def referable_rates(levels, predictions, cuts=(0.5, 1.5, 2.5, 3.5)):
+def referable_rates(levels, predictions, cuts=data.FIXED_CUTS):
     """(sensitivity, specificity) of 'graded level >= 2' for 'true level >= 2'."""
     truth = np.asarray(levels) >= REFERABLE
     called = data.to_levels(predictions, cuts) >= REFERABLE
     sensitivity = called[truth].mean() if truth.any() else float('nan')
     specificity = (~called[~truth]).mean() if (~truth).any() else float('nan')
     return float(sensitivity), float(specificity)
-
-
-def confusion(levels, predictions, cuts=(0.5, 1.5, 2.5, 3.5)):
-    """5 × 5 counts: rows the true level, columns the graded one."""
-    out = np.zeros((5, 5), dtype=np.int64)
-    np.add.at(out, (np.asarray(levels, dtype=np.int64), data.to_levels(predictions, cuts)), 1)
-    return out
 
 
 @dataclass

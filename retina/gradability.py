@@ -161,30 +161,11 @@ class FeatureStats:
                    threshold=float(state['threshold']))
 
 
-def centred_features(model, images, rows, config, runtime, batch_size=None):
+def centred_features(model, images, rows, config, runtime):
     """The pooled features (N × F, float64) of `images[rows]` (a uint8 cache) on the centred
-    window, as predict.py computes them for a photograph."""
-    import contextlib
-
-    import torch
-
-    from retina.augment import prepare_batch
-    from retina.runtime import batches
-    model.eval()
-    batch_size = batch_size or runtime.eval_batch_size(config.cnf)
-    order, out, chunks = np.asarray(rows), [], []
-    constants = getattr(model, 'pixel_constants', None)
-    with torch.no_grad(), contextlib.closing(batches(images, order, batch_size,
-                                                     runtime.device)) as stream:
-        for batch, chunk in stream:
-            x = prepare_batch(batch, config.input_size, dtype=runtime.input_dtype,
-                              memory_format=torch.channels_last, constants=constants)
-            with runtime.autocast():
-                out.append(model(x, return_features=True)[1].double().cpu().numpy())
-            chunks.append(chunk.cpu().numpy())
-    found = np.concatenate(out)
-    position = {int(i): k for k, i in enumerate(np.concatenate(chunks))}
-    return found[[position[int(i)] for i in order]]
+    window, as predict.py computes them for a photograph (`train.predict`'s loop)."""
+    from retina.train import predict
+    return predict(model, images, rows, config, runtime, features=True).astype(np.float64)
 
 
 def attach_feature_stats(path, images, train_rows, valid_rows, runtime):
@@ -194,12 +175,8 @@ def attach_feature_stats(path, images, train_rows, valid_rows, runtime):
     from retina.features import rebuild
     state = checkpoint.load(path)
     config = checkpoint.config_of(state)
-    model, _ = rebuild(config, path)
-    model = model.to(runtime.device)
-    pixel_constants = model.pixel_constants
     import torch
-    model = model.to(memory_format=torch.channels_last)
-    model.pixel_constants = pixel_constants
+    model = rebuild(config, path)[0].to(runtime.device, memory_format=torch.channels_last)
     stats = FeatureStats.fit(centred_features(model, images, train_rows, config, runtime),
                              centred_features(model, images, valid_rows, config, runtime))
     state = dict(state, model={k: v.clone() for k, v in state['model'].items()},

@@ -38,11 +38,12 @@ def slim(state):
 
 
 def split_rows(names, levels, hold_out):
-    """(validation rows, test rows) of the images `names`, as training split them."""
+    """(training rows, validation rows, test rows) of the images `names` (with their
+    `levels`), as train_nn.py --hold_out split them."""
     test = np.array([data.held_out(n, hold_out) for n in names])
     rest = np.flatnonzero(~test)
-    _, valid = data.split_indices([names[i] for i in rest], levels[rest])
-    return rest[valid], np.flatnonzero(test)
+    train, valid = data.split_indices([names[i] for i in rest], levels[rest])
+    return rest[train], rest[valid], np.flatnonzero(test)
 
 
 def centred_scores(config_name, weights, folder, image_paths):
@@ -86,7 +87,8 @@ def figures_table(rows, cuts):
 
 
 def confusion_table(levels, scores, cuts):
-    matrix = evaluation.confusion(levels, scores, cuts)
+    from retina.blend import confusion_matrix
+    matrix = confusion_matrix(levels, scores, cuts)
     lines = ['| true \\ graded | 0 | 1 | 2 | 3 | 4 |', '| --- |' + ' ---: |' * 5]
     lines += [f'| {level} | ' + ' | '.join(str(v) for v in matrix[level]) + ' |'
               for level in range(5)]
@@ -206,7 +208,7 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
                         f'it never saw: train with train_nn.py --hold_out 0.15 to release it')
     image_paths, levels = data.labelled_images(photos, labels)
     names = [image_name(p) for p in image_paths]
-    valid_rows, test_rows = split_rows(names, levels, hold_out)
+    train_rows, valid_rows, test_rows = split_rows(names, levels, hold_out)
     click.echo(f'{name}: scoring {len(test_rows)} test-split photographs of {photos}')
     scores = centred_scores(config.name, weights, photos, image_paths)
     from retina.blend import fit_thresholds  # its cut-offs: fitted on validation patients
@@ -215,8 +217,7 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
               levels[test_rows], scores[test_rows]),
              ('validation split (chose the epoch: optimistic)', [names[i] for i in valid_rows],
               levels[valid_rows], scores[valid_rows])]
-    trained = {data.patient_and_eye(n)[0] for i, n in enumerate(names)
-               if not data.held_out(n, hold_out)}
+    trained = {data.patient_and_eye(names[i])[0] for i in (*train_rows, *valid_rows)}
     models_dir.mkdir(parents=True, exist_ok=True)
     target = models_dir / f'{name}.pt'
     atomic.torch_save(target, dict(slim(state), thresholds=list(cuts)))
@@ -226,7 +227,6 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
     from retina import cache
     from retina.gradability import attach_feature_stats
     from retina.runtime import Runtime
-    train_rows = np.setdiff1d(np.arange(len(names)), np.concatenate([valid_rows, test_rows]))
     attach_feature_stats(target, cache.load_images(image_paths, progress=False), train_rows,
                          valid_rows, Runtime(torch.device('cpu')))
     checkpoint.load(target)  # what was written loads, and checks

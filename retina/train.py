@@ -126,22 +126,24 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
 
 
 @torch.no_grad()
-def predict(model, images, indices, config, runtime, batch_size=None, cuda_graphs=False):
-    """Predictions for `indices` on the centred window (no augmentation), in index order;
-    batches of `batch_size` [default: runtime.eval_batch_size, larger on a GPU]; each batch's
-    output is copied out of `model`'s CUDA graph (`cuda_graphs`) before the next replay."""
+def predict(model, images, indices, config, runtime, batch_size=None, cuda_graphs=False,
+            features=False):
+    """Predictions for `indices` on the centred window (no augmentation), in index order, or
+    with `features` the pooled features (N × F); batches of `batch_size` [default:
+    runtime.eval_batch_size, larger on a GPU]; each batch's output is copied out of `model`'s
+    CUDA graph (`cuda_graphs`) before the next replay."""
     model.eval()
     batch_size = batch_size or runtime.eval_batch_size(config.cnf)
     while True:  # out of memory (a GPU smaller than the default batch needs): half, again
         try:
             return _predict(model, images, np.asarray(indices), config, runtime, batch_size,
-                            cuda_graphs)
+                            cuda_graphs, features)
         except torch.OutOfMemoryError as error:
             batch_size = smaller_batch(error, batch_size, runtime, 'validation')
         release_memory(runtime)
 
 
-def _predict(model, images, order, config, runtime, batch_size, cuda_graphs):
+def _predict(model, images, order, config, runtime, batch_size, cuda_graphs, features=False):
     outputs, chunks, constants = [], [], constants_for(config.cnf)
     with contextlib.closing(batches(images, order, batch_size, runtime.device)) as stream:
         for batch, chunk in stream:
@@ -149,14 +151,16 @@ def _predict(model, images, order, config, runtime, batch_size, cuda_graphs):
             x = prepare_batch(batch, config.input_size, dtype=runtime.input_dtype,
                               memory_format=torch.channels_last, constants=constants)
             with runtime.autocast():
-                out = model(x)  # read back once, after the loop: a copy, never the graph's output
-                outputs.append(out.to(torch.float32, copy=True).squeeze(1))
+                out = model(x, return_features=True)[1] if features else model(x).squeeze(1)
+                # read back once, after the loop: a copy, never the graph's output
+                outputs.append(out.to(torch.float32, copy=True))
             chunks.append(chunk)
-    out = np.empty(len(order), dtype=np.float32)
-    if outputs:
-        position = {int(i): k for k, i in enumerate(order)}
-        done = torch.cat(chunks).cpu().numpy()
-        out[[position[int(i)] for i in done]] = torch.cat(outputs).cpu().numpy()
+    if not outputs:
+        return np.empty(len(order), dtype=np.float32)
+    found = torch.cat(outputs).cpu().numpy()
+    out = np.empty((len(order), *found.shape[1:]), dtype=np.float32)
+    position = {int(i): k for k, i in enumerate(order)}
+    out[[position[int(i)] for i in torch.cat(chunks).cpu().numpy()]] = found
     return out
 
 
@@ -519,7 +523,6 @@ class Keeper:
                      f'{paths.run_dir(self.name)}')
         return dict(epoch=self.epoch, best_kappa=self.best_kappa, best_loss=self.best_loss,
                     state_dict=checkpoint.unwrap(self.run.model).state_dict())
-
 
     def attach_feature_stats(self):
         """The training photographs' feature statistics, for predict.py's 'unlike the training
