@@ -55,12 +55,14 @@ from retina.errors import UserError, handle_errors
 @click.option('--scores', is_flag=True,
               help='With --predict: add a third column, score, with each image\'s continuous '
                    'prediction (the runs averaged) before it is cut into a level.')
+@click.option('--fit_on', type=click.Choice(blend.FIT_ON), default='unseen', show_default=True,
+              help=blend.FIT_ON_HELP)
 @click.option('--no_pictures', is_flag=True,
               help='Do not draw the validation confusion matrices (by default each is written '
                    'as data/blend/RUN_confusion.png beside its printout).')
 @handle_errors()
 def main(cnf, predict, per_patient, features_file, n_iter, blend_cnf, test_dir, labels, seed,
-         optimize_thresholds, output, scores, no_pictures):
+         optimize_thresholds, output, scores, fit_on, no_pictures):
     """Fit the blend net on each run's features: report validation kappa and the
     confusion matrix per run (and for the runs averaged; also drawn as a PNG),
     or with --predict write the submission and the fitted blend, and print
@@ -76,7 +78,7 @@ def main(cnf, predict, per_patient, features_file, n_iter, blend_cnf, test_dir, 
         test_dir=test_dir or (config.cnf['test_dir'] if config else None),
         test_dir_required=test_dir is not None,
         optimize_thresholds=optimize_thresholds, output=output, echo=click.echo, scores=scores,
-        pictures=not no_pictures)
+        pictures=not no_pictures, fit_on=fit_on)
     if result['submission'] is not None:
         click.echo(f'wrote {result["submission"]}')
         click.echo(f'wrote {result["fitted_blend"]} (the fitted blend, for predict.py --blend)')

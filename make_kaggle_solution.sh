@@ -129,7 +129,8 @@ fi
 
 # 4. Blend per patient (the six runs of blend.yml, with RAM=1 also blend_ram.yml's): validation
 #    kappa and confusion matrices with fixed and fitted cut-offs, then the submission with the
-#    fitted ones.  The yml files name the 50-iteration features; with another TTA, or RAM=1, a
+#    fitted ones.  --fit_on all fits the blend on every training image, as the original did
+#    (blend.py's default fits on the validation patients only; see its --help).  The yml files name the 50-iteration features; with another TTA, or RAM=1, a
 #    copy naming the features made above is written to data/.
 BLEND=blend.yml
 if [ "$TTA" != 50 ] || [ "$RAM" = 1 ]; then
@@ -149,7 +150,7 @@ if [ "$TTA" != 50 ] || [ "$RAM" = 1 ]; then
   fi
 fi
 run $PY blend.py --per_patient --blend_cnf "$BLEND" --optimize_thresholds --n_iter 5 --predict \
-    --test_dir data/test_medium
+    --fit_on all --test_dir data/test_medium
 
 # 5. Regression activation maps of the RAM nets (128 and 256 px like the paper, and 512 px).
 for cnf in c_128_5x5_32_ram c_256_5x5_32_ram c_512_5x5_32_ram; do

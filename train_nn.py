@@ -60,13 +60,20 @@ from retina.precision import PRECISION_HELP, PRECISIONS
                    'patients in every folder and run), so that scripts after training can score '
                    "the same patients.  Recorded as the config's hold_out; --resume keeps the "
                    "run's.  [default: the config's hold_out, or none]")
+@click.option('--schedule', metavar='EPOCH:RATE,...',
+              help="Replace the config's learning-rate schedule, e.g. "
+                   "0:0.001,60:0.0001,81:stop (a compressed schedule for a short run on a "
+                   'CPU: the same rates, the drop and the stop sooner).  Recorded in '
+                   'config.json and the checkpoints.  With --resume it replaces the rest of '
+                   "the run's schedule (epochs already trained are kept).  [default: the "
+                   "config's schedule]")
 @click.option('--summary', is_flag=True,
               help='Print every layer with its output shape and parameter count, then exit.')
 @click.option('--no_progress', is_flag=True, help='No progress bars (for logs).')
 @handle_errors(resume_hint='Continue with: python train_nn.py --cnf {cnf} --resume')
 def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed, deterministic,
-         compile_model, cuda_graphs, split_batch, cache_on_device, precision, hold_out, summary,
-         no_progress):
+         compile_model, cuda_graphs, split_batch, cache_on_device, precision, hold_out, schedule,
+         summary, no_progress):
     """Train the network of config CNF on its train_dir and labels.
 
     Writes, under weights/CNF/: weights.pt (best validation kappa),
@@ -81,6 +88,8 @@ def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed,
     config = config_module.load(cnf)
     given = {k: v for k, v in (('train_dir', train_dir), ('labels', labels),
                                ('hold_out', hold_out)) if v is not None}
+    if schedule is not None:
+        given['schedule'] = config_module.parse_schedule(schedule)
     config.cnf.update(given)
     if summary:
         from retina.nets import format_summary

@@ -41,7 +41,7 @@ from report import device_name, replace_section, today  # noqa: E402
 
 from retina import cache, data, evaluation, paths  # noqa: E402
 from retina.images import image_name  # noqa: E402
-from retina.release import centred_scores, split_rows  # noqa: E402
+from retina.release import centred_scores  # noqa: E402
 
 SHARED = REPO.parent / 'shared' / 'data'
 FOLDS = 5
@@ -92,7 +92,7 @@ def patient_folds(names, rows, k=FOLDS, seed=0):
 
 def blend_net(inputs, levels, fit_rows, seed=0):
     """blend.py's maxout net fitted on `fit_rows`; predictions for every row."""
-    from retina.blend import fit_net, net_predictions
+    from retina.blend_net import fit_net, net_predictions
     net, _ = fit_net(inputs[fit_rows], levels[fit_rows], seed)
     return net_predictions(net, inputs)
 
@@ -114,7 +114,7 @@ def cross_fitted(fit, names, levels, rows):
 def feature_inputs(features, names, scale_rows):
     from sklearn.preprocessing import StandardScaler
 
-    from retina.blend import per_patient_inputs
+    from retina.blend_net import per_patient_inputs
     scaled = StandardScaler().fit(features[scale_rows]).transform(features).astype(np.float32)
     return per_patient_inputs(scaled, names)
 
@@ -200,7 +200,7 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
     started = time.perf_counter()
     first_paths, levels = data.labelled_images(work / nets[0][1], labels)
     names = [image_name(p) for p in first_paths]
-    fit_rows, valid_rows, test_rows = split_rows(names, levels, hold_out)
+    fit_rows, valid_rows, test_rows = data.split_rows(names, levels, hold_out)
     test_names, test_levels = [names[i] for i in test_rows], levels[test_rows]
     click.echo(f'{len(names)} photographs: {len(fit_rows)} training, {len(valid_rows)} '
                f'validation, {len(test_rows)} test ({len(set(patients_of(test_names)))} '
@@ -241,7 +241,7 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
                                      levels, valid_rows)
     add('per-patient blend of the TTA features, fitted on the validation patients '
         f'({FOLDS}-fold by patient)', mean, out_of_fold[valid_rows])
-    from retina.blend import per_patient_inputs
+    from retina.blend_net import per_patient_inputs
     head_inputs = per_patient_inputs(np.stack(heads, 1).astype(np.float32), names)
     out_of_fold, mean = cross_fitted(lambda r: linear_blend(head_inputs, levels, r), names,
                                      levels, valid_rows)

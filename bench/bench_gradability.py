@@ -98,12 +98,12 @@ def feature_rows(weights, photos, labels, real, others):
 
     from retina import cache, checkpoint, data
     from retina.predict import load_grader, prepare_photo, _passes
-    from retina.release import split_rows
     state = checkpoint.load(weights)
     config = checkpoint.config_of(state)
     image_paths, levels = data.labelled_images(photos, labels)
     names = [p.stem for p in image_paths]
-    train_rows, valid_rows, test_rows = split_rows(names, levels, config.cnf.get('hold_out') or 0)
+    train_rows, valid_rows, test_rows = data.split_rows(names, levels,
+                                                        config.cnf.get('hold_out') or 0)
     images = cache.load_images(image_paths, progress=False)
     grader = load_grader(config.name, weights)
 

@@ -6,10 +6,18 @@ Per run: standardise (StandardScaler fitted on the rows the net is fitted
 on), optionally build per-eye inputs [this eye, other eye, right-eye flag]
 (`per_patient_inputs`), and fit a small maxout net on the level with MSE.
 
-Validation (default) fits on 90% of the patients (`data.split_indices`) and
-reports kappa and the confusion matrix on the other 10%.  Prediction fits on
-every training image, averages the runs' test predictions, cuts them into
-levels and writes `image,level` rows matched to the test images by name.
+The images are split as train_nn.py split them (`data.split_rows`): the nets' test split
+(--hold_out, read from the weights behind the features) is never fitted on, and the rest
+is split into the nets' training and validation patients.  By default (fit_on 'unseen')
+the blend is fitted on the validation patients only, whose images no net trained on:
+validation reports their out-of-fold predictions, prediction fits on all of them.  With
+fit_on 'all' (the original) validation fits on the training patients and scores the
+validation patients, and prediction fits on both.  A net's features of its own training
+images are tighter than of any new image, so a blend fitted on them learns the wrong
+spread (measured on eyepacs256 in BENCHMARKS.md, "The chain on real photographs").
+Prediction averages the runs' test predictions, cuts them into levels and writes
+`image,level` rows matched to the test images by name; the held-out test split, if any,
+is scored beside the validation.
 
 Choices the original leaves open: the class-balanced batches draw every
 level equally often (inverse class frequency of the rows being fitted, which
@@ -20,39 +28,26 @@ ones fitted on the validation predictions.
 
 `run_blend` is the entry point for other code; blend.py only parses options.
 """
-import contextlib
 import csv
 import io
-import math
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import yaml
-from sklearn.preprocessing import StandardScaler
 
-from retina import atomic, data, fitted_blend, paths
-from retina.config import lr_for_epoch
+from retina import atomic, blend_net, data, fitted_blend, paths
+from retina.blend_net import per_patient_inputs, prepare_inputs
 from retina.errors import UserError, first_few
 from retina.feature_files import load_features, names_file_for, read_names, source_of
 from retina.images import csv_safe, image_name, list_images
 
-# {epoch: learning rate or 'stop'}; an entry {k: v} takes effect at the end of
-# epoch k (epochs count from 1), as in the CNN schedules: 100 epochs in all.
-SCHEDULE = {0: 5e-4, 60: 5e-5, 80: 5e-6, 90: 5e-7, 100: 'stop'}
-BATCH_SIZE = 128
-BALANCED_BATCH_PROBABILITY = 0.2
-UNIFORM_BATCH_PROBABILITY = 0.3
-L1_FIRST_LAYER = 2e-5
-L2_WEIGHTS = 0.005
-HIDDEN_UNITS = 32
-MAXOUT_POOL = 2
 FIXED_THRESHOLDS = data.FIXED_CUTS
+FOLDS = 5  # --fit_on unseen: out-of-fold validation predictions, folds by patient
+MIN_UNSEEN_PATIENTS = 100
 DEFAULT_BLEND_CONFIG = Path('blend.yml')
 DEFAULT_TEST_DIR = paths.DATA_DIR / 'test_medium'
-_OTHER_EYE = {'left': 'right', 'right': 'left'}
 
 
 # ---------------------------------------------------------------- which files
@@ -217,37 +212,12 @@ def reorder_rows(array, names, order, file, reference):
     return array[[row_of[name] for name in order]]
 
 
-def per_patient_inputs(features, names):
-    """Per eye: [this eye's features, the other eye's features, 1 if right eye else 0].
-
-    The other eye is found by name (`data.patient_and_eye`, the eye in any case); an eye
-    whose partner is missing (or a name without an eye) uses its own features
-    (`data.lone_eyes` names them, for the note callers print).
-    """
-    row_of = {data.patient_and_eye(name): i for i, name in enumerate(names)}
-    other = np.arange(len(names))
-    right = np.zeros((len(names), 1), dtype=features.dtype)
-    for i, name in enumerate(names):
-        patient, eye = data.patient_and_eye(name)
-        if eye:
-            other[i] = row_of.get((patient, _OTHER_EYE[eye]), i)
-            right[i] = eye == 'right'
-    return np.hstack([features, features[other], right])
-
-
 def note_lone_eyes(names, what, echo):
     """One line naming the eyes a per-patient blend pairs with themselves (no partner)."""
     alone = data.lone_eyes(names)
     if alone:
         echo(f'note: {len(alone)} of the {len(names)} {what} have no other eye of their '
              f'patient and are blended alone: {first_few(alone)}')
-
-
-def prepare_inputs(features, names, fit_rows, per_patient):
-    """Standardise with a scaler fitted on `fit_rows`; returns (inputs, scaler)."""
-    scaler = StandardScaler().fit(features[fit_rows])
-    scaled = scaler.transform(features).astype(np.float32, copy=False)
-    return (per_patient_inputs(scaled, names) if per_patient else scaled), scaler
 
 
 def labels_for(names, labels, labels_file, names_source):
@@ -257,141 +227,6 @@ def labels_for(names, labels, labels_file, names_source):
                         f'of {names_source} ({first_few(missing)}); use the labels of the images '
                         f'transform.py read (--labels) or extract features of labelled images')
     return np.array([labels[name] for name in names], dtype=np.int64)
-
-
-# ---------------------------------------------------------------- the net
-
-def build_net(n_inputs, generator=None):
-    """dense 32 -> maxout 2 -> dense 32 -> maxout 2 -> dense 1, as an nn.Sequential.
-
-    Hidden layers: ReLU, orthogonal weights with the 'relu' gain, biases 0.01;
-    the output is linear (orthogonal, gain 1, bias 0).  torch is imported in
-    the functions that need it, so that blend.py reports bad input quickly.
-    """
-    from torch import nn
-
-    from retina.nets import Maxout  # the max of consecutive pairs: Lasagne's FeaturePoolLayer
-
-    pooled = HIDDEN_UNITS // MAXOUT_POOL
-    net = nn.Sequential(OrderedDict(
-        hidden1=nn.Linear(n_inputs, HIDDEN_UNITS), relu1=nn.ReLU(), maxout1=Maxout(MAXOUT_POOL),
-        hidden2=nn.Linear(pooled, HIDDEN_UNITS), relu2=nn.ReLU(), maxout2=Maxout(MAXOUT_POOL),
-        output=nn.Linear(pooled, 1), level=nn.Flatten(0)))
-    for layer in (net.hidden1, net.hidden2):
-        nn.init.orthogonal_(layer.weight, gain=nn.init.calculate_gain('relu'),
-                            generator=generator)
-        nn.init.constant_(layer.bias, 0.01)
-    nn.init.orthogonal_(net.output.weight, gain=1.0, generator=generator)
-    nn.init.zeros_(net.output.bias)
-    return net
-
-
-def weight_penalty(net):
-    """L1 on the first layer's weights plus L2 on every layer's weights (not the biases)."""
-    l1 = net.hidden1.weight.abs().sum()
-    l2 = sum(layer.weight.pow(2).sum() for layer in (net.hidden1, net.hidden2, net.output))
-    return L1_FIRST_LAYER * l1 + L2_WEIGHTS * l2
-
-
-def add_penalty_gradients(net):
-    """Add the gradient of `weight_penalty` to the weights' gradients after backward().
-
-    The same update as putting the penalty in the loss, at a third less time
-    per step: the penalty stays out of the autograd graph.
-    """
-    import torch
-    with torch.no_grad():
-        for layer in (net.hidden1, net.hidden2, net.output):
-            layer.weight.grad.add_(layer.weight, alpha=2 * L2_WEIGHTS)
-        net.hidden1.weight.grad.add_(net.hidden1.weight.sign(), alpha=L1_FIRST_LAYER)
-
-
-def balanced_probabilities(levels):
-    """Sampling probability per row that makes every present level equally likely.
-
-    On the Kaggle training set this is the original's BALANCE_WEIGHTS (the
-    inverse class frequencies); computing it from the rows being fitted keeps
-    the batches balanced on any data set.
-    """
-    counts = np.bincount(levels, minlength=len(data.LEVELS)).astype(np.float64)
-    weights = np.divide(1.0, counts, out=np.zeros_like(counts), where=counts > 0)[levels]
-    return weights / weights.sum()
-
-
-def epoch_batches(levels, rng, batch_size=BATCH_SIZE):
-    """Row indices of one epoch's batches: a shuffled pass over the rows, each batch
-    replaced with probability 0.2 by a class-balanced and 0.3 by a uniform random sample."""
-    n = len(levels)
-    order = rng.permutation(n)
-    balanced = balanced_probabilities(levels)
-    for start in range(0, n, batch_size):
-        draw = rng.random()
-        if draw < BALANCED_BATCH_PROBABILITY:
-            yield rng.choice(n, size=batch_size, replace=True, p=balanced)
-        elif draw < BALANCED_BATCH_PROBABILITY + UNIFORM_BATCH_PROBABILITY:
-            yield rng.integers(0, n, size=batch_size)
-        else:
-            yield order[start:start + batch_size]
-
-
-@contextlib.contextmanager
-def single_thread():
-    """Run torch on one CPU thread: the net's tensors are so small that thread start-up
-    costs more than it saves (ten times slower on a busy two-core machine)."""
-    import torch
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def fit_net(inputs, levels, seed, schedule=SCHEDULE):
-    """Fit the blend net on (inputs, levels) with Adam: MSE plus `weight_penalty`.
-
-    Returns (net, the last epoch's mean training MSE)."""
-    with single_thread():
-        return _fit_net(inputs, levels, seed, schedule)
-
-
-def _fit_net(inputs, levels, seed, schedule):
-    import torch
-    import torch.nn.functional as F
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(int(rng.integers(2 ** 62)))
-    x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
-    y = torch.from_numpy(np.asarray(levels, dtype=np.float32))
-    net = build_net(x.shape[1], generator)
-    optimizer = torch.optim.Adam(net.parameters(), lr=lr_for_epoch(schedule, 1))
-    net.train()
-    mse, epoch = float('nan'), 1
-    while (lr := lr_for_epoch(schedule, epoch)) != 'stop':
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        loss_sum, count = 0.0, 0
-        for rows in epoch_batches(levels, rng):
-            rows = torch.from_numpy(np.asarray(rows))
-            loss = F.mse_loss(net(x[rows]), y[rows])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            add_penalty_gradients(net)
-            optimizer.step()
-            loss_sum, count = loss_sum + loss.item() * len(rows), count + len(rows)
-        mse = loss_sum / count
-        if not math.isfinite(mse):
-            raise UserError(f'the blend net diverged (MSE {mse}) in epoch {epoch}; check the '
-                            f'feature files for extreme values (run transform.py again)')
-        epoch += 1
-    return net, mse
-
-
-def net_predictions(net, inputs, chunk=8192):
-    import torch
-    net.eval()
-    x = torch.from_numpy(np.ascontiguousarray(inputs, dtype=np.float32))
-    with single_thread(), torch.no_grad():
-        return torch.cat([net(x[i:i + chunk]) for i in range(0, len(x), chunk)]).numpy()
 
 
 # ---------------------------------------------------------------- cut-offs
@@ -525,8 +360,8 @@ def _fit_seed(seed, run_index, iteration, phase):
 def _fit_and_predict(inputs, levels, fit_rows, predict_inputs, seed, label, echo, keep=None):
     """Fit one net and predict `predict_inputs`; the net is appended to `keep` if given."""
     started = time.perf_counter()
-    net, mse = fit_net(inputs[fit_rows], levels[fit_rows], seed)
-    predictions = net_predictions(net, predict_inputs)
+    net, mse = blend_net.fit_net(inputs[fit_rows], levels[fit_rows], seed)
+    predictions = blend_net.net_predictions(net, predict_inputs)
     echo(f'  {label}: {len(fit_rows)} images, last epoch train MSE {mse:.4f}, '
          f'{time.perf_counter() - started:.1f} s')
     if keep is not None:
@@ -610,21 +445,57 @@ def check_runs(runs, labels, labels_file, predict, test_dir, test_dir_required, 
     return plan
 
 
-def validate_run(inputs, levels, split, n_iter, seed, run_index, optimize_thresholds, names,
-                 echo):
-    """Fit on the training patients `n_iter` times; the report of the averaged predictions."""
-    train_idx, valid_idx = split
-    fits = [_fit_and_predict(inputs, levels, train_idx, inputs[valid_idx],
-                             _fit_seed(seed, run_index, iteration, 0),
-                             f'validation fit {iteration + 1}/{n_iter}', echo)
-            for iteration in range(n_iter)]
-    return validation_report([names[i] for i in valid_idx], levels[valid_idx],
-                             np.mean(fits, axis=0), optimize_thresholds,
-                             [data.kappa(levels[valid_idx], fit) for fit in fits])
+def folds_by_patient(names, rows, k=FOLDS, seed=0):
+    """`rows` in k folds by patient (both eyes in one fold), a fixed shuffle of the patients."""
+    patients = [data.patient_and_eye(names[i])[0] for i in rows]
+    unique = sorted(set(patients))
+    np.random.default_rng(seed).shuffle(unique)
+    fold_of = {p: i % k for i, p in enumerate(unique)}
+    return [rows[[fold_of[p] == f for p in patients]] for f in range(min(k, len(unique)))]
 
 
-def predict_run(features, plan, files, per_patient, n_iter, seed, run_index, echo, run='run'):
-    """Fit on every training image `n_iter` times: (the summed predictions for
+def _fit_rows_predict(features, names, levels, fit_rows, predict_rows, per_patient, seed, label,
+                      echo):
+    """Standardise on `fit_rows`, fit one net there and predict `predict_rows`."""
+    inputs, _ = prepare_inputs(features, names, fit_rows, per_patient)
+    return _fit_and_predict(inputs, levels, fit_rows, inputs[predict_rows], seed, label, echo)
+
+
+def validate_run(features, names, levels, split, fit_on, per_patient, n_iter, seed, run_index,
+                 optimize_thresholds, echo):
+    """Validation predictions of one run `n_iter` times, averaged: (its ValidationReport, its
+    predictions for the test rows).  `split` is (training, validation, test) rows.
+
+    fit_on 'all': fitted on the training patients, scored on the validation patients (the
+    original).  fit_on 'unseen': fitted on the validation patients only, the images no net
+    trained on, and scored out of fold (FOLDS folds by patient); the test rows get the
+    folds' mean.  Test rows are never fitted on."""
+    train_rows, valid_rows, test_rows = split
+    valid = np.zeros((n_iter, len(valid_rows)))
+    test = np.zeros((n_iter, len(test_rows)))
+    position = {row: i for i, row in enumerate(valid_rows)}
+    for iteration in range(n_iter):
+        label = f'validation fit {iteration + 1}/{n_iter}'
+        folds = ([(train_rows, valid_rows)] if fit_on == 'all' else
+                 [(np.setdiff1d(valid_rows, held), held)
+                  for held in folds_by_patient(names, valid_rows)])
+        for fold, (fit_rows, held) in enumerate(folds):
+            phase = 0 if fit_on == 'all' else 2 + fold
+            predicted = _fit_rows_predict(
+                features, names, levels, fit_rows, np.concatenate([held, test_rows]),
+                per_patient, _fit_seed(seed, run_index, iteration, phase),
+                label if fit_on == 'all' else f'{label}, fold {fold + 1}/{len(folds)}', echo)
+            valid[iteration, [position[row] for row in held]] = predicted[:len(held)]
+            test[iteration] += predicted[len(held):] / len(folds)
+    report = validation_report([names[i] for i in valid_rows], levels[valid_rows],
+                               valid.mean(0), optimize_thresholds,
+                               [data.kappa(levels[valid_rows], fit) for fit in valid])
+    return report, test.mean(0)
+
+
+def predict_run(features, plan, files, fit_rows, per_patient, n_iter, seed, run_index, echo,
+                run='run'):
+    """Fit on the training images `fit_rows` `n_iter` times: (the summed predictions for
     plan.test_names, the fitted run for `fitted_blend.save`)."""
     test_files = [matching_test_file(f) for f in files]
     test_features, test_names = load_run(test_files)
@@ -632,15 +503,14 @@ def predict_run(features, plan, files, per_patient, n_iter, seed, run_index, ech
         raise UserError(f'{test_files[0]}: {test_features.shape[1]} features per image but '
                         f'{files[0]} has {features.shape[1]}; extract train and test features '
                         f'with the same config (transform.py --train --test)')
-    all_rows = np.arange(len(plan.names))
-    inputs, scaler = prepare_inputs(features, plan.names, all_rows, per_patient)
+    inputs, scaler = prepare_inputs(features, plan.names, fit_rows, per_patient)
     test_inputs = scaler.transform(test_features).astype(np.float32, copy=False)
     if per_patient:
         test_inputs = per_patient_inputs(test_inputs, test_names)
     row_of = {name: i for i, name in enumerate(test_names)}
     test_inputs = test_inputs[[row_of[name] for name in plan.test_names]]
     nets = []
-    total = sum(_fit_and_predict(inputs, plan.levels, all_rows, test_inputs,
+    total = sum(_fit_and_predict(inputs, plan.levels, fit_rows, test_inputs,
                                  _fit_seed(seed, run_index, iteration, 1),
                                  f'full fit {iteration + 1}/{n_iter}', echo, keep=nets)
                 for iteration in range(n_iter))
@@ -668,9 +538,92 @@ def write_submission(path, names, levels, replace=True, scores=None):
     return atomic.write_new(path, buffer.getvalue())
 
 
+FIT_ON = ('unseen', 'all')
+FIT_ON_HELP = ('unseen: fit the blend on the images no net trained on, the validation '
+               'patients of train_nn.py\'s split (scored out of fold, 5 folds by patient); '
+               'all: on every training image, the nets\' own training images included (the '
+               'original; make_kaggle_solution.sh uses it).  unseen needs at least '
+               f'{MIN_UNSEEN_PATIENTS} validation patients and falls back to all, with a note, '
+               'below that.  Patients of the nets\' test split (train_nn.py --hold_out) are '
+               'never fitted on in either mode; their kappa is printed beside the validation.')
+
+
+def _patients(names, rows):
+    return {data.patient_and_eye(names[i])[0] for i in rows}
+
+
+def resolve_fit_on(fit_on, names, valid_rows, echo):
+    """'unseen' unless the validation patients are too few to fit a net on (then 'all')."""
+    if fit_on not in FIT_ON:
+        raise UserError(f'fit_on {fit_on!r}: use one of {", ".join(FIT_ON)}')
+    count = len(_patients(names, valid_rows))
+    if fit_on == 'unseen' and count < MIN_UNSEEN_PATIENTS:
+        echo(f'note: only {count} validation patients (fewer than {MIN_UNSEEN_PATIENTS}): the '
+             f'blend is fitted on every training image instead (--fit_on all)')
+        return 'all'
+    return fit_on
+
+
+def runs_hold_out(runs, echo):
+    """The test split (train_nn.py --hold_out) of the nets behind the runs' features: the
+    hold_out recorded in the weights each feature file names (`source_of`), or None.  Nets
+    with different test splits cannot be blended honestly: the larger split is kept out."""
+    from retina import checkpoint
+    found = {}
+    for files in runs.values():
+        for file in files:
+            source = source_of(file) or {}
+            weights = source.get('weights')
+            if 'hold_out' in source:
+                found[file] = source['hold_out']
+            elif weights and released_or_file(weights):
+                found[file] = checkpoint.config_of(checkpoint.load(weights)).cnf.get('hold_out')
+    fractions = {value or 0 for value in found.values()}
+    if len(fractions) > 1:
+        echo(f'note: the nets were trained with different test splits (hold_out '
+             f'{", ".join(str(f) for f in sorted(fractions))}); the largest is kept out')
+    return max(fractions, default=0) or None
+
+
+def released_or_file(weights):
+    from retina import released
+    try:
+        return released.weights_path(weights).is_file()
+    except UserError:
+        return False
+
+
+@dataclass
+class TestReport:
+    """Scores on the test split, which nothing was fitted on."""
+    images: int
+    patients: int
+    kappa: object          # evaluation.Interval at the fixed cut-offs
+    kappa_fitted: object   # at the validation-fitted cut-offs, or None
+    predictions: np.ndarray
+
+
+def test_report(names, levels, rows, predictions, thresholds):
+    from retina import evaluation
+    test_names, test_levels = [names[i] for i in rows], levels[rows]
+    cuts = thresholds if thresholds is not None else data.FIXED_CUTS
+    intervals = evaluation.bootstrap(test_names, test_levels, predictions,
+                                     lambda y, p: evaluation.scores(y, p, cuts)[:2])
+    return TestReport(len(rows), len(_patients(names, rows)), intervals[0],
+                      intervals[1] if thresholds is not None else None, predictions)
+
+
+def echo_test(title, report, echo):
+    line = (f'{title}: held-out test kappa {report.kappa} (cut-offs {format_cuts(FIXED_THRESHOLDS)}, '
+            f'95% interval over patients)')
+    if report.kappa_fitted is not None:
+        line += f'; {report.kappa_fitted} (the validation-fitted cut-offs)'
+    echo(line + f'; {report.images} images of {report.patients} patients')
+
+
 def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, seed=0,
               predict=False, test_dir=None, optimize_thresholds=False, output=None, echo=print,
-              test_dir_required=False, scores=False, pictures=True):
+              test_dir_required=False, scores=False, pictures=True, fit_on='unseen'):
     """Fit the blend net on each run's features; validate, and with `predict` write a submission.
 
     `runs` maps a run name to its train feature files (test files: _train_ -> _test_).
@@ -687,7 +640,11 @@ def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, 
     averaged (None with one run or without validation), 'kappas': {run: valid kappa},
     'thresholds': the cut-offs of the submission, 'submission': its path (None unless
     `predict`), 'test_predictions': {image: averaged continuous prediction},
-    'fitted_blend': the saved blend's path (None unless `predict`)}.
+    'fitted_blend': the saved blend's path (None unless `predict`), 'fit_on': the fitting
+    mode used (`resolve_fit_on`), 'hold_out': the nets' test split (`runs_hold_out`),
+    'held_out': {run or 'all_runs': TestReport on that split} (empty without one)}.
+
+    `fit_on` (FIT_ON_HELP): which images the blend nets are fitted on.
     """
     if not runs:
         raise UserError('no runs to blend; name train feature files in blend.yml or with '
@@ -699,17 +656,25 @@ def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, 
         atomic.check_writable(path)
     labels = data.load_labels(labels_file)
     plan = check_runs(runs, labels, labels_file, predict, test_dir, test_dir_required, echo)
+    hold_out = runs_hold_out(runs, echo)
+    split = data.split_rows(plan.names, plan.levels, hold_out)
+    fit_on = resolve_fit_on(fit_on, plan.names, split[1], echo)
     validate = not predict or optimize_thresholds
-    if validate:
-        split = data.split_indices(plan.names, plan.levels)
-        if len(split[0]) == 0 or len(split[1]) == 0:
-            patients = len({data.patient_and_eye(name)[0] for name in plan.names})
-            raise UserError(f'{labels_file}: too few patients per level for a '
-                            f'{data.VALIDATION_FRACTION:.0%} validation split ({patients} '
-                            f'patients); use more images, or --predict alone')
+    if validate and (len(split[0]) == 0 or len(split[1]) == 0):
+        patients = len({data.patient_and_eye(plan.names[i])[0]
+                        for i in (*split[0], *split[1])})
+        raise UserError(f'{labels_file}: too few patients per level for a '
+                        f'{data.VALIDATION_FRACTION:.0%} validation split ({patients} '
+                        f'patients); use more images, or --predict alone')
+    test_rows = split[2]
+    if len(test_rows):
+        echo(f'held-out test split: {len(test_rows)} of the {len(plan.names)} images (hold_out '
+             f'{hold_out} of the nets\' training: {len(_patients(plan.names, test_rows))} '
+             f'patients), never fitted on; scored beside the validation')
     result = dict(validation={}, blend=None, kappas={}, thresholds=None, submission=None,
-                  test_predictions=None, fitted_blend=None)
-    test_sum, first_file, fitted = 0.0, next(iter(runs.values()))[0], []
+                  test_predictions=None, fitted_blend=None, held_out={}, fit_on=fit_on,
+                  hold_out=hold_out)
+    test_sum, first_file, fitted, test_of_runs = 0.0, next(iter(runs.values()))[0], [], []
     for run_index, (run, files) in enumerate(runs.items()):
         features, names = load_run(files)
         features = reorder_rows(features, names, plan.names, files[0], first_file)
@@ -720,16 +685,22 @@ def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, 
         if per_patient and run_index == 0:
             note_lone_eyes(plan.names, 'training images', echo)
         if validate:
-            inputs, _ = prepare_inputs(features, plan.names, split[0], per_patient)
-            report = validate_run(inputs, plan.levels, split, n_iter, seed, run_index,
-                                  optimize_thresholds, plan.names, echo)
-            del inputs
+            report, test_predictions = validate_run(
+                features, plan.names, plan.levels, split, fit_on, per_patient, n_iter, seed,
+                run_index, optimize_thresholds, echo)
             result['validation'][run], result['kappas'][run] = report, report.kappa
             echo_report(f'run {run}', report, echo,
                         paths.confusion_picture(run) if pictures else None)
+            if len(test_rows):
+                test_of_runs.append(test_predictions)
+                result['held_out'][run] = test_report(plan.names, plan.levels, test_rows,
+                                                  test_predictions, report.thresholds)
+                echo_test(f'run {run}', result['held_out'][run], echo)
         if predict:
-            run_sum, fitted_run = predict_run(features, plan, files, per_patient, n_iter, seed,
-                                              run_index, echo, run)
+            fit_rows = (split[1] if fit_on == 'unseen'
+                        else np.sort(np.concatenate(split[:2])))
+            run_sum, fitted_run = predict_run(features, plan, files, fit_rows, per_patient,
+                                              n_iter, seed, run_index, echo, run)
             test_sum = test_sum + run_sum
             fitted.append(fitted_run)
 
@@ -740,6 +711,11 @@ def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, 
                                             optimize_thresholds)
         echo_report(f'all {len(runs)} runs averaged', result['blend'], echo,
                     paths.confusion_picture('all_runs') if pictures else None)
+        if len(test_rows):
+            result['held_out']['all_runs'] = test_report(
+                plan.names, plan.levels, test_rows, np.mean(test_of_runs, axis=0),
+                result['blend'].thresholds)
+            echo_test(f'all {len(runs)} runs averaged', result['held_out']['all_runs'], echo)
 
     if predict:
         chosen = result['blend'] or next(iter(result['validation'].values()), None)

@@ -166,7 +166,25 @@ def check_cnf(cnf, path):
                         f' (found {", ".join(cnf["aug_params"])})')
     _check_values(cnf, path)
     cnf.update(check_constants(cnf, path))  # as plain lists: the resolved config is JSON
-    schedule = cnf['schedule']
+    check_schedule(cnf['schedule'], path)
+
+
+def parse_schedule(text):
+    """'0:0.001,60:0.0001,81:stop' as {0: 0.001, 60: 0.0001, 81: 'stop'}, checked."""
+    schedule = {}
+    for item in text.replace(' ', '').split(','):
+        epoch, _, value = item.partition(':')
+        try:
+            schedule[int(epoch)] = value if value == 'stop' else float(value)
+        except ValueError:
+            raise UserError(f'--schedule {text!r}: {item!r} is not EPOCH:RATE or EPOCH:stop; '
+                            f'write e.g. 0:0.001,60:0.0001,81:stop') from None
+    check_schedule(schedule, '--schedule')
+    return schedule
+
+
+def check_schedule(schedule, path):
+    """A schedule starts at epoch 0 with a rate, has positive rates and ends with 'stop'."""
     if not isinstance(schedule, dict) or 0 not in schedule or schedule[0] == 'stop':
         raise UserError(f'{path}: schedule must be a dict {{epoch: lr or "stop"}} starting at '
                         f'epoch 0 with a learning rate')

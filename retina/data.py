@@ -153,6 +153,15 @@ def split_indices(names, levels, fraction=VALIDATION_FRACTION, seed=SPLIT_SEED):
     return np.array(train_idx, dtype=np.int64), np.array(valid_idx, dtype=np.int64)
 
 
+def split_rows(names, levels, hold_out):
+    """(training rows, validation rows, test rows) of the images `names` (with their
+    `levels`), as train_nn.py --hold_out split them."""
+    test = np.array([held_out(n, hold_out) for n in names])
+    rest = np.flatnonzero(~test)
+    train, valid = split_indices([names[i] for i in rest], levels[rest])
+    return rest[train], rest[valid], np.flatnonzero(test)
+
+
 def balance_weights_at(epoch, ratio=BALANCE_RATIO, weights=None):
     """Class weights at `epoch` (from 0): decays from the balance `weights` [default: the
     Kaggle BALANCE_WEIGHTS; a config's `balance_weights`] to the FINAL weights."""

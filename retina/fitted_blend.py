@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from retina import atomic, paths
+from retina.blend_net import build_net, net_predictions, per_patient_inputs
 from retina.errors import UserError
 from retina.feature_files import source_of
 
@@ -90,7 +91,6 @@ def predict(state, features_of, names):
     """
     import torch
 
-    from retina.blend import build_net, net_predictions, per_patient_inputs
     total, count = np.zeros(len(names), dtype=np.float64), 0
     for run in state['runs']:
         features = np.hstack([np.asarray(features_of(entry), dtype=np.float64)

@@ -37,15 +37,6 @@ def slim(state):
                 model={k: v.clone() for k, v in state['model'].items()})
 
 
-def split_rows(names, levels, hold_out):
-    """(training rows, validation rows, test rows) of the images `names` (with their
-    `levels`), as train_nn.py --hold_out split them."""
-    test = np.array([data.held_out(n, hold_out) for n in names])
-    rest = np.flatnonzero(~test)
-    train, valid = data.split_indices([names[i] for i in rest], levels[rest])
-    return rest[train], rest[valid], np.flatnonzero(test)
-
-
 def centred_scores(config_name, weights, folder, image_paths):
     """The net's output on the centred window of each converted image (fp32, as predict.py)."""
     import torch
@@ -208,7 +199,7 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
                         f'it never saw: train with train_nn.py --hold_out 0.15 to release it')
     image_paths, levels = data.labelled_images(photos, labels)
     names = [image_name(p) for p in image_paths]
-    train_rows, valid_rows, test_rows = split_rows(names, levels, hold_out)
+    train_rows, valid_rows, test_rows = data.split_rows(names, levels, hold_out)
     click.echo(f'{name}: scoring {len(test_rows)} test-split photographs of {photos}')
     scores = centred_scores(config.name, weights, photos, image_paths)
     from retina.blend import fit_thresholds  # its cut-offs: fitted on validation patients

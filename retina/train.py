@@ -551,8 +551,9 @@ def average_buffers(model, world):
 def resumed_config(config, given=()):
     """The config to continue the run of `config.name` with.
 
-    The data folders come from the run itself unless given again (`given` names the
-    keys the user passed: train_dir, labels); any other difference between the config
+    The data folders, the test split and the schedule come from the run itself unless
+    given again (`given` names the keys the user passed); a schedule given again replaces
+    the rest of the run's.  Any other difference between the config
     now and the one the run was started with is an error naming the keys: a resumed
     run continues as it was started, or it would silently become another run.
     """
@@ -560,7 +561,9 @@ def resumed_config(config, given=()):
     if not last_path.is_file():
         return config  # resume_state says there is nothing to resume
     saved = checkpoint.config_of(checkpoint.load(last_path))
-    for key in ('train_dir', 'labels', 'hold_out'):
+    if 'schedule' in given:  # a new schedule for the rest of the run is allowed
+        saved.cnf['schedule'] = config.cnf['schedule']
+    for key in ('train_dir', 'labels', 'hold_out', 'schedule'):
         if key not in given:
             if key in saved.cnf:
                 config.cnf[key] = saved.cnf[key]

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from retina import blend, data
+from retina import blend, blend_net, data
+from retina.config import lr_for_epoch
 from retina.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,7 +117,7 @@ def run_cli(*args, cwd, timeout=300):
 def test_per_patient_inputs_pair_eyes_by_name():
     names = ['1_left', '1_right', '2_left', '3_right', 'lonely']
     features = np.arange(len(names) * 2, dtype=np.float32).reshape(-1, 2)
-    inputs = blend.per_patient_inputs(features, names)
+    inputs = blend_net.per_patient_inputs(features, names)
     assert inputs.shape == (5, 5)
     np.testing.assert_array_equal(inputs[:, :2], features)
     other = inputs[:, 2:4]
@@ -131,7 +132,7 @@ def test_per_patient_inputs_pair_eyes_by_name():
 def test_eyes_pair_in_any_case_and_lone_eyes_are_named(predict_cli):
     names = ['16_LEFT', '16_Right', '17_left', '18_RIGHT', 'lonely']
     features = np.arange(10, dtype=np.float32).reshape(-1, 2)
-    inputs = blend.per_patient_inputs(features, names)
+    inputs = blend_net.per_patient_inputs(features, names)
     np.testing.assert_array_equal(inputs[0, 2:4], features[1])  # 16_LEFT sees 16_Right
     np.testing.assert_array_equal(inputs[1, 2:4], features[0])
     np.testing.assert_array_equal(inputs[:, 4], [0, 1, 0, 1, 0])
@@ -145,7 +146,7 @@ def test_per_patient_inputs_never_use_a_neighbouring_row(project):
     rng = np.random.default_rng(0)
     names = [project['names'][i] for i in rng.permutation(len(project['names']))]
     features = rng.normal(size=(len(names), 3)).astype(np.float32)
-    inputs = blend.per_patient_inputs(features, names)
+    inputs = blend_net.per_patient_inputs(features, names)
     row_of = {name: i for i, name in enumerate(names)}
     one_eyed = 0
     for i, name in enumerate(names):
@@ -190,7 +191,7 @@ def test_fits_are_reproducible_and_n_iter_averages(project):
 
 def test_net_shape_and_maxout_of_neighbouring_units():
     import torch
-    net = blend.build_net(7, torch.Generator().manual_seed(0))
+    net = blend_net.build_net(7, torch.Generator().manual_seed(0))
     assert net.hidden1.weight.shape == (32, 7) and net.hidden2.weight.shape == (32, 16)
     assert net.output.weight.shape == (1, 16)
     assert torch.all(net.hidden1.bias == 0.01)
@@ -201,20 +202,20 @@ def test_net_shape_and_maxout_of_neighbouring_units():
 
 def test_penalty_gradients_equal_those_of_the_penalty_in_the_loss():
     import torch
-    net = blend.build_net(6, torch.Generator().manual_seed(1))
+    net = blend_net.build_net(6, torch.Generator().manual_seed(1))
     x, y = torch.randn(9, 6), torch.randn(9)
-    expected_loss = torch.nn.functional.mse_loss(net(x), y) + blend.weight_penalty(net)
+    expected_loss = torch.nn.functional.mse_loss(net(x), y) + blend_net.weight_penalty(net)
     expected = torch.autograd.grad(expected_loss, list(net.parameters()))
     net.zero_grad()
     torch.nn.functional.mse_loss(net(x), y).backward()
-    blend.add_penalty_gradients(net)
+    blend_net.add_penalty_gradients(net)
     for (name, parameter), gradient in zip(net.named_parameters(), expected):
         torch.testing.assert_close(parameter.grad, gradient, msg=name)
-    assert blend.weight_penalty(net) > 0
+    assert blend_net.weight_penalty(net) > 0
 
 
 def test_schedule_is_100_epochs_with_three_drops():
-    lrs = [blend.lr_for_epoch(blend.SCHEDULE, e) for e in range(1, 102)]
+    lrs = [lr_for_epoch(blend_net.SCHEDULE, e) for e in range(1, 102)]
     assert lrs.index('stop') == 100
     assert sorted(set(lrs[:100]), reverse=True) == pytest.approx([5e-4, 5e-5, 5e-6, 5e-7])
     assert lrs[59] == 5e-4 and lrs[60] == pytest.approx(5e-5)
@@ -223,11 +224,11 @@ def test_schedule_is_100_epochs_with_three_drops():
 def test_batches_mix_balanced_uniform_and_plain():
     levels = np.array([0] * 950 + [4] * 50)
     rng = np.random.default_rng(1)
-    batches = [b for _ in range(40) for b in blend.epoch_batches(levels, rng)]
+    batches = [b for _ in range(40) for b in blend_net.epoch_batches(levels, rng)]
     share_of_4 = [np.mean(levels[b] == 4) for b in batches]
     balanced = sum(s > 0.3 for s in share_of_4) / len(batches)
     assert 0.12 < balanced < 0.28, balanced  # about 0.2 of the batches are class-balanced
-    assert all(len(b) <= blend.BATCH_SIZE for b in batches)
+    assert all(len(b) <= blend_net.BATCH_SIZE for b in batches)
 
 
 # ---------------------------------------------------------------- cut-offs
@@ -475,3 +476,98 @@ def test_bad_input_is_one_line_error(bad_input_results, case):
     assert len(lines) == 1, stderr
     assert lines[0].startswith('error: ') and BAD_INPUTS[case][2] in lines[0], lines[0]
     assert 'valid kappa' not in stdout, 'bad input must stop blend.py before the first fit'
+
+
+# ---------------------------------------------------------------- which images the blend fits on
+
+@pytest.fixture(scope='module')
+def held_out_project(tmp_path_factory):
+    """Features of 300 patients whose weights record a test split (hold_out 0.2)."""
+    root = tmp_path_factory.mktemp('blend_fit_on')
+    rng = np.random.default_rng(11)
+    names, levels = make_eyes(range(300), rng)
+    (root / 'data').mkdir()
+    write_labels(root / 'data' / 'trainLabels.csv', names, levels)
+    write_features(root, 'c_fake', 'train', names, *informative(levels, rng))
+    test_names, test_levels = make_eyes(range(1000, 1020), rng)
+    write_features(root, 'c_fake', 'test', test_names, *informative(test_levels, rng))
+    for split in ('train', 'test'):
+        (root / 'data' / 'features' / f'c_fake_{split}_source_iter_5_skip_0.json').write_text(
+            '{"fingerprint": "f1", "weights": "weights/c_fake.pt", "hold_out": 0.2}')
+    return dict(root=root, names=names, levels=levels)
+
+
+def _fits_recorded(monkeypatch):
+    """The rows every blend net is fitted on (a list of arrays)."""
+    fitted, prepare = [], blend.prepare_inputs
+
+    def recording(features, names, fit_rows, per_patient):
+        fitted.append(np.asarray(fit_rows))
+        return prepare(features, names, fit_rows, per_patient)
+    monkeypatch.setattr(blend, 'prepare_inputs', recording)
+    return fitted
+
+
+@pytest.mark.parametrize('fit_on', ['unseen', 'all'])
+def test_blend_fits_on_the_chosen_images_and_never_on_the_test_split(held_out_project, fit_on,
+                                                                       monkeypatch, tmp_path):
+    root, names, levels = (held_out_project[k] for k in ('root', 'names', 'levels'))
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(blend, 'MIN_UNSEEN_PATIENTS', 10)
+    fitted = _fits_recorded(monkeypatch)
+    lines = []
+    result = blend.run_blend({'r': fake_run(root)}, labels_file=root / 'data' / 'trainLabels.csv',
+                             per_patient=True, echo=lines.append, fit_on=fit_on, seed=2,
+                             predict=True, optimize_thresholds=True,
+                             output=tmp_path / f'sub_{fit_on}.csv', test_dir=None)
+    train_rows, valid_rows, test_rows = data.split_rows(names, levels, 0.2)
+    assert len(test_rows) > 30 and result['hold_out'] == 0.2 and result['fit_on'] == fit_on
+    fit_sets = [set(rows.tolist()) for rows in fitted]
+    assert all(not rows & set(test_rows.tolist()) for rows in fit_sets), 'fitted on test rows'
+    if fit_on == 'unseen':
+        assert all(rows <= set(valid_rows.tolist()) for rows in fit_sets)
+        assert len(fitted) == blend.FOLDS + 1  # the folds, then the fit on every valid row
+        assert fit_sets[-1] == set(valid_rows.tolist())
+    else:
+        assert fit_sets[0] == set(train_rows.tolist())
+        assert fit_sets[-1] == set(train_rows.tolist()) | set(valid_rows.tolist())
+    report = result['validation']['r']
+    assert sorted(report.names) == sorted(names[i] for i in valid_rows)
+    held = result['held_out']['r']
+    assert held.images == len(test_rows) and held.kappa.value > 0.6  # informative features
+    assert any(line.startswith('run r: held-out test kappa') for line in lines)
+
+
+def test_unseen_fits_are_reproducible_and_out_of_fold(held_out_project, monkeypatch):
+    root = held_out_project['root']
+    monkeypatch.chdir(root)
+    monkeypatch.setattr(blend, 'MIN_UNSEEN_PATIENTS', 10)
+    fitted = _fits_recorded(monkeypatch)
+    kwargs = dict(labels_file=root / 'data' / 'trainLabels.csv', echo=lambda line: None,
+                  fit_on='unseen', seed=5)
+    first = blend.run_blend({'r': fake_run(root)}, **kwargs)
+    again = blend.run_blend({'r': fake_run(root)}, **kwargs)
+    np.testing.assert_array_equal(first['validation']['r'].predictions,
+                                  again['validation']['r'].predictions)
+    np.testing.assert_array_equal(first['held_out']['r'].predictions,
+                                  again['held_out']['r'].predictions)
+    # Out of fold: each fold's net never saw the validation images it predicted.
+    valid = set(data.split_rows(held_out_project['names'], held_out_project['levels'],
+                                0.2)[1].tolist())
+    folds = [valid - set(rows.tolist()) for rows in fitted[:blend.FOLDS]]
+    assert set().union(*folds) == valid and sum(map(len, folds)) == len(valid)
+
+
+def test_unseen_falls_back_to_all_with_a_note_when_validation_is_small(project):
+    root, lines = project['root'], []
+    result = blend.run_blend({'r': fake_run(root)}, labels_file=root / 'data' / 'trainLabels.csv',
+                             echo=lines.append)
+    assert result['fit_on'] == 'all' and result['hold_out'] is None
+    assert any('fewer than 100' in line and '--fit_on all' in line for line in lines)
+
+
+def test_cli_fit_on_is_an_option_with_help(project):
+    result = run_cli('--help', cwd=project['root'])
+    assert '--fit_on [unseen|all]' in result.stdout and 'validation' in result.stdout
+    bad = run_cli('--fit_on', 'train', cwd=project['root'])
+    assert bad.returncode != 0 and "'train' is not one of" in bad.stderr

@@ -327,11 +327,11 @@ def _blend_project(root, train_fingerprint='f1', test_fingerprint='f1'):
 
 def test_names_with_commas_and_spaces_survive_to_the_submission(tmp_path, monkeypatch):
     import csv
-    from retina import blend
+    from retina import blend, blend_net
     monkeypatch.chdir(tmp_path)
     # The fits do not matter here, only the names: two epochs will do.
-    fit = blend.fit_net
-    monkeypatch.setattr(blend, 'fit_net', lambda inputs, levels, seed, **kwargs: fit(
+    fit = blend_net.fit_net
+    monkeypatch.setattr(blend_net, 'fit_net', lambda inputs, levels, seed, **kwargs: fit(
         inputs, levels, seed, schedule={0: 5e-4, 2: 'stop'}))
     train, names = _blend_project(tmp_path)
     common = dict(labels_file=tmp_path / 'labels.csv', predict=True, echo=lambda *a: None)
