@@ -25,6 +25,7 @@ cut-offs).  Cross-camera rows (`--raw`) grade raw photographs through predict.py
 patients that no net trained or validated on.  Writes the table to BENCHMARKS.md.
 """
 import csv
+import os
 import sys
 import time
 from pathlib import Path
@@ -90,11 +91,33 @@ def patient_folds(names, rows, k=FOLDS, seed=0):
     return [rows[[fold_of[p] == f for p in patients]] for f in range(k)]
 
 
-def blend_net(inputs, levels, fit_rows, seed=0):
-    """blend.py's maxout net fitted on `fit_rows`; predictions for every row."""
-    from retina.blend_net import fit_net, net_predictions
-    net, _ = fit_net(inputs[fit_rows], levels[fit_rows], seed)
-    return net_predictions(net, inputs)
+def blend_py(work, nets, tta, labels, fit_on, names, valid_rows, test_rows):
+    """blend.py's per-patient blend of the nets' TTA mean and std features (`run_blend`, as
+    blend.py --per_patient --optimize_thresholds --fit_on FIT_ON runs it, in `work`):
+    (predictions for every row, NaN outside the validation and test rows; the validation
+    predictions its cut-offs are fitted on)."""
+    from retina.blend import run_blend
+    files = [work / paths.features(name, 'train', stat, tta, 0)
+             for name, _ in nets for stat in ('mean', 'std')]
+    here = os.getcwd()
+    os.chdir(work)  # the feature files name their weights relative to it
+    try:
+        result = run_blend({'chain': files}, labels_file=labels, per_patient=True,
+                           optimize_thresholds=True, fit_on=fit_on, pictures=False,
+                           echo=lambda line: None)
+    finally:
+        os.chdir(here)
+    if not result['held_out']:
+        raise click.ClickException(f'blend.py found no test split in the weights of {files[0]}')
+    report = result['validation']['chain']
+    row_of = {name: i for i, name in enumerate(names)}
+    predictions = np.full(len(names), np.nan)
+    predictions[[row_of[n] for n in report.names]] = report.predictions
+    held = result['held_out']['chain']
+    predictions[[row_of[n] for n in held.names]] = held.predictions
+    if np.isnan(predictions[np.concatenate([valid_rows, test_rows])]).any():
+        raise click.ClickException('blend.py split the photographs unlike train_nn.py')
+    return predictions, predictions[valid_rows], result['fit_on']
 
 
 def cross_fitted(fit, names, levels, rows):
@@ -109,14 +132,6 @@ def cross_fitted(fit, names, levels, rows):
         out_of_fold[held] = predictions[held]
         total = total + predictions
     return out_of_fold, total / len(folds)
-
-
-def feature_inputs(features, names, scale_rows):
-    from sklearn.preprocessing import StandardScaler
-
-    from retina.blend_net import per_patient_inputs
-    scaled = StandardScaler().fit(features[scale_rows]).transform(features).astype(np.float32)
-    return per_patient_inputs(scaled, names)
 
 
 def linear_blend(inputs, levels, fit_rows):
@@ -196,6 +211,7 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
     import torch
     work = Path(work).resolve()
     log = work / 'bench_chain.log'
+    device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')  # transform.py's auto
     nets = [tuple(n.split(':', 1)) for n in nets]
     started = time.perf_counter()
     first_paths, levels = data.labelled_images(work / nets[0][1], labels)
@@ -232,15 +248,14 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
         add(f'{name}: its head on {tta}-iteration TTA features', score)
         heads.append(score)
         features.append(feature)
-    features = np.hstack(features)
-    inputs = feature_inputs(features, names, fit_rows)
-    add('per-patient blend of the TTA features, fitted on the training patients (blend.py)',
-        blend_net(inputs, levels, fit_rows))
-    valid_inputs = feature_inputs(features, names, valid_rows)
-    out_of_fold, mean = cross_fitted(lambda r: blend_net(valid_inputs, levels, r), names,
-                                     levels, valid_rows)
-    add('per-patient blend of the TTA features, fitted on the validation patients '
-        f'({FOLDS}-fold by patient)', mean, out_of_fold[valid_rows])
+    for fit_on in ('all', 'unseen'):
+        predictions, cut_source, used = blend_py(work, nets, tta, labels, fit_on, names,
+                                                 valid_rows, test_rows)
+        add(f'per-patient blend of the TTA features, blend.py --fit_on {fit_on}'
+            + (' (the default: fitted on the validation patients, 5-fold)' if used == 'unseen'
+               else ' (fitted on the training patients, the original)' if fit_on == 'all'
+               else ' (too few validation patients: ran as --fit_on all)'),
+            predictions, cut_source)
     from retina.blend_net import per_patient_inputs
     head_inputs = per_patient_inputs(np.stack(heads, 1).astype(np.float32), names)
     out_of_fold, mean = cross_fitted(lambda r: linear_blend(head_inputs, levels, r), names,
@@ -267,7 +282,7 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
                 f'{len(set(patients_of(test_names)))} patients in the test split (hold_out '
                 f'{hold_out}), {len(valid_rows)} validation images. Intervals: 95%, '
                 f'{evaluation.BOOTSTRAP_ROUNDS} patient-bootstrap resamples of the test patients. '
-                f'{note} {device_name(torch.device("cpu"))}; {today()}; '
+                f'{note} {device_name(device)}; {today()}; '
                 f'{(time.perf_counter() - started) / 60:.1f} min.\nCommand: `{command}`.\n\n'
                 f'{text}')
         replace_section(section, body)

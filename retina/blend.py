@@ -596,6 +596,7 @@ def released_or_file(weights):
 @dataclass
 class TestReport:
     """Scores on the test split, which nothing was fitted on."""
+    names: list
     images: int
     patients: int
     kappa: object          # evaluation.Interval at the fixed cut-offs
@@ -609,7 +610,7 @@ def test_report(names, levels, rows, predictions, thresholds):
     cuts = thresholds if thresholds is not None else data.FIXED_CUTS
     intervals = evaluation.bootstrap(test_names, test_levels, predictions,
                                      lambda y, p: evaluation.scores(y, p, cuts)[:2])
-    return TestReport(len(rows), len(_patients(names, rows)), intervals[0],
+    return TestReport(test_names, len(rows), len(_patients(names, rows)), intervals[0],
                       intervals[1] if thresholds is not None else None, predictions)
 
 

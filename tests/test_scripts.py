@@ -190,3 +190,40 @@ def test_torchrun_two_processes_on_the_cpu(workdir):
     assert '× 2 processes' in result.stdout
     assert result.stdout.count('epoch    1') == 1  # only rank 0 reports
     assert (workdir / 'weights' / 'c_128_5x5_32_ram' / 'last.pt').is_file()
+
+
+def test_chain_script_trains_128_then_256_from_it_and_scores_the_test_split(tmp_path):
+    """bench/gpu_chain.sh on synthetic photographs, on the CPU with tiny schedules: the 128-px
+    net, the 256-px net started from its weights (the original's transfer), TTA features and
+    blends, every stage scored on the held-out patients; BENCHMARKS.md left alone (WRITE=0)."""
+    data = tmp_path / 'data'
+    subprocess.run([sys.executable, '-m', 'retina.synthetic', '--out', str(tmp_path / 'raw'),
+                    '--n_patients', '60', '--seed', '1'], cwd=REPO, check=True,
+                   capture_output=True)
+    for size in (128, 256):
+        run_script('convert.py', '--directory', tmp_path / 'raw' / 'train', '--convert_directory',
+                   data / f'e{size}', '--crop_size', size, '--extension', 'jpeg', '--enhance',
+                   'local_contrast', cwd=tmp_path)
+    shutil.copy(tmp_path / 'raw' / 'trainLabels.csv', data / 'eyepacs_labels.csv')
+    benchmarks = (REPO / 'BENCHMARKS.md').read_bytes()
+    env = dict(os.environ, DATA=str(data), WORK=str(tmp_path / 'work'), OUT=str(tmp_path / 'out'),
+               DEVICE='cpu', EPOCHS128='2', EPOCHS256='1', TTA='2', WRITE='0', PY=sys.executable,
+               PYTHONPATH=str(REPO))
+    result = subprocess.run(['bash', str(REPO / 'bench' / 'gpu_chain.sh')], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    weights = tmp_path / 'work' / 'weights'
+    for name, epochs in (('c_128_5x5_32_ram', 2), ('c_256_5x5_32_ram', 1)):
+        assert (weights / name / 'weights_final.pt').is_file()
+        assert len((weights / name / 'log.csv').read_text().splitlines()) == epochs + 1
+    log_256 = (tmp_path / 'out' / 'train_c_256_5x5_32_ram.log').read_text()
+    assert re.search(r'loaded \d+ parameter\(s\) from .*c_128_5x5_32_ram/weights_final\.pt',
+                     log_256), log_256[:500]
+    assert 'hold-out:' in log_256
+    table = [line for line in result.stdout.splitlines() if line.startswith('| ')]
+    for stage in ('pixel floor', 'c_128_5x5_32_ram (2 epochs), centred window',
+                  'c_256_5x5_32_ram (1 epochs), centred window',
+                  'c_256_5x5_32_ram: its head on 2-iteration TTA features',
+                  'blend.py --fit_on all', 'blend.py --fit_on unseen'):
+        assert any(stage in line for line in table), stage
+    assert (REPO / 'BENCHMARKS.md').read_bytes() == benchmarks

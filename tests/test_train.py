@@ -598,3 +598,29 @@ def test_train_nn_hold_out_keeps_the_test_patients_out_and_resume_keeps_it(workd
     resumed = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '2', '--resume',
                          '--precision', 'fp32', '--no_progress', cwd=workdir)
     assert 'kept out' in resumed.stdout and 'epoch    2' in resumed.stdout
+
+
+def test_schedule_option_replaces_the_config_s_and_on_resume_the_rest_of_the_run_s(workdir):
+    def lrs():
+        rows = list(csv.DictReader(open(workdir / paths.train_log(CONFIG))))
+        return [float(r['lr']) for r in rows]
+    run_script('train_nn.py', '--cnf', CONFIG, '--schedule', '0:0.002,1:0.0005,4:stop',
+               '--max_epochs', '1', '--no_progress', cwd=workdir)
+    assert lrs() == [0.002]
+    saved = json.loads((workdir / 'weights' / CONFIG / 'config.json').read_text())
+    assert saved['cnf']['schedule'] == {'0': 0.002, '1': 0.0005, '4': 'stop'}
+    # --resume without --schedule keeps the run's (not the config module's) schedule.
+    run_script('train_nn.py', '--cnf', CONFIG, '--resume', '--max_epochs', '2', '--no_progress',
+               cwd=workdir)
+    assert lrs() == [0.002, 0.0005]
+    # A new schedule on --resume replaces the rest: epoch 3 at its rate, then it stops.
+    result = run_script('train_nn.py', '--cnf', CONFIG, '--resume', '--schedule',
+                        '0:0.002,2:0.0001,3:stop', '--no_progress', cwd=workdir)
+    assert lrs() == [0.002, 0.0005, 0.0001] and 'the schedule is done' in result.stdout
+    assert (workdir / 'weights' / CONFIG / 'weights_final.pt').is_file()
+    for bad, words in (('0:fast', "'0:fast' is not EPOCH:RATE"), ('1:0.1,2:stop', 'epoch 0'),
+                       ('0:0.1', "no 'stop' entry"), ('0:0.1,5:-1,6:stop', 'entry 5')):
+        failed = run_script('train_nn.py', '--cnf', CONFIG, '--schedule', bad, cwd=workdir,
+                            check=False)
+        assert failed.returncode != 0 and words in failed.stderr, (bad, failed.stderr)
+        assert 'Traceback' not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
