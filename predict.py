@@ -15,6 +15,7 @@ import click
 
 from retina.errors import UserError, handle_errors
 from retina.feature_files import MAX_TTA_ITERATIONS
+from retina.heatmaps import METHOD_HELP, METHOD_NAMES
 
 DEFAULT_CNF = 'c_512_5x5_32_ram'
 
@@ -46,9 +47,14 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
                    '({patient}_left / _right among the photographs) are blended together; an eye '
                    'alone uses its own features. Needs --blend.')
 @click.option('--heatmap', 'heatmap_dir', type=click.Path(file_okay=False),
-              help='Write the regression activation map of each RAM net over each uncropped '
-                   'photograph to this folder ({image}_ram_{cnf}.png; the outline is the net\'s '
-                   'window).')
+              help='Write the heat map of each net over each uncropped photograph to this '
+                   'folder ({image}_{method}_{cnf}.png; the outline is the net\'s window), made, '
+                   'upsampled and coloured as ram.py does it.')
+@click.option('--method', type=click.Choice(METHOD_NAMES), default='ram', show_default=True,
+              help='The heat map of --heatmap.  ' + METHOD_HELP)
+@click.option('--save_maps', is_flag=True,
+              help='With --heatmap: also save each map as it came from the net (last conv '
+                   'resolution, float32) beside its picture, as {image}_{method}_{cnf}.npy.')
 @click.option('--output', default='-', show_default=True, type=click.Path(dir_okay=False,
                                                                            allow_dash=True),
               help='Where the results go (- is standard output).')
@@ -70,8 +76,8 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
 @click.option('--device', default='auto', show_default=True, help='auto, cpu, cuda or cuda:N.')
 @click.option('--no_progress', is_flag=True, help='No progress bar (for logs).')
 @handle_errors()
-def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir, output, as_json,
-         crop_size, batch_size, grade_anyway, device, no_progress):
+def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir, method,
+         save_maps, output, as_json, crop_size, batch_size, grade_anyway, device, no_progress):
     """Grade IMAGES (photographs, or folders of them: .jpeg, .jpg, .png, .tif, .tiff) on the
     0-4 scale.
 
@@ -114,7 +120,8 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
         nets = [default_net()]
     graders = [load_grader(c, w, device, crop_size) for c, w in nets]
     result = grade(graders, images, n_iter=n_iter, blend=blend, heatmap_dir=heatmap_dir,
-                   batch_size=batch_size, progress=not no_progress, grade_anyway=grade_anyway)
+                   batch_size=batch_size, progress=not no_progress, grade_anyway=grade_anyway,
+                   heatmap_method=method, save_maps=save_maps)
     text = format_json(result, graders) if as_json else format_csv(result)
     if output == '-':
         click.echo(text, nl=False)

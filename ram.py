@@ -19,8 +19,8 @@ import click
 
 from retina import config as config_module, paths
 from retina.errors import UserError, handle_errors
+from retina.heatmaps import METHOD_HELP, METHOD_NAMES
 
-METHODS = ('ram', 'gradcam', 'layercam')
 
 
 def _check_cmap(_context, _parameter, value):
@@ -41,11 +41,8 @@ def _check_cmap(_context, _parameter, value):
 @click.option('--weights_from', type=click.Path(dir_okay=False),
               help='Weights to explain: a file, or a released model\'s name (models/index.json, e.g. '
                    'eyepacs-128) [default: weights/CNF/weights.pt, the best validation kappa].')
-@click.option('--method', type=click.Choice(METHODS), default='ram', show_default=True,
-              help='ram: sum_k w_k A_k of the last conv (RAM nets); gradcam: ReLU of the conv maps '
-                   'weighted by their mean gradient; layercam: ReLU of the maps times their positive '
-                   'gradient, position by position. gradcam and layercam work on any net, baseline '
-                   'nets included. Output names carry the method.')
+@click.option('--method', type=click.Choice(METHOD_NAMES), default='ram', show_default=True,
+              help=METHOD_HELP)
 @click.option('--layer', metavar='NAME',
               help='Conv layer for gradcam/layercam, e.g. conv5 (train_nn.py --summary lists them) '
                    '[default: the last conv]; earlier layers give finer maps.')
@@ -100,6 +97,9 @@ def _check_cmap(_context, _parameter, value):
                    'eye look like haemorrhages and can raise the prediction).')
 @click.option('--scores_only', is_flag=True,
               help='With --masks, only score: draw no figures (for benchmarks over many images).')
+@click.option('--save_maps', is_flag=True,
+              help='Also save each map as the method made it (last conv resolution, float32) '
+                   'beside its figure, as .npy: the numbers behind the picture.')
 @click.option('--limit', type=click.IntRange(min=1), help='Only the first N images.')
 @click.option('--device', default='auto', show_default=True,
               help='auto (CUDA if present), cpu, cuda or cuda:N.')
@@ -109,7 +109,7 @@ def _check_cmap(_context, _parameter, value):
 @handle_errors()
 def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights, per_image_scale,
          images, output_dir, signed, cmap, alpha, masks, photos, labels, all_levels, scores_json,
-         deletion_fill, scores_only, limit, device, batch_size, no_progress):
+         deletion_fill, scores_only, save_maps, limit, device, batch_size, no_progress):
     """Draw a heat map of every image over the window the network sees, inside the fundus.
 
     Writes one heat map per image, with the predicted level (continuous and
@@ -130,29 +130,27 @@ def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights,
     from retina.runtime import resolve_device
     config = config_module.load(cnf)
     device = resolve_device(device)
-    net, weights, trained_with = ram.load_net(config, weights_from, device, method)
-    if trained_with and trained_with != config.name:
-        click.echo(f'note: {weights} was trained with {trained_with}, not {config.name}')
-    if layer and layer not in ram.methods.conv_layers(net):
+    loaded = ram.load_net(config, weights_from, device, method)
+    if loaded.trained_as and loaded.trained_as != config.name:
+        click.echo(f'note: {loaded.weights} was trained with {loaded.trained_as}, not {config.name}')
+    if layer and layer not in ram.methods.conv_layers(loaded.net):
         raise UserError(f'--layer {layer}: {config.name} has no such conv layer; use one of '
-                        f'{", ".join(ram.methods.conv_layers(net))}')
+                        f'{", ".join(ram.methods.conv_layers(loaded.net))}')
     fuse_with = None
     if fuse_cnf:
         fuse_config = config_module.load(fuse_cnf)
-        fuse_net, fuse_path, _ = ram.load_net(fuse_config, fuse_weights, device, method)
-        fuse_with = (fuse_config, fuse_net)
+        fuse_with = ram.load_net(fuse_config, fuse_weights, device, method)
     image_paths = ram.collect_images(images or [config.cnf['test_dir']])[:limit]
-    ram.check_preprocessing(image_paths, [(net, weights)] + ([(fuse_net, fuse_path)]
-                                                             if fuse_cnf else []))
+    ram.check_preprocessing(image_paths, [loaded] + ([fuse_with] if fuse_with else []))
     title = config.name + (f'+{fuse_config.name}' if fuse_cnf else '')
     output_dir = output_dir or paths.ram_dir(title)
     if not scores_only:
         ram.check_output_dir(output_dir, image_paths, masks, photos)
-    summary = ram.run(config, net, image_paths, output_dir, method=method, layer=layer,
+    summary = ram.run(loaded, image_paths, output_dir, method=method, layer=layer,
                       include_bias=include_bias, fuse_with=fuse_with, per_image_scale=per_image_scale,
                       signed=signed, cmap=cmap, alpha=alpha, masks=masks, photos=photos, labels=labels,
                       all_levels=all_levels, batch_size=batch_size, deletion_fill=deletion_fill,
-                      draw=not scores_only, progress=not no_progress)
+                      draw=not scores_only, progress=not no_progress, save_maps=save_maps)
     if summary.by_level is not None:
         click.echo(f'wrote {len(summary.written)} heat map(s) to {output_dir}/ and {summary.by_level}')
     if summary.scores is not None:

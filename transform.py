@@ -55,19 +55,20 @@ def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, devi
     average-pool layer (RAM nets).  With neither --train nor --test: the split
     whose folder is given (--test_dir or --train_dir alone), else both.
     """
-    from retina.features import extract_features, load_model
+    from retina.checkpoint import load_net
+    from retina.features import extract_features
     from retina.runtime import resolve_device
 
     config = config_module.load(cnf)
     weights = (released.weights_path(weights_from) if weights_from
                else paths.best_kappa_weights(config.name))
     device = resolve_device(device)
-    model = load_model(config, weights, device)
+    loaded = load_net(config, weights, device)
     splits = splits_to_extract(train, test, train_dir, test_dir)
     folders = dict(train=train_dir or config.cnf['train_dir'],
                    test=test_dir or config.cnf['test_dir'])
     for split in splits:
-        result = extract_features(config, model, folders[split], split, n_iter, skip, device,
+        result = extract_features(config, loaded, folders[split], split, n_iter, skip, device,
                                   batch_size, not no_progress, click.echo, restart,
                                   weights=str(weights), compile_model=compile_model,
                                   precision=precision)

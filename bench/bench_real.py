@@ -42,7 +42,7 @@ from retina.atomic import save_image  # noqa: E402
 from retina.crop import save_options  # noqa: E402
 from retina.blend import fit_thresholds  # noqa: E402
 from retina.feature_files import load_features  # noqa: E402
-from retina.features import load_model  # noqa: E402
+from retina.checkpoint import load_net  # noqa: E402
 from retina.images import image_name, list_images, load_rgb  # noqa: E402
 
 SHARED = REPO.parent / 'shared' / 'data'
@@ -148,11 +148,12 @@ def grade(work, config_name, image_paths, device):
     from retina import config as config_module
     from retina.runtime import Runtime
     from retina.train import predict
-    config = config_module.load(config_name)
-    model = load_model(config, work / paths.best_kappa_weights(config_name), device)
+    loaded = load_net(config_module.load(config_name),
+                      work / paths.best_kappa_weights(config_name), device)
     images = cache.load_images(image_paths, progress=False, cache_dir=work / 'data' / 'cache')
-    cache.check_size(images, config.input_size, image_paths[0].parent, config_name)
-    return predict(model, images, np.arange(len(images)), config, Runtime(torch.device(device)))
+    cache.check_size(images, loaded.config.input_size, image_paths[0].parent, config_name)
+    return predict(loaded.net, images, np.arange(len(images)), loaded.config,
+                   Runtime(torch.device(device)))
 
 
 def one_look(look, source, raw, work, configs, epochs, tta, device, compile_model, log):

@@ -13,6 +13,9 @@ config describes (built on the `meta` device, which allocates nothing), so a
 file can neither make us build a giant network nor carry extra payload.
 Weights holding NaN or infinity are refused as broken.
 """
+import dataclasses
+import functools
+import hashlib
 import math
 import pickle
 import threading
@@ -216,3 +219,93 @@ def load_exact(model, state, source, config_name):
                         f'{config_name} (layers {", ".join(sorted({w.split(".")[0] for w in wrong}))}'
                         f' differ); pass the weights trained with --cnf {config_name}')
     unwrap(model).load_state_dict({k: theirs[k] for k in own})
+
+
+# ---------------------------------------------------------------- a trained net, loaded
+
+@dataclasses.dataclass(frozen=True)
+class LoadedNet:
+    """A trained net as every stage after training uses it (transform.py, ram.py, predict.py,
+    the ONNX export, the release): the module and what its checkpoint says about its input.
+    Nothing is read off the module: a stage that needs the pixel constants or the look of
+    the training images asks this value, so none can fall back to a default by a typo."""
+    config: object          # the config the net was built from (its run's own, or the named one)
+    net: torch.nn.Module    # in eval mode, on the device it was loaded to
+    weights: Path           # the file it came from
+    preprocessing: str      # how its training images were prepared (convert.py --enhance)
+    constants: object       # augment.PixelConstants: the mean, std and colour PCA it trained with
+    state: dict             # the checkpoint's other entries (epoch, feature_stats, thresholds...)
+
+    @property
+    def name(self):
+        return self.config.name
+
+    @property
+    def trained_as(self):
+        """The config name the weights were trained under."""
+        return self.state.get('config_name')
+
+    @property
+    def input_size(self):
+        return tuple(self.net.input_size)
+
+    @functools.cached_property
+    def fingerprint(self):
+        return weights_fingerprint(self.net)
+
+    def to(self, device):
+        """The same net moved to `device` (a new value; the module moves in place)."""
+        return dataclasses.replace(self, net=self.net.to(device))
+
+
+def load_net(config, weights_path, device='cpu'):
+    """`LoadedNet` of the checkpoint `weights_path` (a file or a released model's name) for
+    `config`, in eval mode on `device`.
+
+    The net is rebuilt from the checkpoint's own resolved config when it was trained under
+    `config`'s name, so weights stay usable after the config module is edited; weights of
+    another config must fit this one's layers exactly.  Its pixel constants are those it was
+    trained with, whatever name it is loaded under: the named config's would standardise the
+    images unlike training.
+    """
+    from retina import preprocess, released
+    from retina.augment import constants_for
+    weights_path = released.weights_path(weights_path)
+    state = load(weights_path)
+    own = config_of(state)
+    built = own if state.get('config_name') == config.name else config
+    model = build_uninitialised(built)
+    load_exact(model, state, weights_path, config.name)
+    preprocessing = state.get('preprocessing', 'none')
+    if preprocessing not in preprocess.METHODS:
+        raise UserError(f'{weights_path}: trained on images preprocessed with {preprocessing!r}, '
+                        f'which this version does not know ({", ".join(preprocess.METHODS)})')
+    return LoadedNet(config=built, net=model.to(device).eval(), weights=Path(weights_path),
+                     preprocessing=preprocessing, constants=constants_for(own.cnf),
+                     state={k: v for k, v in state.items() if k not in ('model', 'optimizer')})
+
+
+def build_uninitialised(config):
+    """The config's net with uninitialised weights, for loading a checkpoint into.
+
+    Built on the meta device and then given (empty) storage: the orthogonal
+    initialisation of a 512-px net takes seconds of QR decompositions that
+    loading the weights throws away.  Every parameter and buffer must then come
+    from the checkpoint, which `load_exact` checks; a net with a buffer that
+    checkpoints do not hold is built the ordinary way.
+    """
+    with torch.device('meta'):
+        model = config.build_net()
+    saved = set(model.state_dict())
+    if not all(name in saved for name, _ in model.named_buffers()):
+        return config.build_net()
+    return model.to_empty(device='cpu')
+
+
+def weights_fingerprint(model):
+    """A short hash of the model's parameters and buffers: equal weights, equal fingerprint."""
+    digest = hashlib.sha256()
+    for name, value in sorted(unwrap(model).state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -33,6 +33,7 @@ import torch.nn as nn
 
 from retina.augment import KAGGLE
 from retina.errors import UserError, handle_errors
+from retina.heatmaps.methods import ram_of_activations
 
 OPSET = 17
 TOLERANCE = 1e-4        # fp32: the largest difference `check` accepts
@@ -42,7 +43,7 @@ CHECK_IMAGES = 8        # images `check` compares at most
 class ExportedNet(nn.Module):
     """uint8 N × S × S × 3 converted images -> score (N,) [, RAM maps (N, h', w')]."""
 
-    def __init__(self, net, crop_size, with_ram):
+    def __init__(self, net, crop_size, with_ram, constants=None):
         super().__init__()
         self.net = net
         self.crop_size = crop_size
@@ -51,8 +52,8 @@ class ExportedNet(nn.Module):
         self.top, self.left = (crop_size - height) // 2, (crop_size - width) // 2
         self.height, self.width = height, width
         # Buffers, so the constants are part of the graph like the weights: the net's own
-        # (those of the config it was trained with, features.rebuild), else the Kaggle ones.
-        constants = getattr(net, 'pixel_constants', None) or KAGGLE
+        # (those it was trained with, checkpoint.LoadedNet.constants), else the Kaggle ones.
+        constants = constants or KAGGLE
         for name in ('mean', 'std'):
             values = np.asarray(getattr(constants, name), np.float32)
             self.register_buffer(name, torch.tensor(values).view(1, 3, 1, 1))
@@ -69,15 +70,14 @@ class ExportedNet(nn.Module):
         score = x.squeeze(1)
         if not self.with_ram:
             return score
-        weight = self.net.get_submodule('output').weight[0]
-        ram = (maps * weight[None, :, None, None]).sum(1)
-        return score, ram
+        return score, ram_of_activations(maps, self.net.get_submodule('output').weight[0])
 
 
 def export(grader, output):
     """Write `grader`'s net as ONNX to `output`; returns the wrapped module (for `check`)."""
     from retina import atomic
-    wrapped = ExportedNet(grader.net.cpu().eval(), grader.crop_size, grader.is_ram).eval()
+    wrapped = ExportedNet(grader.net.cpu().eval(), grader.crop_size, grader.is_ram,
+                          grader.constants).eval()
     example = torch.zeros(2, grader.crop_size, grader.crop_size, 3, dtype=torch.uint8)
     outputs = ['score', 'ram'] if grader.is_ram else ['score']
     axes = {'image': {0: 'batch'}, **{name: {0: 'batch'} for name in outputs}}

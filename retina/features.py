@@ -1,4 +1,4 @@
-"""Test-time-augmented feature extraction (transform.py), and the nets it loads.
+"""Test-time-augmented feature extraction (transform.py).
 
 For each of n_iter Halton augmentations the net's feature layer (RMS pool
 for baseline nets, global average pool for RAM nets) is computed for every
@@ -13,66 +13,6 @@ from retina.errors import UserError
 from retina.feature_files import load_features, read_names, source_of
 
 SAVE_EVERY = 5
-
-
-def load_model(config, weights_path, device):
-    """The net of `weights_path`, in eval mode on `device`; it must be weights of `config`."""
-    return rebuild(config, weights_path)[0].to(device).eval()
-
-
-def rebuild(config, weights_path):
-    """(net with the weights of `weights_path`, the checkpoint dict), on the CPU; the net's
-    `preprocessing` is the look of its training images, its `pixel_constants` the mean, std
-    and colour PCA it was trained with (`augment.constants_for`).
-
-    The net is rebuilt from the checkpoint's own resolved config, so weights stay
-    usable after the config module is edited; weights of another config must fit
-    this one's layers exactly.
-    """
-    from retina import checkpoint
-    from retina.augment import constants_for
-    state = checkpoint.load(weights_path)
-    own = checkpoint.config_of(state)
-    trained = own if state.get('config_name') == config.name else config
-    model = build_uninitialised(trained)
-    checkpoint.load_exact(model, state, weights_path, config.name)
-    # The constants the weights were trained with, whatever name they are graded under: the
-    # named config's would standardise the images unlike training (another data set's stats).
-    model.pixel_constants = constants_for(own.cnf)
-    # Which look the training images had (convert.py --enhance): every later stage that
-    # loads the net (transform, ram, predict, export) compares its images' look with it.
-    model.preprocessing = state.get('preprocessing', 'none')
-    return model, state
-
-
-def build_uninitialised(config):
-    """The config's net with uninitialised weights, for loading a checkpoint into.
-
-    Built on the meta device and then given (empty) storage: the orthogonal
-    initialisation of a 512-px net takes seconds of QR decompositions that
-    loading the weights throws away.  Every parameter and buffer must then come
-    from the checkpoint, which `checkpoint.load_exact` checks; a net with a
-    buffer that checkpoints do not hold is built the ordinary way.
-    """
-    import torch
-    with torch.device('meta'):
-        model = config.build_net()
-    saved = set(model.state_dict())
-    if not all(name in saved for name, _ in model.named_buffers()):
-        return config.build_net()
-    return model.to_empty(device='cpu')
-
-
-def weights_fingerprint(model):
-    """A short hash of the model's parameters and buffers: equal weights, equal fingerprint."""
-    import hashlib
-
-    from retina.checkpoint import unwrap
-    digest = hashlib.sha256()
-    for name, value in sorted(unwrap(model).state_dict().items()):
-        digest.update(name.encode())
-        digest.update(value.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, images_key, echo,
@@ -110,13 +50,15 @@ def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, ima
     return 0, None, None
 
 
-def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu',
+def extract_features(config, loaded, folder, split, n_iter=1, skip=0, device='cpu',
                      batch_size=None, progress=True, echo=print, restart=False, weights=None,
                      compile_model=None, precision='auto'):
     """Write running mean/std features of `folder`'s images every SAVE_EVERY iterations.
 
-    Returns a dict: the final mean and std paths, the row and feature counts.  `weights`
-    (the file's name) is recorded beside the features with the weights' fingerprint.
+    `loaded` is the `checkpoint.LoadedNet` (its preprocessing must be the folder's, its pixel
+    constants standardise the images).  Returns a dict: the final mean and std paths, the row
+    and feature counts.  `weights` (the file's name as given; default: the net's) is recorded
+    beside the features with the weights' fingerprint.
     `batch_size` defaults to Runtime.eval_batch_size (larger on a GPU); `compile_model`
     None compiles the net on a GPU and not on the CPU; `precision` is one of
     precision.PRECISIONS ('auto': bf16 on a GPU, fp32 on the CPU).
@@ -126,12 +68,12 @@ def extract_features(config, model, folder, split, n_iter=1, skip=0, device='cpu
     from retina import lock, paths
     with lock.hold(paths.features_lock(config.name, split, skip),
                    f'the {split} features of {config.name} (skip {skip})', echo):
-        return _extract_features(config, model, folder, split, n_iter, skip, device,
+        return _extract_features(config, loaded, folder, split, n_iter, skip, device,
                                  batch_size, progress, echo, restart, weights, compile_model,
                                  precision)
 
 
-def _extract_features(config, model, folder, split, n_iter, skip, device, batch_size,
+def _extract_features(config, loaded, folder, split, n_iter, skip, device, batch_size,
                       progress, echo, restart, weights, compile_model, precision):
     import torch
     from tqdm import tqdm
@@ -144,7 +86,8 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
 
     image_paths = list_images(folder)
     names = [image_name(p) for p in image_paths]
-    preprocess.check_matches(folder, getattr(model, 'preprocessing', 'none'), weights)
+    weights = weights or str(loaded.weights)
+    preprocess.check_matches(folder, loaded.preprocessing, weights)
     images = cache.load_images(image_paths, progress=progress)
     cache.check_size(images, config.input_size, folder, config.name)
     images_key = cache.cache_key(image_paths, images.shape[-1])
@@ -155,10 +98,10 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
     runtime = Runtime(device, precision='' if precision == 'auto' else precision)
     # On the GPU when it fits (a 512-px Kaggle test set is 42 GB), else streamed from the host.
     images = place_images(images, runtime, 'auto')
-    model = model.to(memory_format=torch.channels_last)
+    model = loaded.net.to(memory_format=torch.channels_last)
     batch_size = batch_size or runtime.eval_batch_size(config.cnf)
     augmentations = tta_params(n_iter, skip, config.cnf['aug_params'], config.cnf['sigma'])
-    fingerprint = weights_fingerprint(model)
+    fingerprint = loaded.fingerprint
     start, total, total_sq = (0, None, None) if restart else _previous_progress(
         config.name, split, n_iter, skip, names, fingerprint, images_key, echo,
         runtime.precision)
@@ -171,7 +114,7 @@ def _extract_features(config, model, folder, split, n_iter, skip, device, batch_
         total, total_sq = (torch.from_numpy(a).to(device) for a in (total, total_sq))
     compile_model = runtime.cuda if compile_model is None else compile_model
     net = compile_or_eager(model, echo) if compile_model else model
-    constants = getattr(model, 'pixel_constants', None)
+    constants = loaded.constants
     order = np.arange(len(names))
     bar = tqdm(total=(n_iter - start) * len(names), desc=f'{config.name} {split} features',
                unit='img', disable=not progress, dynamic_ncols=True)

@@ -171,12 +171,13 @@ def centred_features(model, images, rows, config, runtime):
 def attach_feature_stats(path, images, train_rows, valid_rows, runtime):
     """Fit `FeatureStats` of the checkpoint at `path` on the cached `images` of its training
     and validation rows, and write them into the checkpoint (its `feature_stats`)."""
+    import torch
+
     from retina import atomic, checkpoint
-    from retina.features import rebuild
     state = checkpoint.load(path)
     config = checkpoint.config_of(state)
-    import torch
-    model = rebuild(config, path)[0].to(runtime.device, memory_format=torch.channels_last)
+    model = checkpoint.load_net(config, path, runtime.device).net.to(
+        memory_format=torch.channels_last)
     stats = FeatureStats.fit(centred_features(model, images, train_rows, config, runtime),
                              centred_features(model, images, valid_rows, config, runtime))
     state = dict(state, model={k: v.clone() for k, v in state['model'].items()},

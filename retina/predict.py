@@ -29,7 +29,6 @@ as the RAM repository drew it) placed back over the *uncropped* photograph:
 the map covers the net's window, which is mapped through the eye's box to
 photograph pixels.
 """
-import contextlib
 import dataclasses
 import json
 import math
@@ -40,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
@@ -48,9 +46,8 @@ from tqdm import tqdm
 from retina import atomic, checkpoint, crop, data, gradability, paths, preprocess, released
 from retina.cache import converted_size
 from retina import config as config_module
-from retina.augment import broadcast_params, prepare_batch, tta_params
+from retina.augment import broadcast_params, centre_crop, prepare_batch, tta_params
 from retina.errors import UserError
-from retina.features import rebuild, weights_fingerprint
 from retina.images import BadImage, csv_safe, image_name, list_images
 from retina.nets import ram_exact
 from retina.paths import IMAGE_EXTENSIONS
@@ -58,26 +55,42 @@ from retina.paths import IMAGE_EXTENSIONS
 BATCH_SIZE = 8              # photographs decoded and scored together
 HEATMAP_WIDTH = 1536        # heat maps are drawn on the photograph shrunk to at most this wide
 HEATMAP_ALPHA = 0.6         # opacity of the strongest evidence
-HEATMAP_CMAP = 'jet'
 
 
 # --- the nets ------------------------------------------------------------------------
 
 @dataclasses.dataclass
 class Grader:
-    """One trained net and how its input is made."""
-    config: object          # the config the weights were trained with
-    net: nn.Module
-    weights: Path
-    preprocessing: str      # retina.preprocess method of its training images
+    """One trained net (`checkpoint.LoadedNet`) and how predict.py feeds and reports it."""
+    loaded: object          # checkpoint.LoadedNet
     crop_size: int          # S: the converted image side its window is cut from
     column: str = ''        # its score column in the output
     feature_stats: object = None  # gradability.FeatureStats of its training photographs
     thresholds: tuple = None  # its own cut-offs for the centred window (a released net's)
 
     @property
+    def config(self):       # the config the weights were trained with
+        return self.loaded.config
+
+    @property
+    def net(self):
+        return self.loaded.net
+
+    @property
+    def weights(self):
+        return self.loaded.weights
+
+    @property
+    def preprocessing(self):  # retina.preprocess method of its training images
+        return self.loaded.preprocessing
+
+    @property
+    def constants(self):      # the pixel constants it was trained with
+        return self.loaded.constants
+
+    @property
     def input_size(self):
-        return tuple(self.net.input_size)
+        return self.loaded.input_size
 
     @property
     def is_ram(self):
@@ -85,9 +98,7 @@ class Grader:
 
     @property
     def fingerprint(self):
-        if not hasattr(self, '_fingerprint'):
-            self._fingerprint = weights_fingerprint(self.net)
-        return self._fingerprint
+        return self.loaded.fingerprint
 
 
 def load_grader(cnf, weights_from=None, device='cpu', crop_size=None):
@@ -96,20 +107,15 @@ def load_grader(cnf, weights_from=None, device='cpu', crop_size=None):
     config = config_module.load(cnf)
     weights = (released.weights_path(weights_from) if weights_from
                else paths.best_kappa_weights(config.name))
-    net, state = rebuild(config, weights)
-    used = checkpoint.config_of(state) if state.get('config_name') == config.name else config
-    method = state.get('preprocessing', 'none')
-    if method not in preprocess.METHODS:
-        raise UserError(f'{weights}: trained on images preprocessed with {method!r}, which this '
-                        f'version does not know ({", ".join(preprocess.METHODS)})')
-    expected = converted_size(net.input_size)
+    loaded = checkpoint.load_net(config, weights, device)
+    expected = converted_size(loaded.input_size)
     size = crop_size or expected
-    if not max(net.input_size) <= size <= expected:  # as transform.py checks converted images
-        raise UserError(f'--crop_size {size}: {config.name} sees a {max(net.input_size)}-px '
+    if not max(loaded.input_size) <= size <= expected:  # as transform.py checks converted images
+        raise UserError(f'--crop_size {size}: {config.name} sees a {max(loaded.input_size)}-px '
                         f'window of {expected}-px converted images; use a size from '
-                        f'{max(net.input_size)} to {expected} (or leave --crop_size out)')
-    return Grader(config=used, net=net.to(device).eval(), weights=weights, preprocessing=method,
-                  crop_size=size,
+                        f'{max(loaded.input_size)} to {expected} (or leave --crop_size out)')
+    state = loaded.state
+    return Grader(loaded=loaded, crop_size=size,
                   feature_stats=gradability.FeatureStats.from_state(state.get('feature_stats')),
                   thresholds=tuple(state['thresholds']) if state.get('thresholds') else None)
 
@@ -124,27 +130,6 @@ def name_columns(graders):
         name = grader.config.name
         seen[name] = seen.get(name, 0) + 1
         grader.column = f'score_{name}' + (f'_{seen[name]}' if counts[name] > 1 else '')
-
-
-@contextlib.contextmanager
-def last_conv_output(net):
-    """Keep the output of the net's last conv layer at each forward; the hook is always removed."""
-    captured = {}
-
-    def hook(_module, _inputs, output):
-        captured['maps'] = output.detach()
-
-    handle = net.get_submodule(net.last_conv).register_forward_hook(hook)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def ram_maps(net, last_conv_maps):
-    """(N, h', w') regression activation maps Σ_k w_k A_k (no output bias)."""
-    weight = net.get_submodule('output').weight[0].float()
-    return torch.einsum('k,nkhw->nhw', weight, last_conv_maps.float())
 
 
 # --- one photograph --------------------------------------------------------------------
@@ -197,29 +182,32 @@ class NetOutput:
     unlike: np.ndarray = None  # per photo: beyond the training photographs' feature distance
 
 
-def _passes(grader, images, augmentations, want_maps=False, precision='fp32'):
+def _passes(grader, images, augmentations, precision='fp32'):
     """Outputs and features of `images` (N, 3, S, S) uint8 under each parameter set
-    (None: the centred window); the last conv maps of the first pass when `want_maps`;
-    the net under bf16 autocast with `precision` 'bf16' (a blend's features, as transform.py
-    computed them)."""
-    outputs, features, maps = [], [], None
+    (None: the centred window); the net under bf16 autocast with `precision` 'bf16' (a
+    blend's features, as transform.py computed them)."""
+    outputs, features = [], []
     device = next(grader.net.parameters()).device
     with torch.no_grad():
         for params in augmentations:
             x = prepare_batch(images, grader.input_size,
                               broadcast_params(params, len(images), device) if params else None,
-                              constants=getattr(grader.net, 'pixel_constants', None),
+                              constants=grader.constants,
                               dtype=torch.bfloat16 if precision == 'bf16' else torch.float32)
-            hook = last_conv_output(grader.net) if want_maps and maps is None \
-                else contextlib.nullcontext({})
-            with hook as captured, torch.autocast(device.type, dtype=torch.bfloat16,
-                                                  enabled=precision == 'bf16'):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16'):
                 out, feat = grader.net(x, return_features=True)
-            if 'maps' in captured:
-                maps = ram_maps(grader.net, captured['maps']).cpu()
             outputs.append(out.float().squeeze(1).cpu().numpy())
             features.append(feat.double().cpu().numpy())
-    return outputs, features, maps
+    return outputs, features
+
+
+def heat_maps(grader, images, method):
+    """(N, h', w') maps of `method` (retina.heatmaps.methods.METHODS) on the centred window,
+    fp32: the function ram.py draws with, on the same network input."""
+    from retina.heatmaps import methods
+    x = prepare_batch(images, grader.input_size, None,
+                      constants=grader.constants)
+    return methods.compute_maps(method, grader.net, x)[0].cpu()
 
 
 def augmentation_list(grader, n_iter, skip=0):
@@ -229,25 +217,24 @@ def augmentation_list(grader, n_iter, skip=0):
     return tta_params(n_iter, skip, grader.config.cnf['aug_params'], grader.config.cnf['sigma'])
 
 
-def score_batch(grader, photos, n_iter, feature_sets=(), want_maps=False,
+def score_batch(grader, photos, n_iter, feature_sets=(), map_method=None,
                 feature_precision='fp32'):
     """`NetOutput` of `grader` for `photos`: the score averaged over `n_iter` augmentations,
     the mean/std features of each (n_iter, skip) in `feature_sets` (as transform.py saves
-    them), the RAM maps of the centred window when `want_maps`."""
+    them), the heat maps of `map_method` on the centred window (`heat_maps`) if given."""
     device = next(grader.net.parameters()).device
     key = (grader.crop_size, grader.preprocessing)
     images = torch.from_numpy(np.stack([p.converted[key] for p in photos])).permute(0, 3, 1, 2)
     images = images.contiguous().to(device)
     result = NetOutput(scores=None)
-    outputs, score_features, maps = _passes(grader, images, augmentation_list(grader, n_iter),
-                                            want_maps=want_maps and n_iter == 1)
+    outputs, score_features = _passes(grader, images, augmentation_list(grader, n_iter))
     result.scores = np.mean(outputs, axis=0)
     if grader.feature_stats is not None:  # on the centred window, as they were fitted
         centred = score_features[0] if n_iter == 1 else _passes(grader, images, [None])[1][0]
         stats = grader.feature_stats
         result.unlike = stats.distances(centred) > stats.threshold
-    if want_maps:
-        result.maps = maps if maps is not None else _passes(grader, images, [None], True)[2]
+    if map_method:
+        result.maps = heat_maps(grader, images, map_method)
     for tta in feature_sets:
         features = score_features if tta == (n_iter, 0) and feature_precision == 'fp32' else \
             _passes(grader, images, augmentation_list(grader, *tta),
@@ -275,32 +262,39 @@ def window_in_photo(box, crop_size, input_size):
             box_left + (left + width) * sx, box_top + (top + height) * sy)
 
 
-def heat_map_over_photo(image, ram, box, crop_size, input_size, caption=''):
-    """The photograph (RGB, at most HEATMAP_WIDTH wide) with `ram` (h', w') drawn over the net's
-    window: colour by the map's value, opacity growing with it, so the eye shows through where
-    the map says little."""
+def heat_map_over_photo(image, heat_map, box, crop_size, window, caption=''):
+    """The photograph (RGB, at most HEATMAP_WIDTH wide) with `heat_map` (h', w') drawn over the
+    net's window: upsampled to the window and coloured as ram.py does it
+    (`methods.upsample`, `methods.colour_levels` of the map inside the fundus, on the map's
+    own peak), with opacity growing with the level, so the eye shows through where the map
+    says little.  `window` is the converted image's centred window (h, w, 3) uint8."""
     from matplotlib import colormaps
 
+    from retina.heatmaps import figures, methods
+    height, width = window.shape[:2]
+    heat = methods.upsample(heat_map[None].float(), (height, width))[0].numpy()
+    heat = np.where(figures.fundus_mask(window), heat, np.nan)
+    levels = np.nan_to_num(methods.colour_levels(heat), nan=0.0)
     scale = min(1.0, HEATMAP_WIDTH / image.width)
     shown = image if scale == 1.0 else image.resize(
         (round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
-    left, top, right, bottom = (v * scale for v in window_in_photo(box, crop_size, input_size))
+    left, top, right, bottom = (v * scale for v in window_in_photo(box, crop_size,
+                                                                    (height, width)))
     # Pixel grid of the window, clipped to the photograph (a box may reach past its edge).
     x0, y0 = max(0, math.floor(left)), max(0, math.floor(top))
     x1, y1 = min(shown.width, math.ceil(right)), min(shown.height, math.ceil(bottom))
     canvas = np.asarray(shown, dtype=np.float32).copy()
-    ram = ram.float()
-    low, high = float(ram.min()), float(ram.max())
     if x1 > x0 and y1 > y0:
         full_h, full_w = max(1, round(bottom - top)), max(1, round(right - left))
-        upsampled = F.interpolate(ram[None, None], size=(full_h, full_w), mode='bilinear',
-                                  align_corners=False)[0, 0].numpy()
+        # The levels (not the map) resized to the photograph's pixels: the picture only.
+        resized = F.interpolate(torch.from_numpy(levels).float()[None, None],
+                                size=(full_h, full_w), mode='bilinear',
+                                align_corners=False)[0, 0].clamp(0, 1).numpy()
         oy, ox = y0 - round(top), x0 - round(left)
-        part = upsampled[max(oy, 0):max(oy, 0) + (y1 - y0), max(ox, 0):max(ox, 0) + (x1 - x0)]
+        part = resized[max(oy, 0):max(oy, 0) + (y1 - y0), max(ox, 0):max(ox, 0) + (x1 - x0)]
         y1, x1 = y0 + part.shape[0], x0 + part.shape[1]
-        level = (part - low) / (high - low) if high > low else np.zeros_like(part)
-        colour = colormaps[HEATMAP_CMAP](level)[..., :3] * 255
-        alpha = (HEATMAP_ALPHA * level)[..., None]
+        colour = colormaps[figures.SEQUENTIAL_CMAP](part)[..., :3] * 255
+        alpha = (HEATMAP_ALPHA * part)[..., None]
         region = canvas[y0:y1, x0:x1]
         canvas[y0:y1, x0:x1] = region * (1 - alpha) + colour * alpha
     out = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
@@ -370,21 +364,26 @@ def _load_all(paths_, needs, keep_images, failed, bar, workers):
 
 
 def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BATCH_SIZE,
-          progress=True, workers=None, grade_anyway=False):
+          progress=True, workers=None, grade_anyway=False, heatmap_method='ram',
+          save_maps=False):
     """Grade the photographs of `inputs` (files and folders) with every grader; returns `Result`.
 
     `blend` is a `LoadedBlend` (its feature sets are computed too); `heatmap_dir`
-    gets one PNG per photograph and RAM net.  Every row says whether the photograph is
+    gets one PNG per photograph and net that makes maps of `heatmap_method`
+    (retina.heatmaps.methods: 'ram' for RAM nets, 'gradcam' or 'layercam' for any), and with
+    `save_maps` the map itself beside it (.npy, the last conv's resolution).  Every row says whether the photograph is
     gradable and why not (`retina.gradability`); an ungradable one keeps its scores but gets
     no level, unless `grade_anyway`.
     """
     photo_paths = collect_photos(inputs)
     name_columns(graders)
     cuts = level_cuts(graders, n_iter)
-    ram_graders = [g for g in graders if g.is_ram] if heatmap_dir else []
+    ram_graders = [g for g in graders if g.is_ram or heatmap_method != 'ram'] \
+        if heatmap_dir else []
     if heatmap_dir and not ram_graders:
         raise UserError('--heatmap needs a RAM net (a *_ram config: its global-average-pool head '
-                        'makes the map exact); none of the --cnf nets is one')
+                        'makes the map exact); none of the --cnf nets is one: use one, or '
+                        '--method gradcam or layercam')
     needs = {(g.crop_size, g.preprocessing) for g in graders}
     feature_sets = blend.feature_sets(graders) if blend else {}
     workers = workers or min(BATCH_SIZE, os.cpu_count() or 1)
@@ -399,7 +398,8 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
             if not photos:
                 continue
             outputs = {id(g): score_batch(g, photos, n_iter, feature_sets.get(id(g), ()),
-                                          want_maps=g in ram_graders,
+                                          map_method=heatmap_method if g in ram_graders
+                                          else None,
                                           feature_precision=blend.precision if blend else 'fp32')
                        for g in graders}
             for i, photo in enumerate(photos):
@@ -419,16 +419,23 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                                            for g in graders
                                            for tta, stats in outputs[id(g)].features.items()})
                 for g in ram_graders:
-                    path = paths.heat_map(heatmap_dir, photo.name, g.config.name, False)
+                    path = paths.heat_map(heatmap_dir, photo.name, g.config.name, False,
+                                          heatmap_method)
                     own = int(data.to_levels([row[g.column]], level_cuts([g], n_iter))[0])
                     caption = f'{g.config.name}: score {row[g.column]:.2f}, ' + (
                         f'level {own}' if row['gradable'] == 'yes' or grade_anyway
                         else f'ungradable ({row["reasons"]})')
-                    picture = heat_map_over_photo(photo.images[g.crop_size], outputs[id(g)].maps[i],
+                    converted = photo.converted[(g.crop_size, g.preprocessing)]
+                    window = centre_crop(torch.from_numpy(converted).permute(2, 0, 1),
+                                         g.input_size).to(torch.uint8).permute(1, 2, 0).numpy()
+                    heat_map = outputs[id(g)].maps[i]
+                    picture = heat_map_over_photo(photo.images[g.crop_size], heat_map,
                                                   photo.boxes[g.crop_size], g.crop_size,
-                                                  g.input_size, caption)
+                                                  window, caption)
                     atomic.save_image(path, picture)
                     heat_maps.append(path)
+                    if save_maps:
+                        atomic.save_npy(path.with_suffix('.npy'), heat_map.numpy())
             bar.update(len(photos))
     columns = ['image', *[g.column for g in graders], 'mean', 'level']
     if blend and rows:

@@ -41,11 +41,10 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from retina import crop, data, paths, released
+from retina import atomic, checkpoint, crop, data, paths, released
 from retina.augment import centre_crop, standardise
 from retina.cache import converted_size
 from retina.errors import UserError
-from retina.features import rebuild
 from retina.heatmaps import figures, methods, scores as scoring
 from retina.images import BadImage, image_name, list_images, load_rgb
 from retina.nets import is_ram_net
@@ -170,26 +169,27 @@ def mask_sources(folder, photos=None):
 # --- the run -----------------------------------------------------------------------
 
 def load_net(config, weights_from, device, method='ram'):
-    """(the config's net with the weights of `weights_from` (default: its best-kappa weights),
-    the weights' path, the config the weights were trained with)."""
+    """The `checkpoint.LoadedNet` of the config with the weights of `weights_from` (default: its
+    best-kappa weights), checked to make maps of `method`."""
     if method == 'ram' and not is_ram_net(config.layers):
         raise UserError(f'{config.path}: {config.name} is a baseline config (RMS-pool head) and has '
                         f'no regression activation map; use --cnf {config.name}_ram, or --method '
                         f'gradcam or layercam for this net')
     path = (released.weights_path(weights_from) if weights_from
             else paths.best_kappa_weights(config.name))
-    net, state = rebuild(config, path)
+    loaded = checkpoint.load_net(config, path, device)
     if method == 'ram':
-        methods.check_ram_net(net)
-    return net.to(device).eval(), path, state.get('config_name')
+        methods.check_ram_net(loaded.net)
+    return loaded
 
 
-def check_preprocessing(image_paths, nets_and_weights):
-    """Every image folder must be prepared (convert.py --enhance) as each net's training images were."""
+def check_preprocessing(image_paths, nets):
+    """Every image folder must be prepared (convert.py --enhance) as each net's training images
+    were (`nets`: LoadedNets)."""
     from retina import preprocess
     for folder in dict.fromkeys(Path(p).parent for p in image_paths):
-        for net, weights in nets_and_weights:
-            preprocess.check_matches(folder, getattr(net, 'preprocessing', 'none'), weights)
+        for loaded in nets:
+            preprocess.check_matches(folder, loaded.preprocessing, loaded.weights)
 
 
 def check_output_dir(output_dir, image_paths, *input_folders):
@@ -211,17 +211,6 @@ def method_tag(method, layer=None, include_bias=False, net=None):
     if layer and (net is None or layer != net.last_conv):
         tag += f'-{layer}'
     return tag
-
-
-@dataclasses.dataclass
-class Net:
-    """A net that makes maps: its config, the module and where its input comes from."""
-    config: object
-    module: torch.nn.Module
-
-    @property
-    def input_size(self):
-        return tuple(self.config.input_size)
 
 
 @dataclasses.dataclass
@@ -270,27 +259,31 @@ def _batches(image_paths, batch_size, window_size, failed, bar):
 
 def network_input(windows, input_size, constants=None):
     """Standardised input of a net from uint8 windows (N, 3, h, w), shrunk to `input_size` if larger;
-    `constants`: the net's `pixel_constants` [default: the Kaggle ones]."""
+    `constants`: the net's pixel constants (LoadedNet.constants) [default: the Kaggle ones]."""
     x = windows.float()
     if tuple(x.shape[-2:]) != tuple(input_size):
         x = F.interpolate(x, size=tuple(input_size), mode='bilinear', align_corners=False, antialias=True)
     return standardise(x, constants)
 
 
-def run(config, net, image_paths, output_dir, method='ram', layer=None, include_bias=False,
+def run(loaded, image_paths, output_dir, method='ram', layer=None, include_bias=False,
         fuse_with=None, per_image_scale=False, signed=False, cmap=None, alpha=0.5, masks=None,
         photos=None, labels=None, all_levels=False, batch_size=None, deletion_fill='mean',
-        draw=True, progress=True):
+        draw=True, progress=True, save_maps=False):
     """Write a heat map per image and the by-level figure; score localisation when `masks` is given.
 
-    `fuse_with` is (config, net) of a second net whose maps are fused with
-    this one's; the images must then be converted for the larger of the two.
+    With `save_maps` each image's map, as the method made it (conv resolution, float32; fused
+    maps on their grid), is saved beside its figure as .npy.
+
+    `loaded` is the net (`checkpoint.LoadedNet`); `fuse_with` a second one whose maps are
+    fused with its; the images must then be converted for the larger of the two.
     Without `draw` nothing is written (scores only).
     """
-    nets = [Net(config, net)] + ([Net(*fuse_with)] if fuse_with else [])
+    nets = [loaded] + ([fuse_with] if fuse_with else [])
+    config = loaded.config
     window_size = max((n.input_size for n in nets), key=lambda s: s[0] * s[1])
     title = '+'.join(n.config.name for n in nets)
-    tag = method_tag(method, layer, include_bias, net)
+    tag = method_tag(method, layer, include_bias, loaded.net)
     cmap = cmap or (figures.SIGNED_CMAP if signed else figures.SEQUENTIAL_CMAP)
     batch_size = batch_size or config.cnf['batch_size_test']
     known = data.load_labels(labels) if labels else None
@@ -313,6 +306,10 @@ def run(config, net, image_paths, output_dir, method='ram', layer=None, include_
         _score(items, scores, window_size)
     if not draw:
         return RunSummary(written=[], by_level=None, failed=failed, scores=scores)
+    if save_maps:
+        for item in items:
+            atomic.save_npy(paths.heat_map(output_dir, item.name, title, signed, tag)
+                            .with_suffix('.npy'), item.map.float().numpy())
     written, by_level = _draw(items, output_dir, title, tag, window_size, cmap, alpha, signed,
                               per_image_scale, by_label=known is not None, failed=failed,
                               unit=('sum of the min-max normalised maps' if len(nets) == 2 else
@@ -323,12 +320,12 @@ def run(config, net, image_paths, output_dir, method='ram', layer=None, include_
 def _forward(nets, batch, method, layer, include_bias, known, sources, scores, all_levels,
              window_size, generator, failed):
     """Items of a batch: maps (fused when there are two nets), predictions, masks of the scored ones."""
-    device = next(nets[0].module.parameters()).device
+    device = next(nets[0].net.parameters()).device
     windows = torch.stack([window for _, window, _ in batch]).to(device)
     maps, inputs = [], []
     for n in nets:
-        x = network_input(windows, n.input_size, getattr(n.module, 'pixel_constants', None))
-        m, p = methods.compute_maps(method, n.module, x, layer=layer if n is nets[0] else None,
+        x = network_input(windows, n.input_size, n.constants)
+        m, p = methods.compute_maps(method, n.net, x, layer=layer if n is nets[0] else None,
                                     include_bias=include_bias)
         maps.append(m)
         inputs.append(x)
@@ -365,8 +362,9 @@ def _forward(nets, batch, method, layer, include_bias, known, sources, scores, a
     scored = [i for i, item in enumerate(items) if item.scored]
     if scores is not None and scored and len(nets) == 1:
         index = torch.tensor(scored, device=device)
-        top, random = scoring.deletion_drops(nets[0].module, inputs[0][index], maps[0][index],
-                                             generator=generator, fill=scores.fill)
+        top, random = scoring.deletion_drops(nets[0].net, inputs[0][index], maps[0][index],
+                                             generator=generator, fill=scores.fill,
+                                             constants=nets[0].constants)
         scores.top_drops.extend(top.tolist())
         scores.random_drops.extend(random.tolist())
     return items

@@ -42,14 +42,13 @@ def centred_scores(config_name, weights, folder, image_paths):
     import torch
 
     from retina import cache, config as config_module
-    from retina.features import load_model
     from retina.runtime import Runtime
     from retina.train import predict
-    config = config_module.load(config_name)
-    model = load_model(config, weights, 'cpu')
+    loaded = checkpoint.load_net(config_module.load(config_name), weights, 'cpu')
     images = cache.load_images(image_paths, progress=False)
-    cache.check_size(images, config.input_size, folder, config_name)
-    return predict(model, images, np.arange(len(images)), config, Runtime(torch.device('cpu')))
+    cache.check_size(images, loaded.config.input_size, folder, config_name)
+    return predict(loaded.net, images, np.arange(len(images)), loaded.config,
+                   Runtime(torch.device('cpu')))
 
 
 def graded_raw(config_name, weights, folder):

@@ -75,3 +75,13 @@ def workdir(converted_workdir, tmp_path):
     target = tmp_path / 'work'
     shutil.copytree(converted_workdir, target, ignore=shutil.ignore_patterns('weights', 'cache'))
     return target
+
+
+def as_loaded(config, net, weights='unsaved.pt', preprocessing='none'):
+    """`net` (built here, never saved) as the `checkpoint.LoadedNet` the later stages take."""
+    from pathlib import Path
+
+    from retina.augment import constants_for
+    from retina.checkpoint import LoadedNet
+    return LoadedNet(config=config, net=net, weights=Path(weights), preprocessing=preprocessing,
+                     constants=constants_for(config.cnf), state={})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import noise_images, run_script
+from conftest import as_loaded, noise_images, run_script
 from retina import config as config_module
 from retina import data
 from retina.cache import load_images
@@ -198,7 +198,8 @@ def test_tta_from_a_host_cache_matches_the_device_cache(tmp_path, monkeypatch):
                             lambda images, rt, _, where=where: place(images, rt, where))
         (tmp_path / where).mkdir()
         monkeypatch.chdir(tmp_path / where)  # each run writes its own data/features
-        made = extract_features(config, net, folder, 'test', n_iter=6, device='cuda',
+        made = extract_features(config, as_loaded(config, net), folder, 'test', n_iter=6,
+                                device='cuda',
                                 batch_size=4, progress=False, echo=lambda *a: None)
         means[where] = torch.from_numpy(load_features(made['mean'])[0])
     assert relative_error(means['no'], means['yes']) < 1e-3

@@ -48,10 +48,11 @@ def converted_route_scores(workdir, photos, name, weights, crop_size=128, enhanc
     the centred window, as train.py's predict and transform.py see it."""
     from retina.augment import prepare_batch
     from retina.crop import convert_folder
-    from retina.features import load_model
+    from retina.checkpoint import load_net
     folder = workdir / f'converted_{name}'
     convert_folder(photos, folder, crop_size, 'tiff', n_proc=1, progress=False, enhance=enhance)
-    net = load_model(config_module.load(name), weights, 'cpu')
+    loaded = load_net(config_module.load(name), weights, 'cpu')
+    net = loaded.net
     scores = {}
     for path in sorted(folder.glob('*.tiff')):
         image = torch.from_numpy(np.array(Image.open(path).convert('RGB'))).permute(2, 0, 1)
@@ -129,8 +130,11 @@ def test_predict_applies_the_preprocessing_the_net_was_trained_with(photos, tmp_
     rows = grade([grader], [photos], progress=False).rows
     for row in rows:
         assert abs(row[f'score_{RAM}'] - reference[row['image']]) < 1e-4
-    grader.preprocessing = 'none'  # the enhancement matters: without it the scores move
-    plain = grade([grader], [photos], progress=False).rows
+    # The enhancement matters: without it the scores move.
+    import dataclasses
+    plain_grader = dataclasses.replace(
+        grader, loaded=dataclasses.replace(grader.loaded, preprocessing='none'))
+    plain = grade([plain_grader], [photos], progress=False).rows
     assert max(abs(a[f'score_{RAM}'] - b[f'score_{RAM}']) for a, b in zip(rows, plain)) > 1e-3
 
 
@@ -143,11 +147,59 @@ def test_heat_map_lies_over_the_eye_in_the_photograph():
     photo = Image.new('RGB', (400, 200), (0, 0, 0))
     ram = torch.zeros(6, 6)
     ram[0, 0] = 1.0  # evidence in the window's top-left cell only
-    drawn = np.asarray(heat_map_over_photo(photo, ram, (100, 0, 300, 200), 128, (112, 112)))
+    window = np.full((112, 112, 3), 120, np.uint8)  # all fundus
+    drawn = np.asarray(heat_map_over_photo(photo, ram, (100, 0, 300, 200), 128, window))
     interior = drawn[16:184, 116:284].astype(int).sum(axis=2)  # inside the window's outline
     assert interior[:20, :20].min() > 0          # the top-left cell is coloured ...
-    assert interior[50:, :].max() == 0 and interior[:, 50:].max() == 0  # ... and only it
+    assert interior[60:, :].max() == 0 and interior[:, 60:].max() == 0  # ... and only it
     assert drawn[:, :110].max() == 0 and drawn[:, 290:].max() == 0  # nothing outside the window
+
+
+@pytest.mark.parametrize('method', ['ram', 'gradcam'])
+def test_ram_py_and_predict_py_draw_the_same_map_of_a_photograph(photos, tmp_path, method):
+    """One renderer: the map predict.py draws over a raw photograph is the map ram.py draws
+    over convert.py's image of it (saved by both with --save_maps), for each method; and the
+    ONNX export's `ram` output is that map too."""
+    work = tmp_path
+    weights = save_untrained(work, RAM)
+    from retina.crop import convert_folder
+    convert_folder(photos, work / 'converted', 128, 'tiff', n_proc=1, progress=False)
+    run_script('ram.py', '--cnf', RAM, '--weights_from', weights, '--method', method, '--images',
+               work / 'converted', '--output_dir', work / 'ram_maps', '--save_maps',
+               '--no_progress', cwd=work)
+    run_script('predict.py', photos, '--cnf', RAM, '--weights_from', weights, '--heatmap',
+               work / 'predict_maps', '--method', method, '--save_maps', '--output',
+               work / 'grades.csv', cwd=work)
+    names = sorted(p.stem for p in photos.glob('*.jpeg'))
+    for name in names:
+        drawn_by_ram = np.load(work / 'ram_maps' / f'{name}_{method}_{RAM}.npy')
+        drawn_by_predict = np.load(work / 'predict_maps' / f'{name}_{method}_{RAM}.npy')
+        assert drawn_by_ram.shape == drawn_by_predict.shape == (6, 6)
+        np.testing.assert_allclose(drawn_by_predict, drawn_by_ram, rtol=1e-4, atol=1e-5)
+        assert (work / 'predict_maps' / f'{name}_{method}_{RAM}.png').is_file()
+        assert np.abs(drawn_by_ram).max() > 0
+    if method == 'ram':  # the ONNX graph computes it with the same function
+        from retina.export import ExportedNet
+        from retina.predict import load_grader
+        grader = load_grader(RAM, weights, 'cpu')
+        image = np.array(Image.open(work / 'converted' / f'{names[0]}.tiff').convert('RGB'))
+        with torch.no_grad():
+            _, ram = ExportedNet(grader.net, 128, True, grader.constants)(
+                torch.from_numpy(image)[None])
+        np.testing.assert_allclose(
+            ram[0].numpy(), np.load(work / 'ram_maps' / f'{names[0]}_ram_{RAM}.npy'),
+            rtol=1e-4, atol=1e-5)
+
+
+def test_predict_heatmap_of_a_baseline_net_needs_a_gradient_method(photos, tmp_path):
+    weights = save_untrained(tmp_path, BASELINE)
+    refused = run_script('predict.py', photos, '--cnf', BASELINE, '--weights_from', weights,
+                         '--heatmap', tmp_path / 'maps', cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and '--method gradcam or layercam' in refused.stderr
+    run_script('predict.py', photos, '--cnf', BASELINE, '--weights_from', weights, '--heatmap',
+               tmp_path / 'maps', '--method', 'layercam', '--output', tmp_path / 'g.csv',
+               cwd=tmp_path)
+    assert len(list((tmp_path / 'maps').glob(f'*_layercam_{BASELINE}.png'))) == 4
 
 
 def test_blend_saved_by_blend_py_gives_predict_the_submission_levels(workdir, synthetic_source):
@@ -155,17 +207,18 @@ def test_blend_saved_by_blend_py_gives_predict_the_submission_levels(workdir, sy
     images; predict.py --blend on the raw test photos gives the submission's scores and levels."""
     from retina.blend import run_blend
     from retina.crop import convert_folder
-    from retina.features import extract_features, load_model
+    from retina.checkpoint import load_net
+    from retina.features import extract_features
     weights = save_untrained(workdir, RAM)
     data = workdir / 'data'
     convert_folder(synthetic_source / 'test', data / 'test_lossless', 128, 'tiff', n_proc=1,
                    progress=False)
     config, files = config_module.load(RAM), []
-    net = load_model(config, weights, 'cpu')
+    loaded = load_net(config, weights, 'cpu')
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(workdir)  # the pipeline's relative data/ and weights/ paths
         for split, folder in (('train', data / 'train_tiny'), ('test', data / 'test_lossless')):
-            made = extract_features(config, net, folder, split, n_iter=2, progress=False,
+            made = extract_features(config, loaded, folder, split, n_iter=2, progress=False,
                                     echo=lambda *a: None, weights=str(weights.relative_to(workdir)))
             files += [made['mean'], made['std']] if split == 'train' else []
         result = run_blend({'features': files}, labels_file=data / 'trainLabels.csv',

@@ -215,7 +215,6 @@ def test_load_stats_refuses_missing_and_foreign_files(tmp_path):
 def test_a_trained_net_carries_its_constants_to_later_stages(tmp_path, monkeypatch):
     from retina import checkpoint
     from retina.export import ExportedNet
-    from retina.features import rebuild
     (tmp_path / 'own.json').write_text(json.dumps(OWN))
     (tmp_path / 'configs').mkdir()
     (tmp_path / 'configs' / 'c_own.py').write_text(OWN_CONFIG.format(path='own.json'))
@@ -225,9 +224,9 @@ def test_a_trained_net_carries_its_constants_to_later_stages(tmp_path, monkeypat
     checkpoint.save(tmp_path / 'w.pt', config.build_net(), config, epoch=0)
     # The config module changes after training: the checkpoint's constants still hold.
     (tmp_path / 'own.json').write_text(json.dumps(dict(OWN, mean=[1.0, 2.0, 3.0])))
-    net, _ = rebuild(config_module.load('configs/c_own.py'), tmp_path / 'w.pt')
-    assert net.pixel_constants == constants_for(OWN)
-    exported = ExportedNet(net, 128, with_ram=False)
+    loaded = checkpoint.load_net(config_module.load('configs/c_own.py'), tmp_path / 'w.pt')
+    assert loaded.constants == constants_for(OWN)
+    exported = ExportedNet(loaded.net, 128, with_ram=False, constants=loaded.constants)
     np.testing.assert_allclose(exported.mean.flatten().numpy(), OWN['mean'])
     np.testing.assert_allclose(exported.std.flatten().numpy(), OWN['std'])
     # predict.py and ram.py feed the net its own standardisation.
@@ -244,7 +243,7 @@ def test_a_trained_net_carries_its_constants_to_later_stages(tmp_path, monkeypat
     np.testing.assert_allclose(features, own_features, rtol=1e-5, atol=1e-6)
     assert not np.allclose(features, kaggle_features, rtol=1e-3, atol=1e-3)
     windows = augment.centre_crop(images, grader.input_size).to(torch.uint8)
-    torch.testing.assert_close(network_input(windows, grader.input_size, net.pixel_constants), own)
+    torch.testing.assert_close(network_input(windows, grader.input_size, loaded.constants), own)
 
 
 def test_weights_graded_under_another_config_name_keep_their_own_constants(tmp_path,
@@ -253,7 +252,6 @@ def test_weights_graded_under_another_config_name_keep_their_own_constants(tmp_p
     every stage standardises with the weights' constants, not the named config's."""
     from retina import checkpoint
     from retina.export import ExportedNet
-    from retina.features import rebuild
     from retina.predict import load_grader
     (tmp_path / 'own.json').write_text(json.dumps(OWN))
     (tmp_path / 'configs').mkdir()
@@ -262,11 +260,12 @@ def test_weights_graded_under_another_config_name_keep_their_own_constants(tmp_p
     config = config_module.load('configs/c_own.py')
     monkeypatch.setattr(torch.nn.init, 'orthogonal_', quick_init)
     checkpoint.save(tmp_path / 'w.pt', config.build_net(), config, epoch=0)
-    net, _ = rebuild(config_module.load('c_128_5x5_32'), tmp_path / 'w.pt')
-    assert net.pixel_constants == constants_for(OWN) != KAGGLE
+    loaded = checkpoint.load_net(config_module.load('c_128_5x5_32'), tmp_path / 'w.pt')
+    assert loaded.constants == constants_for(OWN) != KAGGLE
     grader = load_grader('c_128_5x5_32', tmp_path / 'w.pt')
-    assert grader.net.pixel_constants == constants_for(OWN)
-    np.testing.assert_allclose(ExportedNet(grader.net, 128, with_ram=False).mean.flatten(),
+    assert grader.constants == constants_for(OWN)
+    np.testing.assert_allclose(ExportedNet(grader.net, 128, with_ram=False,
+                                           constants=grader.constants).mean.flatten(),
                                OWN['mean'])
 
 

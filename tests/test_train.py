@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import noise_images, run_script
+from conftest import as_loaded, noise_images, run_script
 from retina import checkpoint, config as config_module, data, paths
 from retina.augment import prepare_batch, random_params
 from retina.train import lr_for_epoch, make_optimizer, train
@@ -445,7 +445,7 @@ def test_tta_iterations_inside_the_batch_loop_give_each_iteration_s_features(tmp
     pixels = noise_images(folder, 5)
     torch.manual_seed(0)
     net = config.build_net().eval()
-    made = extract_features(config, net, folder, 'test', n_iter=7, batch_size=2, progress=False,
+    made = extract_features(config, as_loaded(config, net), folder, 'test', n_iter=7, batch_size=2, progress=False,
                             echo=lambda *a: None, precision='fp32')
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2)
     augmentations = tta_params(7, 0, config.cnf['aug_params'], config.cnf['sigma'])
@@ -520,7 +520,7 @@ def test_features_redo_a_block_at_half_the_batch_when_memory_runs_out(tmp_path, 
         monkeypatch.chdir(tmp_path / name)
         seen = (_short_of_memory(net, lambda call, size: call in failing and size > 1)
                 if name == 'short' else [])
-        made = extract_features(config, net, folder, 'test', n_iter=7, batch_size=4,
+        made = extract_features(config, as_loaded(config, net), folder, 'test', n_iter=7, batch_size=4,
                                 progress=False, echo=lambda *a: None)
         results[name] = [load_features(made[k])[0] for k in ('mean', 'std')]
     assert seen[:len(expected)] == expected

@@ -53,9 +53,9 @@ class Example:
 def colour_norm(maps, signed):
     """One matplotlib Normalize for all `maps`: [0, peak], or [-peak, peak] when `signed`."""
     from matplotlib.colors import Normalize
-    peaks = [float(np.nanmax(np.abs(m) if signed else m)) for m in maps if np.isfinite(m).any()]
-    peak = max(peaks, default=0.0)
-    peak = peak if peak > 1e-6 else 1e-6
+
+    from retina.heatmaps.methods import colour_peak
+    peak = colour_peak(maps, signed)
     return Normalize(-peak, peak) if signed else Normalize(0.0, peak)
 
 

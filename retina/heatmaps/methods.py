@@ -14,8 +14,12 @@
 - `layercam` (Jiang et al. 2021): ReLU(sum_k ReLU(d prediction / d A_k) A_k),
   the gradient kept per position, which keeps finer detail at earlier layers.
 
-Each method is one small function; the hook that reads a layer lives in a
-context manager that always removes it.  `upsample` brings maps to the
+Each method is one small function, and METHODS is the list every script offers
+(ram.py --method, predict.py --heatmap --method); the hook that reads a layer lives in
+a context manager that always removes it.  Every map a user sees is made here:
+ram.py's figures, predict.py's overlays on the photograph and the ONNX `ram` output
+(`ram_of_activations`), upsampled by `upsample` and coloured by one rule
+(`colour_levels`: the positive part over the map's peak, or a shared peak).  `upsample` brings maps to the
 window smoothly (bicubic, clamped to each map's range so the overshoot of
 the cubic kernel invents no values), and `fuse` adds the maps of two nets
 as the RAM repository's notebook did.
@@ -26,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from retina.errors import UserError
+from retina.heatmaps import METHOD_NAMES
 
 RAM_ADVICE = 'use a *_ram config (e.g. c_512_5x5_32_ram): its global-average-pool head makes the map exact'
 
@@ -102,11 +107,17 @@ def regression_activation_map(net, x, include_bias=False, layer=None):
                         f'layer ({net.last_conv}); use --method gradcam or layercam for other layers')
     with _eval_mode(net), capture_activations(net, net.last_conv) as captured:
         predictions = net(x)[:, 0]
-    weight, bias = net.output.weight[0], net.output.bias[0]
-    maps = torch.einsum('k,nkhw->nhw', weight.float(), captured.activations.float())
+    maps = ram_of_activations(captured.activations, net.output.weight[0])
     if include_bias:
-        maps = maps + bias
+        maps = maps + net.output.bias[0]
     return maps, predictions.float()
+
+
+def ram_of_activations(activations, weight):
+    """sum_k w_k A_k: the (N, h', w') maps of last-conv activations A (N, K, h', w') and the
+    output unit's weights w (K,).  The one RAM formula: the ONNX export (retina.export) traces
+    it into its graph."""
+    return (activations.float() * weight.float()[None, :, None, None]).sum(1)
 
 
 def activations_and_gradients(net, x, layer=None):
@@ -139,6 +150,7 @@ def layer_cam(net, x, layer=None):
 
 
 METHODS = {'ram': regression_activation_map, 'gradcam': grad_cam, 'layercam': layer_cam}
+assert tuple(METHODS) == METHOD_NAMES  # the scripts' choices (retina.heatmaps) are these
 
 
 def compute_maps(method, net, x, layer=None, include_bias=False):
@@ -160,6 +172,28 @@ def upsample(maps, size):
     low = maps.amin(dim=(1, 2))[:, None, None]
     high = maps.amax(dim=(1, 2))[:, None, None]
     return torch.maximum(torch.minimum(up, high), low)
+
+
+def colour_peak(maps, signed=False):
+    """The top of the colour scale of `maps` (arrays, NaN outside the fundus): the largest
+    value (magnitude when `signed`); the scale is [0, peak], or [-peak, peak] when signed."""
+    import numpy as np
+    peaks = [float(np.nanmax(np.abs(m) if signed else m)) for m in maps
+             if np.isfinite(m).any()]
+    peak = max(peaks, default=0.0)
+    return peak if peak > 1e-6 else 1e-6
+
+
+def colour_levels(heat, peak=None, signed=False):
+    """Where `heat` sits on the colour scale, 0..1 (-1..1 when `signed`): its positive part
+    (unless `signed`) over `peak` [default: `colour_peak` of this map].  ram.py's figures
+    and predict.py's overlays colour by this rule (ram.py shares one peak between its
+    figures unless --per_image_scale)."""
+    import numpy as np
+    shown = np.asarray(heat, dtype=np.float64)
+    shown = shown if signed else np.clip(shown, 0, None)
+    peak = colour_peak([shown], signed) if peak is None else peak
+    return np.clip(shown / peak, -1 if signed else 0, 1)
 
 
 def to_grid(maps, grid):

@@ -159,7 +159,8 @@ def top_pixels(maps, size, fraction):
 
 
 @torch.no_grad()
-def deletion_drops(net, x, maps, fraction=DELETION_FRACTION, generator=None, fill='mean'):
+def deletion_drops(net, x, maps, fraction=DELETION_FRACTION, generator=None, fill='mean',
+                   constants=None):
     """(drop when blanking the top `fraction` of the map's pixels, drop for a random `fraction`).
 
     `maps` (N, h', w') are upsampled to the input; drops are prediction(x) -
@@ -167,13 +168,13 @@ def deletion_drops(net, x, maps, fraction=DELETION_FRACTION, generator=None, fil
     `fraction` of a random map at the same resolution, upsampled the same
     way: blobs of the same grain in random places.  Scattered single black
     pixels would be no control: they look like microaneurysms and raise
-    the prediction.
+    the prediction.  `constants`: the net's pixel constants (LoadedNet.constants), which
+    standardised `x` [default: the Kaggle ones].
     """
     size = tuple(x.shape[-2:])
     random_maps = torch.rand(maps.shape, generator=generator).to(maps.device)
     net.eval()
     before = net(x)[:, 0]
-    constants = getattr(net, 'pixel_constants', None)
     top = before - net(blank(x, top_pixels(maps, size, fraction), fill, constants))[:, 0]
     random = before - net(blank(x, top_pixels(random_maps, size, fraction), fill,
                                 constants))[:, 0]
