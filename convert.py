@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from retina import crop, paths, preprocess
+from retina import conversion, crop, paths, preprocess, preview
 from retina.errors import handle_errors
 
 
@@ -24,7 +24,7 @@ from retina.errors import handle_errors
               help='Folder for the converted images, named like the inputs with the new extension. '
                    'Images already there are skipped, so an interrupted run resumes.')
 @click.option('--test', is_flag=True,
-              help=f'Convert nothing; show up to {crop.PREVIEW_COUNT} level-{crop.PREVIEW_LEVEL} photographs '
+              help=f'Convert nothing; show up to {preview.PREVIEW_COUNT} level-{preview.PREVIEW_LEVEL} photographs '
                    'next to their crops (in windows, or as PNGs in --preview_dir when there is no display).')
 @click.option('--crop_size', default=512, show_default=True, type=click.IntRange(min=8, max=8192),
               help='Side of the square output in pixels (the pipeline uses 512 for *_medium).')
@@ -33,7 +33,7 @@ from retina.errors import handle_errors
               help='Output format: tiff and png are lossless, jpeg is saved at quality 97.')
 @click.option('--n_proc', type=click.IntRange(min=1),
               help="Worker processes [default: this machine's CPU count, but no more than one per "
-                   f'{crop.IMAGES_PER_PROCESS} images: a few images convert sooner in one process '
+                   f'{conversion.IMAGES_PER_PROCESS} images: a few images convert sooner in one process '
                    'than a pool starts].')
 @click.option('--labels', default=str(paths.LABELS_FILE), show_default=True, type=click.Path(dir_okay=False),
               help='Labels CSV (image,level) used by --test to pick level-1 images; '
@@ -43,7 +43,7 @@ from retina.errors import handle_errors
               help='Where --test writes {name}_preview.png (photograph with the found box, crop) '
                    'when there is no display.')
 @click.option('--enhance', default='none', show_default=True,
-              type=click.Choice(preprocess.METHODS),
+              type=click.Choice(preprocess.PREPROCESSING),
               help='Cross-camera preprocessing of the converted images: local_contrast is Ben '
                    "Graham's local-average subtraction (Gaussian of 1/60 of the side) with each "
                    'channel brought to one spread, so raw and already-enhanced photographs from any '
@@ -61,15 +61,15 @@ def main(directory, convert_directory, test, crop_size, extension, n_proc, label
     blown up (a photo far smaller than crop_size) or black.
     """
     if test:
-        _, failed = crop.preview_folder(directory, crop_size, labels, preview_dir)
+        _, failed = preview.preview_folder(directory, crop_size, labels, preview_dir)
         if failed:
             click.echo(f'error: {len(failed)} image(s) could not be read (listed above)', err=True)
             sys.exit(1)
         return
-    summary = crop.convert_folder(directory, convert_directory, crop_size, extension.lower(), n_proc,
-                                 progress=not no_progress, enhance=enhance)
-    if len(summary.warnings) > crop.MAX_WARNINGS_SHOWN:
-        click.echo(f'{len(summary.warnings)} warnings in all; the first {crop.MAX_WARNINGS_SHOWN} '
+    summary = conversion.convert_folder(directory, convert_directory, crop_size, extension.lower(), n_proc,
+                                 progress=not no_progress, preprocessing=enhance)
+    if len(summary.warnings) > conversion.MAX_WARNINGS_SHOWN:
+        click.echo(f'{len(summary.warnings)} warnings in all; the first {conversion.MAX_WARNINGS_SHOWN} '
                    f'are shown above', err=True)
     if summary.failed:
         click.echo(f'error: {len(summary.failed)} of {summary.total} images could not be converted '

@@ -146,7 +146,7 @@ def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights,
     output_dir = output_dir or paths.ram_dir(title)
     if not scores_only:
         ram.check_output_dir(output_dir, image_paths, masks, photos)
-    summary = ram.run(loaded, image_paths, output_dir, method=method, layer=layer,
+    summary = ram.make_maps(loaded, image_paths, output_dir, method=method, layer=layer,
                       include_bias=include_bias, fuse_with=fuse_with, per_image_scale=per_image_scale,
                       signed=signed, cmap=cmap, alpha=alpha, masks=masks, photos=photos, labels=labels,
                       all_levels=all_levels, batch_size=batch_size, deletion_fill=deletion_fill,

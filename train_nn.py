@@ -95,7 +95,8 @@ def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed,
         from retina.nets import format_summary
         click.echo(format_summary(config.build_net(), config.name))
         return
-    from retina.train import resumed_config, train
+    from retina.runs import resumed_config
+    from retina.train import train
     if resume:  # the run's own folders and settings, or an error naming what changed
         config = resumed_config(config, given)
     train(config, weights_from=weights_from, resume=resume, max_epochs=max_epochs,

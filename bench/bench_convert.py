@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / 'bench'))
 
 from report import cpu_model, interleaved, medians, paired_ratio, replace_section, today  # noqa: E402
-from retina import crop  # noqa: E402
+from retina import conversion, crop  # noqa: E402
 from retina.atomic import save_image  # noqa: E402
 from retina.errors import handle_errors  # noqa: E402
 from retina.images import list_images, load_rgb  # noqa: E402
@@ -81,14 +81,14 @@ def one_by_one(function, sources, passes, name, crop_size, extension):
         out_dir = passes.folder(name)
         out_dir.mkdir()
         for src in sources:
-            function(src, crop.output_path(src, out_dir, extension), crop_size)
+            function(src, conversion.output_path(src, out_dir, extension), crop_size)
     return lambda: seconds(run) / len(sources)
 
 
 def with_pool(directory, count, passes, crop_size, extension, n_proc):
     """Seconds per image of convert_folder with `n_proc` processes, as convert.py runs it."""
     def run():
-        summary = crop.convert_folder(directory, passes.folder('pool'), crop_size, extension,
+        summary = conversion.convert_folder(directory, passes.folder('pool'), crop_size, extension,
                                       n_proc=n_proc, progress=False)
         if summary.failed:
             raise SystemExit(f'{len(summary.failed)} images failed: {summary.failed[0]}')
@@ -222,7 +222,7 @@ def main(directory, crop_size, extension, rounds, copies, n_proc, benchmarks_fil
     if reference_into:
         Path(reference_into).mkdir(parents=True, exist_ok=True)
         for src in sources:
-            reference_one(src, crop.output_path(src, reference_into, extension), crop_size)
+            reference_one(src, conversion.output_path(src, reference_into, extension), crop_size)
         return
     n = len(sources)
     for src in sources:  # the page cache: every variant reads the files from memory

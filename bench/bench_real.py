@@ -38,12 +38,14 @@ from report import device_name, replace_section, today  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from retina import cache, checkpoint, data, paths, preprocess  # noqa: E402
+from retina import config as config_module  # noqa: E402
 from retina.atomic import save_image  # noqa: E402
 from retina.crop import save_options  # noqa: E402
 from retina.blend import fit_thresholds  # noqa: E402
 from retina.feature_files import load_features  # noqa: E402
 from retina.checkpoint import load_net  # noqa: E402
 from retina.images import image_name, list_images, load_rgb  # noqa: E402
+from retina.nets import is_ram_net  # noqa: E402
 
 SHARED = REPO.parent / 'shared' / 'data'
 FLOOR_SIDE = 24
@@ -74,7 +76,7 @@ def convert(source, target, look, work, log):
     again: each image only gets the look, exactly convert.py's last step.
     """
     record = preprocess.read_record(source)
-    if not (record and record['crop_size'] == 128 and record['enhance'] == 'none'):
+    if not (record and record['crop_size'] == 128 and record['preprocessing'] == 'none'):
         run(['convert.py', '--directory', source, '--convert_directory', target, '--crop_size',
              128, '--extension', 'jpeg', '--enhance', look, '--no_progress'], work, log)
         return
@@ -145,9 +147,8 @@ def grade(work, config_name, image_paths, device):
     """The trained net's predictions (best-kappa weights, centred window) for `image_paths`."""
     import torch
 
-    from retina import config as config_module
     from retina.runtime import Runtime
-    from retina.train import predict
+    from retina.inference import predict
     loaded = load_net(config_module.load(config_name),
                       work / paths.best_kappa_weights(config_name), device)
     images = cache.load_images(image_paths, progress=False, cache_dir=work / 'data' / 'cache')
@@ -204,7 +205,7 @@ def one_look(look, source, raw, work, configs, epochs, tta, device, compile_mode
              'data/train_tiny', '--device', device, '--no_progress'], work, log)
         seconds[f'features {name}'] = time.perf_counter() - started
         features += [paths.features(name, 'train', s, tta, 0) for s in ('mean', 'std')]
-        if name.endswith('_ram'):
+        if is_ram_net(config_module.load(name).layers):
             figures[f'head {name}'] = kappas(truth, head_on_features(work, name, tta, valid_idx,
                                                                       names))
         if raw is not None:
@@ -233,7 +234,7 @@ def table(results, configs, epochs, tta, raw_name):
     for name in configs:
         row(f'{name}: best epoch / last epoch (centred window)',
             lambda f, n=name: '{:.3f} / {:.3f} ({} epochs)'.format(*f[f'net {n}']))
-        if name.endswith('_ram'):
+        if is_ram_net(config_module.load(name).layers):
             row(f'{name}: its linear head on {tta}-iteration TTA mean features (0.5..3.5 / '
                 f'fitted)', lambda f, n=name: '{:.3f} / {:.3f}'.format(*f[f'head {n}']))
     row(f'per-patient blend of {" + ".join(configs)} TTA features, cut-offs 0.5..3.5',

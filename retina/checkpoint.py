@@ -277,9 +277,9 @@ def load_net(config, weights_path, device='cpu'):
     model = build_uninitialised(built)
     load_exact(model, state, weights_path, config.name)
     preprocessing = state.get('preprocessing', 'none')
-    if preprocessing not in preprocess.METHODS:
+    if preprocessing not in preprocess.PREPROCESSING:
         raise UserError(f'{weights_path}: trained on images preprocessed with {preprocessing!r}, '
-                        f'which this version does not know ({", ".join(preprocess.METHODS)})')
+                        f'which this version does not know ({", ".join(preprocess.PREPROCESSING)})')
     return LoadedNet(config=built, net=model.to(device).eval(), weights=Path(weights_path),
                      preprocessing=preprocessing, constants=constants_for(own.cnf),
                      state={k: v for k, v in state.items() if k not in ('model', 'optimizer')})

@@ -100,7 +100,7 @@ def metadata(grader, wrapped):
     """What software running the file must know to prepare its input: the look of the
     training images (convert.py --enhance), the converted size and window, the constants."""
     return {'retina.config': grader.config.name,
-            'retina.enhance': grader.preprocessing,
+            'retina.preprocessing': grader.preprocessing,
             'retina.crop_size': str(grader.crop_size),
             'retina.window': f'{wrapped.height}x{wrapped.width}',
             'retina.mean': ','.join(f'{v:.6g}' for v in wrapped.mean.flatten().tolist()),

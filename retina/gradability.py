@@ -163,8 +163,8 @@ class FeatureStats:
 
 def centred_features(model, images, rows, config, runtime):
     """The pooled features (N × F, float64) of `images[rows]` (a uint8 cache) on the centred
-    window, as predict.py computes them for a photograph (`train.predict`'s loop)."""
-    from retina.train import predict
+    window, as predict.py computes them for a photograph (`inference.predict`)."""
+    from retina.inference import predict
     return predict(model, images, rows, config, runtime, features=True).astype(np.float64)
 
 

@@ -10,6 +10,8 @@ weights and biases of 0.05.  Conv biases are untied: one per channel and
 output position.
 """
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -230,54 +232,120 @@ def replace_head(layers, head):
     return layers[:last_conv + 1] + head
 
 
+@dataclass(frozen=True)
+class LayerKind:
+    """How a layer kind of the config modules' layer lists is built.  `build(options, shape)`
+    returns (module, output shape) for an input of `shape` ((channels, h, w) or (units,));
+    `spatial`: its output is a map a heat map can be taken of (Grad-CAM's layers);
+    `regularizable`: its parameters that weight decay applies to (Lasagne's)."""
+    build: Callable
+    spatial: bool = False
+    regularizable: tuple = ()
+
+
+LAYER_KINDS = {}
+
+
+def layer_kind(kind, spatial=False, regularizable=()):
+    """Register a builder for layer lists' `kind`: a new net family is one module that
+    registers its layers (and its configs); nothing else names them."""
+    def register(build):
+        if kind in LAYER_KINDS:
+            raise ValueError(f'layer kind {kind!r} is registered twice')
+        LAYER_KINDS[kind] = LayerKind(build, spatial, tuple(regularizable))
+        return build
+    return register
+
+
+@layer_kind('conv', spatial=True, regularizable=('weight',))
+def _conv(opt, shape):
+    (channels, h, w), k, s, p = shape, opt['size'], opt['stride'], opt['pad']
+    h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+    if h < 1 or w < 1:
+        raise ValueError(f'layer {opt["name"]}: input too small for this net')
+    return UntiedConv2d(channels, opt['filters'], k, s, p, (h, w)), (opt['filters'], h, w)
+
+
+def _pooled(shape, opt):
+    channels, h, w = shape
+    return channels, (h - opt['size']) // opt['stride'] + 1, (w - opt['size']) // opt['stride'] + 1
+
+
+@layer_kind('pool')
+def _max_pool(opt, shape):
+    return nn.MaxPool2d(opt['size'], opt['stride']), _pooled(shape, opt)
+
+
+@layer_kind('rmspool')
+def _rms_pool(opt, shape):
+    return RMSPool(opt['size'], opt['stride']), _pooled(shape, opt)
+
+
+@layer_kind('bn')
+def _batch_norm(opt, shape):
+    return nn.BatchNorm2d(shape[0]), shape
+
+
+@layer_kind('gap')
+def _global_average_pool(opt, shape):
+    return GlobalAveragePool(), (shape[0],)
+
+
+@layer_kind('dropout')
+def _dropout(opt, shape):
+    return nn.Dropout(opt['p']), shape
+
+
+@layer_kind('dense', regularizable=('weight',))
+def _dense(opt, shape):
+    return Dense(_numel(shape), opt['units'], nonlinear=True), (opt['units'],)
+
+
+@layer_kind('output', regularizable=('weight',))
+def _output(opt, shape):
+    return Dense(_numel(shape), opt['units'], nonlinear=False), (opt['units'],)
+
+
+@layer_kind('maxout')
+def _maxout(opt, shape):
+    return Maxout(opt['pool']), (shape[0] // opt['pool'],)
+
+
+FEATURE_KINDS = ('rmspool', 'gap')  # the first of these is the net's feature layer
+
+
 class Net(nn.Sequential):
     """A built network; knows its feature layer, its last conv and every output shape."""
 
     def __init__(self, layers, input_size):
         modules, shapes = OrderedDict(), OrderedDict()
-        channels, (h, w) = 3, input_size
-        shape = (channels, h, w)
+        shape = (3, *input_size)
         features = None
         for kind, opt in layers:
             name = opt['name']
-            if kind == 'conv':
-                k, s, p = opt['size'], opt['stride'], opt['pad']
-                h, w = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
-                if h < 1 or w < 1:
-                    raise ValueError(f'layer {name}: input too small for this net ({input_size})')
-                modules[name] = UntiedConv2d(channels, opt['filters'], k, s, p, (h, w))
-                channels = opt['filters']
-                shape = (channels, h, w)
-            elif kind in ('pool', 'rmspool'):
-                k, s = opt['size'], opt['stride']
-                h, w = (h - k) // s + 1, (w - k) // s + 1
-                modules[name] = (nn.MaxPool2d(k, s) if kind == 'pool' else RMSPool(k, s))
-                shape = (channels, h, w)
-            elif kind == 'bn':
-                modules[name] = nn.BatchNorm2d(channels)
-            elif kind == 'gap':
-                modules[name] = GlobalAveragePool()
-                shape = (channels,)
-            elif kind == 'dropout':
-                modules[name] = nn.Dropout(opt['p'])
-            elif kind in ('dense', 'output'):
-                modules[name] = Dense(_numel(shape), opt['units'], nonlinear=kind == 'dense')
-                shape = (opt['units'],)
-            elif kind == 'maxout':
-                modules[name] = Maxout(opt['pool'])
-                shape = (shape[0] // opt['pool'],)
-            else:
-                raise ValueError(f'unknown layer kind {kind!r} (layer {name})')
-            if kind in ('rmspool', 'gap') and features is None:
+            if kind not in LAYER_KINDS:
+                raise ValueError(f'unknown layer kind {kind!r} (layer {name}); known: '
+                                 f'{", ".join(LAYER_KINDS)}')
+            try:
+                modules[name], shape = LAYER_KINDS[kind].build(opt, shape)
+            except ValueError as error:
+                raise ValueError(f'{error} ({input_size})') from None
+            if kind in FEATURE_KINDS and features is None:
                 features = name
             shapes[name] = shape
         super().__init__(modules)
         self.input_size = tuple(input_size)
         self.output_shapes = shapes
         self.feature_layer = features
-        self.last_conv = [name for kind, opt in layers if kind == 'conv'
-                          for name in [opt['name']]][-1]
+        self.kinds = {opt['name']: kind for kind, opt in layers}
+        self.spatial_layers = [opt['name'] for kind, opt in layers if LAYER_KINDS[kind].spatial]
+        self.last_conv = self.spatial_layers[-1]
         self.is_ram = is_ram_net(layers)
+
+    def regularizable(self):
+        """The parameters weight decay applies to: those each layer kind names."""
+        return [module.get_parameter(attribute) for name, module in self.named_children()
+                for attribute in LAYER_KINDS[self.kinds[name]].regularizable]
 
     def forward(self, x, return_features=False):
         features = None

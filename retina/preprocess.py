@@ -1,5 +1,10 @@
 """Cross-camera preprocessing: one look for photographs from any camera, raw or enhanced.
 
+One name throughout: the *preprocessing* of a converted image is one of PREPROCESSING,
+chosen with `convert.py --enhance`, recorded as `preprocessing` in the folder's
+conversion.json (records that say `enhance` are read too) and in every checkpoint, and
+carried by `checkpoint.LoadedNet.preprocessing`.
+
 Photographs differ by camera, exposure and by what their publisher did to
 them (the eyepacs256 set arrives contrast-enhanced; raw EyePACS photos are
 orange with dark edges).  `convert.py --enhance local_contrast` maps every
@@ -14,7 +19,7 @@ the eye (blur(x·m) / blur(m)), so the black surround does not darken the rim
 into a bright ring.  Graham multiplied by a fixed 4; here each channel's
 spread (its standard deviation over the eye) is brought to SPREAD grey
 levels, which removes the camera's colour balance and contrast as well and
-makes the method (nearly) idempotent: an enhanced image comes back almost
+makes the preprocessing (nearly) idempotent: an enhanced image comes back almost
 unchanged, so already-enhanced photographs and raw ones meet in one place.
 Outside the eye is black (0), as in converted photographs.
 
@@ -30,7 +35,7 @@ import numpy as np
 from retina import atomic
 from retina.errors import UserError
 
-METHODS = ('none', 'local_contrast')
+PREPROCESSING = ('none', 'local_contrast')  # convert.py --enhance's choices
 SIGMA_FRACTION = 1 / 60      # local-mean Gaussian sigma, as a share of the image side
 SPREAD = 24.0                # output standard deviation per channel, grey levels
 MASK_THRESHOLD = 12          # blurred brightest channel above this is the eye
@@ -68,13 +73,14 @@ def local_contrast(rgb):
     return out.astype(np.uint8)
 
 
-def apply(rgb, method):
-    """`rgb` (H × W × 3 uint8) preprocessed with `method` (one of METHODS)."""
-    if method == 'none':
+def apply(rgb, preprocessing):
+    """`rgb` (H × W × 3 uint8) preprocessed with `preprocessing` (one of PREPROCESSING)."""
+    if preprocessing == 'none':
         return rgb
-    if method == 'local_contrast':
+    if preprocessing == 'local_contrast':
         return local_contrast(np.asarray(rgb, dtype=np.uint8))
-    raise UserError(f'unknown preprocessing {method!r}; choose one of {", ".join(METHODS)}')
+    raise UserError(f'unknown preprocessing {preprocessing!r}; choose one of '
+                    f'{", ".join(PREPROCESSING)}')
 
 
 # --- the record kept with a converted folder ---------------------------------
@@ -93,36 +99,39 @@ def read_record(folder):
     except (OSError, ValueError) as error:
         raise UserError(f'{path}: unreadable conversion record ({error}); delete it and run '
                         f'convert.py on the folder again') from None
-    if not isinstance(record, dict) or record.get('enhance') not in METHODS:
+    if isinstance(record, dict) and 'preprocessing' not in record and 'enhance' in record:
+        record['preprocessing'] = record.pop('enhance')  # records written before 2026-12
+    if not isinstance(record, dict) or record.get('preprocessing') not in PREPROCESSING:
         raise UserError(f'{path}: not a conversion record written by convert.py; delete it and '
                         f'run convert.py on the folder again')
     return record
 
 
-def folder_method(folder):
+def folder_preprocessing(folder):
     """The preprocessing of a converted folder ('none' for folders without a record)."""
     record = read_record(folder)
-    return record['enhance'] if record else 'none'
+    return record['preprocessing'] if record else 'none'
 
 
-def claim_folder(folder, crop_size, method, has_images):
-    """Before converting into `folder`: refuse to mix methods, then record this one."""
+def claim_folder(folder, crop_size, preprocessing, has_images):
+    """Before converting into `folder`: refuse to mix preprocessings, then record this one."""
     record = read_record(folder)
-    found = record['enhance'] if record else ('none' if has_images else None)
-    if found is not None and found != method:
-        raise UserError(f'{folder} holds images converted with --enhance {found}, not {method}; '
-                        f'choose another --convert_directory (mixing looks spoils training)')
+    found = record['preprocessing'] if record else ('none' if has_images else None)
+    if found is not None and found != preprocessing:
+        raise UserError(f'{folder} holds images converted with --enhance {found}, not '
+                        f'{preprocessing}; choose another --convert_directory (mixing '
+                        f'preprocessings spoils training)')
     if record is None or record.get('crop_size') != crop_size:
-        atomic.write_text(record_path(folder),
-                          json.dumps(dict(crop_size=crop_size, enhance=method), indent=2))
+        atomic.write_text(record_path(folder), json.dumps(
+            dict(crop_size=crop_size, preprocessing=preprocessing), indent=2))
 
 
-def check_matches(folder, method, weights):
+def check_matches(folder, preprocessing, weights):
     """Images of `folder` must be prepared as the net's training images were."""
-    found = folder_method(folder)
-    if found != method:
-        fix = (f'convert.py --enhance {method}' if method != 'none'
+    found = folder_preprocessing(folder)
+    if found != preprocessing:
+        fix = (f'convert.py --enhance {preprocessing}' if preprocessing != 'none'
                else 'convert.py without --enhance')
         raise UserError(f'{folder}: images converted with --enhance {found}, but {weights} was '
-                        f'trained on --enhance {method} images; convert the photographs with '
-                        f'{fix} into another folder')
+                        f'trained on --enhance {preprocessing} images; convert the photographs '
+                        f'with {fix} into another folder')

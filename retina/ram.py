@@ -266,10 +266,10 @@ def network_input(windows, input_size, constants=None):
     return standardise(x, constants)
 
 
-def run(loaded, image_paths, output_dir, method='ram', layer=None, include_bias=False,
-        fuse_with=None, per_image_scale=False, signed=False, cmap=None, alpha=0.5, masks=None,
-        photos=None, labels=None, all_levels=False, batch_size=None, deletion_fill='mean',
-        draw=True, progress=True, save_maps=False):
+def make_maps(loaded, image_paths, output_dir, method='ram', layer=None, include_bias=False,
+              fuse_with=None, per_image_scale=False, signed=False, cmap=None, alpha=0.5, masks=None,
+              photos=None, labels=None, all_levels=False, batch_size=None, deletion_fill='mean',
+              draw=True, progress=True, save_maps=False):
     """Write a heat map per image and the by-level figure; score localisation when `masks` is given.
 
     With `save_maps` each image's map, as the method made it (conv resolution, float32; fused

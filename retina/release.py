@@ -25,6 +25,7 @@ from retina import atomic, checkpoint, data, evaluation, released
 from retina.errors import UserError, handle_errors
 from retina.cache import converted_size
 from retina.images import image_name
+from retina.nets import is_ram_net
 
 # What a released checkpoint holds besides the weights (no optimizer state).
 KEEP = ('format', 'config_name', 'config', 'epoch', 'seed', 'preprocessing', 'precision',
@@ -43,7 +44,7 @@ def centred_scores(config_name, weights, folder, image_paths):
 
     from retina import cache, config as config_module
     from retina.runtime import Runtime
-    from retina.train import predict
+    from retina.inference import predict
     loaded = checkpoint.load_net(config_module.load(config_name), weights, 'cpu')
     images = cache.load_images(image_paths, progress=False)
     cache.check_size(images, loaded.config.input_size, folder, config_name)
@@ -250,7 +251,7 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
         file=target.name, megabytes=target.stat().st_size / 1e6, sha256=digest,
         config=config.name, parameters=sum(p.numel() for p in net.parameters()),
         layers='batch-norm convolutional net with the RAM head (global average pool + linear '
-               'output)' if config.name.endswith('_ram') else 'convolutional net',
+               'output)' if is_ram_net(config.layers) else 'convolutional net',
         look=state.get('preprocessing', 'none'), window=max(config.input_size),
         epochs=len(log_rows) or state['epoch'], epoch=state['epoch'],
         precision=state.get('precision', 'fp32'), seed=state.get('seed', 0),

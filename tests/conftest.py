@@ -1,11 +1,17 @@
-"""Shared fixtures: a small synthetic data set converted to 128 px, and a script runner."""
+"""Shared fixtures: a small synthetic data set converted to 128 px, a script runner, and the
+helpers of the fault-injection tests (start a script, kill it when a condition holds, check
+that what it left on disk loads)."""
 import os
+import resource
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / 'shared' / 'data'  # real photographs, where present
@@ -58,7 +64,7 @@ def synthetic_source(tmp_path_factory):
 @pytest.fixture(scope='session')
 def converted_workdir(tmp_path_factory, synthetic_source):
     """A working directory laid out like the project: data/train_tiny, data/test_tiny, labels."""
-    from retina.crop import convert_folder
+    from retina.conversion import convert_folder
     work = tmp_path_factory.mktemp('work')
     data = work / 'data'
     data.mkdir()
@@ -85,3 +91,54 @@ def as_loaded(config, net, weights='unsaved.pt', preprocessing='none'):
     from retina.checkpoint import LoadedNet
     return LoadedNet(config=config, net=net, weights=Path(weights), preprocessing=preprocessing,
                      constants=constants_for(config.cnf), state={})
+
+
+def _as_from_a_terminal():
+    """In the child, before exec: Ctrl-C as a shell leaves it (default action, not blocked).
+    Children inherit an ignored or blocked SIGINT from this process, and in the full suite
+    something in the pytest process leaves it so; a script started that way never sees it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
+def start(args, cwd, preexec_fn=None, **kwargs):
+    env = dict(os.environ, PYTHONPATH=str(REPO), PYTHONUNBUFFERED='1')
+
+    def prepare():
+        _as_from_a_terminal()
+        if preexec_fn is not None:
+            preexec_fn()
+
+    return subprocess.Popen([sys.executable, str(REPO / args[0]), *map(str, args[1:])], cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=prepare, **kwargs)
+
+
+def kill_when(process, condition, timeout=120):
+    """SIGKILL `process` as soon as `condition()` holds (polled, not slept on); its return code,
+    -SIGKILL when the kill landed while it was still running."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if process.poll() is None:
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+    return process.returncode
+
+
+def weight_files(folder):
+    return sorted(p for p in folder.rglob('*.pt') if not p.name.startswith('.'))
+
+
+def assert_loadable(folder):
+    from retina import checkpoint
+    for path in weight_files(folder):
+        state = checkpoint.load(path)
+        assert all(torch.isfinite(v).all() for v in state['model'].values()), path
+
+
+def _limit_file_size(limit):
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply

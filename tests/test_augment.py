@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from retina import augment
+from retina import augment, config as config_module
 from retina.augment import (COLOUR_EV, COLOUR_U, affine_theta, augment_batch, broadcast_params,
                             centre_crop, colour_shift, identity_params, prepare_batch,
                             tta_params, warp)
 from retina.data import MEAN, STD
 
+CONFIG = 'c_128_5x5_32_ram'
 AUG = dict(zoom_range=(1 / 1.15, 1.15), rotation_range=(0, 360), shear_range=(0, 0),
            translation_range=(-40, 40), do_flip=True, allow_stretch=True)
 
@@ -154,3 +155,13 @@ def test_prepare_batch_writes_the_asked_dtype_and_layout():
         assert fast.dtype == torch.bfloat16
         assert fast.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(fast.float(), plain, atol=0.02, rtol=0.01)
+
+
+def test_a_huge_skip_draws_its_augmentations_at_once():
+    from scipy.stats import qmc
+    from retina.augment import halton, tta_params
+    assert np.array_equal(halton(range(41, 46)),
+                          qmc.Halton(d=10, scramble=False).random(46)[41:])
+    aug = config_module.load(CONFIG).cnf['aug_params']
+    params = tta_params(3, 10 ** 15, aug, 0.25)
+    assert len(params) == 3 and all(np.isfinite(p['rotation']) for p in params)

@@ -5,6 +5,7 @@ statistic and a names file beside them); one feature group is the level plus
 noise, so a working blend must reach a high validation kappa on it.
 """
 import csv
+import json
 import os
 import re
 import shutil
@@ -17,11 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import one_line_error, run_script
 from retina import blend, blend_net, data
 from retina.config import lr_for_epoch
 from retina.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
+CONFIG = 'c_128_5x5_32_ram'
 LEVEL_PROBABILITIES = [0.4, 0.15, 0.25, 0.1, 0.1]
 N_INFORMATIVE, N_NOISE = 8, 24
 
@@ -571,3 +574,104 @@ def test_cli_fit_on_is_an_option_with_help(project):
     assert '--fit_on [unseen|all]' in result.stdout and 'validation' in result.stdout
     bad = run_cli('--fit_on', 'train', cwd=project['root'])
     assert bad.returncode != 0 and "'train' is not one of" in bad.stderr
+
+
+def test_feature_file_of_the_wrong_shape(workdir):
+    features = workdir / 'data' / 'features'
+    features.mkdir(parents=True)
+    names = [p.stem for p in sorted((workdir / 'data' / 'train_tiny').glob('*.jpeg'))]
+    np.save(features / f'{CONFIG}_train_mean_iter_1_skip_0.npy', np.zeros((len(names) - 3, 8)))
+    (features / f'{CONFIG}_train_names_iter_1_skip_0.txt').write_text('\n'.join(names) + '\n')
+    result = run_script('blend.py', '--features_file', f'{CONFIG}_train_mean_iter_1_skip_0.npy',
+                        cwd=workdir, check=False)
+    one_line_error(result, f'{CONFIG}_train_mean_iter_1_skip_0.npy', 'rows')
+
+
+def _features(root, cnf, split, names, array, fingerprint='f1', stat='mean'):
+    """A feature file, its names file and its source record, as transform.py writes them."""
+    folder = root / 'data' / 'features'
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f'{cnf}_{split}_{stat}_iter_1_skip_0.npy'
+    np.save(path, array)
+    (folder / f'{cnf}_{split}_names_iter_1_skip_0.txt').write_text('\n'.join(names) + '\n')
+    (folder / f'{cnf}_{split}_source_iter_1_skip_0.json').write_text(
+        json.dumps(dict(fingerprint=fingerprint, weights=f'weights/{fingerprint}.pt')))
+    return path
+
+
+def _blend_project(root, train_fingerprint='f1', test_fingerprint='f1'):
+    """Train/test features whose image names hold commas and spaces; returns the train file."""
+    rng = np.random.default_rng(0)
+    names = sorted(f'{p} x,{p % 3}_{eye}' for p in range(30) for eye in ('left', 'right'))
+    levels = rng.integers(0, 5, len(names))
+    with open(root / 'labels.csv', 'w', newline='') as f:
+        import csv
+        csv.writer(f).writerows([('image', 'level'), *zip(names, levels)])
+    features = levels[:, None] + rng.normal(scale=0.3, size=(len(names), 4))
+    train = _features(root, 'c_x', 'train', names, features.astype(np.float32),
+                      train_fingerprint)
+    _features(root, 'c_x', 'test', names[:10], features[:10].astype(np.float32),
+              test_fingerprint)
+    return train, names
+
+
+def test_names_with_commas_and_spaces_survive_to_the_submission(tmp_path, monkeypatch):
+    import csv
+    from retina import blend, blend_net
+    monkeypatch.chdir(tmp_path)
+    # The fits do not matter here, only the names: two epochs will do.
+    fit = blend_net.fit_net
+    monkeypatch.setattr(blend_net, 'fit_net', lambda inputs, levels, seed, **kwargs: fit(
+        inputs, levels, seed, schedule={0: 5e-4, 2: 'stop'}))
+    train, names = _blend_project(tmp_path)
+    common = dict(labels_file=tmp_path / 'labels.csv', predict=True, echo=lambda *a: None)
+    first = blend.run_blend({'run': [train]}, **common)['submission']
+    second = blend.run_blend({'run': [train]}, **common)['submission']
+    assert first != second and first.is_file() and second.is_file()
+    rows = list(csv.reader(open(first, newline='')))
+    assert rows[0] == ['image', 'level'] and [r[0] for r in rows[1:]] == names[:10]
+
+
+def test_train_and_test_features_of_other_weights_are_not_blended(tmp_path, monkeypatch):
+    from retina import blend
+    monkeypatch.chdir(tmp_path)
+    train, _ = _blend_project(tmp_path, 'f1', 'f2')
+    with pytest.raises(UserError, match=r'c_x_test_mean_iter_1_skip_0.npy: made with other '
+                                        r'weights .*weights/f2.pt vs weights/f1.pt'):
+        blend.run_blend({'run': [train]}, labels_file=tmp_path / 'labels.csv', predict=True,
+                        echo=lambda *a: None)
+
+
+@pytest.mark.parametrize('content, words', [
+    ('npz', 'a .npz archive'),
+    ('structured', 'a structured array'),
+    ('complex', 'complex numbers'),
+    ('empty', 'empty (0 images'),
+    ('no columns', 'empty (3 images × 0 features)'),
+])
+def test_feature_files_that_are_not_plain_real_arrays(tmp_path, content, words):
+    from retina.feature_files import load_features
+    names = ['a', 'b', 'c']
+    arrays = {'structured': np.zeros(3, dtype=[('x', 'f4'), ('y', 'f4')]),
+              'complex': np.ones((3, 2), np.complex64), 'empty': np.zeros((0, 4), np.float32),
+              'no columns': np.zeros((3, 0), np.float32)}
+    path = _features(tmp_path, 'c_x', 'train', [] if content == 'empty' else names,
+                     arrays.get(content, np.zeros((3, 2), np.float32)))
+    if content == 'npz':
+        with open(path, 'wb') as f:
+            np.savez(f, features=np.zeros((3, 2)))
+    for mmap in (False, True):
+        with pytest.raises(UserError, match=re.escape(words)):
+            load_features(path, mmap=mmap)
+
+
+def test_a_run_named_twice_in_the_blend_config(tmp_path):
+    from retina.blend import load_blend_config
+    train = _features(tmp_path, 'c_x', 'train', ['a'], np.zeros((1, 2), np.float32))
+    config = tmp_path / 'blend.yml'
+    config.write_text(f'one: [{train}]\ntwo: [{train}]\none: [{train}]\n')
+    with pytest.raises(UserError, match="blend.yml, line 3: .*'one' is given twice"):
+        load_blend_config(config)
+    config.write_text(f'1: [{train}]\n"1": [{train}]\n')
+    with pytest.raises(UserError, match="run name '1' is given twice"):
+        load_blend_config(config)

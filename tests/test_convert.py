@@ -1,19 +1,24 @@
-"""convert.py and retina.crop: the eye's box, the fast path against the reference, the CLI.
+"""convert.py, retina.crop and retina.conversion: the eye's box, the fast path against the
+reference, the CLI; bad images, full disks, killed runs and dead workers.
 
 The photographs are synthetic (a bright, textured disc on a dark, slightly
 noisy surround), except in the last test, which uses the EyePACS sample
 photographs when they are there.
 """
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO, SHARED_DATA
-from retina import crop
+from conftest import (REPO, SHARED_DATA, _limit_file_size, kill_when, one_line_error, run_script,
+                      start)
+from retina import atomic, conversion, crop
 
 SAMPLE = SHARED_DATA / 'eyepacs_sample'
 
@@ -308,13 +313,13 @@ def test_real_photographs_fill_the_frame(tmp_path):
 
 
 def test_worker_count_keeps_few_images_in_one_process():
-    per = crop.IMAGES_PER_PROCESS
-    assert crop.worker_count(None, 10) == 1
-    assert crop.worker_count(None, 0) == 1
-    assert crop.worker_count(None, 100 * per) == (os.cpu_count() or 1)
-    assert crop.worker_count(None, per + 1) == min(2, os.cpu_count() or 1)
-    assert crop.worker_count(4, 10) == 4   # asked for: as asked, but never more than the images
-    assert crop.worker_count(4, 3) == 3
+    per = conversion.IMAGES_PER_PROCESS
+    assert conversion.worker_count(None, 10) == 1
+    assert conversion.worker_count(None, 0) == 1
+    assert conversion.worker_count(None, 100 * per) == (os.cpu_count() or 1)
+    assert conversion.worker_count(None, per + 1) == min(2, os.cpu_count() or 1)
+    assert conversion.worker_count(4, 10) == 4   # asked for: as asked, but never more than the images
+    assert conversion.worker_count(4, 3) == 3
 
 
 def test_convert_warns_of_photographs_predict_would_call_ungradable(synthetic_source, tmp_path):
@@ -331,3 +336,214 @@ def test_convert_warns_of_photographs_predict_would_call_ungradable(synthetic_so
     warnings = [line for line in result.stderr.splitlines() if line.startswith('warning: ')]
     assert len(warnings) == 1 and 'blurred_left.png: ungradable (out of focus)' in warnings[0]
     assert (tmp_path / 'out' / 'blurred_left.tiff').is_file()  # converted all the same
+
+
+def test_convert_killed_never_leaves_a_half_image_under_its_final_name(synthetic_source,
+                                                                          tmp_path):
+    out = tmp_path / 'converted'
+    command = ['convert.py', '--directory', synthetic_source / 'train', '--convert_directory', out,
+               '--crop_size', 256, '--extension', 'png', '--n_proc', 1]
+    sources = list((synthetic_source / 'train').glob('*.jpeg'))
+    for _ in range(2):  # killed just after one more image is written, mid-run
+        done = len(list(out.glob('*.png')))
+        code = kill_when(start(command, tmp_path), lambda: len(list(out.glob('*.png'))) > done)
+        assert code == -signal.SIGKILL, 'the run ended before the kill landed'
+        assert len(list(out.glob('*.png'))) < len(sources)
+        for path in out.glob('*.png'):
+            with Image.open(path) as image:
+                image.load()
+    result = run_script(*command, cwd=tmp_path)
+    outputs = sorted(out.glob('*.png'))
+    assert len(outputs) == len(sources)
+    for path in outputs:
+        with Image.open(path) as image:
+            image.load()
+            assert image.size == (256, 256)
+    assert 'Traceback' not in result.stderr
+
+
+def _photo(width=300, height=200, level=128):
+    array = np.zeros((height, width, 3), np.uint8)
+    yy, xx = np.mgrid[:height, :width]
+    disc = (xx - width / 2) ** 2 + (yy - height / 2) ** 2 < (0.45 * height) ** 2
+    array[disc] = (level + 60, level - 40, level - 90)
+    return Image.fromarray(array)
+
+
+def make_image_corpus(folder):
+    """Bad and awkward images; returns (names that must fail, names that must convert)."""
+    folder.mkdir(parents=True)
+    photo = _photo()
+    (folder / 'zero_left.jpeg').write_bytes(b'')
+    photo.save(folder / 'full_left.jpeg', quality=90)
+    data = (folder / 'full_left.jpeg').read_bytes()
+    (folder / 'truncated_left.jpeg').write_bytes(data[:len(data) // 2])
+    (folder / 'text_left.jpeg').write_text('this is not a picture\n')
+    photo.convert('L').save(folder / 'gray_left.jpeg')
+    photo.convert('CMYK').save(folder / 'cmyk_left.jpeg')
+    photo.convert('P').save(folder / 'palette_left.png')
+    Image.fromarray((np.asarray(photo.convert('L'), np.uint16) * 257)).save(folder / 'deep_left.png')
+    photo.convert('RGBA').save(folder / 'alpha_left.png')
+    photo.resize((10, 10)).save(folder / 'tiny_left.png')
+    _photo(6000, 4000).save(folder / 'huge_left.jpeg', quality=80)
+    Image.new('RGB', (300, 200)).save(folder / 'black_left.jpeg')
+    bad = ['zero_left', 'truncated_left', 'text_left']
+    good = ['full_left', 'gray_left', 'cmyk_left', 'palette_left', 'deep_left', 'alpha_left',
+            'tiny_left', 'huge_left', 'black_left']
+    return bad, good
+
+
+def test_convert_names_every_bad_image_and_converts_the_rest(tmp_path):
+    bad, good = make_image_corpus(tmp_path / 'photos')
+    result = run_script('convert.py', '--directory', tmp_path / 'photos', '--convert_directory',
+                        tmp_path / 'out', '--crop_size', 64, '--extension', 'png',
+                        cwd=tmp_path, check=False)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr
+    for name in bad:
+        assert name in result.stderr
+    assert '3 of 12' in result.stderr
+    for name in good:
+        with Image.open(tmp_path / 'out' / f'{name}.png') as image:
+            assert image.mode == 'RGB' and image.size == (64, 64), name
+    assert not any((tmp_path / 'out' / f'{name}.png').exists() for name in bad)
+    warnings = [line for line in result.stderr.splitlines() if line.startswith('warning: ')
+                and 'ungradable' not in line]  # the flat test discs may be out of focus too
+    assert len(warnings) == 2, result.stderr
+    assert 'tiny_left.png: the eye is 10 px across, blown up 6× to 64 px' in warnings[0] + warnings[1]
+    assert 'black_left.jpeg: nearly black' in warnings[0] + warnings[1]
+
+
+def test_full_disk_during_convert_is_one_line(synthetic_source, tmp_path):
+    process = start(['convert.py', '--directory', synthetic_source / 'train',
+                     '--convert_directory', tmp_path / 'out', '--crop_size', 512,
+                     '--extension', 'tiff', '--n_proc', 1], tmp_path,
+                    preexec_fn=_limit_file_size(100_000))
+    stdout, stderr = process.communicate(timeout=300)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    one_line_error(result, 'file size limit')
+    assert not list((tmp_path / 'out').glob('*.tiff'))
+
+
+def test_output_folder_that_cannot_be_created(synthetic_source, tmp_path):
+    (tmp_path / 'a_file').write_text('')
+    result = run_script('convert.py', '--directory', synthetic_source / 'train',
+                        '--convert_directory', tmp_path / 'a_file' / 'out', cwd=tmp_path,
+                        check=False)
+    one_line_error(result, 'a_file')
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason='root can write into read-only folders')
+def test_read_only_output_folder(synthetic_source, tmp_path):
+    out = tmp_path / 'out'
+    out.mkdir()
+    out.chmod(0o500)
+    result = run_script('convert.py', '--directory', synthetic_source / 'train',
+                        '--convert_directory', out, cwd=tmp_path, check=False)
+    one_line_error(result, 'permission denied')
+
+
+def _children(pid):
+    out = subprocess.run(['ps', '-o', 'pid=', '--ppid', str(pid)], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def _convert_started(process, out, deadline=60):
+    """Wait until `process` has written its first image; returns its worker processes' pids."""
+    end = time.time() + deadline
+    while not list(out.glob('*.tiff')) and time.time() < end and process.poll() is None:
+        time.sleep(0.05)
+    return [w for child in _children(process.pid) for w in _children(child)]
+
+
+def test_convert_survives_a_dead_worker_and_stops_cleanly_on_ctrl_c(synthetic_source, tmp_path):
+    out = tmp_path / 'out'
+    command = ['convert.py', '--directory', synthetic_source / 'train', '--convert_directory', out,
+               '--crop_size', 3072, '--n_proc', 2]  # slow enough to interrupt
+    process = start(command, tmp_path)
+    workers = _convert_started(process, out)
+    assert workers, 'no worker processes found'
+    os.kill(workers[0], signal.SIGKILL)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr
+    assert 'worker process died; trying the rest again' in stderr
+    sources = sorted(p.stem for p in (synthetic_source / 'train').iterdir())
+    assert sorted(p.stem for p in out.glob('*.tiff')) == sources
+
+    shutil.rmtree(out)
+    process = start(command, tmp_path)
+    _convert_started(process, out)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130 and 'Run the same command again' in stderr, stderr
+    assert 'Traceback' not in stderr
+    assert not list(out.glob('.*.tmp')), 'a worker left its temporary file'
+    for path in out.glob('*.tiff'):
+        with Image.open(path) as image:
+            image.load()
+
+
+def _descendants(pid):
+    out = subprocess.run(['ps', '-e', '-o', 'pid=,ppid='], capture_output=True, text=True)
+    children = {}
+    for line in out.stdout.splitlines():
+        child, parent = map(int, line.split())
+        children.setdefault(parent, []).append(child)
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def test_convert_workers_die_with_a_killed_parent(synthetic_source, tmp_path):
+    out = tmp_path / 'out'
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / 'convert.py'), '--directory', synthetic_source / 'train',
+         '--convert_directory', out, '--crop_size', '1024', '--n_proc', '2'],
+        cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=dict(os.environ, PYTHONPATH=str(REPO)))
+    end = time.time() + 60
+    while not list(out.glob('*.tiff')) and time.time() < end and process.poll() is None:
+        time.sleep(0.05)
+    helpers = _descendants(process.pid)
+    assert helpers, 'no worker processes found'
+    process.kill()
+
+    def living():
+        return [pid for pid in helpers if atomic.pid_alive(pid) and
+                'Z' not in subprocess.run(['ps', '-o', 'stat=', '-p', str(pid)],
+                                          capture_output=True, text=True).stdout]
+    try:  # EOF on its pipes only once every process holding them has ended
+        process.communicate(timeout=20)
+        deadline = time.monotonic() + 10  # then reaped: polled, not slept on
+        while living() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not living(), 'workers outlived their killed parent'
+    except subprocess.TimeoutExpired:
+        pytest.fail('the workers outlived their killed parent, holding its output pipe')
+    finally:
+        for pid in helpers:
+            with __import__('contextlib').suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert not list(out.glob('.*.tmp')), 'a worker left its temporary file'
+
+
+def test_a_truncated_earlier_output_is_converted_again(tmp_path):
+    from PIL import Image
+    from retina.conversion import convert_folder
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    photo = np.zeros((60, 80, 3), np.uint8)
+    photo[10:50, 20:60] = 150
+    Image.fromarray(photo).save(folder / '1_left.jpeg')
+    out = tmp_path / 'out'
+    for extension in ('jpeg', 'png'):
+        convert_folder(folder, out / extension, 32, extension, n_proc=1, progress=False)
+        result = out / extension / f'1_left.{extension}'
+        result.write_bytes(result.read_bytes()[:len(result.read_bytes()) // 2])
+        summary = convert_folder(folder, out / extension, 32, extension, n_proc=1,
+                                 progress=False)
+        assert summary.converted == 1, extension
+        with Image.open(result) as image:
+            image.load()

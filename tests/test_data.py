@@ -1,12 +1,16 @@
 """Data layer: labels, names, the patient split, class balance and kappa."""
 import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 from sklearn.metrics import cohen_kappa_score
 
+from conftest import one_line_error, run_script
 from retina import data
 from retina.errors import UserError
+
+CONFIG = 'c_128_5x5_32_ram'
 
 
 def write(path, text):
@@ -162,3 +166,44 @@ def test_the_held_out_test_split_is_a_rule_on_the_patient_alone():
         f'retina test split:{p}'.encode()).digest()[:8], 'big') / 2 ** 64 < 0.15]
     assert [p for p in range(300) if data.held_out(f'{p}_left', 0.15)] == documented
     assert documented[:7] == [0, 3, 5, 8, 9, 29, 30]
+
+
+BAD_LABELS = {  # file content (None: no file) -> what the one-line error must say
+    'image\n1_left\n': ['missing column level'],
+    'image,level\n1_left,7\n': ['level 7', 'outside 0..4', 'line 2'],
+    'image,level\n1_left,1\n1_left,2\n': ['1_left is listed twice', 'line 3'],
+    'picture,grade\n1_left,1\n': ['missing column image, level'],
+    None: ['not found'],
+}
+
+
+def test_bad_labels_files_are_one_line(workdir):
+    """Each case through train_nn.py --labels, side by side (interpreter start-up dominates).
+
+    Each in a folder of its own that shares the images: in one folder, two runs of the
+    config would meet at its run lock and one would be refused as busy instead.
+    """
+    def run_case(case):
+        index, content = case
+        labels = workdir / f'labels_{index}.csv'
+        if content is not None:
+            labels.write_text(content)
+        folder = workdir / f'case_{index}'
+        folder.mkdir()
+        (folder / 'data').symlink_to(workdir / 'data')
+        return content, run_script('train_nn.py', '--cnf', CONFIG, '--labels', labels,
+                                   '--max_epochs', '1', cwd=folder, check=False), labels.name
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        results = list(pool.map(run_case, enumerate(BAD_LABELS)))
+    for content, result, name in results:
+        one_line_error(result, name, *BAD_LABELS[content])
+    assert not any(workdir.glob('**/weights'))
+
+
+def test_a_labels_file_with_a_column_twice(tmp_path):
+    from retina.data import load_labels
+    labels = tmp_path / 'labels.csv'
+    labels.write_text('image,level,level\n1_left,0,4\n')
+    with pytest.raises(UserError, match='labels.csv: column level appears more than once'):
+        load_labels(labels)

@@ -259,7 +259,7 @@ def test_cuda_graphs_train_like_the_compiled_net(converted_workdir):
     """train_one_epoch with CUDA graphs (compiled, mode reduce-overhead) against the same
     epochs compiled without them: same seeds, losses and validation predictions alike."""
     from retina.runtime import CUDA_GRAPHS, compile_or_eager
-    from retina.train import predict
+    from retina.inference import predict
     config = config_module.load(CONFIG)
     config.cnf['batch_size_train'] = 16
     runtime = Runtime(CUDA)

@@ -5,7 +5,7 @@ import torch
 from conftest import REPO, run_script
 from retina import checkpoint, config as config_module
 from retina.errors import UserError
-from retina.nets import parameter_count
+from retina.nets import is_ram_net, parameter_count
 
 CONFIGS = sorted(p.stem for p in (REPO / 'configs').glob('c_*.py'))
 
@@ -14,11 +14,16 @@ EXPECTED_512 = {'c_512_5x5_32': 12.40e6, 'c_512_4x4_32': 12.47e6,
                 'c_512_5x5_32_ram': 9.78e6, 'c_512_4x4_32_ram': 9.84e6}
 
 
-def test_every_baseline_has_its_ram_variant_and_fine_nets_their_partner():
-    baselines = [c for c in CONFIGS if not c.endswith(('_ram', '_ram_fine'))]
-    assert len(baselines) == 6
-    for base in baselines:
-        assert f'{base}_ram' in CONFIGS
+ORIGINAL_BASELINES = [f'c_{size}_{kernel}_32' for size in (128, 256, 512)
+                      for kernel in ('5x5', '4x4')]
+
+
+def test_the_original_baselines_have_their_ram_variants_and_fine_nets_their_partner():
+    """SPEC's six baseline nets and their RAM variants; other families are free to differ."""
+    for base in ORIGINAL_BASELINES:
+        assert base in CONFIGS and f'{base}_ram' in CONFIGS
+        assert not config_module.load(base).build_net().is_ram
+        assert config_module.load(f'{base}_ram').build_net().is_ram
     for fine in [c for c in CONFIGS if c.endswith('_ram_fine')]:
         assert fine[:-len('_fine')] in CONFIGS
 
@@ -32,7 +37,7 @@ def test_config_builds_and_gives_one_output_per_image(name):
         out, features = net(x, return_features=True)
     assert out.shape == (2, 1)
     assert torch.isfinite(out).all()
-    if '_ram' in name:
+    if is_ram_net(config.layers):  # the one test for a RAM net, not the file name
         assert net.is_ram and net.feature_layer == 'gap'
         assert features.shape == (2, net.output_shapes[net.last_conv][0])
     else:
@@ -270,3 +275,41 @@ def test_weights_of_another_architecture_are_refused_for_inference(tmp_path):
     with pytest.raises(UserError, match='do not fit config c_128_5x5_32_ram'):
         checkpoint.load_exact(five.build_net(), checkpoint.load(tmp_path / 'w.pt'),
                               tmp_path / 'w.pt', five.name)
+
+
+def test_a_new_net_family_is_one_module_that_registers_its_layers(tmp_path, monkeypatch):
+    """A family with a layer kind of its own (a tied, padded conv here): its module registers
+    the kind, its config uses it, and the net builds, trains with weight decay on the new
+    kind's weights, and gets Grad-CAM maps at the new layers; no other file names it."""
+    from retina import nets
+    from retina.heatmaps import methods
+    from retina.train import make_optimizer
+    monkeypatch.setattr(nets, 'LAYER_KINDS', dict(nets.LAYER_KINDS))
+    (tmp_path / 'family_tied.py').write_text(
+        'import torch.nn as nn\n'
+        'from retina.nets import layer_kind\n\n\n'
+        "@layer_kind('tied_conv', spatial=True, regularizable=('0.weight',))\n"
+        'def tied_conv(opt, shape):\n'
+        "    conv = nn.Conv2d(shape[0], opt['filters'], 3, padding=1)\n"
+        "    return nn.Sequential(conv, nn.ReLU()), (opt['filters'], *shape[1:])\n")
+    (tmp_path / 'configs').mkdir()
+    (tmp_path / 'configs' / 'c_32_tied_ram.py').write_text(
+        'import family_tied  # noqa: F401 (registers tied_conv)\n'
+        'from configs.c_128_5x5_32_ram import cnf as base\n'
+        'from retina.nets import ram_head\n\n'
+        'cnf = dict(base, w=32, h=32)\n'
+        "layers = [('tied_conv', dict(name='t1', filters=8)),\n"
+        "          ('tied_conv', dict(name='t2', filters=16))] + ram_head()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    config = config_module.load('configs/c_32_tied_ram.py')
+    net = config.build_net()
+    assert net.spatial_layers == ['t1', 't2'] == methods.conv_layers(net)
+    assert net.is_ram and net.last_conv == 't2' and net(torch.zeros(2, 3, 32, 32)).shape == (2, 1)
+    maps, _ = methods.grad_cam(net, torch.randn(2, 3, 32, 32), layer='t1')
+    assert maps.shape == (2, 32, 32)
+    optimizer = make_optimizer(net, dict(config.cnf, weight_decay=0.1), 0.01)
+    decayed = {id(p) for g in optimizer.param_groups if g['weight_decay'] > 0 for p in g['params']}
+    assert id(net.t1[0].weight) in decayed and id(net.t1[0].bias) not in decayed
+    with pytest.raises(ValueError, match="unknown layer kind 'nope'"):
+        nets.Net([('nope', dict(name='x'))], (32, 32))

@@ -47,10 +47,10 @@ def converted_route_scores(workdir, photos, name, weights, crop_size=128, enhanc
     """{image: score}: convert.py's function into a folder (lossless tiff), then the net on
     the centred window, as train.py's predict and transform.py see it."""
     from retina.augment import prepare_batch
-    from retina.crop import convert_folder
+    from retina.conversion import convert_folder
     from retina.checkpoint import load_net
     folder = workdir / f'converted_{name}'
-    convert_folder(photos, folder, crop_size, 'tiff', n_proc=1, progress=False, enhance=enhance)
+    convert_folder(photos, folder, crop_size, 'tiff', n_proc=1, progress=False, preprocessing=enhance)
     loaded = load_net(config_module.load(name), weights, 'cpu')
     net = loaded.net
     scores = {}
@@ -162,7 +162,7 @@ def test_ram_py_and_predict_py_draw_the_same_map_of_a_photograph(photos, tmp_pat
     ONNX export's `ram` output is that map too."""
     work = tmp_path
     weights = save_untrained(work, RAM)
-    from retina.crop import convert_folder
+    from retina.conversion import convert_folder
     convert_folder(photos, work / 'converted', 128, 'tiff', n_proc=1, progress=False)
     run_script('ram.py', '--cnf', RAM, '--weights_from', weights, '--method', method, '--images',
                work / 'converted', '--output_dir', work / 'ram_maps', '--save_maps',
@@ -206,7 +206,7 @@ def test_blend_saved_by_blend_py_gives_predict_the_submission_levels(workdir, sy
     """transform.py's and blend.py's functions (--predict --scores --per_patient) on converted
     images; predict.py --blend on the raw test photos gives the submission's scores and levels."""
     from retina.blend import run_blend
-    from retina.crop import convert_folder
+    from retina.conversion import convert_folder
     from retina.checkpoint import load_net
     from retina.features import extract_features
     weights = save_untrained(workdir, RAM)
@@ -443,7 +443,7 @@ def test_onnx_records_the_look_it_needs_and_checks_its_images_before_writing(tmp
                             env={**os.environ, 'PYTHONPATH': str(REPO)})
     assert result.returncode == 0, result.stderr
     meta = {p.key: p.value for p in onnx.load(tmp_path / 'net.onnx').metadata_props}
-    assert meta['retina.enhance'] == 'local_contrast' and meta['retina.crop_size'] == '128'
+    assert meta['retina.preprocessing'] == 'local_contrast' and meta['retina.crop_size'] == '128'
     assert meta['retina.window'] == '112x112' and meta['retina.config'] == RAM
     assert [float(v) for v in meta['retina.mean'].split(',')] == pytest.approx(
         [108.64628601, 75.86886597, 54.34005737], rel=1e-5)

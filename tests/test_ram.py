@@ -21,9 +21,9 @@ from retina.errors import UserError
 from retina.heatmaps import figures, methods, scores
 
 CONFIGS = sorted(p.stem for p in (REPO / 'configs').glob('c_*.py'))
-RAM_CONFIGS = [c for c in CONFIGS if '_ram' in c]
-BASELINE_CONFIGS = [c for c in CONFIGS if '_ram' not in c]
-CNF = 'c_128_5x5_32_ram'
+RAM_CONFIGS = [c for c in CONFIGS if nets.is_ram_net(config_module.load(c).layers)]
+BASELINE_CONFIGS = [c for c in CONFIGS if c not in RAM_CONFIGS]
+CNF = CONFIG = 'c_128_5x5_32_ram'
 LOCALISATION_NAMES = scores.SCORE_NAMES
 DELETION_NAMES = scores.DELETION_NAMES
 
@@ -566,7 +566,7 @@ def test_cli_writes_maps_figure_and_scores_and_names_bad_images(tmp_path):
 
 
 def test_cli_gradcam_of_a_baseline_net_with_masks_per_kind(tmp_path):
-    images = tiny_data_set(tmp_path)
+    tiny_data_set(tmp_path)
     baseline = config_module.load('c_128_5x5_32')
     checkpoint.save(tmp_path / 'baseline.pt', model=baseline.build_net(), config=baseline, epoch=0)
     kinds = tmp_path / 'kinds'
@@ -652,3 +652,16 @@ def test_heat_map_benchmark_scores_given_weights_and_skips_missing_parts(tmp_pat
     assert int(row[1]) >= 1 and all(0 <= float(v) <= 1 for v in row.groups()[1:])
     scored = json.loads(next((tmp_path / 'work' / 'scores').glob('*.json')).read_text())
     assert scored['kinds']['lesion']['n'] == int(row[1])
+
+
+def test_ram_output_dir_inside_an_image_folder_is_refused(workdir):
+    config = config_module.load(CONFIG)
+    checkpoint.save(workdir / 'weights' / CONFIG / 'weights.pt', model=config.build_net(),
+                    config=config, epoch=0)
+    images = workdir / 'data' / 'test_tiny'
+    before = sorted(p.name for p in images.iterdir())
+    result = run_script('ram.py', '--cnf', CONFIG, '--images', images, '--output_dir',
+                        images / 'maps', '--no_progress', cwd=workdir, check=False)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert 'is inside the input folder' in result.stderr
+    assert sorted(p.name for p in images.iterdir()) == before

@@ -271,7 +271,8 @@ def test_weights_graded_under_another_config_name_keep_their_own_constants(tmp_p
 
 def test_training_standardises_and_balances_with_the_config_constants():
     from retina.runtime import Runtime
-    from retina.train import epoch_sample, predict, train_one_epoch
+    from retina.inference import predict
+    from retina.train import epoch_sample, train_one_epoch
     config = config_module.load('c_128_5x5_32')
     config.cnf.update(OWN, h=16, w=16, batch_size_train=4)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1),

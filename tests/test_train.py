@@ -4,7 +4,11 @@ import json
 import math
 import os
 import re
+import shutil
+import signal
 import socket
+import subprocess
+import time
 
 import numpy as np
 import pytest
@@ -13,12 +17,17 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import as_loaded, noise_images, run_script
-from retina import checkpoint, config as config_module, data, paths
+from conftest import (_limit_file_size, as_loaded, assert_loadable, kill_when, noise_images,
+                      one_line_error, run_script, start, weight_files)
+from retina import checkpoint, config as config_module, data, lock, paths
+from retina.conversion import convert_folder
+from retina.errors import UserError
 from retina.augment import prepare_batch, random_params
 from retina.train import lr_for_epoch, make_optimizer, train
 
 CONFIG = 'c_128_5x5_32_ram'
+TRAIN = ['train_nn.py', '--cnf', CONFIG, '--max_epochs', '4', '--seed', '1', '--deterministic',
+         '--no_progress']
 
 
 def test_schedule_changes_at_the_end_of_the_numbered_epoch():
@@ -95,19 +104,6 @@ def test_training_writes_the_original_weight_files_and_log(workdir, monkeypatch)
     rebuilt = checkpoint.config_of(state).build_net()
     rebuilt.load_state_dict(state['model'])
     assert result['epoch'] == 5
-
-
-def test_resume_equals_an_uninterrupted_run(workdir, monkeypatch, tmp_path):
-    straight = _train(workdir, monkeypatch, max_epochs=3, seed=5, deterministic=True)
-    other = tmp_path / 'again'
-    import shutil
-    shutil.copytree(workdir, other, ignore=shutil.ignore_patterns('weights'))
-    _train(other, monkeypatch, max_epochs=2, seed=5, deterministic=True)
-    resumed = _train(other, monkeypatch, max_epochs=3, resume=True, deterministic=True)
-    for name, value in straight['state_dict'].items():
-        assert torch.equal(value, resumed['state_dict'][name]), name
-    rows = list(csv.DictReader(open(other / paths.train_log(CONFIG))))
-    assert [int(r['epoch']) for r in rows] == [1, 2, 3]
 
 
 def _train_with_schedule(workdir, schedule):
@@ -476,7 +472,7 @@ def _short_of_memory(net, fails):
 
 def test_validation_halves_its_batch_until_it_fits_and_keeps_that_size(capsys):
     from retina.runtime import Runtime
-    from retina.train import predict
+    from retina.inference import predict
     config = config_module.load(CONFIG)
     torch.manual_seed(0)
     net = config.build_net().eval()
@@ -624,3 +620,166 @@ def test_schedule_option_replaces_the_config_s_and_on_resume_the_rest_of_the_run
                             check=False)
         assert failed.returncode != 0 and words in failed.stderr, (bad, failed.stderr)
         assert 'Traceback' not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
+
+
+def test_training_killed_between_and_during_checkpoint_writes_resumes_to_the_same_result(
+        workdir, tmp_path):
+    """The one resume test: a run killed (SIGKILL) as each of epochs 1, 2 and 3 is logged, while
+    its checkpoints are being written, then resumed to the end, ends with the weights and the
+    log of an uninterrupted run.  Every kill is checked to have landed mid-run."""
+    reference = tmp_path / 'reference'
+    shutil.copytree(workdir, reference)
+    run_script(*TRAIN, cwd=reference)
+    log = workdir / 'weights' / CONFIG / 'log.csv'
+
+    def logged(epochs):
+        return lambda: log.is_file() and len(log.read_text().splitlines()) > epochs
+
+    for epochs in (1, 2, 3):
+        resume = (workdir / 'weights' / CONFIG / 'last.pt').is_file()
+        code = kill_when(start(TRAIN + (['--resume'] if resume else []), workdir),
+                         logged(epochs))
+        assert code == -signal.SIGKILL, f'the run ended before the kill at epoch {epochs}'
+        assert_loadable(workdir / 'weights')
+    run_script(*TRAIN, '--resume', cwd=workdir)
+    ours = checkpoint.load(workdir / 'weights' / CONFIG / 'last.pt')['model']
+    theirs = checkpoint.load(reference / 'weights' / CONFIG / 'last.pt')['model']
+    for name in theirs:
+        assert torch.equal(ours[name], theirs[name]), name
+    epochs = [line.split(',')[0] for line in log.read_text().splitlines()[1:]]
+    assert epochs == ['1', '2', '3', '4']
+
+
+def test_ctrl_c_ends_cleanly_and_says_how_to_resume(workdir):
+    # Long enough that the interrupt always lands mid-run, however fast the machine.
+    process = start(['train_nn.py', '--cnf', CONFIG, '--max_epochs', '1000', '--no_progress'],
+                    workdir)
+    deadline = time.time() + 120
+    while not (workdir / 'weights' / CONFIG / 'last.pt').is_file() and time.time() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert '--resume' in stderr and 'Traceback' not in stderr
+    assert_loadable(workdir / 'weights')
+
+
+def test_full_disk_during_training_leaves_no_corrupt_weights(workdir):
+    # Files over 200 kB cannot be written: the weights (~1 MB) hit the limit mid-write.
+    process = start(['train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', '--no_progress'],
+                    workdir, preexec_fn=_limit_file_size(200_000))
+    stdout, stderr = process.communicate(timeout=300)
+    result = subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+    one_line_error(result, 'file size limit')
+    run = workdir / 'weights' / CONFIG
+    assert not weight_files(run), 'a partial weights file was left under its final name'
+    assert not list(run.glob('.*.tmp'))
+
+
+def test_unconverted_or_mixed_size_images_are_refused_not_squashed(workdir, synthetic_source):
+    # train_nn.py and transform.py share the image cache that refuses them
+    mixed = workdir / 'data' / 'mixed'
+    shutil.copytree(workdir / 'data' / 'train_tiny', mixed)
+    odd = sorted(mixed.iterdir())[5]
+    with Image.open(odd) as image:
+        image.resize((64, 64)).save(odd)
+    for folder, words in ((synthetic_source / 'train', 'is not square'),
+                          (mixed, f'{odd.name}: 64×64, but the other images are 128×128')):
+        result = run_script('train_nn.py', '--cnf', CONFIG, '--train_dir', folder,
+                            '--max_epochs', '1', '--no_progress', cwd=workdir, check=False)
+        assert result.returncode == 2, result.stdout + result.stderr
+        assert words in result.stderr and 'Traceback' not in result.stderr
+    assert not (workdir / 'weights').exists()
+
+
+def _earlier_run(workdir):
+    """A finished-looking earlier run of CONFIG: its files must survive any failing new run."""
+    run = workdir / 'weights' / CONFIG
+    run.mkdir(parents=True)
+    (run / 'log.csv').write_text('epoch\n1\n')
+    (run / 'last.pt').write_bytes(b'earlier weights')
+    return run
+
+
+def test_a_second_run_of_a_config_is_refused_while_the_first_runs(workdir):
+    run = _earlier_run(workdir)
+    with lock.hold(workdir / paths.run_lock(CONFIG), 'first run'):
+        result = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1',
+                            '--no_progress', cwd=workdir, check=False)
+    one_line_error(result, 'in use by', f'pid {os.getpid()}', 'run.lock')
+    assert result.returncode == 2
+    assert (run / 'last.pt').read_bytes() == b'earlier weights'
+    assert not list((workdir / 'weights').glob('*.earlier-*'))
+
+
+def test_a_run_failing_in_setup_or_epoch_1_leaves_the_earlier_run_in_place(workdir, monkeypatch):
+    from retina.train import train
+    run = _earlier_run(workdir)
+    result = run_script('train_nn.py', '--cnf', CONFIG, '--labels', 'data/nothing.csv',
+                        '--max_epochs', '1', '--no_progress', cwd=workdir, check=False)
+    one_line_error(result, 'data/nothing.csv')
+    monkeypatch.chdir(workdir)
+    config = config_module.load(CONFIG)
+    config.cnf['schedule'] = {0: 1e12, 5: 'stop'}  # NaN in the first epoch
+    with pytest.raises(UserError, match='earlier run .* is left as it was'):
+        train(config, device='cpu', progress=False, echo=lambda *a, **k: None, max_epochs=1)
+    assert sorted(p.name for p in run.iterdir()) == ['last.pt', 'log.csv']
+    assert (run / 'last.pt').read_bytes() == b'earlier weights'
+    assert not list((workdir / 'weights').glob('*.earlier-*'))
+
+
+def test_a_log_with_a_byte_order_mark_reads_and_a_foreign_one_is_named(tmp_path):
+    from retina.runs import read_log
+    log = tmp_path / 'log.csv'
+    log.write_text('\ufeffepoch,train_loss\n1,0.5\n2,0.4\n', encoding='utf-8')
+    assert [row['epoch'] for row in read_log(log)] == ['1', '2']
+    log.write_text('when,loss\nmonday,0.5\n')
+    with pytest.raises(UserError, match='log.csv: not a training log'):
+        read_log(log)
+
+
+def test_resume_keeps_the_runs_folders_and_refuses_a_changed_config(workdir):
+    """Also: checkpoints record the look of the folder they were trained on."""
+    labels = workdir / 'data' / 'trainLabels.csv'
+    other = workdir / 'other'
+    convert_folder(workdir / 'data' / 'train_tiny', other / 'images', 128, 'png', n_proc=1,
+                   progress=False, preprocessing='local_contrast')
+    shutil.copy(labels, other / 'labels.csv')
+    labels.write_text('image,level\n')  # the config's own labels: useless, must not be read
+    run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', '--no_progress',
+               '--train_dir', other / 'images', '--labels', other / 'labels.csv', cwd=workdir)
+    resumed = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '2', '--no_progress',
+                         '--resume', cwd=workdir)
+    assert 'epoch    2' in resumed.stdout and str(other / 'images') in resumed.stdout
+    saved = json.loads((workdir / 'weights' / CONFIG / 'config.json').read_text())
+    assert saved['cnf']['train_dir'] == str(other / 'images')
+    # the checkpoints record the training folder's look, for transform/ram/predict to check
+    assert checkpoint.load(workdir / 'weights' / CONFIG / 'last.pt')['preprocessing'] == \
+        'local_contrast'
+
+    elsewhere = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '3', '--no_progress',
+                           '--resume', '--train_dir', workdir / 'data' / 'train_tiny',
+                           cwd=workdir, check=False)
+    assert elsewhere.returncode == 2 and 'Traceback' not in elsewhere.stderr
+    assert 'train_dir' in elsewhere.stderr and 'started with other settings' in elsewhere.stderr
+
+    (workdir / 'configs').mkdir()
+    (workdir / 'configs' / f'{CONFIG}.py').write_text(
+        f'from configs.{CONFIG} import cnf as base, layers\n'
+        f'cnf = dict(base, sigma=0.1, batch_size_train=64)\n')
+    edited = run_script('train_nn.py', '--cnf', f'configs/{CONFIG}.py', '--max_epochs', '3',
+                        '--no_progress', '--resume', cwd=workdir, check=False)
+    assert edited.returncode == 2 and 'Traceback' not in edited.stderr
+    assert 'batch_size_train 128 -> 64' in edited.stderr and 'sigma 0.5 -> 0.1' in edited.stderr
+
+
+def test_images_larger_than_the_config_expects_are_refused(workdir):
+    big = workdir / 'data' / 'big'
+    big.mkdir()
+    for photo in sorted((workdir / 'data' / 'train_tiny').glob('*.jpeg')):
+        Image.open(photo).resize((256, 256)).save(big / photo.name)
+    result = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', '--no_progress',
+                        '--train_dir', big, cwd=workdir, check=False)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert 'images are 256 px but c_128_5x5_32_ram expects 128 px' in result.stderr
+    assert 'convert.py --crop_size 128' in result.stderr

@@ -78,9 +78,8 @@ def check_ram_net(net):
 
 
 def conv_layers(net):
-    """Names of the net's conv layers, input first."""
-    from retina.nets import UntiedConv2d
-    return [name for name, module in net.named_children() if isinstance(module, UntiedConv2d)]
+    """Names of the net's spatial layers (nets.LAYER_KINDS marks them), input first."""
+    return list(net.spatial_layers)
 
 
 @contextlib.contextmanager

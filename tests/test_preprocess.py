@@ -1,16 +1,16 @@
-"""Issue 10: cross-camera preprocessing, folder identity (resume, features, image size),
-and the real-photograph set where ../shared is present."""
+"""convert.py --enhance and retina.preprocess: one preprocessing per folder, across cameras;
+later stages refuse images of another preprocessing."""
 import json
 import shutil
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import SHARED_DATA, run_script
 from retina import checkpoint, config as config_module, preprocess
-from retina.crop import convert_folder
+from retina.conversion import convert_folder
+from retina.errors import UserError
 
 CONFIG = 'c_128_5x5_32_ram'
 
@@ -48,8 +48,8 @@ def test_a_folder_never_mixes_looks_and_later_stages_refuse_the_other_look(synth
     run_script('convert.py', '--directory', synthetic_source / 'train', '--convert_directory',
                out, '--crop_size', 128, '--extension', 'png', '--enhance', 'local_contrast',
                '--no_progress', cwd=tmp_path)
-    assert json.loads((out / 'conversion.json').read_text()) == dict(crop_size=128,
-                                                                      enhance='local_contrast')
+    assert json.loads((out / 'conversion.json').read_text()) == dict(
+        crop_size=128, preprocessing='local_contrast')
     plain = run_script('convert.py', '--directory', synthetic_source / 'train',
                        '--convert_directory', out, '--crop_size', 128, '--extension', 'png',
                        '--no_progress', cwd=tmp_path, check=False)
@@ -78,72 +78,6 @@ def test_a_folder_never_mixes_looks_and_later_stages_refuse_the_other_look(synth
     assert refused.returncode == 2 and 'trained on --enhance none images' in refused.stderr
 
 
-def test_resume_keeps_the_runs_folders_and_refuses_a_changed_config(workdir):
-    """Also: checkpoints record the look of the folder they were trained on."""
-    labels = workdir / 'data' / 'trainLabels.csv'
-    other = workdir / 'other'
-    convert_folder(workdir / 'data' / 'train_tiny', other / 'images', 128, 'png', n_proc=1,
-                   progress=False, enhance='local_contrast')
-    shutil.copy(labels, other / 'labels.csv')
-    labels.write_text('image,level\n')  # the config's own labels: useless, must not be read
-    run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', '--no_progress',
-               '--train_dir', other / 'images', '--labels', other / 'labels.csv', cwd=workdir)
-    resumed = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '2', '--no_progress',
-                         '--resume', cwd=workdir)
-    assert 'epoch    2' in resumed.stdout and str(other / 'images') in resumed.stdout
-    saved = json.loads((workdir / 'weights' / CONFIG / 'config.json').read_text())
-    assert saved['cnf']['train_dir'] == str(other / 'images')
-    # the checkpoints record the training folder's look, for transform/ram/predict to check
-    assert checkpoint.load(workdir / 'weights' / CONFIG / 'last.pt')['preprocessing'] == \
-        'local_contrast'
-
-    elsewhere = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '3', '--no_progress',
-                           '--resume', '--train_dir', workdir / 'data' / 'train_tiny',
-                           cwd=workdir, check=False)
-    assert elsewhere.returncode == 2 and 'Traceback' not in elsewhere.stderr
-    assert 'train_dir' in elsewhere.stderr and 'started with other settings' in elsewhere.stderr
-
-    (workdir / 'configs').mkdir()
-    (workdir / 'configs' / f'{CONFIG}.py').write_text(
-        f'from configs.{CONFIG} import cnf as base, layers\n'
-        f'cnf = dict(base, sigma=0.1, batch_size_train=64)\n')
-    edited = run_script('train_nn.py', '--cnf', f'configs/{CONFIG}.py', '--max_epochs', '3',
-                        '--no_progress', '--resume', cwd=workdir, check=False)
-    assert edited.returncode == 2 and 'Traceback' not in edited.stderr
-    assert 'batch_size_train 128 -> 64' in edited.stderr and 'sigma 0.5 -> 0.1' in edited.stderr
-
-
-def test_transform_never_reuses_features_of_another_folder_with_the_same_names(workdir):
-    config = config_module.load(CONFIG)
-    weights = workdir / 'weights' / CONFIG / 'weights.pt'
-    checkpoint.save(weights, model=config.build_net(), config=config, epoch=0)
-    copy = workdir / 'data' / 'copy'
-    shutil.copytree(workdir / 'data' / 'train_tiny', copy)
-    first = sorted(copy.glob('*.jpeg'))[0]
-    pixels = np.asarray(Image.open(first)).copy()
-    pixels[40:80, 40:80] = 255
-    Image.fromarray(pixels).save(first, quality=97)
-    command = ['transform.py', '--cnf', CONFIG, '--train', '--n_iter', '1', '--no_progress']
-    run_script(*command, cwd=workdir)
-    name = workdir / 'data' / 'features' / f'{CONFIG}_train_mean_iter_1_skip_0.npy'
-    ours = np.load(name)
-    other = run_script(*command, '--train_dir', copy, cwd=workdir)
-    assert 'already complete' not in other.stdout and 'came from other images' in other.stdout
-    assert not np.allclose(np.load(name), ours)
-
-
-def test_images_larger_than_the_config_expects_are_refused(workdir):
-    big = workdir / 'data' / 'big'
-    big.mkdir()
-    for photo in sorted((workdir / 'data' / 'train_tiny').glob('*.jpeg')):
-        Image.open(photo).resize((256, 256)).save(big / photo.name)
-    result = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', '--no_progress',
-                        '--train_dir', big, cwd=workdir, check=False)
-    assert result.returncode == 2 and 'Traceback' not in result.stderr
-    assert 'images are 256 px but c_128_5x5_32_ram expects 128 px' in result.stderr
-    assert 'convert.py --crop_size 128' in result.stderr
-
-
 @pytest.mark.skipif(not (SHARED_DATA / 'eyepacs_raw' / 'train').is_dir(),
                     reason='real photographs (../shared/data) not present')
 def test_raw_and_enhanced_real_photographs_meet_in_one_look(tmp_path):
@@ -158,7 +92,7 @@ def test_raw_and_enhanced_real_photographs_meet_in_one_look(tmp_path):
             shutil.copy(photo, tmp_path / f'{name}_in' / photo.name)
         for look in ('none', 'local_contrast'):
             convert_folder(tmp_path / f'{name}_in', folder / look, 128, 'png', n_proc=1,
-                           progress=False, enhance=look)
+                           progress=False, preprocessing=look)
             stack = np.stack([np.asarray(Image.open(p)) for p in sorted((folder / look).glob('*.png'))])
             eye = stack.max(axis=3) > 0
             means[name, look] = np.array([stack[..., c][eye].mean() for c in range(3)])
@@ -168,14 +102,10 @@ def test_raw_and_enhanced_real_photographs_meet_in_one_look(tmp_path):
     assert enhanced_gap < 3 and enhanced_gap < plain_gap / 4
 
 
-def test_ram_output_dir_inside_an_image_folder_is_refused(workdir):
-    config = config_module.load(CONFIG)
-    checkpoint.save(workdir / 'weights' / CONFIG / 'weights.pt', model=config.build_net(),
-                    config=config, epoch=0)
-    images = workdir / 'data' / 'test_tiny'
-    before = sorted(p.name for p in images.iterdir())
-    result = run_script('ram.py', '--cnf', CONFIG, '--images', images, '--output_dir',
-                        images / 'maps', '--no_progress', cwd=workdir, check=False)
-    assert result.returncode == 2 and 'Traceback' not in result.stderr
-    assert 'is inside the input folder' in result.stderr
-    assert sorted(p.name for p in images.iterdir()) == before
+def test_a_conversion_record_of_the_earlier_name_still_reads(tmp_path):
+    """Folders converted before the record said `preprocessing` said `enhance`."""
+    (tmp_path / 'conversion.json').write_text('{"crop_size": 128, "enhance": "local_contrast"}')
+    assert preprocess.folder_preprocessing(tmp_path) == 'local_contrast'
+    (tmp_path / 'conversion.json').write_text('{"crop_size": 128, "enhance": "sharpen"}')
+    with pytest.raises(UserError, match='not a conversion record'):
+        preprocess.folder_preprocessing(tmp_path)

@@ -1,0 +1,115 @@
+"""The package's shape: every module imports on its own, no two modules import each other (even
+inside functions), no stage reads a net's settings off the module, and the README's Layout
+names every module."""
+import ast
+import re
+import subprocess
+import sys
+
+from conftest import REPO
+
+PACKAGE = REPO / 'retina'
+SCRIPTS = ('convert.py', 'train_nn.py', 'transform.py', 'blend.py', 'ram.py', 'predict.py')
+
+
+def modules():
+    """{dotted name: path} of every module of the package."""
+    found = {}
+    for path in sorted(PACKAGE.rglob('*.py')):
+        parts = path.relative_to(REPO).with_suffix('').parts
+        found['.'.join(parts[:-1] if parts[-1] == '__init__' else parts)] = path
+    return found
+
+
+def imports_of(path, known):
+    """The package modules `path` imports, at the top or inside a function."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith('retina'):
+            found |= {name for name in (node.module, *(f'{node.module}.{a.name}'
+                                                        for a in node.names)) if name in known}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name in known}
+    return found
+
+
+def cycles(graph):
+    """The strongly connected groups of more than one module (Tarjan)."""
+    index, low, stack, on, found = {}, {}, [], set(), []
+
+    def visit(node):
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on.add(node)
+        for other in graph[node]:
+            if other not in index:
+                visit(other)
+                low[node] = min(low[node], low[other])
+            elif other in on:
+                low[node] = min(low[node], index[other])
+        if low[node] == index[node]:
+            group = []
+            while True:
+                member = stack.pop()
+                on.discard(member)
+                group.append(member)
+                if member == node:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_every_module_imports_alone():
+    """Each module imported into an interpreter where no other module of the package was:
+    a module that only works after another was imported first fails here."""
+    code = ('import importlib, sys\n'
+            'failed = []\n'
+            f'for name in {sorted(modules())!r}:\n'
+            '    for loaded in [m for m in sys.modules if m == "retina" or m.startswith("retina.")]:\n'
+            '        del sys.modules[loaded]\n'
+            '    try:\n'
+            '        importlib.import_module(name)\n'
+            '    except Exception as error:\n'
+            '        failed.append(f"{name}: {type(error).__name__}: {error}")\n'
+            'print("\\n".join(failed))\n'
+            'sys.exit(1 if failed else 0)\n')
+    result = subprocess.run([sys.executable, '-c', code], cwd=REPO, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr[-2000:]
+
+
+def test_no_two_modules_import_each_other():
+    known = modules()
+    graph = {name: imports_of(path, known) - {name} for name, path in known.items()}
+    assert sum(map(len, graph.values())) > 50, 'the import graph was not read'
+    assert cycles(graph) == []
+
+
+def test_cycles_are_found_where_there_are_some():
+    assert cycles({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a'}}) == [['a', 'b', 'c']]
+    assert cycles({'a': {'b'}, 'b': set()}) == []
+
+
+def test_no_stage_reads_a_net_s_settings_off_the_module():
+    """The pixel constants and the preprocessing come from checkpoint.LoadedNet, never from
+    attributes hung on the nn.Module (a typo there silently fell back to a default)."""
+    pattern = re.compile(r"getattr\([^)]*'(pixel_constants|preprocessing)'|\.pixel_constants\b")
+    sources = [*modules().values(), *(REPO / s for s in SCRIPTS), *(REPO / 'bench').glob('*.py')]
+    offenders = [f'{path.relative_to(REPO)}:{number}: {line.strip()}'
+                 for path in sources
+                 for number, line in enumerate(path.read_text().splitlines(), start=1)
+                 if pattern.search(line)]
+    assert offenders == []
+
+
+def test_the_readme_layout_names_every_module():
+    layout = REPO.joinpath('README.md').read_text().split('## Layout', 1)[1].split('\n## ', 1)[0]
+    listed = set(re.findall(r'\b(\w+)\.py\b', layout)) | set(re.findall(r'\b(\w+)/', layout))
+    missing = [name for name in modules()
+               if name != 'retina' and f"{name.rsplit('.', 1)[-1]}" not in listed]
+    assert missing == []
