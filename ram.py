@@ -99,7 +99,8 @@ def _check_cmap(_context, _parameter, value):
               help='With --masks, only score: draw no figures (for benchmarks over many images).')
 @click.option('--save_maps', is_flag=True,
               help='Also save each map as the method made it (last conv resolution, float32) '
-                   'beside its figure, as .npy: the numbers behind the picture.')
+                   'beside its figure, as .npy: the numbers behind the picture (with '
+                   '--scores_only too, into --output_dir).')
 @click.option('--limit', type=click.IntRange(min=1), help='Only the first N images.')
 @click.option('--device', default='auto', show_default=True,
               help='auto (CUDA if present), cpu, cuda or cuda:N.')
@@ -144,13 +145,14 @@ def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights,
     ram.check_preprocessing(image_paths, [loaded] + ([fuse_with] if fuse_with else []))
     title = config.name + (f'+{fuse_config.name}' if fuse_cnf else '')
     output_dir = output_dir or paths.ram_dir(title)
-    if not scores_only:
+    if not scores_only or save_maps:
         ram.check_output_dir(output_dir, image_paths, masks, photos)
-    summary = ram.make_maps(loaded, image_paths, output_dir, method=method, layer=layer,
-                      include_bias=include_bias, fuse_with=fuse_with, per_image_scale=per_image_scale,
-                      signed=signed, cmap=cmap, alpha=alpha, masks=masks, photos=photos, labels=labels,
-                      all_levels=all_levels, batch_size=batch_size, deletion_fill=deletion_fill,
-                      draw=not scores_only, progress=not no_progress, save_maps=save_maps)
+    summary = ram.make_maps(
+        loaded, image_paths, output_dir, method=method, layer=layer, include_bias=include_bias,
+        fuse_with=fuse_with, per_image_scale=per_image_scale, signed=signed, cmap=cmap,
+        alpha=alpha, masks=masks, photos=photos, labels=labels, all_levels=all_levels,
+        batch_size=batch_size, deletion_fill=deletion_fill, draw=not scores_only,
+        progress=not no_progress, save_maps=save_maps)
     if summary.by_level is not None:
         click.echo(f'wrote {len(summary.written)} heat map(s) to {output_dir}/ and {summary.by_level}')
     if summary.scores is not None:

@@ -123,7 +123,7 @@ def score(work, name, images, weights, method, layer, mask_args, fuse=None, batc
     out = work / 'scores' / f'{name}.json'
     args = ['ram.py', '--cnf', weights.config, '--weights_from', weights.path, '--method', method,
             '--images', images, *mask_args, '--scores_only', '--scores_json', out, '--device', device,
-            '--no_progress', '--output_dir', work / 'maps' / name]
+            '--no_progress', '--output_dir', work / 'maps' / name, '--save_maps']
     if layer:
         args += ['--layer', layer]
     if fuse:
@@ -142,7 +142,36 @@ def score(work, name, images, weights, method, layer, mask_args, fuse=None, batc
     return result
 
 
-def rows_of(set_name, net_name, method, result):
+def disc_mass(maps_dir, suffix, plain_dir, window_size):
+    """How much of the maps' positive mass sits on the optic disc (`scores.optic_disc`, found
+    on the plain conversion of each photograph: enhanced ones hide it), averaged over the
+    photographs: {'map', 'blind' (the leave-one-out mean map), 'area' (the disc's share of
+    the fundus: what a flat map would put there)}; None without saved maps."""
+    import numpy as np
+    import torch
+
+    from retina.heatmaps import figures, methods, scores
+    from retina.ram import load_window
+    pairs = [(Path(maps_dir) / f'{image.stem}{suffix}', image)
+             for image in sorted(Path(plain_dir).glob('*.png'))]
+    pairs = [(saved, image) for saved, image in pairs if saved.is_file()]
+    if len(pairs) < 2:
+        return None
+    maps = torch.stack([torch.from_numpy(np.load(path)) for path, _ in pairs])
+    blind = scores.blind_maps(maps)
+    shares = {'map': [], 'blind': [], 'area': []}
+    for i, (_, image) in enumerate(pairs):
+        window = load_window(image, window_size)[0].permute(1, 2, 0).numpy()
+        inside = figures.fundus_mask(window)
+        disc = scores.optic_disc(window, inside)
+        for variant, heat in (('map', maps[i]), ('blind', blind[i])):
+            evidence = methods.upsample(heat[None].float(), window_size)[0].numpy()
+            shares[variant].append(scores.lesion_mass_share(evidence, disc, inside))
+        shares['area'].append(float((disc & inside).sum() / max(inside.sum(), 1)))
+    return {k: float(np.nanmean(v)) for k, v in shares.items()}
+
+
+def rows_of(set_name, net_name, method, result, disc=None):
     """Table rows, one per lesion kind of a result."""
     rows = []
     for kind, values in result['kinds'].items():
@@ -151,7 +180,7 @@ def rows_of(set_name, net_name, method, result):
         table = values['scores']
         lead = values['auroc_minus_blind']
         rows.append(dict(set=set_name, kind=kind, net=net_name, method=method, n=values['n'],
-                         grid='x'.join(map(str, result['grid'])),
+                         grid='x'.join(map(str, result['grid'])), disc=disc,
                          lead=lead, **{s: table[s] for s in SCORES}))
     return rows
 
@@ -161,17 +190,22 @@ def cell(values):
                       (values['map'], values['blind'], values['oracle']))
 
 
+def disc_cell(disc):
+    return '—' if not disc else f'{disc["map"]:.2f} / {disc["blind"]:.2f} / {disc["area"]:.2f}'
+
+
 def table(rows):
     lines = ['| set | lesions | net | method | grid | images | AUROC | AUROC − blind [95% CI] | '
-             'pointing exact | pointing ±½ cell | mass in lesions |',
-             '| --- | --- | --- | --- | --- | ---: | --- | --- | --- | --- | --- |']
+             'pointing exact | pointing ±½ cell | mass in lesions | mass on the disc |',
+             '| --- | --- | --- | --- | --- | ---: | --- | --- | --- | --- | --- | --- |']
     for r in rows:
         lead = r['lead']
         lead_text = '—' if lead['mean'] != lead['mean'] else \
             f'{lead["mean"]:+.2f} [{lead["low"]:+.2f}, {lead["high"]:+.2f}]'
         lines.append(f'| {r["set"]} | {r["kind"]} | {r["net"]} | {r["method"]} | {r["grid"]} | {r["n"]} | '
                      f'{cell(r["auroc"])} | {lead_text} | {cell(r["pointing_exact"])} | '
-                     f'{cell(r["pointing_game"])} | {cell(r["mass_in_lesions"])} |')
+                     f'{cell(r["pointing_game"])} | {cell(r["mass_in_lesions"])} | '
+                     f'{disc_cell(r.get("disc"))} |')
     return '\n'.join(lines)
 
 
@@ -196,11 +230,16 @@ def synthetic_part(work, nets, fuses, synthetic_dir, n_patients, seed, methods, 
     rows = []
     for weights in nets:
         images = converted(synthetic_dir / 'test', work, tag, weights.size, weights.enhance)
+        plain = converted(synthetic_dir / 'test', work, tag, weights.size, 'none')
         for method, layer in runs_of(weights, methods, layers):
             name = f'synthetic_{weights}_{method}' + (f'-{layer}' if layer else '')
             result = score(work, name, images, weights, method, layer, mask_args, **options)
             if result:
-                rows += rows_of('synthetic', weights.label, method + (f' @{layer}' if layer else ''), result)
+                suffix = f'_{method}' + (f'-{layer}' if layer else '') + f'_{weights}.npy'
+                disc = disc_mass(work / 'maps' / name, suffix, plain,
+                                 (weights.input, weights.input))
+                rows += rows_of('synthetic', weights.label,
+                                method + (f' @{layer}' if layer else ''), result, disc)
     rows += fused_rows(work, 'synthetic', tag, synthetic_dir / 'test', fuses, mask_args, options)
     return rows
 
@@ -228,11 +267,16 @@ def heimed_part(work, nets, fuses, heimed, methods, layers, options):
     rows = []
     for weights in nets:
         images = converted(heimed / 'images', work, 'heimed', weights.size, weights.enhance)
+        plain = converted(heimed / 'images', work, 'heimed', weights.size, 'none')
         for method, layer in runs_of(weights, methods, layers):
             name = f'heimed_{weights}_{method}' + (f'-{layer}' if layer else '')
             result = score(work, name, images, weights, method, layer, mask_args, **options)
             if result:
-                rows += rows_of('HEI-MED', weights.label, method + (f' @{layer}' if layer else ''), result)
+                suffix = f'_{method}' + (f'-{layer}' if layer else '') + f'_{weights}.npy'
+                disc = disc_mass(work / 'maps' / name, suffix, plain,
+                                 (weights.input, weights.input))
+                rows += rows_of('HEI-MED', weights.label, method + (f' @{layer}' if layer else ''),
+                                result, disc)
     rows += fused_rows(work, 'HEI-MED', 'heimed', heimed / 'images', fuses, mask_args, options)
     return rows
 

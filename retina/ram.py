@@ -273,7 +273,7 @@ def make_maps(loaded, image_paths, output_dir, method='ram', layer=None, include
     """Write a heat map per image and the by-level figure; score localisation when `masks` is given.
 
     With `save_maps` each image's map, as the method made it (conv resolution, float32; fused
-    maps on their grid), is saved beside its figure as .npy.
+    maps on their grid), is saved beside its figure as .npy (with --scores_only too).
 
     `loaded` is the net (`checkpoint.LoadedNet`); `fuse_with` a second one whose maps are
     fused with its; the images must then be converted for the larger of the two.
@@ -304,12 +304,12 @@ def make_maps(loaded, image_paths, output_dir, method='ram', layer=None, include
             bar.update(len(batch))
     if scores is not None:
         _score(items, scores, window_size)
-    if not draw:
-        return RunSummary(written=[], by_level=None, failed=failed, scores=scores)
     if save_maps:
         for item in items:
             atomic.save_npy(paths.heat_map(output_dir, item.name, title, signed, tag)
                             .with_suffix('.npy'), item.map.float().numpy())
+    if not draw:
+        return RunSummary(written=[], by_level=None, failed=failed, scores=scores)
     written, by_level = _draw(items, output_dir, title, tag, window_size, cmap, alpha, signed,
                               per_image_scale, by_label=known is not None, failed=failed,
                               unit=('sum of the min-max normalised maps' if len(nets) == 2 else

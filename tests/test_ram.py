@@ -665,3 +665,23 @@ def test_ram_output_dir_inside_an_image_folder_is_refused(workdir):
     assert result.returncode == 2 and 'Traceback' not in result.stderr
     assert 'is inside the input folder' in result.stderr
     assert sorted(p.name for p in images.iterdir()) == before
+
+
+@pytest.mark.parametrize('seed, eye', [(1, 'left'), (2, 'right'), (3, 'left')])
+def test_optic_disc_is_found_where_the_synthetic_photograph_has_it(seed, eye):
+    """`scores.optic_disc` on the plain conversion of a synthetic photograph (level 0) covers
+    the disc the generator drew, and is small: a share of the fundus near the disc's own."""
+    from retina import synthetic
+    from retina.augment import centre_crop
+    geometry = synthetic._eye_geometry(np.random.default_rng(seed), 576, 384, eye)
+    photo, _ = synthetic.make_fundus(0, np.random.default_rng(seed), 576, 384, eye)
+    box = crop.find_eye_box_fast(photo)
+    converted = np.array(crop.crop_to_eye(photo, 128, box))
+    window = centre_crop(torch.from_numpy(converted).permute(2, 0, 1), (112, 112))
+    window = window.to(torch.uint8).permute(1, 2, 0).numpy()
+    disc = scores.optic_disc(window, figures.fundus_mask(window))
+    left, top, right, bottom = box
+    x = (geometry.disc_x - left) / (right - left) * 128 - 8  # converted, then the window
+    y = (geometry.disc_y - top) / (bottom - top) * 128 - 8
+    assert disc[int(round(y)), int(round(x))], 'the found disc misses the drawn one'
+    assert 0.005 < disc.mean() < 0.05

@@ -99,6 +99,34 @@ def score_map(evidence, lesions, inside, tolerance):
                 mass_in_lesions=0.0 if np.isnan(mass) else mass)
 
 
+DISC_RADIUS = 0.08   # optic_disc: the disc's radius as a share of the window's side
+DISC_BLUR = 0.04     # ... found on the image blurred with this sigma (share of the side)
+DISC_OFFSET = 0.2    # ... at least this share of the width left or right of the centre
+
+
+def optic_disc(window, inside=None, radius=DISC_RADIUS):
+    """Boolean (h, w): where the optic disc of the uint8 (h, w, 3) `window` is, approximately:
+    a circle of `radius` × the side around the brightest point of the blurred image inside
+    the fundus, beside the centre and near the midline (the disc is the brightest part of a
+    macula-centred fundus photograph that was not contrast-enhanced; pass the plain
+    conversion of an enhanced image).  For measuring how
+    much of a map sits on the disc, not for display."""
+    h, w = window.shape[:2]
+    inside = np.ones((h, w), dtype=bool) if inside is None else inside
+    sigma = DISC_BLUR * max(h, w)
+    weight = inside.astype(np.float64)
+    brightness = np.asarray(window, dtype=np.float64).mean(axis=2)
+    blurred = (ndimage.gaussian_filter(brightness * weight, sigma)
+               / (ndimage.gaussian_filter(weight, sigma) + 1e-6))
+    yy, xx = np.mgrid[:h, :w]
+    # Macula-centred photographs (EyePACS, HEI-MED, the synthetic ones) have the disc beside
+    # the centre, near the horizontal midline: bright exudates nearer the centre are not it.
+    beside = (np.abs(xx - (w - 1) / 2) >= DISC_OFFSET * w) & (np.abs(yy - (h - 1) / 2) <= 0.25 * h)
+    where = inside & beside if (inside & beside).any() else inside
+    y, x = np.unravel_index(int(np.argmax(np.where(where, blurred, -np.inf))), (h, w))
+    return (yy - y) ** 2 + (xx - x) ** 2 <= (radius * max(h, w)) ** 2
+
+
 # --- reference maps ------------------------------------------------------------------
 
 def blind_maps(maps):
