@@ -106,6 +106,8 @@ done
 # 3. Test-time-augmented features of each 512 baseline net, as the original: three weight sets,
 #    each on its own augmentations (--skip 0, TTA, 2 TTA keeps them and their files apart):
 #    the last best/ file (lowest validation loss), weights.pt (best kappa), weights_final.pt.
+#    --tta_sequence halton: the original's unscrambled Halton sequence (transform.py's default
+#    scrambles it; see transform.py --help).
 for cnf in c_512_5x5_32 c_512_4x4_32; do
   best_loss=$(ls "weights/$cnf/best/"*.pt 2>/dev/null | tail -n 1 || true)  # epoch-numbered names
   if [ -z "$best_loss" ]; then
@@ -116,14 +118,16 @@ for cnf in c_512_5x5_32 c_512_4x4_32; do
     best_loss="weights/$cnf/best/LAST.pt"
   fi
   run $PY transform.py --cnf configs/${cnf}.py --train --test --n_iter "$TTA" \
-      --weights_from "$best_loss"
-  run $PY transform.py --cnf configs/${cnf}.py --train --test --n_iter "$TTA" --skip "$TTA"
+      --weights_from "$best_loss" --tta_sequence halton
+  run $PY transform.py --cnf configs/${cnf}.py --train --test --n_iter "$TTA" --skip "$TTA" \
+      --tta_sequence halton
   run $PY transform.py --cnf configs/${cnf}.py --train --test --n_iter "$TTA" \
-      --skip $((2 * TTA)) --weights_from "weights/$cnf/weights_final.pt"
+      --skip $((2 * TTA)) --weights_from "weights/$cnf/weights_final.pt" --tta_sequence halton
 done
 if [ "$RAM" = 1 ]; then  # best-kappa weights of the 512 RAM nets
   for cnf in c_512_5x5_32_ram c_512_4x4_32_ram; do
-    run $PY transform.py --cnf configs/${cnf}.py --train --test --n_iter "$TTA"
+    run $PY transform.py --cnf configs/${cnf}.py --train --test --n_iter "$TTA" \
+        --tta_sequence halton
   done
 fi
 

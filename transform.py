@@ -4,7 +4,7 @@ import click
 
 from retina import config as config_module, paths, released
 from retina.errors import handle_errors
-from retina.feature_files import MAX_TTA_ITERATIONS
+from retina.feature_files import MAX_TTA_ITERATIONS, TTA_SEQUENCE_HELP, TTA_SEQUENCES
 from retina.precision import PRECISIONS
 
 
@@ -42,13 +42,16 @@ from retina.precision import PRECISIONS
                    "at a time, differ by up to 0.02 on a blend's score); fp32: none.  Saved "
                    'iterations of the other precision are not continued: the extraction starts '
                    'again.')
+@click.option('--tta_sequence', type=click.Choice(TTA_SEQUENCES), default='scrambled',
+              show_default=True, help=TTA_SEQUENCE_HELP + '  Saved iterations of the other '
+                                                          'sequence are not continued.')
 @click.option('--restart', is_flag=True,
               help='Ignore the saved iterations of an interrupted run and start from the first.')
 @click.option('--no_progress', is_flag=True, help='No progress bars.')
 @handle_errors(resume_hint='Run the same command again: it continues from the last saved '
                            'iteration (every 5).')
 def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, device, batch_size,
-         compile_model, precision, restart, no_progress):
+         compile_model, precision, tta_sequence, restart, no_progress):
     """Write data/features/CNF_{train,test}_{mean,std}_iter_N_skip_K.npy.
 
     Features come from the RMS-pool layer (baseline nets) or the global-
@@ -71,7 +74,7 @@ def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, devi
         result = extract_features(config, loaded, folders[split], split, n_iter, skip, device,
                                   batch_size, not no_progress, click.echo, restart,
                                   weights=str(weights), compile_model=compile_model,
-                                  precision=precision)
+                                  precision=precision, sequence=tta_sequence)
         click.echo(f'{split}: {result["rows"]} images × {result["features"]} features -> '
                    f'{result["mean"]}, {result["std"]}')
 

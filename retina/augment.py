@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from retina.data import MEAN, STD
+from retina.feature_files import TTA_SEQUENCES
 
 # Krizhevsky PCA colour noise, as the original applies it.
 COLOUR_U = np.array([[-0.56543481, 0.71983482, 0.40240142],
@@ -91,35 +92,50 @@ def random_params(n, aug, sigma, generator=None, device='cpu'):
 
 
 HALTON_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29)
+SCRAMBLE_SEED = 2015
 
 
-def halton(indices, bases=HALTON_BASES):
-    """Points `indices` of the unscrambled Halton sequence (scipy's qmc.Halton rows), computed
-    directly: a --skip of 10**12 costs no more than a --skip of 0 (scipy would draw them all)."""
-    def radical_inverse(index, base):
+def _digit_permutations(bases=HALTON_BASES, seed=SCRAMBLE_SEED):
+    """One fixed permutation of the digits 1..b-1 per base b, 0 kept in place (Braaten and
+    Weller's scrambling: the trailing zeros of every index stay zeros)."""
+    rng = np.random.default_rng(seed)
+    return [np.concatenate([[0], 1 + rng.permutation(base - 1)]) for base in bases]
+
+
+def halton(indices, bases=HALTON_BASES, scrambled=False):
+    """Points `indices` of the Halton sequence (unscrambled: scipy's qmc.Halton rows; with
+    `scrambled` each digit permuted by `_digit_permutations`), computed directly: a --skip of
+    10**12 costs no more than a --skip of 0 (scipy would draw them all)."""
+    permutations = _digit_permutations(bases) if scrambled else [None] * len(bases)
+
+    def radical_inverse(index, base, permutation):
         value, scale = 0.0, 1.0 / base
         while index:
             index, digit = divmod(index, base)
-            value += digit * scale
+            value += (digit if permutation is None else permutation[digit]) * scale
             scale /= base
         return value
 
-    points = [[radical_inverse(i, b) for b in bases] for i in indices]
+    points = [[radical_inverse(i, b, p) for b, p in zip(bases, permutations)] for i in indices]
     return np.array(points, dtype=np.float64).reshape(-1, len(bases))
 
 
-def tta_params(n_iter, skip, aug, sigma):
-    """One parameter set per TTA iteration from the 10-d Halton sequence, as the original.
+def tta_params(n_iter, skip, aug, sigma, sequence='scrambled'):
+    """One parameter set per TTA iteration from the 10-d Halton sequence (`sequence`: one of
+    TTA_SEQUENCES; 'halton' is the original's).
 
     Returns a list of dicts of Python floats; with n_iter == 1 there is no augmentation.
     """
+    if sequence not in TTA_SEQUENCES:
+        raise ValueError(f'sequence must be one of {", ".join(TTA_SEQUENCES)}, not {sequence!r}')
     if n_iter == 1:
         return [dict(rotation=0.0, shear=0.0, tx=0.0, ty=0.0, zoom_x=1.0, zoom_y=1.0,
                      flip=0.0, colour=[0.0, 0.0, 0.0])]
     from scipy.stats import norm  # here: a second of import that training never needs
-    # The unscrambled sequence starts at the origin, a degenerate corner (an
-    # infinite colour shift); point k of the sequence is row k + 1 here.
-    points = np.clip(halton(range(skip + 1, skip + n_iter + 1)), 1e-6, 1 - 1e-6)
+    # Both sequences start at the origin, a degenerate corner (an infinite colour shift);
+    # point k of the sequence is row k + 1 here.
+    indices = range(skip + 1, skip + n_iter + 1)
+    points = np.clip(halton(indices, scrambled=sequence == 'scrambled'), 1e-6, 1 - 1e-6)
 
     def scale(u, lo_hi):
         return float(lo_hi[0] + u * (lo_hi[1] - lo_hi[0]))

@@ -15,6 +15,17 @@ from retina import atomic, paths
 from retina.errors import UserError
 
 MAX_TTA_ITERATIONS = 10_000  # transform.py and predict.py --n_iter: beyond it, no output for days
+# The quasi-random sequences of the TTA augmentations (augment.tta_params), recorded beside
+# the features they made.
+TTA_SEQUENCES = ('scrambled', 'halton')
+TTA_SEQUENCE_HELP = (
+    'The quasi-random sequence of the TTA augmentations.  scrambled (the default): the Halton '
+    'sequence with each base\'s digits permuted (a fixed permutation per base), so that its '
+    'first points are spread over every dimension; halton: the unscrambled sequence, as the '
+    'original drew it (exact reproduction), whose first points in the large bases are all '
+    'small: of its first 10, none is flipped and the colour shifts average -0.4 and -0.25 '
+    'sigma.  Recorded beside the features; predict.py applies a blend with the sequence its '
+    'features were made with.')
 
 
 def _parts(feature_path):

@@ -16,7 +16,7 @@ SAVE_EVERY = 5
 
 
 def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, images_key, echo,
-                       precision=None):
+                       precision=None, sequence='halton'):
     """Sums recovered from the last saved iteration of an interrupted run of the same weights
     on the same images (`images_key`: their folder, sizes and modification times)."""
     from retina import paths
@@ -41,6 +41,11 @@ def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, ima
                     echo(f'{split}: {mean_path} was computed in {source["precision"]}, this run '
                          f'in {precision}; starting from the first iteration')
                     return 0, None, None
+                made_with = source.get('sequence', 'halton')  # unrecorded: the original's
+                if made_with != sequence:
+                    echo(f'{split}: {mean_path} was made with the {made_with} TTA sequence, '
+                         f'this run with {sequence}; starting from the first iteration')
+                    return 0, None, None
                 mean, _ = load_features(mean_path)
                 std, _ = load_features(std_path)
             except (UserError, OSError, ValueError, KeyError, TypeError):
@@ -52,7 +57,7 @@ def _previous_progress(config_name, split, n_iter, skip, names, fingerprint, ima
 
 def extract_features(config, loaded, folder, split, n_iter=1, skip=0, device='cpu',
                      batch_size=None, progress=True, echo=print, restart=False, weights=None,
-                     compile_model=None, precision='auto'):
+                     compile_model=None, precision='auto', sequence='scrambled'):
     """Write running mean/std features of `folder`'s images every SAVE_EVERY iterations.
 
     `loaded` is the `checkpoint.LoadedNet` (its preprocessing must be the folder's, its pixel
@@ -61,7 +66,8 @@ def extract_features(config, loaded, folder, split, n_iter=1, skip=0, device='cp
     beside the features with the weights' fingerprint.
     `batch_size` defaults to Runtime.eval_batch_size (larger on a GPU); `compile_model`
     None compiles the net on a GPU and not on the CPU; `precision` is one of
-    precision.PRECISIONS ('auto': bf16 on a GPU, fp32 on the CPU).
+    precision.PRECISIONS ('auto': bf16 on a GPU, fp32 on the CPU); `sequence` one of
+    augment.TTA_SEQUENCES (recorded beside the features).
     Two extractions of one config, split and skip would write the same files (the
     saves at iterations 5, 10, ... too), so the second is refused while the first runs.
     """
@@ -70,11 +76,11 @@ def extract_features(config, loaded, folder, split, n_iter=1, skip=0, device='cp
                    f'the {split} features of {config.name} (skip {skip})', echo):
         return _extract_features(config, loaded, folder, split, n_iter, skip, device,
                                  batch_size, progress, echo, restart, weights, compile_model,
-                                 precision)
+                                 precision, sequence)
 
 
 def _extract_features(config, loaded, folder, split, n_iter, skip, device, batch_size,
-                      progress, echo, restart, weights, compile_model, precision):
+                      progress, echo, restart, weights, compile_model, precision, sequence):
     import torch
     from tqdm import tqdm
 
@@ -100,11 +106,12 @@ def _extract_features(config, loaded, folder, split, n_iter, skip, device, batch
     images = place_images(images, runtime, 'auto')
     model = loaded.net.to(memory_format=torch.channels_last)
     batch_size = batch_size or runtime.eval_batch_size(config.cnf)
-    augmentations = tta_params(n_iter, skip, config.cnf['aug_params'], config.cnf['sigma'])
+    augmentations = tta_params(n_iter, skip, config.cnf['aug_params'], config.cnf['sigma'],
+                               sequence)
     fingerprint = loaded.fingerprint
     start, total, total_sq = (0, None, None) if restart else _previous_progress(
         config.name, split, n_iter, skip, names, fingerprint, images_key, echo,
-        runtime.precision)
+        runtime.precision, sequence)
     if start == n_iter:
         echo(f'{split}: already complete ({n_iter} iterations of these weights); '
              f'--restart computes it again')
@@ -150,7 +157,7 @@ def _extract_features(config, loaded, folder, split, n_iter, skip, device, batch
         std = np.sqrt(np.maximum((total_sq / done).cpu().numpy() - mean ** 2, 0))
         feature_files.save(config.name, split, done, skip, names, mean, std,
                            dict(fingerprint=fingerprint, weights=weights, images=images_key,
-                                precision=runtime.precision))
+                                precision=runtime.precision, sequence=sequence))
     bar.close()
     return dict(mean=paths.features(config.name, split, 'mean', n_iter, skip),
                 std=paths.features(config.name, split, 'std', n_iter, skip), rows=len(names),

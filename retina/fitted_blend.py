@@ -42,8 +42,15 @@ def describe_file(path):
     entry.update(weights=recorded.get('weights'), fingerprint=recorded.get('fingerprint'),
                  # transform.py's arithmetic (bf16 or fp32): predict.py computes the blend's
                  # features in it, so that they are the features the blend was fitted on
-                 precision=recorded.get('precision'))
+                 precision=recorded.get('precision'),
+                 # the TTA sequence (augment.tta_params; unrecorded: the original's)
+                 sequence=recorded.get('sequence', 'halton'))
     return entry
+
+
+def tta_of(entry):
+    """(n_iter, skip, sequence) of a feature file's entry: the TTA predict.py must repeat."""
+    return entry['n_iter'], entry['skip'], entry.get('sequence') or 'halton'
 
 
 def fitted_run(name, files, scaler, nets):

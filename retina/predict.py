@@ -210,18 +210,19 @@ def heat_maps(grader, images, method):
     return methods.compute_maps(method, grader.net, x)[0].cpu()
 
 
-def augmentation_list(grader, n_iter, skip=0):
+def augmentation_list(grader, n_iter, skip=0, sequence='scrambled'):
     """transform.py's parameter sets: [None] (the centred window) for one iteration."""
     if n_iter == 1:
         return [None]
-    return tta_params(n_iter, skip, grader.config.cnf['aug_params'], grader.config.cnf['sigma'])
+    return tta_params(n_iter, skip, grader.config.cnf['aug_params'], grader.config.cnf['sigma'],
+                      sequence)
 
 
 def score_batch(grader, photos, n_iter, feature_sets=(), map_method=None,
                 feature_precision='fp32'):
     """`NetOutput` of `grader` for `photos`: the score averaged over `n_iter` augmentations,
-    the mean/std features of each (n_iter, skip) in `feature_sets` (as transform.py saves
-    them), the heat maps of `map_method` on the centred window (`heat_maps`) if given."""
+    the mean/std features of each (n_iter, skip, sequence) in `feature_sets` (as
+    transform.py saves them), the heat maps of `map_method` on the centred window (`heat_maps`) if given."""
     device = next(grader.net.parameters()).device
     key = (grader.crop_size, grader.preprocessing)
     images = torch.from_numpy(np.stack([p.converted[key] for p in photos])).permute(0, 3, 1, 2)
@@ -236,7 +237,9 @@ def score_batch(grader, photos, n_iter, feature_sets=(), map_method=None,
     if map_method:
         result.maps = heat_maps(grader, images, map_method)
     for tta in feature_sets:
-        features = score_features if tta == (n_iter, 0) and feature_precision == 'fp32' else \
+        iterations, skip, sequence = tta
+        same_passes = (iterations, skip) == (n_iter, 0) and (n_iter == 1 or sequence == 'scrambled')
+        features = score_features if same_passes and feature_precision == 'fp32' else \
             _passes(grader, images, augmentation_list(grader, *tta),
                     precision=feature_precision)[1]
         stack = np.stack(features)
@@ -517,7 +520,7 @@ class LoadedBlend:
         return list(dict.fromkeys((e['cnf'], e['weights']) for e in entries))
 
     def feature_sets(self, graders):
-        """{id(grader): [(n_iter, skip), ...]}: the TTA runs each grader must make for the
+        """{id(grader): [(n_iter, skip, sequence), ...]}: the TTA runs each grader must make for the
         blend; every feature file needs a grader of its config with the same weights."""
         from retina import fitted_blend
         wanted = {}
@@ -538,7 +541,7 @@ class LoadedBlend:
                                 f'{entry["weights"] or "WEIGHTS"}')
             grader = matching[0]
             self._grader_of[index] = grader
-            tta = (entry['n_iter'], entry['skip'])
+            tta = fitted_blend.tta_of(entry)
             wanted.setdefault(id(grader), [])
             if tta not in wanted[id(grader)]:
                 wanted[id(grader)].append(tta)
@@ -552,7 +555,7 @@ class LoadedBlend:
 
         def features_of(entry):
             grader = self._grader_of[position[id(entry)]]
-            key = (id(grader), (entry['n_iter'], entry['skip']))
+            key = (id(grader), fitted_blend.tta_of(entry))
             stat = 0 if entry['stat'] == 'mean' else 1
             return np.stack([photo[key][stat] for photo in per_photo_features])
 

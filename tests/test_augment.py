@@ -165,3 +165,24 @@ def test_a_huge_skip_draws_its_augmentations_at_once():
     aug = config_module.load(CONFIG).cnf['aug_params']
     params = tta_params(3, 10 ** 15, aug, 0.25)
     assert len(params) == 3 and all(np.isfinite(p['rotation']) for p in params)
+
+
+def test_the_scrambled_tta_sequence_is_balanced_from_its_first_points():
+    """The original's unscrambled Halton sequence flips none of its first 10 augmentations
+    and shifts their colours one way; the scrambled default spreads every dimension."""
+    def summary(sequence, n):
+        params = augment.tta_params(n, 0, AUG, 0.5, sequence)
+        colours = np.array([p['colour'] for p in params]) / 0.5
+        return np.mean([p['flip'] for p in params]), colours.mean(0)
+    flips, colours = summary('halton', 10)
+    assert flips == 0 and colours[0] < -0.3
+    for n in (10, 20, 50):
+        flips, colours = summary('scrambled', n)
+        assert 0.35 <= flips <= 0.65 and np.abs(colours).max() < 0.2, (n, flips, colours)
+    # Deterministic, one point per index: a skip continues the same sequence.
+    again = augment.tta_params(20, 0, AUG, 0.5, 'scrambled')
+    assert again == augment.tta_params(20, 0, AUG, 0.5, 'scrambled')
+    assert again[10:] == augment.tta_params(10, 10, AUG, 0.5, 'scrambled')
+    assert augment.tta_params(10, 0, AUG, 0.5) == augment.tta_params(10, 0, AUG, 0.5, 'scrambled')
+    with pytest.raises(ValueError, match='sequence must be one of'):
+        augment.tta_params(10, 0, AUG, 0.5, 'sobol')

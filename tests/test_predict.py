@@ -204,7 +204,9 @@ def test_predict_heatmap_of_a_baseline_net_needs_a_gradient_method(photos, tmp_p
 
 def test_blend_saved_by_blend_py_gives_predict_the_submission_levels(workdir, synthetic_source):
     """transform.py's and blend.py's functions (--predict --scores --per_patient) on converted
-    images; predict.py --blend on the raw test photos gives the submission's scores and levels."""
+    images; predict.py --blend on the raw test photos gives the submission's scores and levels.
+    The features use the original's TTA sequence (not the default): predict.py must follow
+    the sequence recorded beside them."""
     from retina.blend import run_blend
     from retina.conversion import convert_folder
     from retina.checkpoint import load_net
@@ -219,7 +221,8 @@ def test_blend_saved_by_blend_py_gives_predict_the_submission_levels(workdir, sy
         patch.chdir(workdir)  # the pipeline's relative data/ and weights/ paths
         for split, folder in (('train', data / 'train_tiny'), ('test', data / 'test_lossless')):
             made = extract_features(config, loaded, folder, split, n_iter=2, progress=False,
-                                    echo=lambda *a: None, weights=str(weights.relative_to(workdir)))
+                                    echo=lambda *a: None, weights=str(weights.relative_to(workdir)),
+                                    sequence='halton')
             files += [made['mean'], made['std']] if split == 'train' else []
         result = run_blend({'features': files}, labels_file=data / 'trainLabels.csv',
                            per_patient=True, predict=True, test_dir=data / 'test_lossless',

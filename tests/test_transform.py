@@ -64,6 +64,23 @@ def test_transform_never_continues_from_features_of_other_weights(workdir):
     assert 'already complete' in done.stdout and final.stat().st_mtime_ns == before
 
 
+def test_features_of_another_tta_sequence_are_not_continued_and_the_sequence_is_recorded(
+        workdir):
+    import json
+    config = config_module.load(CONFIG)
+    checkpoint.save(workdir / 'weights' / CONFIG / 'weights.pt', model=config.build_net(),
+                    config=config, epoch=0)
+    command = ['transform.py', '--cnf', CONFIG, '--train', '--no_progress']
+    run_script(*command, '--n_iter', '5', '--tta_sequence', 'halton', cwd=workdir)
+    source = workdir / 'data' / 'features' / f'{CONFIG}_train_source_iter_5_skip_0.json'
+    assert json.loads(source.read_text())['sequence'] == 'halton'
+    default = run_script(*command, '--n_iter', '10', cwd=workdir)
+    assert 'made with the halton TTA sequence, this run with scrambled' in default.stdout
+    assert 'continuing' not in default.stdout
+    again = run_script(*command, '--n_iter', '15', cwd=workdir)  # the same (default) sequence
+    assert 'continuing from iteration 10' in again.stdout
+
+
 def test_empty_or_missing_test_folder(workdir):
     config = config_module.load(CONFIG)  # untrained weights will do
     checkpoint.save(workdir / 'weights' / CONFIG / 'weights.pt', model=config.build_net(),
