@@ -14,7 +14,10 @@
 # absent).  EPOCHS128 and EPOCHS256 compress the configs' schedules (train_nn.py --schedule):
 # the learning rate drops tenfold after three quarters of the epochs, as the configs' 150 of
 # 200.  A run that is cut off is continued by running the script again (train_nn.py --resume).
-# WORK (default /tmp/chain) receives the weights, features and logs; OUT (default bench/out)
+# FINE_EPOCHS (default 0: skipped) also trains the fine heat-map net c_128_5x5_32_ram_fine
+# (53x53 maps, about ten times the 6x6 net's compute) on e128 and scores its maps and the 6x6
+# net's on HEI-MED (HEIMED, default "$DATA/heimed": images/ and masks/) with
+# bench/bench_heatmaps.py.  WORK (default /tmp/chain) receives the weights, features and logs; OUT (default bench/out)
 # the logs and BENCHMARKS.md (WRITE=0: the table is printed and BENCHMARKS.md left alone).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,6 +30,8 @@ OUT=${OUT:-bench/out}
 DEVICE=${DEVICE:-cuda}
 EPOCHS128=${EPOCHS128:-200}
 EPOCHS256=${EPOCHS256:-100}
+FINE_EPOCHS=${FINE_EPOCHS:-0}
+HEIMED=${HEIMED:-$DATA/heimed}
 TTA=${TTA:-10}
 HOLD_OUT=${HOLD_OUT:-0.15}
 RAW=${RAW:-"$DATA/eyepacs_raw $DATA/eyepacs_raw1024"}
@@ -43,14 +48,15 @@ if [ "$DEVICE" != cpu ]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
 fi
 
-schedule() {  # EPOCHS -> 0:0.001,DROP:0.0001,EPOCHS:stop (EPOCHS epochs at the RAM configs' rates)
-  echo "0:0.001,$(( $1 * 3 / 4 )):0.0001,$1:stop"
+schedule() {  # EPOCHS [RATE] -> 0:RATE,DROP:RATE/10,EPOCHS:stop (the RAM configs' shape)
+  local rate=${2:-0.001}
+  echo "0:$rate,$(( $1 * 3 / 4 )):$(awk "BEGIN { print $rate / 10 }"),$1:stop"
 }
 
-train() {  # CNF FOLDER EPOCHS [--weights_from FILE]: a new run, or the interrupted one resumed
-  local cnf=$1 folder=$2 epochs=$3
-  shift 3
-  local args=(--cnf "$cnf" --schedule "$(schedule "$epochs")" --no_progress --device "$DEVICE")
+train() {  # CNF FOLDER EPOCHS RATE [--weights_from FILE]: a new run, or the interrupted one resumed
+  local cnf=$1 folder=$2 epochs=$3 rate=$4
+  shift 4
+  local args=(--cnf "$cnf" --schedule "$(schedule "$epochs" "$rate")" --no_progress --device "$DEVICE")
   if [ -f "$WORK/weights/$cnf/weights_final.pt" ]; then
     echo "$cnf: already trained ($WORK/weights/$cnf/weights_final.pt)"
     return 0
@@ -64,9 +70,12 @@ train() {  # CNF FOLDER EPOCHS [--weights_from FILE]: a new run, or the interrup
 }
 
 started=$(date +%s)
-train c_128_5x5_32_ram e128 "$EPOCHS128" || exit $?
-train c_256_5x5_32_ram e256 "$EPOCHS256" \
+train c_128_5x5_32_ram e128 "$EPOCHS128" 0.001 || exit $?
+train c_256_5x5_32_ram e256 "$EPOCHS256" 0.001 \
   --weights_from "$WORK/weights/c_128_5x5_32_ram/weights_final.pt" || exit $?
+if [ "$FINE_EPOCHS" -gt 0 ]; then  # the fine net's own rate: its config's 0.003
+  train c_128_5x5_32_ram_fine e128 "$FINE_EPOCHS" 0.003 || exit $?
+fi
 raw_args=()
 for folder in $RAW; do [ -d "$folder/train" ] && raw_args+=(--raw "$folder"); done
 [ ${#raw_args[@]} -eq 0 ] && raw_args=(--raw "$WORK/no_raw")  # none: bench_chain skips it
@@ -75,8 +84,18 @@ $PY bench/bench_chain.py --work "$WORK" --labels "$WORK/eyepacs_labels.csv" \
   "${raw_args[@]}" "$([ "$WRITE" = 0 ] && echo --no_write || echo --write)" --note "Epochs: $EPOCHS128 at 128 px, $EPOCHS256 at 256 px ($DEVICE). $NOTE" \
   2>&1 | tee "$OUT/bench_chain.log" | tail -n 30
 status=${PIPESTATUS[0]}
+if [ "$FINE_EPOCHS" -gt 0 ] && [ -d "$HEIMED/images" ]; then
+  $PY bench/bench_heatmaps.py --work "$WORK/bench_heatmaps" --heimed "$HEIMED" --device "$DEVICE" \
+    --real_weights "$WORK/weights/c_128_5x5_32_ram_fine/weights.pt" \
+    --real_weights "$WORK/weights/c_128_5x5_32_ram/weights.pt" --layers conv5 \
+    "$([ "$WRITE" = 0 ] && echo --no_write || echo --write)" --section 'real-photo fine nets' \
+    --note "Trained by bench/gpu_chain.sh: $FINE_EPOCHS epochs (fine), $EPOCHS128 (6x6), $DEVICE." \
+    2>&1 | tee "$OUT/bench_heatmaps.log" | tail -n 20
+elif [ "$FINE_EPOCHS" -gt 0 ]; then
+  echo "note: $HEIMED/images not found: the fine net's maps are not scored"
+fi
 cp BENCHMARKS.md "$OUT/BENCHMARKS.md"
-for cnf in c_128_5x5_32_ram c_256_5x5_32_ram; do
+for cnf in c_128_5x5_32_ram c_256_5x5_32_ram c_128_5x5_32_ram_fine; do
   cp "$WORK/weights/$cnf/log.csv" "$OUT/${cnf}_log.csv" 2>/dev/null
 done
 echo "gpu_chain.sh: $(( $(date +%s) - started )) s, exit $status"

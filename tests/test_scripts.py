@@ -207,13 +207,14 @@ def test_chain_script_trains_128_then_256_from_it_and_scores_the_test_split(tmp_
     shutil.copy(tmp_path / 'raw' / 'trainLabels.csv', data / 'eyepacs_labels.csv')
     benchmarks = (REPO / 'BENCHMARKS.md').read_bytes()
     env = dict(os.environ, DATA=str(data), WORK=str(tmp_path / 'work'), OUT=str(tmp_path / 'out'),
-               DEVICE='cpu', EPOCHS128='2', EPOCHS256='1', TTA='2', WRITE='0', PY=sys.executable,
-               PYTHONPATH=str(REPO))
+               DEVICE='cpu', EPOCHS128='2', EPOCHS256='1', FINE_EPOCHS='1', TTA='2', WRITE='0',
+               PY=sys.executable, PYTHONPATH=str(REPO), HEIMED=str(tmp_path / 'no_heimed'))
     result = subprocess.run(['bash', str(REPO / 'bench' / 'gpu_chain.sh')], env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     weights = tmp_path / 'work' / 'weights'
-    for name, epochs in (('c_128_5x5_32_ram', 2), ('c_256_5x5_32_ram', 1)):
+    for name, epochs in (('c_128_5x5_32_ram', 2), ('c_256_5x5_32_ram', 1),
+                         ('c_128_5x5_32_ram_fine', 1)):
         assert (weights / name / 'weights_final.pt').is_file()
         assert len((weights / name / 'log.csv').read_text().splitlines()) == epochs + 1
     log_256 = (tmp_path / 'out' / 'train_c_256_5x5_32_ram.log').read_text()
@@ -226,4 +227,5 @@ def test_chain_script_trains_128_then_256_from_it_and_scores_the_test_split(tmp_
                   'c_256_5x5_32_ram: its head on 2-iteration TTA features',
                   'blend.py --fit_on all', 'blend.py --fit_on unseen'):
         assert any(stage in line for line in table), stage
+    assert 'no_heimed/images not found' in result.stdout  # the fine net's maps: no masks here
     assert (REPO / 'BENCHMARKS.md').read_bytes() == benchmarks
