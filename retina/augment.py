@@ -263,10 +263,15 @@ def sampling_grid(theta, out_size):
     return by_row[:, :, None, :] + by_column[:, None, :, :]                    # N × H × W × 2
 
 
+def centre_offsets(size, out_size):
+    """(top, left) of the centred out_size window in a (h, w) image: the one evaluation
+    window (validation, features, predict.py, the ONNX export, the heat maps' placement)."""
+    return (size[0] - out_size[0]) // 2, (size[1] - out_size[1]) // 2
+
+
 def centre_crop(images, out_size):
     """The centred window without resampling (validation, plain feature extraction)."""
-    h, w = images.shape[-2:]
-    top, left = (h - out_size[0]) // 2, (w - out_size[1]) // 2
+    top, left = centre_offsets(images.shape[-2:], out_size)
     return images[..., top:top + out_size[0], left:left + out_size[1]].float()
 
 

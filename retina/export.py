@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from retina.augment import KAGGLE
+from retina.augment import KAGGLE, centre_offsets
 from retina.errors import UserError, handle_errors
 from retina.heatmaps.methods import ram_of_activations
 
@@ -49,7 +49,7 @@ class ExportedNet(nn.Module):
         self.crop_size = crop_size
         self.with_ram = with_ram
         height, width = net.input_size
-        self.top, self.left = (crop_size - height) // 2, (crop_size - width) // 2
+        self.top, self.left = centre_offsets((crop_size, crop_size), (height, width))
         self.height, self.width = height, width
         # Buffers, so the constants are part of the graph like the weights: the net's own
         # (those it was trained with, checkpoint.LoadedNet.constants), else the Kaggle ones.

@@ -28,6 +28,13 @@ TTA_SEQUENCE_HELP = (
     'features were made with.')
 
 
+
+def mean_and_std(total, total_sq, count):
+    """The TTA mean and standard deviation of features from their sums over `count`
+    iterations (transform.py saves them; predict.py computes them for a blend)."""
+    mean = total / count
+    return mean, np.sqrt(np.maximum(total_sq / count - mean ** 2, 0))
+
 def _parts(feature_path):
     parts = paths.parse_features(feature_path)
     if parts is None:

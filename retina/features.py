@@ -153,8 +153,7 @@ def _extract_features(config, loaded, folder, split, n_iter, skip, device, batch
             release_memory(runtime)
             bar.update(shown - bar.n)
         done = block[-1] + 1
-        mean = (total / done).cpu().numpy()
-        std = np.sqrt(np.maximum((total_sq / done).cpu().numpy() - mean ** 2, 0))
+        mean, std = feature_files.mean_and_std(total.cpu().numpy(), total_sq.cpu().numpy(), done)
         feature_files.save(config.name, split, done, skip, names, mean, std,
                            dict(fingerprint=fingerprint, weights=weights, images=images_key,
                                 precision=runtime.precision, sequence=sequence))

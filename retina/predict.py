@@ -46,8 +46,10 @@ from tqdm import tqdm
 from retina import atomic, checkpoint, crop, data, gradability, paths, preprocess, released
 from retina.cache import converted_size
 from retina import config as config_module
-from retina.augment import broadcast_params, centre_crop, prepare_batch, tta_params
+from retina.augment import (broadcast_params, centre_crop, centre_offsets, prepare_batch,
+                            tta_params)
 from retina.errors import UserError
+from retina.feature_files import mean_and_std
 from retina.images import BadImage, csv_safe, image_name, list_images
 from retina.nets import ram_exact
 from retina.paths import IMAGE_EXTENSIONS
@@ -243,8 +245,7 @@ def score_batch(grader, photos, n_iter, feature_sets=(), map_method=None,
             _passes(grader, images, augmentation_list(grader, *tta),
                     precision=feature_precision)[1]
         stack = np.stack(features)
-        mean = stack.mean(axis=0)
-        std = np.sqrt(np.maximum((stack ** 2).mean(axis=0) - mean ** 2, 0))
+        mean, std = mean_and_std(stack.sum(axis=0), (stack ** 2).sum(axis=0), len(stack))
         result.features[tta] = (mean.astype(np.float32), std.astype(np.float32))
     return result
 
@@ -258,7 +259,7 @@ def window_in_photo(box, crop_size, input_size):
     its centred h × w part (augment.centre_crop's offsets).
     """
     height, width = input_size
-    top, left = (crop_size - height) // 2, (crop_size - width) // 2
+    top, left = centre_offsets((crop_size, crop_size), input_size)
     box_left, box_top, box_right, box_bottom = box
     sx, sy = (box_right - box_left) / crop_size, (box_bottom - box_top) / crop_size
     return (box_left + left * sx, box_top + top * sy,
