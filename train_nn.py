@@ -99,6 +99,8 @@ def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed,
     from retina.train import train
     if resume:  # the run's own folders and settings, or an error naming what changed
         config = resumed_config(config, given)
+        if schedule is not None:
+            click.echo(f'note: the rest of the run follows --schedule {schedule}')
     train(config, weights_from=weights_from, resume=resume, max_epochs=max_epochs,
           device=device, seed=seed, deterministic=deterministic, compile_model=compile_model,
           cache_on_device=cache_on_device, progress=not no_progress, echo=click.echo,

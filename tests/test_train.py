@@ -613,6 +613,7 @@ def test_schedule_option_replaces_the_config_s_and_on_resume_the_rest_of_the_run
     result = run_script('train_nn.py', '--cnf', CONFIG, '--resume', '--schedule',
                         '0:0.002,2:0.0001,3:stop', '--no_progress', cwd=workdir)
     assert lrs() == [0.002, 0.0005, 0.0001] and 'the schedule is done' in result.stdout
+    assert 'note: the rest of the run follows --schedule 0:0.002,2:0.0001,3:stop' in result.stdout
     assert (workdir / 'weights' / CONFIG / 'weights_final.pt').is_file()
     for bad, words in (('0:fast', "'0:fast' is not EPOCH:RATE"), ('1:0.1,2:stop', 'epoch 0'),
                        ('0:0.1', "no 'stop' entry"), ('0:0.1,5:-1,6:stop', 'entry 5')):
