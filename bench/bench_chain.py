@@ -149,7 +149,8 @@ def raw_test(work, raw, labels_file, nets, hold_out, trained_patients, log):
     unseen = [p for p in photos if data.patient_and_eye(image_name(p))[0] not in trained_patients]
     if not unseen:
         return []
-    out = work / f'raw_{raw.name}.csv'
+    # Named by the nets: a rerun with other nets grades again instead of reusing the grades.
+    out = work / f'raw_{raw.name}_{"+".join(name for name, _ in nets)}.csv'
     if not out.is_file():
         listing = work / f'raw_{raw.name}'
         listing.mkdir(exist_ok=True)
