@@ -99,10 +99,10 @@ def blend_py(work, nets, tta, labels, fit_on, names, valid_rows, test_rows):
     from retina.blend import run_blend
     files = [work / paths.features(name, 'train', stat, tta, 0)
              for name, _ in nets for stat in ('mean', 'std')]
-    here = os.getcwd()
+    labels, here = Path(labels).resolve(), os.getcwd()
     os.chdir(work)  # the feature files name their weights relative to it
     try:
-        result = run_blend({'chain': files}, labels_file=labels, per_patient=True,
+        result = run_blend({'chain': files}, labels_file=Path(labels), per_patient=True,
                            optimize_thresholds=True, fit_on=fit_on, pictures=False,
                            echo=lambda line: None)
     finally:
