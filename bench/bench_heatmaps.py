@@ -227,20 +227,28 @@ def synthetic_part(work, nets, fuses, synthetic_dir, n_patients, seed, methods, 
             return []
     mask_args = ['--masks', synthetic_dir / 'masks', '--photos', synthetic_dir / 'test',
                  '--labels', synthetic_dir / 'testLabels.csv']
+    rows = net_rows(work, 'synthetic', 'synthetic', tag, synthetic_dir / 'test', nets, methods,
+                    layers, mask_args, options)
+    rows += fused_rows(work, 'synthetic', tag, synthetic_dir / 'test', fuses, mask_args, options)
+    return rows
+
+
+def net_rows(work, set_name, prefix, tag, photos, nets, methods, layers, mask_args, options):
+    """Rows of each net and method on `photos` (converted for the net into work/tag_...),
+    with the maps' mass on the disc found on the plain conversion."""
     rows = []
     for weights in nets:
-        images = converted(synthetic_dir / 'test', work, tag, weights.size, weights.enhance)
-        plain = converted(synthetic_dir / 'test', work, tag, weights.size, 'none')
+        images = converted(photos, work, tag, weights.size, weights.enhance)
+        plain = converted(photos, work, tag, weights.size, 'none')
         for method, layer in runs_of(weights, methods, layers):
-            name = f'synthetic_{weights}_{method}' + (f'-{layer}' if layer else '')
+            tagged = method + (f'-{layer}' if layer else '')
+            name = f'{prefix}_{weights}_{tagged}'
             result = score(work, name, images, weights, method, layer, mask_args, **options)
             if result:
-                suffix = f'_{method}' + (f'-{layer}' if layer else '') + f'_{weights}.npy'
-                disc = disc_mass(work / 'maps' / name, suffix, plain,
+                disc = disc_mass(work / 'maps' / name, f'_{tagged}_{weights}.npy', plain,
                                  (weights.input, weights.input))
-                rows += rows_of('synthetic', weights.label,
+                rows += rows_of(set_name, weights.label,
                                 method + (f' @{layer}' if layer else ''), result, disc)
-    rows += fused_rows(work, 'synthetic', tag, synthetic_dir / 'test', fuses, mask_args, options)
     return rows
 
 
@@ -264,19 +272,8 @@ def heimed_part(work, nets, fuses, heimed, methods, layers, options):
                     f'set, see ../shared/data/README.md)', fg='yellow')
         return []
     mask_args = ['--masks', heimed / 'masks', '--photos', heimed / 'images', '--all_levels']
-    rows = []
-    for weights in nets:
-        images = converted(heimed / 'images', work, 'heimed', weights.size, weights.enhance)
-        plain = converted(heimed / 'images', work, 'heimed', weights.size, 'none')
-        for method, layer in runs_of(weights, methods, layers):
-            name = f'heimed_{weights}_{method}' + (f'-{layer}' if layer else '')
-            result = score(work, name, images, weights, method, layer, mask_args, **options)
-            if result:
-                suffix = f'_{method}' + (f'-{layer}' if layer else '') + f'_{weights}.npy'
-                disc = disc_mass(work / 'maps' / name, suffix, plain,
-                                 (weights.input, weights.input))
-                rows += rows_of('HEI-MED', weights.label, method + (f' @{layer}' if layer else ''),
-                                result, disc)
+    rows = net_rows(work, 'HEI-MED', 'heimed', 'heimed', heimed / 'images', nets, methods,
+                    layers, mask_args, options)
     rows += fused_rows(work, 'HEI-MED', 'heimed', heimed / 'images', fuses, mask_args, options)
     return rows
 
