@@ -42,10 +42,10 @@ from report import device_name, replace_section, today  # noqa: E402
 
 from retina import cache, data, evaluation, paths  # noqa: E402
 from retina.images import image_name  # noqa: E402
+from retina.blend import FOLDS, folds_by_patient  # noqa: E402
 from retina.release import centred_scores  # noqa: E402
 
 SHARED = REPO.parent / 'shared' / 'data'
-FOLDS = 5
 
 
 # ---------------------------------------------------------------- scores
@@ -82,15 +82,6 @@ def head(work, name, tta, names):
     return mean[order] @ weight + bias, np.hstack([mean[order], std[order]])
 
 
-def patient_folds(names, rows, k=FOLDS, seed=0):
-    """`rows` split into k folds by patient."""
-    patients = patients_of([names[i] for i in rows])
-    unique = np.unique(patients)
-    np.random.default_rng(seed).shuffle(unique)
-    fold_of = {p: i % k for i, p in enumerate(unique)}
-    return [rows[[fold_of[p] == f for p in patients]] for f in range(k)]
-
-
 def blend_py(work, nets, tta, labels, fit_on, names, valid_rows, test_rows):
     """blend.py's per-patient blend of the nets' TTA mean and std features (`run_blend`, as
     blend.py --per_patient --optimize_thresholds --fit_on FIT_ON runs it, in `work`):
@@ -125,7 +116,7 @@ def cross_fitted(fit, names, levels, rows):
     `fit(fit_rows) -> predictions for every row`, with folds by patient over `rows`."""
     out_of_fold = np.zeros(len(names))
     total = 0.0
-    folds = patient_folds(names, rows)
+    folds = folds_by_patient(names, rows, FOLDS)
     for held in folds:
         rest = np.setdiff1d(rows, held)
         predictions = fit(rest)

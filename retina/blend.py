@@ -474,11 +474,11 @@ def validate_run(features, names, levels, split, fit_on, per_patient, n_iter, se
     valid = np.zeros((n_iter, len(valid_rows)))
     test = np.zeros((n_iter, len(test_rows)))
     position = {row: i for i, row in enumerate(valid_rows)}
+    folds = ([(train_rows, valid_rows)] if fit_on == 'all' else
+             [(np.setdiff1d(valid_rows, held), held)
+              for held in folds_by_patient(names, valid_rows)])
     for iteration in range(n_iter):
         label = f'validation fit {iteration + 1}/{n_iter}'
-        folds = ([(train_rows, valid_rows)] if fit_on == 'all' else
-                 [(np.setdiff1d(valid_rows, held), held)
-                  for held in folds_by_patient(names, valid_rows)])
         for fold, (fit_rows, held) in enumerate(folds):
             phase = 0 if fit_on == 'all' else 2 + fold
             predicted = _fit_rows_predict(
@@ -565,20 +565,24 @@ def resolve_fit_on(fit_on, names, valid_rows, echo):
 
 
 def runs_hold_out(runs, echo):
-    """The test split (train_nn.py --hold_out) of the nets behind the runs' features: the
-    hold_out recorded in the weights each feature file names (`source_of`), or None.  Nets
-    with different test splits cannot be blended honestly: the larger split is kept out."""
+    """The test split (train_nn.py --hold_out) of the nets behind the runs' features, as
+    transform.py recorded it beside them (`source_of`); for features recorded before it did,
+    the hold_out of the weights file they name (each file read once), or None.  Nets with
+    different test splits cannot be blended honestly: the larger split is kept out."""
     from retina import checkpoint
-    found = {}
+    found, of_weights = [], {}
     for files in runs.values():
         for file in files:
             source = source_of(file) or {}
             weights = source.get('weights')
             if 'hold_out' in source:
-                found[file] = source['hold_out']
+                found.append(source['hold_out'])
             elif weights and released_or_file(weights):
-                found[file] = checkpoint.config_of(checkpoint.load(weights)).cnf.get('hold_out')
-    fractions = {value or 0 for value in found.values()}
+                if weights not in of_weights:
+                    state = checkpoint.load(weights)
+                    of_weights[weights] = checkpoint.config_of(state).cnf.get('hold_out')
+                found.append(of_weights[weights])
+    fractions = {value or 0 for value in found}
     if len(fractions) > 1:
         echo(f'note: the nets were trained with different test splits (hold_out '
              f'{", ".join(str(f) for f in sorted(fractions))}); the largest is kept out')
@@ -615,8 +619,8 @@ def test_report(names, levels, rows, predictions, thresholds):
 
 
 def echo_test(title, report, echo):
-    line = (f'{title}: held-out test kappa {report.kappa} (cut-offs {format_cuts(FIXED_THRESHOLDS)}, '
-            f'95% interval over patients)')
+    line = (f'{title}: held-out test kappa {report.kappa} (cut-offs '
+            f'{format_cuts(FIXED_THRESHOLDS)}, 95% interval over patients)')
     if report.kappa_fitted is not None:
         line += f'; {report.kappa_fitted} (the validation-fitted cut-offs)'
     echo(line + f'; {report.images} images of {report.patients} patients')
@@ -662,8 +666,7 @@ def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, 
     fit_on = resolve_fit_on(fit_on, plan.names, split[1], echo)
     validate = not predict or optimize_thresholds
     if validate and (len(split[0]) == 0 or len(split[1]) == 0):
-        patients = len({data.patient_and_eye(plan.names[i])[0]
-                        for i in (*split[0], *split[1])})
+        patients = len(_patients(plan.names, np.concatenate(split[:2])))
         raise UserError(f'{labels_file}: too few patients per level for a '
                         f'{data.VALIDATION_FRACTION:.0%} validation split ({patients} '
                         f'patients); use more images, or --predict alone')

@@ -249,6 +249,11 @@ class LoadedNet:
     def input_size(self):
         return tuple(self.net.input_size)
 
+    @property
+    def hold_out(self):
+        """The test split the net was trained with (train_nn.py --hold_out), or None."""
+        return self.state.get('config', {}).get('cnf', {}).get('hold_out')
+
     @functools.cached_property
     def fingerprint(self):
         return weights_fingerprint(self.net)

@@ -156,7 +156,8 @@ def _extract_features(config, loaded, folder, split, n_iter, skip, device, batch
         mean, std = feature_files.mean_and_std(total.cpu().numpy(), total_sq.cpu().numpy(), done)
         feature_files.save(config.name, split, done, skip, names, mean, std,
                            dict(fingerprint=fingerprint, weights=weights, images=images_key,
-                                precision=runtime.precision, sequence=sequence))
+                                precision=runtime.precision, sequence=sequence,
+                                hold_out=loaded.hold_out))
     bar.close()
     return dict(mean=paths.features(config.name, split, 'mean', n_iter, skip),
                 std=paths.features(config.name, split, 'std', n_iter, skip), rows=len(names),

@@ -1,4 +1,5 @@
 """The shell entry points: make_kaggle_solution.sh, --help of every script, torchrun."""
+import json
 import os
 import re
 import shutil
@@ -221,6 +222,9 @@ def test_chain_script_trains_128_then_256_from_it_and_scores_the_test_split(tmp_
     assert re.search(r'loaded \d+ parameter\(s\) from .*c_128_5x5_32_ram/weights_final\.pt',
                      log_256), log_256[:500]
     assert 'hold-out:' in log_256
+    source = (tmp_path / 'work' / 'data' / 'features' /
+              'c_256_5x5_32_ram_train_source_iter_2_skip_0.json')
+    assert json.loads(source.read_text())['hold_out'] == 0.15  # what blend.py reads
     table = [line for line in result.stdout.splitlines() if line.startswith('| ')]
     for stage in ('pixel floor', 'c_128_5x5_32_ram (2 epochs), centred window',
                   'c_256_5x5_32_ram (1 epochs), centred window',

@@ -73,7 +73,8 @@ def test_features_of_another_tta_sequence_are_not_continued_and_the_sequence_is_
     command = ['transform.py', '--cnf', CONFIG, '--train', '--no_progress']
     run_script(*command, '--n_iter', '5', '--tta_sequence', 'halton', cwd=workdir)
     source = workdir / 'data' / 'features' / f'{CONFIG}_train_source_iter_5_skip_0.json'
-    assert json.loads(source.read_text())['sequence'] == 'halton'
+    recorded = json.loads(source.read_text())
+    assert recorded['sequence'] == 'halton' and recorded['hold_out'] is None
     default = run_script(*command, '--n_iter', '10', cwd=workdir)
     assert 'made with the halton TTA sequence, this run with scrambled' in default.stdout
     assert 'continuing' not in default.stdout
