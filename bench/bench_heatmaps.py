@@ -212,9 +212,30 @@ def table(rows):
 def synthetic_set(work, n_patients, seed):
     """A synthetic set generated for this benchmark (reused when one of these settings is there)."""
     out = work / f'synthetic_seed{seed}_n{n_patients}'
-    if not (out / 'testLabels.csv').is_file():
-        script(['retina.synthetic', '--out', out, '--n_patients', n_patients, '--seed', seed], cwd=work)
+    if not (out / 'testLabels.csv').is_file() or not (out / 'masks_by_kind').is_dir():
+        script(['retina.synthetic', '--out', out, '--n_patients', n_patients, '--seed', seed,
+                '--masks_by_kind'], cwd=work)
     return out
+
+
+def synthetic_masks(work, synthetic_dir):
+    """The masks to score against: every lesion ('lesion', masks/) and, where the set has
+    masks_by_kind/, each kind beside it (red, exudate, other_bright), as one folder of
+    links that ram.py reads as one subfolder per kind."""
+    by_kind = synthetic_dir / 'masks_by_kind'
+    if not by_kind.is_dir():
+        return synthetic_dir / 'masks'
+    folder = work / f'{synthetic_dir.name}_masks'
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = {'lesion': synthetic_dir / 'masks'}
+    targets.update({kind.name: kind for kind in sorted(by_kind.iterdir()) if kind.is_dir()})
+    for name, target in targets.items():
+        link = folder / name
+        if link.is_symlink() and link.resolve() != target.resolve():
+            link.unlink()
+        if not link.is_symlink():
+            link.symlink_to(target.resolve(), target_is_directory=True)
+    return folder
 
 
 def synthetic_part(work, nets, fuses, synthetic_dir, n_patients, seed, methods, layers, options):
@@ -225,7 +246,7 @@ def synthetic_part(work, nets, fuses, synthetic_dir, n_patients, seed, methods, 
             click.secho(f'skipped: the synthetic part; {synthetic_dir / needed} is missing (make a set '
                         f'with python -m retina.synthetic --out DIR)', fg='yellow')
             return []
-    mask_args = ['--masks', synthetic_dir / 'masks', '--photos', synthetic_dir / 'test',
+    mask_args = ['--masks', synthetic_masks(work, synthetic_dir), '--photos', synthetic_dir / 'test',
                  '--labels', synthetic_dir / 'testLabels.csv']
     rows = net_rows(work, 'synthetic', 'synthetic', tag, synthetic_dir / 'test', nets, methods,
                     layers, mask_args, options)

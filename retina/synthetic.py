@@ -12,6 +12,14 @@ The layout under the output folder copies the competition's:
     train/{patient}_{left|right}.jpeg   test/{patient}_{left|right}.jpeg
     trainLabels.csv                     testLabels.csv (for scoring only)
     masks/{patient}_{left|right}.png    SYNTHETIC.txt (how it was made)
+    masks_by_kind/{red,exudate,other_bright}/{patient}_{left|right}.png
+                                        (with --masks_by_kind)
+
+masks_by_kind/ splits the lesions like the HEI-MED experts' masks: red
+(microaneurysms, haemorrhages, new vessels, pre-retinal bleeds), exudate
+(hard exudates) and other_bright (cotton-wool spots), so that a heat map can
+be scored on the small dark lesions apart from the bright ones
+(`ram.py --masks DIR/masks_by_kind`).
 
 Lesion sizes are fractions of the eye radius so that they stay visible after
 the pipeline crops the eye and shrinks it to 128 pixels.  Every image has its
@@ -61,6 +69,12 @@ HAEMORRHAGE_RADIUS = (0.04, 0.08)
 EXUDATE_RADIUS = (0.02, 0.04)
 COTTON_WOOL_RADIUS = (0.05, 0.08)
 PRERETINAL_RADIUS = (0.12, 0.18)
+
+# The masks_by_kind/ folder of each lesion, named like HEI-MED's mask folders.
+LESION_KINDS = {'microaneurysm': 'red', 'haemorrhage': 'red', 'neovascular_tangle': 'red',
+                'preretinal_haemorrhage': 'red', 'exudate_cluster': 'exudate',
+                'cotton_wool_spot': 'other_bright'}
+KINDS = ('red', 'exudate', 'other_bright')
 
 
 @dataclass(frozen=True)
@@ -262,14 +276,26 @@ def _draw_vessel_tree(draw, rng, g, base_colour):
 
 
 class _LesionPainter:
-    """Paints each lesion into the photo and, as 255, into the lesion mask."""
+    """Paints each lesion into the photo and, as 255, into the lesion mask and its kind's mask
+    (where a lesion covers another, the other kinds' masks are cleared: the photo shows the top one)."""
 
-    def __init__(self, image, mask, g, rng, base_colour):
+    def __init__(self, image, mask, g, rng, base_colour, kind_masks=None):
         self.photo = ImageDraw.Draw(image)
-        self.mask = ImageDraw.Draw(mask)
+        self.masks = [(ImageDraw.Draw(mask), None)]
+        self.masks += [(ImageDraw.Draw(m), kind) for kind, m in (kind_masks or {}).items()]
+        self.kind = None
         self.g = g
         self.rng = rng
         self.base = np.asarray(base_colour)
+
+    def paint(self, lesion):
+        """Draw one lesion of `lesion` (a LESION_KINDS key)."""
+        self.kind = LESION_KINDS[lesion]
+        getattr(self, lesion)()
+
+    def _fills(self):
+        """(mask drawer, fill) pairs: 255 in the union and the lesion's kind, 0 in the other kinds."""
+        return [(draw, 255 if kind in (None, self.kind) else 0) for draw, kind in self.masks]
 
     def _colour(self, low, high):
         """A colour between `low` and `high` times the retina's own colour, so lesions vary with the eye."""
@@ -289,15 +315,18 @@ class _LesionPainter:
     def _disc(self, x, y, radius, colour):
         box = [x - radius, y - radius, x + radius, y + radius]
         self.photo.ellipse(box, fill=colour)
-        self.mask.ellipse(box, fill=255)
+        for draw, fill in self._fills():
+            draw.ellipse(box, fill=fill)
 
     def _polygon(self, points, colour):
         self.photo.polygon(points, fill=colour)
-        self.mask.polygon(points, fill=255)
+        for draw, fill in self._fills():
+            draw.polygon(points, fill=fill)
 
     def _line(self, points, colour, width):
         self.photo.line(points, fill=colour, width=width, joint='curve')
-        self.mask.line(points, fill=255, width=width, joint='curve')
+        for draw, fill in self._fills():
+            draw.line(points, fill=fill, width=width, joint='curve')
 
     def _radius(self, fractions):
         return self.rng.uniform(*fractions) * self.g.radius
@@ -383,21 +412,22 @@ def _ellipse_points(x, y, semi_major, semi_minor, angle, n_points=24, wobble=0.0
     return list(zip((x + px * cos_a - py * sin_a).tolist(), (y + px * sin_a + py * cos_a).tolist()))
 
 
-def _draw_lesions(level, image, mask, g, rng, base_colour):
-    painter = _LesionPainter(image, mask, g, rng, base_colour)
-    for kind, (fewest, most) in LESION_COUNTS[level].items():
+def _draw_lesions(level, image, mask, g, rng, base_colour, kind_masks=None):
+    painter = _LesionPainter(image, mask, g, rng, base_colour, kind_masks)
+    for lesion, (fewest, most) in LESION_COUNTS[level].items():
         for _ in range(rng.integers(fewest, most + 1)):
-            getattr(painter, kind)()
+            painter.paint(lesion)
     if level == 4 and rng.random() < PRERETINAL_HAEMORRHAGE_PROBABILITY:
-        painter.preretinal_haemorrhage()
+        painter.paint('preretinal_haemorrhage')
 
 
-def make_fundus(level, rng, width=576, height=384, eye='left'):
+def make_fundus(level, rng, width=576, height=384, eye='left', by_kind=False):
     """One synthetic photograph of diabetic-retinopathy `level` (0-4) and its lesion mask.
 
     Returns (RGB image, mode-L mask with 255 where a lesion is, 0 elsewhere),
     both `width` x `height`.  `eye` ('left' or 'right') puts the optic disc on
-    the matching side.
+    the matching side.  `by_kind` adds a third item, {kind: mask} for each of
+    KINDS (the same photograph and mask: it draws no random numbers).
     """
     if level not in LEVELS:
         raise ValueError(f'level must be one of {LEVELS}, got {level!r}')
@@ -412,7 +442,8 @@ def make_fundus(level, rng, width=576, height=384, eye='left'):
     image = Image.fromarray(np.clip(albedo, 0, 255).astype(np.uint8), 'RGB')
     _draw_vessel_tree(ImageDraw.Draw(image), rng, g, base_colour)
     mask = Image.new('L', (width, height), 0)
-    _draw_lesions(level, image, mask, g, rng, base_colour)
+    kind_masks = {kind: Image.new('L', (width, height), 0) for kind in KINDS} if by_kind else None
+    _draw_lesions(level, image, mask, g, rng, base_colour, kind_masks)
 
     # Optics and sensor: slightly soft, slightly grainy, lit unevenly.
     image = image.filter(ImageFilter.GaussianBlur(0.004 * g.radius))
@@ -422,8 +453,12 @@ def make_fundus(level, rng, width=576, height=384, eye='left'):
     photo = Image.fromarray(np.clip(photo + 0.5, 0, 255).astype(np.uint8), 'RGB')
 
     inside_eye = illumination > 0
-    mask = Image.fromarray(np.where(inside_eye & (np.asarray(mask) > 0), 255, 0).astype(np.uint8), 'L')
-    return photo, mask
+
+    def in_eye(lesions):
+        return Image.fromarray(np.where(inside_eye & (np.asarray(lesions) > 0), 255, 0).astype(np.uint8), 'L')
+    if by_kind:
+        return photo, in_eye(mask), {kind: in_eye(m) for kind, m in kind_masks.items()}
+    return photo, in_eye(mask)
 
 
 # --------------------------------------------------------------------------
@@ -457,10 +492,13 @@ def _refuse_foreign_photos(out_dir):
                         f'(no {MARKER_FILE}); choose another folder, e.g. data/synthetic')
 
 
-def _remove_stale_images(out_dir, specs):
-    """Delete images of an earlier, larger run, which would otherwise have no label."""
+def _remove_stale_images(out_dir, specs, masks_by_kind):
+    """Delete images of an earlier, larger run, which would otherwise have no label, and masks by
+    kind that this run did not write (an earlier run's may belong to other photographs)."""
     wanted = {(spec.split, spec.name) for spec in specs} | {('masks', spec.name) for spec in specs}
-    for folder in ('train', 'test', 'masks'):
+    wanted |= {(f'masks_by_kind/{kind}', spec.name) for spec in specs for kind in KINDS
+               if masks_by_kind}
+    for folder in ('train', 'test', 'masks') + tuple(f'masks_by_kind/{kind}' for kind in KINDS):
         for path in _existing_images(out_dir / folder):
             if (folder, path.stem) not in wanted:
                 path.unlink()
@@ -471,8 +509,9 @@ def _labels_csv(specs):
 
 
 def generate(out_dir, n_patients=60, seed=0, width=576, height=384, one_eye_fraction=0.15,
-             test_fraction=0.25, progress=True):
-    """Write a synthetic data set to `out_dir`; same arguments, same bytes.
+             test_fraction=0.25, progress=True, masks_by_kind=False):
+    """Write a synthetic data set to `out_dir`; same arguments, same bytes.  `masks_by_kind`
+    also writes masks_by_kind/{red,exudate,other_bright}/ (the photographs are the same).
 
     Returns a summary: {'out_dir', 'patients', 'images', 'levels': {level: n},
     'splits': {'train': {level: n}, 'test': {level: n}}}.
@@ -483,10 +522,13 @@ def generate(out_dir, n_patients=60, seed=0, width=576, height=384, one_eye_frac
     specs = plan_images(n_patients, seed, one_eye_fraction, test_fraction)
 
     for spec in tqdm(specs, desc='synthetic fundus', unit='img', disable=not progress):
-        photo, mask = make_fundus(spec.level, image_rng(seed, spec.patient, spec.eye), width, height, spec.eye)
+        photo, mask, *kinds = make_fundus(spec.level, image_rng(seed, spec.patient, spec.eye), width,
+                                          height, spec.eye, by_kind=masks_by_kind)
         save_image(out_dir / spec.split / f'{spec.name}.jpeg', photo, quality=JPEG_QUALITY)
         save_image(out_dir / 'masks' / f'{spec.name}.png', mask)
-    _remove_stale_images(out_dir, specs)
+        for kind, kind_mask in (kinds[0].items() if kinds else ()):
+            save_image(out_dir / 'masks_by_kind' / kind / f'{spec.name}.png', kind_mask)
+    _remove_stale_images(out_dir, specs, masks_by_kind)
 
     for split in ('train', 'test'):
         write_text(out_dir / f'{split}Labels.csv', _labels_csv([s for s in specs if s.split == split]))
@@ -494,7 +536,7 @@ def generate(out_dir, n_patients=60, seed=0, width=576, height=384, one_eye_frac
                'Synthetic fundus photographs, made by\n'
                f'  python -m retina.synthetic --out {out_dir} --n_patients {n_patients} --seed {seed} '
                f'--width {width} --height {height} --one_eye_fraction {one_eye_fraction} '
-               f'--test_fraction {test_fraction}\n'
+               f'--test_fraction {test_fraction}' + (' --masks_by_kind' if masks_by_kind else '') + '\n'
                'Run that again instead of editing; masks/ holds where the lesions are.\n')
 
     def level_counts(subset):
@@ -521,10 +563,15 @@ def generate(out_dir, n_patients=60, seed=0, width=576, height=384, one_eye_frac
               type=click.FloatRange(0, 1, max_open=True), help='Fraction of patients with one eye photographed.')
 @click.option('--test_fraction', default=0.25, show_default=True,
               type=click.FloatRange(0, 1, max_open=True), help='Fraction of patients put in test/.')
+@click.option('--masks_by_kind', is_flag=True,
+              help='Also write masks_by_kind/{red,exudate,other_bright}/: the lesion masks split by '
+                   'kind like HEI-MED\'s (red: microaneurysms, haemorrhages, new vessels; exudate: '
+                   'hard exudates; other_bright: cotton-wool spots), for ram.py --masks.')
 @handle_errors()
-def main(out_dir, n_patients, seed, width, height, one_eye_fraction, test_fraction):
+def main(out_dir, n_patients, seed, width, height, one_eye_fraction, test_fraction, masks_by_kind):
     """Generate synthetic fundus photographs with lesion masks, laid out like the Kaggle data."""
-    summary = generate(out_dir, n_patients, seed, width, height, one_eye_fraction, test_fraction)
+    summary = generate(out_dir, n_patients, seed, width, height, one_eye_fraction, test_fraction,
+                       masks_by_kind=masks_by_kind)
     per_level = ', '.join(f'level {level}: {n}' for level, n in summary['levels'].items())
     splits = summary['splits']
     click.echo(f"{summary['images']} photos of {summary['patients']} patients ({per_level}); "

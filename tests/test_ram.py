@@ -652,6 +652,10 @@ def test_heat_map_benchmark_scores_given_weights_and_skips_missing_parts(tmp_pat
     assert int(row[1]) >= 1 and all(0 <= float(v) <= 1 for v in row.groups()[1:])
     scored = json.loads(next((tmp_path / 'work' / 'scores').glob('*.json')).read_text())
     assert scored['kinds']['lesion']['n'] == int(row[1])
+    # The generated set's masks by kind are scored too: the red lesions apart from the bright.
+    assert {'red', 'exudate'} <= set(scored['kinds'])
+    assert 1 <= scored['kinds']['red']['n'] <= int(row[1])
+    assert re.search(rf'^\| synthetic \| red \| {CNF} \(epoch 0\) \| ram \|', result.stdout, re.MULTILINE)
 
 
 def test_ram_output_dir_inside_an_image_folder_is_refused(workdir):

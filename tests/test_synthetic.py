@@ -227,3 +227,35 @@ def test_cli_reports_foreign_photos_in_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith('error:') and 'Traceback' not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_masks_by_kind_split_the_mask_and_leave_the_photo_alone():
+    kinds_seen = set()
+    for level, seed in [(2, 0), (3, 1), (4, 2), (4, 3)]:
+        photo, mask = make_fundus(level, np.random.default_rng(seed), **SMALL)
+        same_photo, same_mask, kinds = make_fundus(level, np.random.default_rng(seed), by_kind=True, **SMALL)
+        assert np.array_equal(np.asarray(photo), np.asarray(same_photo))
+        assert np.array_equal(np.asarray(mask), np.asarray(same_mask))
+        assert set(kinds) == {'red', 'exudate', 'other_bright'}
+        stack = np.stack([np.asarray(m) > 0 for m in kinds.values()])
+        assert (stack.sum(0) <= 1).all(), 'a pixel belongs to two kinds'
+        assert np.array_equal(stack.any(0), np.asarray(mask) > 0), 'the kinds are not the mask'
+        kinds_seen |= {kind for kind, m in kinds.items() if np.asarray(m).any()}
+        # Red lesions are dark, exudates bright: each kind's pixels look like their kind.
+        green = np.asarray(photo)[..., 1].astype(float)
+        red_pixels, exudate_pixels = (green[np.asarray(kinds[k]) > 0] for k in ('red', 'exudate'))
+        if red_pixels.size and exudate_pixels.size:
+            assert np.median(red_pixels) < np.median(exudate_pixels) - 50
+    assert kinds_seen == {'red', 'exudate', 'other_bright'}
+
+
+def test_masks_by_kind_on_disk_and_removed_by_a_run_without(tmp_path):
+    result = run_cli('--out', tmp_path, '--n_patients', 4, '--width', 96, '--height', 64, '--seed', 3,
+                     '--masks_by_kind')
+    assert result.returncode == 0, result.stderr
+    names = {p.stem for p in (tmp_path / 'masks').iterdir()}
+    for kind in ('red', 'exudate', 'other_bright'):
+        assert {p.stem for p in (tmp_path / 'masks_by_kind' / kind).iterdir()} == names
+    assert '--masks_by_kind' in (tmp_path / MARKER_FILE).read_text()
+    generate(tmp_path, n_patients=4, seed=4, progress=False, width=96, height=64)
+    assert not any((tmp_path / 'masks_by_kind').rglob('*.png')), 'stale masks of other photographs'
