@@ -4,9 +4,12 @@ Every script wraps its command with `handle_errors`: a `UserError`, a full
 disk, an unwritable folder or Ctrl-C end the run with one line on stderr and
 a non-zero exit status instead of a traceback.  `--debug` shows the traceback.
 """
+import contextlib
 import errno
 import functools
+import signal
 import sys
+import threading
 
 import click
 
@@ -24,6 +27,31 @@ def first_few(items, shown=3, separator=', '):
 
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 128 + signal.SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill PID`) in a long command: ended like Ctrl-C, checkpoints left whole."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+@contextlib.contextmanager
+def terminate_as_interrupt():
+    """While inside, SIGTERM raises `Terminated` (a KeyboardInterrupt) in the main thread, so that
+    `kill PID` of a background run ends it as Ctrl-C does: its finally blocks run and it says
+    how to go on.  (A shell starts background jobs with Ctrl-C ignored, so `kill` is how they
+    are stopped.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 _WRITE_ERRNOS = {errno.ENOSPC: 'the disk is full', errno.EDQUOT: 'the disk quota is exceeded',
                  errno.EFBIG: 'the file size limit is reached',
@@ -56,7 +84,8 @@ def handle_errors(resume_hint=None):
     """Decorate a click command: add `--debug` and print user errors as one line.
 
     `resume_hint` is shown when the user presses Ctrl-C, e.g. how to resume; it may
-    name the command's options, e.g. '{cnf}'.  Any other exception is a bug: one
+    name the command's options, e.g. '{cnf}'.  Commands with one (the long ones) also end
+    on SIGTERM as on Ctrl-C, with exit status 143.  Any other exception is a bug: one
     line that says so, and `--debug` for the traceback.
     """
     def decorate(command):
@@ -64,7 +93,8 @@ def handle_errors(resume_hint=None):
         @functools.wraps(command)
         def wrapper(*args, debug=False, **kwargs):
             try:
-                return command(*args, **kwargs)
+                with terminate_as_interrupt() if resume_hint else contextlib.nullcontext():
+                    return command(*args, **kwargs)
             except (click.exceptions.ClickException, click.exceptions.Exit,
                     click.exceptions.Abort):
                 raise  # click prints these itself
@@ -73,12 +103,12 @@ def handle_errors(resume_hint=None):
                     raise
                 click.echo(f'error: {error}', err=True)
                 sys.exit(EXIT_USER_ERROR)
-            except KeyboardInterrupt:
+            except KeyboardInterrupt as error:
                 if debug:
                     raise
                 hint = f' {resume_hint.format_map(_Missing(kwargs))}' if resume_hint else ''
                 click.echo(f'\ninterrupted.{hint}', err=True)
-                sys.exit(EXIT_INTERRUPTED)
+                sys.exit(EXIT_TERMINATED if isinstance(error, Terminated) else EXIT_INTERRUPTED)
             except OSError as error:
                 if debug:
                     raise

@@ -651,17 +651,19 @@ def test_training_killed_between_and_during_checkpoint_writes_resumes_to_the_sam
     assert epochs == ['1', '2', '3', '4']
 
 
-def test_ctrl_c_ends_cleanly_and_says_how_to_resume(workdir):
+@pytest.mark.parametrize('sent, status', [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_kill_ends_cleanly_and_says_how_to_resume(workdir, sent, status):
     # Long enough that the interrupt always lands mid-run, however fast the machine.
     process = start(['train_nn.py', '--cnf', CONFIG, '--max_epochs', '1000', '--no_progress'],
                     workdir)
     deadline = time.time() + 120
     while not (workdir / 'weights' / CONFIG / 'last.pt').is_file() and time.time() < deadline:
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(sent)
     _, stderr = process.communicate(timeout=60)
-    assert process.returncode == 130
+    assert process.returncode == status
     assert '--resume' in stderr and 'Traceback' not in stderr
+    assert not (workdir / 'weights' / CONFIG / 'run.lock').exists(), 'the lock outlived the run'
     assert_loadable(workdir / 'weights')
 
 
