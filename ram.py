@@ -52,7 +52,9 @@ def _check_cmap(_context, _parameter, value):
 @click.option('--fuse', 'fuse_cnf', metavar='CONFIG',
               help='A second heat-map net whose maps are added to those of --cnf, each min-max '
                    'normalised to [0, 1] on the smaller grid (e.g. --cnf c_256_5x5_32_ram_fine '
-                   '--fuse c_128_5x5_32_ram_fine). Pass images converted for the larger net.')
+                   '--fuse c_128_5x5_32_ram_fine), or on the finer one when it is over twice the '
+                   'other (a 6x6 net fused with a 53x53 one). Pass images converted for the '
+                   'larger net.')
 @click.option('--fuse_weights', type=click.Path(dir_okay=False),
               help='Weights of the --fuse net [default: weights/FUSE/weights.pt].')
 @click.option('--per_image_scale', is_flag=True,

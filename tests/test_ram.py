@@ -236,6 +236,13 @@ def test_fusion_of_two_toy_maps():
     four = torch.arange(16.0).view(1, 4, 4)           # two cells more: resampled by area
     torch.testing.assert_close(methods.to_grid(four, (2, 2))[0], torch.tensor([[2.5, 4.5], [10.5, 12.5]]))
     torch.testing.assert_close(methods.fuse(torch.ones(1, 2, 2), a)[0], a[0] / 8)   # constant -> 0
+    # A fine net's map with a coarse one: fused on the fine grid, the coarse map upsampled.
+    fine = torch.rand(1, 11, 11)
+    fused = methods.fuse(a, fine)
+    assert fused.shape == (1, 11, 11)
+    torch.testing.assert_close(fused, methods.min_max(methods.upsample(a, (11, 11))) + methods.min_max(fine))
+    assert methods.fusion_grid((53, 53), (55, 55)) == (53, 53)
+    assert methods.fusion_grid((55, 55), (6, 6)) == (55, 55)
 
 
 # --- scores ---------------------------------------------------------------------

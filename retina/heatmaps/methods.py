@@ -197,13 +197,25 @@ def colour_levels(heat, peak=None, signed=False):
 
 def to_grid(maps, grid):
     """(N, h, w) maps on the (h', w') `grid`: equal sizes unchanged; one cell more loses its last row
-    and column (the RAM notebook's 55 -> 54); anything else is resampled by area."""
+    and column (the RAM notebook's 55 -> 54); a smaller grid is resampled by area, a larger one
+    by `upsample`."""
     h, w = maps.shape[-2:]
     if (h, w) == tuple(grid):
         return maps
     if (h - grid[0], w - grid[1]) in ((1, 1), (1, 0), (0, 1)):
         return maps[:, :grid[0], :grid[1]]
+    if h < grid[0] and w < grid[1]:
+        return upsample(maps, grid)
     return F.interpolate(maps[:, None].float(), size=tuple(grid), mode='area')[:, 0]
+
+
+def fusion_grid(grid_a, grid_b):
+    """The grid two nets' maps are fused on: the smaller of the two when they are alike (two
+    heat-map nets, 53 and 55 -> 53, as the RAM notebook did), the finer one when one is over
+    twice the other (a 6x6 net with a 53x53 one: the fine net's detail kept, the 6x6 map
+    upsampled onto it)."""
+    small, large = sorted((tuple(grid_a), tuple(grid_b)), key=lambda s: s[0] * s[1])
+    return large if large[0] > 2 * small[0] and large[1] > 2 * small[1] else small
 
 
 def min_max(maps):
@@ -214,6 +226,6 @@ def min_max(maps):
 
 
 def fuse(maps_a, maps_b):
-    """The sum of two nets' maps, each min-max normalised to [0, 1] on the smaller of the two grids."""
-    grid = min(maps_a.shape[-2:], maps_b.shape[-2:], key=lambda s: s[0] * s[1])
+    """The sum of two nets' maps, each min-max normalised to [0, 1] on their `fusion_grid`."""
+    grid = fusion_grid(maps_a.shape[-2:], maps_b.shape[-2:])
     return min_max(to_grid(maps_a, grid)) + min_max(to_grid(maps_b, grid))
