@@ -52,6 +52,10 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
                    'upsampled and coloured as ram.py does it.')
 @click.option('--method', type=click.Choice(METHOD_NAMES), default='ram', show_default=True,
               help='The heat map of --heatmap.  ' + METHOD_HELP)
+@click.option('--layer', metavar='NAME',
+              help='With --method gradcam or layercam: the conv layer the map is taken at, e.g. '
+                   'conv5 (train_nn.py --summary lists them) [default: the last conv]; earlier '
+                   'layers give finer maps.  As ram.py --layer.')
 @click.option('--save_maps', is_flag=True,
               help='With --heatmap: also save each map as it came from the net (last conv '
                    'resolution, float32) beside its picture, as {image}_{method}_{cnf}.npy.')
@@ -76,7 +80,7 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
 @click.option('--device', default='auto', show_default=True, help='auto, cpu, cuda or cuda:N.')
 @click.option('--no_progress', is_flag=True, help='No progress bar (for logs).')
 @handle_errors()
-def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir, method,
+def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir, method, layer,
          save_maps, output, as_json, crop_size, batch_size, grade_anyway, device, no_progress):
     """Grade IMAGES (photographs, or folders of them: .jpeg, .jpg, .png, .tif, .tiff) on the
     0-4 scale.
@@ -95,6 +99,8 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
                                 load_grader, ungradable_note)
     from retina.runtime import resolve_device
 
+    if layer and not heatmap_dir:
+        raise UserError('--layer chooses the layer of the --heatmap maps: add --heatmap DIR')
     if per_patient and not blend_file:
         raise UserError('--per_patient applies a fitted per-patient blend: pass --blend '
                         'data/sub_..._blend.pt (written by blend.py --per_patient --predict)')
@@ -121,7 +127,7 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     graders = [load_grader(c, w, device, crop_size) for c, w in nets]
     result = grade(graders, images, n_iter=n_iter, blend=blend, heatmap_dir=heatmap_dir,
                    batch_size=batch_size, progress=not no_progress, grade_anyway=grade_anyway,
-                   heatmap_method=method, save_maps=save_maps)
+                   heatmap_method=method, heatmap_layer=layer, save_maps=save_maps)
     text = format_json(result, graders) if as_json else format_csv(result)
     if output == '-':
         click.echo(text, nl=False)

@@ -124,21 +124,18 @@ def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights,
         raise UserError('--fuse_weights needs --fuse CONFIG (the net those weights belong to)')
     if include_bias and method != 'ram':
         raise UserError(f'--include_bias is for --method ram; {method} maps have no output bias to add')
-    if layer and method == 'ram':
-        raise UserError('--layer is for --method gradcam or layercam; the RAM is defined at the last conv')
     if (scores_json or scores_only) and not masks:
         option = '--scores_json' if scores_json else '--scores_only'
         raise UserError(f'{option} needs --masks (there is nothing to score without lesion masks)')
     from retina import atomic, ram
     from retina.runtime import resolve_device
+    ram.methods.check_layer(method, layer)
     config = config_module.load(cnf)
     device = resolve_device(device)
     loaded = ram.load_net(config, weights_from, device, method)
     if loaded.trained_as and loaded.trained_as != config.name:
         click.echo(f'note: {loaded.weights} was trained with {loaded.trained_as}, not {config.name}')
-    if layer and layer not in ram.methods.conv_layers(loaded.net):
-        raise UserError(f'--layer {layer}: {config.name} has no such conv layer; use one of '
-                        f'{", ".join(ram.methods.conv_layers(loaded.net))}')
+    ram.methods.check_layer(method, layer, loaded.net, config.name)
     fuse_with = None
     if fuse_cnf:
         fuse_config = config_module.load(fuse_cnf)

@@ -203,13 +203,14 @@ def _passes(grader, images, augmentations, precision='fp32'):
     return outputs, features
 
 
-def heat_maps(grader, images, method):
-    """(N, h', w') maps of `method` (retina.heatmaps.methods.METHODS) on the centred window,
-    fp32: the function ram.py draws with, on the same network input."""
+def heat_maps(grader, images, method, layer=None):
+    """(N, h', w') maps of `method` (retina.heatmaps.methods.METHODS) at conv `layer` [default:
+    the last] on the centred window, fp32: the function ram.py draws with, on the same
+    network input."""
     from retina.heatmaps import methods
     x = prepare_batch(images, grader.input_size, None,
                       constants=grader.constants)
-    return methods.compute_maps(method, grader.net, x)[0].cpu()
+    return methods.compute_maps(method, grader.net, x, layer=layer)[0].cpu()
 
 
 def augmentation_list(grader, n_iter, skip=0, sequence='scrambled'):
@@ -221,10 +222,11 @@ def augmentation_list(grader, n_iter, skip=0, sequence='scrambled'):
 
 
 def score_batch(grader, photos, n_iter, feature_sets=(), map_method=None,
-                feature_precision='fp32'):
+                feature_precision='fp32', map_layer=None):
     """`NetOutput` of `grader` for `photos`: the score averaged over `n_iter` augmentations,
     the mean/std features of each (n_iter, skip, sequence) in `feature_sets` (as
-    transform.py saves them), the heat maps of `map_method` on the centred window (`heat_maps`) if given."""
+    transform.py saves them), the heat maps of `map_method` at `map_layer` on the centred window
+    (`heat_maps`) if given."""
     device = next(grader.net.parameters()).device
     key = (grader.crop_size, grader.preprocessing)
     images = torch.from_numpy(np.stack([p.converted[key] for p in photos])).permute(0, 3, 1, 2)
@@ -237,7 +239,7 @@ def score_batch(grader, photos, n_iter, feature_sets=(), map_method=None,
         stats = grader.feature_stats
         result.unlike = stats.distances(centred) > stats.threshold
     if map_method:
-        result.maps = heat_maps(grader, images, map_method)
+        result.maps = heat_maps(grader, images, map_method, map_layer)
     for tta in feature_sets:
         iterations, skip, sequence = tta
         same_passes = (iterations, skip) == (n_iter, 0) and (n_iter == 1 or sequence == 'scrambled')
@@ -369,16 +371,18 @@ def _load_all(paths_, needs, keep_images, failed, bar, workers):
 
 def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BATCH_SIZE,
           progress=True, workers=None, grade_anyway=False, heatmap_method='ram',
-          save_maps=False):
+          save_maps=False, heatmap_layer=None):
     """Grade the photographs of `inputs` (files and folders) with every grader; returns `Result`.
 
     `blend` is a `LoadedBlend` (its feature sets are computed too); `heatmap_dir`
     gets one PNG per photograph and net that makes maps of `heatmap_method`
-    (retina.heatmaps.methods: 'ram' for RAM nets, 'gradcam' or 'layercam' for any), and with
+    (retina.heatmaps.methods: 'ram' for RAM nets, 'gradcam' or 'layercam' for any, at conv
+    `heatmap_layer` [default: the last]), and with
     `save_maps` the map itself beside it (.npy, the last conv's resolution).  Every row says whether the photograph is
     gradable and why not (`retina.gradability`); an ungradable one keeps its scores but gets
     no level, unless `grade_anyway`.
     """
+    from retina.heatmaps import methods
     photo_paths = collect_photos(inputs)
     name_columns(graders)
     cuts = level_cuts(graders, n_iter)
@@ -388,6 +392,10 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
         raise UserError('--heatmap needs a RAM net (a *_ram config: its global-average-pool head '
                         'makes the map exact); none of the --cnf nets is one: use one, or '
                         '--method gradcam or layercam')
+    if heatmap_dir:
+        methods.check_layer(heatmap_method, heatmap_layer)
+        for g in ram_graders:
+            methods.check_layer(heatmap_method, heatmap_layer, g.net, g.config.name)
     needs = {(g.crop_size, g.preprocessing) for g in graders}
     feature_sets = blend.feature_sets(graders) if blend else {}
     workers = workers or min(BATCH_SIZE, os.cpu_count() or 1)
@@ -403,7 +411,7 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                 continue
             outputs = {id(g): score_batch(g, photos, n_iter, feature_sets.get(id(g), ()),
                                           map_method=heatmap_method if g in ram_graders
-                                          else None,
+                                          else None, map_layer=heatmap_layer,
                                           feature_precision=blend.precision if blend else 'fp32')
                        for g in graders}
             for i, photo in enumerate(photos):
@@ -424,7 +432,8 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                                            for tta, stats in outputs[id(g)].features.items()})
                 for g in ram_graders:
                     path = paths.heat_map(heatmap_dir, photo.name, g.config.name, False,
-                                          heatmap_method)
+                                          methods.method_tag(heatmap_method, heatmap_layer,
+                                                             net=g.net))
                     own = int(data.to_levels([row[g.column]], level_cuts([g], n_iter))[0])
                     caption = f'{g.config.name}: score {row[g.column]:.2f}, ' + (
                         f'level {own}' if row['gradable'] == 'yes' or grade_anyway

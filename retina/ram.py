@@ -205,14 +205,6 @@ def check_output_dir(output_dir, image_paths, *input_folders):
                             f'it, e.g. {paths.RAM_DIR}')
 
 
-def method_tag(method, layer=None, include_bias=False, net=None):
-    """How output names carry the method: ram, ram_bias, gradcam, gradcam-conv5 (not the last conv)."""
-    tag = method + ('_bias' if include_bias and method == 'ram' else '')
-    if layer and (net is None or layer != net.last_conv):
-        tag += f'-{layer}'
-    return tag
-
-
 @dataclasses.dataclass
 class Item:
     """One image after the forward passes: its map at conv resolution and what scoring needs."""
@@ -283,7 +275,7 @@ def make_maps(loaded, image_paths, output_dir, method='ram', layer=None, include
     config = loaded.config
     window_size = max((n.input_size for n in nets), key=lambda s: s[0] * s[1])
     title = '+'.join(n.config.name for n in nets)
-    tag = method_tag(method, layer, include_bias, loaded.net)
+    tag = methods.method_tag(method, layer, include_bias, loaded.net)
     cmap = cmap or (figures.SIGNED_CMAP if signed else figures.SEQUENTIAL_CMAP)
     batch_size = batch_size or config.cnf['batch_size_test']
     known = data.load_labels(labels) if labels else None

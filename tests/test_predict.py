@@ -155,28 +155,32 @@ def test_heat_map_lies_over_the_eye_in_the_photograph():
     assert drawn[:, :110].max() == 0 and drawn[:, 290:].max() == 0  # nothing outside the window
 
 
-@pytest.mark.parametrize('method', ['ram', 'gradcam'])
-def test_ram_py_and_predict_py_draw_the_same_map_of_a_photograph(photos, tmp_path, method):
+@pytest.mark.parametrize('method, layer, grid', [('ram', None, 6), ('gradcam', None, 6),
+                                                ('layercam', 'conv5', 14)])
+def test_ram_py_and_predict_py_draw_the_same_map_of_a_photograph(photos, tmp_path, method, layer,
+                                                                  grid):
     """One renderer: the map predict.py draws over a raw photograph is the map ram.py draws
-    over convert.py's image of it (saved by both with --save_maps), for each method; and the
-    ONNX export's `ram` output is that map too."""
+    over convert.py's image of it (saved by both with --save_maps), for each method and at an
+    earlier layer; and the ONNX export's `ram` output is that map too."""
     work = tmp_path
     weights = save_untrained(work, RAM)
     from retina.conversion import convert_folder
     convert_folder(photos, work / 'converted', 128, 'tiff', n_proc=1, progress=False)
-    run_script('ram.py', '--cnf', RAM, '--weights_from', weights, '--method', method, '--images',
-               work / 'converted', '--output_dir', work / 'ram_maps', '--save_maps',
+    at_layer = ['--layer', layer] if layer else []
+    run_script('ram.py', '--cnf', RAM, '--weights_from', weights, '--method', method, *at_layer,
+               '--images', work / 'converted', '--output_dir', work / 'ram_maps', '--save_maps',
                '--no_progress', cwd=work)
     run_script('predict.py', photos, '--cnf', RAM, '--weights_from', weights, '--heatmap',
-               work / 'predict_maps', '--method', method, '--save_maps', '--output',
+               work / 'predict_maps', '--method', method, *at_layer, '--save_maps', '--output',
                work / 'grades.csv', cwd=work)
     names = sorted(p.stem for p in photos.glob('*.jpeg'))
+    tag = method + (f'-{layer}' if layer else '')
     for name in names:
-        drawn_by_ram = np.load(work / 'ram_maps' / f'{name}_{method}_{RAM}.npy')
-        drawn_by_predict = np.load(work / 'predict_maps' / f'{name}_{method}_{RAM}.npy')
-        assert drawn_by_ram.shape == drawn_by_predict.shape == (6, 6)
+        drawn_by_ram = np.load(work / 'ram_maps' / f'{name}_{tag}_{RAM}.npy')
+        drawn_by_predict = np.load(work / 'predict_maps' / f'{name}_{tag}_{RAM}.npy')
+        assert drawn_by_ram.shape == drawn_by_predict.shape == (grid, grid)
         np.testing.assert_allclose(drawn_by_predict, drawn_by_ram, rtol=1e-4, atol=1e-5)
-        assert (work / 'predict_maps' / f'{name}_{method}_{RAM}.png').is_file()
+        assert (work / 'predict_maps' / f'{name}_{tag}_{RAM}.png').is_file()
         assert np.abs(drawn_by_ram).max() > 0
     if method == 'ram':  # the ONNX graph computes it with the same function
         from retina.export import ExportedNet
@@ -272,7 +276,12 @@ def test_predict_refuses_bad_options_in_one_line(tmp_path, photos):
             ([tmp_path / 'nowhere'], 'no such file or folder'),
             ([photos, '--cnf', RAM, '--weights_from', weights, '--heatmap', tmp_path / 'm',
               '--cnf', BASELINE, '--weights_from', save_untrained(tmp_path, BASELINE),
-              '--blend', tmp_path / 'missing.pt'], 'no such blend file')):
+              '--blend', tmp_path / 'missing.pt'], 'no such blend file'),
+            ([photos, '--cnf', RAM, '--weights_from', weights, '--layer', 'conv5'], 'add --heatmap'),
+            ([photos, '--cnf', RAM, '--weights_from', weights, '--heatmap', tmp_path / 'm',
+              '--layer', 'conv5'], '--layer is for --method gradcam or layercam'),
+            ([photos, '--cnf', RAM, '--weights_from', weights, '--heatmap', tmp_path / 'm',
+              '--method', 'layercam', '--layer', 'conv99'], 'no such conv layer; use one of')):
         result = invoke(predict_script, args, tmp_path)
         assert result.exit_code == 2, (args, result.output)
         assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -77,6 +77,26 @@ def check_ram_net(net):
                         f'a global average pool and the linear output; {RAM_ADVICE}')
 
 
+def method_tag(method, layer=None, include_bias=False, net=None):
+    """How output names carry the method: ram, ram_bias, gradcam, gradcam-conv5 (not the last conv)."""
+    tag = method + ('_bias' if include_bias and method == 'ram' else '')
+    if layer and (net is None or layer != net.last_conv):
+        tag += f'-{layer}'
+    return tag
+
+
+def check_layer(method, layer, net=None, name=None):
+    """A UserError unless `layer` (None: the last conv) suits `method` and (given a net, named
+    `name`) is one of its conv layers."""
+    from retina.errors import UserError
+    if layer and method == 'ram':
+        raise UserError('--layer is for --method gradcam or layercam; the RAM is defined at the '
+                        'last conv')
+    if layer and net is not None and layer not in conv_layers(net):
+        raise UserError(f'--layer {layer}: {name} has no such conv layer; use one of '
+                        f'{", ".join(conv_layers(net))}')
+
+
 def conv_layers(net):
     """Names of the net's spatial layers (nets.LAYER_KINDS marks them), input first."""
     return list(net.spatial_layers)
