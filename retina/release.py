@@ -130,9 +130,9 @@ validation image came from.
 {heatmaps}
 ## Use
 ```
-python predict.py photo.jpeg                       # this model grades when no weights are trained
 python predict.py photos/ --weights_from {name} --heatmap maps
-python train_nn.py --cnf {config} --weights_from {name} --train_dir data/train_128 --labels labels.csv
+python predict.py photos/ --weights_from {name} --heatmap maps --method layercam --layer conv5
+python train_nn.py --cnf {config} --weights_from {name} --train_dir data/train_{size} --labels labels.csv
 ```
 
 ## Terms and citation
@@ -250,8 +250,9 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
         size=converted_size(config.input_size),
         file=target.name, megabytes=target.stat().st_size / 1e6, sha256=digest,
         config=config.name, parameters=sum(p.numel() for p in net.parameters()),
-        layers='batch-norm convolutional net with the RAM head (global average pool + linear '
-               'output)' if is_ram_net(config.layers) else 'convolutional net',
+        layers=('batch-norm ' if any(kind == 'bn' for kind, _ in config.layers) else '')
+        + ('convolutional net with the RAM head (global average pool + linear output)'
+           if is_ram_net(config.layers) else 'convolutional net'),
         look=state.get('preprocessing', 'none'), window=max(config.input_size),
         epochs=len(log_rows) or state['epoch'], epoch=state['epoch'],
         precision=state.get('precision', 'fp32'), seed=state.get('seed', 0),
