@@ -392,10 +392,8 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
         raise UserError('--heatmap needs a RAM net (a *_ram config: its global-average-pool head '
                         'makes the map exact); none of the --cnf nets is one: use one, or '
                         '--method gradcam or layercam')
-    if heatmap_dir:
-        methods.check_layer(heatmap_method, heatmap_layer)
-        for g in ram_graders:
-            methods.check_layer(heatmap_method, heatmap_layer, g.net, g.config.name)
+    for g in ram_graders:  # none without --heatmap
+        methods.check_layer(heatmap_method, heatmap_layer, g.net, g.config.name)
     needs = {(g.crop_size, g.preprocessing) for g in graders}
     feature_sets = blend.feature_sets(graders) if blend else {}
     workers = workers or min(BATCH_SIZE, os.cpu_count() or 1)

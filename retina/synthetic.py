@@ -74,7 +74,7 @@ PRERETINAL_RADIUS = (0.12, 0.18)
 LESION_KINDS = {'microaneurysm': 'red', 'haemorrhage': 'red', 'neovascular_tangle': 'red',
                 'preretinal_haemorrhage': 'red', 'exudate_cluster': 'exudate',
                 'cotton_wool_spot': 'other_bright'}
-KINDS = ('red', 'exudate', 'other_bright')
+KINDS = tuple(dict.fromkeys(LESION_KINDS.values()))   # red, exudate, other_bright
 
 
 @dataclass(frozen=True)
