@@ -13,6 +13,9 @@ cnf = dict(
     aug_params=dict(zoom_range=(1 / 1.15, 1.15), rotation_range=(0, 360), shear_range=(0, 0),
                     translation_range=(-40, 40), do_flip=True, allow_stretch=True),
     sigma=0.5,
+    # JPEG re-encoding of half the training images at qualities 10..95 (retina/jpeg.py): photos
+    # arrive compressed, and a net that never saw blocks takes them for lesions
+    jpeg=dict(probability=0.5, quality=(10, 95)),
     schedule={0: 0.003, 150: 0.0003, 201: 'stop'},
     momentum=0.9,
     weight_decay=0.0005,

@@ -4,7 +4,8 @@ The same functions serve training (random parameters) and test-time
 augmentation (quasi-random Halton parameters), on whatever device holds the
 batch.  Parameters are plain dicts of tensors, one entry per image:
 rotation and shear in degrees, translation in input pixels, zoom per axis,
-flip as 0/1 and the colour-noise vector.
+flip as 0/1, the colour-noise vector and, where the config asks for it, the JPEG
+quality (retina/jpeg.py; 0: not re-encoded).
 
 Geometry: the forward transform maps an input point p (relative to the input
 centre; x right, y down) to F·p + t in the output, with F = R(rotation) ·
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 
 from retina.data import MEAN, STD
 from retina.feature_files import TTA_SEQUENCES
+from retina.jpeg import random_qualities, recompressed
 
 # Krizhevsky PCA colour noise, as the original applies it.
 COLOUR_U = np.array([[-0.56543481, 0.71983482, 0.40240142],
@@ -74,8 +76,9 @@ def identity_params(n, device='cpu'):
                 zoom_y=zeros + 1, flip=zeros, colour=torch.zeros(n, 3, device=device))
 
 
-def random_params(n, aug, sigma, generator=None, device='cpu'):
-    """Training augmentation parameters for `n` images, drawn on `device`."""
+def random_params(n, aug, sigma, generator=None, device='cpu', jpeg=None):
+    """Training augmentation parameters for `n` images, drawn on `device`; with `jpeg` (the
+    config's optional `jpeg` key) also each image's JPEG quality (0: not re-encoded)."""
     def uniform(lo_hi):
         lo, hi = lo_hi
         return lo + (hi - lo) * torch.rand(n, generator=generator, device=device)
@@ -85,10 +88,13 @@ def random_params(n, aug, sigma, generator=None, device='cpu'):
     zoom_y = torch.exp(uniform(log_zoom)) if aug.get('allow_stretch') else zoom_x
     flip = (torch.rand(n, generator=generator, device=device) < 0.5).float() \
         if aug.get('do_flip') else torch.zeros(n, device=device)
-    return dict(rotation=uniform(aug['rotation_range']), shear=uniform(aug['shear_range']),
-                tx=uniform(aug['translation_range']), ty=uniform(aug['translation_range']),
-                zoom_x=zoom_x, zoom_y=zoom_y, flip=flip,
-                colour=sigma * torch.randn(n, 3, generator=generator, device=device))
+    params = dict(rotation=uniform(aug['rotation_range']), shear=uniform(aug['shear_range']),
+                  tx=uniform(aug['translation_range']), ty=uniform(aug['translation_range']),
+                  zoom_x=zoom_x, zoom_y=zoom_y, flip=flip,
+                  colour=sigma * torch.randn(n, 3, generator=generator, device=device))
+    if jpeg:
+        params['jpeg'] = random_qualities(n, jpeg, generator, device)
+    return params
 
 
 HALTON_BASES = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29)
@@ -291,7 +297,10 @@ def colour_shift(colour, constants=None):
 
 def augment_batch(images, params, out_size, dtype=torch.float32,
                   memory_format=torch.contiguous_format, constants=None):
-    """uint8 batch -> warped, standardised, colour-noised batch (the original order)."""
+    """uint8 batch -> [JPEG re-encoded,] warped, standardised, colour-noised batch (the
+    original order; the compression comes first, as it happens to a photograph)."""
+    if 'jpeg' in params:
+        images = recompressed(images, params['jpeg'])
     return _standardised(warp(images, params, out_size),
                          colour_shift(params['colour'], constants), dtype, memory_format,
                          constants)

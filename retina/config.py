@@ -35,6 +35,8 @@ OPTIONAL_KEYS = {
     **PIXEL_CONSTANT_KEYS,
     # train_nn.py --hold_out: the fraction of patients kept out as a test split (data.held_out)
     'hold_out': 'fraction of the patients held out of training as a test split (0..0.5)',
+    # retina/jpeg.py: JPEG re-encoding of training images; without it: none
+    'jpeg': "JPEG re-encoding in training: {'probability': p, 'quality': (low, high)}",
 }
 AUG_KEYS = ('zoom_range', 'rotation_range', 'shear_range', 'translation_range', 'do_flip',
             'allow_stretch')
@@ -143,6 +145,11 @@ def _check_values(cnf, path):
             raise UserError(f'{path}: aug_params {key}={value!r}; it must be (low, high)')
     if min(cnf['aug_params']['zoom_range']) <= 0:
         raise UserError(f'{path}: aug_params zoom_range must be positive')
+    if 'jpeg' in cnf:
+        from retina.jpeg import check
+        problem = check(cnf['jpeg'], path)
+        if problem:
+            raise UserError(problem)
 
 
 def check_cnf(cnf, path):

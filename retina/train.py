@@ -89,7 +89,7 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
         for step, (batch, chunk) in enumerate(stream):
             new_step(cuda_graphs)
             params = random_params(len(chunk), cnf['aug_params'], cnf['sigma'], generator,
-                                   runtime.device)
+                                   runtime.device, jpeg=cnf.get('jpeg'))
             x = prepare(batch, config.input_size, params, dtype=runtime.input_dtype,
                         memory_format=torch.channels_last, constants=constants)
             target = levels_device[chunk]

@@ -1,0 +1,89 @@
+"""The batched JPEG re-encoding of training images: close to PIL's encoder at every quality,
+used by training when the config asks, and reproducible from the seed."""
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from retina import config as config_module
+from retina.augment import augment_batch, random_params
+from retina.jpeg import jpeg_batch, quantisation_tables, recompressed
+
+
+def photo_like(n=4, side=64, seed=0):
+    """Smooth colour images with edges and spots, not noise: what JPEG is made for."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:side, :side] / side
+    images = []
+    for _ in range(n):
+        base = np.stack([120 + 80 * np.sin(3 * xx + rng.uniform(0, 6)),
+                         60 + 40 * np.cos(4 * yy + rng.uniform(0, 6)),
+                         30 + 20 * xx], -1)
+        for _ in range(6):
+            cy, cx = rng.integers(4, side - 4, 2)
+            base[cy - 2:cy + 2, cx - 2:cx + 2] = rng.uniform(0, 255, 3)
+        images.append(np.clip(base, 0, 255).astype(np.uint8))
+    return np.stack(images)
+
+
+def pil_jpeg(image, quality):
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, 'JPEG', quality=quality)
+    return np.asarray(Image.open(buffer).convert('RGB'))
+
+
+@pytest.mark.parametrize('quality', [5, 20, 50, 90])
+def test_close_to_pil(quality):
+    images = photo_like()
+    x = torch.from_numpy(images).permute(0, 3, 1, 2)
+    ours = jpeg_batch(x, torch.full((len(images),), float(quality))).permute(0, 2, 3, 1).numpy()
+    pil = np.stack([pil_jpeg(image, quality) for image in images]).astype(np.float32)
+    damage = np.abs(pil - images).mean()
+    assert damage > 0.5
+    assert np.abs(ours - pil).mean() < 0.35 * damage + 0.5  # ours is PIL's damage, not another
+
+
+def test_tables_follow_libjpeg_scaling():
+    tables = quantisation_tables(torch.tensor([50.0, 100.0, 1.0]))
+    assert tables[0, 0, 0, 0] == 16 and tables[0, 1, 0, 0] == 17   # quality 50: the base tables
+    assert tables[1].max() == 1                                    # quality 100: no quantisation
+    assert tables[2].min() == 255 or tables[2].max() == 255
+
+
+def test_only_the_chosen_images_change():
+    x = torch.from_numpy(photo_like()).permute(0, 3, 1, 2)
+    out = recompressed(x, torch.tensor([0.0, 10.0, 0.0, 30.0]))
+    assert torch.equal(out[0], x[0].float()) and torch.equal(out[2], x[2].float())
+    assert not torch.equal(out[1], x[1].float()) and not torch.equal(out[3], x[3].float())
+    assert torch.equal(recompressed(x, torch.zeros(4)), x.float())
+
+
+def test_training_uses_it_and_is_reproducible():
+    cnf = config_module.load('c_128_5x5_32_ram').cnf
+    assert cnf['jpeg']['probability'] > 0 and cnf['jpeg']['quality'][0] <= 10
+    draw = lambda seed: random_params(256, cnf['aug_params'], cnf['sigma'],
+                                      torch.Generator().manual_seed(seed), jpeg=cnf['jpeg'])
+    a, b = draw(1), draw(1)
+    assert torch.equal(a['jpeg'], b['jpeg'])
+    chosen = a['jpeg'] > 0
+    assert 0.3 < chosen.float().mean() < 0.7
+    low, high = cnf['jpeg']['quality']
+    assert a['jpeg'][chosen].min() >= low and a['jpeg'][chosen].max() <= high
+    assert 'jpeg' not in random_params(4, cnf['aug_params'], cnf['sigma'])  # only when asked
+    x = torch.from_numpy(np.repeat(photo_like(1, 128), 4, 0)).permute(0, 3, 1, 2)
+    params = random_params(4, cnf['aug_params'], 0.0, torch.Generator().manual_seed(0))
+    plain = augment_batch(x, params, (112, 112))
+    params['jpeg'] = torch.tensor([0.0, 10.0, 0.0, 10.0])
+    squeezed = augment_batch(x, params, (112, 112))
+    assert torch.equal(plain[0], squeezed[0]) and not torch.equal(plain[1], squeezed[1])
+
+
+def test_a_bad_jpeg_key_is_named(tmp_path):
+    from retina.errors import UserError
+    bad = tmp_path / 'c_bad.py'
+    bad.write_text('from configs.c_128_5x5_32_ram import cnf as base, layers\n'
+                   "cnf = dict(base, jpeg=dict(probability=0.5, quality=(50, 5)))\n")
+    with pytest.raises(UserError, match='jpeg quality'):
+        config_module.load(str(bad))
