@@ -75,20 +75,22 @@ def no_eye_images(sample_photo):
 
 
 def verdict(image):
-    """(reasons, measures, the converted 128-px photograph) of a decoded photograph."""
+    """(reasons, measures, the converted 128-px photograph) of a decoded photograph, without
+    the file's measures (compression) and with the focus on its own 512-px crop."""
     box = crop.find_eye_box_fast(image)
     converted = np.asarray(crop.crop_to_eye(image, CROP, box))
     side = min(box[2] - box[0], box[3] - box[1])
-    found = gradability.measures(converted)
+    detail = np.asarray(crop.crop_to_eye(image, gradability.DETAIL_SIZE, box))
+    found = gradability.measures(converted, detail)
     return gradability.reasons(found, side, CROP), found, converted
 
 
-def photographs(limit):
-    for name, folder in FOLDERS.items():
-        if not folder.is_dir():
-            continue
-        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-        yield name, paths[:limit] if limit else paths
+def file_verdict(path):
+    """predict.py's image checks on the file `path` (its decode for a 256-px net)."""
+    image = crop.load_for_crop(path, 256)
+    box = crop.find_eye_box_fast(image)
+    rgb = np.asarray(crop.crop_to_eye(image, 256, box))
+    return crop.gradability_reasons(path, image, box, 256, rgb)
 
 
 def feature_rows(weights, photos, labels, real, others):

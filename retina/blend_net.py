@@ -28,14 +28,16 @@ MAXOUT_POOL = 2
 _OTHER_EYE = {'left': 'right', 'right': 'left'}
 
 
-def per_patient_inputs(features, names):
+def per_patient_inputs(features, names, without=()):
     """Per eye: [this eye's features, the other eye's features, 1 if right eye else 0].
 
     The other eye is found by name (`data.patient_and_eye`, the eye in any case); an eye
     whose partner is missing (or a name without an eye) uses its own features
-    (`data.lone_eyes` names them, for the note callers print).
+    (`data.lone_eyes` names them, for the note callers print).  The names in `without`
+    (ungradable photographs) are never anyone's partner: their partner is blended alone.
     """
-    row_of = {data.patient_and_eye(name): i for i, name in enumerate(names)}
+    row_of = {data.patient_and_eye(name): i for i, name in enumerate(names)
+              if name not in without}
     other = np.arange(len(names))
     right = np.zeros((len(names), 1), dtype=features.dtype)
     for i, name in enumerate(names):

@@ -210,11 +210,32 @@ def convert_one(src, dst, crop_size, warnings=None, preprocessing='none'):
         output = Image.fromarray(preprocess.apply(np.asarray(output), preprocessing))
     save_image(dst, output, **save_options(dst))
     if warnings is not None:
-        warnings.extend(doubts(src, box, cropped, crop_size))
+        warnings.extend(doubts(src, box, cropped, crop_size, image))
     return box
 
 
-def doubts(src, box, output, crop_size):
+def gradability_reasons(path, image, box, crop_size, rgb):
+    """predict.py's verdict on a photograph (`retina.gradability`): the reasons it is
+    ungradable, [] if none.  `image` is its decode for `crop_size` (`load_for_crop`), `box` the
+    eye's box in it and `rgb` the converted crop_size² image before any --enhance.  The focus
+    is judged on the eye at DETAIL_SIZE pixels (decoded again when `image` is smaller); the
+    compression on the file's JPEG tables and, for a full-resolution decode, its blocks."""
+    from retina import gradability
+    side = min(box[2] - box[0], box[3] - box[1])
+    detail_image, detail_box = image, box
+    if side < gradability.DETAIL_SIZE:
+        detail_image = load_for_crop(path, gradability.DETAIL_SIZE)
+        detail_box = find_eye_box_fast(detail_image)
+    detail = np.asarray(crop_to_eye(detail_image, gradability.DETAIL_SIZE, detail_box))
+    quality, blocks = gradability.file_measures(path, image)
+    with Image.open(path) as opened:  # the eye's side in the file's own pixels
+        original = max(opened.size) / max(image.size) * side
+    return gradability.reasons(gradability.measures(rgb, detail), side, crop_size,
+                               quality=quality, blocks=blocks,
+                               pixels_per_net_pixel=original / crop_size)
+
+
+def doubts(src, box, output, crop_size, image=None):
     """Warnings for a converted image (before --enhance) that is probably useless: blown up,
     black, or ungradable by predict.py's checks (`retina.gradability`)."""
     from retina import gradability
@@ -226,7 +247,9 @@ def doubts(src, box, output, crop_size):
     if np.asarray(output).mean() < DARK_MEAN:
         found.append(f'{src}: nearly black (no eye found); check the photograph')
     if not found:
-        reasons = gradability.reasons(gradability.measures(np.asarray(output)), side, crop_size)
+        reasons = gradability_reasons(src, image, box, crop_size, np.asarray(output)) \
+            if image is not None else \
+            gradability.reasons(gradability.measures(np.asarray(output)), side, crop_size)
         if reasons:
             found.append(f'{src}: ungradable ({", ".join(reasons)}); predict.py would give it '
                          f'no level')

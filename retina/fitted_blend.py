@@ -91,10 +91,11 @@ def entries(state):
     return [entry for run in state['runs'] for entry in run['files']]
 
 
-def predict(state, features_of, names):
+def predict(state, features_of, names, without=()):
     """The blend's continuous prediction per image of `names` (the runs' nets averaged).
 
-    `features_of(entry)` returns the (len(names), F) features of one file entry.
+    `features_of(entry)` returns the (len(names), F) features of one file entry; the names in
+    `without` (ungradable photographs) never feed their partner eye's per-patient blend.
     """
     import torch
 
@@ -109,7 +110,7 @@ def predict(state, features_of, names):
                             f'fitted with')
         inputs = ((features - mean) / scale).astype(np.float32)
         if state['per_patient']:
-            inputs = per_patient_inputs(inputs, list(names))
+            inputs = per_patient_inputs(inputs, list(names), without)
         for weights in run['nets']:
             net = build_net(run['n_inputs'], torch.Generator().manual_seed(0))
             net.load_state_dict(weights)

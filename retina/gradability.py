@@ -10,14 +10,29 @@ verdict, `gradable` yes or no, and the reasons:
 - `too dark`, `overexposed` (too bright, or many saturated pixels), `low contrast`: the
   brightness inside the eye, its saturated share and its spread;
 - `out of focus`: the fine detail of the green channel inside the eye (the eye's edge left
-  out) against its coarser detail: blur takes the fine away first;
+  out) against its coarser detail, on the eye at DETAIL_SIZE pixels: blur takes the fine away
+  first (measured at 512 px, not 128, so that a blur that wipes out the small vessels of a
+  large photograph is seen);
+- `heavily compressed`: a JPEG saved at a quality below what the net's view of it tolerates
+  (`jpeg_quality`, from the file's own quantisation tables: the lower the quality and the
+  fewer photograph pixels per pixel the net sees, the more its blocks and ringing reach the
+  net), or, for any file, 8×8 blocks in the decoded pixels (`blockiness`: a JPEG re-saved as
+  PNG or at a high quality keeps its blocks);
+- `grayscale`: no colour in the eye.  The nets were trained on colour photographs and tell
+  red lesions from pigment and exudates from reflections by colour; a grayscale copy moved a
+  level-0 eye to level 1 (BENCHMARKS.md, "Gradability");
+- `not a photograph`: large patches of exactly one colour inside the "eye" (drawings, icons,
+  screenshots, text pasted on the photograph): a camera's noise never leaves them;
+- `part of the eye`: the eye in the square is far from symmetric (a quarter of the eye, a
+  crop that cuts the fundus): the grade would be of the part shown;
 - `unlike the training photos`: the Mahalanobis distance of the net's pooled features (its
-  centred window) from those of its training photographs, beyond 1.75 times the 99th
-  percentile of its validation photographs' distances (`FeatureStats`, stored in the
-  checkpoint).
+  centred window) from those of its training photographs of the nearest level, beyond 1.75
+  times the 99th percentile of its validation photographs' distances (`FeatureStats`, stored
+  in the checkpoint).  The distance is to the nearest level's mean, so that a severe eye is
+  measured against the severe eyes the net trained on, not taken for a bad photograph.
 
 The image measures are taken on the photograph cropped and resized to ANALYSIS_SIZE pixels
-as convert.py crops it, before any --enhance.  The thresholds were set on the real photographs
+as convert.py crops it, before any --enhance (the focus at DETAIL_SIZE).  The thresholds were set on the real photographs
 of ../shared/data (eyepacs_raw, eyepacs_raw1024, heimed: at most 2% of them called
 ungradable) and on strongly degraded copies of them (most of which must be):
 bench/bench_gradability.py measures both and writes the table to BENCHMARKS.md.
@@ -49,8 +64,28 @@ FEATURE_MARGIN = 1.75    # ... times this is the threshold: raw photographs of o
                          # 99th percentile, 20-36% of those of eyepacs_raw, eyepacs_raw1024 and
                          # HEI-MED were refused; at 1.75x, 1% or less: BENCHMARKS.md)
 
+MIN_DETAIL_FOCUS = 0.45  # the same measure on the eye at DETAIL_SIZE (real photographs of five
+                         # sources: 2nd percentile 0.53-0.62; a 8-px blur of a 1536-px photograph:
+                         # 0.30-0.50)
+DETAIL_SIZE = 512
+MIN_CHROMA = 0.05        # mean (max − min channel) / mean brightness inside the eye; real
+                         # photographs ≥ 0.07 (eyepacs256's publisher-enhanced grey-white ones
+                         # included), grayscale 0
+MAX_FLAT = 0.08          # share of the eye's pixels whose 3×3 neighbourhood is one exact grey
+                         # level (saturated ones aside): real ≤ 0.03, icons and drawings 0.3-0.9
+MIN_SYMMETRY = 0.6       # overlap of the eye's mask with its mirror images; real photographs
+                         # ≥ 0.5-0.7 at the 0.3rd percentile, a quarter of the eye 0.2-0.8
+# JPEG quality below which a photograph is heavily compressed, by how many photograph pixels
+# the net's crop gets per pixel (the blocks are 8 photograph pixels: at 4 or more per net pixel
+# they are averaged away).  Set on test-split photographs re-saved at each quality
+# (bench/bench_compression.py): where the grade moves, the photograph is refused.
+MIN_QUALITY = ((1.5, 30), (3.0, 20), (6.0, 10), (float('inf'), 5))
+MAX_BLOCKINESS = 2.6     # gradient across 8×8 block edges / within blocks, at full resolution
+                         # (real photographs: 0.9-2.4, raw1024's q75 JPEGs the highest)
+
 REASONS = ('too small', 'no eye found', 'too dark', 'overexposed', 'low contrast',
-           'out of focus', 'unlike the training photos')
+           'out of focus', 'heavily compressed', 'grayscale', 'not a photograph',
+           'part of the eye', 'unlike the training photos')
 
 
 def _resized(rgb, size=ANALYSIS_SIZE):
@@ -61,9 +96,103 @@ def _resized(rgb, size=ANALYSIS_SIZE):
                                                   reducing_gap=3.0))
 
 
-def measures(rgb):
+def _focus(rgb, edge=EDGE):
+    """Fine detail (a band between Gaussian blurs of σ 1 and 2 pixels) against coarser detail
+    (σ 2 to 4) of the green channel inside the eye, its edge left out."""
+    from scipy import ndimage
+    eye = rgb.max(axis=2) > SURROUND
+    inner = ndimage.binary_erosion(eye, iterations=edge)
+    if inner.sum() < 16:
+        return 0.0
+    green = rgb[..., 1].astype(np.float64)
+    # Bands, not the Laplacian: the finest scale of a dim photograph is mostly 8-bit
+    # quantisation, which a blurred photograph keeps; blur removes the first band before the
+    # second, while a dim or flat photograph loses both alike.
+    fine, middle, coarse = (ndimage.gaussian_filter(green, s) for s in (1.0, 2.0, 4.0))
+    return float((fine - middle)[inner].std() / max((middle - coarse)[inner].std(), 1e-6))
+
+
+def detail_focus(rgb):
+    """The focus measure on the eye at DETAIL_SIZE pixels (S × S × 3 uint8, S = DETAIL_SIZE)."""
+    rgb = _resized(np.asarray(rgb, dtype=np.uint8), DETAIL_SIZE)
+    return _focus(rgb, EDGE * DETAIL_SIZE // ANALYSIS_SIZE)
+
+
+def jpeg_quality(image):
+    """The IJG quality (1..100) whose scaled standard luminance table is nearest the JPEG's
+    own (a PIL image, opened), or None for a photograph that is not a JPEG."""
+    tables = getattr(image, 'quantization', None)
+    if not tables or 0 not in tables or len(tables[0]) != 64:
+        return None
+    global _IJG_TABLES
+    if _IJG_TABLES is None:
+        from retina.jpeg import quantisation_tables
+        _IJG_TABLES = quantisation_tables(np.arange(1, 101))[:, 0].reshape(100, 64).numpy()
+    own = np.asarray(tables[0], dtype=np.float64)
+    return int(np.argmin(np.abs(_IJG_TABLES - own).sum(axis=1))) + 1
+
+
+_IJG_TABLES = None
+
+
+def blockiness(rgb, limit=1024):
+    """Mean luminance step across the 8×8 block edges of the JPEG grid against the mean step
+    elsewhere, inside the eye, on the decoded photograph (H × W × 3 uint8, at most `limit`
+    pixels a side from its top-left corner, where the grid starts); about 1 for a photograph
+    without blocks."""
+    rgb = np.asarray(rgb)[:limit, :limit]
+    if min(rgb.shape[:2]) < 16:
+        return 1.0
+    grey = rgb.astype(np.float32) @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
+    eye = rgb.max(axis=2) > SURROUND
+    ratios = []
+    for axis in (0, 1):
+        step = np.abs(np.diff(grey, axis=axis))
+        inside = eye[1:] & eye[:-1] if axis == 0 else eye[:, 1:] & eye[:, :-1]
+        at_edge = (np.arange(step.shape[axis]) % 8) == 7
+        at_edge = at_edge[:, None] if axis == 0 else at_edge[None, :]
+        edge, within = inside & at_edge, inside & ~at_edge
+        if edge.sum() < 64 or within.sum() < 64:
+            return 1.0
+        ratios.append(step[edge].mean() / max(step[within].mean(), 1e-3))
+    return float(np.mean(ratios))
+
+
+def compression_limit(pixels_per_net_pixel):
+    """The lowest JPEG quality a photograph with this many photograph pixels per net pixel
+    may have (MIN_QUALITY)."""
+    for most, quality in MIN_QUALITY:
+        if pixels_per_net_pixel < most:
+            return quality
+    return MIN_QUALITY[-1][1]
+
+
+def heavily_compressed(quality, blocks, pixels_per_net_pixel):
+    """Whether a photograph of JPEG `quality` (None: not a JPEG) and `blockiness` `blocks`
+    (None: not measured) is too compressed for a net that sees it at `pixels_per_net_pixel`."""
+    if quality is not None and quality < compression_limit(pixels_per_net_pixel):
+        return True
+    return blocks is not None and blocks > MAX_BLOCKINESS and pixels_per_net_pixel < 6.0
+
+
+def file_measures(path, image):
+    """(JPEG quality or None, blockiness or None) of the photograph file `path` whose decode is
+    the PIL `image`: the blockiness only where the decode is at the file's full resolution (a
+    reduced JPEG decode averages the blocks away)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as opened:
+            quality, size = jpeg_quality(opened), opened.size
+    except Exception:  # decoded once already: what the caller read is what counts
+        return None, None
+    full = sorted(image.size) == sorted(size)
+    return quality, blockiness(np.asarray(image)) if full else None
+
+
+def measures(rgb, detail=None):
     """The image measures of a converted photograph (S × S × 3 uint8, before --enhance):
-    a dict of fill, corners, brightness, saturated, green_saturated, green, contrast, focus."""
+    a dict of fill, corners, brightness, saturated, green_saturated, green, contrast, focus,
+    chroma, flat, symmetry, and detail_focus when `detail` (the eye at DETAIL_SIZE) is given."""
     from scipy import ndimage
     rgb = _resized(np.asarray(rgb, dtype=np.uint8))
     size = rgb.shape[0]
@@ -75,10 +204,14 @@ def measures(rgb):
     inner = ndimage.binary_erosion(eye, iterations=EDGE)
     green = rgb[..., 1].astype(np.float64)
     count = eye.sum()
-    out = dict(fill=float(eye.mean()), corners=float(brightest[outside].mean() / 255))
+    out = dict(fill=float(eye.mean()), corners=float(brightest[outside].mean() / 255),
+               symmetry=float(min((eye & eye[:, ::-1]).sum(), (eye & eye[::-1]).sum())
+                              / max(min((eye | eye[:, ::-1]).sum(), (eye | eye[::-1]).sum()), 1)))
+    if detail is not None:
+        out['detail_focus'] = detail_focus(detail)
     if count < 16:
         return dict(out, brightness=0.0, saturated=0.0, green_saturated=0.0, green=0.0,
-                    contrast=0.0, focus=0.0)
+                    contrast=0.0, focus=0.0, chroma=0.0, flat=0.0)
     inside = luminance[eye]
     out.update(brightness=float(inside.mean()),
                saturated=float((rgb[eye] >= SATURATED).any(axis=1).mean()),
@@ -86,21 +219,24 @@ def measures(rgb):
                green_saturated=float((rgb[..., 1][eye] >= SATURATED).mean()),
                green=float(green[eye].mean() / 255),
                contrast=float(inside.std()))
-    if inner.sum() < 16:
-        return dict(out, focus=0.0)
-    # Focus: fine detail (a band between Gaussian blurs of σ 1 and 2 pixels) against coarser
-    # detail (σ 2 to 4) inside the eye: blur removes the first before the second, while a dim
-    # or flat photograph loses both alike.  Bands, not the Laplacian: the finest scale of a dim
-    # photograph is mostly 8-bit quantisation, which a blurred photograph keeps.
-    fine, middle, coarse = (ndimage.gaussian_filter(green, s) for s in (1.0, 2.0, 4.0))
-    out['focus'] = float((fine - middle)[inner].std() / max((middle - coarse)[inner].std(),
-                                                            1e-6))
+    pixels = rgb[eye].astype(np.float64)
+    out['chroma'] = float((pixels.max(axis=1) - pixels.min(axis=1)).mean()
+                          / max(pixels.mean(), 1.0))
+    # Exactly flat 3×3 patches: a camera's noise never leaves one (saturated pixels aside)
+    grey = rgb.astype(np.int32).sum(axis=2)
+    flat = (ndimage.maximum_filter(grey, 3) == ndimage.minimum_filter(grey, 3)) & \
+        (rgb.max(axis=2) < SATURATED)
+    out['flat'] = float(flat[inner].mean()) if inner.any() else 0.0
+    out['focus'] = _focus(rgb) if inner.sum() >= 16 else 0.0
     return out
 
 
-def reasons(found, eye_side, crop_size):
-    """The reasons (of REASONS) that measures `found` and the eye's side in the decoded
-    photograph (pixels) give for calling it ungradable; [] when it is gradable."""
+def reasons(found, eye_side, crop_size, quality=None, blocks=None, pixels_per_net_pixel=None):
+    """The reasons (of REASONS) that measures `found`, the eye's side in the decoded
+    photograph (pixels), its JPEG `quality` and `blockiness` (None: not a JPEG / not measured)
+    and the photograph's own pixels per converted pixel [default: eye_side / crop_size] give
+    for calling it ungradable; [] when it is gradable.  Without `detail_focus` among the
+    measures, the focus is judged on the 128-px measure (`MIN_FOCUS`)."""
     out = []
     if eye_side < TOO_SMALL * crop_size:
         out.append('too small')
@@ -114,37 +250,73 @@ def reasons(found, eye_side, crop_size):
         out.append('low contrast')
     if found['brightness'] > MAX_BRIGHTNESS or found['green_saturated'] > MAX_GREEN_SATURATED:
         out.append('overexposed')
-    if not no_eye and found['brightness'] >= MIN_BRIGHTNESS and found['focus'] < MIN_FOCUS:
+    focused = found['detail_focus'] >= MIN_DETAIL_FOCUS if 'detail_focus' in found else \
+        found['focus'] >= MIN_FOCUS
+    if not no_eye and found['brightness'] >= MIN_BRIGHTNESS and not focused:
         out.append('out of focus')
+    if heavily_compressed(quality, blocks, pixels_per_net_pixel or eye_side / crop_size):
+        out.append('heavily compressed')
+    if not no_eye and found.get('chroma', 1.0) < MIN_CHROMA:
+        out.append('grayscale')
+    if found.get('flat', 0.0) > MAX_FLAT:
+        out.append('not a photograph')
+    if not no_eye and found.get('symmetry', 1.0) < MIN_SYMMETRY:
+        out.append('part of the eye')
     return out
+
+
+MIN_LEVEL_PHOTOS = 10  # a level with fewer training photographs gets no mean of its own
 
 
 @dataclass
 class FeatureStats:
-    """Mean and inverse covariance of a net's pooled features (centred window) on its
-    training photographs, and the distance beyond which a photograph is unlike them."""
-    mean: np.ndarray
+    """Means and inverse covariance of a net's pooled features (centred window) on its
+    training photographs, and the distance beyond which a photograph is unlike them.
+
+    With the training photographs' levels, one mean per level and a covariance of the features
+    about their level's mean: a photograph's distance is to the nearest level's mean, so that
+    a level-4 eye, far from the mass of level-0 eyes, is measured against the level-4 eyes the
+    net trained on.  Without levels (checkpoints written before them), one mean."""
+    mean: np.ndarray        # (F,) or (K, F): one row per level
     precision: np.ndarray
     threshold: float
 
     @classmethod
     def fit(cls, train_features, valid_features, percentile=FEATURE_PERCENTILE,
-            margin=FEATURE_MARGIN):
-        """Ledoit-Wolf shrunk covariance of `train_features`; the threshold `margin` times
-        the `percentile` of the distances of `valid_features` (photographs the net did not
-        train on)."""
+            margin=FEATURE_MARGIN, train_levels=None):
+        """Ledoit-Wolf shrunk covariance of `train_features` about their level's mean (about
+        the overall mean without `train_levels`); the threshold `margin` times the `percentile`
+        of the distances of `valid_features` (photographs the net did not train on)."""
         from sklearn.covariance import LedoitWolf
         train = np.asarray(train_features, dtype=np.float64)
+        mean = train.mean(axis=0)
+        if train_levels is not None:
+            levels = np.asarray(train_levels)
+            kept = [k for k in np.unique(levels) if (levels == k).sum() >= MIN_LEVEL_PHOTOS]
+            if kept:
+                means = np.stack([train[levels == k].mean(axis=0) for k in kept])
+                rows = np.isin(levels, kept)
+                nearest = np.searchsorted(np.array(kept), levels[rows])
+                residuals = train[rows] - means[nearest]
+                estimate = LedoitWolf(assume_centered=True).fit(residuals)
+                stats = cls(mean=means, precision=estimate.precision_, threshold=0.0)
+                stats.threshold = margin * float(np.percentile(stats.distances(valid_features),
+                                                               percentile))
+                return stats
         estimate = LedoitWolf().fit(train)
-        stats = cls(mean=estimate.location_, precision=estimate.precision_, threshold=0.0)
+        stats = cls(mean=mean, precision=estimate.precision_, threshold=0.0)
         stats.threshold = margin * float(np.percentile(stats.distances(valid_features),
                                                        percentile))
         return stats
 
     def distances(self, features):
-        centred = np.asarray(features, dtype=np.float64) - self.mean
-        return np.sqrt(np.maximum(np.einsum('ij,jk,ik->i', centred, self.precision, centred),
-                                  0))
+        features = np.asarray(features, dtype=np.float64)
+        means = self.mean.reshape(-1, features.shape[1])
+        each = []
+        for mean in means:
+            centred = features - mean
+            each.append(np.einsum('ij,jk,ik->i', centred, self.precision, centred))
+        return np.sqrt(np.maximum(np.min(each, axis=0), 0))
 
     def to_state(self):
         import torch
@@ -168,9 +340,10 @@ def centred_features(model, images, rows, config, runtime):
     return predict(model, images, rows, config, runtime, features=True).astype(np.float64)
 
 
-def attach_feature_stats(path, images, train_rows, valid_rows, runtime):
+def attach_feature_stats(path, images, train_rows, valid_rows, runtime, levels=None):
     """Fit `FeatureStats` of the checkpoint at `path` on the cached `images` of its training
-    and validation rows, and write them into the checkpoint (its `feature_stats`)."""
+    and validation rows (with `levels`, the levels of every image: one mean per level), and
+    write them into the checkpoint (its `feature_stats`)."""
     import torch
 
     from retina import atomic, checkpoint
@@ -179,7 +352,8 @@ def attach_feature_stats(path, images, train_rows, valid_rows, runtime):
     model = checkpoint.load_net(config, path, runtime.device).net.to(
         memory_format=torch.channels_last)
     stats = FeatureStats.fit(centred_features(model, images, train_rows, config, runtime),
-                             centred_features(model, images, valid_rows, config, runtime))
+                             centred_features(model, images, valid_rows, config, runtime),
+                             train_levels=None if levels is None else np.asarray(levels)[train_rows])
     state = dict(state, model={k: v.clone() for k, v in state['model'].items()},
                  feature_stats=stats.to_state())
     atomic.torch_save(path, state)

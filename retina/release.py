@@ -219,7 +219,7 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
     from retina.gradability import attach_feature_stats
     from retina.runtime import Runtime
     attach_feature_stats(target, cache.load_images(image_paths, progress=False), train_rows,
-                         valid_rows, Runtime(torch.device('cpu')))
+                         valid_rows, Runtime(torch.device('cpu')), levels=levels)
     checkpoint.load(target)  # what was written loads, and checks
     cross = []
     for folder in map(Path, raw):

@@ -164,7 +164,8 @@ class Keeper:
         valid = run.valid_idx if len(run.valid_idx) else run.train_idx
         for path in (paths.best_kappa_weights(self.name), paths.final_weights(self.name)):
             if path.is_file():
-                attach_feature_stats(path, run.images, run.train_idx, valid, run.runtime)
+                attach_feature_stats(path, run.images, run.train_idx, valid, run.runtime,
+                                     levels=run.levels)
 
 
 def resumed_config(config, given=()):

@@ -126,4 +126,26 @@ def test_training_stores_its_photographs_feature_statistics(workdir, monkeypatch
           echo=lambda *a, **k: None)
     state = checkpoint.load(workdir / paths.best_kappa_weights(RAM))
     stats = gradability.FeatureStats.from_state(state['feature_stats'])
-    assert stats.threshold > 0 and stats.mean.shape == (stats.precision.shape[0],)
+    # one mean per level with at least MIN_LEVEL_PHOTOS training photographs
+    assert stats.threshold > 0 and stats.mean.ndim == 2
+    assert stats.mean.shape[1] == stats.precision.shape[0] and 1 <= len(stats.mean) <= 5
+
+
+def test_feature_distance_is_to_the_nearest_level():
+    """A severe eye is measured against the severe eyes the net trained on, not taken for a bad
+    photograph because it is far from the mass of healthy ones."""
+    rng = np.random.default_rng(0)
+    shift = np.array([10, 0, 0, 0, 0, 0])  # severe eyes: 1% of the training photographs
+    train = np.concatenate([rng.normal(0, 1, (990, 6)), rng.normal(0, 1, (10, 6)) + shift])
+    levels = np.array([0] * 990 + [4] * 10)
+    valid = rng.normal(0, 1, (210, 6))
+    pooled = gradability.FeatureStats.fit(train, valid)
+    by_level = gradability.FeatureStats.fit(train, valid, train_levels=levels)
+    new_severe = rng.normal(0, 1, (200, 6)) + shift
+    new_healthy = rng.normal(0, 1, (200, 6))
+    rate = lambda stats, x: np.mean(stats.distances(x) > stats.threshold)
+    assert rate(pooled, new_severe) > rate(pooled, new_healthy) + 0.1  # the old rule's fault
+    assert rate(by_level, new_severe) <= rate(by_level, new_healthy) + 0.02
+    assert rate(by_level, rng.normal(0, 1, (50, 6)) + 30).min() == 1.0  # still refuses the foreign
+    restored = gradability.FeatureStats.from_state(by_level.to_state())
+    assert np.allclose(restored.distances(new_severe), by_level.distances(new_severe), rtol=1e-4)
