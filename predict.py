@@ -56,6 +56,15 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
               help='With --method gradcam or layercam: the conv layer the map is taken at, e.g. '
                    'conv5 (train_nn.py --summary lists them) [default: the last conv]; earlier '
                    'layers give finer maps.  As ram.py --layer.')
+@click.option('--fuse', 'fuse_cnf', metavar='CONFIG',
+              help='With --heatmap: a second heat-map net whose map is fused into each net\'s, '
+                   'as ram.py --fuse does (each min-max normalised, added on the finer grid when '
+                   'one is over twice the other: the fine net\'s 53x53 grid for eyepacs-256 + '
+                   'eyepacs-128-fine); each net sees its own conversion of the photograph. '
+                   '[default: the config --fuse_weights was trained as]')
+@click.option('--fuse_weights', type=click.Path(dir_okay=False),
+              help='Weights of the --fuse net: a file or a released model\'s name (e.g. '
+                   'eyepacs-128-fine) [default: weights/FUSE/weights.pt].')
 @click.option('--save_maps', is_flag=True,
               help='With --heatmap: also save each map as it came from the net (last conv '
                    'resolution, float32) beside its picture, as {image}_{method}_{cnf}.npy.')
@@ -81,7 +90,8 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
 @click.option('--no_progress', is_flag=True, help='No progress bar (for logs).')
 @handle_errors()
 def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir, method, layer,
-         save_maps, output, as_json, crop_size, batch_size, grade_anyway, device, no_progress):
+         fuse_cnf, fuse_weights, save_maps, output, as_json, crop_size, batch_size, grade_anyway,
+         device, no_progress):
     """Grade IMAGES (photographs, or folders of them: .jpeg, .jpg, .png, .tif, .tiff) on the
     0-4 scale.
 
@@ -101,6 +111,9 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
 
     if layer and not heatmap_dir:
         raise UserError('--layer chooses the layer of the --heatmap maps: add --heatmap DIR')
+    if (fuse_cnf or fuse_weights) and not heatmap_dir:
+        raise UserError('--fuse fuses a second net\'s map into the --heatmap maps: add --heatmap '
+                        'DIR')
     if per_patient and not blend_file:
         raise UserError('--per_patient applies a fitted per-patient blend: pass --blend '
                         'data/sub_..._blend.pt (written by blend.py --per_patient --predict)')
@@ -125,9 +138,13 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     else:
         nets = [default_net()]
     graders = [load_grader(c, w, device, crop_size) for c, w in nets]
+    fuse = None
+    if fuse_cnf or fuse_weights:
+        fuse = load_grader(fuse_cnf or trained_config(fuse_weights), fuse_weights, device)
     result = grade(graders, images, n_iter=n_iter, blend=blend, heatmap_dir=heatmap_dir,
                    batch_size=batch_size, progress=not no_progress, grade_anyway=grade_anyway,
-                   heatmap_method=method, heatmap_layer=layer, save_maps=save_maps)
+                   heatmap_method=method, heatmap_layer=layer, save_maps=save_maps,
+                   heatmap_fuse=fuse)
     text = format_json(result, graders) if as_json else format_csv(result)
     if output == '-':
         click.echo(text, nl=False)

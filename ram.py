@@ -57,9 +57,14 @@ def _check_cmap(_context, _parameter, value):
                    'larger net.')
 @click.option('--fuse_weights', type=click.Path(dir_okay=False),
               help='Weights of the --fuse net [default: weights/FUSE/weights.pt].')
+@click.option('--fuse_images', type=click.Path(file_okay=False),
+              help='The same photographs converted for the --fuse net (its own --crop_size and '
+                   '--enhance, same names): it then sees its own images, as predict.py --fuse '
+                   'runs it [default: the --images windows shrunk to its input].')
 @click.option('--per_image_scale', is_flag=True,
-              help='Scale each image\'s colours to its own peak [default: one colour scale for all '
-                   'images of the run, so a weak map looks weak].')
+              help='Scale each image\'s colours to its own peak [default: one colour scale for '
+                   'every image, in score units: 0 to 4, where 4 everywhere would make a level-4 '
+                   'score, so a weak map looks weak; see retina/heatmaps/figures.py].')
 @click.option('--images', multiple=True, type=click.Path(),
               help='Converted images: a folder or single files; repeat the option for several '
                    "[default: the config's test_dir].")
@@ -71,8 +76,9 @@ def _check_cmap(_context, _parameter, value):
                    '_signed); without it only the positive part is coloured.')
 @click.option('--cmap', callback=_check_cmap,
               help='matplotlib colour map [default: jet, or RdBu_r with --signed].')
-@click.option('--alpha', default=0.5, show_default=True, type=click.FloatRange(0, 1),
-              help='Opacity of the map over the image.')
+@click.option('--alpha', default=0.6, show_default=True, type=click.FloatRange(0, 1),
+              help='Opacity of the map where it reaches the top of the colour scale (less '
+                   'evidence, more of the eye shows through).')
 @click.option('--masks', type=click.Path(file_okay=False),
               help='Folder of lesion masks {image}.png (white = lesion), or of one subfolder of them '
                    'per lesion kind (scored separately): prints the per-image AUROC, pointing game '
@@ -110,18 +116,20 @@ def _check_cmap(_context, _parameter, value):
               help="Images per forward pass [default: the config's batch_size_test].")
 @click.option('--no_progress', is_flag=True, help='No progress bar (for logs).')
 @handle_errors()
-def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights, per_image_scale,
+def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights, fuse_images,
+         per_image_scale,
          images, output_dir, signed, cmap, alpha, masks, photos, labels, all_levels, scores_json,
          deletion_fill, scores_only, save_maps, limit, device, batch_size, no_progress):
     """Draw a heat map of every image over the window the network sees, inside the fundus.
 
-    Writes one heat map per image, with the predicted level (continuous and
-    rounded) and the map's mean, and one figure with an example of each
-    level.  Exits with status 1 if any image could not be read (each is named
-    on stderr; the others are still drawn).
+    Writes one picture per image (the window enlarged to 1024 px, the map on one colour
+    scale in score units with its colour bar, the score, level and net written above), as
+    predict.py draws them, and one figure with an example of each level.  Exits with status
+    1 if any image could not be read (each is named on stderr; the others are still drawn).
     """
-    if fuse_weights and not fuse_cnf:
-        raise UserError('--fuse_weights needs --fuse CONFIG (the net those weights belong to)')
+    if (fuse_weights or fuse_images) and not fuse_cnf:
+        option = '--fuse_weights' if fuse_weights else '--fuse_images'
+        raise UserError(f'{option} needs --fuse CONFIG (the net to fuse)')
     if include_bias and method != 'ram':
         raise UserError(f'--include_bias is for --method ram; {method} maps have no output bias to add')
     if (scores_json or scores_only) and not masks:
@@ -141,7 +149,10 @@ def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights,
         fuse_config = config_module.load(fuse_cnf)
         fuse_with = ram.load_net(fuse_config, fuse_weights, device, method)
     image_paths = ram.collect_images(images or [config.cnf['test_dir']])[:limit]
-    ram.check_preprocessing(image_paths, [loaded] + ([fuse_with] if fuse_with else []))
+    if fuse_images:
+        ram.check_preprocessing(ram.collect_images([fuse_images]), [fuse_with])
+    ram.check_preprocessing(image_paths, [loaded] + ([fuse_with] if fuse_with and not fuse_images
+                                                     else []))
     title = config.name + (f'+{fuse_config.name}' if fuse_cnf else '')
     output_dir = output_dir or paths.ram_dir(title)
     if not scores_only or save_maps:
@@ -151,7 +162,7 @@ def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights,
         fuse_with=fuse_with, per_image_scale=per_image_scale, signed=signed, cmap=cmap,
         alpha=alpha, masks=masks, photos=photos, labels=labels, all_levels=all_levels,
         batch_size=batch_size, deletion_fill=deletion_fill, draw=not scores_only,
-        progress=not no_progress, save_maps=save_maps)
+        progress=not no_progress, save_maps=save_maps, fuse_images=fuse_images)
     if summary.by_level is not None:
         click.echo(f'wrote {len(summary.written)} heat map(s) to {output_dir}/ and {summary.by_level}')
     if summary.scores is not None:

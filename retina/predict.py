@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 from tqdm import tqdm
 
 from retina import atomic, checkpoint, crop, data, gradability, paths, preprocess, released
@@ -55,8 +55,6 @@ from retina.nets import ram_exact
 from retina.paths import IMAGE_EXTENSIONS
 
 BATCH_SIZE = 8              # photographs decoded and scored together
-HEATMAP_WIDTH = 1536        # heat maps are drawn on the photograph shrunk to at most this wide
-HEATMAP_ALPHA = 0.6         # opacity of the strongest evidence
 
 
 # --- the nets ------------------------------------------------------------------------
@@ -181,6 +179,7 @@ class NetOutput:
     scores: np.ndarray
     features: dict = dataclasses.field(default_factory=dict)  # (n_iter, skip) -> (mean, std)
     maps: torch.Tensor = None
+    map_predictions: torch.Tensor = None  # the net's output on the centred window the maps are of
     unlike: np.ndarray = None  # per photo: beyond the training photographs' feature distance
 
 
@@ -204,13 +203,14 @@ def _passes(grader, images, augmentations, precision='fp32'):
 
 
 def heat_maps(grader, images, method, layer=None):
-    """(N, h', w') maps of `method` (retina.heatmaps.methods.METHODS) at conv `layer` [default:
-    the last] on the centred window, fp32: the function ram.py draws with, on the same
-    network input."""
+    """((N, h', w') maps of `method` (retina.heatmaps.methods.METHODS) at conv `layer` [default:
+    the last] on the centred window, fp32, and the predictions (N,) they explain): the function
+    ram.py draws with, on the same network input."""
     from retina.heatmaps import methods
     x = prepare_batch(images, grader.input_size, None,
                       constants=grader.constants)
-    return methods.compute_maps(method, grader.net, x, layer=layer)[0].cpu()
+    maps, predictions = methods.compute_maps(method, grader.net, x, layer=layer)
+    return maps.cpu(), predictions.cpu()
 
 
 def augmentation_list(grader, n_iter, skip=0, sequence='scrambled'):
@@ -239,7 +239,7 @@ def score_batch(grader, photos, n_iter, feature_sets=(), map_method=None,
         stats = grader.feature_stats
         result.unlike = stats.distances(centred) > stats.threshold
     if map_method:
-        result.maps = heat_maps(grader, images, map_method, map_layer)
+        result.maps, result.map_predictions = heat_maps(grader, images, map_method, map_layer)
     for tta in feature_sets:
         iterations, skip, sequence = tta
         same_passes = (iterations, skip) == (n_iter, 0) and (n_iter == 1 or sequence == 'scrambled')
@@ -268,20 +268,17 @@ def window_in_photo(box, crop_size, input_size):
             box_left + (left + width) * sx, box_top + (top + height) * sy)
 
 
-def heat_map_over_photo(image, heat_map, box, crop_size, window, caption=''):
-    """The photograph (RGB, at most HEATMAP_WIDTH wide) with `heat_map` (h', w') drawn over the
-    net's window: upsampled to the window and coloured as ram.py does it
-    (`methods.upsample`, `methods.colour_levels` of the map inside the fundus, on the map's
-    own peak), with opacity growing with the level, so the eye shows through where the map
-    says little.  `window` is the converted image's centred window (h, w, 3) uint8."""
-    from matplotlib import colormaps
-
+def heat_map_over_photo(image, heat_map, box, crop_size, window, lines=(), legend=''):
+    """The picture (`figures.render`, as ram.py draws) of the photograph (RGB, at its own
+    resolution, shrunk only beyond figures.MAX_PHOTO_WIDTH) with `heat_map` (h', w', score
+    units: `methods.in_score_units`) over the net's window: upsampled to the window
+    (`methods.upsample`) and placed through the eye's box onto the photograph's pixels,
+    coloured inside the eye only (found on the photograph), `lines` above and the colour bar
+    with its `legend` beside.  `window` is the converted image's centred window (h, w, 3)."""
     from retina.heatmaps import figures, methods
     height, width = window.shape[:2]
-    heat = methods.upsample(heat_map[None].float(), (height, width))[0].numpy()
-    heat = np.where(figures.fundus_mask(window), heat, np.nan)
-    levels = np.nan_to_num(methods.colour_levels(heat), nan=0.0)
-    scale = min(1.0, HEATMAP_WIDTH / image.width)
+    heat = methods.upsample(heat_map[None].float(), (height, width))[0]
+    scale = min(1.0, figures.MAX_PHOTO_WIDTH / image.width)
     shown = image if scale == 1.0 else image.resize(
         (round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
     left, top, right, bottom = (v * scale for v in window_in_photo(box, crop_size,
@@ -289,29 +286,16 @@ def heat_map_over_photo(image, heat_map, box, crop_size, window, caption=''):
     # Pixel grid of the window, clipped to the photograph (a box may reach past its edge).
     x0, y0 = max(0, math.floor(left)), max(0, math.floor(top))
     x1, y1 = min(shown.width, math.ceil(right)), min(shown.height, math.ceil(bottom))
-    canvas = np.asarray(shown, dtype=np.float32).copy()
+    placed = np.full((shown.height, shown.width), np.nan)
     if x1 > x0 and y1 > y0:
         full_h, full_w = max(1, round(bottom - top)), max(1, round(right - left))
-        # The levels (not the map) resized to the photograph's pixels: the picture only.
-        resized = F.interpolate(torch.from_numpy(levels).float()[None, None],
-                                size=(full_h, full_w), mode='bilinear',
-                                align_corners=False)[0, 0].clamp(0, 1).numpy()
+        resized = F.interpolate(heat[None, None], size=(full_h, full_w), mode='bilinear',
+                                align_corners=False)[0, 0].numpy()
         oy, ox = y0 - round(top), x0 - round(left)
         part = resized[max(oy, 0):max(oy, 0) + (y1 - y0), max(ox, 0):max(ox, 0) + (x1 - x0)]
-        y1, x1 = y0 + part.shape[0], x0 + part.shape[1]
-        colour = colormaps[figures.SEQUENTIAL_CMAP](part)[..., :3] * 255
-        alpha = (HEATMAP_ALPHA * part)[..., None]
-        region = canvas[y0:y1, x0:x1]
-        canvas[y0:y1, x0:x1] = region * (1 - alpha) + colour * alpha
-    out = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
-    draw = ImageDraw.Draw(out)
-    draw.rectangle((left, top, right - 1, bottom - 1), outline=(255, 255, 255),
-                   width=max(1, out.width // 600))
-    if caption:
-        font = ImageFont.load_default(size=max(12, out.width // 45))
-        draw.text((8, 8), caption, fill=(255, 255, 255), font=font, stroke_width=1,
-                  stroke_fill=(0, 0, 0))
-    return out
+        placed[y0:y0 + part.shape[0], x0:x0 + part.shape[1]] = part
+    return figures.render(np.asarray(shown.convert('RGB')), placed, list(lines), legend,
+                          outline=(left, top, right, bottom))
 
 
 # --- the run -------------------------------------------------------------------------------
@@ -371,18 +355,21 @@ def _load_all(paths_, needs, keep_images, failed, bar, workers):
 
 def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BATCH_SIZE,
           progress=True, workers=None, grade_anyway=False, heatmap_method='ram',
-          save_maps=False, heatmap_layer=None):
+          save_maps=False, heatmap_layer=None, heatmap_fuse=None):
     """Grade the photographs of `inputs` (files and folders) with every grader; returns `Result`.
 
     `blend` is a `LoadedBlend` (its feature sets are computed too); `heatmap_dir`
     gets one PNG per photograph and net that makes maps of `heatmap_method`
     (retina.heatmaps.methods: 'ram' for RAM nets, 'gradcam' or 'layercam' for any, at conv
     `heatmap_layer` [default: the last]), and with
-    `save_maps` the map itself beside it (.npy, the last conv's resolution).  Every row says whether the photograph is
+    `save_maps` the map itself beside it (.npy, the last conv's resolution).  `heatmap_fuse` (a
+    `Grader`, not graded with) fuses its map into each net's as ram.py --fuse does
+    (`methods.fuse`, on `methods.fusion_grid`), each net on its own converted image of the
+    photograph (as ram.py --fuse_images).  Every row says whether the photograph is
     gradable and why not (`retina.gradability`); an ungradable one keeps its scores but gets
     no level, unless `grade_anyway`.
     """
-    from retina.heatmaps import methods
+    from retina.heatmaps import figures, methods
     photo_paths = collect_photos(inputs)
     name_columns(graders)
     cuts = level_cuts(graders, n_iter)
@@ -394,7 +381,11 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                         '--method gradcam or layercam')
     for g in ram_graders:  # none without --heatmap
         methods.check_layer(heatmap_method, heatmap_layer, g.net, g.config.name)
-    needs = {(g.crop_size, g.preprocessing) for g in graders}
+    fuse = heatmap_fuse if ram_graders else None
+    if fuse is not None and heatmap_method == 'ram' and not fuse.is_ram:
+        raise UserError(f'--fuse {fuse.config.name}: not a RAM net, so it has no RAM to fuse; '
+                        f'fuse a *_ram net or use --method gradcam or layercam')
+    needs = {(g.crop_size, g.preprocessing) for g in graders + ([fuse] if fuse else [])}
     feature_sets = blend.feature_sets(graders) if blend else {}
     workers = workers or min(BATCH_SIZE, os.cpu_count() or 1)
     rows, failed, heat_maps = [], [], []
@@ -412,6 +403,8 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                                           else None, map_layer=heatmap_layer,
                                           feature_precision=blend.precision if blend else 'fp32')
                        for g in graders}
+            fused_in = score_batch(fuse, photos, 1, map_method=heatmap_method).maps \
+                if fuse is not None else None
             for i, photo in enumerate(photos):
                 row = {'image': photo.name}
                 for g in graders:
@@ -429,21 +422,30 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                                            for g in graders
                                            for tta, stats in outputs[id(g)].features.items()})
                 for g in ram_graders:
-                    path = paths.heat_map(heatmap_dir, photo.name, g.config.name, False,
-                                          methods.method_tag(heatmap_method, heatmap_layer,
-                                                             net=g.net))
+                    title = g.config.name + (f'+{fuse.config.name}' if fuse else '')
+                    tag = methods.method_tag(heatmap_method, heatmap_layer, net=g.net)
+                    path = paths.heat_map(heatmap_dir, photo.name, title, False, tag)
                     own = int(data.to_levels([row[g.column]], level_cuts([g], n_iter))[0])
-                    caption = f'{g.config.name}: score {row[g.column]:.2f}, ' + (
-                        f'level {own}' if row['gradable'] == 'yes' or grade_anyway
-                        else f'ungradable ({row["reasons"]})')
+                    graded = row['gradable'] == 'yes' or grade_anyway
+                    net = figures.net_name(g.config.name, g.weights) + (
+                        f' + {figures.net_name(fuse.config.name, fuse.weights)}' if fuse else '')
+                    lines = figures.caption(photo.name, row[g.column], own if graded else None,
+                                            row['gradable'], row['reasons'],
+                                            net=f'{net}, {tag}' + (', fused' if fuse else ''))
                     converted = photo.converted[(g.crop_size, g.preprocessing)]
                     window = centre_crop(torch.from_numpy(converted).permute(2, 0, 1),
                                          g.input_size).to(torch.uint8).permute(1, 2, 0).numpy()
                     heat_map = outputs[id(g)].maps[i]
-                    picture = heat_map_over_photo(photo.images[g.crop_size], heat_map,
+                    if fuse is not None:
+                        heat_map = methods.fuse(heat_map[None], fused_in[i:i + 1])[0]
+                    shown = methods.in_score_units(heatmap_method, heat_map[None],
+                                                   outputs[id(g)].map_predictions[i:i + 1],
+                                                   fused=fuse is not None)[0]
+                    picture = heat_map_over_photo(photo.images[g.crop_size], shown,
                                                   photo.boxes[g.crop_size], g.crop_size,
-                                                  window, caption)
-                    atomic.save_image(path, picture)
+                                                  window, lines,
+                                                  figures.legend(heatmap_method, fuse is not None))
+                    figures.save_picture(path, picture)
                     heat_maps.append(path)
                     if save_maps:
                         atomic.save_npy(path.with_suffix('.npy'), heat_map.numpy())

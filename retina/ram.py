@@ -217,6 +217,7 @@ class Item:
     scored: bool = False
     coverage: dict = dataclasses.field(default_factory=dict)   # kind -> float16 (h, w) in the window
     inside: np.ndarray = None
+    shown: torch.Tensor = None    # (h', w') the map as coloured: score units (methods.in_score_units)
 
     @property
     def level(self):
@@ -259,16 +260,18 @@ def network_input(windows, input_size, constants=None):
 
 
 def make_maps(loaded, image_paths, output_dir, method='ram', layer=None, include_bias=False,
-              fuse_with=None, per_image_scale=False, signed=False, cmap=None, alpha=0.5, masks=None,
-              photos=None, labels=None, all_levels=False, batch_size=None, deletion_fill='mean',
-              draw=True, progress=True, save_maps=False):
+              fuse_with=None, per_image_scale=False, signed=False, cmap=None, alpha=figures.OPACITY,
+              masks=None, photos=None, labels=None, all_levels=False, batch_size=None,
+              deletion_fill='mean', draw=True, progress=True, save_maps=False, fuse_images=None):
     """Write a heat map per image and the by-level figure; score localisation when `masks` is given.
 
     With `save_maps` each image's map, as the method made it (conv resolution, float32; fused
     maps on their grid), is saved beside its figure as .npy (with --scores_only too).
 
     `loaded` is the net (`checkpoint.LoadedNet`); `fuse_with` a second one whose maps are
-    fused with its; the images must then be converted for the larger of the two.
+    fused with its; the images must then be converted for the larger of the two, unless
+    `fuse_images` (a folder) holds the same photographs converted for `fuse_with`, which then
+    sees its own images (as predict.py --fuse runs it).
     Without `draw` nothing is written (scores only).
     """
     nets = [loaded] + ([fuse_with] if fuse_with else [])
@@ -280,6 +283,7 @@ def make_maps(loaded, image_paths, output_dir, method='ram', layer=None, include
     batch_size = batch_size or config.cnf['batch_size_test']
     known = data.load_labels(labels) if labels else None
     sources = mask_sources(masks, photos) if masks else None
+    fuse_paths = own_images(fuse_images, image_paths) if fuse_images and fuse_with else None
     scores = None
     if sources:
         level_source = ('every level' if all_levels else 'level >= 1') + (
@@ -292,7 +296,7 @@ def make_maps(loaded, image_paths, output_dir, method='ram', layer=None, include
     with bar:
         for batch in _batches(image_paths, batch_size, window_size, failed, bar):
             items.extend(_forward(nets, batch, method, layer, include_bias, known, sources, scores,
-                                  all_levels, window_size, generator, failed))
+                                  all_levels, window_size, generator, failed, fuse_paths))
             bar.update(len(batch))
     if scores is not None:
         _score(items, scores, window_size)
@@ -302,21 +306,38 @@ def make_maps(loaded, image_paths, output_dir, method='ram', layer=None, include
                             .with_suffix('.npy'), item.map.float().numpy())
     if not draw:
         return RunSummary(written=[], by_level=None, failed=failed, scores=scores)
+    net = ' + '.join(figures.net_name(n.config.name, n.weights) for n in nets)
     written, by_level = _draw(items, output_dir, title, tag, window_size, cmap, alpha, signed,
                               per_image_scale, by_label=known is not None, failed=failed,
-                              unit=('sum of the min-max normalised maps' if len(nets) == 2 else
-                                    'RAM (level units)' if method == 'ram' else tag))
+                              legend=figures.legend(method, len(nets) == 2, per_image_scale, signed),
+                              net=f'{net}, {tag}' + (', fused' if len(nets) == 2 else ''),
+                              cuts=loaded.state.get('thresholds') or data.FIXED_CUTS)
     return RunSummary(written=written, by_level=by_level, failed=failed, scores=scores)
 
 
+def own_images(folder, image_paths):
+    """{image name: path} of the --fuse net's own converted images in `folder`, one for each
+    of `image_paths`."""
+    found = {image_name(p): p for p in collect_images([folder])}
+    missing = [image_name(p) for p in image_paths if image_name(p) not in found]
+    if missing:
+        raise UserError(f'{folder}: no image {missing[0]} (of {len(missing)} missing); --fuse_images '
+                        f'must hold every image of --images converted for the --fuse net')
+    return found
+
+
 def _forward(nets, batch, method, layer, include_bias, known, sources, scores, all_levels,
-             window_size, generator, failed):
+             window_size, generator, failed, fuse_paths=None):
     """Items of a batch: maps (fused when there are two nets), predictions, masks of the scored ones."""
     device = next(nets[0].net.parameters()).device
     windows = torch.stack([window for _, window, _ in batch]).to(device)
     maps, inputs = [], []
     for n in nets:
-        x = network_input(windows, n.input_size, n.constants)
+        own = windows
+        if n is not nets[0] and fuse_paths is not None:   # its own conversion of the photograph
+            own = torch.stack([load_window(fuse_paths[image_name(path)], n.input_size)[0]
+                               for path, _, _ in batch]).to(device)
+        x = network_input(own, n.input_size, n.constants)
         m, p = methods.compute_maps(method, n.net, x, layer=layer if n is nets[0] else None,
                                     include_bias=include_bias)
         maps.append(m)
@@ -324,12 +345,13 @@ def _forward(nets, batch, method, layer, include_bias, known, sources, scores, a
         if n is nets[0]:
             predictions = p
     fused = methods.fuse(*maps) if len(maps) == 2 else maps[0]
+    shown = methods.in_score_units(method, fused, predictions, fused=len(maps) == 2).cpu()
     items = []
     for i, (path, window, size) in enumerate(batch):
         name = image_name(path)
         label = known.get(name) if known is not None else None
         item = Item(path=path, name=name, size=size, map=fused[i].float().cpu(),
-                    prediction=float(predictions[i]), label=label)
+                    prediction=float(predictions[i]), label=label, shown=shown[i])
         items.append(item)
         if sources is None:
             continue
@@ -406,38 +428,45 @@ def examples_by_level(items, by_label):
 
 
 def _draw(items, output_dir, title, tag, window_size, cmap, alpha, signed, per_image_scale,
-          by_label, failed, unit):
-    """Write each image's figure and the by-level figure, on one colour scale unless `per_image_scale`.
+          by_label, failed, legend, net, cuts):
+    """Write each image's picture (`figures.render`, as predict.py draws) and the by-level
+    figure, on the one scale in score units unless `per_image_scale`.
 
-    Two passes over the images (the first finds the shared scale), reading
-    each window again rather than holding every image of a large run in memory.
+    Each window is read again rather than holding every image of a large run in memory.
     """
-    def example(item):
+    def window_of(item):
         window, _ = load_window(item.path, window_size)
-        window = window.permute(1, 2, 0).numpy()
-        return figures.Example(
-            name=item.name, window=window, heat=methods.upsample(item.map[None], window_size)[0].numpy(),
-            prediction=item.prediction, map_mean=float(item.map.mean()), label=item.label,
-            inside=item.inside if item.inside is not None else figures.fundus_mask(window))
+        return window.permute(1, 2, 0).numpy()
 
-    drawable, peaks = [], []
+    written, drawable = [], []
     for item in items:
         try:
-            shown = figures.shown(example(item), signed)
+            window = window_of(item)
         except BadImage as error:       # changed on disk since the forward pass
             failed.append(str(error))
             continue
         drawable.append(item)
-        peaks.append(np.full(1, np.nanmax(np.abs(shown)) if np.isfinite(shown).any() else np.nan))
-    shared = figures.colour_norm(peaks, signed)
-    written = []
-    for item in drawable:
-        current = example(item)
-        norm = figures.colour_norm([figures.shown(current, signed)], signed) if per_image_scale else shared
+        photo, heat = figures.enlarged(window, item.shown)
+        top = methods.colour_peak([heat if signed else np.clip(heat, 0, None)], signed) \
+            if per_image_scale else None
+        level = int(data.to_levels([item.prediction], cuts)[0])
+        lines = figures.caption(item.name, item.prediction, level, None, net=net, label=item.label)
         path = paths.heat_map(output_dir, item.name, title, signed, tag)
-        figures.save(figures.heat_map_figure(current, f'{tag}   {title}', cmap, alpha, signed, norm, unit),
-                     path)
+        figures.save_picture(path, figures.render(photo, heat, lines, legend, cmap, alpha, signed,
+                                                  top))
         written.append(path)
+
+    def example(item):
+        window = window_of(item)
+        return figures.Example(
+            name=item.name, window=window,
+            heat=methods.upsample(item.shown[None], window_size)[0].numpy(),
+            prediction=item.prediction, map_mean=float(item.map.mean()), label=item.label,
+            inside=item.inside if item.inside is not None else figures.fundus_mask(window))
+
+    from matplotlib.colors import Normalize
+    top = methods.SCALE_TOP
+    shared = Normalize(-top, top) if signed else Normalize(0.0, top)
     best = examples_by_level(drawable, by_label)
     chosen = {level: example(item) if item is not None else None for level, item in best.items()}
     by_level = paths.heat_map_figure(output_dir, title, signed, tag)

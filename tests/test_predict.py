@@ -139,6 +139,7 @@ def test_predict_applies_the_preprocessing_the_net_was_trained_with(photos, tmp_
 
 
 def test_heat_map_lies_over_the_eye_in_the_photograph():
+    from retina.heatmaps import figures
     from retina.predict import heat_map_over_photo, window_in_photo
     # A 400 x 200 photo whose eye box is the square (100, 0, 300, 200), converted to 128 px;
     # the 112-px window is 8 converted px (12.5 photo px) inside the box on each side.
@@ -146,13 +147,40 @@ def test_heat_map_lies_over_the_eye_in_the_photograph():
     assert np.allclose(window, (112.5, 12.5, 287.5, 187.5))
     photo = Image.new('RGB', (400, 200), (0, 0, 0))
     ram = torch.zeros(6, 6)
-    ram[0, 0] = 1.0  # evidence in the window's top-left cell only
+    ram[0, 0] = 4.0  # evidence in the window's top-left cell only
     window = np.full((112, 112, 3), 120, np.uint8)  # all fundus
-    drawn = np.asarray(heat_map_over_photo(photo, ram, (100, 0, 300, 200), 128, window))
+    picture = heat_map_over_photo(photo, ram, (100, 0, 300, 200), 128, window, ['x'], 'RAM')
+    left, top, right, bottom = figures.photo_box(picture)
+    assert (right - left, bottom - top) == (400, 200)   # the photograph at its own resolution
+    drawn = np.asarray(picture)[top:bottom, left:right]
     interior = drawn[16:184, 116:284].astype(int).sum(axis=2)  # inside the window's outline
     assert interior[:20, :20].min() > 0          # the top-left cell is coloured ...
     assert interior[60:, :].max() == 0 and interior[:, 60:].max() == 0  # ... and only it
     assert drawn[:, :110].max() == 0 and drawn[:, 290:].max() == 0  # nothing outside the window
+
+
+def test_no_colour_outside_the_eye_of_a_raw_photograph():
+    """The eye off-centre in a wide photograph, a map strong everywhere: the surround, the
+    box's corners and the window's corners beyond the eye's rim, keeps its own pixels."""
+    from PIL import ImageDraw
+    from scipy import ndimage
+
+    from retina.heatmaps import figures
+    from retina.predict import heat_map_over_photo
+    photo = Image.new('RGB', (600, 400), (0, 0, 0))
+    ImageDraw.Draw(photo).ellipse((200, 0, 600, 400), fill=(190, 100, 50))
+    window = np.full((112, 112, 3), 120, np.uint8)
+    picture = heat_map_over_photo(photo, torch.full((6, 6), 4.0), (200, 0, 600, 400), 128, window,
+                                  ['x'], 'RAM')
+    left, top, right, bottom = figures.photo_box(picture)
+    drawn = np.asarray(picture)[top:bottom, left:right].astype(int)
+    eye = np.asarray(photo).max(axis=2) > 0
+    outside = ~ndimage.binary_dilation(eye, iterations=2)
+    outline = np.zeros_like(eye)
+    outline[:, 220:227] = outline[:, 573:580] = outline[20:27, :] = outline[373:380, :] = True
+    assert (drawn[outside & ~outline] == 0).all(), 'colour outside the eye'
+    assert (np.abs(drawn - np.asarray(photo)).max(axis=2)[ndimage.binary_erosion(eye, iterations=30)]
+            > 20).all()
 
 
 @pytest.mark.parametrize('method, layer, grid', [('ram', None, 6), ('gradcam', None, 6),
@@ -161,7 +189,9 @@ def test_ram_py_and_predict_py_draw_the_same_map_of_a_photograph(photos, tmp_pat
                                                                   grid):
     """One renderer: the map predict.py draws over a raw photograph is the map ram.py draws
     over convert.py's image of it (saved by both with --save_maps), for each method and at an
-    earlier layer; and the ONNX export's `ram` output is that map too."""
+    earlier layer, drawn by `figures.render` on the one scale with the same legend; and the
+    ONNX export's `ram` output is that map too."""
+    from retina.heatmaps import figures
     work = tmp_path
     weights = save_untrained(work, RAM)
     from retina.conversion import convert_folder
@@ -180,8 +210,19 @@ def test_ram_py_and_predict_py_draw_the_same_map_of_a_photograph(photos, tmp_pat
         drawn_by_predict = np.load(work / 'predict_maps' / f'{name}_{tag}_{RAM}.npy')
         assert drawn_by_ram.shape == drawn_by_predict.shape == (grid, grid)
         np.testing.assert_allclose(drawn_by_predict, drawn_by_ram, rtol=1e-4, atol=1e-5)
-        assert (work / 'predict_maps' / f'{name}_{tag}_{RAM}.png').is_file()
         assert np.abs(drawn_by_ram).max() > 0
+        # One renderer: the same scale and legend on both pictures, the
+        # photograph at its own size (predict.py) or the window at 1024 px (ram.py).
+        with Image.open(work / 'ram_maps' / f'{name}_{tag}_{RAM}.png') as by_ram, \
+                Image.open(work / 'predict_maps' / f'{name}_{tag}_{RAM}.png') as by_predict, \
+                Image.open(photos / f'{name}.jpeg') as photo:
+            for key in ('retina.scale', 'retina.legend'):
+                assert by_ram.text[key] == by_predict.text[key], key
+            assert by_ram.text['retina.scale'] == '0..4'
+            left, top, right, bottom = figures.photo_box(by_ram)
+            assert right - left == bottom - top == figures.PICTURE_SIZE
+            left, top, right, bottom = figures.photo_box(by_predict)
+            assert (right - left, bottom - top) == photo.size
     if method == 'ram':  # the ONNX graph computes it with the same function
         from retina.export import ExportedNet
         from retina.predict import load_grader
@@ -193,6 +234,38 @@ def test_ram_py_and_predict_py_draw_the_same_map_of_a_photograph(photos, tmp_pat
         np.testing.assert_allclose(
             ram[0].numpy(), np.load(work / 'ram_maps' / f'{names[0]}_ram_{RAM}.npy'),
             rtol=1e-4, atol=1e-5)
+
+
+def test_predict_fuses_two_nets_as_ram_py_does(photos, tmp_path):
+    """predict.py --fuse (a 256-px net and the 53x53 fine net, each on its own conversion of the
+    raw photograph) gives ram.py --fuse --fuse_images's map of convert.py's images, on the fine
+    grid; both pictures on the one scale."""
+    from retina.conversion import convert_folder
+    big, fine = 'c_256_5x5_32_ram', 'c_128_5x5_32_ram_fine'
+    big_weights, fine_weights = save_untrained(tmp_path, big), save_untrained(tmp_path, fine, seed=1)
+    for size in (256, 128):
+        convert_folder(photos, tmp_path / f'converted_{size}', size, 'tiff', n_proc=1, progress=False)
+    run_script('ram.py', '--cnf', big, '--weights_from', big_weights, '--fuse', fine,
+               '--fuse_weights', fine_weights, '--fuse_images', tmp_path / 'converted_128',
+               '--images', tmp_path / 'converted_256', '--output_dir', tmp_path / 'ram_maps',
+               '--save_maps', '--no_progress', cwd=tmp_path)
+    run_script('predict.py', photos, '--weights_from', big_weights, '--heatmap',
+               tmp_path / 'predict_maps', '--fuse', fine, '--fuse_weights', fine_weights,
+               '--save_maps', '--output', tmp_path / 'grades.csv', '--no_progress', cwd=tmp_path)
+    names = sorted(p.stem for p in photos.glob('*.jpeg'))
+    for name in names:
+        stem = f'{name}_ram_{big}+{fine}'
+        by_ram = np.load(tmp_path / 'ram_maps' / f'{stem}.npy')
+        by_predict = np.load(tmp_path / 'predict_maps' / f'{stem}.npy')
+        assert by_ram.shape == by_predict.shape == (53, 53)
+        np.testing.assert_allclose(by_predict, by_ram, rtol=1e-4, atol=1e-5)
+        assert 0 <= by_ram.min() and by_ram.max() <= 2 and by_ram.max() > 1   # two [0, 1] maps
+        with Image.open(tmp_path / 'ram_maps' / f'{stem}.png') as a, \
+                Image.open(tmp_path / 'predict_maps' / f'{stem}.png') as b:
+            assert a.text['retina.legend'] == b.text['retina.legend']
+            assert 'sum of two nets' in b.text['retina.legend']
+    refused = run_script('predict.py', photos, '--fuse', fine, cwd=tmp_path, check=False)
+    assert refused.returncode != 0 and 'add --heatmap' in refused.stderr
 
 
 def test_predict_heatmap_of_a_baseline_net_needs_a_gradient_method(photos, tmp_path):
@@ -249,6 +322,7 @@ def test_blend_saved_by_blend_py_gives_predict_the_submission_levels(workdir, sy
     for name, (level, score) in submission.items():
         assert abs(rows[name]['blend'] - score) < 2e-4, name
         assert rows[name]['level'] == level, name
+
 
     from retina.predict import LoadedBlend, load_grader
     loaded = LoadedBlend(data / 'sub_blend.pt')

@@ -427,25 +427,49 @@ def test_fundus_mask_is_the_eye_disc_with_its_holes_filled():
     assert figures.fundus_mask(np.zeros((20, 20, 3), dtype=np.uint8)).all()
 
 
-def test_drawing_colours_the_fundus_only_on_one_scale():
+def test_render_colours_nothing_outside_the_eye():
+    """The map is strong everywhere, yet every pixel of the black surround (beyond 2 px of the
+    rim) keeps the photograph's colour; the eye, a dark lesion in it included, is coloured."""
     window = eye_window()
-    example = figures.Example(name='a', window=window, heat=np.full((112, 112), 1.0), prediction=1.0,
-                              map_mean=1.0)
-    norm = figures.colour_norm([figures.shown(example, False), np.full((2, 2), 4.0)], False)
-    assert (norm.vmin, norm.vmax) == (0.0, 4.0)
-    figure = figures.heat_map_figure(example, 'net', 'jet', 1.0, False, norm, 'RAM')
-    figure.canvas.draw()
-    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].astype(int)
-    axes = figure.axes[0]
+    photo, heat = figures.enlarged(window, np.full((6, 6), 4.0, dtype=np.float32), size=448)
+    picture = figures.render(photo, heat, ['a: level 4 (score 4.00)'], 'RAM')
+    left, top, right, bottom = figures.photo_box(picture)
+    drawn = np.asarray(picture)[top:bottom, left:right].astype(int)
+    assert drawn.shape == photo.shape
+    disc = ndimage.binary_fill_holes(np.asarray(Image.fromarray(photo).convert('L')) > 20)
+    outside = ~ndimage.binary_dilation(disc, iterations=3)
+    assert outside.sum() > 10000
+    assert (drawn[outside] == photo[outside]).all(), 'colour outside the eye'
+    inside = ndimage.binary_erosion(disc, iterations=3)
+    assert np.abs(drawn[inside] - photo[inside]).max(axis=1).min() > 20, 'the eye is not coloured'
+    assert np.abs(drawn[220, 220] - photo[220, 220]).max() > 30, 'the dark lesion is fundus'
 
-    def at(x, y):
-        column, row = axes.transData.transform((x, y))
-        return pixels[int(round(pixels.shape[0] - row)), int(round(column))]
 
-    assert at(1, 1).max() < 30, f'the black surround was coloured: {at(1, 1)}'
-    centre = at(30, 80)
-    assert np.abs(centre - window[80, 30]).max() > 60, 'the fundus should carry the map\'s colour'
-    np.testing.assert_allclose(figures.shown(example, False)[0, 0], np.nan)
+def test_render_shares_one_scale_in_score_units_across_photographs():
+    """A value has one colour on every picture: 1.0 looks the same beside a map that peaks at 1
+    and one that peaks at 4 (coloured on their own peaks it would be red in the first), and it
+    is jet(1/4) at a quarter of the full opacity; the scale is written on each PNG."""
+    photo = np.full((64, 64, 3), 120, dtype=np.uint8)
+    flat = np.full((64, 64), 1.0)
+    peaked = flat.copy()
+    peaked[:8, :8] = 4.0
+    pictures = [figures.render(photo, heat, ['x'], 'RAM') for heat in (flat, peaked)]
+    colours = []
+    for picture in pictures:
+        left, top, _, _ = figures.photo_box(picture)
+        colours.append(np.asarray(picture)[top + 40, left + 40].astype(int))
+        assert picture.info['retina.scale'] == '0..4'
+    np.testing.assert_array_equal(colours[0], colours[1])
+    from matplotlib import colormaps
+    opacity = figures.OPACITY * 0.25
+    expected = 120 * (1 - opacity) + np.asarray(colormaps['jet'](0.25)[:3]) * 255 * opacity
+    assert np.abs(colours[0] - expected).max() <= 1
+    assert methods.colour_levels(np.array([-1.0, 2.0, 9.0])).tolist() == [0.0, 0.5, 1.0]
+    # Maps without a unit of their own carry the score in the map's proportions.
+    shown = methods.in_score_units('gradcam', torch.tensor([[[0.0, 1.0], [1.0, 2.0]]]),
+                                   torch.tensor([2.0]))
+    assert float(shown.mean()) == pytest.approx(2.0) and float(shown[0, 1, 1]) == pytest.approx(4.0)
+    assert float(methods.in_score_units('layercam', torch.ones(1, 2, 2), torch.tensor([-1.0])).max()) == 0
 
 
 # --- masks ----------------------------------------------------------------------

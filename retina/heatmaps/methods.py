@@ -19,7 +19,8 @@ Each method is one small function, and METHODS is the list every script offers
 a context manager that always removes it.  Every map a user sees is made here:
 ram.py's figures, predict.py's overlays on the photograph and the ONNX `ram` output
 (`ram_of_activations`), upsampled by `upsample` and coloured by one rule
-(`colour_levels`: the positive part over the map's peak, or a shared peak).  `upsample` brings maps to the
+(`in_score_units`, then `colour_levels`: the positive part on one scale in score units,
+[0, SCALE_TOP], for every photograph).  `upsample` brings maps to the
 window smoothly (bicubic, clamped to each map's range so the overshoot of
 the cubic kernel invents no values), and `fuse` adds the maps of two nets
 as the RAM repository's notebook did.
@@ -193,6 +194,28 @@ def upsample(maps, size):
     return torch.maximum(torch.minimum(up, high), low)
 
 
+SCALE_TOP = 4.0    # the colour scale's top in score units: a map this high everywhere makes a level-4 score
+
+
+def in_score_units(method, maps, predictions, fused=False):
+    """(N, h', w') maps as they are coloured: in score units per pixel, so that one colour
+    means one amount of evidence on every photograph (the scale is [0, SCALE_TOP]).
+
+    A RAM is in those units already: its mean over the grid is the prediction less the
+    output bias.  Other maps (Grad-CAM, LayerCAM, a fused map) have no unit of their own;
+    each is shown as the photograph's score (`predictions`, the first net's for a fused map,
+    nothing when negative) spread over the eye in the map's proportions: its mean is the
+    score.  The maps the methods return (scored, saved with --save_maps) are not changed.
+    """
+    if method == 'ram' and not fused:
+        return maps.float()
+    maps = maps.float().clamp_min(0)
+    mean = maps.mean(dim=(1, 2))
+    factor = torch.where(mean > 0, predictions.float().clamp_min(0) / mean.clamp_min(1e-12),
+                         torch.zeros_like(mean))
+    return maps * factor[:, None, None]
+
+
 def colour_peak(maps, signed=False):
     """The top of the colour scale of `maps` (arrays, NaN outside the fundus): the largest
     value (magnitude when `signed`); the scale is [0, peak], or [-peak, peak] when signed."""
@@ -203,11 +226,11 @@ def colour_peak(maps, signed=False):
     return peak if peak > 1e-6 else 1e-6
 
 
-def colour_levels(heat, peak=None, signed=False):
-    """Where `heat` sits on the colour scale, 0..1 (-1..1 when `signed`): its positive part
-    (unless `signed`) over `peak` [default: `colour_peak` of this map].  ram.py's figures
-    and predict.py's overlays colour by this rule (ram.py shares one peak between its
-    figures unless --per_image_scale)."""
+def colour_levels(heat, peak=SCALE_TOP, signed=False):
+    """Where `heat` (score units, `in_score_units`) sits on the colour scale, 0..1 (-1..1
+    when `signed`): its positive part (unless `signed`) over `peak` [default: SCALE_TOP, the
+    same for every photograph of every run; None: `colour_peak` of this map].  ram.py's and
+    predict.py's pictures are coloured by this rule (`figures.render`)."""
     import numpy as np
     shown = np.asarray(heat, dtype=np.float64)
     shown = shown if signed else np.clip(shown, 0, None)
