@@ -68,6 +68,12 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
 @click.option('--save_maps', is_flag=True,
               help='With --heatmap: also save each map as it came from the net (last conv '
                    'resolution, float32) beside its picture, as {image}_{method}_{cnf}.npy.')
+@click.option('--report', type=click.Path(dir_okay=False),
+              help='Also write an HTML report of the photographs (e.g. report.html; retina/'
+                   'report.py): the model, its sha256 and card figures, a sortable table, each '
+                   'photograph beside its heat map with both eyes of a patient together, the '
+                   'ungradable ones set apart.  It opens offline; its pictures go in the folder '
+                   'REPORT_files beside it (the heat maps too, unless --heatmap is given).')
 @click.option('--output', default='-', show_default=True, type=click.Path(dir_okay=False,
                                                                            allow_dash=True),
               help='Where the results go (- is standard output).')
@@ -90,7 +96,7 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
 @click.option('--no_progress', is_flag=True, help='No progress bar (for logs).')
 @handle_errors()
 def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir, method, layer,
-         fuse_cnf, fuse_weights, save_maps, output, as_json, crop_size, batch_size, grade_anyway,
+         fuse_cnf, fuse_weights, save_maps, report, output, as_json, crop_size, batch_size, grade_anyway,
          device, no_progress):
     """Grade IMAGES (photographs, or folders of them: .jpeg, .jpg, .png, .tif, .tiff) on the
     0-4 scale.
@@ -111,6 +117,10 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
 
     if layer and not heatmap_dir:
         raise UserError('--layer chooses the layer of the --heatmap maps: add --heatmap DIR')
+    if report:
+        from retina.report import check_report_path, files_folder
+        check_report_path(report)
+        heatmap_dir = heatmap_dir or str(files_folder(report))
     if (fuse_cnf or fuse_weights) and not heatmap_dir:
         raise UserError('--fuse fuses a second net\'s map into the --heatmap maps: add --heatmap '
                         'DIR')
@@ -153,6 +163,11 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
         click.echo(f'wrote {output} ({len(result.rows)} photographs)', err=True)
     if result.heat_maps:
         click.echo(f'wrote {len(result.heat_maps)} heat maps to {heatmap_dir}', err=True)
+    if report:
+        from retina.report import write_report
+        write_report(report, result, photos, [g.weights for g in graders] +
+                     ([fuse.weights] if fuse else []), command=' '.join(['predict.py', *sys.argv[1:]]))
+        click.echo(f'wrote {report} (its pictures in {files_folder(report)})', err=True)
     note = ungradable_note(result, grade_anyway)
     if note:
         click.echo(note, err=True)
