@@ -106,13 +106,17 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     and scored by every net.  Output columns: image, score_CNF per net, mean,
     level (the mean cut at 0.5, 1.5, 2.5, 3.5, or a lone released net's own
     cut-offs for its centred window; the blend's level with --blend; empty for an
-    ungradable photograph), gradable (yes/no), reasons.
+    ungradable photograph, null in JSON), gradable (yes/no), reasons, model and
+    model_sha256 (the released names or weights files that graded, and their sha256).
+    Photographs converted with the net's look already (convert.py --enhance: their
+    folder's conversion.json says so, or their statistics do) are not given it twice.
+    Files of other image formats in a folder (.bmp, .webp, ...) are named on stderr.
     A photograph that cannot be read is named on stderr and the others are
     graded; the exit status is then 1.
     """
     from retina import atomic
-    from retina.predict import (LoadedBlend, collect_photos, format_csv, format_json, grade,
-                                load_grader, ungradable_note)
+    from retina.predict import (LoadedBlend, check_outputs, collect_photos, format_csv,
+                                format_json, grade, load_grader, ungradable_note)
     from retina.runtime import resolve_device
 
     if layer and not heatmap_dir:
@@ -131,7 +135,7 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
         raise UserError(f'{len(weights_from)} --weights_from for {len(cnf)} --cnf; give one '
                         f'--weights_from per --cnf, in the same order, or none')
     photos = collect_photos(images)  # a wrong path fails now, before the nets are loaded
-    check_outputs(images, photos, output, heatmap_dir, weights_from)
+    check_outputs(images, photos, output, heatmap_dir, weights_from, blend_file)
     if output != '-':
         atomic.check_writable(output)
     blend = LoadedBlend(blend_file) if blend_file else None
@@ -178,29 +182,10 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
         sys.exit(1)
 
 
-def check_outputs(inputs, photos, output, heatmap_dir, weights_from):
-    """Refuse outputs that would overwrite an input (a photograph, the weights) or a heat-map
-    folder that is one of the folders being graded (a second run would grade the maps)."""
-    from pathlib import Path
-    if output != '-':
-        target = Path(output).resolve()
-        for source in [*photos, *(Path(w) for w in weights_from)]:
-            if Path(source).resolve() == target:
-                raise UserError(f'--output {output}: that is one of the inputs ({source}); '
-                                f'write the results to a new file')
-    if heatmap_dir:
-        maps = Path(heatmap_dir).resolve()
-        graded = {Path(i).resolve() for i in inputs if Path(i).is_dir()}
-        graded |= {Path(p).resolve().parent for p in photos}
-        if maps in graded:
-            raise UserError(f'--heatmap {heatmap_dir}: a folder being graded; the maps would '
-                            f'be graded as photographs next time: pass another folder')
-
-
 def trained_config(weights):
     """The config name a checkpoint (a file or a released model's name) was trained as."""
     from retina import checkpoint
-    return checkpoint.load(weights)['config_name']
+    return checkpoint.trained_config(weights)
 
 
 def default_net():

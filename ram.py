@@ -17,7 +17,7 @@ import sys
 
 import click
 
-from retina import config as config_module, paths
+from retina import checkpoint, config as config_module, paths
 from retina.errors import UserError, handle_errors
 from retina.heatmaps import METHOD_HELP, METHOD_NAMES
 
@@ -35,9 +35,10 @@ def _check_cmap(_context, _parameter, value):
 
 
 @click.command(context_settings={'help_option_names': ['-h', '--help']})
-@click.option('--cnf', required=True, metavar='CONFIG',
+@click.option('--cnf', metavar='CONFIG',
               help='The net to explain, e.g. c_128_5x5_32_ram_fine or configs/c_512_5x5_32_ram.py; '
-                   '--method ram needs a RAM config (global-average-pool head).')
+                   '--method ram needs a RAM config (global-average-pool head). [default: the '
+                   'config --weights_from was trained as, e.g. of a released model]')
 @click.option('--weights_from', type=click.Path(dir_okay=False),
               help='Weights to explain: a file, or a released model\'s name (models/index.json, e.g. '
                    'eyepacs-128) [default: weights/CNF/weights.pt, the best validation kappa].')
@@ -138,12 +139,14 @@ def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights,
     from retina import atomic, ram
     from retina.runtime import resolve_device
     ram.methods.check_layer(method, layer)
-    config = config_module.load(cnf)
+    config = config_module.load(checkpoint.config_name(cnf, weights_from))
     device = resolve_device(device)
     loaded = ram.load_net(config, weights_from, device, method)
     if loaded.trained_as and loaded.trained_as != config.name:
         click.echo(f'note: {loaded.weights} was trained with {loaded.trained_as}, not {config.name}')
     ram.methods.check_layer(method, layer, loaded.net, config.name)
+    cuts = checkpoint.describe_cuts(checkpoint.level_cuts([loaded]))
+    click.echo(f'levels: the score cut at {cuts}, as predict.py cuts this net')
     fuse_with = None
     if fuse_cnf:
         fuse_config = config_module.load(fuse_cnf)

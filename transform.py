@@ -9,8 +9,10 @@ from retina.precision import PRECISIONS
 
 
 @click.command(context_settings={'help_option_names': ['-h', '--help']})
-@click.option('--cnf', required=True, metavar='CONFIG',
-              help='Config module of the trained net (path or name, e.g. c_512_5x5_32).')
+@click.option('--cnf', metavar='CONFIG',
+              help='Config module of the trained net (path or name, e.g. c_512_5x5_32). '
+                   '[default: the config --weights_from was trained as, e.g. of a released '
+                   'model]')
 @click.option('--n_iter', default=1, show_default=True, type=click.IntRange(1, MAX_TTA_ITERATIONS),
               help='Test-time augmentation iterations (1: no augmentation; the original used '
                    '50, at most 10000). Running mean and std are saved every 5 iterations.')
@@ -58,11 +60,11 @@ def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, devi
     average-pool layer (RAM nets).  With neither --train nor --test: the split
     whose folder is given (--test_dir or --train_dir alone), else both.
     """
-    from retina.checkpoint import load_net
+    from retina.checkpoint import config_name, load_net
     from retina.features import extract_features
     from retina.runtime import resolve_device
 
-    config = config_module.load(cnf)
+    config = config_module.load(config_name(cnf, weights_from))
     weights = (released.weights_path(weights_from) if weights_from
                else paths.best_kappa_weights(config.name))
     device = resolve_device(device)

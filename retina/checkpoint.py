@@ -118,10 +118,15 @@ def read_torch_file(path, kind, fix):
     try:
         return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception as error:  # torch.load fails in many ways on a file of another kind
-        first = (str(error).strip().splitlines() or [type(error).__name__])[0][:120]
+        from retina.errors import shorten
+        first = shorten((str(error).strip().splitlines() or [type(error).__name__])[0], 120)
         if isinstance(error, pickle.UnpicklingError) and 'Weights only load failed' in str(error):
+            # torch's own first lines are advice about weights_only; the line that names the
+            # refused global is what the user needs
+            named = [line.strip() for line in str(error).splitlines() if 'GLOBAL' in line]
+            what = shorten(named[0].rstrip('.'), 160) if named else 'weights-only load failed'
             raise UserError(f'{path}: refused to load: the file holds pickled Python objects, '
-                            f'not plain tensors ({first}); only load files you trust; '
+                            f'not plain tensors ({what}); only load files you trust; '
                             f'{fix}') from None
         raise UserError(f'{path}: not a readable {kind} ({type(error).__name__}: {first}); it '
                         f'may be truncated or another kind of file: {fix}') from None
@@ -181,6 +186,43 @@ def _check_contents(state, path):
 
 def config_of(state):
     return config_module.from_resolved(state['config'])
+
+
+def trained_config(weights):
+    """The config name a checkpoint (a file or a released model's name) was trained as."""
+    return load(weights)['config_name']
+
+
+def config_name(cnf, weights_from):
+    """The config a script loads its net as: --cnf when given, else the one its --weights_from
+    (a checkpoint file or a released model's name) was trained as, so that a released name
+    needs no --cnf anywhere (predict.py, ram.py, transform.py, the export)."""
+    if cnf:
+        return cnf
+    if weights_from:
+        return trained_config(weights_from)
+    raise UserError('no net named: pass --weights_from WEIGHTS (a checkpoint, or a released '
+                    'model such as eyepacs-256: it names its config) or --cnf CONFIG')
+
+
+def level_cuts(nets, n_iter=1):
+    """The cut-offs that turn the mean score of `nets` (LoadedNets) into a level, the same in
+    every script: a lone net's own (fitted on its validation photographs when it was released:
+    `retina.release`) for its centred window, else 0.5, 1.5, 2.5, 3.5 (several nets averaged,
+    or test-time augmentation, whose scores sit higher than the centred window's)."""
+    from retina import data
+    nets = list(nets)
+    own = nets[0].state.get('thresholds') if len(nets) == 1 else None
+    if own and n_iter == 1:
+        return tuple(float(c) for c in own)
+    return data.FIXED_CUTS
+
+
+def describe_cuts(cuts):
+    """'0.500 1.500 2.500 3.500 (fixed)' or '... (the net\'s own)': what a script prints."""
+    from retina import data
+    own = tuple(cuts) != tuple(data.FIXED_CUTS)
+    return ' '.join(f'{c:.3f}' for c in cuts) + (" (the net's own)" if own else ' (fixed)')
 
 
 def unwrap(model):

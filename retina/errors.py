@@ -25,6 +25,16 @@ def first_few(items, shown=3, separator=', '):
     return separator.join(items[:shown]) + more
 
 
+def shorten(text, width):
+    """`text` cut to at most `width` characters at a word's end, with '…' where it was cut: a
+    message quoting a library's error never stops mid-word."""
+    text = ' '.join(str(text).split())
+    if len(text) <= width:
+        return text
+    cut = text[:width - 1]
+    return (cut.rsplit(' ', 1)[0] if ' ' in cut else cut) + '…'
+
+
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 128 + signal.SIGTERM
@@ -117,7 +127,7 @@ def handle_errors(resume_hint=None):
             except Exception as error:  # a bug, not the user's input: still no traceback
                 if debug:
                     raise
-                first = (str(error).strip().splitlines() or [''])[0][:200]
+                first = shorten((str(error).strip().splitlines() or [''])[0], 200)
                 if isinstance(error, MemoryError) or 'out of memory' in first.lower():
                     click.echo(f'error: out of memory ({type(error).__name__}: {first}); use a '
                                f'smaller batch (--batch_size, or the config\'s '

@@ -13,7 +13,9 @@ no knowledge of the training constants:
   if it was trained on that);
 - inside the graph: the centred h × w window, standardisation with the
   training channel means and standard deviations, the net;
-- output `score`: float32, N, the continuous level (cut at 0.5 … 3.5);
+- output `score`: float32, N, the continuous level, cut into levels 0-4 at the
+  metadata's `retina.level_cuts` (the net's own cut-offs when it carries them, as
+  predict.py and ram.py cut it; else 0.5 … 3.5);
 - output `ram` (RAM nets only): float32, N × h' × w', the regression
   activation map Σ_k w_k A_k of the last conv layer (no output bias) over the
   window, as predict.py --heatmap draws it.
@@ -97,14 +99,18 @@ def export(grader, output):
 
 
 def metadata(grader, wrapped):
-    """What software running the file must know to prepare its input: the look of the
-    training images (convert.py --enhance), the converted size and window, the constants."""
+    """What software running the file must know to prepare its input and read its output:
+    the look of the training images (convert.py --enhance), the converted size and window,
+    the constants, and the cut-offs of the levels (`checkpoint.level_cuts`: one per net)."""
+    from retina import checkpoint
     return {'retina.config': grader.config.name,
             'retina.preprocessing': grader.preprocessing,
             'retina.crop_size': str(grader.crop_size),
             'retina.window': f'{wrapped.height}x{wrapped.width}',
             'retina.mean': ','.join(f'{v:.6g}' for v in wrapped.mean.flatten().tolist()),
             'retina.std': ','.join(f'{v:.6g}' for v in wrapped.std.flatten().tolist()),
+            'retina.level_cuts': ','.join(f'{c:.6g}' for c in checkpoint.level_cuts(
+                [grader.loaded])),
             'retina.input': ('uint8 N x crop_size x crop_size x 3 RGB: the photograph cropped '
                              'to the eye and resized by convert.py, with --enhance applied')}
 
@@ -171,8 +177,9 @@ def check(wrapped, path, images):
 
 
 @click.command(context_settings={'help_option_names': ['-h', '--help']})
-@click.option('--cnf', required=True, metavar='CONFIG',
-              help='Config of the trained net (name like c_512_5x5_32_ram or a path).')
+@click.option('--cnf', metavar='CONFIG',
+              help='Config of the trained net (name like c_512_5x5_32_ram or a path). [default: '
+                   'the config --weights_from was trained as, e.g. of a released model]')
 @click.option('--weights_from', type=click.Path(dir_okay=False),
               help='Weights to export: a file, or a released model\'s name (models/index.json). '
                    '[default: weights/CNF/weights.pt, the best validation kappa]')
@@ -193,8 +200,11 @@ def main(cnf, weights_from, output, crop_size, check_sources, no_check):
     standardisation and centred window inside, outputs score (N) and, for RAM nets,
     ram (N×h'×w').  Then check it against torch with onnxruntime and print the
     largest absolute difference (exit 1 above 1e-4)."""
+    from retina import released
+    from retina.checkpoint import config_name
     from retina.predict import load_grader
-    grader = load_grader(cnf, weights_from, 'cpu', crop_size)
+    released.check_not_released(output, '--output')
+    grader = load_grader(config_name(cnf, weights_from), weights_from, 'cpu', crop_size)
     if check_sources and not no_check:  # before the file is written: a bad folder writes none
         images, names = check_images(grader, check_sources)
     wrapped = export(grader, output)

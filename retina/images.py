@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from retina.errors import UserError
+from retina.errors import UserError, first_few
 from retina.paths import IMAGE_EXTENSIONS
 
 # A truncated JPEG must be an error, never a silently grey-padded image.
@@ -36,18 +36,26 @@ def image_name(path):
     return Path(path).stem
 
 
-def list_images(folder):
-    """Sorted image paths in `folder`; a missing or empty folder is a UserError."""
+def list_images(folder, keep_odd_names=False):
+    """Sorted image paths in `folder`; a missing or empty folder is a UserError.
+
+    A name with a line break is a UserError (the names files hold one name per line), unless
+    `keep_odd_names`: predict.py keeps it, to name that one photograph as failed
+    (`has_line_break`) and grade the rest."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f'{folder}: no such folder; check the path (images go in e.g. data/train/)')
     paths = sorted(p for p in folder.iterdir()
                    if p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith('.'))
     if not paths:
-        raise UserError(f'{folder}: no images found (looked for {", ".join(IMAGE_EXTENSIONS)})')
+        others = unlisted_images(folder)
+        found = (f'; found {first_few([p.name for p in others])}, of formats the pipeline does '
+                 f'not read: save them as PNG or JPEG' if others else '')
+        raise UserError(f'{folder}: no images found (looked for {", ".join(IMAGE_EXTENSIONS)})'
+                        + found)
     seen = {}
     for path in paths:  # labels, features and submissions go by name: one file per name
-        if '\n' in path.stem or '\r' in path.stem:
+        if has_line_break(path) and not keep_odd_names:
             raise UserError(f'{str(path)!r}: the name holds a line break, which the names '
                             f'files cannot hold (one name per line); rename the file')
         if path.stem in seen:
@@ -55,6 +63,36 @@ def list_images(folder):
                             f'{path.stem}; keep one of them')
         seen[path.stem] = path.name
     return paths
+
+
+def has_line_break(path):
+    return '\n' in Path(path).name or '\r' in Path(path).name
+
+
+# Endings of image formats the pipeline does not take (IMAGE_EXTENSIONS): a folder's files
+# with these are named, never passed over in silence.  PIL's own list, and cameras' formats
+# PIL cannot open.
+OTHER_IMAGE_ENDINGS = ('.heic', '.heif', '.avif', '.dng', '.cr2', '.nef', '.arw', '.raw')
+
+
+def unlisted_images(folder):
+    """Sorted files of `folder` that look like images (by their ending) but are not of
+    IMAGE_EXTENSIONS, so that list_images leaves them out: .bmp, .webp, .gif, .heic, ..."""
+    Image.init()
+    endings = (set(Image.registered_extensions()) | set(OTHER_IMAGE_ENDINGS)) - \
+        set(IMAGE_EXTENSIONS)
+    return sorted(p for p in Path(folder).iterdir()
+                  if p.suffix.lower() in endings and not p.name.startswith('.'))
+
+
+def megapixels(count):
+    """`count` pixels in MP, with the decimals that keep it apart from the limit: a 10001²
+    photograph is 100.02 MP, not 100 MP 'over the limit of 100 MP'."""
+    for decimals in range(7):
+        shown = f'{count / 1e6:.{decimals}f}'
+        if count == MAX_PIXELS or float(shown) * 1e6 != MAX_PIXELS:
+            return shown
+    return f'{count / 1e6:.6f}'
 
 
 def to_rgb(image):
@@ -80,10 +118,10 @@ def too_large(path, error_or_image):
     """The BadImage for a file over MAX_PIXELS (from PIL's error, or from the opened image)."""
     if isinstance(error_or_image, Image.Image):
         width, height = error_or_image.size
-        found = f'{width}×{height} = {width * height / 1e6:.0f} MP'
+        found = f'{width}×{height} = {megapixels(width * height)} MP'
     else:  # "Image size (400000000 pixels) exceeds limit of ..."
         count = re.search(r'\((\d+) pixels\)', str(error_or_image))
-        found = f'{int(count[1]) / 1e6:.0f} MP' if count else str(error_or_image).split(',')[0]
+        found = f'{megapixels(int(count[1]))} MP' if count else str(error_or_image).split(',')[0]
     return BadImage(f'{path}: too many pixels to decode safely ({found}; the limit is '
                     f'{MAX_PIXELS // 1_000_000} MP, far above any fundus photograph); it is a '
                     f'decompression bomb or not a photograph: remove it')

@@ -19,6 +19,17 @@ RAM_DIR = DATA_DIR / 'ram'
 IMAGE_EXTENSIONS = ('.jpeg', '.jpg', '.png', '.tif', '.tiff')
 
 
+def resolved(path):
+    """`path` made absolute with its links followed, as far as they lead: a link loop or an
+    unreadable folder on the way leaves the rest as written (Path.resolve raises there), so a
+    check that compares paths never fails on a bad entry it is not about."""
+    import os
+    try:
+        return Path(path).resolve()
+    except (RuntimeError, OSError):
+        return Path(os.path.abspath(path))
+
+
 def timestamp():
     return datetime.datetime.now().strftime('%Y%m%d-%H%M%S')
 

@@ -30,6 +30,7 @@ the map covers the net's window, which is mapped through the eye's box to
 photograph pixels.
 """
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -48,9 +49,10 @@ from retina.cache import converted_size
 from retina import config as config_module
 from retina.augment import (broadcast_params, centre_crop, centre_offsets, prepare_batch,
                             tta_params)
-from retina.errors import UserError
+from retina.errors import UserError, first_few
 from retina.feature_files import mean_and_std
-from retina.images import BadImage, csv_safe, image_name, list_images
+from retina.images import (BadImage, csv_safe, has_line_break, image_name, list_images,
+                           unlisted_images)
 from retina.nets import ram_exact
 from retina.paths import IMAGE_EXTENSIONS
 
@@ -143,6 +145,7 @@ class Photo:
     boxes: dict                       # crop_size -> the eye's box in that decode
     images: dict                      # crop_size -> the decode (kept only for heat maps)
     problems: list = dataclasses.field(default_factory=list)  # gradability.reasons of the image
+    already: str = ''   # the look it arrived with and how that was told, when it had one
 
 
 def prepare_photo(path, needs, keep_images=False):
@@ -151,10 +154,14 @@ def prepare_photo(path, needs, keep_images=False):
     Each crop size decodes the file on its own (convert.py's JPEG draft scale
     depends on it), so every converted image is the one convert.py writes.
     """
+    if has_line_break(path):  # kept by collect_photos to be named here, on one line
+        raise BadImage(f'{str(path)!r}: the name holds a line break, which no names file or '
+                       f'CSV row of names can carry; rename the file')
     if not Path(path).is_file():  # from a folder's listing: never open a pipe, a folder, ...
         raise BadImage(f'{path}: not a photograph file (a folder, a pipe, or a link to nothing '
                        f'or to itself); skipped')
     converted, boxes, images, problems = {}, {}, {}, None
+    already, told, look_problems = None, '', []
     for crop_size in sorted({s for s, _ in needs}):
         image = crop.load_for_crop(path, crop_size)  # EXIF orientation applied (images.py)
         box = crop.find_eye_box_fast(image)
@@ -165,10 +172,40 @@ def prepare_photo(path, needs, keep_images=False):
                                            min(box[2] - box[0], box[3] - box[1]), crop_size)
         if keep_images:
             images[crop_size] = image
+        if already is None:
+            already, told = look_of(path, rgb)
         for method in sorted({m for s, m in needs if s == crop_size}):
-            converted[(crop_size, method)] = preprocess.apply(rgb, method)
+            if already == 'none':
+                converted[(crop_size, method)] = preprocess.apply(rgb, method)
+            else:  # converted with a look already: never given it twice
+                converted[(crop_size, method)] = rgb
+                if method != already:
+                    look_problems.append(f'already enhanced ({already}, by {told}) unlike the '
+                                         f"net's training photographs ({method}): grade the "
+                                         f'raw photograph')
     return Photo(path=Path(path), name=image_name(path), converted=converted, boxes=boxes,
-                 images=images, problems=problems or [])
+                 images=images, problems=(problems or []) + sorted(set(look_problems)),
+                 already=f'{already}, by {told}' if already != 'none' else '')
+
+
+def look_of(path, rgb):
+    """(the preprocessing `rgb`, a photograph cropped to the eye, already has, how that was
+    told): its folder's conversion.json when it has one (convert.py wrote the folder), else
+    its statistics (`preprocess.looks_enhanced`), else ('none', '')."""
+    try:
+        record = _conversion_record(str(Path(path).parent))
+    except UserError as error:
+        raise BadImage(str(error)) from None
+    if record is not None:
+        return record['preprocessing'], preprocess.RECORD_NAME
+    if preprocess.looks_enhanced(rgb):
+        return 'local_contrast', 'its statistics'
+    return 'none', ''
+
+
+@functools.lru_cache(maxsize=64)
+def _conversion_record(folder):
+    return preprocess.read_record(folder)
 
 
 # --- scoring ---------------------------------------------------------------------------
@@ -307,16 +344,26 @@ class Result:
     failed: list
     columns: list
     heat_maps: list = dataclasses.field(default_factory=list)
+    model: str = ''         # what graded: released names or weights files (`model_identity`)
+    model_sha256: str = ''  # their sha256s, in the same order
+    notes: list = dataclasses.field(default_factory=list)  # what was done beside grading
 
 
-def collect_photos(inputs):
-    """Image paths from files and folders, in the given order (a folder sorted); one per name."""
+def collect_photos(inputs, unread=None):
+    """Image paths from files and folders, in the given order (a folder sorted); one per name.
+
+    A folder's files of other image formats (.bmp, .webp, ...: `images.unlisted_images`) are
+    added to `unread` when it is a list, for the caller to name.  An entry that cannot be a
+    photograph (a name with a line break, a pipe, a dangling or looping link; given by name or
+    in a folder) is kept, so that grading names that one as failed and goes on."""
     found = []
     for entry in inputs:
         entry = Path(entry)
         if entry.is_dir():
-            found.extend(list_images(entry))
-        elif entry.is_file():
+            found.extend(list_images(entry, keep_odd_names=True))
+            if unread is not None:
+                unread.extend(unlisted_images(entry))
+        elif entry.is_file() or os.path.lexists(entry):
             found.append(entry)
         else:
             raise UserError(f'{entry}: no such file or folder; pass photographs or folders of '
@@ -330,6 +377,29 @@ def collect_photos(inputs):
                             f'{image_name(path)}; grade them in separate runs')
         seen[image_name(path)] = path
     return list(dict.fromkeys(found))
+
+
+def check_outputs(inputs, photos, output, heatmap_dir, weights=(), blend_file=None):
+    """Refuse outputs that would overwrite an input (a photograph, the weights, the blend), a
+    released model or anything in its folder (named by file or by short name, or graded by
+    default), or a heat-map folder that is one of the folders being graded (a second run would
+    grade the maps).  Paths are compared with `paths.resolved`: a link loop among the
+    photographs is named when it is graded, not an error here."""
+    if output != '-':
+        released.check_not_released(output, '--output')
+        target = paths.resolved(output)
+        for source in [*photos, *weights, *([blend_file] if blend_file else [])]:
+            if paths.resolved(source) == target:
+                raise UserError(f'--output {output}: that is one of the inputs ({source}); '
+                                f'write the results to a new file')
+    if heatmap_dir:
+        released.check_not_released(heatmap_dir, '--heatmap')
+        maps = paths.resolved(heatmap_dir)
+        graded = {paths.resolved(i) for i in inputs if Path(i).is_dir()}
+        graded |= {paths.resolved(p).parent for p in photos}
+        if maps in graded:
+            raise UserError(f'--heatmap {heatmap_dir}: a folder being graded; the maps would '
+                            f'be graded as photographs next time: pass another folder')
 
 
 def _load_all(paths_, needs, keep_images, failed, bar, workers):
@@ -370,7 +440,13 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
     no level, unless `grade_anyway`.
     """
     from retina.heatmaps import figures, methods
-    photo_paths = collect_photos(inputs)
+    unread = []
+    photo_paths = collect_photos(inputs, unread)
+    if unread:  # named, never passed over in silence; by name, such a file is decoded by PIL
+        tqdm.write(f'note: {len(unread)} file(s) not graded: of image formats predict.py does '
+                   f'not take from folders (it takes {", ".join(IMAGE_EXTENSIONS)}): '
+                   f'{first_few(unread)}; save them as PNG or JPEG, or name each file',
+                   file=sys.stderr)
     name_columns(graders)
     cuts = level_cuts(graders, n_iter)
     ram_graders = [g for g in graders if g.is_ram or heatmap_method != 'ram'] \
@@ -388,7 +464,7 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
     needs = {(g.crop_size, g.preprocessing) for g in graders + ([fuse] if fuse else [])}
     feature_sets = blend.feature_sets(graders) if blend else {}
     workers = workers or min(BATCH_SIZE, os.cpu_count() or 1)
-    rows, failed, heat_maps = [], [], []
+    rows, failed, heat_maps, already = [], [], [], []
     per_photo_features = []
     bar = tqdm(total=len(photo_paths), desc='grade', unit='photo', file=sys.stderr,
                disable=not progress or len(photo_paths) < 2, dynamic_ncols=True)
@@ -407,6 +483,8 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                 if fuse is not None else None
             for i, photo in enumerate(photos):
                 row = {'image': photo.name}
+                if photo.already:
+                    already.append(f'{photo.name} ({photo.already})')
                 for g in graders:
                     row[g.column] = float(outputs[id(g)].scores[i])
                 row['mean'] = float(np.mean([row[g.column] for g in graders]))
@@ -464,18 +542,38 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
     if not grade_anyway:
         for row in rows:
             if row['gradable'] == 'no':
-                row['level'] = ''
+                row['level'] = None  # JSON null; an empty CSV cell
+    notes = []
+    if already:
+        notes.append(f'note: {len(already)} photograph(s) arrived converted with a look '
+                     f'already and were not given it again: {first_few(already)}')
+        tqdm.write(notes[-1], file=sys.stderr)
+    model, model_sha256 = model_identity(graders, blend)
     return Result(rows=rows, failed=failed, columns=[*columns, 'gradable', 'reasons'],
-                  heat_maps=heat_maps)
+                  heat_maps=heat_maps, model=model, model_sha256=model_sha256,
+                  notes=notes + ([f'note: {len(unread)} file(s) of other image formats not '
+                                  f'graded: {first_few(unread)}'] if unread else []))
+
+
+def model_identity(graders, blend=None):
+    """('eyepacs-256', its sha256): what graded, for the outputs: each net's released name (by
+    checksum) or weights file, then the blend's file, joined with '+', and their sha256s."""
+    names, digests = [], []
+    for grader in graders:
+        name, digest = released.identify(grader.weights)
+        names.append(name or str(grader.weights))
+        digests.append(digest)
+    if blend is not None:
+        names.append(str(blend.path))
+        digests.append(released.sha256_of(blend.path))
+    return '+'.join(names), '+'.join(digests)
 
 
 def level_cuts(graders, n_iter):
     """The cut-offs of the level column: a lone net's own (fitted on its validation photographs
     when it was released: `retina.release`) for its centred window, else 0.5, 1.5, 2.5, 3.5
     (several nets averaged, or TTA, whose scores sit higher than the centred window's)."""
-    if len(graders) == 1 and n_iter == 1 and graders[0].thresholds:
-        return graders[0].thresholds
-    return data.FIXED_CUTS
+    return checkpoint.level_cuts([g.loaded for g in graders], n_iter)
 
 
 def ungradable_note(result, grade_anyway=False):
@@ -494,17 +592,25 @@ def format_csv(result):
     import io
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator='\n')
-    writer.writerow(result.columns)
+    # The model on every row (two last columns), so a row copied elsewhere still says what
+    # graded it, and any CSV reader parses the file (a comment line would not be)
+    writer.writerow([*result.columns, 'model', 'model_sha256'])
     for row in result.rows:
         writer.writerow([f'{row[c]:.4f}' if isinstance(row[c], float) else csv_safe(row[c])
-                         for c in result.columns])
+                         for c in result.columns] + [csv_safe(result.model), result.model_sha256])
     return buffer.getvalue()
 
 
 def format_json(result, graders):
-    nets = [dict(column=g.column, config=g.config.name, weights=str(g.weights),
-                 preprocessing=g.preprocessing, crop_size=g.crop_size) for g in graders]
-    return json.dumps(dict(nets=nets, images=result.rows, failed=result.failed), indent=2) + '\n'
+    nets = []
+    for g in graders:
+        name, digest = released.identify(g.weights)
+        nets.append(dict(column=g.column, config=g.config.name, weights=str(g.weights),
+                         model=name or str(g.weights), sha256=digest,
+                         preprocessing=g.preprocessing, crop_size=g.crop_size))
+    return json.dumps(dict(model=result.model, model_sha256=result.model_sha256, nets=nets,
+                           images=result.rows, failed=result.failed, notes=result.notes),
+                      indent=2) + '\n'
 
 
 # --- a blend fitted by blend.py --------------------------------------------------------------

@@ -73,6 +73,28 @@ def local_contrast(rgb):
     return out.astype(np.uint8)
 
 
+# An image already in the local-contrast look: every channel's mean over the eye within
+# LOOK_MEAN_TOLERANCE of 128 and its spread within LOOK_SPREAD of SPREAD.  Enhanced real
+# photographs (three cameras, 128 and 256 px, re-saved as JPEG and re-cropped) sit within 1.5
+# grey levels of 128 and at 15-25; raw ones have channels tens of levels apart (the blue is
+# dark) and publisher-enhanced ones (eyepacs256) a spread near 70.
+LOOK_MEAN_TOLERANCE = 4.0
+LOOK_SPREAD = (12.0, 30.0)
+
+
+def looks_enhanced(rgb):
+    """Whether `rgb` (H × W × 3 uint8, cropped to the eye) already has the local-contrast look,
+    by its statistics: for photographs converted with --enhance local_contrast that arrive
+    without their conversion.json, so that the look is not given twice."""
+    mask = fundus_mask(np.asarray(rgb))
+    if mask.sum() < 16:
+        return False
+    pixels = np.asarray(rgb)[mask].astype(np.float64)
+    means, spreads = pixels.mean(axis=0), pixels.std(axis=0)
+    return bool(np.all(np.abs(means - 128.0) <= LOOK_MEAN_TOLERANCE)
+                and np.all((spreads >= LOOK_SPREAD[0]) & (spreads <= LOOK_SPREAD[1])))
+
+
 def apply(rgb, preprocessing):
     """`rgb` (H × W × 3 uint8) preprocessed with `preprocessing` (one of PREPROCESSING)."""
     if preprocessing == 'none':

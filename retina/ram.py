@@ -195,6 +195,7 @@ def check_preprocessing(image_paths, nets):
 def check_output_dir(output_dir, image_paths, *input_folders):
     """The heat maps must not land among the inputs: a folder of converted images (or of
     masks or photographs) that receives non-square PNGs is spoiled for the next run."""
+    released.check_not_released(output_dir, '--output_dir')
     out = Path(output_dir).resolve()
     folders = {Path(p).parent.resolve() for p in image_paths}
     folders |= {Path(f).resolve() for f in input_folders if f}
@@ -217,12 +218,14 @@ class Item:
     scored: bool = False
     coverage: dict = dataclasses.field(default_factory=dict)   # kind -> float16 (h, w) in the window
     inside: np.ndarray = None
+    cuts: tuple = data.FIXED_CUTS  # the net's level cut-offs (checkpoint.level_cuts)
     shown: torch.Tensor = None    # (h', w') the map as coloured: score units (methods.in_score_units)
 
     @property
     def level(self):
         """The true label when known, else the predicted level."""
-        return self.label if self.label is not None else int(data.to_levels([self.prediction])[0])
+        return self.label if self.label is not None else int(data.to_levels([self.prediction],
+                                                                           self.cuts)[0])
 
 
 @dataclasses.dataclass
@@ -347,10 +350,11 @@ def _forward(nets, batch, method, layer, include_bias, known, sources, scores, a
     fused = methods.fuse(*maps) if len(maps) == 2 else maps[0]
     shown = methods.in_score_units(method, fused, predictions, fused=len(maps) == 2).cpu()
     items = []
+    cuts = checkpoint.level_cuts(nets[:1])  # the first net's score is the prediction
     for i, (path, window, size) in enumerate(batch):
         name = image_name(path)
         label = known.get(name) if known is not None else None
-        item = Item(path=path, name=name, size=size, map=fused[i].float().cpu(),
+        item = Item(path=path, name=name, size=size, cuts=cuts, map=fused[i].float().cpu(),
                     prediction=float(predictions[i]), label=label, shown=shown[i])
         items.append(item)
         if sources is None:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, SHARED_DATA, run_script
+from conftest import REPO, SHARED_DATA, one_line_error, run_script
 from retina import checkpoint, config as config_module
 from retina.errors import UserError
 
@@ -323,6 +323,29 @@ def test_blend_saved_by_blend_py_gives_predict_the_submission_levels(workdir, sy
         assert abs(rows[name]['blend'] - score) < 2e-4, name
         assert rows[name]['level'] == level, name
 
+    # An ungradable eye (a black frame) never feeds its partner's blend: the partner is graded
+    # as if alone, with a note (issue 29, row 3)
+    import shutil
+    from PIL import Image
+    pair = sorted(n for n in submission if n.endswith('_left') and n[:-5] + '_right' in submission)[0]
+    partner = pair[:-5] + '_right'
+    source = next((synthetic_source / 'test').glob(f'{partner}.*'))
+    for folder, with_black in (('with_black', True), ('alone', False)):
+        (workdir / folder).mkdir()
+        shutil.copy(source, workdir / folder / source.name)
+        if with_black:
+            Image.new('RGB', (300, 200)).save(workdir / folder / f'{pair}.png')
+    graded = {}
+    for folder in ('with_black', 'alone'):
+        result = run_script('predict.py', folder, '--blend', 'data/sub_blend.pt', '--per_patient',
+                            '--json', '--no_progress', cwd=workdir)
+        graded[folder] = {r['image']: r for r in json.loads(result.stdout)['images']}
+        if folder == 'with_black':
+            assert graded[folder][pair]['gradable'] == 'no'
+            assert f'graded alone, their partner being ungradable' in result.stderr
+            assert f'{partner} (partner {pair})' in result.stderr
+    assert abs(graded['with_black'][partner]['blend'] - graded['alone'][partner]['blend']) < 1e-6
+    assert graded['with_black'][partner]['level'] == graded['alone'][partner]['level']
 
     from retina.predict import LoadedBlend, load_grader
     loaded = LoadedBlend(data / 'sub_blend.pt')
@@ -533,3 +556,128 @@ def test_onnx_records_the_look_it_needs_and_checks_its_images_before_writing(tmp
     assert meta['retina.window'] == '112x112' and meta['retina.config'] == RAM
     assert [float(v) for v in meta['retina.mean'].split(',')] == pytest.approx(
         [108.64628601, 75.86886597, 54.34005737], rel=1e-5)
+
+
+def test_a_link_loop_is_named_and_the_rest_graded_with_output_and_heatmap(tmp_path, photos):
+    weights = save_untrained(tmp_path, RAM)
+    (photos / 'a_left.jpeg').symlink_to(photos / 'b_left.jpeg')
+    (photos / 'b_left.jpeg').symlink_to(photos / 'a_left.jpeg')
+    result = run_script('predict.py', photos, '--cnf', RAM, '--weights_from', weights,
+                        '--output', tmp_path / 'grades.csv', '--heatmap', tmp_path / 'maps',
+                        '--no_progress', cwd=tmp_path, check=False, timeout=120)
+    assert result.returncode == 1 and 'unexpected' not in result.stderr, result.stderr
+    for name in ('a_left.jpeg', 'b_left.jpeg'):
+        assert f'{name}: not a photograph file' in result.stderr, result.stderr
+    assert '2 of 6 photographs could not be graded' in result.stderr
+    assert len((tmp_path / 'grades.csv').read_text().splitlines()) == 5
+    assert len(list((tmp_path / 'maps').glob('*.png'))) == 4
+
+
+def test_a_bad_name_in_a_folder_or_an_unreadable_file_by_name_fails_alone(tmp_path, photos):
+    weights = save_untrained(tmp_path, RAM)
+    shutil.copy(sorted(photos.glob('*.jpeg'))[0], photos / 'two\nlines_left.jpeg')
+    (tmp_path / 'gone_left.jpeg').symlink_to(tmp_path / 'nowhere.jpeg')
+    os.mkfifo(tmp_path / 'pipe_left.jpeg')
+    result = run_script('predict.py', photos, tmp_path / 'gone_left.jpeg',
+                        tmp_path / 'pipe_left.jpeg', tmp_path / 'upright.png', '--cnf', RAM,
+                        '--weights_from', weights, '--no_progress', cwd=tmp_path, check=False,
+                        timeout=120)
+    assert result.returncode == 1 and 'Traceback' not in result.stderr, result.stderr
+    graded = [line.split(',')[0] for line in result.stdout.strip().splitlines()[1:]]
+    assert len(graded) == 5 and 'upright' in graded, result.stdout
+    assert "'" + str(photos / 'two\\nlines_left.jpeg') + "': the name holds a line break" \
+        in result.stderr, result.stderr
+    for name in ('gone_left.jpeg', 'pipe_left.jpeg'):
+        assert f'{name}: not a photograph file' in result.stderr
+    assert '3 of 8 photographs could not be graded' in result.stderr
+    # A typing error is still refused before any net is loaded.
+    missing = run_script('predict.py', tmp_path / 'typo.jpeg', '--cnf', RAM, '--weights_from',
+                         weights, cwd=tmp_path, check=False)
+    assert missing.returncode == 2 and 'no such file or folder' in missing.stderr
+
+
+def test_other_image_formats_in_a_folder_are_named_not_passed_over(tmp_path, photos):
+    weights = save_untrained(tmp_path, RAM)
+    source = Image.open(sorted(photos.glob('*.jpeg'))[0])
+    for ending in ('bmp', 'webp', 'gif'):
+        source.save(photos / f'other_left.{ending}' if ending == 'bmp' else
+                    photos / f'{ending}_left.{ending}')
+    result = run_script('predict.py', photos, '--cnf', RAM, '--weights_from', weights,
+                        '--no_progress', cwd=tmp_path)
+    notes = [line for line in result.stderr.splitlines() if 'not graded' in line]
+    assert len(notes) == 1, result.stderr
+    for name in ('other_left.bmp', 'webp_left.webp', 'gif_left.gif'):
+        assert name in notes[0]
+    assert len(result.stdout.strip().splitlines()) == 5
+    # Named by itself, such a file is decoded (PIL reads it) and graded.
+    alone = run_script('predict.py', photos / 'other_left.bmp', '--cnf', RAM, '--weights_from',
+                       weights, '--no_progress', cwd=tmp_path)
+    assert alone.stdout.splitlines()[1].startswith('other_left,')
+    only = tmp_path / 'only_bmp'
+    only.mkdir()
+    shutil.copy(photos / 'other_left.bmp', only)
+    one_line_error(run_script('predict.py', only, '--cnf', RAM, '--weights_from', weights,
+                              cwd=tmp_path, check=False), 'no images found', 'other_left.bmp')
+
+
+def test_photographs_converted_with_the_look_already_are_not_given_it_twice(tmp_path, photos):
+    import csv
+    import io
+
+    from retina import crop
+    from retina.conversion import convert_folder
+    from retina.predict import prepare_photo
+    weights = save_untrained(tmp_path, RAM, preprocessing='local_contrast')
+    converted = tmp_path / 'converted'
+    convert_folder(photos, converted, 128, 'png', n_proc=1, progress=False,
+                   preprocessing='local_contrast')
+    bare = tmp_path / 'bare'  # the same images without their conversion.json
+    bare.mkdir()
+    for path in converted.glob('*.png'):
+        shutil.copy(path, bare)
+    outputs = {}
+    for folder, told in ((converted, 'conversion.json'), (bare, 'its statistics')):
+        result = run_script('predict.py', folder, '--cnf', RAM, '--weights_from', weights,
+                            '--grade_anyway', '--no_progress', cwd=tmp_path)
+        notes = [line for line in result.stderr.splitlines() if 'not given it again' in line]
+        assert len(notes) == 1 and f'local_contrast, by {told}' in notes[0], result.stderr
+        outputs[folder] = result.stdout
+    assert outputs[converted] == outputs[bare]
+    # What the net sees is the converted image cropped again, not enhanced a second time.
+    path = sorted(converted.glob('*.png'))[0]
+    photo = prepare_photo(path, {(128, 'local_contrast')})
+    image = crop.load_for_crop(path, 128)
+    again = np.asarray(crop.crop_to_eye(image, 128, crop.find_eye_box_fast(image)))
+    assert np.array_equal(photo.converted[(128, 'local_contrast')], again)
+    # A net trained on plain photographs cannot grade them: each is ungradable, and says why.
+    plain = save_untrained(tmp_path / 'plain', RAM)
+    rows = list(csv.DictReader(io.StringIO(run_script(
+        'predict.py', converted, '--cnf', RAM, '--weights_from', plain, '--no_progress',
+        cwd=tmp_path).stdout)))
+    assert all(r['gradable'] == 'no' and 'already enhanced (local_contrast' in r['reasons']
+               and r['level'] == '' for r in rows)
+    # Raw photographs are still given the look (no note).
+    raw = run_script('predict.py', photos, '--cnf', RAM, '--weights_from', weights,
+                     '--no_progress', cwd=tmp_path)
+    assert 'not given it again' not in raw.stderr
+
+
+def test_json_gives_null_for_no_level_and_both_outputs_name_the_model(tmp_path, photos):
+    import csv
+    import io
+    from retina import released
+    weights = save_untrained(tmp_path, RAM)
+    Image.new('RGB', (300, 200)).save(photos / 'black_left.png')
+    digest = released.sha256_of(weights)
+    graded = json.loads(run_script('predict.py', photos, '--cnf', RAM, '--weights_from', weights,
+                                   '--json', '--no_progress', cwd=tmp_path).stdout)
+    rows = {r['image']: r for r in graded['images']}
+    assert rows['black_left']['gradable'] == 'no' and rows['black_left']['level'] is None
+    assert graded['model'] == str(weights) and graded['model_sha256'] == digest
+    assert graded['nets'][0]['sha256'] == digest
+    table = list(csv.DictReader(io.StringIO(run_script(
+        'predict.py', photos, '--cnf', RAM, '--weights_from', weights, '--no_progress',
+        cwd=tmp_path).stdout)))
+    assert {r['model'] for r in table} == {str(weights)}
+    assert {r['model_sha256'] for r in table} == {digest}
+    assert [r['level'] for r in table if r['image'] == 'black_left'] == ['']

@@ -149,3 +149,110 @@ def test_release_refuses_a_net_trained_without_a_held_out_split(workdir):
                          '--models_dir', workdir / 'm', cwd=workdir)
     one_line_error(result, 'trained without --hold_out')
     assert not (workdir / 'm').exists()
+
+
+def released_copy(release, tmp_path):
+    """The test release's models folder copied (its files may be damaged or written over), and
+    the environment that makes it the released models' folder."""
+    _, models, _ = release
+    copy = tmp_path / 'shipped'
+    shutil.copytree(models, copy)
+    return copy, {released.MODELS_DIR_VARIABLE: str(copy)}
+
+
+def test_no_output_lands_on_a_released_model_or_in_its_folder(release, synthetic_source,
+                                                               tmp_path):
+    models, env = released_copy(release, tmp_path)
+    photo = sorted((synthetic_source / 'train').iterdir())[0]
+    weights = models / 'tiny-128.pt'
+    before = {p: p.read_bytes() for p in models.iterdir()}
+    cases = [
+        ('predict.py', photo, '--weights_from', 'tiny-128', '--output', weights),
+        ('predict.py', photo, '--weights_from', weights, '--output', weights),
+        ('predict.py', photo, '--output', weights),  # the default net is the released one
+        ('predict.py', photo, '--output', models / 'grades.csv'),
+        ('predict.py', photo, '--output', REPO / 'models' / 'grades.csv'),
+        ('predict.py', photo, '--heatmap', models / 'maps'),
+        ('ram.py', '--weights_from', 'tiny-128', '--images', photo.parent, '--output_dir',
+         models),
+    ]
+    for script, *args in cases:
+        one_line_error(run_script(script, *args, cwd=tmp_path, env=env, check=False),
+                       "the released models' folder")
+    result = subprocess.run([sys.executable, '-m', 'retina.export', '--weights_from', 'tiny-128',
+                             '--output', weights, '--no_check'], cwd=tmp_path,
+                            capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), **env))
+    one_line_error(result, "the released models' folder")
+    assert {p: p.read_bytes() for p in models.iterdir()} == before
+    assert not (REPO / 'models' / 'grades.csv').exists()
+
+
+def test_a_missing_index_says_the_released_models_are_missing(release, synthetic_source,
+                                                             tmp_path):
+    models, env = released_copy(release, tmp_path)
+    (models / 'index.json').unlink()
+    photo = sorted((synthetic_source / 'train').iterdir())[0]
+    for args in ((), ('--weights_from', 'tiny-128')):
+        line = one_line_error(run_script('predict.py', photo, *args, cwd=tmp_path, env=env,
+                                         check=False), 'index.json is missing',
+                              'released models', 'git checkout --')
+        assert 'train first' not in line
+    # Weights given as a path that is not there are still 'not found; train first'.
+    one_line_error(run_script('predict.py', photo, '--weights_from', 'weights/x/weights.pt',
+                              cwd=tmp_path, env=env, check=False), 'not found')
+
+
+def test_a_released_name_needs_no_cnf_in_any_script(release, tmp_path):
+    work, models, _ = release
+    env = {released.MODELS_DIR_VARIABLE: str(models)}
+    images = work / 'data' / 'train_tiny'
+    maps = run_script('ram.py', '--weights_from', 'tiny-128', '--images', images, '--limit', '2',
+                      '--output_dir', tmp_path / 'maps', '--no_progress', cwd=tmp_path, env=env)
+    assert 'wrote 2 heat map(s)' in maps.stdout
+    features = run_script('transform.py', '--weights_from', 'tiny-128', '--test_dir', images,
+                          '--no_progress', cwd=tmp_path, env=env)
+    assert 'test:' in features.stdout and 'c_128_5x5_32_ram_test_mean' in features.stdout
+    result = subprocess.run([sys.executable, '-m', 'retina.export', '--weights_from', 'tiny-128',
+                             '--output', 'net.onnx', '--no_check'], cwd=tmp_path,
+                            capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO), **env))
+    assert result.returncode == 0 and (tmp_path / 'net.onnx').is_file(), result.stderr
+    one_line_error(run_script('ram.py', '--images', images, cwd=tmp_path, env=env, check=False),
+                   '--weights_from', '--cnf')
+
+
+def test_every_script_cuts_a_net_at_its_own_cut_offs_and_outputs_name_it(release,
+                                                                         synthetic_source,
+                                                                         tmp_path):
+    pytest.importorskip('onnxruntime')
+    import csv
+    import io
+    import onnx
+    work = release[0]
+    models, env = released_copy(release, tmp_path)
+    cuts = [0.3, 1.2, 2.7, 3.1]  # cut-offs of its own, unlike the fixed ones, whatever it fitted
+    state = torch.load(models / 'tiny-128.pt', weights_only=True)
+    torch.save(dict(state, thresholds=cuts), models / 'tiny-128.pt')
+    index = json.loads((models / 'index.json').read_text())
+    index['models']['tiny-128']['sha256'] = released.sha256_of(models / 'tiny-128.pt')
+    (models / 'index.json').write_text(json.dumps(index))
+    shown = ' '.join(f'{c:.3f}' for c in cuts)
+    maps = run_script('ram.py', '--weights_from', 'tiny-128', '--images',
+                      work / 'data' / 'train_tiny', '--limit', '2', '--output_dir',
+                      tmp_path / 'maps', '--no_progress', cwd=tmp_path, env=env)
+    assert f"levels: the score cut at {shown} (the net's own)" in maps.stdout, maps.stdout
+    subprocess.run([sys.executable, '-m', 'retina.export', '--weights_from', 'tiny-128',
+                    '--output', 'net.onnx', '--no_check'], cwd=tmp_path, check=True,
+                   env=dict(os.environ, PYTHONPATH=str(REPO), **env))
+    meta = {p.key: p.value for p in onnx.load(tmp_path / 'net.onnx').metadata_props}
+    assert [float(c) for c in meta['retina.level_cuts'].split(',')] == pytest.approx(cuts)
+    photos = sorted((synthetic_source / 'train').iterdir())[:3]
+    graded = run_script('predict.py', *photos, '--weights_from', 'tiny-128', '--no_progress',
+                        cwd=tmp_path, env=env)
+    rows = list(csv.DictReader(io.StringIO(graded.stdout)))
+    for row in rows:
+        if row['gradable'] == 'yes':
+            assert int(row['level']) == data.to_levels([float(row['mean'])], cuts)[0]
+    entry = json.loads((models / 'index.json').read_text())['models']['tiny-128']
+    assert {(r['model'], r['model_sha256']) for r in rows} == {('tiny-128', entry['sha256'])}
