@@ -214,10 +214,11 @@ def convert_one(src, dst, crop_size, warnings=None, preprocessing='none'):
     return box
 
 
-def gradability_reasons(path, image, box, crop_size, rgb):
+def gradability_reasons(path, image, box, crop_size, rgb, enhanced=False):
     """predict.py's verdict on a photograph (`retina.gradability`): the reasons it is
     ungradable, [] if none.  `image` is its decode for `crop_size` (`load_for_crop`), `box` the
-    eye's box in it and `rgb` the converted crop_size² image before any --enhance.  The focus
+    eye's box in it and `rgb` the converted crop_size² image before any --enhance (`enhanced`:
+    the photograph arrived with a look already).  The focus
     is judged on the eye at DETAIL_SIZE pixels (decoded again when `image` is smaller); the
     compression on the file's JPEG tables and, for a full-resolution decode, its blocks."""
     from retina import gradability
@@ -232,7 +233,7 @@ def gradability_reasons(path, image, box, crop_size, rgb):
         original = max(opened.size) / max(image.size) * side
     return gradability.reasons(gradability.measures(rgb, detail), side, crop_size,
                                quality=quality, blocks=blocks,
-                               pixels_per_net_pixel=original / crop_size)
+                               pixels_per_net_pixel=original / crop_size, enhanced=enhanced)
 
 
 def doubts(src, box, output, crop_size, image=None):

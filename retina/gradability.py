@@ -29,7 +29,9 @@ verdict, `gradable` yes or no, and the reasons:
   centred window) from those of its training photographs of the nearest level, beyond 1.75
   times the 99th percentile of its validation photographs' distances (`FeatureStats`, stored
   in the checkpoint).  The distance is to the nearest level's mean, so that a severe eye is
-  measured against the severe eyes the net trained on, not taken for a bad photograph.
+  measured against the severe eyes the net trained on, not taken for a bad photograph;
+- `unstable under re-encoding`: the photograph's crop re-saved as a JPEG of quality 75 (what a
+  viewer or mail client does) moves its level by more than one (predict.py: `unstable`).
 
 The image measures are taken on the photograph cropped and resized to ANALYSIS_SIZE pixels
 as convert.py crops it, before any --enhance (the focus at DETAIL_SIZE).  The thresholds were set on the real photographs
@@ -71,6 +73,9 @@ DETAIL_SIZE = 512
 MIN_CHROMA = 0.05        # mean (max − min channel) / mean brightness inside the eye; real
                          # photographs ≥ 0.07 (eyepacs256's publisher-enhanced grey-white ones
                          # included), grayscale 0
+MIN_CHROMA_ENHANCED = 0.002  # the same on a photograph that arrived with a look already
+                         # (--enhance local_contrast brings the channels to one mean: real ones
+                         # ≥ 0.004, 1st percentile 0.014; grayscale ones exactly 0)
 MAX_FLAT = 0.08          # share of the eye's pixels whose 3×3 neighbourhood is one exact grey
                          # level (saturated ones aside): real ≤ 0.03, icons and drawings 0.3-0.9
 MIN_SYMMETRY = 0.6       # overlap of the eye's mask with its mirror images; real photographs
@@ -85,7 +90,7 @@ MAX_BLOCKINESS = 2.6     # gradient across 8×8 block edges / within blocks, at 
 
 REASONS = ('too small', 'no eye found', 'too dark', 'overexposed', 'low contrast',
            'out of focus', 'heavily compressed', 'grayscale', 'not a photograph',
-           'part of the eye', 'unlike the training photos')
+           'part of the eye', 'unlike the training photos', 'unstable under re-encoding')
 
 
 def _resized(rgb, size=ANALYSIS_SIZE):
@@ -231,12 +236,14 @@ def measures(rgb, detail=None):
     return out
 
 
-def reasons(found, eye_side, crop_size, quality=None, blocks=None, pixels_per_net_pixel=None):
+def reasons(found, eye_side, crop_size, quality=None, blocks=None, pixels_per_net_pixel=None,
+            enhanced=False):
     """The reasons (of REASONS) that measures `found`, the eye's side in the decoded
     photograph (pixels), its JPEG `quality` and `blockiness` (None: not a JPEG / not measured)
     and the photograph's own pixels per converted pixel [default: eye_side / crop_size] give
     for calling it ungradable; [] when it is gradable.  Without `detail_focus` among the
-    measures, the focus is judged on the 128-px measure (`MIN_FOCUS`)."""
+    measures, the focus is judged on the 128-px measure (`MIN_FOCUS`).  `enhanced`: the
+    photograph arrived with a look already (its colours evened out: only none is grayscale)."""
     out = []
     if eye_side < TOO_SMALL * crop_size:
         out.append('too small')
@@ -256,7 +263,7 @@ def reasons(found, eye_side, crop_size, quality=None, blocks=None, pixels_per_ne
         out.append('out of focus')
     if heavily_compressed(quality, blocks, pixels_per_net_pixel or eye_side / crop_size):
         out.append('heavily compressed')
-    if not no_eye and found.get('chroma', 1.0) < MIN_CHROMA:
+    if not no_eye and found.get('chroma', 1.0) < (MIN_CHROMA_ENHANCED if enhanced else MIN_CHROMA):
         out.append('grayscale')
     if found.get('flat', 0.0) > MAX_FLAT:
         out.append('not a photograph')

@@ -146,6 +146,9 @@ class Photo:
     images: dict                      # crop_size -> the decode (kept only for heat maps)
     problems: list = dataclasses.field(default_factory=list)  # gradability.reasons of the image
     already: str = ''   # the look it arrived with and how that was told, when it had one
+    # (crop_size, method) -> the converted image of the crop re-saved as a JPEG of quality
+    # STABILITY_QUALITY (the stability check: `unstable`)
+    resaved: dict = dataclasses.field(default_factory=dict)
 
 
 def prepare_photo(path, needs, keep_images=False):
@@ -160,23 +163,25 @@ def prepare_photo(path, needs, keep_images=False):
     if not Path(path).is_file():  # from a folder's listing: never open a pipe, a folder, ...
         raise BadImage(f'{path}: not a photograph file (a folder, a pipe, or a link to nothing '
                        f'or to itself); skipped')
-    converted, boxes, images, problems = {}, {}, {}, None
+    converted, boxes, images, problems, resaved = {}, {}, {}, None, {}
     already, told, look_problems = None, '', []
     for crop_size in sorted({s for s, _ in needs}):
         image = crop.load_for_crop(path, crop_size)  # EXIF orientation applied (images.py)
         box = crop.find_eye_box_fast(image)
         rgb = np.asarray(crop.crop_to_eye(image, crop_size, box))
         boxes[crop_size] = box
-        if problems is None:  # the image checks, on the first (smallest) conversion
-            problems = gradability.reasons(gradability.measures(rgb),
-                                           min(box[2] - box[0], box[3] - box[1]), crop_size)
-        if keep_images:
-            images[crop_size] = image
         if already is None:
             already, told = look_of(path, rgb)
+        if problems is None:  # the image checks, on the first (smallest) conversion
+            problems = crop.gradability_reasons(path, image, box, crop_size, rgb,
+                                                enhanced=already != 'none')
+        if keep_images:
+            images[crop_size] = image
+        resaved_rgb = jpeg_resaved(rgb) if already == 'none' else rgb
         for method in sorted({m for s, m in needs if s == crop_size}):
             if already == 'none':
                 converted[(crop_size, method)] = preprocess.apply(rgb, method)
+                resaved[(crop_size, method)] = preprocess.apply(resaved_rgb, method)
             else:  # converted with a look already: never given it twice
                 converted[(crop_size, method)] = rgb
                 if method != already:
@@ -185,7 +190,26 @@ def prepare_photo(path, needs, keep_images=False):
                                          f'raw photograph')
     return Photo(path=Path(path), name=image_name(path), converted=converted, boxes=boxes,
                  images=images, problems=(problems or []) + sorted(set(look_problems)),
-                 already=f'{already}, by {told}' if already != 'none' else '')
+                 already=f'{already}, by {told}' if already != 'none' else '', resaved=resaved)
+
+
+STABILITY_QUALITY = 75   # a mild re-encoding: what a viewer, a mail client or a PACS does
+UNSTABLE = 'unstable under re-encoding'
+
+
+def jpeg_resaved(rgb, quality=STABILITY_QUALITY):
+    """The (S, S, 3) uint8 crop as it comes back from a JPEG of `quality`."""
+    from io import BytesIO
+    buffer = BytesIO()
+    Image.fromarray(rgb).save(buffer, 'JPEG', quality=quality)
+    return np.asarray(Image.open(buffer).convert('RGB'))
+
+
+def unstable(score, resaved_score, cuts):
+    """Whether the level moves by more than one when the photograph is mildly re-encoded
+    (`jpeg_resaved`): a grade that fragile is not given."""
+    levels = data.to_levels([score, resaved_score], cuts)
+    return abs(int(levels[0]) - int(levels[1])) > 1
 
 
 def look_of(path, rgb):
@@ -218,6 +242,7 @@ class NetOutput:
     maps: torch.Tensor = None
     map_predictions: torch.Tensor = None  # the net's output on the centred window the maps are of
     unlike: np.ndarray = None  # per photo: beyond the training photographs' feature distance
+    resaved: np.ndarray = None  # per photo: the centred score of its mildly re-encoded copy
 
 
 def _passes(grader, images, augmentations, precision='fp32'):
@@ -271,6 +296,9 @@ def score_batch(grader, photos, n_iter, feature_sets=(), map_method=None,
     result = NetOutput(scores=None)
     outputs, score_features = _passes(grader, images, augmentation_list(grader, n_iter))
     result.scores = np.mean(outputs, axis=0)
+    if all(key in p.resaved for p in photos):
+        copies = torch.from_numpy(np.stack([p.resaved[key] for p in photos])).permute(0, 3, 1, 2)
+        result.resaved = _passes(grader, copies.contiguous().to(device), [None])[0][0]
     if grader.feature_stats is not None:  # on the centred window, as they were fitted
         centred = score_features[0] if n_iter == 1 else _passes(grader, images, [None])[1][0]
         stats = grader.feature_stats
@@ -493,6 +521,10 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                 if any(outputs[id(g)].unlike is not None and outputs[id(g)].unlike[i]
                        for g in graders):
                     problems.append('unlike the training photos')
+                if all(outputs[id(g)].resaved is not None for g in graders) and unstable(
+                        row['mean'], float(np.mean([outputs[id(g)].resaved[i] for g in graders])),
+                        cuts):
+                    problems.append(UNSTABLE)
                 row['gradable'] = 'no' if problems else 'yes'
                 row['reasons'] = '; '.join(problems)
                 rows.append(row)
@@ -534,7 +566,16 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
             from retina.blend import note_lone_eyes
             note_lone_eyes([r['image'] for r in rows], 'photographs',
                            lambda line: tqdm.write(line, file=sys.stderr))
-        blended = blend.predict([r['image'] for r in rows], per_photo_features, graders)
+        ungradable = {r['image'] for r in rows if r['gradable'] == 'no'}
+        blended = blend.predict([r['image'] for r in rows], per_photo_features, graders,
+                                without=ungradable if blend.per_patient else ())
+        if blend.per_patient:
+            alone = partners_of(ungradable, [r['image'] for r in rows])
+            if alone:
+                partner_note = (f'note: {len(alone)} eye(s) graded alone, their partner being '
+                                f'ungradable (an ungradable eye never feeds the per-patient '
+                                f'blend): {first_few(alone)}')
+                tqdm.write(partner_note, file=sys.stderr)
         for row, score in zip(rows, blended):
             row['blend'] = float(score)
             row['level'] = int(data.to_levels([score], blend.thresholds)[0])
@@ -543,7 +584,7 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
         for row in rows:
             if row['gradable'] == 'no':
                 row['level'] = None  # JSON null; an empty CSV cell
-    notes = []
+    notes = [partner_note] if blend and rows and blend.per_patient and alone else []
     if already:
         notes.append(f'note: {len(already)} photograph(s) arrived converted with a look '
                      f'already and were not given it again: {first_few(already)}')
@@ -553,6 +594,19 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                   heat_maps=heat_maps, model=model, model_sha256=model_sha256,
                   notes=notes + ([f'note: {len(unread)} file(s) of other image formats not '
                                   f'graded: {first_few(unread)}'] if unread else []))
+
+
+def partners_of(ungradable, names):
+    """'10_right (partner 10_left)' for each gradable eye of `names` whose partner is among
+    `ungradable`."""
+    eyes = {data.patient_and_eye(name): name for name in names}
+    out = []
+    for name in names:
+        patient, eye = data.patient_and_eye(name)
+        partner = eyes.get((patient, {'left': 'right', 'right': 'left'}.get(eye)))
+        if name not in ungradable and partner in ungradable:
+            out.append(f'{name} (partner {partner})')
+    return out
 
 
 def model_identity(graders, blend=None):
@@ -663,8 +717,9 @@ class LoadedBlend:
                 wanted[id(grader)].append(tta)
         return wanted
 
-    def predict(self, names, per_photo_features, graders):
-        """The blend's score per photograph (rows of `names`, features from `grade`)."""
+    def predict(self, names, per_photo_features, graders, without=()):
+        """The blend's score per photograph (rows of `names`, features from `grade`); the
+        photographs named in `without` never feed their partner eye's blend."""
         from retina import fitted_blend
         entries = fitted_blend.entries(self.state)
         position = {id(entry): index for index, entry in enumerate(entries)}
@@ -675,4 +730,4 @@ class LoadedBlend:
             stat = 0 if entry['stat'] == 'mean' else 1
             return np.stack([photo[key][stat] for photo in per_photo_features])
 
-        return fitted_blend.predict(self.state, features_of, names)
+        return fitted_blend.predict(self.state, features_of, names, without)

@@ -6,7 +6,7 @@ import io
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 from conftest import SHARED_DATA, run_script
 from retina import checkpoint, config as config_module, crop, gradability
@@ -149,3 +149,68 @@ def test_feature_distance_is_to_the_nearest_level():
     assert rate(by_level, rng.normal(0, 1, (50, 6)) + 30).min() == 1.0  # still refuses the foreign
     restored = gradability.FeatureStats.from_state(by_level.to_state())
     assert np.allclose(restored.distances(new_severe), by_level.distances(new_severe), rtol=1e-4)
+
+
+def test_compressed_grey_foreign_and_partial_photographs_are_ungradable(graded, tmp_path):
+    """Issue 29, rows 1, 2 and 6 through predict.py: a photograph re-saved at JPEG quality 5 or
+    10 (as a JPEG, and as a PNG that keeps the blocks), grayscale (8- and 16-bit), an icon-like
+    drawing alone and on a black frame, and a quarter of the eye are ungradable, each with its
+    reason; the photograph itself and a rotated copy (the nets train on rotations of 0-360°)
+    are graded."""
+    folder, weights = graded
+    photo = Image.open(sorted(folder.glob('*.jpeg'))[0]).convert('RGB')
+    cases = tmp_path / 'cases'
+    cases.mkdir()
+    photo.save(cases / 'as_is.png')
+    photo.rotate(90, expand=True).save(cases / 'rotated.png')
+    photo.save(cases / 'q5.jpeg', quality=5)
+    photo.save(cases / 'q10.jpeg', quality=10)
+    buffer = io.BytesIO()
+    photo.save(buffer, 'JPEG', quality=5)
+    Image.open(buffer).convert('RGB').save(cases / 'q5_as_png.png')
+    photo.convert('L').save(cases / 'grey8.png')
+    Image.fromarray(np.asarray(photo.convert('L'), dtype=np.uint16) * 257).save(cases / 'grey16.png')
+    width, height = photo.size
+    photo.crop((0, 0, width // 2, height // 2)).resize((width, height)).save(cases / 'quarter.png')
+    icon = Image.new('RGB', (600, 400))
+    draw = ImageDraw.Draw(icon)
+    draw.rounded_rectangle((150, 60, 450, 340), 30, fill=(150, 150, 160))
+    draw.rectangle((180, 260, 420, 300), fill=(60, 60, 70))
+    draw.ellipse((380, 270, 395, 285), fill=(40, 200, 40))
+    icon.save(cases / 'icon.png')
+    frame = Image.new('RGB', (1536, 1024))
+    frame.paste(icon.resize((900, 600)), (318, 212))
+    frame.save(cases / 'icon_on_black.png')
+    rows = rows_of(run_script('predict.py', cases, '--cnf', RAM, '--weights_from', weights,
+                              '--no_progress', cwd=tmp_path))
+    expected = {'q5': 'heavily compressed', 'q10': 'heavily compressed',
+                'q5_as_png': 'heavily compressed', 'grey8': 'grayscale', 'grey16': 'grayscale',
+                'quarter': 'part of the eye', 'icon': 'not a photograph',
+                'icon_on_black': 'not a photograph'}
+    for name, reason in expected.items():
+        assert rows[name]['gradable'] == 'no' and rows[name]['level'] == '', name
+        assert reason in rows[name]['reasons'], (name, rows[name]['reasons'])
+    for name in ('as_is', 'rotated'):
+        assert rows[name]['gradable'] == 'yes' and rows[name]['reasons'] == '', rows[name]
+
+
+def test_a_grade_that_moves_under_mild_re_encoding_is_not_given(graded, tmp_path, monkeypatch):
+    """The stability check: each photograph's crop is re-saved at JPEG quality 75 and scored
+    again; a level that moves by more than one is not given ('unstable under re-encoding')."""
+    from retina import predict
+    assert predict.unstable(0.2, 2.6, (0.5, 1.5, 2.5, 3.5))
+    assert not predict.unstable(0.2, 1.4, (0.5, 1.5, 2.5, 3.5))
+    folder, weights = graded
+    grader = predict.load_grader(RAM, weights)
+    photos = [predict.prepare_photo(p, {(grader.crop_size, grader.preprocessing)})
+              for p in sorted(folder.glob('*_*.jpeg'))[:2]]
+    key = (grader.crop_size, grader.preprocessing)
+    assert not np.array_equal(photos[0].resaved[key], photos[0].converted[key])
+    out = predict.score_batch(grader, photos, 1)
+    again = predict.score_batch(grader, [predict.Photo(
+        path=p.path, name=p.name, converted={key: p.resaved[key]}, boxes=p.boxes, images={})
+        for p in photos], 1)
+    assert np.allclose(out.resaved, again.scores, atol=1e-5)  # the re-saved copy's own score
+    monkeypatch.setattr(predict, 'unstable', lambda *args: True)
+    result = predict.grade([grader], [folder], progress=False)
+    assert all(predict.UNSTABLE in row['reasons'] and row['level'] is None for row in result.rows)
