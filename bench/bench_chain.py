@@ -22,7 +22,9 @@ kappa at the fixed cut-offs 0.5..3.5, kappa at cut-offs fitted on validation pre
 the same kind (out of fold where the validation patients were fitted on), the AUROC of
 referable DR (level >= 2) and the Spearman correlation with the level (neither depends on the
 cut-offs).  Cross-camera rows (`--raw`) grade raw photographs through predict.py, on the
-patients that no net trained or validated on.  Writes the table to BENCHMARKS.md.
+patients that no net trained or validated on.  Labels with a `source` column (python -m
+retina.datasets writes one: eyepacs256, odir, eyepacs_raw1024...) get each row per source too,
+on that source's test patients.  Writes the table to BENCHMARKS.md.
 """
 import csv
 import os
@@ -167,6 +169,15 @@ def raw_test(work, raw, labels_file, nets, hold_out, trained_patients, log):
 
 # ---------------------------------------------------------------- the table
 
+def sources_of(labels_file):
+    """{image: source} from a labels CSV's `source` column, or {} without one."""
+    with open(labels_file, newline='', encoding='utf-8-sig') as f:
+        reader = csv.DictReader(f)
+        if 'source' not in (reader.fieldnames or []):
+            return {}
+        return {row['image'].strip(): row['source'].strip() for row in reader}
+
+
 def table_rows(rows):
     head_ = ('| stage (test split) | kappa, cut-offs 0.5..3.5 | kappa, cut-offs fitted on '
              'validation | referable AUROC | Spearman |')
@@ -210,6 +221,12 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
     names = [image_name(p) for p in first_paths]
     fit_rows, valid_rows, test_rows = data.split_rows(names, levels, hold_out)
     test_names, test_levels = [names[i] for i in test_rows], levels[test_rows]
+    source = sources_of(labels)
+    by_source = {}
+    for i, name in enumerate(test_names):
+        by_source.setdefault(source.get(name, ''), []).append(i)
+    by_source = {k: np.array(v) for k, v in sorted(by_source.items()) if k} \
+        if len(by_source) > 1 else {}
     click.echo(f'{len(names)} photographs: {len(fit_rows)} training, {len(valid_rows)} '
                f'validation, {len(test_rows)} test ({len(set(patients_of(test_names)))} '
                f'patients)')
@@ -220,8 +237,14 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
         predictions of the same kind) [default: `predictions` at the validation rows]."""
         source = predictions[valid_rows] if cut_source is None else cut_source
         cuts = fitted_cuts(levels[valid_rows], source)
-        rows.append((label, bootstrap(test_names, test_levels, predictions[test_rows], cuts)))
-        click.echo(f'{label}: ' + ', '.join(str(v) for v in rows[-1][1]))
+        rows.append((label + (' — all sources' if by_source else ''),
+                     bootstrap(test_names, test_levels, predictions[test_rows], cuts)))
+        click.echo(f'{rows[-1][0]}: ' + ', '.join(str(v) for v in rows[-1][1]))
+        for name, at in by_source.items():  # the same cut-offs, this source's test patients
+            rows.append((f'{label} — {name} ({len(at)})',
+                         bootstrap([test_names[i] for i in at], test_levels[at],
+                                   predictions[test_rows][at], cuts)))
+            click.echo(f'{rows[-1][0]}: ' + ', '.join(str(v) for v in rows[-1][1]))
 
     images = cache.load_images(first_paths, progress=False)
     add(f'pixel floor: ridge on {FLOOR_SIDE}×{FLOOR_SIDE} pixels of the {nets[0][1]} photos',
