@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Grade raw photographs in one command: crop to the eye in memory, score, blend, draw.
 
-    python predict.py data/new_photos/                         # the c_512_5x5_32_ram net
+    python predict.py data/new_photos/  # c_512_5x5_32_ram if trained here, else the released model
     python predict.py photo.jpeg --cnf c_512_5x5_32 --cnf c_512_4x4_32 --n_iter 10
     python predict.py data/new_photos --blend data/sub_abc1234_20261126-1015_blend.pt --per_patient
     python predict.py photo.jpeg --heatmap data/predict_maps --output grades.csv

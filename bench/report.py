@@ -61,20 +61,25 @@ def today():
 
 
 def replace_section(title, body, path=BENCHMARKS):
-    """Put `## title` + body into BENCHMARKS.md, replacing that section only."""
+    """Put `## title` + body into BENCHMARKS.md: in place of that section where the page has it
+    (the page is ordered by question, with a table of contents), at its end where it is new."""
     path = Path(path)
     text = path.read_text() if path.is_file() else '# Benchmarks\n'
     heading = f'## {title}'
-    lines = text.splitlines()
-    out, skipping = [], False
-    for line in lines:
+    section = [heading, '', *body.strip().splitlines(), '']
+    out, skipping, placed = [], False, False
+    for line in text.splitlines():
         if line.strip() == heading:
             skipping = True
+            if not placed:
+                out += section
+                placed = True
             continue
         if skipping and line.startswith('## '):
             skipping = False
         if not skipping:
             out.append(line)
-    new = '\n'.join(out).rstrip() + f'\n\n{heading}\n\n{body.strip()}\n'
+    if not placed:
+        out = [*'\n'.join(out).rstrip().splitlines(), '', *section]
     from retina.atomic import write_text
-    write_text(path, new)
+    write_text(path, '\n'.join(out).rstrip() + '\n')

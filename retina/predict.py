@@ -15,19 +15,22 @@ net would do to it, without writing a converted folder:
 
 So the levels equal those of the converted-folder route for the same
 photographs (tested).  A net's score is its output averaged over the
-augmentations; `mean` averages the nets; `level` cuts the mean at 0.5 … 3.5.
+augmentations; `mean` averages the nets; `level` cuts the mean at the cut-offs of
+`checkpoint.level_cuts`: a lone net's own on its centred window, else 0.5 … 3.5.
 
-With a blend saved by blend.py --predict (`retina.blend.save_fitted`), the
+With a blend saved by blend.py --predict (`retina.fitted_blend.save`), the
 features the blend was fitted on (each config's mean/std over its own TTA
 iterations) are computed the same way, the two eyes of a patient are paired
 by name ({patient}_{left|right}, an eye alone uses its own features), and the
 blend's level per eye is reported.
 
-With a RAM net, `heatmap_dir` gets the regression activation map
-(RAM = Σ_k w_k A_k over the last conv layer's maps, without the output bias,
-as the RAM repository drew it) placed back over the *uncropped* photograph:
-the map covers the net's window, which is mapped through the eye's box to
-photograph pixels.
+`heatmap_dir` gets each net's heat map placed back over the *uncropped*
+photograph: the map covers the net's window, which is mapped through the eye's
+box to photograph pixels.  The map is any method of `retina.heatmaps.methods`,
+computed as ram.py computes it: the regression activation map of a RAM net
+(Σ_k w_k A_k over the last conv layer's maps), or Grad-CAM or LayerCAM of any
+net, baseline nets included, at its last conv or an earlier one; a second net's
+map can be fused in.
 """
 import dataclasses
 import functools

@@ -1,6 +1,6 @@
 """The package's shape: every module imports on its own, no two modules import each other (even
-inside functions), no stage reads a net's settings off the module, and the README's Layout
-names every module."""
+inside functions), no stage reads a net's settings off the module, and the layout page
+(docs/layout.md) names every module."""
 import ast
 import re
 import subprocess
@@ -107,8 +107,9 @@ def test_no_stage_reads_a_net_s_settings_off_the_module():
     assert offenders == []
 
 
-def test_the_readme_layout_names_every_module():
-    layout = REPO.joinpath('README.md').read_text().split('## Layout', 1)[1].split('\n## ', 1)[0]
+def test_the_layout_page_names_every_module():
+    page = REPO.joinpath('docs', 'layout.md').read_text()
+    layout = page.split('## Layout', 1)[1].split('\n## ', 1)[0]
     listed = set(re.findall(r'\b(\w+)\.py\b', layout)) | set(re.findall(r'\b(\w+)/', layout))
     missing = [name for name in modules()
                if name != 'retina' and f"{name.rsplit('.', 1)[-1]}" not in listed]
