@@ -50,8 +50,10 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
               help='Write the heat map of each net over each uncropped photograph to this '
                    'folder ({image}_{method}_{cnf}.png; the outline is the net\'s window), made, '
                    'upsampled and coloured as ram.py does it.')
-@click.option('--method', type=click.Choice(METHOD_NAMES), default='ram', show_default=True,
-              help='The heat map of --heatmap.  ' + METHOD_HELP)
+@click.option('--method', type=click.Choice(METHOD_NAMES),
+              help='The heat map of --heatmap.  ' + METHOD_HELP + '  [default: ram; for a '
+                   'released model without --layer or --fuse, the map measured best for it '
+                   '(retina/heatmaps/__init__.py RELEASED_DEFAULT_MAPS, bench/heatmap_default.md)]')
 @click.option('--layer', metavar='NAME',
               help='With --method gradcam or layercam: the conv layer the map is taken at, e.g. '
                    'conv5 (train_nn.py --summary lists them) [default: the last conv]; earlier '
@@ -152,6 +154,9 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     else:
         nets = [default_net()]
     graders = [load_grader(c, w, device, crop_size) for c, w in nets]
+    if heatmap_dir and method is None and not layer and not (fuse_cnf or fuse_weights):
+        method, layer, fuse_weights = default_heatmap(graders)
+    method = method or 'ram'
     fuse = None
     if fuse_cnf or fuse_weights:
         fuse = load_grader(fuse_cnf or trained_config(fuse_weights), fuse_weights, device)
@@ -180,6 +185,21 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
         click.echo(f'error: {len(result.failed)} of {total} photographs could not be graded '
                    f'(listed above); replace or remove them', err=True)
         sys.exit(1)
+
+
+def default_heatmap(graders):
+    """(method, layer, fuse weights) of the map to draw when none is asked for: a lone released
+    model's measured best (RELEASED_DEFAULT_MAPS, said on stderr), else its RAM."""
+    from retina.heatmaps import released_default_map
+    found = released_default_map(graders[0].weights) if len(graders) == 1 else None
+    if found is None:
+        return 'ram', None, None
+    name, chosen = found
+    what = chosen['method'] + (f' at {chosen["layer"]}' if chosen['layer'] else '') + (
+        f' fused with {chosen["fuse"]}' if chosen['fuse'] else '')
+    click.echo(f'note: heat maps of {name}: {what}, its best measured map (bench/'
+               f'heatmap_default.md); --method ram draws its RAM alone', err=True)
+    return chosen['method'], chosen['layer'], chosen['fuse']
 
 
 def trained_config(weights):

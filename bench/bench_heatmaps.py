@@ -117,8 +117,8 @@ def runs_of(weights, methods, layers):
     return runs
 
 
-def score(work, name, images, weights, method, layer, mask_args, fuse=None, batch_size=None,
-          device='auto', limit=None):
+def score(work, name, images, weights, method, layer, mask_args, fuse=None, fuse_images=None,
+          batch_size=None, device='auto', limit=None):
     """ram.py --scores_only on one net (or a fused pair) and method; the scores dict, or None."""
     out = work / 'scores' / f'{name}.json'
     args = ['ram.py', '--cnf', weights.config, '--weights_from', weights.path, '--method', method,
@@ -128,6 +128,8 @@ def score(work, name, images, weights, method, layer, mask_args, fuse=None, batc
         args += ['--layer', layer]
     if fuse:
         args += ['--fuse', fuse.config, '--fuse_weights', fuse.path]
+    if fuse_images:
+        args += ['--fuse_images', fuse_images]
     if batch_size:
         args += ['--batch_size', batch_size]
     if limit:
@@ -274,13 +276,16 @@ def net_rows(work, set_name, prefix, tag, photos, nets, methods, layers, mask_ar
 
 
 def fused_rows(work, set_name, tag, photos, fuses, mask_args, options):
-    """Rows of the fused pairs: the larger net's images, the smaller net's map fused in."""
+    """Rows of the fused pairs: the larger net's images, the smaller net's map fused in, each
+    net on its own conversion of the photographs (ram.py --fuse_images), as predict.py --fuse
+    runs them."""
     rows = []
     for pair in fuses:
         big, small = sorted(pair, key=lambda w: -w.input)
         images = converted(photos, work, tag, big.size, big.enhance)
+        own = converted(photos, work, tag, small.size, small.enhance)
         result = score(work, f'{tag}_{big}+{small}_ram', images, big, 'ram', None, mask_args,
-                       fuse=small, **options)
+                       fuse=small, fuse_images=own, **options)
         if result:
             rows += rows_of(set_name, f'{big.label} + {small.label}', 'ram, fused', result)
     return rows

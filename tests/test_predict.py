@@ -268,6 +268,27 @@ def test_predict_fuses_two_nets_as_ram_py_does(photos, tmp_path):
     assert refused.returncode != 0 and 'add --heatmap' in refused.stderr
 
 
+def test_a_released_model_draws_its_measured_best_map_by_default(photos, tmp_path):
+    """predict.py --heatmap with eyepacs-256 and no --method draws the map bench/
+    heatmap_default.md chose for it (and says so); --method ram draws its RAM alone."""
+    from retina import released
+    from retina.heatmaps import RELEASED_DEFAULT_MAPS
+    chosen = RELEASED_DEFAULT_MAPS['eyepacs-256']
+    models = released.index()['models']
+    title = models['eyepacs-256']['config'] + (f'+{models[chosen["fuse"]]["config"]}'
+                                               if chosen['fuse'] else '')
+    tag = chosen['method'] + (f'-{chosen["layer"]}' if chosen['layer'] else '')
+    result = run_script('predict.py', photos, '--weights_from', 'eyepacs-256', '--heatmap',
+                        tmp_path / 'maps', '--output', tmp_path / 'g.csv', '--no_progress',
+                        cwd=tmp_path)
+    assert 'bench/heatmap_default.md' in result.stderr
+    assert len(list((tmp_path / 'maps').glob(f'*_{tag}_{title}.png'))) == 4
+    run_script('predict.py', photos, '--weights_from', 'eyepacs-256', '--heatmap',
+               tmp_path / 'ram_maps', '--method', 'ram', '--output', tmp_path / 'g.csv',
+               '--no_progress', cwd=tmp_path)
+    assert len(list((tmp_path / 'ram_maps').glob('*_ram_c_256_5x5_32_ram.png'))) == 4
+
+
 def test_predict_heatmap_of_a_baseline_net_needs_a_gradient_method(photos, tmp_path):
     weights = save_untrained(tmp_path, BASELINE)
     refused = run_script('predict.py', photos, '--cnf', BASELINE, '--weights_from', weights,

@@ -8,3 +8,31 @@ METHOD_HELP = ('ram: sum_k w_k A_k of the last conv (RAM nets); gradcam: ReLU of
                'weighted by their mean gradient; layercam: ReLU of the maps times their '
                'positive gradient, position by position.  gradcam and layercam work on any '
                'net, baseline nets included.  Output names carry the method.')
+
+# The map predict.py --heatmap draws for a released model when none of --method, --layer and
+# --fuse is given, chosen by bench/bench_heatmaps.py on HEI-MED and synthetic masks (the mean
+# lead over the image-blind map across lesion kinds, exact pointing beside it;
+# bench/heatmap_default.md): for eyepacs-256 its RAM fused with eyepacs-128-fine's, which
+# ties the fine net alone on both and, unlike it, shows the grading net's own evidence.  Any
+# other net draws its RAM.
+RELEASED_DEFAULT_MAPS = {
+    'eyepacs-256': dict(method='ram', layer=None, fuse='eyepacs-128-fine'),
+}
+
+
+def released_default_map(weights):
+    """(released name, its RELEASED_DEFAULT_MAPS entry) when `weights` (a path) is the file of
+    a released model that has one, else None."""
+    from pathlib import Path
+
+    from retina import released
+    from retina.errors import UserError
+    try:
+        models = released.index()['models']
+    except UserError:
+        return None
+    for name, entry in models.items():
+        if name in RELEASED_DEFAULT_MAPS and \
+                Path(weights).resolve() == (released.default_folder() / entry['file']).resolve():
+            return name, RELEASED_DEFAULT_MAPS[name]
+    return None
