@@ -115,14 +115,23 @@ def start(args, cwd, preexec_fn=None, **kwargs):
 
 
 def kill_when(process, condition, timeout=120):
-    """SIGKILL `process` as soon as `condition()` holds (polled, not slept on); its return code,
-    -SIGKILL when the kill landed while it was still running."""
+    """SIGKILL `process` as soon as `condition()` holds (polled, not slept on); its return code:
+    -SIGKILL when the kill landed while it was still running, its own when it ended first.
+    When `condition()` has not held after `timeout` seconds of the process running, the process
+    is killed and the test fails, with its last output: a kill then would test nothing."""
     deadline = time.monotonic() + timeout
-    while process.poll() is None and not condition() and time.monotonic() < deadline:
+    timed_out = False
+    while process.poll() is None and not condition():
+        if time.monotonic() >= deadline:
+            timed_out = True
+            break
         time.sleep(0.005)
     if process.poll() is None:
         process.send_signal(signal.SIGKILL)
-    process.wait()
+    _, stderr = process.communicate()
+    if timed_out:
+        pytest.fail(f'the condition of the kill never held in {timeout} s of '
+                    f'{" ".join(map(str, process.args[1:]))}; its stderr:\n{stderr[-3000:]}')
     return process.returncode
 
 
@@ -130,9 +139,13 @@ def weight_files(folder):
     return sorted(p for p in folder.rglob('*.pt') if not p.name.startswith('.'))
 
 
-def assert_loadable(folder):
+def assert_loadable(folder, allow_empty=False):
+    """Every weights file under `folder` loads, with finite weights; a folder without one fails
+    unless `allow_empty` (a run killed before its first checkpoint)."""
     from retina import checkpoint
-    for path in weight_files(folder):
+    files = weight_files(folder)
+    assert files or allow_empty, f'no weights file under {folder}'
+    for path in files:
         state = checkpoint.load(path)
         assert all(torch.isfinite(v).all() for v in state['model'].values()), path
 

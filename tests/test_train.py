@@ -144,6 +144,8 @@ def test_cnf_path_works_from_another_folder(tmp_path):
                         cwd=tmp_path)
     assert result.stdout.strip().splitlines()[-1].startswith('parameters: ')
 
+
+@pytest.mark.slow
 def test_cli_short_run_a_second_run_and_missing_labels(workdir):
     labels = workdir / 'data' / 'trainLabels.csv'
     text = labels.read_text()
@@ -596,6 +598,7 @@ def test_train_nn_hold_out_keeps_the_test_patients_out_and_resume_keeps_it(workd
     assert 'kept out' in resumed.stdout and 'epoch    2' in resumed.stdout
 
 
+@pytest.mark.slow
 def test_schedule_option_replaces_the_config_s_and_on_resume_the_rest_of_the_run_s(workdir):
     def lrs():
         rows = list(csv.DictReader(open(workdir / paths.train_log(CONFIG))))
@@ -623,6 +626,7 @@ def test_schedule_option_replaces_the_config_s_and_on_resume_the_rest_of_the_run
         assert 'Traceback' not in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_training_killed_between_and_during_checkpoint_writes_resumes_to_the_same_result(
         workdir, tmp_path):
     """The one resume test: a run killed (SIGKILL) as each of epochs 1, 2 and 3 is logged, while
@@ -641,7 +645,8 @@ def test_training_killed_between_and_during_checkpoint_writes_resumes_to_the_sam
         code = kill_when(start(TRAIN + (['--resume'] if resume else []), workdir),
                          logged(epochs))
         assert code == -signal.SIGKILL, f'the run ended before the kill at epoch {epochs}'
-        assert_loadable(workdir / 'weights')
+        # Epoch 1 is logged before its checkpoints are written: a kill then may leave none.
+        assert_loadable(workdir / 'weights', allow_empty=epochs == 1)
     run_script(*TRAIN, '--resume', cwd=workdir)
     ours = checkpoint.load(workdir / 'weights' / CONFIG / 'last.pt')['model']
     theirs = checkpoint.load(reference / 'weights' / CONFIG / 'last.pt')['model']
@@ -656,9 +661,14 @@ def test_ctrl_c_or_kill_ends_cleanly_and_says_how_to_resume(workdir, sent, statu
     # Long enough that the interrupt always lands mid-run, however fast the machine.
     process = start(['train_nn.py', '--cnf', CONFIG, '--max_epochs', '1000', '--no_progress'],
                     workdir)
+    last = workdir / 'weights' / CONFIG / 'last.pt'
     deadline = time.time() + 120
-    while not (workdir / 'weights' / CONFIG / 'last.pt').is_file() and time.time() < deadline:
+    while not last.is_file() and process.poll() is None and time.time() < deadline:
         time.sleep(0.2)
+    if not last.is_file():  # the signal would land before the first checkpoint: no test
+        process.kill()
+        _, stderr = process.communicate()
+        pytest.fail(f'no last.pt before the signal (exit {process.returncode}):\n{stderr[-3000:]}')
     process.send_signal(sent)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == status
@@ -741,6 +751,7 @@ def test_a_log_with_a_byte_order_mark_reads_and_a_foreign_one_is_named(tmp_path)
         read_log(log)
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_runs_folders_and_refuses_a_changed_config(workdir):
     """Also: checkpoints record the look of the folder they were trained on."""
     labels = workdir / 'data' / 'trainLabels.csv'
