@@ -305,11 +305,12 @@ th, td {{ border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: left; }}
 #grades th[aria-sort="ascending"]::after {{ content: " \\25B2"; }}
 #grades th[aria-sort="descending"]::after {{ content: " \\25BC"; }}
 .sha code {{ font-size: 0.85em; }}
-.eyes {{ display: flex; flex-wrap: wrap; gap: 1em; }}
+.eyes {{ display: flex; flex-wrap: nowrap; gap: 1em; }}  /* both eyes side by side */
 .eye {{ border: 1px solid #ddd; padding: 0.5em; }}
 .pictures {{ display: flex; gap: 0.5em; align-items: flex-start; }}
-figure {{ margin: 0; }}
-img {{ width: min(300px, 22vw); height: auto; display: block; }}
+figure {{ margin: 0; width: min(300px, 21vw); }}
+figcaption {{ font-size: 0.85em; overflow-wrap: anywhere; }}
+img {{ width: 100%; height: auto; display: block; }}
 .ungradable .eye {{ border-color: #c33; }}
 .reasons {{ color: #b00; font-weight: bold; }}
 .warning {{ background: #fff4d6; padding: 0.5em; }}
