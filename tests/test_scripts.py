@@ -193,6 +193,7 @@ def test_torchrun_two_processes_on_the_cpu(workdir):
     assert (workdir / 'weights' / 'c_128_5x5_32_ram' / 'last.pt').is_file()
 
 
+@pytest.mark.slow
 def test_chain_script_trains_128_then_256_from_it_and_scores_the_test_split(tmp_path):
     """bench/gpu_chain.sh on synthetic photographs, on the CPU with tiny schedules: the 128-px
     net, the 256-px net started from its weights (the original's transfer), TTA features and
