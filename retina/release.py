@@ -152,6 +152,41 @@ paper:
 """
 
 
+def refit_released_stats(name, photos, labels, models_dir):
+    """Refit released `name`'s feature statistics with one mean per level on its training
+    split of `photos` (the split its own hold_out and the validation rule give), and bring its
+    sha256 in the index and the card up to date."""
+    import torch
+
+    from retina import cache
+    from retina.gradability import attach_feature_stats
+    from retina.runtime import Runtime
+    target = released.verified(name, models_dir)
+    config = checkpoint.config_of(checkpoint.load(target))
+    image_paths, levels = data.labelled_images(photos, labels)
+    names = [image_name(p) for p in image_paths]
+    train_rows, valid_rows, _ = data.split_rows(names, levels, config.cnf.get('hold_out') or 0)
+    old = released.sha256_of(target)
+    stats = attach_feature_stats(target, cache.load_images(image_paths, progress=False),
+                                 train_rows, valid_rows, Runtime(torch.device('cpu')),
+                                 levels=levels)
+    checkpoint.load(target)
+    new = released.sha256_of(target)
+    found = released.index(models_dir)
+    entry = found['models'][name]
+    entry['sha256'] = new
+    card = models_dir / entry['card']
+    text = card.read_text().replace(old, new)
+    size = f'({target.stat().st_size / 1e6:.1f} MB, sha256 `{new}`)'
+    import re
+    text = re.sub(r'\([0-9.]+ MB, sha256 `' + new + '`\)', size, text)
+    atomic.write_text(card, text)
+    write_index(models_dir, name, entry, make_default=found['default'] == name)
+    click.echo(f'{name}: feature statistics refit on {len(train_rows)} training photographs '
+               f'({len(stats.mean.reshape(-1, stats.precision.shape[0]))} level means; '
+               f'threshold {stats.threshold:.1f}); sha256 {new[:16]}…')
+
+
 def write_index(models_dir, name, entry, make_default):
     found = released.index(models_dir)
     found['models'][name] = entry
@@ -163,8 +198,9 @@ def write_index(models_dir, name, entry, make_default):
 
 @click.command(context_settings={'help_option_names': ['-h', '--help']})
 @click.argument('name')
-@click.option('--weights', required=True, type=click.Path(dir_okay=False),
-              help='The checkpoint to release (a run\'s weights.pt; trained with --hold_out).')
+@click.option('--weights', type=click.Path(dir_okay=False),
+              help='The checkpoint to release (a run\'s weights.pt; trained with --hold_out).  '
+                   'Required unless --refit_feature_stats.')
 @click.option('--photos', required=True, type=click.Path(file_okay=False),
               help='The converted photographs the net trained on (its --train_dir): the test '
                    'split is scored on them.')
@@ -180,17 +216,27 @@ def write_index(models_dir, name, entry, make_default):
 @click.option('--summary', default='', help='One line for the card and the index.')
 @click.option('--default/--no_default', 'make_default', default=False, show_default=True,
               help='Make it the model predict.py grades with when no weights are given.')
+@click.option('--refit_feature_stats', is_flag=True,
+              help="Only refit the released NAME's feature statistics (predict.py's 'unlike the "
+                   "training photos' check) on its own training split of --photos under this "
+                   "version's rule (one mean per level), keeping its weights and figures; its "
+                   'sha256 in the index and card follow.')
 @click.option('--models_dir', type=click.Path(file_okay=False), default=None,
               help='Where the released files go [default: models/, or $RETINA_MODELS_DIR].')
 @handle_errors()
 def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_default,
-         models_dir):
+         refit_feature_stats, models_dir):
     """Release the net of WEIGHTS as NAME (e.g. eyepacs-128): models/NAME.pt, models/NAME.md
     and its entry in models/index.json, replacing an earlier release of that name."""
     import re
     if not re.fullmatch(r'[a-z0-9][a-z0-9._-]*', name):
         raise UserError(f'{name!r}: a released name is lower-case letters, digits, ., _ and -')
     models_dir, photos = Path(models_dir or released.default_folder()), Path(photos)
+    if refit_feature_stats:
+        refit_released_stats(name, photos, labels, models_dir)
+        return
+    if not weights:
+        raise UserError('--weights: which checkpoint to release? (or --refit_feature_stats)')
     state = checkpoint.load(weights)
     config = checkpoint.config_of(state)
     hold_out = config.cnf.get('hold_out')

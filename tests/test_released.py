@@ -256,3 +256,23 @@ def test_every_script_cuts_a_net_at_its_own_cut_offs_and_outputs_name_it(release
             assert int(row['level']) == data.to_levels([float(row['mean'])], cuts)[0]
     entry = json.loads((models / 'index.json').read_text())['models']['tiny-128']
     assert {(r['model'], r['model_sha256']) for r in rows} == {('tiny-128', entry['sha256'])}
+
+
+def test_refitting_a_released_models_feature_statistics_keeps_it_whole(release, tmp_path):
+    """python -m retina.release NAME --refit_feature_stats: one mean per level, the weights
+    untouched, and the new sha256 in the index and the card (the file still loads by name)."""
+    work, _, _ = release
+    models, _ = released_copy(release, tmp_path)
+    before = checkpoint.load(models / 'tiny-128.pt')
+    old = released.sha256_of(models / 'tiny-128.pt')
+    result = run_release('tiny-128', '--refit_feature_stats', '--photos', 'data/train_tiny',
+                         '--labels', 'data/trainLabels.csv', '--models_dir', models, cwd=work)
+    assert result.returncode == 0, result.stderr
+    after = checkpoint.load(released.verified('tiny-128', models))  # the checksum holds
+    new = released.sha256_of(models / 'tiny-128.pt')
+    assert new != old and new in (models / 'tiny-128.md').read_text()
+    assert old not in (models / 'tiny-128.md').read_text()
+    assert after['feature_stats']['mean'].ndim == 2  # one row per level
+    for key, value in before['model'].items():
+        assert torch.equal(after['model'][key], value), key
+    assert after.get('thresholds') == before.get('thresholds')
