@@ -30,7 +30,7 @@ verdict, `gradable` yes or no, and the reasons:
   times the 99th percentile of its validation photographs' distances (`FeatureStats`, stored
   in the checkpoint).  The distance is to the nearest level's mean, so that a severe eye is
   measured against the severe eyes the net trained on, not taken for a bad photograph;
-- `unstable under re-encoding`: the photograph's crop re-saved as a JPEG of quality 75 (what a
+- `unstable under re-encoding`: the photograph re-saved as a JPEG of quality 75 (what a
   viewer or mail client does) moves its level by more than one (predict.py: `unstable`).
 
 The image measures are taken on the photograph cropped and resized to ANALYSIS_SIZE pixels

@@ -195,7 +195,7 @@ def test_compressed_grey_foreign_and_partial_photographs_are_ungradable(graded, 
 
 
 def test_a_grade_that_moves_under_mild_re_encoding_is_not_given(graded, tmp_path, monkeypatch):
-    """The stability check: each photograph's crop is re-saved at JPEG quality 75 and scored
+    """The stability check: each photograph is re-saved at JPEG quality 75 and scored
     again; a level that moves by more than one is not given ('unstable under re-encoding')."""
     from retina import predict
     assert predict.unstable(0.2, 2.6, (0.5, 1.5, 2.5, 3.5))
