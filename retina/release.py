@@ -134,7 +134,7 @@ python predict.py photos/ --weights_from {name} --heatmap maps
 python predict.py photos/ --weights_from {name} --heatmap maps --method layercam --layer conv5
 python train_nn.py --cnf {config} --weights_from {name} --train_dir data/train_{size} --labels labels.csv
 ```
-
+{default_map}
 ## Terms and citation
 The code is under the repository's LICENSE (MIT). These weights were trained on photographs of
 the Kaggle "Diabetic Retinopathy Detection" competition (EyePACS), whose terms allow research
@@ -185,6 +185,21 @@ def refit_released_stats(name, photos, labels, models_dir):
     click.echo(f'{name}: feature statistics refit on {len(train_rows)} training photographs '
                f'({len(stats.mean.reshape(-1, stats.precision.shape[0]))} level means; '
                f'threshold {stats.threshold:.1f}); sha256 {new[:16]}…')
+
+
+def default_map_text(name):
+    """The card's line on the map predict.py --heatmap draws by default for `name`
+    (retina.heatmaps.RELEASED_DEFAULT_MAPS), or ''."""
+    from retina.heatmaps import RELEASED_DEFAULT_MAPS
+    chosen = RELEASED_DEFAULT_MAPS.get(name)
+    if not chosen:
+        return ''
+    what = chosen['method'] + (f' at {chosen["layer"]}' if chosen['layer'] else '')
+    fused = f', fused with {chosen["fuse"]}\'s' if chosen['fuse'] else ''
+    return (f'\n`predict.py --heatmap` draws its {what}{fused} by default, the map chosen by '
+            f'measurement on HEI-MED and synthetic masks (bench/heatmap_default.md; '
+            f'BENCHMARKS.md, "Heat maps: the default map of predict.py"); `--method ram` draws '
+            f'its own RAM alone.\n')
 
 
 def write_index(models_dir, name, entry, make_default):
@@ -291,6 +306,7 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
     if log.is_file():
         log_rows = list(open(log))[1:]
     card = CARD.format(
+        default_map=default_map_text(name),
         name=name, summary=summary or f'{config.name} trained on EyePACS photographs.',
         n_train=len(names) - len(test_rows) - len(valid_rows), n_valid=len(valid_rows),
         size=converted_size(config.input_size),
