@@ -94,12 +94,18 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
                    'focus, size, and for nets that carry them the features of their training '
                    'photographs); an ungradable one keeps its scores, gets no level, and is '
                    'named on stderr.  The columns gradable (yes/no) and reasons say why.')
+@click.option('--check_stability', is_flag=True,
+              help='Also re-save each photograph as a JPEG of quality 75 (what a viewer or mail '
+                   'client does) and grade it again: a level that moves by more than one is not '
+                   "given (reason 'unstable under re-encoding').  Off by default: the released "
+                   "nets are that fragile for 13-16% of good raw photographs (BENCHMARKS.md, "
+                   '"Gradability: wrong grades caught"); about twice the time per photograph.')
 @click.option('--device', default='auto', show_default=True, help='auto, cpu, cuda or cuda:N.')
 @click.option('--no_progress', is_flag=True, help='No progress bar (for logs).')
 @handle_errors()
 def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir, method, layer,
          fuse_cnf, fuse_weights, save_maps, report, output, as_json, crop_size, batch_size, grade_anyway,
-         device, no_progress):
+         check_stability, device, no_progress):
     """Grade IMAGES (photographs, or folders of them: .jpeg, .jpg, .png, .tif, .tiff) on the
     0-4 scale.
 
@@ -163,7 +169,7 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     result = grade(graders, images, n_iter=n_iter, blend=blend, heatmap_dir=heatmap_dir,
                    batch_size=batch_size, progress=not no_progress, grade_anyway=grade_anyway,
                    heatmap_method=method, heatmap_layer=layer, save_maps=save_maps,
-                   heatmap_fuse=fuse)
+                   heatmap_fuse=fuse, check_stability=check_stability)
     text = format_json(result, graders) if as_json else format_csv(result)
     if output == '-':
         click.echo(text, nl=False)

@@ -30,8 +30,10 @@ verdict, `gradable` yes or no, and the reasons:
   times the 99th percentile of its validation photographs' distances (`FeatureStats`, stored
   in the checkpoint).  The distance is to the nearest level's mean, so that a severe eye is
   measured against the severe eyes the net trained on, not taken for a bad photograph;
-- `unstable under re-encoding`: the photograph re-saved as a JPEG of quality 75 (what a
-  viewer or mail client does) moves its level by more than one (predict.py: `unstable`).
+- `unstable under re-encoding` (only with predict.py --check_stability): the photograph
+  re-saved as a JPEG of quality 75 (what a viewer or mail client does) moves its level by more
+  than one (predict.py: `unstable`).  Off by default: the released nets are that fragile for
+  13-16% of good raw photographs.
 
 The image measures are taken on the photograph cropped and resized to ANALYSIS_SIZE pixels
 as convert.py crops it, before any --enhance (the focus at DETAIL_SIZE).  The thresholds were set on the real photographs

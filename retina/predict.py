@@ -154,7 +154,7 @@ class Photo:
     resaved: dict = dataclasses.field(default_factory=dict)
 
 
-def prepare_photo(path, needs, keep_images=False):
+def prepare_photo(path, needs, keep_images=False, stability=False):
     """A `Photo` with the converted image for each (crop_size, method) in `needs`.
 
     Each crop size decodes the file on its own (convert.py's JPEG draft scale
@@ -181,11 +181,12 @@ def prepare_photo(path, needs, keep_images=False):
         if keep_images:
             images[crop_size] = image
         resaved_rgb = np.asarray(crop.crop_to_eye(jpeg_resaved(image), crop_size, box)) \
-            if already == 'none' else rgb
+            if stability and already == 'none' else None
         for method in sorted({m for s, m in needs if s == crop_size}):
             if already == 'none':
                 converted[(crop_size, method)] = preprocess.apply(rgb, method)
-                resaved[(crop_size, method)] = preprocess.apply(resaved_rgb, method)
+                if resaved_rgb is not None:
+                    resaved[(crop_size, method)] = preprocess.apply(resaved_rgb, method)
             else:  # converted with a look already: never given it twice
                 converted[(crop_size, method)] = rgb
                 if method != already:
@@ -439,11 +440,11 @@ def check_outputs(inputs, photos, output, heatmap_dir, weights=(), blend_file=No
                             f'be graded as photographs next time: pass another folder')
 
 
-def _load_all(paths_, needs, keep_images, failed, bar, workers):
+def _load_all(paths_, needs, keep_images, failed, bar, workers, stability=False):
     """Decode and crop a batch in threads (the decoders release the GIL); failures are named."""
     def one(path):
         try:
-            return prepare_photo(path, needs, keep_images)
+            return prepare_photo(path, needs, keep_images, stability)
         except BadImage as error:
             return str(error)
 
@@ -462,7 +463,7 @@ def _load_all(paths_, needs, keep_images, failed, bar, workers):
 
 def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BATCH_SIZE,
           progress=True, workers=None, grade_anyway=False, heatmap_method='ram',
-          save_maps=False, heatmap_layer=None, heatmap_fuse=None):
+          save_maps=False, heatmap_layer=None, heatmap_fuse=None, check_stability=False):
     """Grade the photographs of `inputs` (files and folders) with every grader; returns `Result`.
 
     `blend` is a `LoadedBlend` (its feature sets are computed too); `heatmap_dir`
@@ -474,7 +475,8 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
     (`methods.fuse`, on `methods.fusion_grid`), each net on its own converted image of the
     photograph (as ram.py --fuse_images).  Every row says whether the photograph is
     gradable and why not (`retina.gradability`); an ungradable one keeps its scores but gets
-    no level, unless `grade_anyway`.
+    no level, unless `grade_anyway`.  `check_stability`: each photograph is also re-saved as a
+    JPEG of quality 75 and scored again; a level that moves by more than one is not given.
     """
     from retina.heatmaps import figures, methods
     unread = []
@@ -508,7 +510,7 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
     with bar:
         for start in range(0, len(photo_paths), batch_size):
             photos = _load_all(photo_paths[start:start + batch_size], needs, bool(ram_graders),
-                               failed, bar, workers)
+                               failed, bar, workers, stability=check_stability)
             if not photos:
                 continue
             outputs = {id(g): score_batch(g, photos, n_iter, feature_sets.get(id(g), ()),

@@ -202,7 +202,7 @@ def test_a_grade_that_moves_under_mild_re_encoding_is_not_given(graded, tmp_path
     assert not predict.unstable(0.2, 1.4, (0.5, 1.5, 2.5, 3.5))
     folder, weights = graded
     grader = predict.load_grader(RAM, weights)
-    photos = [predict.prepare_photo(p, {(grader.crop_size, grader.preprocessing)})
+    photos = [predict.prepare_photo(p, {(grader.crop_size, grader.preprocessing)}, stability=True)
               for p in sorted(folder.glob('*_*.jpeg'))[:2]]
     key = (grader.crop_size, grader.preprocessing)
     assert not np.array_equal(photos[0].resaved[key], photos[0].converted[key])
@@ -212,5 +212,7 @@ def test_a_grade_that_moves_under_mild_re_encoding_is_not_given(graded, tmp_path
         for p in photos], 1)
     assert np.allclose(out.resaved, again.scores, atol=1e-5)  # the re-saved copy's own score
     monkeypatch.setattr(predict, 'unstable', lambda *args: True)
-    result = predict.grade([grader], [folder], progress=False)
+    result = predict.grade([grader], [folder], progress=False, check_stability=True)
     assert all(predict.UNSTABLE in row['reasons'] and row['level'] is None for row in result.rows)
+    result = predict.grade([grader], [folder], progress=False)  # off by default
+    assert not any(predict.UNSTABLE in row['reasons'] for row in result.rows)
