@@ -219,18 +219,20 @@ def gradability_reasons(path, image, box, crop_size, rgb, enhanced=False):
     ungradable, [] if none.  `image` is its decode for `crop_size` (`load_for_crop`), `box` the
     eye's box in it and `rgb` the converted crop_size² image before any --enhance (`enhanced`:
     the photograph arrived with a look already).  The focus
-    is judged on the eye at DETAIL_SIZE pixels (decoded again when `image` is smaller); the
-    compression on the file's JPEG tables and, for a full-resolution decode, its blocks."""
+    is judged on the eye at `gradability.detail_size` (512 px, or the photograph's own size when
+    smaller; decoded again when `image` is smaller); the compression on the file's JPEG tables
+    and, for a full-resolution decode, its blocks."""
     from retina import gradability
     side = min(box[2] - box[0], box[3] - box[1])
-    detail_image, detail_box = image, box
-    if side < gradability.DETAIL_SIZE:
-        detail_image = load_for_crop(path, gradability.DETAIL_SIZE)
-        detail_box = find_eye_box_fast(detail_image)
-    detail = np.asarray(crop_to_eye(detail_image, gradability.DETAIL_SIZE, detail_box))
-    quality, blocks = gradability.file_measures(path, image)
     with Image.open(path) as opened:  # the eye's side in the file's own pixels
         original = max(opened.size) / max(image.size) * side
+    size = gradability.detail_size(original)
+    detail_image, detail_box = image, box
+    if side < size:
+        detail_image = load_for_crop(path, size)
+        detail_box = find_eye_box_fast(detail_image)
+    detail = np.asarray(crop_to_eye(detail_image, size, detail_box))
+    quality, blocks = gradability.file_measures(path, image)
     return gradability.reasons(gradability.measures(rgb, detail), side, crop_size,
                                quality=quality, blocks=blocks,
                                pixels_per_net_pixel=original / crop_size, enhanced=enhanced)

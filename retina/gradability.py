@@ -122,10 +122,17 @@ def _focus(rgb, edge=EDGE):
     return float((fine - middle)[inner].std() / max((middle - coarse)[inner].std(), 1e-6))
 
 
+def detail_size(eye_side):
+    """The side the focus is judged at for an eye `eye_side` photograph pixels across:
+    DETAIL_SIZE, or the photograph's own size when it is smaller (an upsampled eye has no fine
+    detail to lose), but never under ANALYSIS_SIZE."""
+    return int(max(ANALYSIS_SIZE, min(DETAIL_SIZE, round(eye_side))))
+
+
 def detail_focus(rgb):
-    """The focus measure on the eye at DETAIL_SIZE pixels (S × S × 3 uint8, S = DETAIL_SIZE)."""
-    rgb = _resized(np.asarray(rgb, dtype=np.uint8), DETAIL_SIZE)
-    return _focus(rgb, EDGE * DETAIL_SIZE // ANALYSIS_SIZE)
+    """The focus measure on the eye at its detail size (S × S × 3 uint8, `detail_size`)."""
+    rgb = np.asarray(rgb, dtype=np.uint8)
+    return _focus(rgb, max(EDGE, EDGE * rgb.shape[0] // ANALYSIS_SIZE))
 
 
 def jpeg_quality(image):

@@ -208,7 +208,7 @@ def test_a_layer_without_a_name_of_its_own_is_one_line(tmp_path, layers, words):
 
 
 def test_a_config_may_carry_or_leave_out_an_optional_key(tmp_path, monkeypatch):
-    monkeypatch.setattr(config_module, 'OPTIONAL_KEYS', {'note': 'free text'})
+    monkeypatch.setattr(config_module, 'OPTIONAL_KEYS', dict(config_module.OPTIONAL_KEYS, note='free text'))
     base = config_module.load('c_128_5x5_32')
     for extra, name in (({}, 'c_without'), ({'note': 'hi'}, 'c_with')):
         config_module.check_cnf(dict(base.cnf, **extra), name)
