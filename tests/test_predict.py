@@ -95,10 +95,13 @@ def test_predict_grades_raw_photos_as_the_converted_route(photos, tmp_path):
         assert rows[name]['level'] == int(np.digitize(np.clip(score, 0, 4), [.5, 1.5, 2.5, 3.5]))
     # EXIF orientation applied: the rotated file is graded as the upright one.
     assert abs(rows['rotated']['mean'] - rows['upright']['mean']) < 1e-5
-    # One heat map per photograph over the whole, uncropped photograph.
+    # One heat map per photograph over the whole, uncropped photograph (at its own size, with
+    # the caption above it and the colour bar beside it: figures.render)
+    from retina.heatmaps import figures
     for name in rows:
         with Image.open(work / 'maps' / f'{name}_ram_{RAM}.png') as picture:
-            assert picture.size == (300, 200)
+            left, top, right, bottom = figures.photo_box(picture)
+            assert (right - left, bottom - top) == (300, 200)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / 'eyepacs_raw').is_dir(), reason='needs ../shared/data')
