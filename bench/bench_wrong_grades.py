@@ -238,13 +238,15 @@ def refit(weights, photos, labels, tmp):
 @click.option('--refit_photos', type=click.Path(file_okay=False),
               help="The converted photographs the net trained on (for the per-level refit).")
 @click.option('--refit_labels', type=click.Path(dir_okay=False), help='Their labels.')
+@click.option('--cases/--no_cases', default=True, show_default=True,
+              help='Grade the made-up cases (part 1); --no_cases: the real photographs only.')
 @click.option('--write', is_flag=True, help='Write the tables into BENCHMARKS.md.')
-def main(weights_from, limit, odir, refit_photos, refit_labels, write):
+def main(weights_from, limit, odir, refit_photos, refit_labels, cases, write):
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         cases = case_rows({'eyepacs256': SHARED / 'eyepacs256', 'eyepacs_raw': SHARED / 'eyepacs_raw'},
-                          weights_from, limit, tmp)
+                          weights_from, limit, tmp) if cases else ['(not run: --no_cases)']
         sources = {'eyepacs_raw': (SHARED / 'eyepacs_raw', False),
                    'eyepacs_raw1024': (SHARED / 'eyepacs_raw1024', False),
                    'heimed': (SHARED / 'heimed' / 'images', False),
