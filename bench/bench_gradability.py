@@ -80,7 +80,7 @@ def verdict(image):
     box = crop.find_eye_box_fast(image)
     converted = np.asarray(crop.crop_to_eye(image, CROP, box))
     side = min(box[2] - box[0], box[3] - box[1])
-    detail = np.asarray(crop.crop_to_eye(image, gradability.DETAIL_SIZE, box))
+    detail = np.asarray(crop.crop_to_eye(image, gradability.detail_size(side), box))
     found = gradability.measures(converted, detail)
     return gradability.reasons(found, side, CROP), found, converted
 

@@ -224,24 +224,22 @@ def gradability_reasons(path, image, box, crop_size, rgb, enhanced=False):
     and, for a full-resolution decode, its blocks."""
     from retina import gradability
     side = min(box[2] - box[0], box[3] - box[1])
-    with Image.open(path) as opened:  # the eye's side in the file's own pixels
-        original = max(opened.size) / max(image.size) * side
+    quality, blocks, file_size = gradability.file_measures(path, image)
+    original = max(file_size) / max(image.size) * side  # the eye's side in the file's pixels
     size = gradability.detail_size(original)
     detail_image, detail_box = image, box
     if side < size:
         detail_image = load_for_crop(path, size)
         detail_box = find_eye_box_fast(detail_image)
     detail = np.asarray(crop_to_eye(detail_image, size, detail_box))
-    quality, blocks = gradability.file_measures(path, image)
     return gradability.reasons(gradability.measures(rgb, detail), side, crop_size,
                                quality=quality, blocks=blocks,
                                pixels_per_net_pixel=original / crop_size, enhanced=enhanced)
 
 
-def doubts(src, box, output, crop_size, image=None):
+def doubts(src, box, output, crop_size, image):
     """Warnings for a converted image (before --enhance) that is probably useless: blown up,
     black, or ungradable by predict.py's checks (`retina.gradability`)."""
-    from retina import gradability
     found = []
     side = min(box[2] - box[0], box[3] - box[1])
     if side * MAX_UPSCALE < crop_size:
@@ -250,9 +248,7 @@ def doubts(src, box, output, crop_size, image=None):
     if np.asarray(output).mean() < DARK_MEAN:
         found.append(f'{src}: nearly black (no eye found); check the photograph')
     if not found:
-        reasons = gradability_reasons(src, image, box, crop_size, np.asarray(output)) \
-            if image is not None else \
-            gradability.reasons(gradability.measures(np.asarray(output)), side, crop_size)
+        reasons = gradability_reasons(src, image, box, crop_size, np.asarray(output))
         if reasons:
             found.append(f'{src}: ungradable ({", ".join(reasons)}); predict.py would give it '
                          f'no level')

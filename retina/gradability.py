@@ -194,17 +194,18 @@ def heavily_compressed(quality, blocks, pixels_per_net_pixel):
 
 
 def file_measures(path, image):
-    """(JPEG quality or None, blockiness or None) of the photograph file `path` whose decode is
-    the PIL `image`: the blockiness only where the decode is at the file's full resolution (a
-    reduced JPEG decode averages the blocks away)."""
+    """(JPEG quality or None, blockiness or None, the file's own (width, height)) of the
+    photograph file `path` whose decode is the PIL `image`: the blockiness only where the
+    decode is at the file's full resolution (a reduced JPEG decode averages the blocks away).
+    The file's header is read once, for all three."""
     from PIL import Image
     try:
         with Image.open(path) as opened:
             quality, size = jpeg_quality(opened), opened.size
     except Exception:  # decoded once already: what the caller read is what counts
-        return None, None
+        return None, None, image.size
     full = sorted(image.size) == sorted(size)
-    return quality, blockiness(np.asarray(image)) if full else None
+    return quality, blockiness(np.asarray(image)) if full else None, size
 
 
 def measures(rgb, detail=None):
@@ -309,21 +310,15 @@ class FeatureStats:
         of the distances of `valid_features` (photographs the net did not train on)."""
         from sklearn.covariance import LedoitWolf
         train = np.asarray(train_features, dtype=np.float64)
-        mean = train.mean(axis=0)
-        if train_levels is not None:
-            levels = np.asarray(train_levels)
-            kept = [k for k in np.unique(levels) if (levels == k).sum() >= MIN_LEVEL_PHOTOS]
-            if kept:
-                means = np.stack([train[levels == k].mean(axis=0) for k in kept])
-                rows = np.isin(levels, kept)
-                nearest = np.searchsorted(np.array(kept), levels[rows])
-                residuals = train[rows] - means[nearest]
-                estimate = LedoitWolf(assume_centered=True).fit(residuals)
-                stats = cls(mean=means, precision=estimate.precision_, threshold=0.0)
-                stats.threshold = margin * float(np.percentile(stats.distances(valid_features),
-                                                               percentile))
-                return stats
-        estimate = LedoitWolf().fit(train)
+        levels = np.asarray(train_levels) if train_levels is not None else np.array([])
+        kept = [k for k in np.unique(levels) if (levels == k).sum() >= MIN_LEVEL_PHOTOS]
+        if kept:
+            mean = np.stack([train[levels == k].mean(axis=0) for k in kept])
+            rows = np.isin(levels, kept)
+            residuals = train[rows] - mean[np.searchsorted(np.array(kept), levels[rows])]
+            estimate = LedoitWolf(assume_centered=True).fit(residuals)
+        else:
+            mean, estimate = train.mean(axis=0), LedoitWolf().fit(train)
         stats = cls(mean=mean, precision=estimate.precision_, threshold=0.0)
         stats.threshold = margin * float(np.percentile(stats.distances(valid_features),
                                                        percentile))
