@@ -7,13 +7,14 @@
     python blend.py --features_file data/features/c_512_5x5_32_train_mean_iter_50_skip_0.npy \\
                     --features_file data/features/c_512_5x5_32_train_std_iter_50_skip_0.npy
 
-The work is done by retina.blend.run_blend; see its docstring.
+The work is done by retina.blend.blending.run_blend; see its docstring.
 """
 import click
 
-from retina import blend, paths
-from retina import config as config_module
-from retina.errors import UserError, handle_errors
+from retina.blend import blending as blend
+from retina.core import paths
+from retina.core.errors import UserError, handle_errors
+from retina.model import config as config_module
 
 
 @click.command(context_settings={'help_option_names': ['-h', '--help']})

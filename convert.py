@@ -5,14 +5,15 @@
     python convert.py --directory data/test --convert_directory data/test_medium --crop_size 512
     python convert.py --test      # look at a few crops first
 
-The work is done by retina.crop; see its docstring for the algorithm.
+The work is done by retina.data.crop; see its docstring for the algorithm.
 """
 import sys
 
 import click
 
-from retina import conversion, crop, paths, preprocess, preview
-from retina.errors import handle_errors
+from retina.core import paths
+from retina.core.errors import handle_errors
+from retina.data import conversion, crop, preprocess, preview
 
 
 @click.command(context_settings={'help_option_names': ['-h', '--help']})

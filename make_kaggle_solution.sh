@@ -52,7 +52,7 @@ if ! [[ "$TTA" =~ ^[1-9][0-9]*$ ]]; then
   echo "error: TTA=$TTA is not a positive whole number of iterations; e.g. TTA=50" >&2
   exit 2
 fi
-# transform.py's cap (retina/feature_files.py MAX_TTA_ITERATIONS), compared as text first: a
+# transform.py's cap (retina/features/files.py MAX_TTA_ITERATIONS), compared as text first: a
 # number of 19 digits or more would overflow bash's arithmetic (and --skip is 2 x TTA).
 if [ ${#TTA} -gt 5 ] || [ "$TTA" -gt 10000 ]; then
   echo "error: TTA=$TTA is more than transform.py takes (10000 iterations); e.g. TTA=50" >&2

@@ -6,15 +6,15 @@
     python predict.py data/new_photos --blend data/sub_abc1234_20261126-1015_blend.pt --per_patient
     python predict.py photo.jpeg --heatmap data/predict_maps --output grades.csv
 
-The work is done by retina.predict; see its docstring for how each photograph
+The work is done by retina.grade.predict; see its docstring for how each photograph
 is prepared (exactly as convert.py, then as the net's training images were).
 """
 import sys
 
 import click
 
-from retina.errors import UserError, handle_errors
-from retina.feature_files import MAX_TTA_ITERATIONS
+from retina.core.errors import UserError, handle_errors
+from retina.features.files import MAX_TTA_ITERATIONS
 from retina.heatmaps import METHOD_HELP, METHOD_NAMES
 
 DEFAULT_CNF = 'c_512_5x5_32_ram'
@@ -90,7 +90,7 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
               help='Photographs decoded and scored together.')
 @click.option('--grade_anyway', is_flag=True,
               help='Give a level to ungradable photographs too.  Without it every photograph '
-                   'is checked (retina/gradability.py: the eye found, exposure, contrast, '
+                   'is checked (retina/data/gradability.py: the eye found, exposure, contrast, '
                    'focus, size, and for nets that carry them the features of their training '
                    'photographs); an ungradable one keeps its scores, gets no level, and is '
                    'named on stderr.  The columns gradable (yes/no) and reasons say why.')
@@ -122,15 +122,15 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     A photograph that cannot be read is named on stderr and the others are
     graded; the exit status is then 1.
     """
-    from retina import atomic
-    from retina.predict import (LoadedBlend, check_outputs, collect_photos, format_csv,
-                                format_json, grade, load_grader, ungradable_note)
-    from retina.runtime import resolve_device
+    from retina.core import atomic
+    from retina.core.runtime import resolve_device
+    from retina.grade.predict import (LoadedBlend, check_outputs, collect_photos, format_csv,
+                                      format_json, grade, load_grader, ungradable_note)
 
     if layer and not heatmap_dir:
         raise UserError('--layer chooses the layer of the --heatmap maps: add --heatmap DIR')
     if report:
-        from retina.report import check_report_path, files_folder
+        from retina.grade.report import check_report_path, files_folder
         check_report_path(report)
         heatmap_dir = heatmap_dir or str(files_folder(report))
     if (fuse_cnf or fuse_weights) and not heatmap_dir:
@@ -179,7 +179,7 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     if result.heat_maps:
         click.echo(f'wrote {len(result.heat_maps)} heat maps to {heatmap_dir}', err=True)
     if report:
-        from retina.report import write_report
+        from retina.grade.report import write_report
         write_report(report, result, photos, [g.weights for g in graders] +
                      ([fuse.weights] if fuse else []), command=' '.join(['predict.py', *sys.argv[1:]]))
         click.echo(f'wrote {report} (its pictures in {files_folder(report)})', err=True)
@@ -210,14 +210,15 @@ def default_heatmap(graders):
 
 def trained_config(weights):
     """The config name a checkpoint (a file or a released model's name) was trained as."""
-    from retina import checkpoint
+    from retina.model import checkpoint
     return checkpoint.trained_config(weights)
 
 
 def default_net():
     """(config, weights) to grade with when none are named: DEFAULT_CNF's trained weights if
     this folder has them, else the released default model (said once on stderr)."""
-    from retina import paths, released
+    from retina.core import paths
+    from retina.model import released
     if paths.best_kappa_weights(DEFAULT_CNF).is_file():
         return DEFAULT_CNF, None
     shipped = released.default()

@@ -8,7 +8,7 @@
     python ram.py --cnf c_128_5x5_32_ram --images data/synthetic_tiny/test \\
         --masks data/synthetic/masks --photos data/synthetic/test --labels data/synthetic/testLabels.csv
 
-The work is done by retina.ram (the run), retina.heatmaps.methods (the maps),
+The work is done by retina.heatmaps.ram (the run), retina.heatmaps.methods (the maps),
 .scores (what they are worth) and .figures (the drawing).
 """
 import difflib
@@ -17,9 +17,11 @@ import sys
 
 import click
 
-from retina import checkpoint, config as config_module, paths
-from retina.errors import UserError, handle_errors
+from retina.core import paths
+from retina.core.errors import UserError, handle_errors
 from retina.heatmaps import METHOD_HELP, METHOD_NAMES
+from retina.model import checkpoint
+from retina.model import config as config_module
 
 
 
@@ -136,8 +138,9 @@ def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights,
     if (scores_json or scores_only) and not masks:
         option = '--scores_json' if scores_json else '--scores_only'
         raise UserError(f'{option} needs --masks (there is nothing to score without lesion masks)')
-    from retina import atomic, ram
-    from retina.runtime import resolve_device
+    from retina.core import atomic
+    from retina.core.runtime import resolve_device
+    from retina.heatmaps import ram
     ram.methods.check_layer(method, layer)
     config = config_module.load(checkpoint.config_name(cnf, weights_from))
     device = resolve_device(device)

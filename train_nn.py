@@ -2,9 +2,9 @@
 """Train a network from a config module (e.g. configs/c_512_5x5_32_ram.py)."""
 import click
 
-from retina import config as config_module
-from retina.errors import handle_errors
-from retina.precision import PRECISION_HELP, PRECISIONS
+from retina.core.errors import handle_errors
+from retina.core.precision import PRECISIONS, PRECISION_HELP
+from retina.model import config as config_module
 
 
 @click.command(context_settings={'help_option_names': ['-h', '--help']})
@@ -56,7 +56,7 @@ from retina.precision import PRECISION_HELP, PRECISIONS
 @click.option('--hold_out', type=click.FloatRange(0, 0.5, max_open=True), metavar='FRACTION',
               help='Keep about this fraction of the patients (e.g. 0.15) out of training and '
                    'validation as a test split that nothing is tuned on: a fixed rule on the '
-                   'patient id alone (retina.data.held_out: both eyes together, the same '
+                   'patient id alone (retina.data.labels.held_out: both eyes together, the same '
                    'patients in every folder and run), so that scripts after training can score '
                    "the same patients.  Recorded as the config's hold_out; --resume keeps the "
                    "run's.  [default: the config's hold_out, or none]")
@@ -92,11 +92,11 @@ def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed,
         given['schedule'] = config_module.parse_schedule(schedule)
     config.cnf.update(given)
     if summary:
-        from retina.nets import format_summary
+        from retina.model.nets import format_summary
         click.echo(format_summary(config.build_net(), config.name))
         return
-    from retina.runs import resumed_config
-    from retina.train import train
+    from retina.train.loop import train
+    from retina.train.runs import resumed_config
     if resume:  # the run's own folders and settings, or an error naming what changed
         config = resumed_config(config, given)
         if schedule is not None:

@@ -2,10 +2,13 @@
 """Extract test-time-augmented features of a trained net for blend.py."""
 import click
 
-from retina import config as config_module, paths, released
-from retina.errors import handle_errors
-from retina.feature_files import MAX_TTA_ITERATIONS, TTA_SEQUENCE_HELP, TTA_SEQUENCES
-from retina.precision import PRECISIONS
+from retina.core import paths
+from retina.core.errors import handle_errors
+from retina.core.precision import PRECISIONS
+from retina.features.files import MAX_TTA_ITERATIONS
+from retina.model import config as config_module
+from retina.model import released
+from retina.model.augment import TTA_SEQUENCES, TTA_SEQUENCE_HELP
 
 
 @click.command(context_settings={'help_option_names': ['-h', '--help']})
@@ -60,9 +63,9 @@ def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, devi
     average-pool layer (RAM nets).  With neither --train nor --test: the split
     whose folder is given (--test_dir or --train_dir alone), else both.
     """
-    from retina.checkpoint import config_name, load_net
-    from retina.features import extract_features
-    from retina.runtime import resolve_device
+    from retina.core.runtime import resolve_device
+    from retina.features.extract import extract_features
+    from retina.model.checkpoint import config_name, load_net
 
     config = config_module.load(config_name(cnf, weights_from))
     weights = (released.weights_path(weights_from) if weights_from

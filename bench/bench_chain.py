@@ -7,9 +7,9 @@
 Every net was trained with `train_nn.py --hold_out FRACTION` on its folder (the same
 photographs at its size, e.g. eyepacs256 converted to 128 and 256 px with --enhance
 local_contrast); weights are each run's weights/CNF/weights.pt under `--work` (best validation
-kappa).  The test split is `data.held_out(name, FRACTION)`: patients that no training,
+kappa).  The test split is `held_out(name, FRACTION)`: patients that no training,
 epoch choice, cut-off or blend fit ever saw; the validation split is the one training used
-(`data.split_indices` of the other patients).  Anything fitted here (the pixel floor,
+(`split_indices` of the other patients).  Anything fitted here (the pixel floor,
 cut-offs, blends) is fitted on the training or validation patients only.
 
 Rows of the table, each on the test split with a 95% patient-bootstrap interval:
@@ -42,10 +42,14 @@ sys.path.insert(0, str(REPO / 'bench'))
 from bench_real import FLOOR_SIDE, pixel_floor, run, shrink  # noqa: E402
 from report import device_name, replace_section, today  # noqa: E402
 
-from retina import cache, data, evaluation, paths  # noqa: E402
-from retina.images import image_name  # noqa: E402
-from retina.blend import FOLDS, folds_by_patient  # noqa: E402
-from retina.release import centred_scores  # noqa: E402
+from retina.blend.blending import FOLDS, folds_by_patient  # noqa: E402
+from retina.core import metrics, paths  # noqa: E402
+from retina.core.paths import patient_and_eye  # noqa: E402
+from retina.data import cache  # noqa: E402
+from retina.data.images import image_name  # noqa: E402
+from retina.data.labels import held_out, labelled_images, load_labels, split_indices  # noqa: E402
+from retina.data.labels import split_rows  # noqa: E402
+from retina.publish.release import centred_scores  # noqa: E402
 
 SHARED = REPO.parent / 'shared' / 'data'
 
@@ -53,18 +57,18 @@ SHARED = REPO.parent / 'shared' / 'data'
 # ---------------------------------------------------------------- scores
 
 def patients_of(names):
-    return np.array([data.patient_and_eye(n)[0] for n in names])
+    return np.array([patient_and_eye(n)[0] for n in names])
 
 
 def bootstrap(names, levels, predictions, cuts=None):
-    """Every score of `evaluation.scores` (kappa at 0.5..3.5 and at `cuts`, AUROC, Spearman)
+    """Every score of `metrics.scores` (kappa at 0.5..3.5 and at `cuts`, AUROC, Spearman)
     with its patient-bootstrap interval."""
-    return evaluation.bootstrap(names, levels, predictions,
-                                lambda lv, pr: evaluation.scores(lv, pr, cuts))
+    return metrics.bootstrap(names, levels, predictions,
+                                lambda lv, pr: metrics.scores(lv, pr, cuts))
 
 
 def fitted_cuts(levels, predictions):
-    from retina.blend import fit_thresholds
+    from retina.core.metrics import fit_thresholds
     return fit_thresholds(levels, predictions)
 
 
@@ -73,8 +77,8 @@ def fitted_cuts(levels, predictions):
 def head(work, name, tta, names):
     """The RAM net's own linear output on its TTA-mean features, in `names` order; and the
     mean and std features themselves."""
-    from retina import checkpoint
-    from retina.feature_files import load_features
+    from retina.features.files import load_features
+    from retina.model import checkpoint
     state = checkpoint.load(work / paths.best_kappa_weights(name))
     weight = state['model']['output.weight'].numpy()[0]
     bias = float(state['model']['output.bias'].numpy()[0])
@@ -89,7 +93,7 @@ def blend_py(work, nets, tta, labels, fit_on, names, valid_rows, test_rows):
     blend.py --per_patient --optimize_thresholds --fit_on FIT_ON runs it, in `work`):
     (predictions for every row, NaN outside the validation and test rows; the validation
     predictions its cut-offs are fitted on)."""
-    from retina.blend import run_blend
+    from retina.blend.blending import run_blend
     files = [work / paths.features(name, 'train', stat, tta, 0)
              for name, _ in nets for stat in ('mean', 'std')]
     labels, here = Path(labels).resolve(), os.getcwd()
@@ -137,9 +141,9 @@ def raw_test(work, raw, labels_file, nets, hold_out, trained_patients, log):
     """predict.py (the user's path: raw photographs, the nets' own crop and look) on the
     photographs of `raw` whose patients no net trained or validated on; rows per choice of
     patients: (label, names, levels, mean score of the nets)."""
-    labels = data.load_labels(labels_file)
+    labels = load_labels(labels_file)
     photos = sorted(p for p in (raw / 'train').iterdir() if image_name(p) in labels)
-    unseen = [p for p in photos if data.patient_and_eye(image_name(p))[0] not in trained_patients]
+    unseen = [p for p in photos if patient_and_eye(image_name(p))[0] not in trained_patients]
     if not unseen:
         return []
     # Named by the nets: a rerun with other nets grades again instead of reusing the grades.
@@ -159,7 +163,7 @@ def raw_test(work, raw, labels_file, nets, hold_out, trained_patients, log):
     names = [r['image'] for r in rows]
     scores_ = np.array([float(r['mean']) for r in rows])
     levels = np.array([labels[n] for n in names])
-    held = np.array([data.held_out(n, hold_out) for n in names])
+    held = np.array([held_out(n, hold_out) for n in names])
     result = [(f'all {len(unseen)} photographs of patients no net saw', names, levels, scores_)]
     if held.any() and not held.all():
         result.append((f'the {int(held.sum())} of test-split patients', list(np.array(names)[held]),
@@ -217,9 +221,9 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')  # transform.py's auto
     nets = [tuple(n.split(':', 1)) for n in nets]
     started = time.perf_counter()
-    first_paths, levels = data.labelled_images(work / nets[0][1], labels)
+    first_paths, levels = labelled_images(work / nets[0][1], labels)
     names = [image_name(p) for p in first_paths]
-    fit_rows, valid_rows, test_rows = data.split_rows(names, levels, hold_out)
+    fit_rows, valid_rows, test_rows = split_rows(names, levels, hold_out)
     test_names, test_levels = [names[i] for i in test_rows], levels[test_rows]
     source = sources_of(labels)
     by_source = {}
@@ -251,7 +255,7 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
         pixel_floor(shrink(images[fit_rows]), levels[fit_rows], [shrink(images)])[0])
     heads, features = [], []
     for name, folder in nets:
-        paths_, levels_ = data.labelled_images(work / folder, labels)
+        paths_, levels_ = labelled_images(work / folder, labels)
         if [image_name(p) for p in paths_] != names:
             raise click.ClickException(f'{folder}: not the photographs of {nets[0][1]}')
         epochs = sum(1 for _ in open(work / paths.train_log(name))) - 1
@@ -271,7 +275,7 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
                else ' (fitted on the training patients, the original)' if fit_on == 'all'
                else ' (too few validation patients: ran as --fit_on all)'),
             predictions, cut_source)
-    from retina.blend_net import per_patient_inputs
+    from retina.blend.net import per_patient_inputs
     head_inputs = per_patient_inputs(np.stack(heads, 1).astype(np.float32), names)
     out_of_fold, mean = cross_fitted(lambda r: linear_blend(head_inputs, levels, r), names,
                                      levels, valid_rows)
@@ -296,7 +300,7 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
         body = (f'{len(names)} photographs ({nets[0][1]}), {len(test_rows)} of '
                 f'{len(set(patients_of(test_names)))} patients in the test split (hold_out '
                 f'{hold_out}), {len(valid_rows)} validation images. Intervals: 95%, '
-                f'{evaluation.BOOTSTRAP_ROUNDS} patient-bootstrap resamples of the test patients. '
+                f'{metrics.BOOTSTRAP_ROUNDS} patient-bootstrap resamples of the test patients. '
                 f'{note} {device_name(device)}; {today()}; '
                 f'{(time.perf_counter() - started) / 60:.1f} min.\nCommand: `{command}`.\n\n'
                 f'{text}')

@@ -7,7 +7,7 @@ graded by predict.py as a user would, for one or more graders.
         [--limit 150] [--hold_out 0.15] [--write]
 
 Each set is a folder with train/ (or the photographs) beside trainLabels.csv; only the patients
-of the test split (retina.data.held_out at --hold_out, the rule train_nn.py --hold_out uses) are
+of the test split (retina.data.labels.held_out at --hold_out, the rule train_nn.py --hold_out uses) are
 taken, the first --limit of them by name.  Each photograph is decoded, re-saved with PIL at each
 quality (4:2:0, as cameras and viewers save), and the copies graded by predict.py (its default:
 centred window, the net's own cut-offs, the gradability checks).  Per grader and quality: the
@@ -34,8 +34,8 @@ sys.path.insert(0, str(REPO / 'bench'))
 
 from report import cpu_model, replace_section, today  # noqa: E402
 
-from retina.data import held_out, load_labels  # noqa: E402
-from retina.paths import IMAGE_EXTENSIONS  # noqa: E402
+from retina.core.paths import IMAGE_EXTENSIONS  # noqa: E402
+from retina.data.labels import held_out, load_labels  # noqa: E402
 
 QUALITIES = (95, 75, 50, 30, 20, 10, 5)
 SHARED = REPO.parent / 'shared' / 'data'

@@ -7,7 +7,7 @@ Times, interleaved round by round (see report.interleaved) so that a shared
 machine's load falls on every variant alike, medians reported:
 - per image, in this process: the reference (full decode, blur the whole
   photograph, find the box, crop, Lanczos resize) against the fast path
-  (`retina.crop.convert_one`: DCT-scaled decode, box on a reduced copy,
+  (`retina.data.crop.convert_one`: DCT-scaled decode, box on a reduced copy,
   bilinear resize), and the fast path over a process pool;
 - whole processes, start-up included: `python convert.py` on the folder
   against a process running the reference over it;
@@ -41,10 +41,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / 'bench'))
 
 from report import cpu_model, interleaved, medians, paired_ratio, replace_section, today  # noqa: E402
-from retina import conversion, crop  # noqa: E402
-from retina.atomic import save_image  # noqa: E402
-from retina.errors import handle_errors  # noqa: E402
-from retina.images import list_images, load_rgb  # noqa: E402
+from retina.core.atomic import save_image  # noqa: E402
+from retina.core.errors import handle_errors  # noqa: E402
+from retina.data import conversion, crop  # noqa: E402
+from retina.data.images import list_images, load_rgb  # noqa: E402
 
 SECTION = 'convert.py'
 DEFAULT_DIRECTORY = REPO.parent / 'shared' / 'data' / 'eyepacs_sample' / 'train'

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Batches from a host image cache: the earlier gather against `retina.runtime.batches`.
+"""Batches from a host image cache: the earlier gather against `retina.core.runtime.batches`.
 
     python bench/bench_gather.py [--device auto] [--rounds 7]
 
@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / 'bench'))
 
 from report import (device_name, interleaved, medians, paired_ratio,  # noqa: E402
                     replace_section, today)
-from retina.runtime import batches, resolve_device  # noqa: E402
+from retina.core.runtime import batches, resolve_device  # noqa: E402
 
 CASES = [(512, 32, 'training, 512 px'), (512, 512, 'features, 512 px'),
          (128, 128, 'training, 128 px')]

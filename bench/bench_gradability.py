@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""How predict.py's gradability checks (retina/gradability.py) split real photographs, degraded
+"""How predict.py's gradability checks (retina/data/gradability.py) split real photographs, degraded
 copies of them and images with no eye.
 
     python bench/bench_gradability.py [--weights W.pt --photos data/real/e128 --labels L.csv]
@@ -30,8 +30,9 @@ sys.path.insert(0, str(REPO / 'bench'))
 
 from report import replace_section, today  # noqa: E402
 
-from retina import crop, gradability  # noqa: E402
-from retina.images import IMAGE_EXTENSIONS  # noqa: E402
+from retina.data import crop, gradability  # noqa: E402
+from retina.data.images import IMAGE_EXTENSIONS  # noqa: E402
+from retina.model import feature_stats  # noqa: E402
 
 SHARED = REPO.parent / 'shared' / 'data'
 FOLDERS = {'eyepacs_raw': SHARED / 'eyepacs_raw' / 'train',
@@ -98,13 +99,15 @@ def feature_rows(weights, photos, labels, real, others):
     and the share beyond it per group of photographs."""
     import torch
 
-    from retina import cache, checkpoint, data
-    from retina.predict import load_grader, prepare_photo, _passes
+    from retina.data import cache
+    from retina.data.labels import labelled_images, split_rows
+    from retina.grade.predict import _passes, load_grader, prepare_photo
+    from retina.model import checkpoint
     state = checkpoint.load(weights)
     config = checkpoint.config_of(state)
-    image_paths, levels = data.labelled_images(photos, labels)
+    image_paths, levels = labelled_images(photos, labels)
     names = [p.stem for p in image_paths]
-    train_rows, valid_rows, test_rows = data.split_rows(names, levels,
+    train_rows, valid_rows, test_rows = split_rows(names, levels,
                                                         config.cnf.get('hold_out') or 0)
     images = cache.load_images(image_paths, progress=False)
     grader = load_grader(config.name, weights)
@@ -116,7 +119,7 @@ def feature_rows(weights, photos, labels, real, others):
             out.append(_passes(grader, batch, [None])[1][0])
         return np.concatenate(out)
     valid = features_of(images[valid_rows])
-    stats = gradability.FeatureStats.fit(features_of(images[train_rows]), valid)
+    stats = feature_stats.FeatureStats.fit(features_of(images[train_rows]), valid)
     rows = [('validation split (sets the threshold)', valid),
             ('test split (held-out patients)', features_of(images[test_rows]))]
     key = (grader.crop_size, grader.preprocessing)
@@ -126,7 +129,7 @@ def feature_rows(weights, photos, labels, real, others):
             converted.append(prepare_photo(path, {key}).converted[key])
         rows.append((f'{name} (raw photographs)',
                      features_of(np.stack(converted).transpose(0, 3, 1, 2))))
-    from retina import preprocess
+    from retina.data import preprocess
     other = [preprocess.apply(np.asarray(crop.crop_to_eye(image, grader.crop_size)),
                               grader.preprocessing) for image in others.values()]
     rows.append(('images with no eye', features_of(np.stack(other).transpose(0, 3, 1, 2))))
@@ -200,7 +203,7 @@ def main(limit, weights, photos, labels, write):
     if weights:
         stats, rows = feature_rows(weights, photos, labels, real, others)
         lines = [f'Feature distance of `{weights}` (threshold {stats.threshold:.1f}: '
-                 f'{gradability.FEATURE_MARGIN} × the {gradability.FEATURE_PERCENTILE}th '
+                 f'{feature_stats.FEATURE_MARGIN} × the {feature_stats.FEATURE_PERCENTILE}th '
                  f'percentile of its validation split\'s distances):', '',
                  '| photographs | images | beyond the threshold | distance: min | 50% | 99% | '
                  'max |', '| --- | ---: | ---: | ---: | ---: | ---: | ---: |']
@@ -213,7 +216,7 @@ def main(limit, weights, photos, labels, write):
     if write:
         body = (f'Each photograph is decoded, degraded where the row says so, cropped to the eye '
                 f'and resized to {CROP} px as convert.py does, then measured '
-                f'(`retina/gradability.py`). {today()}; {time.perf_counter() - started:.0f} s.\n'
+                f'(`retina/data/gradability.py`). {today()}; {time.perf_counter() - started:.0f} s.\n'
                 f'Command: `python bench/bench_gradability.py {" ".join(sys.argv[1:])}`.\n\n'
                 + '\n'.join(table) + '\n\n' + '\n'.join(spread)
                 + (f'\n\n{distances}' if distances else ''))

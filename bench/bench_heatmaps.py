@@ -65,9 +65,10 @@ class Weights:
     """A checkpoint: its path, config name, converted size and preprocessing, read from the file."""
 
     def __init__(self, path):
-        from retina import checkpoint, config as config_module
-        from retina.cache import converted_size
-        from retina.nets import is_ram_net
+        from retina.data.cache import converted_size
+        from retina.model import checkpoint
+        from retina.model import config as config_module
+        from retina.model.nets import is_ram_net
         self.path = Path(path).resolve()
         state = checkpoint.load(self.path)
         self.config = state.get('config_name') or '?'
@@ -153,7 +154,7 @@ def disc_mass(maps_dir, suffix, plain_dir, window_size):
     import torch
 
     from retina.heatmaps import figures, methods, scores
-    from retina.ram import load_window
+    from retina.heatmaps.ram import load_window
     pairs = [(Path(maps_dir) / f'{image.stem}{suffix}', image)
              for image in sorted(Path(plain_dir).glob('*.png'))]
     pairs = [(saved, image) for saved, image in pairs if saved.is_file()]
@@ -346,7 +347,7 @@ def heimed_part(work, nets, fuses, heimed, methods, layers, options):
 def main(synthetic_weights, synthetic_fuse, real_weights, real_fuse, synthetic_dir, n_patients, seed,
          heimed, methods, layers, work, device, batch_size, limit, note, write, section):
     """Score every method's heat maps against lesion masks, beside the blind map and the grid oracle."""
-    from retina.errors import UserError
+    from retina.core.errors import UserError
     methods = [m.strip() for m in methods.split(',') if m.strip()]
     unknown = set(methods) - {'ram', 'gradcam', 'layercam'}
     if unknown:
@@ -376,7 +377,7 @@ def main(synthetic_weights, synthetic_fuse, real_weights, real_fuse, synthetic_d
     if not rows:
         raise click.ClickException('nothing was scored (see the notes above)')
     import torch
-    from retina.runtime import resolve_device
+    from retina.core.runtime import resolve_device
     body = '\n'.join([
         f'{today()}, {device_name(torch.device(resolve_device(device)))}, '
         f'{time.perf_counter() - started:.0f} s. `python bench/bench_heatmaps.py '

@@ -6,7 +6,7 @@ stage (the measurement behind its default --other_diseases level0).
     python bench/bench_odir_labels.py SNAPSHOT [--weights_from eyepacs-256] [--per_group 120]
 
 SNAPSHOT is the ODIR-5K clone or bare repository.  Eyes of the test split only
-(retina.data.held_out at 0.15, as train_nn.py --hold_out 0.15), --per_group of each group,
+(retina.data.labels.held_out at 0.15, as train_nn.py --hold_out 0.15), --per_group of each group,
 graded by predict.py.  Per group: the mean score [95% interval], the share graded level 1 or
 more and level 2 or more (referable), and the share called ungradable.
 """
@@ -23,9 +23,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from retina.data import held_out  # noqa: E402
-from retina.datasets import (HARMLESS, NORMAL, ODIR_STAGES, _odir_eyes, _Snapshot,  # noqa: E402
-                             odir_level)
+from retina.data.datasets import (HARMLESS, NORMAL, ODIR_STAGES, _odir_eyes, _Snapshot,  # noqa: E402
+                                  odir_level)
+from retina.data.labels import held_out  # noqa: E402
 
 
 def group_of(words):

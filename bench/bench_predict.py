@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / 'bench'))
 
 from report import device_name, replace_section, today  # noqa: E402
-from retina.errors import handle_errors  # noqa: E402
+from retina.core.errors import handle_errors  # noqa: E402
 
 SECTION = 'predict.py'
 DEFAULT_DIRECTORY = REPO.parent / 'shared' / 'data' / 'eyepacs_sample' / 'train'
@@ -62,9 +62,10 @@ def main(directory, cnf, limit, threads, no_write):
     import torch
     from PIL import Image
 
-    from retina import checkpoint, config as config_module
-    from retina.images import list_images
-    from retina.predict import grade, load_grader
+    from retina.data.images import list_images
+    from retina.grade.predict import grade, load_grader
+    from retina.model import checkpoint
+    from retina.model import config as config_module
 
     if threads:
         torch.set_num_threads(threads)

@@ -37,15 +37,18 @@ sys.path.insert(0, str(REPO / 'bench'))
 from report import device_name, replace_section, today  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from retina import cache, checkpoint, data, paths, preprocess  # noqa: E402
-from retina import config as config_module  # noqa: E402
-from retina.atomic import save_image  # noqa: E402
-from retina.crop import save_options  # noqa: E402
-from retina.blend import fit_thresholds  # noqa: E402
-from retina.feature_files import load_features  # noqa: E402
-from retina.checkpoint import load_net  # noqa: E402
-from retina.images import image_name, list_images, load_rgb  # noqa: E402
-from retina.nets import is_ram_net  # noqa: E402
+from retina.core import paths  # noqa: E402
+from retina.core.atomic import save_image  # noqa: E402
+from retina.core.metrics import fit_thresholds, kappa  # noqa: E402
+from retina.data import cache, preprocess  # noqa: E402
+from retina.data.crop import save_options  # noqa: E402
+from retina.data.images import image_name, list_images, load_rgb  # noqa: E402
+from retina.data.labels import load_labels, split_indices  # noqa: E402
+from retina.features.files import load_features  # noqa: E402
+from retina.model import checkpoint  # noqa: E402
+from retina.model import config as config_module  # noqa: E402
+from retina.model.checkpoint import load_net  # noqa: E402
+from retina.model.nets import is_ram_net  # noqa: E402
 
 SHARED = REPO.parent / 'shared' / 'data'
 FLOOR_SIDE = 24
@@ -93,7 +96,7 @@ def convert(source, target, look, work, log):
 
 def labelled(folder, labels_file):
     image_paths = list_images(folder)
-    labels = data.load_labels(labels_file)
+    labels = load_labels(labels_file)
     keep = [p for p in image_paths if image_name(p) in labels]
     return keep, np.array([labels[image_name(p)] for p in keep])
 
@@ -123,7 +126,7 @@ def pixel_floor(train_x, train_y, tests):
 def kappas(levels, predictions):
     """(kappa at cut-offs 0.5..3.5, kappa at cut-offs fitted on these very predictions)."""
     cuts = fit_thresholds(levels, predictions)
-    return data.kappa(levels, predictions), data.kappa(levels, predictions, cuts)
+    return kappa(levels, predictions), kappa(levels, predictions, cuts)
 
 
 def best_and_last(log_file):
@@ -147,8 +150,8 @@ def grade(work, config_name, image_paths, device):
     """The trained net's predictions (best-kappa weights, centred window) for `image_paths`."""
     import torch
 
-    from retina.runtime import Runtime
-    from retina.inference import predict
+    from retina.core.runtime import Runtime
+    from retina.model.inference import predict
     loaded = load_net(config_module.load(config_name),
                       work / paths.best_kappa_weights(config_name), device)
     images = cache.load_images(image_paths, progress=False, cache_dir=work / 'data' / 'cache')
@@ -169,7 +172,7 @@ def one_look(look, source, raw, work, configs, epochs, tta, device, compile_mode
     figures, seconds = {}, {}
     image_paths, levels = labelled(work / 'data' / 'train_tiny', work / 'data' / 'trainLabels.csv')
     names = [image_name(p) for p in image_paths]
-    train_idx, valid_idx = data.split_indices(names, levels)
+    train_idx, valid_idx = split_indices(names, levels)
     truth = levels[valid_idx]
     figures['n_images'], figures['n_valid'] = len(names), len(valid_idx)
 
@@ -276,7 +279,7 @@ def table(results, configs, epochs, tta, raw_name):
 def main(source, raw, work, configs, looks, epochs, tta, device, compile_model, note, write):
     """Validation kappa of nets, TTA head and blend on real photographs, beside a pixel floor."""
     import torch
-    from retina.runtime import resolve_device
+    from retina.core.runtime import resolve_device
     source, work = Path(source).resolve(), Path(work).resolve()
     raw = Path(raw).resolve() if raw and (Path(raw) / 'train').is_dir() else None
     configs, looks = configs.split(','), looks.split(',')

@@ -6,7 +6,7 @@
 For each config, on the same device and interleaved round by round (bare,
 train, features, then features, train, bare, ...: see report.interleaved), so
 that a shared machine's load falls on all three alike:
-- train: `retina.train.train_one_epoch` over a uint8 image cache (gather,
+- train: `retina.train.loop.train_one_epoch` over a uint8 image cache (gather,
   transfer, augmentation written straight in the network's dtype and layout,
   forward, backward, Nesterov step): the real input pipeline;
 - bare: forward + backward + step on a random input already on the device, in
@@ -35,12 +35,12 @@ sys.path.insert(0, str(REPO / 'bench'))
 
 from report import (device_name, interleaved, medians, paired_ratio,  # noqa: E402
                     replace_section, today)
-from retina import config as config_module  # noqa: E402
-from retina.augment import prepare_batch  # noqa: E402
-from retina.precision import PRECISION_HELP, PRECISIONS  # noqa: E402
-from retina.runtime import (CUDA_GRAPHS, Runtime, batches, compile_or_eager,  # noqa: E402
-                            new_step, place_images, resolve_device)
-from retina.train import make_optimizer, train_one_epoch  # noqa: E402
+from retina.core.precision import PRECISIONS, PRECISION_HELP  # noqa: E402
+from retina.core.runtime import (CUDA_GRAPHS, Runtime, batches, compile_or_eager,  # noqa: E402
+                                 new_step, place_images, resolve_device)
+from retina.model import config as config_module  # noqa: E402
+from retina.model.augment import prepare_batch  # noqa: E402
+from retina.train.loop import make_optimizer, train_one_epoch  # noqa: E402
 
 ALL = [f'c_{r}_{k}_32{v}' for r in (128, 256, 512) for k in ('5x5', '4x4') for v in ('', '_ram')]
 FOLDER_SIZE = {112: 128, 224: 256, 448: 512}

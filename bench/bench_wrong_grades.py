@@ -6,7 +6,7 @@ photographs, and how many real photographs of each source it calls ungradable.
         [--odir data/real2/odir] [--refit_photos data/real2/e256_eyepacs --refit_labels L.csv]
         [--write]
 
-1. Cases (issue 29's table): test-split photographs (retina.data.held_out at 0.15) of
+1. Cases (issue 29's table): test-split photographs (retina.data.labels.held_out at 0.15) of
    eyepacs256 and eyepacs_raw, each made into: JPEG re-saved at qualities 5, 10, 20, 30, 50;
    quality 5 saved as PNG; a Gaussian blur of radius 8; the top-left quarter; a large white
    "SAMPLE" watermark; rotated 90°; grayscale (8-bit and 16-bit PNG); plus desktop icons
@@ -19,7 +19,7 @@ photographs, and how many real photographs of each source it calls ungradable.
    most 2% per source.
 3. 'unlike the training photos' by level on the test splits: with the checkpoint's statistics,
    and (with --refit_photos/--refit_labels: the converted photographs the net trained on) refit
-   with one mean per level (retina.gradability.FeatureStats).  Target: the rate for level 3-4
+   with one mean per level (retina.model.feature_stats.FeatureStats).  Target: the rate for level 3-4
    eyes no higher than for level 0.
 --write puts the tables into BENCHMARKS.md, "Gradability: wrong grades caught".
 """
@@ -43,8 +43,8 @@ sys.path.insert(0, str(REPO / 'bench'))
 
 from report import cpu_model, replace_section, today  # noqa: E402
 
-from retina.data import held_out, load_labels, patient_and_eye  # noqa: E402
-from retina.paths import IMAGE_EXTENSIONS  # noqa: E402
+from retina.core.paths import IMAGE_EXTENSIONS, patient_and_eye  # noqa: E402
+from retina.data.labels import held_out, load_labels  # noqa: E402
 
 SHARED = REPO.parent / 'shared' / 'data'
 SECTION = 'Gradability: wrong grades caught'
@@ -214,16 +214,18 @@ def refit(weights, photos, labels, tmp):
     mean per level on its own training split of `photos`."""
     import torch
 
-    from retina import cache, checkpoint, data, released
-    from retina.gradability import attach_feature_stats
-    from retina.runtime import Runtime
+    from retina.core.runtime import Runtime
+    from retina.data import cache
+    from retina.data.labels import labelled_images, split_rows
+    from retina.model import checkpoint, released
+    from retina.model.feature_stats import attach_feature_stats
     path = released.weights_path(weights)
     target = tmp / 'refit.pt'
     shutil.copy(path, target)
     config = checkpoint.config_of(checkpoint.load(target))
-    image_paths, levels = data.labelled_images(photos, labels)
+    image_paths, levels = labelled_images(photos, labels)
     names = [p.stem for p in image_paths]
-    train_rows, valid_rows, _ = data.split_rows(names, levels, config.cnf.get('hold_out') or 0)
+    train_rows, valid_rows, _ = split_rows(names, levels, config.cnf.get('hold_out') or 0)
     attach_feature_stats(target, cache.load_images(image_paths, progress=False), train_rows,
                          valid_rows, Runtime(torch.device('cpu')), levels=levels)
     return str(target)
@@ -269,7 +271,7 @@ def main(weights_from, limit, odir, refit_photos, refit_labels, cases, write):
             + '\n'.join(real)
             + "\n\n**'unlike the training photos' by level** (the checkpoint's statistics):\n\n"
             + '\n'.join(unlike)
-            + ('\n\nRefit with one mean per level (retina.gradability.FeatureStats):\n\n'
+            + ('\n\nRefit with one mean per level (retina.model.feature_stats.FeatureStats):\n\n'
                + '\n'.join(refit_lines) if refit_lines else '') + '\n')
     print(body)
     if write:

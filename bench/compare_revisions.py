@@ -44,15 +44,15 @@ def run_bench(tree, configs, steps, device, batch_size):
 
 def augment_rates(old_tree, repeats=30):
     """Median images/s of `prepare_batch` (random parameters, 128 images of 128 px, one thread)
-    for the old tree's retina/augment.py and this checkout's, interleaved in this process so
+    for the old tree's retina/model/augment.py and this checkout's, interleaved in this process so
     that both see the same allocator, caches and neighbours."""
     import importlib.util
     import time
 
     import torch
 
-    from retina import augment as new
-    from retina import config as config_module
+    from retina.model import augment as new
+    from retina.model import config as config_module
     spec = importlib.util.spec_from_file_location('old_augment',
                                                   old_tree / 'retina' / 'augment.py')
     old = importlib.util.module_from_spec(spec)

@@ -37,7 +37,7 @@ prepare() {
     $PY - "$SHARED/eyepacs256/trainLabels.csv" "$WORK/odir/trainLabels.csv" \
         "$WORK/raw1024/trainLabels.csv" "$WORK/labels.csv" <<'EOF'
 import csv, sys
-from retina.data import patient_and_eye
+from retina.data.labels import patient_and_eye
 rows = []
 for path in sys.argv[1:-1]:
     for row in csv.DictReader(open(path)):

@@ -81,5 +81,5 @@ def replace_section(title, body, path=BENCHMARKS):
             out.append(line)
     if not placed:
         out = [*'\n'.join(out).rstrip().splitlines(), '', *section]
-    from retina.atomic import write_text
+    from retina.core.atomic import write_text
     write_text(path, '\n'.join(out).rstrip() + '\n')

@@ -1,1 +1,1 @@
-"""Config modules, one per resolution and kernel variant; load them with `retina.config.load`."""
+"""Config modules, one per resolution and kernel variant; load them with `retina.model.config.load`."""

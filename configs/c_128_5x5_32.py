@@ -1,5 +1,5 @@
 """net-5 at 128 pixels (112×112 input): the first net of the chain 128 -> 256 -> 512."""
-from retina.nets import baseline_head, trunk_5x5
+from retina.model.nets import baseline_head, trunk_5x5
 
 cnf = dict(
     w=112,
@@ -13,7 +13,7 @@ cnf = dict(
     aug_params=dict(zoom_range=(1 / 1.15, 1.15), rotation_range=(0, 360), shear_range=(0, 0),
                     translation_range=(-40, 40), do_flip=True, allow_stretch=True),
     sigma=0.5,
-    # JPEG re-encoding of half the training images at qualities 10..95 (retina/jpeg.py): photos
+    # JPEG re-encoding of half the training images at qualities 10..95 (retina/data/jpeg.py): photos
     # arrive compressed, and a net that never saw blocks takes them for lesions
     jpeg=dict(probability=0.5, quality=(10, 95)),
     schedule={0: 0.003, 150: 0.0003, 201: 'stop'},

@@ -2,7 +2,7 @@
 which makes the regression activation map exact), batch norm on the input and after every conv
 but the last, no weight decay, its own schedule."""
 from configs.c_256_4x4_32 import cnf as base, layers as base_layers
-from retina.nets import ram_head, replace_head, with_batch_norm
+from retina.model.nets import ram_head, replace_head, with_batch_norm
 
 cnf = dict(base, weight_decay=0.0, schedule={0: 0.001, 150: 0.0001, 201: 'stop'})
 

@@ -1,6 +1,6 @@
 """net-5 at 512 pixels (448×448 input), started from the 256-pixel net's weights."""
 from configs.c_256_5x5_32 import cnf as base
-from retina.nets import baseline_head, trunk_5x5
+from retina.model.nets import baseline_head, trunk_5x5
 
 cnf = dict(base, w=448, h=448, train_dir='data/train_medium', test_dir='data/test_medium',
            batch_size_train=32, batch_size_test=32,

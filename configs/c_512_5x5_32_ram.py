@@ -2,7 +2,7 @@
 which makes the regression activation map exact), batch norm on the input and after every conv
 but the last, no weight decay, its own schedule."""
 from configs.c_512_5x5_32 import cnf as base, layers as base_layers
-from retina.nets import ram_head, replace_head, with_batch_norm
+from retina.model.nets import ram_head, replace_head, with_batch_norm
 
 cnf = dict(base, weight_decay=0.0, schedule={0: 0.0001, 150: 0.00001, 251: 'stop'})
 

@@ -7,8 +7,8 @@ click wrappers around the modules of this package.
 Glossary: one name per idea, in code, records and docs.
 
 - *config*: a module of configs/ (`cnf` settings and `layers`), loaded by
-  retina.config; its *name* (c_512_5x5_32_ram) names its run folder, features and maps.
-- *net*: the nn.Module a config builds (retina.nets; layer kinds are registered there,
+  retina.model.config; its *name* (c_512_5x5_32_ram) names its run folder, features and maps.
+- *net*: the nn.Module a config builds (retina.model.nets; layer kinds are registered there,
   `nets.layer_kind`).  A *RAM net* has a global-average-pool head: `nets.is_ram_net`
   (layer list) and `nets.ram_exact` (module) are the only tests of it.
 - *loaded net*: `checkpoint.LoadedNet`, a trained net with what its checkpoint says about
@@ -19,8 +19,8 @@ Glossary: one name per idea, in code, records and docs.
   (`augment.PixelConstants`; a config's own or the Kaggle ones).
 - *centred window*: the net's input cut from the middle of a converted image with no
   augmentation (`augment.centre_crop`); *TTA*: the mean over `augment.tta_params`.
-- *run*: a training run, the folder weights/NAME/ (retina/runs.py); a *blend run* is
-  one entry of blend.yml, the feature files blended together (retina/blend.py).
+- *run*: a training run, the folder weights/NAME/ (retina/train/runs.py); a *blend run* is
+  one entry of blend.yml, the feature files blended together (retina/blend/blending.py).
 - *heat-map method*: ram, gradcam or layercam (`heatmaps.METHOD_NAMES`), computed in
   retina/heatmaps/methods.py for every script.
 - *test split*: the patients `data.held_out` keeps out (train_nn.py --hold_out); the

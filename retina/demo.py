@@ -21,8 +21,10 @@ from pathlib import Path
 
 import click
 
-from retina import data, paths
-from retina.errors import UserError, handle_errors
+from retina.core import paths
+from retina.core.errors import UserError, handle_errors
+from retina.core.metrics import kappa
+from retina.data.labels import load_labels
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = 'c_128_5x5_32_ram'
@@ -56,11 +58,11 @@ def best_validation_kappa(workdir):
 
 
 def submission_kappa(submission, test_labels):
-    truth = data.load_labels(test_labels)
+    truth = load_labels(test_labels)
     with open(submission, newline='') as f:
         rows = list(csv.DictReader(f))
     levels = [int(row['level']) for row in rows]
-    return data.kappa([truth[row['image']] for row in rows], levels), len(rows)
+    return kappa([truth[row['image']] for row in rows], levels), len(rows)
 
 
 def last_value(lines, prefix):

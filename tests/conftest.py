@@ -55,7 +55,7 @@ def one_line_error(result, *fragments):
 @pytest.fixture(scope='session')
 def synthetic_source(tmp_path_factory):
     """Raw synthetic photos: train/, test/, trainLabels.csv, testLabels.csv, masks/."""
-    from retina.synthetic import generate
+    from retina.data.synthetic import generate
     out = tmp_path_factory.mktemp('synthetic')
     generate(out, n_patients=40, seed=3, width=300, height=200, progress=False)
     return out
@@ -64,7 +64,7 @@ def synthetic_source(tmp_path_factory):
 @pytest.fixture(scope='session')
 def converted_workdir(tmp_path_factory, synthetic_source):
     """A working directory laid out like the project: data/train_tiny, data/test_tiny, labels."""
-    from retina.conversion import convert_folder
+    from retina.data.conversion import convert_folder
     work = tmp_path_factory.mktemp('work')
     data = work / 'data'
     data.mkdir()
@@ -87,8 +87,8 @@ def as_loaded(config, net, weights='unsaved.pt', preprocessing='none'):
     """`net` (built here, never saved) as the `checkpoint.LoadedNet` the later stages take."""
     from pathlib import Path
 
-    from retina.augment import constants_for
-    from retina.checkpoint import LoadedNet
+    from retina.model.augment import constants_for
+    from retina.model.checkpoint import LoadedNet
     return LoadedNet(config=config, net=net, weights=Path(weights), preprocessing=preprocessing,
                      constants=constants_for(config.cnf), state={})
 
@@ -142,7 +142,7 @@ def weight_files(folder):
 def assert_loadable(folder, allow_empty=False):
     """Every weights file under `folder` loads, with finite weights; a folder without one fails
     unless `allow_empty` (a run killed before its first checkpoint)."""
-    from retina import checkpoint
+    from retina.model import checkpoint
     files = weight_files(folder)
     assert files or allow_empty, f'no weights file under {folder}'
     for path in files:

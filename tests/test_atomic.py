@@ -3,7 +3,7 @@ temporary file."""
 import subprocess
 import sys
 
-from retina import atomic
+from retina.core import atomic
 
 
 def test_submissions_and_earlier_runs_never_take_a_taken_name(tmp_path):

@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from retina import augment, config as config_module
-from retina.augment import (COLOUR_EV, COLOUR_U, affine_theta, augment_batch, broadcast_params,
-                            centre_crop, colour_shift, identity_params, prepare_batch,
-                            tta_params, warp)
-from retina.data import MEAN, STD
+from retina.data.labels import MEAN, STD
+from retina.model import augment
+from retina.model import config as config_module
+from retina.model.augment import (COLOUR_EV, COLOUR_U, affine_theta, augment_batch, broadcast_params,
+                                  centre_crop, colour_shift, identity_params, prepare_batch,
+                                  tta_params, warp)
 
 CONFIG = 'c_128_5x5_32_ram'
 AUG = dict(zoom_range=(1 / 1.15, 1.15), rotation_range=(0, 360), shear_range=(0, 0),
@@ -138,7 +139,7 @@ def test_theta_scales_area_by_the_zooms_and_flips_orientation():
 def test_sampling_grid_is_affine_grid():
     import torch.nn.functional as F
 
-    from retina.augment import sampling_grid
+    from retina.model.augment import sampling_grid
     theta = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(0))
     for size in ((7, 9), (16, 16)):
         expected = F.affine_grid(theta, (5, 3, *size), align_corners=False)
@@ -159,7 +160,7 @@ def test_prepare_batch_writes_the_asked_dtype_and_layout():
 
 def test_a_huge_skip_draws_its_augmentations_at_once():
     from scipy.stats import qmc
-    from retina.augment import halton, tta_params
+    from retina.model.augment import halton, tta_params
     assert np.array_equal(halton(range(41, 46)),
                           qmc.Halton(d=10, scramble=False).random(46)[41:])
     aug = config_module.load(CONFIG).cnf['aug_params']

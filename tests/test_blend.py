@@ -19,9 +19,14 @@ import numpy as np
 import pytest
 
 from conftest import one_line_error, run_script
-from retina import blend, blend_net, data
-from retina.config import lr_for_epoch
-from retina.errors import UserError
+from retina.blend import blending as blend
+from retina.blend import net as blend_net
+from retina.core import metrics
+from retina.core.errors import UserError
+from retina.core.metrics import kappa, to_levels
+from retina.core.paths import patient_and_eye
+from retina.data.labels import lone_eyes, split_rows
+from retina.model.config import lr_for_epoch
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIG = 'c_128_5x5_32_ram'
@@ -139,7 +144,7 @@ def test_eyes_pair_in_any_case_and_lone_eyes_are_named(predict_cli):
     np.testing.assert_array_equal(inputs[0, 2:4], features[1])  # 16_LEFT sees 16_Right
     np.testing.assert_array_equal(inputs[1, 2:4], features[0])
     np.testing.assert_array_equal(inputs[:, 4], [0, 1, 0, 1, 0])
-    assert data.lone_eyes(names) == ['17_left', '18_RIGHT', 'lonely']
+    assert lone_eyes(names) == ['17_left', '18_RIGHT', 'lonely']
     # blend.py --per_patient says which eyes it blends alone, in one line.
     notes = [l for l in predict_cli.stdout.splitlines() if 'blended alone' in l]
     assert len(notes) == 1 and 'have no other eye of their patient' in notes[0], notes
@@ -153,7 +158,7 @@ def test_per_patient_inputs_never_use_a_neighbouring_row(project):
     row_of = {name: i for i, name in enumerate(names)}
     one_eyed = 0
     for i, name in enumerate(names):
-        patient, eye = data.patient_and_eye(name)
+        patient, eye = patient_and_eye(name)
         partner = row_of.get(f'{patient}_{"right" if eye == "left" else "left"}', i)
         one_eyed += partner == i
         np.testing.assert_array_equal(inputs[i, 3:6], features[partner])
@@ -172,7 +177,7 @@ def test_net_learns_informative_features_and_not_noise(project):
     assert result['kappas']['noise'] < 0.4, result['kappas']
     report = result['validation']['informative']
     assert report.confusion.sum() == len(report.names) > 30
-    valid_patients = {data.patient_and_eye(n)[0] for n in report.names}
+    valid_patients = {patient_and_eye(n)[0] for n in report.names}
     assert all(f'{p}_{e}' in report.names for p in valid_patients for e in ('left', 'right')
                if f'{p}_{e}' in project['names']), 'both eyes of a patient stay together'
     assert result['blend'] is not None and result['submission'] is None
@@ -240,8 +245,8 @@ def test_fast_kappa_matches_sklearn():
     rng = np.random.default_rng(2)
     levels = rng.integers(0, 5, 300)
     predictions = levels + rng.normal(scale=1.0, size=300)
-    confusion = blend.confusion_matrix(levels, predictions)
-    assert blend._kappa_of_confusion(confusion) == pytest.approx(data.kappa(levels, predictions))
+    confusion = metrics.confusion_matrix(levels, predictions)
+    assert metrics._kappa_of_confusion(confusion) == pytest.approx(kappa(levels, predictions))
 
 
 @pytest.mark.parametrize('seed', range(5))
@@ -249,18 +254,18 @@ def test_fitted_thresholds_never_worse_and_sorted(seed):
     rng = np.random.default_rng(seed)
     levels = rng.choice(5, size=200, p=LEVEL_PROBABILITIES)
     predictions = levels * rng.uniform(0.5, 1.2) + rng.normal(scale=rng.uniform(0.3, 2), size=200)
-    cuts = blend.fit_thresholds(levels, predictions)
+    cuts = metrics.fit_thresholds(levels, predictions)
     assert list(cuts) == sorted(cuts) and len(cuts) == 4
-    assert data.kappa(levels, predictions, cuts) >= data.kappa(levels, predictions)
+    assert kappa(levels, predictions, cuts) >= kappa(levels, predictions)
 
 
 def test_fitted_thresholds_correct_a_biased_predictor():
     rng = np.random.default_rng(7)
     levels = rng.choice(5, size=300, p=LEVEL_PROBABILITIES)
     predictions = 0.6 * levels + 0.8 + rng.normal(scale=0.1, size=300)
-    cuts = blend.fit_thresholds(levels, predictions)
-    assert data.kappa(levels, predictions, cuts) > data.kappa(levels, predictions) + 0.1
-    assert data.kappa(levels, predictions, cuts) > 0.95
+    cuts = metrics.fit_thresholds(levels, predictions)
+    assert kappa(levels, predictions, cuts) > kappa(levels, predictions) + 0.1
+    assert kappa(levels, predictions, cuts) > 0.95
 
 
 # ---------------------------------------------------------------- the submission
@@ -305,7 +310,7 @@ def test_cli_predict_writes_each_test_image_once_matched_by_name(project, predic
     assert all(level in {'0', '1', '2', '3', '4'} for _, level in rows)
     # The test rows are stored shuffled: only a match by name gets the levels right.
     truth = [project['test_levels'][name] for name in names]
-    test_kappa = data.kappa(truth, [int(level) for _, level in rows])
+    test_kappa = kappa(truth, [int(level) for _, level in rows])
     assert test_kappa > 0.7, test_kappa
     assert not list((root / 'out').glob('.*tmp*')), 'the temporary file must be renamed'
 
@@ -322,7 +327,7 @@ def test_predict_without_test_folder_uses_feature_names(project, tmp_path, monke
     assert any('not found' in line for line in lines)
     assert result['thresholds'] == result['validation']['fake'].thresholds
     levels = dict(rows)
-    expected = data.to_levels([result['test_predictions'][n] for n in levels],
+    expected = to_levels([result['test_predictions'][n] for n in levels],
                               result['thresholds'])
     assert [int(v) for v in levels.values()] == expected.tolist()
 
@@ -345,7 +350,7 @@ def test_latest_features_pick_the_newest_pair(tmp_path, monkeypatch):
 
 
 def test_feature_names_are_parsed_by_the_function_paths_builds_them_beside():
-    from retina import paths
+    from retina.core import paths
     name = paths.features('c_x_ram', 'train', 'std', 12, 36)
     assert paths.parse_features(name) == paths.FeatureFile('c_x_ram', 'train', 'std', 12, 36)
     for other in ('my_features.npy', 'c_x_train_mean_iter_5.npy',
@@ -523,7 +528,7 @@ def test_blend_fits_on_the_chosen_images_and_never_on_the_test_split(held_out_pr
                              per_patient=True, echo=lines.append, fit_on=fit_on, seed=2,
                              predict=True, optimize_thresholds=True,
                              output=tmp_path / f'sub_{fit_on}.csv', test_dir=None)
-    train_rows, valid_rows, test_rows = data.split_rows(names, levels, 0.2)
+    train_rows, valid_rows, test_rows = split_rows(names, levels, 0.2)
     assert len(test_rows) > 30 and result['hold_out'] == 0.2 and result['fit_on'] == fit_on
     fit_sets = [set(rows.tolist()) for rows in fitted]
     assert all(not rows & set(test_rows.tolist()) for rows in fit_sets), 'fitted on test rows'
@@ -555,7 +560,7 @@ def test_unseen_fits_are_reproducible_and_out_of_fold(held_out_project, monkeypa
     np.testing.assert_array_equal(first['held_out']['r'].predictions,
                                   again['held_out']['r'].predictions)
     # Out of fold: each fold's net never saw the validation images it predicted.
-    valid = set(data.split_rows(held_out_project['names'], held_out_project['levels'],
+    valid = set(split_rows(held_out_project['names'], held_out_project['levels'],
                                 0.2)[1].tolist())
     folds = [valid - set(rows.tolist()) for rows in fitted[:blend.FOLDS]]
     assert set().union(*folds) == valid and sum(map(len, folds)) == len(valid)
@@ -617,7 +622,8 @@ def _blend_project(root, train_fingerprint='f1', test_fingerprint='f1'):
 
 def test_names_with_commas_and_spaces_survive_to_the_submission(tmp_path, monkeypatch):
     import csv
-    from retina import blend, blend_net
+    from retina.blend import blending as blend
+    from retina.blend import net as blend_net
     monkeypatch.chdir(tmp_path)
     # The fits do not matter here, only the names: two epochs will do.
     fit = blend_net.fit_net
@@ -633,7 +639,7 @@ def test_names_with_commas_and_spaces_survive_to_the_submission(tmp_path, monkey
 
 
 def test_train_and_test_features_of_other_weights_are_not_blended(tmp_path, monkeypatch):
-    from retina import blend
+    from retina.blend import blending as blend
     monkeypatch.chdir(tmp_path)
     train, _ = _blend_project(tmp_path, 'f1', 'f2')
     with pytest.raises(UserError, match=r'c_x_test_mean_iter_1_skip_0.npy: made with other '
@@ -650,7 +656,7 @@ def test_train_and_test_features_of_other_weights_are_not_blended(tmp_path, monk
     ('no columns', 'empty (3 images × 0 features)'),
 ])
 def test_feature_files_that_are_not_plain_real_arrays(tmp_path, content, words):
-    from retina.feature_files import load_features
+    from retina.features.files import load_features
     names = ['a', 'b', 'c']
     arrays = {'structured': np.zeros(3, dtype=[('x', 'f4'), ('y', 'f4')]),
               'complex': np.ones((3, 2), np.complex64), 'empty': np.zeros((0, 4), np.float32),
@@ -666,7 +672,7 @@ def test_feature_files_that_are_not_plain_real_arrays(tmp_path, content, words):
 
 
 def test_a_run_named_twice_in_the_blend_config(tmp_path):
-    from retina.blend import load_blend_config
+    from retina.blend.blending import load_blend_config
     train = _features(tmp_path, 'c_x', 'train', ['a'], np.zeros((1, 2), np.float32))
     config = tmp_path / 'blend.yml'
     config.write_text(f'one: [{train}]\ntwo: [{train}]\none: [{train}]\n')

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from conftest import one_line_error, run_script
-from retina import checkpoint, config as config_module
-from retina.errors import UserError
+from retina.core.errors import UserError
+from retina.model import checkpoint
+from retina.model import config as config_module
 
 CONFIG = 'c_128_5x5_32_ram'
 

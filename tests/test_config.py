@@ -4,8 +4,8 @@ import re
 import pytest
 
 from conftest import run_script
-from retina import config as config_module
-from retina.errors import UserError
+from retina.core.errors import UserError
+from retina.model import config as config_module
 
 CONFIG = 'c_128_5x5_32_ram'
 
@@ -31,3 +31,16 @@ def test_a_negative_seed_is_refused_by_the_option(tmp_path):
                         check=False)
     assert result.returncode == 2 and "'--seed': -1 is not in the range" in result.stderr
     assert 'Traceback' not in result.stderr
+
+
+def test_a_config_importing_a_module_of_the_flat_package_names_its_new_home(tmp_path):
+    """A config written before the package was laid out by stage (`from retina.nets import`)
+    gets one line naming the module's new place, not a traceback."""
+    folder = tmp_path / 'configs'
+    folder.mkdir()
+    (folder / 'old_style.py').write_text('from retina.nets import trunk_5x5\n')
+    with pytest.raises(UserError, match=r'retina\.nets moved to retina\.model\.nets'):
+        config_module.load(str(folder / 'old_style.py'))
+    (folder / 'old_stats.py').write_text('from retina.stats import load_stats\n')
+    with pytest.raises(UserError, match=r'retina\.stats moved to retina\.data\.stats'):
+        config_module.load(str(folder / 'old_stats.py'))

@@ -1,4 +1,4 @@
-"""convert.py, retina.crop and retina.conversion: the eye's box, the fast path against the
+"""convert.py, retina.data.crop and retina.data.conversion: the eye's box, the fast path against the
 reference, the CLI; bad images, full disks, killed runs and dead workers.
 
 The photographs are synthetic (a bright, textured disc on a dark, slightly
@@ -18,7 +18,8 @@ from PIL import Image
 
 from conftest import (REPO, SHARED_DATA, _limit_file_size, kill_when, one_line_error, run_script,
                       start)
-from retina import atomic, conversion, crop
+from retina.core import atomic
+from retina.data import conversion, crop
 
 SAMPLE = SHARED_DATA / 'eyepacs_sample'
 
@@ -219,7 +220,7 @@ def test_leftover_temp_file_is_not_an_existing_output(tmp_path):
     fundus().save(folder / '10_left.jpeg')
     out = tmp_path / 'out'
     out.mkdir()
-    # What a killed atomic write leaves behind (see retina.atomic), old and current naming.
+    # What a killed atomic write leaves behind (see retina.core.atomic), old and current naming.
     for leftover in ('.10_left.tiff.k2j4h1.tmp', '.10_left.tiff.k2j4h1.tmp.tiff'):
         (out / leftover).write_bytes(b'half a tiff')
     result = run_convert('--directory', folder, '--convert_directory', out, '--crop_size', 32, cwd=tmp_path)
@@ -292,7 +293,7 @@ def test_help_explains_every_option(tmp_path):
 
 @pytest.mark.skipif(not (SAMPLE / 'train').is_dir(), reason=f'no sample photographs in {SAMPLE}')
 def test_real_photographs_fill_the_frame(tmp_path):
-    from retina.images import list_images, load_rgb
+    from retina.data.images import list_images, load_rgb
     for src in list_images(SAMPLE / 'train')[:2]:
         dst = tmp_path / f'{src.stem}.tiff'
         crop.convert_one(src, dst, 128)
@@ -531,7 +532,7 @@ def test_convert_workers_die_with_a_killed_parent(synthetic_source, tmp_path):
 
 def test_a_truncated_earlier_output_is_converted_again(tmp_path):
     from PIL import Image
-    from retina.conversion import convert_folder
+    from retina.data.conversion import convert_folder
     folder = tmp_path / 'photos'
     folder.mkdir()
     photo = np.zeros((60, 80, 3), np.uint8)

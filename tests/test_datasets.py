@@ -11,8 +11,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, one_line_error
-from retina.data import held_out, load_labels, patient_and_eye, split_indices
-from retina.datasets import keywords, odir_level
+from retina.core.paths import patient_and_eye
+from retina.data.datasets import keywords, odir_level
+from retina.data.labels import held_out, load_labels, split_indices
 
 HEADER = ('ID,Patient Age,Patient Sex,Left-Fundus,Right-Fundus,Left-Diagnostic Keywords,'
           'Right-Diagnostic Keywords,N,D,G,C,A,H,M,O')

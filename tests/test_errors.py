@@ -2,7 +2,7 @@
 traceback."""
 import pytest
 
-from retina.errors import UserError
+from retina.core.errors import UserError
 
 
 @pytest.mark.parametrize('raised, code, words', [
@@ -16,7 +16,7 @@ def test_every_exception_ends_in_one_line_without_a_traceback(raised, code, word
     import click
     from click.testing import CliRunner
 
-    from retina.errors import handle_errors
+    from retina.core.errors import handle_errors
 
     @click.command()
     @click.option('--cnf')

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from conftest import as_loaded, noise_images, run_script
-from retina import config as config_module
-from retina import data
-from retina.cache import load_images
-from retina.augment import prepare_batch, random_params
-from retina.feature_files import load_features
+from retina.core.runtime import Runtime, place_images
+from retina.data.cache import load_images
+from retina.data.labels import labelled_images
+from retina.features.files import load_features
 from retina.heatmaps.methods import regression_activation_map
-from retina.runtime import Runtime, place_images
-from retina.train import make_optimizer, train_one_epoch
+from retina.model import config as config_module
+from retina.model.augment import prepare_batch, random_params
+from retina.train.loop import make_optimizer, train_one_epoch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
 
@@ -79,7 +79,7 @@ def test_training_on_the_gpu_lowers_the_loss_with_a_device_cache(converted_workd
     config = config_module.load(CONFIG)
     config.cnf['batch_size_train'] = 16
     runtime = Runtime(CUDA)
-    image_paths, levels = data.labelled_images(converted_workdir / 'data' / 'train_tiny',
+    image_paths, levels = labelled_images(converted_workdir / 'data' / 'train_tiny',
                                                converted_workdir / 'data' / 'trainLabels.csv')
     images = np.array(load_images(image_paths, 128, cache_dir=converted_workdir / 'cache',
                                   progress=False))
@@ -163,7 +163,7 @@ def test_training_step_never_waits_for_the_gpu():
 
 
 def test_checkpoint_snapshot_of_a_gpu_net_is_written_in_the_background(tmp_path):
-    from retina import checkpoint
+    from retina.model import checkpoint
     config = config_module.load(CONFIG)
     net = config.build_net().to(CUDA)
     optimizer = make_optimizer(net, config.cnf, 1e-3)
@@ -184,8 +184,8 @@ def test_checkpoint_snapshot_of_a_gpu_net_is_written_in_the_background(tmp_path)
 def test_tta_from_a_host_cache_matches_the_device_cache(tmp_path, monkeypatch):
     """The 42-GB test set stays on the host: its batches cross once per block of iterations,
     compiled (the GPU default), and give the features of the device-resident cache."""
-    from retina import runtime
-    from retina.features import extract_features
+    from retina.core import runtime
+    from retina.features.extract import extract_features
     config = config_module.load(CONFIG)
     folder = tmp_path / 'images'
     noise_images(folder, 6)
@@ -210,8 +210,8 @@ def test_host_cache_batches_reach_the_gpu_whole_and_in_order(tmp_path):
     that stops early stops the producer, and an error in the producer reaches the consumer."""
     import threading
 
-    from retina import runtime as runtime_module
-    from retina.runtime import batches
+    from retina.core import runtime as runtime_module
+    from retina.core.runtime import batches
     cache = np.lib.format.open_memmap(tmp_path / 'cache.npy', mode='w+', dtype=np.uint8,
                                       shape=(40, 3, 16, 16))
     cache[:] = np.random.default_rng(0).integers(0, 256, cache.shape, dtype=np.uint8)
@@ -258,19 +258,19 @@ def test_host_cache_batches_reach_the_gpu_whole_and_in_order(tmp_path):
 def test_cuda_graphs_train_like_the_compiled_net(converted_workdir):
     """train_one_epoch with CUDA graphs (compiled, mode reduce-overhead) against the same
     epochs compiled without them: same seeds, losses and validation predictions alike."""
-    from retina.runtime import CUDA_GRAPHS, compile_or_eager
-    from retina.inference import predict
+    from retina.core.runtime import CUDA_GRAPHS, compile_or_eager
+    from retina.model.inference import predict
     config = config_module.load(CONFIG)
     config.cnf['batch_size_train'] = 16
     runtime = Runtime(CUDA)
-    image_paths, levels = data.labelled_images(converted_workdir / 'data' / 'train_tiny',
+    image_paths, levels = labelled_images(converted_workdir / 'data' / 'train_tiny',
                                                converted_workdir / 'data' / 'trainLabels.csv')
     images = place_images(np.array(load_images(image_paths, 128, cache_dir=converted_workdir /
                                                'cache', progress=False)), runtime, 'yes')
     from torch._dynamo.utils import counters
     from torch._inductor import cudagraph_trees
 
-    from retina import augment
+    from retina.model import augment
     results = {}
     for mode in (None, CUDA_GRAPHS):
         augment._CONSTANTS.clear()  # each run places its own constants, as a new process does

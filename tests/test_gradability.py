@@ -1,4 +1,4 @@
-"""Gradability (retina/gradability.py): the image checks, the feature distance, and what
+"""Gradability (retina/data/gradability.py): the image checks, the feature distance, and what
 predict.py does with them."""
 import csv
 import io
@@ -9,7 +9,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFilter
 
 from conftest import SHARED_DATA, run_script
-from retina import checkpoint, config as config_module, crop, gradability
+from retina.data import crop, gradability
+from retina.model import checkpoint, feature_stats
+from retina.model import config as config_module
 
 RAM = 'c_128_5x5_32_ram'
 
@@ -55,13 +57,13 @@ def test_real_photographs_are_gradable():
 def test_feature_stats_set_their_threshold_on_the_validation_photographs():
     rng = np.random.default_rng(0)
     train, valid = rng.normal(size=(500, 6)), rng.normal(size=(200, 6))
-    bare = gradability.FeatureStats.fit(train, valid, margin=1.0)
+    bare = feature_stats.FeatureStats.fit(train, valid, margin=1.0)
     assert np.mean(bare.distances(valid) > bare.threshold) == pytest.approx(0.01, abs=0.006)
-    stats = gradability.FeatureStats.fit(train, valid)
-    assert stats.threshold == pytest.approx(gradability.FEATURE_MARGIN * bare.threshold)
+    stats = feature_stats.FeatureStats.fit(train, valid)
+    assert stats.threshold == pytest.approx(feature_stats.FEATURE_MARGIN * bare.threshold)
     far = rng.normal(size=(50, 6)) + 8
     assert (stats.distances(far) > stats.threshold).all()
-    again = gradability.FeatureStats.from_state(stats.to_state())
+    again = feature_stats.FeatureStats.from_state(stats.to_state())
     np.testing.assert_allclose(again.distances(far), stats.distances(far), rtol=1e-4)
 
 
@@ -107,7 +109,7 @@ def test_photographs_unlike_the_training_photos_are_ungradable(graded, tmp_path)
     state = checkpoint.load(weights)
     config = checkpoint.config_of(state)
     width = config.build_net().output.weight.shape[1]
-    tight = gradability.FeatureStats(mean=np.full(width, 1e3), precision=np.eye(width),
+    tight = feature_stats.FeatureStats(mean=np.full(width, 1e3), precision=np.eye(width),
                                      threshold=1.0)
     state = dict(state, model={k: v.clone() for k, v in state['model'].items()},
                  feature_stats=tight.to_state())
@@ -119,13 +121,13 @@ def test_photographs_unlike_the_training_photos_are_ungradable(graded, tmp_path)
 
 
 def test_training_stores_its_photographs_feature_statistics(workdir, monkeypatch):
-    from retina import paths
-    from retina.train import train
+    from retina.core import paths
+    from retina.train.loop import train
     monkeypatch.chdir(workdir)
     train(config_module.load(RAM), device='cpu', progress=False, max_epochs=1,
           echo=lambda *a, **k: None)
     state = checkpoint.load(workdir / paths.best_kappa_weights(RAM))
-    stats = gradability.FeatureStats.from_state(state['feature_stats'])
+    stats = feature_stats.FeatureStats.from_state(state['feature_stats'])
     # one mean per level with at least MIN_LEVEL_PHOTOS training photographs
     assert stats.threshold > 0 and stats.mean.ndim == 2
     assert stats.mean.shape[1] == stats.precision.shape[0] and 1 <= len(stats.mean) <= 5
@@ -139,15 +141,15 @@ def test_feature_distance_is_to_the_nearest_level():
     train = np.concatenate([rng.normal(0, 1, (990, 6)), rng.normal(0, 1, (10, 6)) + shift])
     levels = np.array([0] * 990 + [4] * 10)
     valid = rng.normal(0, 1, (210, 6))
-    pooled = gradability.FeatureStats.fit(train, valid)
-    by_level = gradability.FeatureStats.fit(train, valid, train_levels=levels)
+    pooled = feature_stats.FeatureStats.fit(train, valid)
+    by_level = feature_stats.FeatureStats.fit(train, valid, train_levels=levels)
     new_severe = rng.normal(0, 1, (200, 6)) + shift
     new_healthy = rng.normal(0, 1, (200, 6))
     rate = lambda stats, x: np.mean(stats.distances(x) > stats.threshold)
     assert rate(pooled, new_severe) > rate(pooled, new_healthy) + 0.1  # the old rule's fault
     assert rate(by_level, new_severe) <= rate(by_level, new_healthy) + 0.02
     assert rate(by_level, rng.normal(0, 1, (50, 6)) + 30).min() == 1.0  # still refuses the foreign
-    restored = gradability.FeatureStats.from_state(by_level.to_state())
+    restored = feature_stats.FeatureStats.from_state(by_level.to_state())
     assert np.allclose(restored.distances(new_severe), by_level.distances(new_severe), rtol=1e-4)
 
 
@@ -197,7 +199,7 @@ def test_compressed_grey_foreign_and_partial_photographs_are_ungradable(graded, 
 def test_a_grade_that_moves_under_mild_re_encoding_is_not_given(graded, tmp_path, monkeypatch):
     """The stability check: each photograph is re-saved at JPEG quality 75 and scored
     again; a level that moves by more than one is not given ('unstable under re-encoding')."""
-    from retina import predict
+    from retina.grade import predict
     assert predict.unstable(0.2, 2.6, (0.5, 1.5, 2.5, 3.5))
     assert not predict.unstable(0.2, 1.4, (0.5, 1.5, 2.5, 3.5))
     folder, weights = graded

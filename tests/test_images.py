@@ -1,8 +1,8 @@
-"""retina.images and retina.cache: decompression bombs, EXIF orientation, a truncated image cache."""
+"""retina.images and retina.data.cache: decompression bombs, EXIF orientation, a truncated image cache."""
 import numpy as np
 import pytest
 
-from retina.errors import UserError
+from retina.core.errors import UserError
 
 
 def _png_claiming(path, width, height):
@@ -23,8 +23,8 @@ def _png_claiming(path, width, height):
 
 @pytest.mark.parametrize('width, height', [(20000, 20000), (12000, 10000)])
 def test_an_image_over_100_megapixels_is_refused_by_name(tmp_path, width, height):
-    from retina import cache
-    from retina.images import BadImage, load_rgb
+    from retina.data import cache
+    from retina.data.images import BadImage, load_rgb
     path = _png_claiming(tmp_path / 'bomb_left.png', width, height)
     for read in (load_rgb, lambda p: cache.image_size_of([p])):
         with pytest.raises(UserError, match='bomb_left.png: too many pixels .* limit is 100 MP'):
@@ -35,8 +35,8 @@ def test_an_image_over_100_megapixels_is_refused_by_name(tmp_path, width, height
 
 def test_exif_orientation_turns_the_photo_upright(tmp_path):
     from PIL import Image
-    from retina.crop import load_for_crop
-    from retina.images import load_rgb
+    from retina.data.crop import load_for_crop
+    from retina.data.images import load_rgb
     array = np.zeros((32, 64, 3), np.uint8)
     array[:, :32] = 255  # left half white: upright (orientation 6 turns it clockwise) on top
     image = Image.fromarray(array)
@@ -51,7 +51,7 @@ def test_exif_orientation_turns_the_photo_upright(tmp_path):
 
 def test_a_truncated_image_cache_is_built_again(tmp_path, capsys):
     from PIL import Image
-    from retina import cache
+    from retina.data import cache
     folder = tmp_path / 'train'
     folder.mkdir()
     for i in range(3):

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from retina import config as config_module
-from retina.augment import augment_batch, random_params
-from retina.jpeg import jpeg_batch, quantisation_tables, recompressed
+from retina.data.jpeg import jpeg_batch, quantisation_tables, recompressed
+from retina.model import config as config_module
+from retina.model.augment import augment_batch, random_params
 
 
 def photo_like(n=4, side=64, seed=0):
@@ -81,7 +81,7 @@ def test_training_uses_it_and_is_reproducible():
 
 
 def test_a_bad_jpeg_key_is_named(tmp_path):
-    from retina.errors import UserError
+    from retina.core.errors import UserError
     bad = tmp_path / 'c_bad.py'
     bad.write_text('from configs.c_128_5x5_32_ram import cnf as base, layers\n'
                    "cnf = dict(base, jpeg=dict(probability=0.5, quality=(50, 5)))\n")

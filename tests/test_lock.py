@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from conftest import REPO
-from retina import lock
+from retina.core import lock
 
 
 def test_a_live_lock_refuses_a_second_holder_and_a_stale_one_is_taken_over(tmp_path):

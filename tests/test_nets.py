@@ -3,9 +3,10 @@ import pytest
 import torch
 
 from conftest import REPO, run_script
-from retina import checkpoint, config as config_module
-from retina.errors import UserError
-from retina.nets import is_ram_net, parameter_count
+from retina.core.errors import UserError
+from retina.model import checkpoint
+from retina.model import config as config_module
+from retina.model.nets import is_ram_net, parameter_count
 
 CONFIGS = sorted(p.stem for p in (REPO / 'configs').glob('c_*.py'))
 
@@ -69,7 +70,7 @@ def test_untied_biases_are_per_position_and_hold_a_large_share():
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize('layout', [torch.channels_last, torch.contiguous_format])
 def test_the_cpu_untied_bias_gives_autograds_gradients(dtype, layout):
-    from retina.nets import UntiedConv2d
+    from retina.model.nets import UntiedConv2d
     torch.manual_seed(0)
     layer = UntiedConv2d(3, 4, 3, 1, 1, (6, 5))
     x = torch.randn(7, 3, 6, 5).contiguous(memory_format=layout)
@@ -129,7 +130,7 @@ def test_fine_heat_map_nets_end_in_about_54_by_54():
 
 
 def test_batch_norm_weights_are_not_decayed():
-    from retina.train import make_optimizer
+    from retina.train.loop import make_optimizer
     config = config_module.load('c_128_5x5_32_ram')
     net = config.build_net()
     optimizer = make_optimizer(net, dict(config.cnf, weight_decay=0.1), 0.01)
@@ -281,13 +282,13 @@ def test_a_new_net_family_is_one_module_that_registers_its_layers(tmp_path, monk
     """A family with a layer kind of its own (a tied, padded conv here): its module registers
     the kind, its config uses it, and the net builds, trains with weight decay on the new
     kind's weights, and gets Grad-CAM maps at the new layers; no other file names it."""
-    from retina import nets
     from retina.heatmaps import methods
-    from retina.train import make_optimizer
+    from retina.model import nets
+    from retina.train.loop import make_optimizer
     monkeypatch.setattr(nets, 'LAYER_KINDS', dict(nets.LAYER_KINDS))
     (tmp_path / 'family_tied.py').write_text(
         'import torch.nn as nn\n'
-        'from retina.nets import layer_kind\n\n\n'
+        'from retina.model.nets import layer_kind\n\n\n'
         "@layer_kind('tied_conv', spatial=True, regularizable=('0.weight',))\n"
         'def tied_conv(opt, shape):\n'
         "    conv = nn.Conv2d(shape[0], opt['filters'], 3, padding=1)\n"
@@ -296,7 +297,7 @@ def test_a_new_net_family_is_one_module_that_registers_its_layers(tmp_path, monk
     (tmp_path / 'configs' / 'c_32_tied_ram.py').write_text(
         'import family_tied  # noqa: F401 (registers tied_conv)\n'
         'from configs.c_128_5x5_32_ram import cnf as base\n'
-        'from retina.nets import ram_head\n\n'
+        'from retina.model.nets import ram_head\n\n'
         'cnf = dict(base, w=32, h=32)\n'
         "layers = [('tied_conv', dict(name='t1', filters=8)),\n"
         "          ('tied_conv', dict(name='t2', filters=16))] + ram_head()\n")

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from conftest import REPO, run_script
-from retina.feature_files import load_features
+from retina.features.files import load_features
 
 CONFIG = 'c_128_5x5_32_ram'
 

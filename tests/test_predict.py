@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from conftest import REPO, SHARED_DATA, one_line_error, run_script
-from retina import checkpoint, config as config_module
-from retina.errors import UserError
+from retina.core.errors import UserError
+from retina.model import checkpoint
+from retina.model import config as config_module
 
 RAM = 'c_128_5x5_32_ram'
 BASELINE = 'c_128_4x4_32'
@@ -46,9 +47,9 @@ def save_untrained(workdir, name, seed=0, **extra):
 def converted_route_scores(workdir, photos, name, weights, crop_size=128, enhance='none'):
     """{image: score}: convert.py's function into a folder (lossless tiff), then the net on
     the centred window, as train.py's predict and transform.py see it."""
-    from retina.augment import prepare_batch
-    from retina.conversion import convert_folder
-    from retina.checkpoint import load_net
+    from retina.data.conversion import convert_folder
+    from retina.model.augment import prepare_batch
+    from retina.model.checkpoint import load_net
     folder = workdir / f'converted_{name}'
     convert_folder(photos, folder, crop_size, 'tiff', n_proc=1, progress=False, preprocessing=enhance)
     loaded = load_net(config_module.load(name), weights, 'cpu')
@@ -108,7 +109,7 @@ def test_predict_grades_raw_photos_as_the_converted_route(photos, tmp_path):
 def test_predict_matches_the_converted_route_on_real_photographs(tmp_path):
     """Raw EyePACS photographs (1536 px wide) and a 512-px net: the same scores as
     convert.py at 512 px, then the net on the 448-px window."""
-    from retina.predict import grade, load_grader
+    from retina.grade.predict import grade, load_grader
     name = 'c_512_5x5_32_ram'
     photos = tmp_path / 'raw'
     photos.mkdir()
@@ -125,7 +126,7 @@ def test_predict_matches_the_converted_route_on_real_photographs(tmp_path):
 def test_predict_applies_the_preprocessing_the_net_was_trained_with(photos, tmp_path):
     """A net trained on convert.py --enhance local_contrast images (recorded in its
     checkpoint) grades raw photographs enhanced the same way, in memory."""
-    from retina.predict import grade, load_grader
+    from retina.grade.predict import grade, load_grader
     weights = save_untrained(tmp_path, RAM, preprocessing='local_contrast')
     reference = converted_route_scores(tmp_path, photos, RAM, weights, enhance='local_contrast')
     grader = load_grader(RAM, weights, 'cpu')
@@ -142,8 +143,8 @@ def test_predict_applies_the_preprocessing_the_net_was_trained_with(photos, tmp_
 
 
 def test_heat_map_lies_over_the_eye_in_the_photograph():
+    from retina.grade.predict import heat_map_over_photo, window_in_photo
     from retina.heatmaps import figures
-    from retina.predict import heat_map_over_photo, window_in_photo
     # A 400 x 200 photo whose eye box is the square (100, 0, 300, 200), converted to 128 px;
     # the 112-px window is 8 converted px (12.5 photo px) inside the box on each side.
     window = window_in_photo((100, 0, 300, 200), 128, (112, 112))
@@ -168,8 +169,8 @@ def test_no_colour_outside_the_eye_of_a_raw_photograph():
     from PIL import ImageDraw
     from scipy import ndimage
 
+    from retina.grade.predict import heat_map_over_photo
     from retina.heatmaps import figures
-    from retina.predict import heat_map_over_photo
     photo = Image.new('RGB', (600, 400), (0, 0, 0))
     ImageDraw.Draw(photo).ellipse((200, 0, 600, 400), fill=(190, 100, 50))
     window = np.full((112, 112, 3), 120, np.uint8)
@@ -197,7 +198,7 @@ def test_ram_py_and_predict_py_draw_the_same_map_of_a_photograph(photos, tmp_pat
     from retina.heatmaps import figures
     work = tmp_path
     weights = save_untrained(work, RAM)
-    from retina.conversion import convert_folder
+    from retina.data.conversion import convert_folder
     convert_folder(photos, work / 'converted', 128, 'tiff', n_proc=1, progress=False)
     at_layer = ['--layer', layer] if layer else []
     run_script('ram.py', '--cnf', RAM, '--weights_from', weights, '--method', method, *at_layer,
@@ -227,8 +228,8 @@ def test_ram_py_and_predict_py_draw_the_same_map_of_a_photograph(photos, tmp_pat
             left, top, right, bottom = figures.photo_box(by_predict)
             assert (right - left, bottom - top) == photo.size
     if method == 'ram':  # the ONNX graph computes it with the same function
-        from retina.export import ExportedNet
-        from retina.predict import load_grader
+        from retina.grade.predict import load_grader
+        from retina.publish.export import ExportedNet
         grader = load_grader(RAM, weights, 'cpu')
         image = np.array(Image.open(work / 'converted' / f'{names[0]}.tiff').convert('RGB'))
         with torch.no_grad():
@@ -243,7 +244,7 @@ def test_predict_fuses_two_nets_as_ram_py_does(photos, tmp_path):
     """predict.py --fuse (a 256-px net and the 53x53 fine net, each on its own conversion of the
     raw photograph) gives ram.py --fuse --fuse_images's map of convert.py's images, on the fine
     grid; both pictures on the one scale."""
-    from retina.conversion import convert_folder
+    from retina.data.conversion import convert_folder
     big, fine = 'c_256_5x5_32_ram', 'c_128_5x5_32_ram_fine'
     big_weights, fine_weights = save_untrained(tmp_path, big), save_untrained(tmp_path, fine, seed=1)
     for size in (256, 128):
@@ -274,8 +275,8 @@ def test_predict_fuses_two_nets_as_ram_py_does(photos, tmp_path):
 def test_a_released_model_draws_its_measured_best_map_by_default(photos, tmp_path):
     """predict.py --heatmap with eyepacs-256 and no --method draws the map bench/
     heatmap_default.md chose for it (and says so); --method ram draws its RAM alone."""
-    from retina import released
     from retina.heatmaps import RELEASED_DEFAULT_MAPS
+    from retina.model import released
     chosen = RELEASED_DEFAULT_MAPS['eyepacs-256']
     models = released.index()['models']
     title = models['eyepacs-256']['config'] + (f'+{models[chosen["fuse"]]["config"]}'
@@ -308,10 +309,10 @@ def test_blend_saved_by_blend_py_gives_predict_the_submission_levels(workdir, sy
     images; predict.py --blend on the raw test photos gives the submission's scores and levels.
     The features use the original's TTA sequence (not the default): predict.py must follow
     the sequence recorded beside them."""
-    from retina.blend import run_blend
-    from retina.conversion import convert_folder
-    from retina.checkpoint import load_net
-    from retina.features import extract_features
+    from retina.blend.blending import run_blend
+    from retina.data.conversion import convert_folder
+    from retina.features.extract import extract_features
+    from retina.model.checkpoint import load_net
     weights = save_untrained(workdir, RAM)
     data = workdir / 'data'
     convert_folder(synthetic_source / 'test', data / 'test_lossless', 128, 'tiff', n_proc=1,
@@ -371,7 +372,7 @@ def test_blend_saved_by_blend_py_gives_predict_the_submission_levels(workdir, sy
     assert abs(graded['with_black'][partner]['blend'] - graded['alone'][partner]['blend']) < 1e-6
     assert graded['with_black'][partner]['level'] == graded['alone'][partner]['level']
 
-    from retina.predict import LoadedBlend, load_grader
+    from retina.grade.predict import LoadedBlend, load_grader
     loaded = LoadedBlend(data / 'sub_blend.pt')
     assert loaded.nets() == [(RAM, str(weights.relative_to(workdir)))]
     other = save_untrained(workdir, RAM, seed=1).rename(workdir / 'other.pt')
@@ -414,8 +415,8 @@ def test_onnx_export_matches_torch(synthetic_source, tmp_path):
     pytest.importorskip('onnxruntime')
     import onnx
 
-    from retina import export
-    from retina.predict import load_grader
+    from retina.grade.predict import load_grader
+    from retina.publish import export
     real = SHARED_DATA / 'eyepacs_raw' / 'train'
     sources = sorted(real.glob('*.jpeg'))[:3] if real.is_dir() else [synthetic_source / 'test']
     weights = save_untrained(tmp_path, RAM)
@@ -442,7 +443,7 @@ def test_onnx_export_matches_torch(synthetic_source, tmp_path):
 
 
 def test_pictures_curves_and_confusion_matrix(tmp_path):
-    from retina import plots
+    from retina.core import plots
     rows = [dict(epoch=str(e), train_loss=str(1 / e), valid_loss='nan' if e == 1 else str(2 / e),
                  valid_kappa=str(e / 10), lr='0.003') for e in range(1, 6)]
     plots.training_curves(rows, tmp_path / 'curves.png', 'c')
@@ -453,7 +454,7 @@ def test_pictures_curves_and_confusion_matrix(tmp_path):
 
 
 def test_few_validation_images_carry_a_warning():
-    from retina.data import few_images_warning
+    from retina.core.metrics import few_images_warning
     assert 'only 8 validation images' in few_images_warning(8)
     assert few_images_warning(20) == ''
 
@@ -461,7 +462,7 @@ def test_few_validation_images_carry_a_warning():
 def test_export_help_explains_every_option():
     from click.testing import CliRunner
 
-    from retina import export
+    from retina.publish import export
     result = CliRunner().invoke(export.main, ['--help'])
     assert result.exit_code == 0 and 'N×S×S×3' in result.output
     blocks = re.split(r'\n(?=  \S)', result.output.split('Options:')[1].strip('\n'))
@@ -471,8 +472,8 @@ def test_export_help_explains_every_option():
 
 
 def test_a_blend_of_files_not_named_by_transform_py_is_refused_by_predict(tmp_path):
-    from retina import fitted_blend
-    from retina.predict import LoadedBlend
+    from retina.blend import fitted as fitted_blend
+    from retina.grade.predict import LoadedBlend
     entry = fitted_blend.describe_file(tmp_path / 'my_features.npy')
     assert entry['cnf'] is None  # blend.py still saves it
     run = dict(name='run', files=[entry], mean=torch.zeros(3), scale=torch.ones(3), nets=[],
@@ -520,7 +521,7 @@ def test_predict_never_writes_over_its_inputs_nor_maps_into_a_graded_folder(tmp_
 
 
 def test_names_that_a_spreadsheet_would_run_as_formulas_are_escaped(tmp_path, photos):
-    from retina.blend import write_submission
+    from retina.blend.blending import write_submission
     weights = save_untrained(tmp_path, RAM)
     source = sorted(photos.glob('*.jpeg'))[0]
     folder = tmp_path / 'odd'
@@ -648,9 +649,9 @@ def test_photographs_converted_with_the_look_already_are_not_given_it_twice(tmp_
     import csv
     import io
 
-    from retina import crop
-    from retina.conversion import convert_folder
-    from retina.predict import prepare_photo
+    from retina.data import crop
+    from retina.data.conversion import convert_folder
+    from retina.grade.predict import prepare_photo
     weights = save_untrained(tmp_path, RAM, preprocessing='local_contrast')
     converted = tmp_path / 'converted'
     convert_folder(photos, converted, 128, 'png', n_proc=1, progress=False,
@@ -689,7 +690,7 @@ def test_photographs_converted_with_the_look_already_are_not_given_it_twice(tmp_
 def test_json_gives_null_for_no_level_and_both_outputs_name_the_model(tmp_path, photos):
     import csv
     import io
-    from retina import released
+    from retina.model import released
     weights = save_untrained(tmp_path, RAM)
     Image.new('RGB', (300, 200)).save(photos / 'black_left.png')
     digest = released.sha256_of(weights)

@@ -1,4 +1,4 @@
-"""convert.py --enhance and retina.preprocess: one preprocessing per folder, across cameras;
+"""convert.py --enhance and retina.data.preprocess: one preprocessing per folder, across cameras;
 later stages refuse images of another preprocessing."""
 import json
 import shutil
@@ -8,16 +8,18 @@ import pytest
 from PIL import Image
 
 from conftest import SHARED_DATA, run_script
-from retina import checkpoint, config as config_module, preprocess
-from retina.conversion import convert_folder
-from retina.errors import UserError
+from retina.core.errors import UserError
+from retina.data import preprocess
+from retina.data.conversion import convert_folder
+from retina.model import checkpoint
+from retina.model import config as config_module
 
 CONFIG = 'c_128_5x5_32_ram'
 
 
 def converted(photo):
     """A synthetic photograph (the generator's raw camera look), cropped like convert.py."""
-    from retina.crop import crop_to_eye
+    from retina.data.crop import crop_to_eye
     with Image.open(photo) as image:
         return np.asarray(crop_to_eye(image.convert('RGB'), 128))
 

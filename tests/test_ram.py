@@ -14,11 +14,13 @@ from PIL import Image, ImageDraw
 from scipy import ndimage
 
 from conftest import REPO, run_script
-from retina import checkpoint, config as config_module, crop, nets, ram
-from retina.augment import standardise
-from retina.data import MEAN, STD
-from retina.errors import UserError
-from retina.heatmaps import figures, methods, scores
+from retina.core.errors import UserError
+from retina.data import crop
+from retina.data.labels import MEAN, STD
+from retina.heatmaps import figures, methods, ram, scores
+from retina.model import checkpoint, nets
+from retina.model import config as config_module
+from retina.model.augment import standardise
 
 CONFIGS = sorted(p.stem for p in (REPO / 'configs').glob('c_*.py'))
 RAM_CONFIGS = [c for c in CONFIGS if nets.is_ram_net(config_module.load(c).layers)]
@@ -706,8 +708,8 @@ def test_ram_output_dir_inside_an_image_folder_is_refused(workdir):
 def test_optic_disc_is_found_where_the_synthetic_photograph_has_it(seed, eye):
     """`scores.optic_disc` on the plain conversion of a synthetic photograph (level 0) covers
     the disc the generator drew, and is small: a share of the fundus near the disc's own."""
-    from retina import synthetic
-    from retina.augment import centre_crop
+    from retina.data import synthetic
+    from retina.model.augment import centre_crop
     geometry = synthetic._eye_geometry(np.random.default_rng(seed), 576, 384, eye)
     photo, _ = synthetic.make_fundus(0, np.random.default_rng(seed), 576, 384, eye)
     box = crop.find_eye_box_fast(photo)

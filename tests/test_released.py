@@ -1,5 +1,5 @@
 """Released models (models/): the shipped files themselves, and the release path end to end on
-synthetic photographs (retina.release, predict.py's default, --weights_from NAME, checksums)."""
+synthetic photographs (retina.publish.release, predict.py's default, --weights_from NAME, checksums)."""
 import json
 import os
 import shutil
@@ -10,7 +10,10 @@ import pytest
 import torch
 
 from conftest import REPO, one_line_error, run_script
-from retina import checkpoint, data, paths, released
+from retina.core import paths
+from retina.core.metrics import FIXED_CUTS, to_levels
+from retina.data.labels import held_out
+from retina.model import checkpoint, released
 
 SHIPPED = released.index(released.MODELS_DIR)
 
@@ -87,7 +90,7 @@ def test_release_writes_the_checkpoint_its_checksum_and_a_card_of_test_split_fig
         assert torch.equal(state['model'][key], value), key
     card = (models / entry['card']).read_text()
     names = [p.stem for p in (work / 'data' / 'train_tiny').iterdir() if p.suffix == '.jpeg']
-    held = [n for n in names if data.held_out(n, 0.3)]
+    held = [n for n in names if held_out(n, 0.3)]
     assert f'| test split (train_tiny) | {len(held)} (' in card
     assert 'a test net' in card and '--hold_out 0.3' in card
 
@@ -109,11 +112,11 @@ def test_predict_grades_with_the_released_default_and_says_so(release, synthetic
     assert len(cuts) == 4 and list(cuts) == sorted(cuts)
     import csv
     import io
-    for args, expected in (((), cuts), (('--n_iter', '2'), data.FIXED_CUTS)):
+    for args, expected in (((), cuts), (('--n_iter', '2'), FIXED_CUTS)):
         graded = run_script('predict.py', *photos, *args, '--no_progress', cwd=tmp_path, env=env)
         for row in csv.DictReader(io.StringIO(graded.stdout)):
             if row['gradable'] == 'yes':
-                assert int(row['level']) == data.to_levels([float(row['mean'])], expected)[0]
+                assert int(row['level']) == to_levels([float(row['mean'])], expected)[0]
     # transform.py takes the short name too (ram.py and the export load through the same
     # checkpoint.load).
     work, _, _ = release
@@ -255,7 +258,7 @@ def test_every_script_cuts_a_net_at_its_own_cut_offs_and_outputs_name_it(release
     rows = list(csv.DictReader(io.StringIO(graded.stdout)))
     for row in rows:
         if row['gradable'] == 'yes':
-            assert int(row['level']) == data.to_levels([float(row['mean'])], cuts)[0]
+            assert int(row['level']) == to_levels([float(row['mean'])], cuts)[0]
     entry = json.loads((models / 'index.json').read_text())['models']['tiny-128']
     assert {(r['model'], r['model_sha256']) for r in rows} == {('tiny-128', entry['sha256'])}
 

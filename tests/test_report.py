@@ -44,7 +44,7 @@ def report(tmp_path_factory, synthetic_source):
 def test_report_holds_the_model_the_table_the_pairs_and_the_ungradable_apart(report):
     path, rows = report
     page = path.read_text(encoding='utf-8')
-    from retina import released
+    from retina.model import released
     entry = released.index()['models']['eyepacs-128']
     assert 'eyepacs-128' in page and entry['sha256'] in page
     assert '<td>test split (e128)</td>' in page, 'the card\'s test-split figures'

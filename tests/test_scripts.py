@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from conftest import REPO, run_script
-from retina import paths
+from retina.core import paths
 
 SCRIPTS = ('convert.py', 'train_nn.py', 'transform.py', 'blend.py', 'ram.py', 'predict.py')
 PIPELINE_SCRIPTS = SCRIPTS[:5]

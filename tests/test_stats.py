@@ -10,16 +10,20 @@ import pytest
 import torch
 from PIL import Image
 
-from retina import augment, config as config_module, data, stats
-from retina.augment import KAGGLE, constants_for, prepare_batch
-from retina.errors import UserError
+from retina.core.errors import UserError
+from retina.data import stats
+from retina.data.labels import BALANCE_WEIGHTS, FINAL_BALANCE_WEIGHTS, balance_weights_at
+from retina.data.labels import balanced_sample, labelled_images
+from retina.model import augment
+from retina.model import config as config_module
+from retina.model.augment import KAGGLE, constants_for, prepare_batch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OWN = dict(mean=[100.0, 80.0, 60.0], std=[50.0, 40.0, 20.0],
            colour_u=np.eye(3).tolist(), colour_ev=[2.0, 1.0, 0.5],
            balance_weights=[1.0, 9.0, 1.0, 1.0, 1.0])
 OWN_CONFIG = '''from configs.c_128_5x5_32 import cnf as base, layers
-from retina.stats import load_stats
+from retina.data.stats import load_stats
 
 cnf = dict(base, **load_stats({path!r}))
 '''
@@ -92,7 +96,7 @@ def test_the_kaggle_constants_have_the_shape_stats_writes():
     u, ev = np.asarray(KAGGLE.colour_u), np.asarray(KAGGLE.colour_ev)
     np.testing.assert_allclose(u.T @ u, np.eye(3), atol=1e-3)  # as published: 4 digits
     assert np.isclose((ev ** 2).sum(), 3, atol=0.01)  # the PCA of standardised pixels
-    np.testing.assert_allclose(data.BALANCE_WEIGHTS[0], 35126 / 25810)
+    np.testing.assert_allclose(BALANCE_WEIGHTS[0], 35126 / 25810)
 
 
 def test_cli_writes_stats_a_config_picks_up(workdir):
@@ -101,7 +105,7 @@ def test_cli_writes_stats_a_config_picks_up(workdir):
     written = workdir / 'data' / 'stats_train_tiny.json'
     assert 'wrote data/stats_train_tiny.json' in result.stdout
     saved = json.loads(written.read_text())
-    paths, levels = data.labelled_images(workdir / 'data' / 'train_tiny',
+    paths, levels = labelled_images(workdir / 'data' / 'train_tiny',
                                          workdir / 'data' / 'trainLabels.csv')
     counts = np.bincount(levels, minlength=5)
     expected = np.where(counts > 0, len(levels) / np.maximum(counts, 1), 1.0)
@@ -172,14 +176,14 @@ def test_own_constants_change_the_network_input_and_default_is_kaggle():
 def test_own_balance_weights_change_the_draw():
     levels = np.array([0] * 500 + [1] * 500)
     rng = np.random.default_rng(0)
-    drawn = levels[data.balanced_sample(levels, 0, rng, n=20_000,
+    drawn = levels[balanced_sample(levels, 0, rng, n=20_000,
                                         weights=OWN['balance_weights'])]
     assert abs(drawn.mean() - 0.9) < 0.01  # weights 1 : 9
-    kaggle = levels[data.balanced_sample(levels, 0, rng, n=20_000)]
-    expected = data.BALANCE_WEIGHTS[1] / data.BALANCE_WEIGHTS[:2].sum()
+    kaggle = levels[balanced_sample(levels, 0, rng, n=20_000)]
+    expected = BALANCE_WEIGHTS[1] / BALANCE_WEIGHTS[:2].sum()
     assert abs(kaggle.mean() - expected) < 0.01
-    np.testing.assert_allclose(data.balance_weights_at(10_000, weights=[5] * 5),
-                               data.FINAL_BALANCE_WEIGHTS)
+    np.testing.assert_allclose(balance_weights_at(10_000, weights=[5] * 5),
+                               FINAL_BALANCE_WEIGHTS)
 
 
 @pytest.mark.parametrize('key, value, words', [
@@ -213,8 +217,8 @@ def test_load_stats_refuses_missing_and_foreign_files(tmp_path):
 
 
 def test_a_trained_net_carries_its_constants_to_later_stages(tmp_path, monkeypatch):
-    from retina import checkpoint
-    from retina.export import ExportedNet
+    from retina.model import checkpoint
+    from retina.publish.export import ExportedNet
     (tmp_path / 'own.json').write_text(json.dumps(OWN))
     (tmp_path / 'configs').mkdir()
     (tmp_path / 'configs' / 'c_own.py').write_text(OWN_CONFIG.format(path='own.json'))
@@ -230,8 +234,8 @@ def test_a_trained_net_carries_its_constants_to_later_stages(tmp_path, monkeypat
     np.testing.assert_allclose(exported.mean.flatten().numpy(), OWN['mean'])
     np.testing.assert_allclose(exported.std.flatten().numpy(), OWN['std'])
     # predict.py and ram.py feed the net its own standardisation.
-    from retina.predict import _passes, load_grader
-    from retina.ram import network_input
+    from retina.grade.predict import _passes, load_grader
+    from retina.heatmaps.ram import network_input
     grader = load_grader('configs/c_own.py', tmp_path / 'w.pt')
     images = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
     own = prepare_batch(images, grader.input_size, constants=constants_for(OWN))
@@ -250,9 +254,9 @@ def test_weights_graded_under_another_config_name_keep_their_own_constants(tmp_p
                                                                          monkeypatch):
     """--cnf c_128_5x5_32 --weights_from (weights trained as c_own, its own data's stats):
     every stage standardises with the weights' constants, not the named config's."""
-    from retina import checkpoint
-    from retina.export import ExportedNet
-    from retina.predict import load_grader
+    from retina.grade.predict import load_grader
+    from retina.model import checkpoint
+    from retina.publish.export import ExportedNet
     (tmp_path / 'own.json').write_text(json.dumps(OWN))
     (tmp_path / 'configs').mkdir()
     (tmp_path / 'configs' / 'c_own.py').write_text(OWN_CONFIG.format(path='own.json'))
@@ -270,9 +274,9 @@ def test_weights_graded_under_another_config_name_keep_their_own_constants(tmp_p
 
 
 def test_training_standardises_and_balances_with_the_config_constants():
-    from retina.runtime import Runtime
-    from retina.inference import predict
-    from retina.train import epoch_sample, train_one_epoch
+    from retina.core.runtime import Runtime
+    from retina.model.inference import predict
+    from retina.train.loop import epoch_sample, train_one_epoch
     config = config_module.load('c_128_5x5_32')
     config.cnf.update(OWN, h=16, w=16, batch_size_train=4)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1),

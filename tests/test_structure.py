@@ -90,6 +90,51 @@ def test_no_two_modules_import_each_other():
     assert cycles(graph) == []
 
 
+STAGES = ('core', 'data', 'model', 'train', 'features', 'blend', 'heatmaps', 'grade', 'publish')
+
+
+def stage_of(name):
+    """The stage of `retina.STAGE.x` (its index in STAGES), or None for the package's own
+    top-level modules (the `python -m` entry points and the demo), which may import anything."""
+    parts = name.split('.')
+    return STAGES.index(parts[1]) if len(parts) > 1 and parts[1] in STAGES else None
+
+
+def layering_offences(graph):
+    """'a -> b' for every import of a module from a later stage."""
+    return sorted(f'{name} -> {other}' for name, imported in graph.items()
+                  for other in imported
+                  if stage_of(name) is not None and stage_of(other) is not None
+                  and stage_of(other) > stage_of(name))
+
+
+def test_imports_only_run_down_the_stages():
+    """A stage imports only from itself and the stages before it: core before data, data
+    before model, and so on to publish."""
+    known = modules()
+    graph = {name: imports_of(path, known) - {name} for name, path in known.items()}
+    assert layering_offences(graph) == []
+
+
+def test_a_stage_importing_a_later_one_is_an_offence():
+    graph = {'retina.core.paths': {'retina.data.images'}, 'retina.model.nets': {'retina.core.errors'},
+             'retina.demo': {'retina.grade.predict'}}
+    assert layering_offences(graph) == ['retina.core.paths -> retina.data.images']
+
+
+def test_every_module_lives_in_a_stage_folder():
+    """The package's top level holds only its entry points, each of which only calls main."""
+    top = [name for name in modules() if name.count('.') == 1 and stage_of(name) is None]
+    assert sorted(top) == ['retina.datasets', 'retina.demo', 'retina.export', 'retina.release',
+                           'retina.stats', 'retina.synthetic']
+    for name in top:
+        if name == 'retina.demo':
+            continue
+        tree = ast.parse(modules()[name].read_text())
+        code = [node for node in tree.body if not isinstance(node, ast.Expr)]
+        assert len(code) == 2 and isinstance(code[0], ast.ImportFrom) and code[0].names[0].name == 'main'
+
+
 def test_cycles_are_found_where_there_are_some():
     assert cycles({'a': {'b'}, 'b': {'c'}, 'c': {'a'}, 'd': {'a'}}) == [['a', 'b', 'c']]
     assert cycles({'a': {'b'}, 'b': set()}) == []
@@ -113,4 +158,5 @@ def test_the_layout_page_names_every_module():
     listed = set(re.findall(r'\b(\w+)\.py\b', layout)) | set(re.findall(r'\b(\w+)/', layout))
     missing = [name for name in modules()
                if name != 'retina' and f"{name.rsplit('.', 1)[-1]}" not in listed]
+    assert [stage for stage in STAGES if f'{stage}/' not in layout] == []
     assert missing == []

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retina.errors import UserError
-from retina.synthetic import LEVEL_FRACTIONS, MARKER_FILE, generate, image_rng, make_fundus, plan_images
+from retina.core.errors import UserError
+from retina.data.synthetic import LEVEL_FRACTIONS, MARKER_FILE, generate, image_rng, make_fundus
+from retina.data.synthetic import plan_images
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(width=192, height=128)

@@ -19,11 +19,15 @@ from PIL import Image
 
 from conftest import (_limit_file_size, as_loaded, assert_loadable, kill_when, noise_images,
                       one_line_error, run_script, start, weight_files)
-from retina import checkpoint, config as config_module, data, lock, paths
-from retina.conversion import convert_folder
-from retina.errors import UserError
-from retina.augment import prepare_batch, random_params
-from retina.train import lr_for_epoch, make_optimizer, train
+from retina.core import lock, paths
+from retina.core.errors import UserError
+from retina.core.paths import patient_and_eye
+from retina.data.conversion import convert_folder
+from retina.data.labels import held_out, labelled_images
+from retina.model import checkpoint
+from retina.model import config as config_module
+from retina.model.augment import prepare_batch, random_params
+from retina.train.loop import lr_for_epoch, make_optimizer, train
 
 CONFIG = 'c_128_5x5_32_ram'
 TRAIN = ['train_nn.py', '--cnf', CONFIG, '--max_epochs', '4', '--seed', '1', '--deterministic',
@@ -49,9 +53,9 @@ def test_l2_is_lasagne_convention_on_weights_only():
 
 
 def test_a_few_steps_lower_the_loss_on_synthetic_images(converted_workdir):
-    from retina.cache import load_images
+    from retina.data.cache import load_images
     config = config_module.load(CONFIG)
-    image_paths, levels = data.labelled_images(converted_workdir / 'data' / 'train_tiny',
+    image_paths, levels = labelled_images(converted_workdir / 'data' / 'train_tiny',
                                                converted_workdir / 'data' / 'trainLabels.csv')
     images = torch.from_numpy(np.array(load_images(image_paths[:32],
                                                    cache_dir=converted_workdir / 'cache')))
@@ -245,8 +249,8 @@ def test_other_devices_are_one_line(tmp_path, device, words):
 # --- issue 14: the GPU paths, checked on the CPU ------------------------------
 
 def test_batch_is_per_process_under_torchrun_unless_split():
-    from retina.runtime import Runtime
-    from retina.train import process_batch_size
+    from retina.core.runtime import Runtime
+    from retina.train.loop import process_batch_size
     cnf = dict(batch_size_train=32)
     eight = Runtime(torch.device('cpu'), rank=3, world=8)
     assert process_batch_size(cnf, eight) == 32
@@ -257,8 +261,8 @@ def test_batch_is_per_process_under_torchrun_unless_split():
 def _tiny_epoch(indices, inner=prepare_batch, **kwargs):
     """train_one_epoch of a tiny net over `indices` of 8 random 20-px images, each batch
     prepared by `inner`; the batch sizes and the metrics."""
-    from retina.runtime import Runtime
-    from retina.train import train_one_epoch
+    from retina.core.runtime import Runtime
+    from retina.train.loop import train_one_epoch
     config = config_module.load(CONFIG)
     config.cnf.update(h=16, w=16)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3), torch.nn.AdaptiveAvgPool2d(1),
@@ -287,7 +291,7 @@ def test_a_compiled_run_drops_the_last_smaller_batch():
 
 
 def test_a_failing_compiler_falls_back_to_eager():
-    from retina.runtime import compile_or_eager
+    from retina.core.runtime import compile_or_eager
 
     def broken_backend(graph, example_inputs):
         raise RuntimeError('no compiler here')
@@ -302,7 +306,7 @@ def test_a_failing_compiler_falls_back_to_eager():
 
 def test_host_cache_batches_are_the_gathered_rows_in_index_order(tmp_path):
     """A memory-mapped (read-only) cache and a torch one give the same sorted batches."""
-    from retina.runtime import batches
+    from retina.core.runtime import batches
     cache = np.lib.format.open_memmap(tmp_path / 'cache.npy', mode='w+', dtype=np.uint8,
                                       shape=(11, 3, 4, 4))
     cache[:] = np.random.default_rng(0).integers(0, 256, cache.shape, dtype=np.uint8)
@@ -318,9 +322,9 @@ def test_host_cache_batches_are_the_gathered_rows_in_index_order(tmp_path):
 
 
 def test_cuda_graphs_compile_the_net_the_validation_net_and_the_augmentation(monkeypatch):
-    from retina import runtime as runtime_module
-    from retina.runtime import CUDA_GRAPHS, Runtime
-    from retina.train import wrap
+    from retina.core import runtime as runtime_module
+    from retina.core.runtime import CUDA_GRAPHS, Runtime
+    from retina.train.loop import wrap
     modes = []
 
     def fake_compile(model, **options):
@@ -336,8 +340,8 @@ def test_cuda_graphs_compile_the_net_the_validation_net_and_the_augmentation(mon
 
 
 def test_cuda_graphs_are_refused_where_they_cannot_run():
-    from retina.errors import UserError
-    from retina.runtime import Runtime, check_cuda_graphs
+    from retina.core.errors import UserError
+    from retina.core.runtime import Runtime, check_cuda_graphs
     cuda = torch.device('cuda')  # a device object only: nothing runs on it
     check_cuda_graphs(Runtime(cuda), compile_model=True)
     for runtime, compiled, words in ((Runtime(torch.device('cpu')), True, 'need a CUDA GPU'),
@@ -350,7 +354,7 @@ def test_cuda_graphs_are_refused_where_they_cannot_run():
 def test_parts_run_without_cuda_graphs_are_noted(monkeypatch):
     from torch._dynamo.utils import counters
 
-    from retina.runtime import note_cuda_graph_skips
+    from retina.core.runtime import note_cuda_graph_skips
     said = []
     monkeypatch.setitem(counters['inductor'], 'cudagraph_skips', 0)
     assert note_cuda_graph_skips(said.append) == 0 and not said
@@ -372,7 +376,7 @@ def test_the_compiled_augmentation_is_one_graph_compiled_once():
     break (dynamo cannot trace `out=` into a channels_last tensor) and no second trace (the
     constants are placed before it runs, not cached from inside its first graph, which with
     CUDA graphs would be memory the next replay reuses)."""
-    from retina import augment
+    from retina.model import augment
     graphs = []
 
     def counting(graph, example_inputs):
@@ -434,9 +438,9 @@ def test_checkpoints_are_host_copies_written_in_order_in_the_background(tmp_path
 def test_tta_iterations_inside_the_batch_loop_give_each_iteration_s_features(tmp_path,
                                                                               monkeypatch):
     """transform.py's blocks of iterations per batch: the same sums as one pass per iteration."""
-    from retina.augment import broadcast_params, tta_params
-    from retina.feature_files import load_features
-    from retina.features import extract_features
+    from retina.features.extract import extract_features
+    from retina.features.files import load_features
+    from retina.model.augment import broadcast_params, tta_params
     monkeypatch.chdir(tmp_path)
     config = config_module.load(CONFIG)
     folder = tmp_path / 'images'
@@ -473,8 +477,8 @@ def _short_of_memory(net, fails):
 
 
 def test_validation_halves_its_batch_until_it_fits_and_keeps_that_size(capsys):
-    from retina.runtime import Runtime
-    from retina.inference import predict
+    from retina.core.runtime import Runtime
+    from retina.model.inference import predict
     config = config_module.load(CONFIG)
     torch.manual_seed(0)
     net = config.build_net().eval()
@@ -505,8 +509,8 @@ def test_validation_halves_its_batch_until_it_fits_and_keeps_that_size(capsys):
 def test_features_redo_a_block_at_half_the_batch_when_memory_runs_out(tmp_path, monkeypatch,
                                                                       capsys, failing,
                                                                       expected):
-    from retina.feature_files import load_features
-    from retina.features import extract_features
+    from retina.features.extract import extract_features
+    from retina.features.files import load_features
     config = config_module.load(CONFIG)
     folder = tmp_path / 'images'
     noise_images(folder, 5)
@@ -549,8 +553,8 @@ def test_precision_is_recorded_and_a_run_resumes_under_the_other(workdir, monkey
 
 
 def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
-    from retina import precision
-    from retina.runtime import Runtime
+    from retina.core import precision
+    from retina.core.runtime import Runtime
     cpu = torch.device('cpu')
     monkeypatch.setattr(precision, 'cpu_has_native_bf16', lambda: False)
     assert precision.resolve_precision('auto', cpu) == 'fp32'
@@ -568,7 +572,7 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
 
 
 def test_a_cpu_without_bf16_trains_in_fp32_and_says_so(workdir, monkeypatch):
-    from retina import precision
+    from retina.core import precision
     monkeypatch.setattr(precision, 'cpu_has_native_bf16', lambda: False)
     said = []
     _train(workdir, monkeypatch, max_epochs=1, precision='auto')
@@ -581,11 +585,11 @@ def test_a_cpu_without_bf16_trains_in_fp32_and_says_so(workdir, monkeypatch):
 
 def test_train_nn_hold_out_keeps_the_test_patients_out_and_resume_keeps_it(workdir):
     names = [p.stem for p in (workdir / 'data' / 'train_tiny').iterdir() if p.suffix == '.jpeg']
-    out = {n for n in names if data.held_out(n, 0.3)}
+    out = {n for n in names if held_out(n, 0.3)}
     assert out and len(out) < len(names)
     result = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '1', '--hold_out', '0.3',
                         '--precision', 'fp32', '--no_progress', cwd=workdir)
-    patients = {data.patient_and_eye(n)[0] for n in out}
+    patients = {patient_and_eye(n)[0] for n in out}
     assert f'{len(out)} image(s) of {len(patients)} patient(s) kept out' in result.stdout
     assert f'{len(names) - len(out)} training / ' not in result.stdout  # validation is split off
     line = next(l for l in result.stdout.splitlines() if 'training /' in l)
@@ -726,7 +730,7 @@ def test_a_second_run_of_a_config_is_refused_while_the_first_runs(workdir):
 
 
 def test_a_run_failing_in_setup_or_epoch_1_leaves_the_earlier_run_in_place(workdir, monkeypatch):
-    from retina.train import train
+    from retina.train.loop import train
     run = _earlier_run(workdir)
     result = run_script('train_nn.py', '--cnf', CONFIG, '--labels', 'data/nothing.csv',
                         '--max_epochs', '1', '--no_progress', cwd=workdir, check=False)
@@ -742,7 +746,7 @@ def test_a_run_failing_in_setup_or_epoch_1_leaves_the_earlier_run_in_place(workd
 
 
 def test_a_log_with_a_byte_order_mark_reads_and_a_foreign_one_is_named(tmp_path):
-    from retina.runs import read_log
+    from retina.train.runs import read_log
     log = tmp_path / 'log.csv'
     log.write_text('\ufeffepoch,train_loss\n1,0.5\n2,0.4\n', encoding='utf-8')
     assert [row['epoch'] for row in read_log(log)] == ['1', '2']

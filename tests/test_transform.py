@@ -1,4 +1,4 @@
-"""transform.py and retina.features: killed runs, features of other weights or folders, missing
+"""transform.py and retina.features.extract: killed runs, features of other weights or folders, missing
 folders, two extractions at once."""
 import shutil
 import signal
@@ -9,7 +9,9 @@ import torch
 from PIL import Image
 
 from conftest import kill_when, one_line_error, run_script, start
-from retina import checkpoint, config as config_module, lock, paths
+from retina.core import lock, paths
+from retina.model import checkpoint
+from retina.model import config as config_module
 
 CONFIG = 'c_128_5x5_32_ram'
 
@@ -30,7 +32,7 @@ def test_transform_killed_leaves_no_partial_file_and_a_rerun_completes(workdir, 
     first_save = workdir / 'data' / 'features' / f'{CONFIG}_train_std_iter_5_skip_0.npy'
     code = kill_when(start(command, workdir), first_save.is_file)
     assert code == -signal.SIGKILL, 'transform.py ended before the kill'
-    from retina.feature_files import load_features
+    from retina.features.files import load_features
     for path in _features(workdir):
         load_features(path)
     assert not (workdir / 'data' / 'features' / f'{CONFIG}_train_mean_iter_12_skip_0.npy').exists()
@@ -97,7 +99,7 @@ def test_empty_or_missing_test_folder(workdir):
 
 def test_two_feature_extractions_of_one_config_and_split_exclude_each_other(tmp_path,
                                                                           monkeypatch):
-    from retina.features import extract_features
+    from retina.features.extract import extract_features
     monkeypatch.chdir(tmp_path)
     config = config_module.load(CONFIG)
     with lock.hold(paths.features_lock(CONFIG, 'test', 0), 'first'):

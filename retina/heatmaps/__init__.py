@@ -1,5 +1,5 @@
 """Heat maps of a network's prediction: methods (where a map comes from), scores (whether it
-finds lesions) and figures (how it is drawn).  `retina.ram` runs them over a folder of images."""
+finds lesions) and figures (how it is drawn).  `retina.heatmaps.ram` runs them over a folder of images."""
 
 # The methods every script offers (ram.py --method, predict.py --heatmap --method), here so
 # that a script's --help needs no torch; methods.METHODS maps each name to its function.
@@ -25,8 +25,8 @@ def released_default_map(weights):
     a released model that has one, else None."""
     from pathlib import Path
 
-    from retina import released
-    from retina.errors import UserError
+    from retina.core.errors import UserError
+    from retina.model import released
     try:
         models = released.index()['models']
     except UserError:

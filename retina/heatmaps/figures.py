@@ -22,9 +22,10 @@ import dataclasses
 import numpy as np
 from scipy import ndimage
 
-from retina import atomic, data, preprocess
+from retina.core import atomic
+from retina.core.metrics import LEVELS, to_levels
+from retina.data import preprocess
 
-LEVELS = data.LEVELS
 SEQUENTIAL_CMAP = 'jet'
 SIGNED_CMAP = 'RdBu_r'
 OPACITY = 0.6            # of the map where it reaches the top of the scale
@@ -61,7 +62,7 @@ class Example:
 
     @property
     def level(self):
-        return int(data.to_levels([self.prediction])[0])
+        return int(to_levels([self.prediction])[0])
 
 
 def shown(example, signed):
@@ -224,8 +225,8 @@ def net_name(config_name, weights=None):
     file, else the config's name."""
     from pathlib import Path
 
-    from retina import released
-    from retina.errors import UserError
+    from retina.core.errors import UserError
+    from retina.model import released
     if weights is None:
         return config_name
     try:

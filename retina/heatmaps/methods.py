@@ -30,7 +30,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from retina.errors import UserError
+from retina.core.errors import UserError
 from retina.heatmaps import METHOD_NAMES
 
 RAM_ADVICE = 'use a *_ram config (e.g. c_512_5x5_32_ram): its global-average-pool head makes the map exact'
@@ -71,7 +71,7 @@ def check_ram_net(net):
     if not getattr(net, 'is_ram', False):
         raise UserError(f'this network has no global-average-pool head (a baseline net); {RAM_ADVICE}, '
                         f'or pass --method gradcam or layercam')
-    from retina.nets import layers_after_last_conv, ram_exact
+    from retina.model.nets import layers_after_last_conv, ram_exact
     if not ram_exact(net):
         after = layers_after_last_conv(net)
         raise UserError(f'the layers after {net.last_conv} are {", ".join(after)}; a RAM needs exactly '
@@ -89,7 +89,7 @@ def method_tag(method, layer=None, include_bias=False, net=None):
 def check_layer(method, layer, net=None, name=None):
     """A UserError unless `layer` (None: the last conv) suits `method` and (given a net, named
     `name`) is one of its conv layers."""
-    from retina.errors import UserError
+    from retina.core.errors import UserError
     if layer and method == 'ram':
         raise UserError('--layer is for --method gradcam or layercam; the RAM is defined at the '
                         'last conv')
@@ -135,7 +135,7 @@ def regression_activation_map(net, x, include_bias=False, layer=None):
 
 def ram_of_activations(activations, weight):
     """sum_k w_k A_k: the (N, h', w') maps of last-conv activations A (N, K, h', w') and the
-    output unit's weights w (K,).  The one RAM formula: the ONNX export (retina.export) traces
+    output unit's weights w (K,).  The one RAM formula: the ONNX export (retina.publish.export) traces
     it into its graph."""
     return (activations.float() * weight.float()[None, :, None, None]).sum(1)
 

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from retina.augment import standardise
 from retina.heatmaps.methods import upsample
+from retina.model.augment import standardise
 
 SCORE_NAMES = ('auroc', 'pointing_exact', 'pointing_game', 'mass_in_lesions')
 VARIANTS = ('map', 'blind', 'oracle')

@@ -1,0 +1,1 @@
+"""TTA feature extraction (transform.py) and feature files."""

@@ -1,0 +1,1 @@
+"""Grading raw photographs (predict.py) and its HTML report."""

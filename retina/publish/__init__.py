@@ -1,0 +1,1 @@
+"""Releasing nets into models/ with their cards, and the ONNX export."""

@@ -1,0 +1,1 @@
+"""Training (train_nn.py): the loop and the run folder (checkpoints, log, resume)."""
