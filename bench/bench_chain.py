@@ -47,7 +47,7 @@ from retina.core import metrics, paths  # noqa: E402
 from retina.core.paths import patient_and_eye  # noqa: E402
 from retina.data import cache  # noqa: E402
 from retina.data.images import image_name  # noqa: E402
-from retina.data.labels import held_out, labelled_images, load_labels, split_indices  # noqa: E402
+from retina.data.labels import held_out, labelled_images, load_labels  # noqa: E402
 from retina.data.labels import split_rows  # noqa: E402
 from retina.publish.release import centred_scores  # noqa: E402
 

@@ -94,6 +94,15 @@ def file_verdict(path):
     return crop.gradability_reasons(path, image, box, 256, rgb)
 
 
+def photographs(limit):
+    """(folder name, its photographs) for each shared folder that exists."""
+    for name, folder in FOLDERS.items():
+        if not folder.is_dir():
+            continue
+        paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+        yield name, paths[:limit] if limit else paths
+
+
 def feature_rows(weights, photos, labels, real, others):
     """Feature distances: the statistics fitted on the net's training split, their threshold,
     and the share beyond it per group of photographs."""

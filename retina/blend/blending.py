@@ -251,12 +251,12 @@ class ValidationReport:
 def validation_report(names, levels, predictions, optimize_thresholds, fit_kappas=()):
     report = ValidationReport(names=list(names), levels=levels, predictions=predictions,
                               kappa=metrics.kappa(levels, predictions),
-                              confusion=confusion_matrix(levels, predictions),
+                              confusion=metrics.confusion_matrix(levels, predictions),
                               fit_kappas=list(fit_kappas))
     if optimize_thresholds:
-        report.thresholds = fit_thresholds(levels, predictions)
+        report.thresholds = metrics.fit_thresholds(levels, predictions)
         report.kappa_fitted = metrics.kappa(levels, predictions, report.thresholds)
-        report.confusion_fitted = confusion_matrix(levels, predictions, report.thresholds)
+        report.confusion_fitted = metrics.confusion_matrix(levels, predictions, report.thresholds)
     return report
 
 
@@ -289,7 +289,7 @@ def echo_report(title, report, echo, picture=None):
     if picture is not None:
         from retina.core import plots
         fitted = report.confusion_fitted is not None
-        plots.confusion_matrix(report.confusion_fitted if fitted else report.confusion, picture,
+        plots.metrics.confusion_matrix(report.confusion_fitted if fitted else report.confusion, picture,
                                f'{title}: kappa '
                                f'{report.kappa_fitted if fitted else report.kappa:.4f}'
                                + (' (fitted cut-offs)' if fitted else ''))

@@ -14,7 +14,6 @@ from sklearn.preprocessing import StandardScaler
 from retina.core.errors import UserError
 from retina.core.metrics import LEVELS
 from retina.core.paths import patient_and_eye
-from retina.data.labels import lone_eyes
 from retina.model.config import lr_for_epoch
 
 # {epoch: learning rate or 'stop'}; an entry {k: v} takes effect at the end of

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 
 from retina.core.errors import UserError, first_few
+from retina.core.metrics import LEVELS
+from retina.core.paths import patient_and_eye
 from retina.data.images import image_name, list_images
 
 MEAN = np.array([108.64628601, 75.86886597, 54.34005737], dtype=np.float32)

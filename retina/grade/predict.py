@@ -51,7 +51,7 @@ from retina.core import atomic, paths
 from retina.core.errors import UserError, first_few
 from retina.core.metrics import to_levels
 from retina.core.paths import IMAGE_EXTENSIONS, patient_and_eye
-from retina.data import crop, gradability, preprocess
+from retina.data import crop, preprocess
 from retina.data.cache import converted_size
 from retina.data.images import (BadImage, csv_safe, has_line_break, image_name, list_images,
                                 unlisted_images)
