@@ -17,7 +17,7 @@ def test_a_live_lock_refuses_a_second_holder_and_a_stale_one_is_taken_over(tmp_p
         owner = json.loads(path.read_text())
         assert owner['pid'] == os.getpid() and owner['host']
         # Another process (a child) finds it held: the message names the owner.
-        code = ('import sys; from retina import lock\n'
+        code = ('import sys; from retina.core import lock\n'
                 'try:\n    lock.hold(sys.argv[1], "run").__enter__()\n'
                 'except lock.Busy as e:\n    print(e); sys.exit(3)\n')
         result = subprocess.run([sys.executable, '-c', code, str(path)], capture_output=True,
@@ -43,7 +43,7 @@ def test_without_flock_the_owner_record_decides(tmp_path, monkeypatch):
     with pytest.raises(lock.Busy, match='locked by pid 1 on elsewhere .* delete'):
         lock.hold(path, 'run').__enter__()
     path.write_text(json.dumps(dict(pid=os.getpid(), host=socket.gethostname())))
-    code = 'import sys; from retina import lock; lock._flock = lambda fd, p: None\n' \
+    code = 'import sys; from retina.core import lock; lock._flock = lambda fd, p: None\n' \
            'try:\n    lock.hold(sys.argv[1], "run").__enter__()\n' \
            'except lock.Busy:\n    sys.exit(3)\n'
     result = subprocess.run([sys.executable, '-c', code, str(path)],

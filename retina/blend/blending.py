@@ -289,7 +289,7 @@ def echo_report(title, report, echo, picture=None):
     if picture is not None:
         from retina.core import plots
         fitted = report.confusion_fitted is not None
-        plots.metrics.confusion_matrix(report.confusion_fitted if fitted else report.confusion, picture,
+        plots.confusion_matrix(report.confusion_fitted if fitted else report.confusion, picture,
                                f'{title}: kappa '
                                f'{report.kappa_fitted if fitted else report.kappa:.4f}'
                                + (' (fitted cut-offs)' if fitted else ''))
@@ -554,7 +554,6 @@ class TestReport:
 
 
 def test_report(names, levels, rows, predictions, thresholds):
-    from retina.core import metrics
     test_names, test_levels = [names[i] for i in rows], levels[rows]
     cuts = thresholds if thresholds is not None else metrics.FIXED_CUTS
     intervals = metrics.bootstrap(test_names, test_levels, predictions,
