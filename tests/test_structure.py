@@ -160,3 +160,72 @@ def test_the_layout_page_names_every_module():
                if name != 'retina' and f"{name.rsplit('.', 1)[-1]}" not in listed]
     assert [stage for stage in STAGES if f'{stage}/' not in layout] == []
     assert missing == []
+
+
+# Where a module with behaviour has no tests/test_<name>.py of its own, the test file that
+# exercises it (it must import the module or run it by its dotted name).  A new module needs a
+# test file, or a line here naming one that tests it.
+TESTED_IN = {
+    'retina.core.metrics': 'test_blend.py',
+    'retina.core.paths': 'test_data.py',
+    'retina.core.plots': 'test_predict.py',
+    'retina.core.precision': 'test_train.py',
+    'retina.core.runtime': 'test_train.py',
+    'retina.data.cache': 'test_data.py',
+    'retina.data.conversion': 'test_convert.py',
+    'retina.data.crop': 'test_preprocess.py',
+    'retina.data.labels': 'test_data.py',
+    'retina.data.preview': 'test_convert.py',
+    'retina.model.feature_stats': 'test_gradability.py',
+    'retina.model.inference': 'test_train.py',
+    'retina.train.loop': 'test_train.py',
+    'retina.train.runs': 'test_train.py',
+    'retina.features.extract': 'test_transform.py',
+    'retina.features.files': 'test_transform.py',
+    'retina.blend.blending': 'test_blend.py',
+    'retina.blend.fitted': 'test_predict.py',
+    'retina.blend.net': 'test_blend.py',
+    'retina.heatmaps': 'test_predict.py',
+    'retina.heatmaps.methods': 'test_ram.py',
+    'retina.heatmaps.figures': 'test_ram.py',
+    'retina.heatmaps.scores': 'test_ram.py',
+    'retina.publish.export': 'test_predict.py',
+    'retina.publish.release': 'test_released.py',
+    'retina.demo': 'test_pipeline.py',
+}
+
+
+def has_behaviour(path):
+    """A module that defines a function or a class (not a shim that re-exports one)."""
+    return any(isinstance(node, (ast.FunctionDef, ast.ClassDef))
+               for node in ast.parse(path.read_text()).body)
+
+
+def exercises(test_file, module):
+    """Whether `test_file` imports `module` (anywhere in it) or runs it by its dotted name."""
+    path = REPO / 'tests' / test_file
+    if not path.exists():
+        return False
+    text = path.read_text()
+    return module in imports_of(path, {module}) or re.search(rf'\b{re.escape(module)}\b', text)
+
+
+def test_every_module_with_behaviour_has_a_test_file():
+    known = modules()
+    untested = []
+    for name, path in known.items():
+        if not has_behaviour(path) or name == 'retina':
+            continue
+        own = f"test_{name.rsplit('.', 1)[-1]}.py"
+        if not (REPO / 'tests' / own).exists() and not exercises(TESTED_IN.get(name, own), name):
+            untested.append(f'{name} (no tests/{own}; TESTED_IN names '
+                            f'{TESTED_IN.get(name, "nothing")})')
+    assert untested == []
+    stale = [name for name in TESTED_IN if name not in known]
+    assert stale == [], 'TESTED_IN names modules that are gone'
+
+
+def test_a_module_without_a_test_file_is_found():
+    assert not exercises('test_ram.py', 'retina.data.no_such_module')
+    assert not exercises('no_such_test_file.py', 'retina.core.metrics')
+    assert exercises('test_ram.py', 'retina.heatmaps.methods')
