@@ -119,11 +119,9 @@ def run_blend(runs, labels_file=paths.LABELS_FILE, per_patient=False, n_iter=1, 
                                                    test_predictions, report.thresholds)
                 echo_test(f'run {run}', result.held_out[run], echo)
         if predict:
-            fit_rows = (split[1] if result.fit_on == 'unseen'
-                        else np.sort(np.concatenate(split[:2])))
-            run_sum, fitted_run = fitting.predict_run(features, plan, files, fit_rows,
-                                                      per_patient, n_iter, seed, run_index,
-                                                      echo, run)
+            run_sum, fitted_run = fitting.predict_run(
+                features, plan, files, fitting.submission_rows(split, result.fit_on),
+                per_patient, n_iter, seed, run_index, echo, run)
             test_sum = test_sum + run_sum
             fitted.append(fitted_run)
 

@@ -56,6 +56,13 @@ def resolve_fit_on(fit_on, names, valid_rows, echo):
     return fit_on
 
 
+def submission_rows(split, fit_on):
+    """The rows the submission's nets are fitted on, of `split` (training, validation, test
+    rows): the validation patients under 'unseen', the training and validation patients under
+    'all'; never the test split."""
+    return split[1] if fit_on == 'unseen' else np.sort(np.concatenate(split[:2]))
+
+
 def folds_by_patient(names, rows, k=FOLDS, seed=0):
     """`rows` in k folds by patient (both eyes in one fold), a fixed shuffle of the patients."""
     patients = metrics.patients([names[i] for i in rows])
