@@ -80,9 +80,10 @@ def main(cnf, predict, per_patient, features_file, n_iter, blend_cnf, test_dir, 
         test_dir_required=test_dir is not None,
         optimize_thresholds=optimize_thresholds, output=output, echo=click.echo, scores=scores,
         pictures=not no_pictures, fit_on=fit_on)
-    if result['submission'] is not None:
-        click.echo(f'wrote {result["submission"]}')
-        click.echo(f'wrote {result["fitted_blend"]} (the fitted blend, for predict.py --blend)')
+    if result.submission is not None:
+        click.echo(f'wrote {result.submission.path}')
+        click.echo(f'wrote {result.submission.fitted_blend} (the fitted blend, for predict.py '
+                   f'--blend)')
 
 
 if __name__ == '__main__':

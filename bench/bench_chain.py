@@ -42,7 +42,7 @@ sys.path.insert(0, str(REPO / 'bench'))
 from bench_real import FLOOR_SIDE, pixel_floor, run, shrink  # noqa: E402
 from report import device_name, replace_section, today  # noqa: E402
 
-from retina.blend.blending import FOLDS, folds_by_patient  # noqa: E402
+from retina.blend.fitting import FOLDS, folds_by_patient  # noqa: E402
 from retina.core import metrics, paths  # noqa: E402
 from retina.core.paths import patient_and_eye  # noqa: E402
 from retina.data import cache  # noqa: E402
@@ -52,24 +52,6 @@ from retina.data.labels import split_rows  # noqa: E402
 from retina.publish.release import centred_scores  # noqa: E402
 
 SHARED = REPO.parent / 'shared' / 'data'
-
-
-# ---------------------------------------------------------------- scores
-
-def patients_of(names):
-    return np.array([patient_and_eye(n)[0] for n in names])
-
-
-def bootstrap(names, levels, predictions, cuts=None):
-    """Every score of `metrics.scores` (kappa at 0.5..3.5 and at `cuts`, AUROC, Spearman)
-    with its patient-bootstrap interval."""
-    return metrics.bootstrap(names, levels, predictions,
-                                lambda lv, pr: metrics.scores(lv, pr, cuts))
-
-
-def fitted_cuts(levels, predictions):
-    from retina.core.metrics import fit_thresholds
-    return fit_thresholds(levels, predictions)
 
 
 # ---------------------------------------------------------------- the pieces
@@ -104,17 +86,17 @@ def blend_py(work, nets, tta, labels, fit_on, names, valid_rows, test_rows):
                            echo=lambda line: None)
     finally:
         os.chdir(here)
-    if not result['held_out']:
+    if not result.held_out:
         raise click.ClickException(f'blend.py found no test split in the weights of {files[0]}')
-    report = result['validation']['chain']
+    report = result.validation['chain']
     row_of = {name: i for i, name in enumerate(names)}
     predictions = np.full(len(names), np.nan)
     predictions[[row_of[n] for n in report.names]] = report.predictions
-    held = result['held_out']['chain']
+    held = result.held_out['chain']
     predictions[[row_of[n] for n in held.names]] = held.predictions
     if np.isnan(predictions[np.concatenate([valid_rows, test_rows])]).any():
         raise click.ClickException('blend.py split the photographs unlike train_nn.py')
-    return predictions, predictions[valid_rows], result['fit_on']
+    return predictions, predictions[valid_rows], result.fit_on
 
 
 def cross_fitted(fit, names, levels, rows):
@@ -232,7 +214,7 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
     by_source = {k: np.array(v) for k, v in sorted(by_source.items()) if k} \
         if len(by_source) > 1 else {}
     click.echo(f'{len(names)} photographs: {len(fit_rows)} training, {len(valid_rows)} '
-               f'validation, {len(test_rows)} test ({len(set(patients_of(test_names)))} '
+               f'validation, {len(test_rows)} test ({len(set(metrics.patients(test_names)))} '
                f'patients)')
     rows = []
 
@@ -240,14 +222,15 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
         """A row from predictions for every image; cut-offs fitted on `cut_source` (validation
         predictions of the same kind) [default: `predictions` at the validation rows]."""
         source = predictions[valid_rows] if cut_source is None else cut_source
-        cuts = fitted_cuts(levels[valid_rows], source)
+        cuts = metrics.fit_thresholds(levels[valid_rows], source)
         rows.append((label + (' — all sources' if by_source else ''),
-                     bootstrap(test_names, test_levels, predictions[test_rows], cuts)))
+                     metrics.score_intervals(test_names, test_levels, predictions[test_rows],
+                                             cuts)))
         click.echo(f'{rows[-1][0]}: ' + ', '.join(str(v) for v in rows[-1][1]))
         for name, at in by_source.items():  # the same cut-offs, this source's test patients
             rows.append((f'{label} — {name} ({len(at)})',
-                         bootstrap([test_names[i] for i in at], test_levels[at],
-                                   predictions[test_rows][at], cuts)))
+                         metrics.score_intervals([test_names[i] for i in at], test_levels[at],
+                                                 predictions[test_rows][at], cuts)))
             click.echo(f'{rows[-1][0]}: ' + ', '.join(str(v) for v in rows[-1][1]))
 
     images = cache.load_images(first_paths, progress=False)
@@ -282,7 +265,7 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
     add('per-patient linear blend of the TTA head scores (this eye, other eye), fitted on the '
         f'validation patients ({FOLDS}-fold)', mean, out_of_fold[valid_rows])
 
-    trained = set(patients_of([names[i] for i in (*fit_rows, *valid_rows)]))
+    trained = set(metrics.patients([names[i] for i in (*fit_rows, *valid_rows)]))
     for folder in raw:
         folder = Path(folder)
         if not (folder / 'train').is_dir():
@@ -290,7 +273,7 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
         for label, r_names, r_levels, r_scores in raw_test(
                 work, folder, folder / 'trainLabels.csv', nets, hold_out, trained, log):
             rows.append((f'cross-camera, predict.py on {folder.name}: {label}',
-                         bootstrap(r_names, r_levels, r_scores)))
+                         metrics.score_intervals(r_names, r_levels, r_scores)))
             click.echo(f'{rows[-1][0]}: ' + ', '.join(str(v) for v in rows[-1][1]))
     text = table_rows(rows)
     click.echo(text)
@@ -298,7 +281,7 @@ def main(work, labels, nets, hold_out, tta, raw, section, note, write):
         command = ('python bench/bench_chain.py --work WORK --labels LABELS '
                    + ' '.join(f'--net {n}:{f}' for n, f in nets) + f' --tta {tta}')
         body = (f'{len(names)} photographs ({nets[0][1]}), {len(test_rows)} of '
-                f'{len(set(patients_of(test_names)))} patients in the test split (hold_out '
+                f'{len(set(metrics.patients(test_names)))} patients in the test split (hold_out '
                 f'{hold_out}), {len(valid_rows)} validation images. Intervals: 95%, '
                 f'{metrics.BOOTSTRAP_ROUNDS} patient-bootstrap resamples of the test patients. '
                 f'{note} {device_name(device)}; {today()}; '

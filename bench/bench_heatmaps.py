@@ -22,7 +22,7 @@ For every (set, net, method) the table gives the per-image AUROC of the map
 as a lesion-pixel detector, exact and tolerant pointing and the mass in
 lesions, each as map / image-blind / grid oracle (see
 retina/heatmaps/scores.py), and the AUROC's lead over the blind map with a
-bootstrap interval over images.  A part whose weights or data are missing
+bootstrap interval over patients.  A part whose weights or data are missing
 is skipped with a note; the table is printed and written to BENCHMARKS.md.
 """
 import json
@@ -390,7 +390,8 @@ def main(synthetic_weights, synthetic_fuse, real_weights, real_fuse, synthetic_d
         'photo), the oracle is the lesion mask pooled to the map\'s grid and upsampled the same way. '
         'AUROC: the map as a lesion-pixel detector (0.5 = chance). Pointing: the map\'s maximum on a '
         'lesion pixel (exact) or within half a map cell of one. Mass: share of the map\'s positive part '
-        'in lesions. The interval is a bootstrap over images of the per-image AUROC minus the blind map\'s.',
+        'in lesions. The interval is a bootstrap over patients (an image whose name has no eye is its own '
+        'patient) of the per-image AUROC minus the blind map\'s.',
         '',
         table(rows)])
     click.echo('\n' + table(rows))

@@ -7,8 +7,8 @@ stage (the measurement behind its default --other_diseases level0).
 
 SNAPSHOT is the ODIR-5K clone or bare repository.  Eyes of the test split only
 (retina.data.labels.held_out at 0.15, as train_nn.py --hold_out 0.15), --per_group of each group,
-graded by predict.py.  Per group: the mean score [95% interval], the share graded level 1 or
-more and level 2 or more (referable), and the share called ungradable.
+graded by predict.py.  Per group: the mean score [95% interval over patients], the share
+graded level 1 or more and level 2 or more (referable), and the share called ungradable.
 """
 import csv
 import io
@@ -23,6 +23,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from retina.core import metrics  # noqa: E402
 from retina.data.datasets import (HARMLESS, NORMAL, ODIR_STAGES, _odir_eyes, _Snapshot,  # noqa: E402
                                   odir_level)
 from retina.data.labels import held_out  # noqa: E402
@@ -52,7 +53,6 @@ def main(snapshot, weights_from, per_group):
             groups.setdefault(group, []).append(file_name)
     lines = ['| ODIR-5K test split | eyes | mean score [95% CI] | level ≥ 1 | level ≥ 2 | '
              'ungradable |', '| --- | ---: | ---: | ---: | ---: | ---: |']
-    rng = np.random.default_rng(0)
     for group in sorted(groups):
         chosen = sorted(groups[group])[:per_group]
         with tempfile.TemporaryDirectory() as tmp:
@@ -65,9 +65,9 @@ def main(snapshot, weights_from, per_group):
         graded = [r for r in rows if r['gradable'] == 'yes']
         scores = np.array([float(r['mean']) for r in graded])
         levels = np.array([int(r['level']) for r in graded])
-        means = [rng.choice(scores, len(scores)).mean() for _ in range(1000)]
-        lines.append(f'| {group} | {len(rows)} | {scores.mean():.2f} [{np.percentile(means, 2.5):.2f}, '
-                     f'{np.percentile(means, 97.5):.2f}] | {np.mean(levels >= 1):.0%} | '
+        mean = metrics.bootstrap([r['image'] for r in graded], np.mean, scores)
+        lines.append(f'| {group} | {len(rows)} | {mean.value:.2f} [{mean.low:.2f}, '
+                     f'{mean.high:.2f}] | {np.mean(levels >= 1):.0%} | '
                      f'{np.mean(levels >= 2):.0%} | {1 - len(graded) / len(rows):.0%} |')
         print(lines[-1], flush=True)
     print('\n'.join(lines))

@@ -80,14 +80,13 @@ def figures(names, levels, rows):
     level = np.array([float(rows[n]['level']) if rows[n]['level'] else np.nan for n in names])
     levels = np.asarray(levels)
 
-    def statistic(truth, index):
-        index = index.astype(int)
-        keep = index[gradable[index]]
-        kappa = metrics.kappa(levels[keep], level[keep]) if len(keep) else float('nan')
-        auroc = metrics.scores(levels[keep], score[keep])[2] if len(keep) else float('nan')
-        return kappa, auroc, 1.0 - gradable[index].mean()
+    def statistic(truth, graded, score, usable):
+        if not usable.any():
+            return float('nan'), float('nan'), 1.0
+        return (metrics.kappa(truth[usable], graded[usable]),
+                metrics.scores(truth[usable], score[usable])[2], 1.0 - usable.mean())
 
-    return metrics.bootstrap(names, levels, np.arange(len(names)), statistic), len(names)
+    return metrics.bootstrap(names, statistic, levels, level, score, gradable), len(names)
 
 
 def table(results, graders):

@@ -20,7 +20,7 @@ Glossary: one name per idea, in code, records and docs.
 - *centred window*: the net's input cut from the middle of a converted image with no
   augmentation (`augment.centre_crop`); *TTA*: the mean over `augment.tta_params`.
 - *run*: a training run, the folder weights/NAME/ (retina/train/runs.py); a *blend run* is
-  one entry of blend.yml, the feature files blended together (retina/blend/blending.py).
+  one entry of blend.yml, the feature files blended together (retina/blend/files.py).
 - *heat-map method*: ram, gradcam or layercam (`heatmaps.METHOD_NAMES`), computed in
   retina/heatmaps/methods.py for every script.
 - *test split*: the patients `data.held_out` keeps out (train_nn.py --hold_out); the

@@ -20,8 +20,9 @@ import pytest
 
 from conftest import one_line_error, run_script
 from retina.blend import blending as blend
+from retina.blend import files as blend_files
+from retina.blend import fitting
 from retina.blend import net as blend_net
-from retina.core import metrics
 from retina.core.errors import UserError
 from retina.core.metrics import kappa, to_levels
 from retina.core.paths import patient_and_eye
@@ -173,26 +174,26 @@ def test_net_learns_informative_features_and_not_noise(project):
     result = blend.run_blend({'informative': fake_run(root), 'noise': fake_run(root, 'c_noise')},
                              labels_file=root / 'data' / 'trainLabels.csv', per_patient=True,
                              echo=lambda line: None)
-    assert result['kappas']['informative'] > 0.8, result['kappas']
-    assert result['kappas']['noise'] < 0.4, result['kappas']
-    report = result['validation']['informative']
+    assert result.kappas['informative'] > 0.8, result.kappas
+    assert result.kappas['noise'] < 0.4, result.kappas
+    report = result.validation['informative']
     assert report.confusion.sum() == len(report.names) > 30
     valid_patients = {patient_and_eye(n)[0] for n in report.names}
     assert all(f'{p}_{e}' in report.names for p in valid_patients for e in ('left', 'right')
                if f'{p}_{e}' in project['names']), 'both eyes of a patient stay together'
-    assert result['blend'] is not None and result['submission'] is None
+    assert result.blend is not None and result.submission is None
 
 
 def test_fits_are_reproducible_and_n_iter_averages(project):
     root = project['root']
     kwargs = dict(labels_file=root / 'data' / 'trainLabels.csv', echo=lambda line: None)
     runs = {'r': fake_run(root)}
-    first = blend.run_blend(runs, seed=3, **kwargs)['validation']['r']
-    again = blend.run_blend(runs, seed=3, **kwargs)['validation']['r']
+    first = blend.run_blend(runs, seed=3, **kwargs).validation['r']
+    again = blend.run_blend(runs, seed=3, **kwargs).validation['r']
     np.testing.assert_array_equal(first.predictions, again.predictions)
-    other_seed = blend.run_blend(runs, seed=4, **kwargs)['validation']['r']
+    other_seed = blend.run_blend(runs, seed=4, **kwargs).validation['r']
     assert not np.array_equal(first.predictions, other_seed.predictions)
-    two = blend.run_blend(runs, seed=3, n_iter=2, **kwargs)['validation']['r']
+    two = blend.run_blend(runs, seed=3, n_iter=2, **kwargs).validation['r']
     assert len(two.fit_kappas) == 2
     assert two.fit_kappas[0] == pytest.approx(first.kappa)
 
@@ -237,35 +238,6 @@ def test_batches_mix_balanced_uniform_and_plain():
     balanced = sum(s > 0.3 for s in share_of_4) / len(batches)
     assert 0.12 < balanced < 0.28, balanced  # about 0.2 of the batches are class-balanced
     assert all(len(b) <= blend_net.BATCH_SIZE for b in batches)
-
-
-# ---------------------------------------------------------------- cut-offs
-
-def test_fast_kappa_matches_sklearn():
-    rng = np.random.default_rng(2)
-    levels = rng.integers(0, 5, 300)
-    predictions = levels + rng.normal(scale=1.0, size=300)
-    confusion = metrics.confusion_matrix(levels, predictions)
-    assert metrics._kappa_of_confusion(confusion) == pytest.approx(kappa(levels, predictions))
-
-
-@pytest.mark.parametrize('seed', range(5))
-def test_fitted_thresholds_never_worse_and_sorted(seed):
-    rng = np.random.default_rng(seed)
-    levels = rng.choice(5, size=200, p=LEVEL_PROBABILITIES)
-    predictions = levels * rng.uniform(0.5, 1.2) + rng.normal(scale=rng.uniform(0.3, 2), size=200)
-    cuts = metrics.fit_thresholds(levels, predictions)
-    assert list(cuts) == sorted(cuts) and len(cuts) == 4
-    assert kappa(levels, predictions, cuts) >= kappa(levels, predictions)
-
-
-def test_fitted_thresholds_correct_a_biased_predictor():
-    rng = np.random.default_rng(7)
-    levels = rng.choice(5, size=300, p=LEVEL_PROBABILITIES)
-    predictions = 0.6 * levels + 0.8 + rng.normal(scale=0.1, size=300)
-    cuts = metrics.fit_thresholds(levels, predictions)
-    assert kappa(levels, predictions, cuts) > kappa(levels, predictions) + 0.1
-    assert kappa(levels, predictions, cuts) > 0.95
 
 
 # ---------------------------------------------------------------- the submission
@@ -325,10 +297,10 @@ def test_predict_without_test_folder_uses_feature_names(project, tmp_path, monke
     rows = read_submission(tmp_path / 'sub.csv')
     assert len(rows) == len(project['test_levels']) + 1  # every name of the test features
     assert any('not found' in line for line in lines)
-    assert result['thresholds'] == result['validation']['fake'].thresholds
+    assert result.submission.thresholds == result.validation['fake'].thresholds
     levels = dict(rows)
-    expected = to_levels([result['test_predictions'][n] for n in levels],
-                              result['thresholds'])
+    expected = to_levels([result.submission.predictions[n] for n in levels],
+                              result.submission.thresholds)
     assert [int(v) for v in levels.values()] == expected.tolist()
 
 
@@ -343,10 +315,10 @@ def test_latest_features_pick_the_newest_pair(tmp_path, monkeypatch):
         for stat in ('mean', 'std'):
             path = feature_path(cnf, 'train', stat, n_iter)
             os.utime(path, (time.time() - age, time.time() - age))
-    assert blend.latest_features('c_x') == [feature_path('c_x', 'train', 'mean', 10),
+    assert blend_files.latest_features('c_x') == [feature_path('c_x', 'train', 'mean', 10),
                                             feature_path('c_x', 'train', 'std', 10)]
     with pytest.raises(UserError, match='transform.py --cnf c_y'):
-        blend.latest_features('c_y')
+        blend_files.latest_features('c_y')
 
 
 def test_feature_names_are_parsed_by_the_function_paths_builds_them_beside():
@@ -357,12 +329,12 @@ def test_feature_names_are_parsed_by_the_function_paths_builds_them_beside():
                   'c_x_valid_mean_iter_5_skip_0.npy', paths.feature_names('c_x', 'train', 5, 0)):
         assert paths.parse_features(other) is None, other
     moved = Path('elsewhere') / name.name
-    assert blend.matching_test_file(moved) == Path('elsewhere') / paths.features(
+    assert blend_files.matching_test_file(moved) == Path('elsewhere') / paths.features(
         'c_x_ram', 'test', 'std', 12, 36).name
-    assert blend.names_file_for(moved) == Path('elsewhere') / paths.feature_names(
+    assert blend_files.names_file_for(moved) == Path('elsewhere') / paths.feature_names(
         'c_x_ram', 'train', 12, 36).name
     with pytest.raises(UserError, match='no _train_'):
-        blend.matching_test_file(paths.features('c_x', 'test', 'mean', 5, 0))
+        blend_files.matching_test_file(paths.features('c_x', 'test', 'mean', 5, 0))
 
 
 def test_blend_config_resolves_names_and_test_files(project, monkeypatch):
@@ -370,10 +342,10 @@ def test_blend_config_resolves_names_and_test_files(project, monkeypatch):
     monkeypatch.chdir(root)
     (root / 'mine.yml').write_text('both:\n  - c_fake_train_mean_iter_5_skip_0.npy\n'
                                    '  - data/features/c_noise_train_std_iter_5_skip_0.npy\n')
-    runs = blend.load_blend_config('mine.yml')
+    runs = blend_files.load_blend_config('mine.yml')
     assert runs == {'both': [feature_path('c_fake', 'train', 'mean'),
                              feature_path('c_noise', 'train', 'std')]}
-    assert blend.matching_test_file(runs['both'][0]) == feature_path('c_fake', 'test', 'mean')
+    assert blend_files.matching_test_file(runs['both'][0]) == feature_path('c_fake', 'test', 'mean')
 
 
 def test_runs_are_aligned_by_name(project):
@@ -381,10 +353,10 @@ def test_runs_are_aligned_by_name(project):
     names = ['1_left', '1_right', '2_left']
     features = rng.normal(size=(3, 2))
     order = [2, 0, 1]
-    aligned = blend.reorder_rows(features[order], [names[i] for i in order], names, 'b', 'a')
+    aligned = blend_files.reorder_rows(features[order], [names[i] for i in order], names, 'b', 'a')
     np.testing.assert_array_equal(aligned, features)
     with pytest.raises(UserError, match='same training images'):
-        blend.reorder_rows(features[:2], names[:2], names, 'b', 'a')
+        blend_files.reorder_rows(features[:2], names[:2], names, 'b', 'a')
 
 
 # ---------------------------------------------------------------- bad input
@@ -507,12 +479,12 @@ def held_out_project(tmp_path_factory):
 
 def _fits_recorded(monkeypatch):
     """The rows every blend net is fitted on (a list of arrays)."""
-    fitted, prepare = [], blend.prepare_inputs
+    fitted, prepare = [], fitting.prepare_inputs
 
     def recording(features, names, fit_rows, per_patient):
         fitted.append(np.asarray(fit_rows))
         return prepare(features, names, fit_rows, per_patient)
-    monkeypatch.setattr(blend, 'prepare_inputs', recording)
+    monkeypatch.setattr(fitting, 'prepare_inputs', recording)
     return fitted
 
 
@@ -521,7 +493,7 @@ def test_blend_fits_on_the_chosen_images_and_never_on_the_test_split(held_out_pr
                                                                        monkeypatch, tmp_path):
     root, names, levels = (held_out_project[k] for k in ('root', 'names', 'levels'))
     monkeypatch.chdir(root)
-    monkeypatch.setattr(blend, 'MIN_UNSEEN_PATIENTS', 10)
+    monkeypatch.setattr(fitting, 'MIN_UNSEEN_PATIENTS', 10)
     fitted = _fits_recorded(monkeypatch)
     lines = []
     result = blend.run_blend({'r': fake_run(root)}, labels_file=root / 'data' / 'trainLabels.csv',
@@ -529,19 +501,19 @@ def test_blend_fits_on_the_chosen_images_and_never_on_the_test_split(held_out_pr
                              predict=True, optimize_thresholds=True,
                              output=tmp_path / f'sub_{fit_on}.csv', test_dir=None)
     train_rows, valid_rows, test_rows = split_rows(names, levels, 0.2)
-    assert len(test_rows) > 30 and result['hold_out'] == 0.2 and result['fit_on'] == fit_on
+    assert len(test_rows) > 30 and result.hold_out == 0.2 and result.fit_on == fit_on
     fit_sets = [set(rows.tolist()) for rows in fitted]
     assert all(not rows & set(test_rows.tolist()) for rows in fit_sets), 'fitted on test rows'
     if fit_on == 'unseen':
         assert all(rows <= set(valid_rows.tolist()) for rows in fit_sets)
-        assert len(fitted) == blend.FOLDS + 1  # the folds, then the fit on every valid row
+        assert len(fitted) == fitting.FOLDS + 1  # the folds, then the fit on every valid row
         assert fit_sets[-1] == set(valid_rows.tolist())
     else:
         assert fit_sets[0] == set(train_rows.tolist())
         assert fit_sets[-1] == set(train_rows.tolist()) | set(valid_rows.tolist())
-    report = result['validation']['r']
+    report = result.validation['r']
     assert sorted(report.names) == sorted(names[i] for i in valid_rows)
-    held = result['held_out']['r']
+    held = result.held_out['r']
     assert held.images == len(test_rows) and held.kappa.value > 0.6  # informative features
     assert any(line.startswith('run r: held-out test kappa') for line in lines)
 
@@ -549,20 +521,20 @@ def test_blend_fits_on_the_chosen_images_and_never_on_the_test_split(held_out_pr
 def test_unseen_fits_are_reproducible_and_out_of_fold(held_out_project, monkeypatch):
     root = held_out_project['root']
     monkeypatch.chdir(root)
-    monkeypatch.setattr(blend, 'MIN_UNSEEN_PATIENTS', 10)
+    monkeypatch.setattr(fitting, 'MIN_UNSEEN_PATIENTS', 10)
     fitted = _fits_recorded(monkeypatch)
     kwargs = dict(labels_file=root / 'data' / 'trainLabels.csv', echo=lambda line: None,
                   fit_on='unseen', seed=5)
     first = blend.run_blend({'r': fake_run(root)}, **kwargs)
     again = blend.run_blend({'r': fake_run(root)}, **kwargs)
-    np.testing.assert_array_equal(first['validation']['r'].predictions,
-                                  again['validation']['r'].predictions)
-    np.testing.assert_array_equal(first['held_out']['r'].predictions,
-                                  again['held_out']['r'].predictions)
+    np.testing.assert_array_equal(first.validation['r'].predictions,
+                                  again.validation['r'].predictions)
+    np.testing.assert_array_equal(first.held_out['r'].predictions,
+                                  again.held_out['r'].predictions)
     # Out of fold: each fold's net never saw the validation images it predicted.
     valid = set(split_rows(held_out_project['names'], held_out_project['levels'],
                                 0.2)[1].tolist())
-    folds = [valid - set(rows.tolist()) for rows in fitted[:blend.FOLDS]]
+    folds = [valid - set(rows.tolist()) for rows in fitted[:fitting.FOLDS]]
     assert set().union(*folds) == valid and sum(map(len, folds)) == len(valid)
 
 
@@ -570,7 +542,7 @@ def test_unseen_falls_back_to_all_with_a_note_when_validation_is_small(project):
     root, lines = project['root'], []
     result = blend.run_blend({'r': fake_run(root)}, labels_file=root / 'data' / 'trainLabels.csv',
                              echo=lines.append)
-    assert result['fit_on'] == 'all' and result['hold_out'] is None
+    assert result.fit_on == 'all' and result.hold_out is None
     assert any('fewer than 100' in line and '--fit_on all' in line for line in lines)
 
 
@@ -631,8 +603,8 @@ def test_names_with_commas_and_spaces_survive_to_the_submission(tmp_path, monkey
         inputs, levels, seed, schedule={0: 5e-4, 2: 'stop'}))
     train, names = _blend_project(tmp_path)
     common = dict(labels_file=tmp_path / 'labels.csv', predict=True, echo=lambda *a: None)
-    first = blend.run_blend({'run': [train]}, **common)['submission']
-    second = blend.run_blend({'run': [train]}, **common)['submission']
+    first = blend.run_blend({'run': [train]}, **common).submission.path
+    second = blend.run_blend({'run': [train]}, **common).submission.path
     assert first != second and first.is_file() and second.is_file()
     rows = list(csv.reader(open(first, newline='')))
     assert rows[0] == ['image', 'level'] and [r[0] for r in rows[1:]] == names[:10]
@@ -672,7 +644,7 @@ def test_feature_files_that_are_not_plain_real_arrays(tmp_path, content, words):
 
 
 def test_a_run_named_twice_in_the_blend_config(tmp_path):
-    from retina.blend.blending import load_blend_config
+    from retina.blend.files import load_blend_config
     train = _features(tmp_path, 'c_x', 'train', ['a'], np.zeros((1, 2), np.float32))
     config = tmp_path / 'blend.yml'
     config.write_text(f'one: [{train}]\ntwo: [{train}]\none: [{train}]\n')

@@ -330,7 +330,7 @@ def test_blend_saved_by_blend_py_gives_predict_the_submission_levels(workdir, sy
                            per_patient=True, predict=True, test_dir=data / 'test_lossless',
                            optimize_thresholds=True, output=data / 'sub.csv', scores=True,
                            echo=lambda *a: None)
-    assert result['fitted_blend'] == data / 'sub_blend.pt'
+    assert result.submission.fitted_blend == data / 'sub_blend.pt'
     assert (data / 'blend' / 'features_confusion.png').is_file()
     lines = (data / 'sub.csv').read_text().split()
     assert lines[0] == 'image,level,score'
@@ -521,7 +521,7 @@ def test_predict_never_writes_over_its_inputs_nor_maps_into_a_graded_folder(tmp_
 
 
 def test_names_that_a_spreadsheet_would_run_as_formulas_are_escaped(tmp_path, photos):
-    from retina.blend.blending import write_submission
+    from retina.blend.submission import write_submission
     weights = save_untrained(tmp_path, RAM)
     source = sorted(photos.glob('*.jpeg'))[0]
     folder = tmp_path / 'odd'

@@ -314,9 +314,15 @@ def test_blind_map_is_the_mean_of_the_other_images_only():
 
 
 def test_bootstrap_interval_brackets_the_mean():
-    mean, low, high = scores.bootstrap_interval([0.1, 0.2, 0.3, 0.2, float('nan')])
+    names = ['1_left', '1_right', '2_left', 'IDRiD_03', '4_left']
+    mean, low, high = scores.bootstrap_interval(names, [0.1, 0.2, 0.3, 0.2, float('nan')])
     assert mean == pytest.approx(0.2) and low < mean < high and 0.1 <= low and high <= 0.3
-    assert scores.bootstrap_interval([0.2] * 5)[1:] == (pytest.approx(0.2), pytest.approx(0.2))
+    assert scores.bootstrap_interval(names, [0.2] * 5)[1:] == (pytest.approx(0.2),
+                                                               pytest.approx(0.2))
+    # Patients are drawn whole: two eyes that always go together give only the draws of
+    # patients, never a mean from one eye without the other.
+    pair = scores.bootstrap_interval(['7_left', '7_right', '8_left', '8_right'], [0, 1, 0, 1])
+    assert pair == (pytest.approx(0.5), pytest.approx(0.5), pytest.approx(0.5))
 
 
 def record(name, kind, level, map_auroc, blind_auroc, hit):

@@ -1,2 +1,3 @@
-"""The blend (blend.py): its small net, fitting, cut-offs, reports, the submission, a fitted
-blend for predict.py."""
+"""The blend (blend.py): the run (blending), its feature files (files), its small net (net),
+fitting and the fit_on policy (fitting), reports, the submission, a fitted blend for predict.py
+(fitted)."""

@@ -1,6 +1,6 @@
 """The blend net: a small maxout net fitted on standardised features (per eye, optionally
-with the other eye's), as the original's blend did it.  blend.py fits it (`retina.blend.blending`) and
-predict.py applies a fitted one (`retina.blend.fitted`); both import it from here.
+with the other eye's), as the original's blend did it.  blend.py fits it (`retina.blend.fitting`)
+and predict.py applies a fitted one (`retina.blend.fitted`); both import it from here.
 
 torch is imported in the functions that need it, so that blend.py reports bad input quickly.
 """

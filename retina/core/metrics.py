@@ -1,13 +1,13 @@
 """The one home of the figures: quadratic kappa, levels from scores, cut-off fitting, confusion
-matrices, and a grader's figures on labelled photographs with patient-bootstrap intervals.
+matrices, a grader's figures on labelled photographs, and the patient bootstrap.
 
-Shared by the model cards (`retina.publish.release`) and the real-photo benchmark
-(bench/bench_chain.py): quadratic kappa at the fixed cut-offs 0.5..3.5 (or given
-ones), the AUROC of referable DR (level >= 2) and the Spearman correlation of the
+Shared by training (validation kappa), the blend, the model cards (`retina.publish.release`),
+the heat-map scores and the benchmarks: quadratic kappa at the fixed cut-offs 0.5..3.5 (or
+given ones), the AUROC of referable DR (level >= 2) and the Spearman correlation of the
 score with the level (neither depends on cut-offs), sensitivity and specificity for
-referable DR at the level cut.  Intervals resample the
-patients (both eyes of a drawn patient together), as a test set of eyes is not a
-sample of independent eyes.
+referable DR at the level cut.  Intervals (`bootstrap`) resample the patients, both eyes of a
+drawn patient together (`patient_resamples`), as a test set of eyes is not a sample of
+independent eyes.
 """
 import warnings
 from dataclasses import dataclass
@@ -134,6 +134,7 @@ def referable_rates(levels, predictions, cuts=FIXED_CUTS):
 
 @dataclass
 class Interval:
+    """A figure and its bootstrap interval."""
     value: float
     low: float
     high: float
@@ -142,22 +143,59 @@ class Interval:
         return f'{self.value:.3f} [{self.low:.2f}, {self.high:.2f}]'
 
 
-def bootstrap(names, levels, predictions, statistic=scores, rounds=BOOTSTRAP_ROUNDS, seed=0):
-    """`statistic(levels, predictions)` (a tuple of numbers) and, for each number, its 95%
-    interval over `rounds` resamples of the patients: a tuple of `Interval`s."""
-    levels, predictions = np.asarray(levels), np.asarray(predictions, dtype=np.float64)
-    patients = np.array([patient_and_eye(n)[0] for n in names])
-    unique, inverse = np.unique(patients, return_inverse=True)
+def patients(names):
+    """The patient of each image name (`paths.patient_and_eye`: both eyes of `10_left` and
+    `10_right` are patient `10`; a name without an eye is its own patient)."""
+    return [patient_and_eye(str(name))[0] for name in names]
+
+
+def patient_rows(names):
+    """The rows of `names` of each patient, patients in sorted order: a list of index arrays."""
+    unique, inverse = np.unique(np.array(patients(names), dtype=str), return_inverse=True)
     order = np.argsort(inverse, kind='stable')
     starts = np.searchsorted(inverse[order], np.arange(len(unique) + 1))
-    rows_of = [order[starts[k]:starts[k + 1]] for k in range(len(unique))]
+    return [order[starts[k]:starts[k + 1]] for k in range(len(unique))]
+
+
+def patient_resamples(names, n=BOOTSTRAP_ROUNDS, seed=0):
+    """`n` bootstrap resamples of the rows of `names` (a generator of index arrays): each draws
+    as many patients as there are, with replacement, and takes every row of each patient drawn,
+    so both eyes of a patient are always in or out together."""
+    groups = patient_rows(names)
     rng = np.random.default_rng(seed)
-    draws = []
-    for _ in range(rounds):
-        rows = np.concatenate([rows_of[k] for k in rng.integers(0, len(unique), len(unique))])
-        draws.append(statistic(levels[rows], predictions[rows]))
-    with warnings.catch_warnings():  # a score that is NaN in every draw (no cut-offs given)
+    for _ in range(n):
+        drawn = rng.integers(0, len(groups), len(groups))
+        yield (np.concatenate([groups[k] for k in drawn]) if len(groups)
+               else np.zeros(0, dtype=np.int64))
+
+
+def bootstrap(names, statistic, *columns, n=BOOTSTRAP_ROUNDS, seed=0, level=0.95):
+    """`statistic(*columns)` and its `level` percentile interval over `n` resamples of the
+    patients of `names` (`patient_resamples`; each column has a row per name, and a resample
+    passes `statistic` the same rows of every column).
+
+    Returns an `Interval` when `statistic` returns a number, a tuple of `Interval`s (one per
+    number) when it returns a tuple.  A number that is NaN in some resamples (a level missing
+    from a draw) gets its interval from the others."""
+    columns = [np.asarray(column) for column in columns]
+    for column in columns:
+        if len(column) != len(names):
+            raise ValueError(f'bootstrap: a column of {len(column)} rows for {len(names)} names')
+    point = statistic(*columns)
+    single = np.ndim(point) == 0
+    draws = np.array([statistic(*(column[rows] for column in columns))
+                      for rows in patient_resamples(names, n, seed)], dtype=np.float64)
+    tail = (1 - level) / 2 * 100
+    with warnings.catch_warnings():  # a figure that is NaN in every draw (no cut-offs given)
         warnings.simplefilter('ignore', RuntimeWarning)
-        low, high = np.nanpercentile(np.array(draws, dtype=np.float64), [2.5, 97.5], axis=0)
-    point = statistic(levels, predictions)
-    return tuple(Interval(float(v), float(lo), float(hi)) for v, lo, hi in zip(point, low, high))
+        low, high = np.nanpercentile(draws.reshape(n, -1), [tail, 100 - tail], axis=0)
+    intervals = tuple(Interval(float(v), float(lo), float(hi))
+                      for v, lo, hi in zip(np.atleast_1d(point), low, high))
+    return intervals[0] if single else intervals
+
+
+def score_intervals(names, levels, predictions, cuts=None, n=BOOTSTRAP_ROUNDS, seed=0):
+    """Every figure of `scores` (kappa at 0.5..3.5 and at `cuts`, referable AUROC, Spearman),
+    each an `Interval` over patient resamples."""
+    return bootstrap(names, lambda lv, pr: scores(lv, pr, cuts), levels,
+                     np.asarray(predictions, dtype=np.float64), n=n, seed=seed)

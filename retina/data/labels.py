@@ -1,4 +1,4 @@
-"""Labels, image lists, the patient-level split, class balancing and kappa.
+"""Labels, image lists, the patient-level split and class balancing (kappa: retina.core.metrics).
 
 Names follow the competition: `{patient}_{left|right}`; levels are 0..4.
 """

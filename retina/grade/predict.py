@@ -577,7 +577,7 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
     columns = ['image', *[g.column for g in graders], 'mean', 'level']
     if blend and rows:
         if blend.per_patient:
-            from retina.blend.blending import note_lone_eyes
+            from retina.blend.reports import note_lone_eyes
             note_lone_eyes([r['image'] for r in rows], 'photographs',
                            lambda line: tqdm.write(line, file=sys.stderr))
         ungradable = {r['image'] for r in rows if r['gradable'] == 'no'}

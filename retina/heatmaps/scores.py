@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from retina.core import metrics
 from retina.heatmaps.methods import upsample
 from retina.model.augment import standardise
 
@@ -150,15 +151,19 @@ def grid_oracle(coverage, grid, window_size):
     return upsample(pooled[:, 0], window_size)[0]
 
 
-def bootstrap_interval(values, samples=BOOTSTRAP_SAMPLES, level=0.95, seed=0):
-    """(mean, low, high): a percentile bootstrap interval of the mean of `values` over images."""
-    values = np.asarray([v for v in values if np.isfinite(v)], dtype=np.float64)
-    if len(values) == 0:
+def bootstrap_interval(names, values, samples=BOOTSTRAP_SAMPLES, level=0.95, seed=0):
+    """(mean, low, high): the mean of the finite `values` (one per image of `names`) and its
+    percentile bootstrap interval over resamples of the patients (`metrics.bootstrap`: both
+    eyes of a drawn patient together).  Images whose names carry no eye (`IDRiD_01`, as in
+    most lesion-mask sets) are each their own patient, so there the resample is one of
+    images: such sets do not say which photographs share a patient."""
+    values = np.asarray(values, dtype=np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
         return float('nan'), float('nan'), float('nan')
-    rng = np.random.default_rng(seed)
-    means = values[rng.integers(0, len(values), size=(samples, len(values)))].mean(1)
-    tail = (1 - level) / 2 * 100
-    return float(values.mean()), float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))
+    interval = metrics.bootstrap([name for name, keep in zip(names, finite) if keep], np.mean,
+                                 values[finite], n=samples, seed=seed, level=level)
+    return interval.value, interval.low, interval.high
 
 
 # --- deletion --------------------------------------------------------------------------
@@ -242,9 +247,12 @@ class Scores:
         return table, len(chosen)
 
     def auroc_over_blind(self, kind):
-        """(mean, low, high) of the per-image AUROC of the map minus the blind map's, bootstrapped."""
-        return bootstrap_interval([r.values['map']['auroc'] - r.values['blind']['auroc']
-                                   for r in self.records if r.kind == kind])
+        """(mean, low, high) of the per-image AUROC of the map minus the blind map's, with its
+        interval over patients (`bootstrap_interval`)."""
+        chosen = [r for r in self.records if r.kind == kind]
+        return bootstrap_interval([r.name for r in chosen],
+                                  [r.values['map']['auroc'] - r.values['blind']['auroc']
+                                   for r in chosen])
 
     def deletion(self):
         top, random = np.mean(self.top_drops or [np.nan]), np.mean(self.random_drops or [np.nan])
@@ -284,7 +292,7 @@ class Scores:
                 values.append(f'{score}{tag}: ' + '  '.join(f'{table[score][v]:.4f}' for v in VARIANTS))
             mean, low, high = self.auroc_over_blind(kind)
             values.append(f'# {notes_kind}auroc minus blind: {mean:+.4f}, 95% bootstrap interval over '
-                          f'images [{low:+.4f}, {high:+.4f}]')
+                          f'patients [{low:+.4f}, {high:+.4f}]')
             for level in self.levels(kind):
                 level_table, level_n = self.table(kind, level)
                 values.append(f'# {notes_kind}level {level} ({level_n} image(s)): ' + '   '.join(

@@ -72,8 +72,7 @@ def figures_table(rows, cuts):
              'referable AUROC | sensitivity / specificity, level ≥ 2 | Spearman |',
              '| --- | ---: | ---: | ---: | ---: | ---: | ---: |']
     for label, names, levels, scores in rows:
-        fixed, own, auroc, rank = metrics.bootstrap(
-            names, levels, scores, lambda lv, pr: metrics.scores(lv, pr, cuts))
+        fixed, own, auroc, rank = metrics.score_intervals(names, levels, scores, cuts)
         sens, spec = metrics.referable_rates(levels, scores, cuts)
         patients = len({patient_and_eye(n)[0] for n in names})
         lines.append(f'| {label} | {len(names)} ({patients}) | {own} | {fixed} | {auroc} | '
