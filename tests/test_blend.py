@@ -653,3 +653,22 @@ def test_a_run_named_twice_in_the_blend_config(tmp_path):
     config.write_text(f'1: [{train}]\n"1": [{train}]\n')
     with pytest.raises(UserError, match="run name '1' is given twice"):
         load_blend_config(config)
+
+
+def test_reports_say_fitted_cut_offs_and_count_test_patients():
+    from retina.blend import reports
+    names = [f'{p}_{eye}' for p in range(30) for eye in ('left', 'right')]
+    levels = np.array([p % 5 for p in range(30) for _ in range(2)])
+    predictions = levels * 0.5 + 0.1                  # squeezed: fixed cut-offs lose, fitted win
+    report = reports.validation_report(names, levels, predictions, optimize_thresholds=True)
+    assert report.kappa_fitted > report.kappa
+    lines = []
+    reports.echo_report('net', report, lines.append)
+    assert 'fitted cut-offs' in '\n'.join(lines) and 'true\\pred' in '\n'.join(lines)
+    rows = np.arange(20)
+    test = reports.test_report(names, levels, rows, predictions[rows], report.thresholds)
+    assert (test.images, test.patients) == (20, 10)
+    assert test.kappa_fitted.value > test.kappa.value
+    lines = []
+    reports.note_lone_eyes(['1_left', '1_right', '2_left'], 'images', lines.append)
+    assert lines and '2_left' in lines[0] and '1_left' not in lines[0]
