@@ -39,7 +39,7 @@ LABELS_HELP = 'Labels CSV (image,level)'
 TRAIN_DIR_HELP = 'Folder of converted training images'
 TEST_DIR_HELP = 'Folder of converted test images'
 INPUT_HELP = 'Input folder'
-IMAGES_HELP = 'Input images: a folder or single files; repeat the option for several'
+IMAGES_HELP = 'Input images: folders or single files; repeat the option for several.'
 OUTPUT_FOLDER_HELP = 'Output folder'
 OUTPUT_FILE_HELP = 'Output file'
 COMPILE_HELP = ('torch.compile the network [default: on a GPU yes, on the CPU no]; a compiler '
@@ -190,7 +190,7 @@ def images_option(what=None, default=None, positional=False):
     def decorate(function):
         function = click.option('--images', '--directory', 'images_option', multiple=True,
                                 type=click.Path(), expose_value=False, callback=gather,
-                                help=help_text + '  The same as giving them as IMAGES.')(function)
+                                help=help_text + '  The same as giving them as arguments (IMAGES).')(function)
         return click.argument('images', nargs=-1, type=click.Path(), expose_value=False,
                               callback=gather)(function)
     return decorate
