@@ -43,8 +43,9 @@ from retina.model import config as config_module
               help='Blend config: run name -> list of train feature files. '
                    '[default: blend.yml, used when neither --features_file nor --cnf is given]')
 @test_dir_option('The images the submission must cover.',
-                 default=f'the config\'s test_dir with --cnf, else {blend.DEFAULT_TEST_DIR}; if '
-                         'the default folder is missing, the test feature names are used')
+                 default_text=f'the config\'s test_dir with --cnf, else '
+                              f'{blend.DEFAULT_TEST_DIR}; if the default folder is missing, the '
+                              'test feature names are used')
 @labels_option(f'the training labels [default: the config\'s labels with --cnf, else '
                f'{paths.LABELS_FILE}].')
 @seed_option("of the blend nets' initialisation and batches.")

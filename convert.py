@@ -24,7 +24,7 @@ from retina.data import conversion, crop, preprocess, preview
 @output_folder_option('--convert_directory', 'convert_directory',
                       'the converted images, named like the inputs with the new extension.  '
                       'Images already there are skipped, so an interrupted run resumes.',
-                      default=str(paths.DATA_DIR / 'train_medium'), show_default=True)
+                      default=str(paths.DATA_DIR / 'train_medium'))
 @click.option('--test', '--preview', 'test', is_flag=True,
               help=f'A preview, not the test set: convert nothing; show up to '
                    f'{preview.PREVIEW_COUNT} level-{preview.PREVIEW_LEVEL} photographs of '

@@ -14,8 +14,8 @@ import sys
 import click
 
 from retina.core.errors import UserError, handle_errors
-from retina.core.options import (BEST_KAPPA, CONTEXT_SETTINGS, batch_size_option, cnf_option,
-                                 crop_size_option, device_option, fuse_option, fuse_weights_option,
+from retina.core.options import (CONTEXT_SETTINGS, batch_size_option, cnf_option, crop_size_option,
+                                 device_option, fuse_option, fuse_weights_option,
                                  images_option, layer_option, no_progress_option,
                                  output_file_option, per_patient_option, save_maps_option,
                                  tta_iterations_option, weights_option)
@@ -29,12 +29,11 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
                positional=True)
 @cnf_option('A trained net; repeat for several nets, each gets a score column and the nets are '
             'averaged.', multiple=True,
-            default='the config each --weights_from was trained as, else the nets of --blend, '
-                    f'else {DEFAULT_CNF} if weights/{DEFAULT_CNF}/weights.pt exists, else the '
-                    'released model (models/index.json: said on stderr)')
+            default_text='the config each --weights_from was trained as, else the nets of --blend, '
+                         f'else {DEFAULT_CNF} if weights/{DEFAULT_CNF}/weights.pt exists, else the '
+                         'released model (models/index.json: said on stderr)')
 @weights_option('Those of each --cnf, in the same order (repeat as often as --cnf, or leave out); '
-                "a released model's name (its checksum checked) needs no --cnf.", multiple=True,
-                default=BEST_KAPPA)
+                "a released model's name (its checksum checked) needs no --cnf.", multiple=True)
 @tta_iterations_option('Per net: its score is its output averaged over them.')
 @click.option('--blend', 'blend_file', type=click.Path(dir_okay=False),
               help='A blend saved by blend.py --predict (data/sub_..._blend.pt): adds its score '
@@ -53,7 +52,7 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
                    '(retina/heatmaps/__init__.py RELEASED_DEFAULT_MAPS, bench/heatmap_default.md)]')
 @layer_option()
 @fuse_option('Its config, with --heatmap; each net sees its own conversion of the photograph.',
-             default='the config --fuse_weights was trained as')
+             default_text='the config --fuse_weights was trained as')
 @fuse_weights_option()
 @save_maps_option('With --heatmap, as {image}_{method}_{cnf}.npy.')
 @click.option('--report', type=click.Path(dir_okay=False),

@@ -42,7 +42,7 @@ def _check_cmap(_context, _parameter, value):
 
 @click.command(context_settings=CONTEXT_SETTINGS)
 @cnf_option('The net to explain; --method ram needs a RAM config (global-average-pool head).',
-            default=TRAINED_AS)
+            default_text=TRAINED_AS)
 @weights_option('The weights to explain.')
 @click.option('--method', type=click.Choice(METHOD_NAMES), default='ram', show_default=True,
               help=METHOD_HELP)
@@ -61,7 +61,7 @@ def _check_cmap(_context, _parameter, value):
               help='Scale each image\'s colours to its own peak [default: one colour scale for '
                    'every image, in score units: 0 to 4, where 4 everywhere would make a level-4 '
                    'score, so a weak map looks weak; see retina/heatmaps/figures.py].')
-@images_option("Converted images (convert.py's output).", default="the config's test_dir")
+@images_option("Converted images (convert.py's output).", default_text="the config's test_dir")
 @output_folder_option('--output_dir', 'output_dir',
                       'where {image}_{METHOD}_{CNF}.png and {METHOD}_{CNF}_by_level.png go '
                       f'[default: {paths.RAM_DIR}/CNF, or CNF+FUSE].')

@@ -13,7 +13,7 @@ from retina.model import config as config_module
 @cnf_option('The net to train.', required=True)
 @weights_option('Start from these weights: every parameter whose name and shape match is copied, '
                 'the rest are listed as skipped (e.g. weights/c_128_5x5_32/weights.pt); a '
-                'released model fine-tunes.', default=None)
+                'released model fine-tunes.', default_text=None)
 @train_dir_option(aliases=('--directory',))
 @labels_option("the training labels [default: the config's labels].")
 @click.option('--resume', is_flag=True,

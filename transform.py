@@ -14,7 +14,7 @@ from retina.model.augment import TTA_SEQUENCES, TTA_SEQUENCE_HELP
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
-@cnf_option('The trained net.', default=TRAINED_AS)
+@cnf_option('The trained net.', default_text=TRAINED_AS)
 @tta_iterations_option('The features of each image are the mean and std over the iterations, '
                        'saved every 5 iterations.')
 @click.option('--skip', default=0, show_default=True, type=click.IntRange(min=0),

@@ -68,31 +68,32 @@ PRECISION_HELP = ('bf16: bf16 autocast on any device (slow on CPUs without nativ
                   'no autocast.')
 
 
-def _help(stem, what=None, default=None):
+def _help(stem, what=None, default_text=None):
     """`stem`, then what the option does in this script (after a stem that is a sentence, a
     sentence; else its continuation after a colon), then its default in brackets."""
     text = stem
     if what:
         text += ('  ' if stem.endswith('.') else ': ') + what
-    if default:
-        text += ('  ' if text.endswith('.') else ' ') + f'[default: {default}]'
+    if default_text:
+        text += ('  ' if text.endswith('.') else ' ') + f'[default: {default_text}]'
     return text
 
 
-def cnf_option(what=None, default=None, **kwargs):
+def cnf_option(what=None, default_text=None, **kwargs):
     """--cnf: the config module of the net (train_nn.py, transform.py, blend.py, ram.py,
     predict.py, python -m retina.export)."""
-    return click.option('--cnf', metavar='CONFIG', help=_help(CNF_HELP, what, default), **kwargs)
+    return click.option('--cnf', metavar='CONFIG', help=_help(CNF_HELP, what, default_text),
+                        **kwargs)
 
 
-def weights_option(what, default=BEST_KAPPA, released=True, aliases=(), dest='weights_from',
+def weights_option(what, default_text=BEST_KAPPA, released=True, aliases=(), dest='weights_from',
                    **kwargs):
     """--weights_from: the weights of the net (train_nn.py: to start from; the others: to use);
     `released`: a released model's short name is taken too; `aliases`: other names of the
     option (python -m retina.release's --weights)."""
     stem = WEIGHTS_HELP + (RELEASED_NAME if released else '') + '.'
     return click.option('--weights_from', *aliases, dest, type=click.Path(dir_okay=False),
-                        help=_help(stem, what, default), **kwargs)
+                        help=_help(stem, what, default_text), **kwargs)
 
 
 def seed_option(what, **kwargs):
@@ -147,19 +148,19 @@ def crop_size_option(what, default=None, **kwargs):
 def labels_option(what, default=None, **kwargs):
     """--labels: a labels CSV with columns image,level."""
     return click.option('--labels', type=click.Path(dir_okay=False), default=default,
-                        show_default=default is not None and 'show_default' not in kwargs,
-                        help=_help(LABELS_HELP, what), **kwargs)
+                        show_default=default is not None, help=_help(LABELS_HELP, what),
+                        **kwargs)
 
 
-def train_dir_option(what=None, default="the config's train_dir", aliases=()):
+def train_dir_option(what=None, default_text="the config's train_dir", aliases=()):
     """--train_dir (train_nn.py also takes it as --directory)."""
     return click.option('--train_dir', *aliases, 'train_dir', type=click.Path(file_okay=False),
-                        help=_help(TRAIN_DIR_HELP + '.', what, default))
+                        help=_help(TRAIN_DIR_HELP + '.', what, default_text))
 
 
-def test_dir_option(what=None, default="the config's test_dir"):
+def test_dir_option(what=None, default_text="the config's test_dir"):
     return click.option('--test_dir', type=click.Path(file_okay=False),
-                        help=_help(TEST_DIR_HELP + '.', what, default))
+                        help=_help(TEST_DIR_HELP + '.', what, default_text))
 
 
 def directory_option(what, default=None, **kwargs):
@@ -170,11 +171,11 @@ def directory_option(what, default=None, **kwargs):
                         help=_help(INPUT_HELP, what), **kwargs)
 
 
-def images_option(what=None, default=None, positional=False):
+def images_option(what=None, default_text=None, positional=False):
     """--images, also --directory: converted images or photographs, folders or single files,
     repeatable (ram.py).  `positional` (predict.py): IMAGES may be given as arguments too,
     and at least one image must be given one way or the other."""
-    help_text = _help(IMAGES_HELP, what, default)
+    help_text = _help(IMAGES_HELP, what, default_text)
     if not positional:
         return click.option('--images', '--directory', 'images', multiple=True,
                             type=click.Path(), help=help_text)
@@ -190,16 +191,18 @@ def images_option(what=None, default=None, positional=False):
     def decorate(function):
         function = click.option('--images', '--directory', 'images_option', multiple=True,
                                 type=click.Path(), expose_value=False, callback=gather,
-                                help=help_text + '  The same as giving them as arguments (IMAGES).')(function)
+                                help=help_text + '  The same as giving them as arguments '
+                                                 '(IMAGES).')(function)
         return click.argument('images', nargs=-1, type=click.Path(), expose_value=False,
                               callback=gather)(function)
     return decorate
 
 
-def output_folder_option(original, dest, what, **kwargs):
+def output_folder_option(original, dest, what, default=None, **kwargs):
     """The folder a script writes into, under its original name and --output (convert.py's
     --convert_directory, ram.py's --output_dir, python -m retina.synthetic's --out)."""
     return click.option(original, '--output', dest, type=click.Path(file_okay=False),
+                        default=default, show_default=default is not None,
                         help=_help(OUTPUT_FOLDER_HELP, what), **kwargs)
 
 
@@ -225,14 +228,15 @@ def layer_option(what=None):
     return click.option('--layer', metavar='NAME', help=_help(LAYER_HELP, what))
 
 
-def fuse_option(what=None, default=None):
-    return click.option('--fuse', 'fuse_cnf', metavar='CONFIG', help=_help(FUSE_HELP, what, default))
+def fuse_option(what=None, default_text=None):
+    return click.option('--fuse', 'fuse_cnf', metavar='CONFIG',
+                        help=_help(FUSE_HELP, what, default_text))
 
 
-def fuse_weights_option(default='weights/FUSE/weights.pt'):
+def fuse_weights_option(default_text='weights/FUSE/weights.pt'):
     return click.option('--fuse_weights', type=click.Path(dir_okay=False),
                         help=_help(WEIGHTS_HELP + RELEASED_NAME + '.', 'those of the --fuse net.',
-                                   default))
+                                   default_text))
 
 
 def save_maps_option(what=None):

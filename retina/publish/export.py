@@ -179,7 +179,7 @@ def check(wrapped, path, images):
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
-@cnf_option('The trained net to export.', default=TRAINED_AS)
+@cnf_option('The trained net to export.', default_text=TRAINED_AS)
 @weights_option('The weights to export.')
 @output_file_option('the ONNX file to write, e.g. c_512_5x5_32_ram.onnx.', required=True)
 @crop_size_option("S: the graph takes N×S×S×3 uint8 images [default: the net's input / "

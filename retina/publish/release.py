@@ -219,7 +219,7 @@ def write_index(models_dir, name, entry, make_default):
 @click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument('name')
 @weights_option("The checkpoint to release (a run's weights.pt; trained with --hold_out).  "
-                'Required unless --refit_feature_stats.', default=None, released=False,
+                'Required unless --refit_feature_stats.', default_text=None, released=False,
                 aliases=('--weights',), dest='weights')
 @click.option('--photos', required=True, type=click.Path(file_okay=False),
               help='The converted photographs the net trained on (its --train_dir): the test '
