@@ -28,10 +28,10 @@ RELEASED_NAME = ", or a released model's short name (models/index.json, e.g. eye
 BEST_KAPPA = 'weights/CNF/weights.pt, the best validation kappa'
 DEVICE_HELP = 'auto (CUDA if present), cpu, cuda or cuda:N.'
 NO_PROGRESS_HELP = 'No progress bar (for logs).'
-TTA_HELP = ('Test-time augmentation iterations: the scores (or features) are averaged over N '
+TTA_HELP = (f'Test-time augmentation iterations: the scores (or features) are averaged over N '
             'augmented views, drawn from the sequence of transform.py --tta_sequence (default '
-            'scrambled); 1: the centred window alone, no augmentation.  At most 10000; the '
-            'original used 50.')
+            f'scrambled); 1: the centred window alone, no augmentation.  At most '
+            f'{MAX_TTA_ITERATIONS}; the original used 50.')
 BATCH_SIZE_HELP = 'Images scored together in one forward pass'
 CROP_SIZE_RANGE = click.IntRange(min=8, max=8192)
 CROP_SIZE_HELP = 'Side of the square converted images, in pixels'
