@@ -14,45 +14,48 @@ import click
 from retina.blend import blending as blend
 from retina.core import paths
 from retina.core.errors import UserError, handle_errors
+from retina.core.options import (CONTEXT_SETTINGS, cnf_option, labels_option,
+                                 output_file_option, per_patient_option, seed_option,
+                                 test_dir_option)
 from retina.model import config as config_module
 
 
-@click.command(context_settings={'help_option_names': ['-h', '--help']})
-@click.option('--cnf', metavar='CONFIG',
-              help='Config (name like c_512_5x5_32 or path). Without --features_file and '
-                   '--blend_cnf its latest train mean+std features are the one run; it also '
-                   'sets the defaults of --test_dir and --labels.')
+@click.command(context_settings=CONTEXT_SETTINGS)
+@cnf_option('Without --features_file and --blend_cnf its latest train mean+std features are the '
+            'one run; it also sets the defaults of --test_dir and --labels.')
 @click.option('--predict', is_flag=True,
-              help='Fit on every training image, average the runs\' test predictions and write '
-                   'the submission (image,level). Without it: validation only.')
-@click.option('--per_patient', is_flag=True,
-              help='Per eye, feed [this eye, the other eye, right-eye flag]; an eye whose '
-                   'partner is missing uses its own features.')
+              help='Fit the blend on the images --fit_on names (unseen, the default: only the '
+                   "validation patients of the nets' split, or every training image when they "
+                   f'are fewer than {blend.MIN_UNSEEN_PATIENTS}; all: every training image), '
+                   'never on the test split of train_nn.py --hold_out; average the runs\' test '
+                   'predictions and write the submission (image,level) and the fitted blend.  '
+                   'Without it: validation only.')
+@per_patient_option('Fit it: the eyes of a patient are blended together.')
 @click.option('--features_file', multiple=True, metavar='FILE',
               help='A train feature file (repeat for several; they are concatenated into one '
                    'run, used instead of the blend config). A bare name is looked up in '
                    'data/features/. Test features: the same name with _train_ -> _test_.')
 @click.option('--n_iter', default=1, show_default=True, type=click.IntRange(min=1),
-              help='Fits per run (different seeds); their predictions are averaged.')
+              help="Fits of the blend net per run, each from another seed; their predictions "
+                   'are averaged.  (Not test-time augmentation: the TTA iterations of the '
+                   "features are transform.py's --n_iter, in the feature files' names.)")
 @click.option('--blend_cnf', type=click.Path(dir_okay=False), metavar='YAML',
               help='Blend config: run name -> list of train feature files. '
                    '[default: blend.yml, used when neither --features_file nor --cnf is given]')
-@click.option('--test_dir', type=click.Path(file_okay=False),
-              help='Folder of converted test images the submission must cover. '
-                   f'[default: the config\'s test_dir with --cnf, else {blend.DEFAULT_TEST_DIR}; '
-                   'if the default folder is missing, the test feature names are used]')
-@click.option('--labels', type=click.Path(dir_okay=False),
-              help=f'Training labels CSV (image,level). [default: the config\'s labels with '
-                   f'--cnf, else {paths.LABELS_FILE}]')
-@click.option('--seed', default=0, show_default=True, type=click.IntRange(0, 2 ** 63 - 1),
-              help='Seed of the nets\' initialisation and batches.')
+@test_dir_option('The images the submission must cover.',
+                 default_text=f'the config\'s test_dir with --cnf, else '
+                              f'{blend.DEFAULT_TEST_DIR}; if the default folder is missing, the '
+                              'test feature names are used')
+@labels_option(f'the training labels [default: the config\'s labels with --cnf, else '
+               f'{paths.LABELS_FILE}].')
+@seed_option("of the blend nets' initialisation and batches.")
 @click.option('--optimize_thresholds', is_flag=True,
               help='Fit the four cut-offs to maximise kappa on the validation predictions and '
                    'report both kappas; with --predict a validation fit is made first and its '
                    'fitted cut-offs are used for the submission (else 0.5, 1.5, 2.5, 3.5).')
-@click.option('--output', type=click.Path(dir_okay=False),
-              help='Submission path. [default: data/sub_{git sha}_{time}.csv] The fitted blend is '
-                   'saved beside it as NAME_blend.pt, for predict.py --blend.')
+@output_file_option('the submission (with --predict).  The fitted blend is saved beside it as '
+                    'NAME_blend.pt, for predict.py --blend.  [default: '
+                    'data/sub_{git sha}_{time}.csv]')
 @click.option('--scores', is_flag=True,
               help='With --predict: add a third column, score, with each image\'s continuous '
                    'prediction (the runs averaged) before it is cut into a level.')

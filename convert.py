@@ -13,22 +13,24 @@ import click
 
 from retina.core import paths
 from retina.core.errors import handle_errors
+from retina.core.options import (CONTEXT_SETTINGS, crop_size_option, directory_option,
+                                 labels_option, no_progress_option, output_folder_option)
 from retina.data import conversion, crop, preprocess, preview
 
 
-@click.command(context_settings={'help_option_names': ['-h', '--help']})
-@click.option('--directory', default=str(paths.DATA_DIR / 'train'), show_default=True,
-              type=click.Path(file_okay=False),
-              help='Folder of photographs to convert (.jpeg, .jpg, .png, .tif, .tiff).')
-@click.option('--convert_directory', default=str(paths.DATA_DIR / 'train_medium'), show_default=True,
-              type=click.Path(file_okay=False),
-              help='Folder for the converted images, named like the inputs with the new extension. '
-                   'Images already there are skipped, so an interrupted run resumes.')
-@click.option('--test', is_flag=True,
-              help=f'Convert nothing; show up to {preview.PREVIEW_COUNT} level-{preview.PREVIEW_LEVEL} photographs '
-                   'next to their crops (in windows, or as PNGs in --preview_dir when there is no display).')
-@click.option('--crop_size', default=512, show_default=True, type=click.IntRange(min=8, max=8192),
-              help='Side of the square output in pixels (the pipeline uses 512 for *_medium).')
+@click.command(context_settings=CONTEXT_SETTINGS)
+@directory_option('the photographs to convert (.jpeg, .jpg, .png, .tif, .tiff).',
+                  default=str(paths.DATA_DIR / 'train'))
+@output_folder_option('--convert_directory', 'convert_directory',
+                      'the converted images, named like the inputs with the new extension.  '
+                      'Images already there are skipped, so an interrupted run resumes.',
+                      default=str(paths.DATA_DIR / 'train_medium'))
+@click.option('--test', '--preview', 'test', is_flag=True,
+              help=f'A preview, not the test set: convert nothing; show up to '
+                   f'{preview.PREVIEW_COUNT} level-{preview.PREVIEW_LEVEL} photographs of '
+                   '--directory next to their crops (in windows, or as PNGs in --preview_dir when '
+                   'there is no display).  (transform.py --test means the test images.)')
+@crop_size_option('the pipeline uses 512 for *_medium.', default=512)
 @click.option('--extension', default='tiff', show_default=True,
               type=click.Choice(crop.OUTPUT_EXTENSIONS, case_sensitive=False),
               help='Output format: tiff and png are lossless, jpeg is saved at quality 97.')
@@ -36,9 +38,8 @@ from retina.data import conversion, crop, preprocess, preview
               help="Worker processes [default: this machine's CPU count, but no more than one per "
                    f'{conversion.IMAGES_PER_PROCESS} images: a few images convert sooner in one process '
                    'than a pool starts].')
-@click.option('--labels', default=str(paths.LABELS_FILE), show_default=True, type=click.Path(dir_okay=False),
-              help='Labels CSV (image,level) used by --test to pick level-1 images; '
-                   'if it is missing --test uses the first images.')
+@labels_option('used by --test to pick level-1 images; if it is missing --test uses the first '
+               'images.', default=str(paths.LABELS_FILE))
 @click.option('--preview_dir', default=str(paths.DATA_DIR / 'convert_preview'), show_default=True,
               type=click.Path(file_okay=False),
               help='Where --test writes {name}_preview.png (photograph with the found box, crop) '
@@ -51,7 +52,7 @@ from retina.data import conversion, crop, preprocess, preview
                    'camera get one look; none keeps the colours.  Recorded in the folder '
                    f'({preprocess.RECORD_NAME}): a folder never mixes the two, and later stages '
                    'refuse images prepared unlike the training images.')
-@click.option('--no_progress', is_flag=True, help='No progress bar (for logs).')
+@no_progress_option()
 @handle_errors(resume_hint='Run the same command again to convert the rest; finished images are kept.')
 def main(directory, convert_directory, test, crop_size, extension, n_proc, labels, preview_dir,
          enhance, no_progress):

@@ -14,38 +14,34 @@ import sys
 import click
 
 from retina.core.errors import UserError, handle_errors
-from retina.features.files import MAX_TTA_ITERATIONS
+from retina.core.options import (CONTEXT_SETTINGS, batch_size_option, cnf_option, crop_size_option,
+                                 device_option, fuse_option, fuse_weights_option,
+                                 images_option, layer_option, no_progress_option,
+                                 output_file_option, per_patient_option, save_maps_option,
+                                 tta_iterations_option, weights_option)
 from retina.heatmaps import METHOD_HELP, METHOD_NAMES
 
 DEFAULT_CNF = 'c_512_5x5_32_ram'
 
 
-@click.command(context_settings={'help_option_names': ['-h', '--help']})
-@click.argument('images', nargs=-1, required=True, type=click.Path())
-@click.option('--cnf', multiple=True, metavar='CONFIG',
-              help='Config of a trained net (name or path); repeat for several nets, each gets a '
-                   'score column and the nets are averaged. [default: the config each '
-                   '--weights_from was trained as, else the nets of --blend, else '
-                   f'{DEFAULT_CNF} if weights/{DEFAULT_CNF}/weights.pt exists, else the '
-                   'released model (models/index.json: said on stderr)]')
-@click.option('--weights_from', multiple=True, type=click.Path(dir_okay=False),
-              help='Weights of each --cnf, in the same order (repeat as often as --cnf, or leave '
-                   'out): a checkpoint file, or the short name of a released model (e.g. '
-                   'eyepacs-128: models/, checksum checked), which needs no --cnf. [default: '
-                   'weights/CNF/weights.pt, the best validation kappa]')
-@click.option('--n_iter', default=1, show_default=True,
-              type=click.IntRange(1, MAX_TTA_ITERATIONS),
-              help="Test-time augmentations per net (transform.py's Halton sequence); a net's "
-                   'score is its output averaged over them. 1: the centred window only.')
+@click.command(context_settings=CONTEXT_SETTINGS)
+@images_option('Photographs (.jpeg, .jpg, .png, .tif, .tiff), or folders of them.',
+               positional=True)
+@cnf_option('A trained net; repeat for several nets, each gets a score column and the nets are '
+            'averaged.', multiple=True,
+            default_text='the config each --weights_from was trained as, else the nets of --blend, '
+                         f'else {DEFAULT_CNF} if weights/{DEFAULT_CNF}/weights.pt exists, else the '
+                         'released model (models/index.json: said on stderr)')
+@weights_option('Those of each --cnf, in the same order (repeat as often as --cnf, or leave out); '
+                "a released model's name (its checksum checked) needs no --cnf.", multiple=True)
+@tta_iterations_option('Per net: its score is its output averaged over them.')
 @click.option('--blend', 'blend_file', type=click.Path(dir_okay=False),
               help='A blend saved by blend.py --predict (data/sub_..._blend.pt): adds its score '
                    '(column blend) and its level replaces the mean\'s. Its features are computed '
                    'with the TTA iterations it was fitted on; its nets are used when no --cnf is '
                    'given.')
-@click.option('--per_patient', is_flag=True,
-              help='Apply a per-patient blend (blend.py --per_patient): the eyes of a patient '
-                   '({patient}_left / _right among the photographs) are blended together; an eye '
-                   'alone uses its own features. Needs --blend.')
+@per_patient_option('Apply one fitted by blend.py --per_patient (needs --blend): the eyes of a '
+                    'patient among the photographs are blended together.')
 @click.option('--heatmap', 'heatmap_dir', type=click.Path(file_okay=False),
               help='Write the heat map of each net over each uncropped photograph to this '
                    'folder ({image}_{method}_{cnf}.png; the outline is the net\'s window), made, '
@@ -54,40 +50,26 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
               help='The heat map of --heatmap.  ' + METHOD_HELP + '  [default: ram; for a '
                    'released model without --layer or --fuse, the map measured best for it '
                    '(retina/heatmaps/__init__.py RELEASED_DEFAULT_MAPS, bench/heatmap_default.md)]')
-@click.option('--layer', metavar='NAME',
-              help='With --method gradcam or layercam: the conv layer the map is taken at, e.g. '
-                   'conv5 (train_nn.py --summary lists them) [default: the last conv]; earlier '
-                   'layers give finer maps.  As ram.py --layer.')
-@click.option('--fuse', 'fuse_cnf', metavar='CONFIG',
-              help='With --heatmap: a second heat-map net whose map is fused into each net\'s, '
-                   'as ram.py --fuse does (each min-max normalised, added on the finer grid when '
-                   'one is over twice the other: the fine net\'s 53x53 grid for eyepacs-256 + '
-                   'eyepacs-128-fine); each net sees its own conversion of the photograph. '
-                   '[default: the config --fuse_weights was trained as]')
-@click.option('--fuse_weights', type=click.Path(dir_okay=False),
-              help='Weights of the --fuse net: a file or a released model\'s name (e.g. '
-                   'eyepacs-128-fine) [default: weights/FUSE/weights.pt].')
-@click.option('--save_maps', is_flag=True,
-              help='With --heatmap: also save each map as it came from the net (last conv '
-                   'resolution, float32) beside its picture, as {image}_{method}_{cnf}.npy.')
+@layer_option()
+@fuse_option('Its config, with --heatmap; each net sees its own conversion of the photograph.',
+             default_text='the config --fuse_weights was trained as')
+@fuse_weights_option()
+@save_maps_option('With --heatmap, as {image}_{method}_{cnf}.npy.')
 @click.option('--report', type=click.Path(dir_okay=False),
               help='Also write an HTML report of the photographs (e.g. report.html; retina/'
                    'report.py): the model, its sha256 and card figures, a sortable table, each '
                    'photograph beside its heat map with both eyes of a patient together, the '
                    'ungradable ones set apart.  It opens offline; its pictures go in the folder '
                    'REPORT_files beside it (the heat maps too, unless --heatmap is given).')
-@click.option('--output', default='-', show_default=True, type=click.Path(dir_okay=False,
-                                                                           allow_dash=True),
-              help='Where the results go (- is standard output).')
+@output_file_option('the results (- is standard output).', default='-', show_default=True,
+                    type=click.Path(dir_okay=False, allow_dash=True))
 @click.option('--json', 'as_json', is_flag=True,
               help='Write JSON (the nets, one record per photograph, the failures) instead of CSV '
                    '(image, score per net, mean, [blend,] level).')
-@click.option('--crop_size', type=click.IntRange(min=8, max=8192),
-              help='Side of the converted images the nets were trained on, from the window to '
-                   'the default. [default: the net\'s input / 0.875: 512 for 448-px nets, 256 '
-                   'for 224, 128 for 112]')
-@click.option('--batch_size', default=8, show_default=True, type=click.IntRange(min=1),
-              help='Photographs decoded and scored together.')
+@crop_size_option('those the nets were trained on, from the window to the default '
+                  "[default: the net's input / 0.875: 512 for 448-px nets, 256 for 224, 128 for "
+                  '112].')
+@batch_size_option('Photographs are decoded and scored together.', default=8)
 @click.option('--grade_anyway', is_flag=True,
               help='Give a level to ungradable photographs too.  Without it every photograph '
                    'is checked (retina/data/gradability.py: the eye found, exposure, contrast, '
@@ -100,8 +82,8 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
                    "given (reason 'unstable under re-encoding').  Off by default: the released "
                    "nets are that fragile for 13-16% of good raw photographs (BENCHMARKS.md, "
                    '"Gradability: wrong grades caught"); about twice the time per photograph.')
-@click.option('--device', default='auto', show_default=True, help='auto, cpu, cuda or cuda:N.')
-@click.option('--no_progress', is_flag=True, help='No progress bar (for logs).')
+@device_option()
+@no_progress_option()
 @handle_errors()
 def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir, method, layer,
          fuse_cnf, fuse_weights, save_maps, report, output, as_json, crop_size, batch_size, grade_anyway,

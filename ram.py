@@ -19,6 +19,10 @@ import click
 
 from retina.core import paths
 from retina.core.errors import UserError, handle_errors
+from retina.core.options import (CONTEXT_SETTINGS, TRAINED_AS, batch_size_option, cnf_option,
+                                 device_option, fuse_option, fuse_weights_option, images_option,
+                                 labels_option, layer_option, no_progress_option,
+                                 output_folder_option, save_maps_option, weights_option)
 from retina.heatmaps import METHOD_HELP, METHOD_NAMES
 from retina.model import checkpoint
 from retina.model import config as config_module
@@ -36,30 +40,19 @@ def _check_cmap(_context, _parameter, value):
     return value
 
 
-@click.command(context_settings={'help_option_names': ['-h', '--help']})
-@click.option('--cnf', metavar='CONFIG',
-              help='The net to explain, e.g. c_128_5x5_32_ram_fine or configs/c_512_5x5_32_ram.py; '
-                   '--method ram needs a RAM config (global-average-pool head). [default: the '
-                   'config --weights_from was trained as, e.g. of a released model]')
-@click.option('--weights_from', type=click.Path(dir_okay=False),
-              help='Weights to explain: a file, or a released model\'s name (models/index.json, e.g. '
-                   'eyepacs-128) [default: weights/CNF/weights.pt, the best validation kappa].')
+@click.command(context_settings=CONTEXT_SETTINGS)
+@cnf_option('The net to explain; --method ram needs a RAM config (global-average-pool head).',
+            default_text=TRAINED_AS)
+@weights_option('The weights to explain.')
 @click.option('--method', type=click.Choice(METHOD_NAMES), default='ram', show_default=True,
               help=METHOD_HELP)
-@click.option('--layer', metavar='NAME',
-              help='Conv layer for gradcam/layercam, e.g. conv5 (train_nn.py --summary lists them) '
-                   '[default: the last conv]; earlier layers give finer maps.')
+@layer_option()
 @click.option('--include_bias', is_flag=True,
               help='With --method ram, add the output bias to every position, so the map\'s mean is '
                    'the prediction (the bias only shifts the colours; off as in the RAM repository).')
-@click.option('--fuse', 'fuse_cnf', metavar='CONFIG',
-              help='A second heat-map net whose maps are added to those of --cnf, each min-max '
-                   'normalised to [0, 1] on the smaller grid (e.g. --cnf c_256_5x5_32_ram_fine '
-                   '--fuse c_128_5x5_32_ram_fine), or on the finer one when it is over twice the '
-                   'other (a 6x6 net fused with a 53x53 one). Pass images converted for the '
-                   'larger net.')
-@click.option('--fuse_weights', type=click.Path(dir_okay=False),
-              help='Weights of the --fuse net [default: weights/FUSE/weights.pt].')
+@fuse_option('Its config, e.g. --cnf c_256_5x5_32_ram_fine --fuse c_128_5x5_32_ram_fine.  Pass '
+             'images converted for the larger net, or its own in --fuse_images.')
+@fuse_weights_option()
 @click.option('--fuse_images', type=click.Path(file_okay=False),
               help='The same photographs converted for the --fuse net (its own --crop_size and '
                    '--enhance, same names): it then sees its own images, as predict.py --fuse '
@@ -68,12 +61,10 @@ def _check_cmap(_context, _parameter, value):
               help='Scale each image\'s colours to its own peak [default: one colour scale for '
                    'every image, in score units: 0 to 4, where 4 everywhere would make a level-4 '
                    'score, so a weak map looks weak; see retina/heatmaps/figures.py].')
-@click.option('--images', multiple=True, type=click.Path(),
-              help='Converted images: a folder or single files; repeat the option for several '
-                   "[default: the config's test_dir].")
-@click.option('--output_dir', type=click.Path(file_okay=False),
-              help='Where {image}_{METHOD}_{CNF}.png and {METHOD}_{CNF}_by_level.png go '
-                   f'[default: {paths.RAM_DIR}/CNF, or CNF+FUSE].')
+@images_option("Converted images (convert.py's output).", default_text="the config's test_dir")
+@output_folder_option('--output_dir', 'output_dir',
+                      'where {image}_{METHOD}_{CNF}.png and {METHOD}_{CNF}_by_level.png go '
+                      f'[default: {paths.RAM_DIR}/CNF, or CNF+FUSE].')
 @click.option('--signed', is_flag=True,
               help='Show negative evidence too, on a diverging scale centred at 0 (files end in '
                    '_signed); without it only the positive part is coloured.')
@@ -93,10 +84,9 @@ def _check_cmap(_context, _parameter, value):
 @click.option('--photos', type=click.Path(file_okay=False),
               help='The original photographs the images were converted from, so that full-size '
                    'masks are cropped to the eye exactly like their photographs.')
-@click.option('--labels', type=click.Path(dir_okay=False),
-              help='Labels CSV (image,level): shown on the maps, the by-level figure picks its examples '
-                   'by label, and with --masks the scored images are those labelled level >= 1 instead '
-                   'of those predicted level >= 1.')
+@labels_option('shown on the maps, the by-level figure picks its examples by label, and with '
+               '--masks the scored images are those labelled level >= 1 instead of those '
+               'predicted level >= 1.')
 @click.option('--all_levels', is_flag=True,
               help='With --masks, score every image with a lesion in its mask, whatever its level '
                    '(for masks of photos without grades, e.g. HEI-MED).')
@@ -108,16 +98,11 @@ def _check_cmap(_context, _parameter, value):
                    'eye look like haemorrhages and can raise the prediction).')
 @click.option('--scores_only', is_flag=True,
               help='With --masks, only score: draw no figures (for benchmarks over many images).')
-@click.option('--save_maps', is_flag=True,
-              help='Also save each map as the method made it (last conv resolution, float32) '
-                   'beside its figure, as .npy: the numbers behind the picture (with '
-                   '--scores_only too, into --output_dir).')
+@save_maps_option('With --scores_only too, into --output_dir.')
 @click.option('--limit', type=click.IntRange(min=1), help='Only the first N images.')
-@click.option('--device', default='auto', show_default=True,
-              help='auto (CUDA if present), cpu, cuda or cuda:N.')
-@click.option('--batch_size', type=click.IntRange(min=1),
-              help="Images per forward pass [default: the config's batch_size_test].")
-@click.option('--no_progress', is_flag=True, help='No progress bar (for logs).')
+@device_option()
+@batch_size_option(default_text="the config's batch_size_test")
+@no_progress_option()
 @handle_errors()
 def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights, fuse_images,
          per_image_scale,

@@ -3,38 +3,31 @@
 import click
 
 from retina.core.errors import handle_errors
-from retina.core.precision import PRECISIONS, PRECISION_HELP
+from retina.core.options import (CONTEXT_SETTINGS, PRECISION_AUTO_TRAINING, cnf_option,
+                                 compile_option, device_option, labels_option, no_progress_option,
+                                 precision_option, seed_option, train_dir_option, weights_option)
 from retina.model import config as config_module
 
 
-@click.command(context_settings={'help_option_names': ['-h', '--help']})
-@click.option('--cnf', required=True, metavar='CONFIG',
-              help='Config module: a path like configs/c_128_5x5_32.py or a name like c_128_5x5_32.')
-@click.option('--weights_from', type=click.Path(dir_okay=False),
-              help='Start from these weights: every parameter whose name and shape match is '
-                   'copied, the rest are listed as skipped (e.g. weights/c_128_5x5_32/weights.pt); '
-                   'a released model\'s name (models/index.json, e.g. eyepacs-128) fine-tunes it.')
-@click.option('--train_dir', type=click.Path(file_okay=False),
-              help="Folder of converted training images [default: the config's train_dir].")
-@click.option('--labels', type=click.Path(dir_okay=False),
-              help="Labels CSV with columns image,level [default: the config's labels].")
+@click.command(context_settings=CONTEXT_SETTINGS)
+@cnf_option('The net to train.', required=True)
+@weights_option('Start from these weights: every parameter whose name and shape match is copied, '
+                'the rest are listed as skipped (e.g. weights/c_128_5x5_32/weights.pt); a '
+                'released model fine-tunes.', default_text=None)
+@train_dir_option(aliases=('--directory',))
+@labels_option("the training labels [default: the config's labels].")
 @click.option('--resume', is_flag=True,
               help='Continue the interrupted run of this config from weights/CNF/last.pt, on the '
                    'data folders it was started with; a config changed since is refused, naming '
                    'the keys.')
 @click.option('--max_epochs', type=click.IntRange(min=1),
               help='Stop after this many epochs in all (short runs); the schedule still applies.')
-@click.option('--device', default='auto', show_default=True,
-              help='auto (CUDA if present), cpu, cuda or cuda:N.')
-@click.option('--seed', default=0, show_default=True, type=click.IntRange(0, 2 ** 63 - 1),
-              help='Seed for sampling, augmentation, dropout and initialisation.')
+@device_option()
+@seed_option('of sampling, augmentation, dropout and initialisation.')
 @click.option('--deterministic', is_flag=True,
               help='Use deterministic algorithms only (reproducible, maybe slower on GPU).')
-@click.option('--compile/--no_compile', 'compile_model', default=None,
-              help='torch.compile the network and the augmentation [default: on a GPU yes, on '
-                   'the CPU no].  A compiler that fails falls back to eager with a warning; '
-                   "compiled, the epoch's last, smaller batch is left out (a new shape would "
-                   'compile again).')
+@compile_option("The augmentation is compiled too, and the epoch's last, smaller batch is left "
+                'out (a new shape would compile again).')
 @click.option('--cuda_graphs', is_flag=True,
               help='Compile with CUDA graphs too (torch.compile mode "reduce-overhead"): each '
                    "step's kernels replay from one launch, for small batches (the 512-px "
@@ -51,8 +44,10 @@ from retina.model import config as config_module
 @click.option('--cache_on_device', type=click.Choice(['auto', 'yes', 'no']), default='auto',
               show_default=True,
               help='Keep the uint8 image cache in GPU memory (auto: when it fits).')
-@click.option('--precision', type=click.Choice(PRECISIONS), default='auto', show_default=True,
-              help=PRECISION_HELP + '  Recorded in the checkpoints and config.json.')
+@precision_option(PRECISION_AUTO_TRAINING,
+                  'Weights, batch-norm statistics, the loss and the optimizer state stay fp32 '
+                  'either way, so a run can be resumed under another precision.  Recorded in the '
+                  'checkpoints and config.json.')
 @click.option('--hold_out', type=click.FloatRange(0, 0.5, max_open=True), metavar='FRACTION',
               help='Keep about this fraction of the patients (e.g. 0.15) out of training and '
                    'validation as a test split that nothing is tuned on: a fixed rule on the '
@@ -69,7 +64,7 @@ from retina.model import config as config_module
                    "config's schedule]")
 @click.option('--summary', is_flag=True,
               help='Print every layer with its output shape and parameter count, then exit.')
-@click.option('--no_progress', is_flag=True, help='No progress bars (for logs).')
+@no_progress_option()
 @handle_errors(resume_hint='Continue with: python train_nn.py --cnf {cnf} --resume')
 def main(cnf, weights_from, train_dir, labels, resume, max_epochs, device, seed, deterministic,
          compile_model, cuda_graphs, split_batch, cache_on_device, precision, hold_out, schedule,

@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO / 'bench'))
 
 from report import (device_name, interleaved, medians, paired_ratio,  # noqa: E402
                     replace_section, today)
-from retina.core.precision import PRECISIONS, PRECISION_HELP  # noqa: E402
+from retina.core.options import PRECISION_AUTO_TRAINING, precision_help  # noqa: E402
+from retina.core.precision import PRECISIONS  # noqa: E402
 from retina.core.runtime import (CUDA_GRAPHS, Runtime, batches, compile_or_eager,  # noqa: E402
                                  new_step, place_images, resolve_device)
 from retina.model import config as config_module  # noqa: E402
@@ -193,7 +194,7 @@ def measure(name, batch_size, test_batch_size, steps, rounds, runtime, compile_m
               help='Where the uint8 cache is on a GPU: device (train_nn.py when it fits) or host '
                    '(a cache too large for the GPU: pinned gather and copy on a side stream).')
 @click.option('--precision', type=click.Choice(PRECISIONS), default='auto', show_default=True,
-              help='As train_nn.py --precision: ' + PRECISION_HELP)
+              help='As train_nn.py --precision: ' + precision_help(PRECISION_AUTO_TRAINING))
 @click.option('--write/--no_write', default=True, show_default=True,
               help='Write the table to BENCHMARKS.md.')
 @click.option('--section', default='', metavar='TEXT',

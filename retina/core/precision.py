@@ -1,14 +1,9 @@
 """The arithmetic a run computes in: bf16 autocast or fp32 (train_nn.py and transform.py
---precision).  Without torch, so that the scripts' --help stays quick."""
+--precision; its help text, per script, is retina.core.options.precision_help).  Without
+torch, so that the scripts' --help stays quick."""
 from retina.core.errors import UserError
 
 PRECISIONS = ('auto', 'bf16', 'fp32')
-PRECISION_HELP = ('auto: bf16 autocast on a GPU and on CPUs with native bf16 instructions '
-                  '(AVX512-BF16 or AMX; about 2x the images per second of fp32 on such a CPU), '
-                  'fp32 elsewhere; bf16: bf16 autocast on any device (slow on CPUs without '
-                  'native bf16); fp32: no autocast.  Weights, batch-norm statistics, the loss '
-                  'and the optimizer state stay fp32 either way, so a run can be resumed under '
-                  'another precision.')
 
 
 def cpu_has_native_bf16():
@@ -25,7 +20,7 @@ def cpu_has_native_bf16():
 
 def resolve_precision(requested, device):
     """'auto', 'bf16' or 'fp32' on `device` (a torch.device) -> 'bf16' or 'fp32'
-    (`PRECISION_HELP`)."""
+    (retina.core.options.PRECISION_AUTO_TRAINING says what 'auto' is)."""
     if requested not in PRECISIONS:
         raise UserError(f'unknown precision {requested!r}; use {", ".join(PRECISIONS)}')
     if requested != 'auto':

@@ -41,6 +41,7 @@ import click
 
 from retina.core.atomic import write_bytes, write_text
 from retina.core.errors import UserError, first_few, handle_errors
+from retina.core.options import CONTEXT_SETTINGS, no_progress_option
 from retina.core.paths import IMAGE_EXTENSIONS, patient_and_eye
 from retina.data.labels import load_labels
 
@@ -303,7 +304,7 @@ def _summary(out, rows, excluded, echo):
          + f'; see {Path(out) / "excluded.csv"}')
 
 
-@click.group(context_settings={'help_option_names': ['-h', '--help']})
+@click.group(context_settings=CONTEXT_SETTINGS)
 def main():
     """Write a public set's graded photographs as OUT/train/ and OUT/trainLabels.csv (image,
     level, patient, eye, source), ready for convert.py and train_nn.py."""
@@ -316,7 +317,7 @@ def main():
               show_default=True,
               help='Eyes with other diseases (cataract, glaucoma, AMD...) and no sign of DR: '
                    'level 0, as a DR grade is about DR alone, or left out.')
-@click.option('--no_progress', is_flag=True, help='No progress bar (for logs).')
+@no_progress_option()
 @handle_errors()
 def odir_command(source, out, other_diseases, no_progress):
     """ODIR-5K from SOURCE, a git clone or bare snapshot of MinsuChae/Ocular-Disease-Recognition
@@ -332,7 +333,7 @@ def odir_command(source, out, other_diseases, no_progress):
               metavar='LABELS', help='Leave out the photographs named in this labels CSV (an '
                                      'EyePACS set already used); repeatable.')
 @click.option('--source_name', help="The source column's value [default: SOURCE's folder name].")
-@click.option('--no_progress', is_flag=True, help='No progress bar (for logs).')
+@no_progress_option()
 @handle_errors()
 def eyepacs_command(source, out, exclude, source_name, no_progress):
     """A raw EyePACS folder (train/ beside trainLabels.csv): its labelled photographs under

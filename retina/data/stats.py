@@ -32,6 +32,8 @@ import click
 import numpy as np
 
 from retina.core.errors import UserError, handle_errors
+from retina.core.options import (CONTEXT_SETTINGS, directory_option, labels_option,
+                                 no_progress_option, output_file_option, seed_option)
 
 # config key -> (shape, what its values must be, test of the values)
 CONSTANT_KEYS = {
@@ -188,21 +190,18 @@ def write(stats, output):
         tmp.write_text(json.dumps(stats, indent=2) + '\n', encoding='utf-8')
 
 
-@click.command(context_settings={'help_option_names': ['-h', '--help']})
-@click.option('--directory', required=True, type=click.Path(exists=True, file_okay=False),
-              help='Folder of converted images (convert.py\'s output, e.g. data/train_medium).')
-@click.option('--labels', type=click.Path(dir_okay=False),
-              help='Labels CSV (image,level) for the class-balance weights; every image of '
-                   '--directory needs a label. [default: data/trainLabels.csv if it exists and '
-                   'labels every image, else no balance weights]')
-@click.option('--output', type=click.Path(dir_okay=False),
-              help='JSON file to write. [default: data/stats_DIRECTORY.json]')
+@click.command(context_settings=CONTEXT_SETTINGS)
+@directory_option("converted images (convert.py's output, e.g. data/train_medium).", required=True,
+                  type=click.Path(exists=True, file_okay=False))
+@labels_option('for the class-balance weights; every image of --directory needs a label '
+               '[default: data/trainLabels.csv if it exists and labels every image, else no '
+               'balance weights].')
+@output_file_option('the JSON to write [default: data/stats_DIRECTORY.json].')
 @click.option('--sample', type=click.IntRange(min=1),
               help='Use a random sample of this many images for the pixel statistics (the '
                    'balance weights always count every labelled image). [default: all]')
-@click.option('--seed', type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
-              help='Seed of the --sample draw.')
-@click.option('--no_progress', is_flag=True, help='No progress bar.')
+@seed_option('of the --sample draw.')
+@no_progress_option()
 @handle_errors()
 def main(directory, labels, output, sample, seed, no_progress):
     """Compute the channel means and standard deviations over all pixels of the converted

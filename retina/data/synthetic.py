@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from retina.core.atomic import save_image, write_text
 from retina.core.errors import UserError, handle_errors
+from retina.core.options import CONTEXT_SETTINGS, output_folder_option, seed_option
 from retina.core.paths import IMAGE_EXTENSIONS
 
 LEVELS = (0, 1, 2, 3, 4)
@@ -550,13 +551,12 @@ def generate(out_dir, n_patients=60, seed=0, width=576, height=384, one_eye_frac
     }
 
 
-@click.command(context_settings={'help_option_names': ['-h', '--help']})
-@click.option('--out', 'out_dir', required=True, type=click.Path(file_okay=False),
-              help='Folder for train/, test/, masks/ and the label files, e.g. data/synthetic.')
+@click.command(context_settings=CONTEXT_SETTINGS)
+@output_folder_option('--out', 'out_dir', 'train/, test/, masks/ and the label files, e.g. '
+                      'data/synthetic.', required=True)
 @click.option('--n_patients', default=60, show_default=True, type=click.IntRange(min=1),
               help='Number of patients; most have two eyes.')
-@click.option('--seed', default=0, show_default=True, type=click.IntRange(min=0),
-              help='Random seed; the same arguments give byte-identical files.')
+@seed_option('the same arguments give byte-identical files.')
 @click.option('--width', default=576, show_default=True, type=click.IntRange(min=64), help='Photo width in pixels.')
 @click.option('--height', default=384, show_default=True, type=click.IntRange(min=64), help='Photo height in pixels.')
 @click.option('--one_eye_fraction', default=0.15, show_default=True,

@@ -14,9 +14,6 @@ import numpy as np
 from retina.core import atomic, paths
 from retina.core.errors import UserError
 
-MAX_TTA_ITERATIONS = 10_000  # transform.py and predict.py --n_iter: beyond it, no output for days
-
-
 
 def mean_and_std(total, total_sq, count):
     """The TTA mean and standard deviation of features from their sums over `count`

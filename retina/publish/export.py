@@ -34,6 +34,8 @@ import torch
 import torch.nn as nn
 
 from retina.core.errors import UserError, handle_errors
+from retina.core.options import (CONTEXT_SETTINGS, TRAINED_AS, cnf_option, crop_size_option,
+                                 output_file_option, weights_option)
 from retina.heatmaps.methods import ram_of_activations
 from retina.model.augment import KAGGLE, centre_offsets
 
@@ -176,18 +178,12 @@ def check(wrapped, path, images):
             for name, f, e in zip(names, found, expected)}
 
 
-@click.command(context_settings={'help_option_names': ['-h', '--help']})
-@click.option('--cnf', metavar='CONFIG',
-              help='Config of the trained net (name like c_512_5x5_32_ram or a path). [default: '
-                   'the config --weights_from was trained as, e.g. of a released model]')
-@click.option('--weights_from', type=click.Path(dir_okay=False),
-              help='Weights to export: a file, or a released model\'s name (models/index.json). '
-                   '[default: weights/CNF/weights.pt, the best validation kappa]')
-@click.option('--output', required=True, type=click.Path(dir_okay=False),
-              help='The ONNX file to write, e.g. c_512_5x5_32_ram.onnx.')
-@click.option('--crop_size', type=click.IntRange(min=8, max=8192),
-              help='Side S of the converted images the graph takes (N×S×S×3 uint8). [default: '
-                   "the net's input / 0.875: 512 for 448-px nets]")
+@click.command(context_settings=CONTEXT_SETTINGS)
+@cnf_option('The trained net to export.', default_text=TRAINED_AS)
+@weights_option('The weights to export.')
+@output_file_option('the ONNX file to write, e.g. c_512_5x5_32_ram.onnx.', required=True)
+@crop_size_option("S: the graph takes N×S×S×3 uint8 images [default: the net's input / "
+                  '0.875: 512 for 448-px nets].')
 @click.option('--check_images', 'check_sources', multiple=True, type=click.Path(exists=True),
               help='Photographs or converted images (files or folders; repeatable) to compare '
                    f'torch and onnxruntime on (the first {CHECK_IMAGES}); they are prepared as '

@@ -23,6 +23,7 @@ import numpy as np
 
 from retina.core import atomic, metrics
 from retina.core.errors import UserError, handle_errors
+from retina.core.options import CONTEXT_SETTINGS, labels_option, weights_option
 from retina.core.paths import patient_and_eye
 from retina.data.cache import converted_size
 from retina.data.images import image_name
@@ -214,16 +215,15 @@ def write_index(models_dir, name, entry, make_default):
                       json.dumps(found, indent=2, sort_keys=True) + '\n')
 
 
-@click.command(context_settings={'help_option_names': ['-h', '--help']})
+@click.command(context_settings=CONTEXT_SETTINGS)
 @click.argument('name')
-@click.option('--weights', type=click.Path(dir_okay=False),
-              help='The checkpoint to release (a run\'s weights.pt; trained with --hold_out).  '
-                   'Required unless --refit_feature_stats.')
+@weights_option("The checkpoint to release (a run's weights.pt; trained with --hold_out).  "
+                'Required unless --refit_feature_stats.', default_text=None, released=False,
+                aliases=('--weights',), dest='weights')
 @click.option('--photos', required=True, type=click.Path(file_okay=False),
               help='The converted photographs the net trained on (its --train_dir): the test '
                    'split is scored on them.')
-@click.option('--labels', required=True, type=click.Path(dir_okay=False),
-              help='Their labels (image,level).')
+@labels_option('those of --photos.', required=True)
 @click.option('--raw', multiple=True, type=click.Path(file_okay=False),
               help='A folder of raw photographs (train/, trainLabels.csv) for the cross-camera '
                    'rows; repeat for several; absent folders are skipped.')
