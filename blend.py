@@ -12,6 +12,7 @@ The work is done by retina.blend.blending.run_blend; see its docstring.
 import click
 
 from retina.blend import blending as blend
+from retina.blend import fitting
 from retina.core import paths
 from retina.core.errors import UserError, handle_errors
 from retina.core.options import (CONTEXT_SETTINGS, cnf_option, labels_option,
@@ -26,7 +27,7 @@ from retina.model import config as config_module
 @click.option('--predict', is_flag=True,
               help='Fit the blend on the images --fit_on names (unseen, the default: only the '
                    "validation patients of the nets' split, or every training image when they "
-                   f'are fewer than {blend.MIN_UNSEEN_PATIENTS}; all: every training image), '
+                   f'are fewer than {fitting.MIN_UNSEEN_PATIENTS}; all: every training image), '
                    'never on the test split of train_nn.py --hold_out; average the runs\' test '
                    'predictions and write the submission (image,level) and the fitted blend.  '
                    'Without it: validation only.')

@@ -197,8 +197,8 @@ def test_test_means_a_preview_in_convert_and_the_test_set_in_transform():
 
 def test_blend_predict_help_says_what_fit_on_fits_on():
     """--predict fits on the images --fit_on names; under the default, unseen, that is the
-    validation patients only (blending.run_blend: fit_rows = split[1])."""
-    from retina.blend import blending
+    validation patients only (retina.blend.fitting)."""
+    from retina.blend import fitting as blending
     command = COMMANDS['blend.py']
     assert option(command, '--fit_on').default == 'unseen'
     text = option(command, '--predict').help
