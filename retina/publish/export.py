@@ -35,7 +35,7 @@ import torch.nn as nn
 
 from retina.core.errors import UserError, handle_errors
 from retina.heatmaps.methods import ram_of_activations
-from retina.model.augment import KAGGLE, centre_offsets
+from retina.model.augment import centre_offsets
 
 OPSET = 17
 TOLERANCE = 1e-4        # fp32: the largest difference `check` accepts
@@ -43,21 +43,28 @@ CHECK_IMAGES = 8        # images `check` compares at most
 
 
 class ExportedNet(nn.Module):
-    """uint8 N × S × S × 3 converted images -> score (N,) [, RAM maps (N, h', w')]."""
+    """uint8 N × S × S × 3 converted images -> score (N,) [, RAM maps (N, h', w')].
 
-    def __init__(self, net, crop_size, with_ram, constants=None):
+    The input preparation of `retina.model.scoring.prepare` (the centred window of the net's
+    input spec, standardised with its constants) written out in traceable operations: the
+    graph must hold it (the scoring path's fused write into a preallocated tensor does not
+    export), and `check` compares the two."""
+
+    def __init__(self, net, spec, with_ram, crop_size=None):
         super().__init__()
+        if spec is None:
+            raise ValueError('ExportedNet needs the net\'s input spec (LoadedNet.spec): its '
+                             'window and the pixel constants it was trained with')
         self.net = net
-        self.crop_size = crop_size
+        self.crop_size = crop_size or spec.size
         self.with_ram = with_ram
-        height, width = net.input_size
-        self.top, self.left = centre_offsets((crop_size, crop_size), (height, width))
+        height, width = spec.window
+        self.top, self.left = centre_offsets((self.crop_size, self.crop_size), (height, width))
         self.height, self.width = height, width
         # Buffers, so the constants are part of the graph like the weights: the net's own
-        # (those it was trained with, checkpoint.LoadedNet.constants), else the Kaggle ones.
-        constants = constants or KAGGLE
+        # (those it was trained with, the spec's).
         for name in ('mean', 'std'):
-            values = np.asarray(getattr(constants, name), np.float32)
+            values = np.asarray(getattr(spec.constants, name), np.float32)
             self.register_buffer(name, torch.tensor(values).view(1, 3, 1, 1))
 
     def forward(self, image):
@@ -78,8 +85,8 @@ class ExportedNet(nn.Module):
 def export(grader, output):
     """Write `grader`'s net as ONNX to `output`; returns the wrapped module (for `check`)."""
     from retina.core import atomic
-    wrapped = ExportedNet(grader.net.cpu().eval(), grader.crop_size, grader.is_ram,
-                          grader.constants).eval()
+    wrapped = ExportedNet(grader.net.cpu().eval(), grader.spec, grader.is_ram,
+                          grader.crop_size).eval()
     example = torch.zeros(2, grader.crop_size, grader.crop_size, 3, dtype=torch.uint8)
     outputs = ['score', 'ram'] if grader.is_ram else ['score']
     axes = {'image': {0: 'batch'}, **{name: {0: 'batch'} for name in outputs}}
@@ -138,10 +145,11 @@ def check_images(grader, sources, limit=CHECK_IMAGES):
     """(N, S, S, 3) uint8 converted images of up to `limit` photographs of `sources` (files or
     folders), prepared exactly as predict.py prepares them, and their names."""
     from retina.data.images import BadImage
-    from retina.grade.predict import collect_photos, prepare_photo
+    from retina.data.images import collect_images
+    from retina.grade.photos import prepare_photo
     key = (grader.crop_size, grader.preprocessing)
     images, names = [], []
-    for path in collect_photos(sources):
+    for path in collect_images(sources, keep_odd_names=True, what='photographs'):
         try:
             photo = prepare_photo(path, {key})
         except BadImage as error:
@@ -200,7 +208,7 @@ def main(cnf, weights_from, output, crop_size, check_sources, no_check):
     standardisation and centred window inside, outputs score (N) and, for RAM nets,
     ram (N×h'×w').  Then check it against torch with onnxruntime and print the
     largest absolute difference (exit 1 above 1e-4)."""
-    from retina.grade.predict import load_grader
+    from retina.grade.grader import load_grader
     from retina.model import released
     from retina.model.checkpoint import config_name
     released.check_not_released(output, '--output')
