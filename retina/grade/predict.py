@@ -22,6 +22,7 @@ activation map of a RAM net, or Grad-CAM or LayerCAM of any net, baseline nets i
 its last conv or an earlier one; a second net's map can be fused in.
 """
 import dataclasses
+import json
 import math
 import os
 import sys
@@ -38,7 +39,7 @@ from retina.core.errors import UserError, first_few
 from retina.core.metrics import to_levels
 from retina.core.paths import IMAGE_EXTENSIONS, patient_and_eye
 from retina.data.images import collect_images, csv_safe
-from retina.grade.grader import level_cuts, model_identity, score_batch
+from retina.grade.grader import level_cuts, model_identity, name_columns, score_batch
 from retina.grade.photos import UNSTABLE, load_photos, unstable
 from retina.model import released
 from retina.model.augment import centre_crop, centre_offsets
