@@ -725,3 +725,43 @@ def test_optic_disc_is_found_where_the_synthetic_photograph_has_it(seed, eye):
     y = (geometry.disc_y - top) / (bottom - top) * 128 - 8
     assert disc[int(round(y)), int(round(x))], 'the found disc misses the drawn one'
     assert 0.005 < disc.mean() < 0.05
+
+
+def test_levels_are_cut_at_a_released_net_s_own_cut_offs(tmp_path, monkeypatch):
+    """A net that carries its own cut-offs (a released one: its spec's cuts) gets its
+    pictures' levels, and the by-level figure's, from them, as predict.py cuts its score; a
+    net without gets 0.5 .. 3.5."""
+    import dataclasses
+
+    from conftest import as_loaded, noise_images
+    from retina.core.metrics import FIXED_CUTS, to_levels
+    config = config_module.load('c_128_5x5_32_ram')
+    torch.manual_seed(0)
+    plain = as_loaded(config, config.build_net().eval())
+    noise_images(tmp_path / 'images', 3)
+    image_paths = collect_images([tmp_path / 'images'])
+    captions, examples = [], []
+    caption, by_level = figures.caption, ram.examples_by_level
+
+    def recording(name, score, level=None, *args, **kwargs):
+        captions.append((score, level))
+        return caption(name, score, level, *args, **kwargs)
+
+    def recording_examples(items, by_label):
+        examples.extend((item.prediction, item.level) for item in items)
+        return by_level(items, by_label)
+
+    monkeypatch.setattr(figures, 'caption', recording)
+    monkeypatch.setattr(ram, 'examples_by_level', recording_examples)
+    ram.make_maps(plain, image_paths, tmp_path / 'fixed', progress=False)
+    scores = [score for score, _ in captions]
+    assert [level for _, level in captions] == list(to_levels(scores, FIXED_CUTS))
+    # cut-offs below every score: each is level 4 by the net's own cut-offs
+    low = min(scores) - 10
+    own = (low, low + 1, low + 2, low + 3)
+    released = dataclasses.replace(plain, spec=dataclasses.replace(plain.spec, cuts=own))
+    captions.clear()
+    examples.clear()
+    ram.make_maps(released, image_paths, tmp_path / 'own', progress=False)
+    assert [level for _, level in captions] == [4, 4, 4]
+    assert [level for _, level in examples] == [4, 4, 4]
