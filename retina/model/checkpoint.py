@@ -94,10 +94,11 @@ class BackgroundWriter:
 
 
 def load(path):
-    """Read a checkpoint safely; every problem is a UserError naming the file.  `path` may be
-    a released model's short name (models/: `released.weights_path`, checksum checked)."""
+    """Read a checkpoint safely; every problem is a UserError naming the file.  `path` is what
+    `resolve_weights` takes: a file, a run folder or a released model's short name (models/,
+    checksum checked)."""
     from retina.model import released
-    path = released.weights_path(path)
+    path = resolve_weights(path)
     if not path.is_file():
         shipped = released.names()
         raise UserError(f'{path}: weights file not found; train first (train_nn.py --cnf ...) '
