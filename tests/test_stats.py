@@ -235,8 +235,12 @@ def test_a_trained_net_carries_its_constants_to_later_stages(tmp_path, monkeypat
     loaded = checkpoint.load_net(config_module.load('configs/c_own.py'), tmp_path / 'w.pt')
     assert loaded.constants == constants_for(OWN)
     exported = ExportedNet(loaded.net, loaded.spec, with_ram=False)
-    np.testing.assert_allclose(exported.mean.flatten().numpy(), OWN['mean'])
-    np.testing.assert_allclose(exported.std.flatten().numpy(), OWN['std'])
+    nhwc = torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        standardised = prepare_batch(nhwc.permute(0, 3, 1, 2), (112, 112),
+                                     constants=constants_for(OWN))
+        torch.testing.assert_close(exported(nhwc), loaded.net(standardised).squeeze(1))
+    assert exported.spec.constants == constants_for(OWN)
     # predict.py and ram.py feed the net its own standardisation.
     from retina.grade.grader import load_grader, passes
     from retina.model.scoring import prepare_window
@@ -273,8 +277,7 @@ def test_weights_graded_under_another_config_name_keep_their_own_constants(tmp_p
     grader = load_grader('c_128_5x5_32', tmp_path / 'w.pt')
     assert grader.constants == constants_for(OWN)
     np.testing.assert_allclose(ExportedNet(grader.net, grader.spec, with_ram=False)
-                               .mean.flatten(),
-                               OWN['mean'])
+                               .spec.constants.mean, OWN['mean'])
 
 
 def test_training_standardises_and_balances_with_the_config_constants():

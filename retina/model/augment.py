@@ -333,8 +333,10 @@ def _standardised(x, shift, dtype, memory_format, constants):
     if shift is not None:
         offset = offset + shift.float()[:, :, None, None]
     inverse_std = _constant('inverse_std', x.device, constants=constants)[None, :, None, None]
-    if torch.compiler.is_compiling():  # dynamo cannot trace `out=` into a channels_last tensor
-        # (a graph break: two graphs and an eager op); inductor fuses this form into one kernel
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # dynamo cannot trace `out=` into a channels_last tensor (a graph break: two graphs and
+        # an eager op), inductor fuses this form into one kernel; the ONNX export (a trace)
+        # has no `out=` form of addcmul
         return torch.addcmul(offset, x, inverse_std).to(dtype).contiguous(
             memory_format=memory_format)
     out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=memory_format)
