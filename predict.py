@@ -106,8 +106,9 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     """
     from retina.core import atomic
     from retina.core.runtime import resolve_device
-    from retina.grade.predict import (LoadedBlend, check_outputs, collect_photos, format_csv,
-                                      format_json, grade, load_grader, ungradable_note)
+    from retina.data.images import collect_images
+    from retina.grade.grader import LoadedBlend, load_grader
+    from retina.grade.predict import check_outputs, format_csv, format_json, grade, ungradable_note
 
     if layer and not heatmap_dir:
         raise UserError('--layer chooses the layer of the --heatmap maps: add --heatmap DIR')
@@ -124,7 +125,8 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     if weights_from and cnf and len(weights_from) != len(cnf):
         raise UserError(f'{len(weights_from)} --weights_from for {len(cnf)} --cnf; give one '
                         f'--weights_from per --cnf, in the same order, or none')
-    photos = collect_photos(images)  # a wrong path fails now, before the nets are loaded
+    # a wrong path fails now, before the nets are loaded
+    photos = collect_images(images, keep_odd_names=True, what='photographs')
     check_outputs(images, photos, output, heatmap_dir, weights_from, blend_file)
     if output != '-':
         atomic.check_writable(output)

@@ -125,11 +125,12 @@ def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights,
         raise UserError(f'{option} needs --masks (there is nothing to score without lesion masks)')
     from retina.core import atomic
     from retina.core.runtime import resolve_device
+    from retina.data.images import collect_images
     from retina.heatmaps import ram
     ram.methods.check_layer(method, layer)
     config = config_module.load(checkpoint.config_name(cnf, weights_from))
     device = resolve_device(device)
-    loaded = ram.load_net(config, weights_from, device, method)
+    loaded = ram.net_for_method(config, weights_from, device, method)
     if loaded.trained_as and loaded.trained_as != config.name:
         click.echo(f'note: {loaded.weights} was trained with {loaded.trained_as}, not {config.name}')
     ram.methods.check_layer(method, layer, loaded.net, config.name)
@@ -138,10 +139,12 @@ def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights,
     fuse_with = None
     if fuse_cnf:
         fuse_config = config_module.load(fuse_cnf)
-        fuse_with = ram.load_net(fuse_config, fuse_weights, device, method)
-    image_paths = ram.collect_images(images or [config.cnf['test_dir']])[:limit]
+        fuse_with = ram.net_for_method(fuse_config, fuse_weights, device, method)
+    image_paths = collect_images(images or [config.cnf['test_dir']],
+                                 what='converted images')[:limit]
     if fuse_images:
-        ram.check_preprocessing(ram.collect_images([fuse_images]), [fuse_with])
+        ram.check_preprocessing(collect_images([fuse_images], what='converted images'),
+                                [fuse_with])
     ram.check_preprocessing(image_paths, [loaded] + ([fuse_with] if fuse_with and not fuse_images
                                                      else []))
     title = config.name + (f'+{fuse_config.name}' if fuse_cnf else '')

@@ -58,17 +58,15 @@ def main(cnf, n_iter, skip, test, train, weights_from, test_dir, train_dir, devi
     from retina.model.checkpoint import config_name, load_net
 
     config = config_module.load(config_name(cnf, weights_from))
-    weights = (released.weights_path(weights_from) if weights_from
-               else paths.best_kappa_weights(config.name))
     device = resolve_device(device)
-    loaded = load_net(config, weights, device)
+    loaded = load_net(config, weights_from, device)
     splits = splits_to_extract(train, test, train_dir, test_dir)
     folders = dict(train=train_dir or config.cnf['train_dir'],
                    test=test_dir or config.cnf['test_dir'])
     for split in splits:
         result = extract_features(config, loaded, folders[split], split, n_iter, skip, device,
                                   batch_size, not no_progress, click.echo, restart,
-                                  weights=str(weights), compile_model=compile_model,
+                                  weights=str(loaded.weights), compile_model=compile_model,
                                   precision=precision, sequence=tta_sequence)
         click.echo(f'{split}: {result["rows"]} images × {result["features"]} features -> '
                    f'{result["mean"]}, {result["std"]}')

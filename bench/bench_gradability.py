@@ -110,7 +110,8 @@ def feature_rows(weights, photos, labels, real, others):
 
     from retina.data import cache
     from retina.data.labels import labelled_images, split_rows
-    from retina.grade.predict import _passes, load_grader, prepare_photo
+    from retina.grade.grader import load_grader, passes
+    from retina.grade.photos import prepare_photo
     from retina.model import checkpoint
     state = checkpoint.load(weights)
     config = checkpoint.config_of(state)
@@ -125,7 +126,7 @@ def feature_rows(weights, photos, labels, real, others):
         out = []
         for start in range(0, len(uint8), 256):
             batch = torch.from_numpy(np.ascontiguousarray(uint8[start:start + 256]))
-            out.append(_passes(grader, batch, [None])[1][0])
+            out.append(passes(grader, batch, [None])[1][0])
         return np.concatenate(out)
     valid = features_of(images[valid_rows])
     stats = feature_stats.FeatureStats.fit(features_of(images[train_rows]), valid)

@@ -63,7 +63,8 @@ def main(directory, cnf, limit, threads, no_write):
     from PIL import Image
 
     from retina.data.images import list_images
-    from retina.grade.predict import grade, load_grader
+    from retina.grade.grader import load_grader
+    from retina.grade.predict import grade
     from retina.model import checkpoint
     from retina.model import config as config_module
 

@@ -148,16 +148,10 @@ def head_on_features(work, config_name, tta, valid, names_order):
 
 def grade(work, config_name, image_paths, device):
     """The trained net's predictions (best-kappa weights, centred window) for `image_paths`."""
-    import torch
-
-    from retina.core.runtime import Runtime
-    from retina.model.inference import predict
+    from retina.model.inference import centred_scores
     loaded = load_net(config_module.load(config_name),
                       work / paths.best_kappa_weights(config_name), device)
-    images = cache.load_images(image_paths, progress=False, cache_dir=work / 'data' / 'cache')
-    cache.check_size(images, loaded.config.input_size, image_paths[0].parent, config_name)
-    return predict(loaded.net, images, np.arange(len(images)), loaded.config,
-                   Runtime(torch.device(device)))
+    return centred_scores(loaded, image_paths, device=device, cache_dir=work / 'data' / 'cache')
 
 
 def one_look(look, source, raw, work, configs, epochs, tta, device, compile_model, log):

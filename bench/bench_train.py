@@ -40,7 +40,9 @@ from retina.core.precision import PRECISIONS  # noqa: E402
 from retina.core.runtime import (CUDA_GRAPHS, Runtime, batches, compile_or_eager,  # noqa: E402
                                  new_step, place_images, resolve_device)
 from retina.model import config as config_module  # noqa: E402
+from retina.model import scoring  # noqa: E402
 from retina.model.augment import prepare_batch  # noqa: E402
+from retina.model.checkpoint import InputSpec  # noqa: E402
 from retina.train.loop import make_optimizer, train_one_epoch  # noqa: E402
 
 ALL = [f'c_{r}_{k}_32{v}' for r in (128, 256, 512) for k in ('5x5', '4x4') for v in ('', '_ram')]
@@ -113,16 +115,15 @@ def pipeline_run(model, optimizer, config, images, batch_size, steps, runtime, p
 def feature_run(model, config, images, batch_size, steps, runtime, cuda_graphs=False):
     """`steps` batches of the feature extraction's loop (centred window, feature layer)."""
     order = np.arange(batch_size * steps) % len(images)
+    spec = InputSpec.of_config(config)
 
     @torch.no_grad()
     def run():
         model.eval()
         for batch, _ in batches(images, order, batch_size, runtime.device):
             new_step(cuda_graphs)
-            x = prepare_batch(batch, config.input_size, dtype=runtime.input_dtype,
-                              memory_format=torch.channels_last)
-            with runtime.autocast():
-                model(x, return_features=True)
+            scoring.score(model, batch, spec, precision=runtime.precision,
+                          memory_format=torch.channels_last, features=True)
     return run
 
 

@@ -217,9 +217,9 @@ def refit(weights, photos, labels, tmp):
     from retina.core.runtime import Runtime
     from retina.data import cache
     from retina.data.labels import labelled_images, split_rows
-    from retina.model import checkpoint, released
+    from retina.model import checkpoint
     from retina.model.feature_stats import attach_feature_stats
-    path = released.weights_path(weights)
+    path = checkpoint.resolve_weights(weights)
     target = tmp / 'refit.pt'
     shutil.copy(path, target)
     config = checkpoint.config_of(checkpoint.load(target))

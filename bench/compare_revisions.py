@@ -47,6 +47,7 @@ def augment_rates(old_tree, repeats=30):
     for the old tree's retina/model/augment.py and this checkout's, interleaved in this process so
     that both see the same allocator, caches and neighbours."""
     import importlib.util
+    import inspect
     import time
 
     import torch
@@ -65,10 +66,15 @@ def augment_rates(old_tree, repeats=30):
     params = new.random_params(128, config.cnf['aug_params'], config.cnf['sigma'], generator)
 
     def rate(module):
+        # The constants as each tree takes them: passed where it asks for them (never assumed
+        # since the input spec), left to the old trees' Kaggle default before
+        takes = 'constants' in inspect.signature(module.prepare_batch).parameters
+        options = {'constants': new.constants_for(config.cnf)} if takes else {}
+
         def run():
             start = time.process_time()
             # In the network's layout, as training asks for it (old trees: a copy after).
-            out = module.prepare_batch(images, config.input_size, params)
+            out = module.prepare_batch(images, config.input_size, params, **options)
             out.contiguous(memory_format=torch.channels_last)
             return 128 / (time.process_time() - start)
         return run

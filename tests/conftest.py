@@ -87,10 +87,9 @@ def as_loaded(config, net, weights='unsaved.pt', preprocessing='none'):
     """`net` (built here, never saved) as the `checkpoint.LoadedNet` the later stages take."""
     from pathlib import Path
 
-    from retina.model.augment import constants_for
-    from retina.model.checkpoint import LoadedNet
-    return LoadedNet(config=config, net=net, weights=Path(weights), preprocessing=preprocessing,
-                     constants=constants_for(config.cnf), state={})
+    from retina.model.checkpoint import InputSpec, LoadedNet
+    return LoadedNet(config=config, net=net, weights=Path(weights),
+                     spec=InputSpec.of_config(config, preprocessing), state={})
 
 
 def _as_from_a_terminal():

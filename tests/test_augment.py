@@ -7,7 +7,7 @@ import torch
 from retina.data.labels import MEAN, STD
 from retina.model import augment
 from retina.model import config as config_module
-from retina.model.augment import (COLOUR_EV, COLOUR_U, affine_theta, augment_batch, broadcast_params,
+from retina.model.augment import (COLOUR_EV, COLOUR_U, KAGGLE, affine_theta, augment_batch, broadcast_params,
                                   centre_crop, colour_shift, identity_params, prepare_batch,
                                   tta_params, warp)
 
@@ -74,18 +74,18 @@ def test_each_image_of_a_batch_gets_its_own_transform():
 
 def test_standardise_and_colour_noise_order_and_statistics():
     images = torch.full((1, 3, 4, 4), 100, dtype=torch.uint8)
-    x = prepare_batch(images, (4, 4))
+    x = prepare_batch(images, (4, 4), constants=KAGGLE)
     expected = (100 - MEAN) / STD
     assert torch.allclose(x[0, :, 0, 0], torch.as_tensor(expected), atol=1e-5)
     sigma = 0.5
     colour = sigma * torch.randn(20000, 3, generator=torch.Generator().manual_seed(0))
-    shifts = colour_shift(colour).numpy()
+    shifts = colour_shift(colour, KAGGLE).numpy()
     expected_cov = COLOUR_U @ np.diag((sigma * COLOUR_EV) ** 2) @ COLOUR_U.T
     np.testing.assert_allclose(np.cov(shifts.T), expected_cov, atol=0.03)
     assert np.abs(shifts.mean(0)).max() < 0.03
     params = with_params()
     params['colour'] = torch.tensor([[1.0, 0.0, 0.0]])
-    noisy = augment_batch(images, params, (4, 4))
+    noisy = augment_batch(images, params, (4, 4), constants=KAGGLE)
     np.testing.assert_allclose((noisy - x)[0, :, 0, 0].numpy(), COLOUR_U[:, 0] * COLOUR_EV[0],
                                atol=1e-5)
 
@@ -93,7 +93,7 @@ def test_standardise_and_colour_noise_order_and_statistics():
 def test_output_is_float32_of_the_window_size():
     images = torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8)
     params = augment.random_params(2, AUG, 0.5, torch.Generator().manual_seed(1))
-    out = augment_batch(images, params, (16, 16))
+    out = augment_batch(images, params, (16, 16), constants=KAGGLE)
     assert out.dtype == torch.float32  # tests/test_gpu.py checks the device
     assert out.shape == (2, 3, 16, 16)
 
@@ -150,8 +150,8 @@ def test_prepare_batch_writes_the_asked_dtype_and_layout():
     images = torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8)
     params = identity_params(2)
     for p in (None, params):
-        plain = prepare_batch(images, (16, 16), p)
-        fast = prepare_batch(images, (16, 16), p, dtype=torch.bfloat16,
+        plain = prepare_batch(images, (16, 16), p, constants=KAGGLE)
+        fast = prepare_batch(images, (16, 16), p, constants=KAGGLE, dtype=torch.bfloat16,
                              memory_format=torch.channels_last)
         assert fast.dtype == torch.bfloat16
         assert fast.is_contiguous(memory_format=torch.channels_last)

@@ -17,7 +17,7 @@ from retina.data.labels import labelled_images
 from retina.features.files import load_features
 from retina.heatmaps.methods import regression_activation_map
 from retina.model import config as config_module
-from retina.model.augment import prepare_batch, random_params
+from retina.model.augment import KAGGLE, prepare_batch, random_params
 from retina.train.loop import make_optimizer, train_one_epoch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -36,15 +36,16 @@ def test_augmentation_on_the_gpu_matches_the_cpu():
     generator = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (16, 3, 128, 128), dtype=torch.uint8, generator=generator)
     params = random_params(16, config.cnf['aug_params'], config.cnf['sigma'], generator)
-    on_cpu = prepare_batch(images, config.input_size, params)
+    on_cpu = prepare_batch(images, config.input_size, params, constants=KAGGLE)
     on_gpu = prepare_batch(images.to(CUDA), config.input_size,
-                           {k: v.to(CUDA) for k, v in params.items()})
+                           {k: v.to(CUDA) for k, v in params.items()}, constants=KAGGLE)
     assert on_gpu.device.type == 'cuda' and on_gpu.dtype == torch.float32
     assert relative_error(on_gpu, on_cpu) < 1e-4
     # What training asks for on the GPU: bf16 channels_last written directly.
     direct = prepare_batch(images.to(CUDA), config.input_size,
                            {k: v.to(CUDA) for k, v in params.items()},
-                           dtype=Runtime(CUDA).input_dtype, memory_format=torch.channels_last)
+                           dtype=Runtime(CUDA).input_dtype, memory_format=torch.channels_last,
+                           constants=KAGGLE)
     assert direct.dtype == torch.bfloat16
     assert direct.is_contiguous(memory_format=torch.channels_last)
     assert relative_error(direct.float(), on_cpu) < 1e-2
@@ -147,7 +148,7 @@ def test_training_step_never_waits_for_the_gpu():
         params = random_params(16, config.cnf['aug_params'], config.cnf['sigma'], generator,
                                CUDA)
         x = prepare_batch(images[index], config.input_size, params, dtype=torch.bfloat16,
-                          memory_format=torch.channels_last)
+                          memory_format=torch.channels_last, constants=KAGGLE)
         with torch.autocast('cuda', dtype=torch.bfloat16):
             out = model(x)
         torch.nn.functional.mse_loss(out.float().squeeze(1), target).backward()
@@ -259,6 +260,7 @@ def test_cuda_graphs_train_like_the_compiled_net(converted_workdir):
     """train_one_epoch with CUDA graphs (compiled, mode reduce-overhead) against the same
     epochs compiled without them: same seeds, losses and validation predictions alike."""
     from retina.core.runtime import CUDA_GRAPHS, compile_or_eager
+    from retina.model.checkpoint import InputSpec
     from retina.model.inference import predict
     config = config_module.load(CONFIG)
     config.cnf['batch_size_train'] = 16
@@ -286,8 +288,8 @@ def test_cuda_graphs_train_like_the_compiled_net(converted_workdir):
                                   config, runtime, generator, progress=False, prepare=prepare,
                                   drop_last=True, cuda_graphs=bool(mode))['train_loss']
                   for _ in range(4)]
-        predictions = predict(net, images, np.arange(len(levels)), config, runtime,
-                              batch_size=8, cuda_graphs=bool(mode))
+        predictions = predict(net, images, np.arange(len(levels)), InputSpec.of_config(config),
+                              runtime, batch_size=8, cuda_graphs=bool(mode))
         results[mode] = np.array(losses), predictions
         if mode:  # the graphs were recorded and none of the compiled code skipped them
             manager = cudagraph_trees.get_manager(torch.cuda.current_device(), False)

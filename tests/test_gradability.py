@@ -199,17 +199,18 @@ def test_compressed_grey_foreign_and_partial_photographs_are_ungradable(graded, 
 def test_a_grade_that_moves_under_mild_re_encoding_is_not_given(graded, tmp_path, monkeypatch):
     """The stability check: each photograph is re-saved at JPEG quality 75 and scored
     again; a level that moves by more than one is not given ('unstable under re-encoding')."""
-    from retina.grade import predict
-    assert predict.unstable(0.2, 2.6, (0.5, 1.5, 2.5, 3.5))
-    assert not predict.unstable(0.2, 1.4, (0.5, 1.5, 2.5, 3.5))
+    from retina.grade import grader as grader_module, photos as photos_module, predict
+    assert photos_module.unstable(0.2, 2.6, (0.5, 1.5, 2.5, 3.5))
+    assert not photos_module.unstable(0.2, 1.4, (0.5, 1.5, 2.5, 3.5))
     folder, weights = graded
-    grader = predict.load_grader(RAM, weights)
-    photos = [predict.prepare_photo(p, {(grader.crop_size, grader.preprocessing)}, stability=True)
+    grader = grader_module.load_grader(RAM, weights)
+    photos = [photos_module.prepare_photo(p, {(grader.crop_size, grader.preprocessing)},
+                                          stability=True)
               for p in sorted(folder.glob('*_*.jpeg'))[:2]]
     key = (grader.crop_size, grader.preprocessing)
     assert not np.array_equal(photos[0].resaved[key], photos[0].converted[key])
-    out = predict.score_batch(grader, photos, 1)
-    again = predict.score_batch(grader, [predict.Photo(
+    out = grader_module.score_batch(grader, photos, 1)
+    again = grader_module.score_batch(grader, [photos_module.Photo(
         path=p.path, name=p.name, converted={key: p.resaved[key]}, boxes=p.boxes, images={})
         for p in photos], 1)
     assert np.allclose(out.resaved, again.scores, atol=1e-5)  # the re-saved copy's own score

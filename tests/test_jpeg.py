@@ -9,7 +9,7 @@ from PIL import Image
 
 from retina.data.jpeg import jpeg_batch, quantisation_tables, recompressed
 from retina.model import config as config_module
-from retina.model.augment import augment_batch, random_params
+from retina.model.augment import KAGGLE, augment_batch, random_params
 
 
 def photo_like(n=4, side=64, seed=0):
@@ -74,9 +74,9 @@ def test_training_uses_it_and_is_reproducible():
     assert 'jpeg' not in random_params(4, cnf['aug_params'], cnf['sigma'])  # only when asked
     x = torch.from_numpy(np.repeat(photo_like(1, 128), 4, 0)).permute(0, 3, 1, 2)
     params = random_params(4, cnf['aug_params'], 0.0, torch.Generator().manual_seed(0))
-    plain = augment_batch(x, params, (112, 112))
+    plain = augment_batch(x, params, (112, 112), constants=KAGGLE)
     params['jpeg'] = torch.tensor([0.0, 10.0, 0.0, 10.0])
-    squeezed = augment_batch(x, params, (112, 112))
+    squeezed = augment_batch(x, params, (112, 112), constants=KAGGLE)
     assert torch.equal(plain[0], squeezed[0]) and not torch.equal(plain[1], squeezed[1])
 
 

@@ -58,7 +58,8 @@ def converted_route_scores(workdir, photos, name, weights, crop_size=128, enhanc
     for path in sorted(folder.glob('*.tiff')):
         image = torch.from_numpy(np.array(Image.open(path).convert('RGB'))).permute(2, 0, 1)
         with torch.no_grad():
-            scores[path.stem] = float(net(prepare_batch(image[None], net.input_size)))
+            scores[path.stem] = float(net(prepare_batch(image[None], net.input_size,
+                                                        constants=loaded.constants)))
     return scores
 
 
@@ -109,7 +110,8 @@ def test_predict_grades_raw_photos_as_the_converted_route(photos, tmp_path):
 def test_predict_matches_the_converted_route_on_real_photographs(tmp_path):
     """Raw EyePACS photographs (1536 px wide) and a 512-px net: the same scores as
     convert.py at 512 px, then the net on the 448-px window."""
-    from retina.grade.predict import grade, load_grader
+    from retina.grade.grader import load_grader
+    from retina.grade.predict import grade
     name = 'c_512_5x5_32_ram'
     photos = tmp_path / 'raw'
     photos.mkdir()
@@ -126,7 +128,8 @@ def test_predict_matches_the_converted_route_on_real_photographs(tmp_path):
 def test_predict_applies_the_preprocessing_the_net_was_trained_with(photos, tmp_path):
     """A net trained on convert.py --enhance local_contrast images (recorded in its
     checkpoint) grades raw photographs enhanced the same way, in memory."""
-    from retina.grade.predict import grade, load_grader
+    from retina.grade.grader import load_grader
+    from retina.grade.predict import grade
     weights = save_untrained(tmp_path, RAM, preprocessing='local_contrast')
     reference = converted_route_scores(tmp_path, photos, RAM, weights, enhance='local_contrast')
     grader = load_grader(RAM, weights, 'cpu')
@@ -137,7 +140,8 @@ def test_predict_applies_the_preprocessing_the_net_was_trained_with(photos, tmp_
     # The enhancement matters: without it the scores move.
     import dataclasses
     plain_grader = dataclasses.replace(
-        grader, loaded=dataclasses.replace(grader.loaded, preprocessing='none'))
+        grader, loaded=dataclasses.replace(grader.loaded, spec=dataclasses.replace(
+            grader.loaded.spec, preprocessing='none')))
     plain = grade([plain_grader], [photos], progress=False).rows
     assert max(abs(a[f'score_{RAM}'] - b[f'score_{RAM}']) for a, b in zip(rows, plain)) > 1e-3
 
@@ -228,12 +232,12 @@ def test_ram_py_and_predict_py_draw_the_same_map_of_a_photograph(photos, tmp_pat
             left, top, right, bottom = figures.photo_box(by_predict)
             assert (right - left, bottom - top) == photo.size
     if method == 'ram':  # the ONNX graph computes it with the same function
-        from retina.grade.predict import load_grader
+        from retina.grade.grader import load_grader
         from retina.publish.export import ExportedNet
         grader = load_grader(RAM, weights, 'cpu')
         image = np.array(Image.open(work / 'converted' / f'{names[0]}.tiff').convert('RGB'))
         with torch.no_grad():
-            _, ram = ExportedNet(grader.net, 128, True, grader.constants)(
+            _, ram = ExportedNet(grader.net, grader.spec, True, 128)(
                 torch.from_numpy(image)[None])
         np.testing.assert_allclose(
             ram[0].numpy(), np.load(work / 'ram_maps' / f'{names[0]}_ram_{RAM}.npy'),
@@ -372,7 +376,7 @@ def test_blend_saved_by_blend_py_gives_predict_the_submission_levels(workdir, sy
     assert abs(graded['with_black'][partner]['blend'] - graded['alone'][partner]['blend']) < 1e-6
     assert graded['with_black'][partner]['level'] == graded['alone'][partner]['level']
 
-    from retina.grade.predict import LoadedBlend, load_grader
+    from retina.grade.grader import LoadedBlend, load_grader
     loaded = LoadedBlend(data / 'sub_blend.pt')
     assert loaded.nets() == [(RAM, str(weights.relative_to(workdir)))]
     other = save_untrained(workdir, RAM, seed=1).rename(workdir / 'other.pt')
@@ -415,7 +419,7 @@ def test_onnx_export_matches_torch(synthetic_source, tmp_path):
     pytest.importorskip('onnxruntime')
     import onnx
 
-    from retina.grade.predict import load_grader
+    from retina.grade.grader import load_grader
     from retina.publish import export
     real = SHARED_DATA / 'eyepacs_raw' / 'train'
     sources = sorted(real.glob('*.jpeg'))[:3] if real.is_dir() else [synthetic_source / 'test']
@@ -473,7 +477,7 @@ def test_export_help_explains_every_option():
 
 def test_a_blend_of_files_not_named_by_transform_py_is_refused_by_predict(tmp_path):
     from retina.blend import fitted as fitted_blend
-    from retina.grade.predict import LoadedBlend
+    from retina.grade.grader import LoadedBlend
     entry = fitted_blend.describe_file(tmp_path / 'my_features.npy')
     assert entry['cnf'] is None  # blend.py still saves it
     run = dict(name='run', files=[entry], mean=torch.zeros(3), scale=torch.ones(3), nets=[],
@@ -651,7 +655,7 @@ def test_photographs_converted_with_the_look_already_are_not_given_it_twice(tmp_
 
     from retina.data import crop
     from retina.data.conversion import convert_folder
-    from retina.grade.predict import prepare_photo
+    from retina.grade.photos import prepare_photo
     weights = save_untrained(tmp_path, RAM, preprocessing='local_contrast')
     converted = tmp_path / 'converted'
     convert_folder(photos, converted, 128, 'png', n_proc=1, progress=False,

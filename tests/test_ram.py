@@ -16,11 +16,12 @@ from scipy import ndimage
 from conftest import REPO, run_script
 from retina.core.errors import UserError
 from retina.data import crop
+from retina.data.images import collect_images
 from retina.data.labels import MEAN, STD
 from retina.heatmaps import figures, methods, ram, scores
 from retina.model import checkpoint, nets
 from retina.model import config as config_module
-from retina.model.augment import standardise
+from retina.model.augment import KAGGLE, standardise
 
 CONFIGS = sorted(p.stem for p in (REPO / 'configs').glob('c_*.py'))
 RAM_CONFIGS = [c for c in CONFIGS if nets.is_ram_net(config_module.load(c).layers)]
@@ -205,12 +206,12 @@ def test_only_ram_configs_are_loaded_for_the_ram(tmp_path, name):
     config = config_module.load(name)
     if name in BASELINE_CONFIGS:
         with pytest.raises(UserError, match=f'use --cnf {name}_ram'):
-            ram.load_net(config, tmp_path / 'weights.pt', 'cpu')
+            ram.net_for_method(config, tmp_path / 'weights.pt', 'cpu')
     else:
         with pytest.raises(UserError, match='train first'):
-            ram.load_net(config, tmp_path / 'weights.pt', 'cpu')
+            ram.net_for_method(config, tmp_path / 'weights.pt', 'cpu')
     with pytest.raises(UserError, match='train first'):     # any net has a Grad-CAM
-        ram.load_net(config, tmp_path / 'weights.pt', 'cpu', method='gradcam')
+        ram.net_for_method(config, tmp_path / 'weights.pt', 'cpu', method='gradcam')
 
 
 def test_upsampled_map_covers_the_network_window(net):
@@ -367,20 +368,22 @@ def test_blanking_to_black_or_mean_and_deleting_the_evidence_drops_the_predictio
     x = torch.zeros(2, 3, 20, 20)
     where = torch.zeros(2, 20, 20, dtype=torch.bool)
     where[:, :2] = True
-    blanked = scores.blank(x, where, fill='black')
+    blanked = scores.blank(x, where, fill='black', constants=KAGGLE)
     black = torch.as_tensor(-MEAN / STD)
     torch.testing.assert_close(blanked[0, :, 0, 0], black)
     torch.testing.assert_close(blanked[:, :, 5:], x[:, :, 5:])
-    torch.testing.assert_close(standardise(torch.zeros(1, 3, 1, 1))[0, :, 0, 0], black)
-    torch.testing.assert_close(scores.blank(x + 1, where, fill='mean')[0, :, 0, 0], torch.zeros(3))
+    torch.testing.assert_close(standardise(torch.zeros(1, 3, 1, 1), KAGGLE)[0, :, 0, 0], black)
+    torch.testing.assert_close(scores.blank(x + 1, where, fill='mean', constants=KAGGLE)[0, :, 0, 0],
+                               torch.zeros(3))
     with pytest.raises(ValueError, match='fill'):
-        scores.blank(x, where, fill='grey')
+        scores.blank(x, where, fill='grey', constants=KAGGLE)
 
     x[:, 0, :4, :10] = 5.0                    # 40 bright pixels = the top 10% of the map
     evidence = x[:, 0].clone()
     for fill, value in (('black', black[0].item()), ('mean', 0.0)):
         top, random = scores.deletion_drops(MeanOfRed(), x, evidence, fill=fill,
-                                            generator=torch.Generator().manual_seed(0))
+                                            generator=torch.Generator().manual_seed(0),
+                                            constants=KAGGLE)
         expected_top = 40 * (5.0 - value) / 400
         np.testing.assert_allclose(top, [expected_top, expected_top], rtol=1e-5)
         assert (random < top / 2).all()
@@ -525,10 +528,10 @@ def test_image_lists_refuse_missing_paths_and_clashing_names(tmp_path):
     for folder in ('a', 'b'):
         Image.new('RGB', (128, 128)).save(tmp_path / folder / '1_left.png')
     with pytest.raises(UserError, match='share the name 1_left'):
-        ram.collect_images([tmp_path / 'a', tmp_path / 'b'])
-    with pytest.raises(UserError, match='no such image or folder'):
-        ram.collect_images([tmp_path / 'nothing'])
-    assert ram.collect_images([tmp_path / 'a', tmp_path / 'a' / '1_left.png']) == \
+        collect_images([tmp_path / 'a', tmp_path / 'b'])
+    with pytest.raises(UserError, match='no such file or folder'):
+        collect_images([tmp_path / 'nothing'])
+    assert collect_images([tmp_path / 'a', tmp_path / 'a' / '1_left.png']) == \
         [tmp_path / 'a' / '1_left.png']
     Image.new('RGB', (300, 200)).save(tmp_path / 'wide.png')
     with pytest.raises(UserError, match='not square'):
@@ -728,3 +731,43 @@ def test_optic_disc_is_found_where_the_synthetic_photograph_has_it(seed, eye):
     y = (geometry.disc_y - top) / (bottom - top) * 128 - 8
     assert disc[int(round(y)), int(round(x))], 'the found disc misses the drawn one'
     assert 0.005 < disc.mean() < 0.05
+
+
+def test_levels_are_cut_at_a_released_net_s_own_cut_offs(tmp_path, monkeypatch):
+    """A net that carries its own cut-offs (a released one: its spec's cuts) gets its
+    pictures' levels, and the by-level figure's, from them, as predict.py cuts its score; a
+    net without gets 0.5 .. 3.5."""
+    import dataclasses
+
+    from conftest import as_loaded, noise_images
+    from retina.core.metrics import FIXED_CUTS, to_levels
+    config = config_module.load('c_128_5x5_32_ram')
+    torch.manual_seed(0)
+    plain = as_loaded(config, config.build_net().eval())
+    noise_images(tmp_path / 'images', 3)
+    image_paths = collect_images([tmp_path / 'images'])
+    captions, examples = [], []
+    caption, by_level = figures.caption, ram.examples_by_level
+
+    def recording(name, score, level=None, *args, **kwargs):
+        captions.append((score, level))
+        return caption(name, score, level, *args, **kwargs)
+
+    def recording_examples(items, by_label):
+        examples.extend((item.prediction, item.level) for item in items)
+        return by_level(items, by_label)
+
+    monkeypatch.setattr(figures, 'caption', recording)
+    monkeypatch.setattr(ram, 'examples_by_level', recording_examples)
+    ram.make_maps(plain, image_paths, tmp_path / 'fixed', progress=False)
+    scores = [score for score, _ in captions]
+    assert [level for _, level in captions] == list(to_levels(scores, FIXED_CUTS))
+    # cut-offs below every score: each is level 4 by the net's own cut-offs
+    low = min(scores) - 10
+    own = (low, low + 1, low + 2, low + 3)
+    released = dataclasses.replace(plain, spec=dataclasses.replace(plain.spec, cuts=own))
+    captions.clear()
+    examples.clear()
+    ram.make_maps(released, image_paths, tmp_path / 'own', progress=False)
+    assert [level for _, level in captions] == [4, 4, 4]
+    assert [level for _, level in examples] == [4, 4, 4]

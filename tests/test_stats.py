@@ -155,7 +155,7 @@ def test_raw_photographs_and_mixed_sizes_are_refused_as_training_refuses_them(tm
     assert not (tmp_path / 'data').exists()
 
 
-def test_own_constants_change_the_network_input_and_default_is_kaggle():
+def test_own_constants_change_the_network_input_and_none_are_assumed():
     images = torch.full((2, 3, 8, 8), 100, dtype=torch.uint8)
     images[:, 1], images[:, 2] = 120, 80
     own = constants_for(OWN)
@@ -163,14 +163,18 @@ def test_own_constants_change_the_network_input_and_default_is_kaggle():
     torch.testing.assert_close(plain[0, :, 0, 0], torch.tensor([0.0, 1.0, 1.0]))
     assert constants_for({}) is KAGGLE
     torch.testing.assert_close(prepare_batch(images, (4, 4), constants=constants_for({})),
-                               prepare_batch(images, (4, 4)), rtol=0, atol=0)
+                               prepare_batch(images, (4, 4), constants=KAGGLE), rtol=0, atol=0)
+    with pytest.raises(TypeError, match='constants'):  # no Kaggle fallback: a caller must say
+        prepare_batch(images, (4, 4))
+    with pytest.raises(ValueError, match='pixel constants needed'):
+        prepare_batch(images, (4, 4), constants=None)
     # Colour noise U · (c ∘ EV): with U = I and EV = (2, 1, 0.5), c = (1, 1, 1) adds those.
     params = augment.identity_params(2)
     params['colour'] = torch.ones(2, 3)
     noisy = prepare_batch(images, (4, 4), params, constants=own)
     torch.testing.assert_close(noisy[0, :, 1, 1] - plain[0, :, 1, 1],
                                torch.tensor([2.0, 1.0, 0.5]), rtol=0, atol=1e-5)
-    assert not torch.allclose(noisy, prepare_batch(images, (4, 4), params))
+    assert not torch.allclose(noisy, prepare_batch(images, (4, 4), params, constants=KAGGLE))
 
 
 def test_own_balance_weights_change_the_draw():
@@ -230,31 +234,35 @@ def test_a_trained_net_carries_its_constants_to_later_stages(tmp_path, monkeypat
     (tmp_path / 'own.json').write_text(json.dumps(dict(OWN, mean=[1.0, 2.0, 3.0])))
     loaded = checkpoint.load_net(config_module.load('configs/c_own.py'), tmp_path / 'w.pt')
     assert loaded.constants == constants_for(OWN)
-    exported = ExportedNet(loaded.net, 128, with_ram=False, constants=loaded.constants)
-    np.testing.assert_allclose(exported.mean.flatten().numpy(), OWN['mean'])
-    np.testing.assert_allclose(exported.std.flatten().numpy(), OWN['std'])
+    exported = ExportedNet(loaded.net, loaded.spec, with_ram=False)
+    nhwc = torch.randint(0, 256, (2, 128, 128, 3), dtype=torch.uint8)
+    with torch.no_grad():
+        standardised = prepare_batch(nhwc.permute(0, 3, 1, 2), (112, 112),
+                                     constants=constants_for(OWN))
+        torch.testing.assert_close(exported(nhwc), loaded.net(standardised).squeeze(1))
+    assert exported.spec.constants == constants_for(OWN)
     # predict.py and ram.py feed the net its own standardisation.
-    from retina.grade.predict import _passes, load_grader
-    from retina.heatmaps.ram import network_input
+    from retina.grade.grader import load_grader, passes
+    from retina.model.scoring import prepare_window
     grader = load_grader('configs/c_own.py', tmp_path / 'w.pt')
     images = torch.randint(0, 256, (2, 3, 128, 128), dtype=torch.uint8)
     own = prepare_batch(images, grader.input_size, constants=constants_for(OWN))
     with torch.no_grad():
         own_features = grader.net(own, return_features=True)[1].double().numpy()
-        kaggle_features = grader.net(prepare_batch(images, grader.input_size),
+        kaggle_features = grader.net(prepare_batch(images, grader.input_size, constants=KAGGLE),
                                      return_features=True)[1].double().numpy()
-    features = _passes(grader, images, [None])[1][0]
+    features = passes(grader, images, [None])[1][0]
     np.testing.assert_allclose(features, own_features, rtol=1e-5, atol=1e-6)
     assert not np.allclose(features, kaggle_features, rtol=1e-3, atol=1e-3)
     windows = augment.centre_crop(images, grader.input_size).to(torch.uint8)
-    torch.testing.assert_close(network_input(windows, grader.input_size, loaded.constants), own)
+    torch.testing.assert_close(prepare_window(windows, loaded.spec), own)
 
 
 def test_weights_graded_under_another_config_name_keep_their_own_constants(tmp_path,
                                                                          monkeypatch):
     """--cnf c_128_5x5_32 --weights_from (weights trained as c_own, its own data's stats):
     every stage standardises with the weights' constants, not the named config's."""
-    from retina.grade.predict import load_grader
+    from retina.grade.grader import load_grader
     from retina.model import checkpoint
     from retina.publish.export import ExportedNet
     (tmp_path / 'own.json').write_text(json.dumps(OWN))
@@ -268,13 +276,13 @@ def test_weights_graded_under_another_config_name_keep_their_own_constants(tmp_p
     assert loaded.constants == constants_for(OWN) != KAGGLE
     grader = load_grader('c_128_5x5_32', tmp_path / 'w.pt')
     assert grader.constants == constants_for(OWN)
-    np.testing.assert_allclose(ExportedNet(grader.net, 128, with_ram=False,
-                                           constants=grader.constants).mean.flatten(),
-                               OWN['mean'])
+    np.testing.assert_allclose(ExportedNet(grader.net, grader.spec, with_ram=False)
+                               .spec.constants.mean, OWN['mean'])
 
 
 def test_training_standardises_and_balances_with_the_config_constants():
     from retina.core.runtime import Runtime
+    from retina.model.checkpoint import InputSpec
     from retina.model.inference import predict
     from retina.train.loop import epoch_sample, train_one_epoch
     config = config_module.load('c_128_5x5_32')
@@ -297,7 +305,8 @@ def test_training_standardises_and_balances_with_the_config_constants():
     config.cnf.update(mean=[100.0] * 3)
     with torch.no_grad():
         expected = float(net(torch.zeros(1, 3, 16, 16)))
-    np.testing.assert_allclose(predict(net, flat, [0], config, runtime), [expected], rtol=1e-5)
+    np.testing.assert_allclose(predict(net, flat, [0], InputSpec.of_config(config), runtime, 4),
+                               [expected], rtol=1e-5)
     levels = np.array([0] * 500 + [1] * 500)
     sample = epoch_sample(np.arange(1000), levels, 1, 0, 0.975, runtime,
                           config.cnf['balance_weights'])

@@ -152,6 +152,23 @@ def test_no_stage_reads_a_net_s_settings_off_the_module():
     assert offenders == []
 
 
+def test_one_scoring_path_and_no_guessed_pixel_constants():
+    """A trained net's input is prepared in retina/model/scoring.py (training's random
+    augmentation aside: retina/train/loop.py hands `prepare_batch` to the epoch), and no
+    function falls back to the Kaggle constants: every caller passes a net's own."""
+    preparing = {'retina/model/augment.py', 'retina/model/scoring.py', 'retina/train/loop.py',
+                 'bench/bench_train.py', 'bench/compare_revisions.py'}  # training's speed
+    sources = [*modules().values(), *(REPO / s for s in SCRIPTS), *(REPO / 'bench').glob('*.py')]
+    offenders = []
+    for path in sources:
+        name = str(path.relative_to(REPO))
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            if ('prepare_batch(' in line and name not in preparing) or \
+                    re.search(r'constants=None|constants or KAGGLE', line):
+                offenders.append(f'{name}:{number}: {line.strip()}')
+    assert offenders == []
+
+
 def test_the_layout_page_names_every_module():
     page = REPO.joinpath('docs', 'layout.md').read_text()
     layout = page.split('## Layout', 1)[1].split('\n## ', 1)[0]

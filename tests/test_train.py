@@ -26,7 +26,7 @@ from retina.data.conversion import convert_folder
 from retina.data.labels import held_out, labelled_images
 from retina.model import checkpoint
 from retina.model import config as config_module
-from retina.model.augment import prepare_batch, random_params
+from retina.model.augment import KAGGLE, prepare_batch, random_params
 from retina.train.loop import lr_for_epoch, make_optimizer, train
 
 CONFIG = 'c_128_5x5_32_ram'
@@ -63,7 +63,7 @@ def test_a_few_steps_lower_the_loss_on_synthetic_images(converted_workdir):
     torch.manual_seed(0)
     net = config.build_net()
     optimizer = make_optimizer(net, config.cnf, 0.003)
-    x = prepare_batch(images, config.input_size)
+    x = prepare_batch(images, config.input_size, constants=KAGGLE)
     losses = []
     for _ in range(8):
         loss = F.mse_loss(net(x).squeeze(1), target)
@@ -398,7 +398,7 @@ def test_the_compiled_augmentation_gives_the_eager_result():
                            torch.Generator().manual_seed(1))
     traced = torch.compile(prepare_batch, backend='eager', dynamic=False)
     for dtype in (torch.float32, torch.bfloat16):
-        layout = dict(dtype=dtype, memory_format=torch.channels_last)
+        layout = dict(dtype=dtype, memory_format=torch.channels_last, constants=KAGGLE)
         eager = prepare_batch(images, config.input_size, params, **layout)
         got = traced(images, config.input_size, params, **layout)
         assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
@@ -453,7 +453,8 @@ def test_tta_iterations_inside_the_batch_loop_give_each_iteration_s_features(tmp
     augmentations = tta_params(7, 0, config.cnf['aug_params'], config.cnf['sigma'])
     with torch.no_grad():
         each = torch.stack([net(prepare_batch(images, config.input_size,
-                                              broadcast_params(p, 5)), return_features=True)[1]
+                                              broadcast_params(p, 5), constants=KAGGLE),
+                                return_features=True)[1]
                             for p in augmentations]).double()
     for done in (5, 7):
         mean, _ = load_features(paths.features(CONFIG, 'test', 'mean', done, 0))
@@ -478,25 +479,28 @@ def _short_of_memory(net, fails):
 
 def test_validation_halves_its_batch_until_it_fits_and_keeps_that_size(capsys):
     from retina.core.runtime import Runtime
+    from retina.model.checkpoint import InputSpec
     from retina.model.inference import predict
     config = config_module.load(CONFIG)
     torch.manual_seed(0)
     net = config.build_net().eval()
     images = np.random.default_rng(0).integers(0, 256, (7, 3, 128, 128), dtype=np.uint8)
     runtime = Runtime(torch.device('cpu'))
-    expected = predict(net, images, np.arange(7), config, runtime, batch_size=7)
+    spec = InputSpec.of_config(config)
+    expected = predict(net, images, np.arange(7), spec, runtime, batch_size=7)
     seen = _short_of_memory(net, lambda call, size: size > 2)
-    got = predict(net, images, np.arange(7)[::-1], config, runtime, batch_size=8)
+    got = predict(net, images, np.arange(7)[::-1], spec, runtime, batch_size=8)
     np.testing.assert_allclose(got, expected[::-1], rtol=1e-5, atol=1e-6)
     assert seen[:3] == [7, 4, 2] and runtime.eval_limit == 2
     assert ("validation: 4 images per batch do not fit in memory; trying 2"
             in capsys.readouterr().err)
     seen.clear()
-    predict(net, images, np.arange(7), config, runtime)  # the next epoch starts at what fit
+    # the next epoch starts at what fit
+    predict(net, images, np.arange(7), spec, runtime, runtime.eval_batch_size(config.cnf))
     assert max(seen) == 2
     with pytest.raises(torch.OutOfMemoryError):  # not even one image: the error itself
         _short_of_memory(net, lambda call, size: True)
-        predict(net, images, np.arange(3), config, runtime)
+        predict(net, images, np.arange(3), spec, runtime, runtime.eval_batch_size(config.cnf))
 
 
 # The first block: 2 batches (4 + 1 images) × 5 iterations, calls 1-10; in the second, the

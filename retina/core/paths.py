@@ -50,7 +50,12 @@ def earlier_run_dir(cnf_name):
 
 
 def best_kappa_weights(cnf_name):
-    return run_dir(cnf_name) / 'weights.pt'
+    return best_kappa_in(run_dir(cnf_name))
+
+
+def best_kappa_in(folder):
+    """The best-kappa weights of a run folder (weights/CNF/ or a --run_dir)."""
+    return Path(folder) / 'weights.pt'
 
 
 def final_weights(cnf_name):

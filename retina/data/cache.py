@@ -134,13 +134,25 @@ def converted_size(input_size):
 
 
 def check_size(images, input_size, folder, config_name):
-    """Images must be the converted size of the net's window (or between the two): smaller
-    ones cannot be used, and larger ones would lose all but their middle to the window."""
-    side, window, expected = images.shape[-1], max(input_size), converted_size(input_size)
+    """The images of `folder` (a uint8 N × 3 × S × S array) must be converted for the net
+    (`check_side`)."""
+    check_side(images.shape[-1], input_size, folder, config_name)
+
+
+def check_side(side, input_size, where, config_name, too_small=UserError, fix=None):
+    """A converted image's side must be between the net's window and the converted size of
+    that window (`converted_size`): a smaller one cannot be used (raised as `too_small`: ram.py
+    skips such an image), a larger one would lose all but its middle to the window (a
+    UserError).  The one converted-size check (the cache, ram.py, predict.py --crop_size).
+    `where` names the images in the message, `fix` [default: convert them again] says what
+    to do."""
+    window, expected = max(input_size), converted_size(input_size)
     if side < window:
-        raise UserError(f'{folder}: images are {side} px but {config_name} needs at least '
-                        f'{window}; convert them with convert.py --crop_size {expected}')
+        raise too_small(f'{where}: images are {side} px but {config_name} needs at least '
+                        f'{window}; ' + (fix or f'convert them with convert.py --crop_size '
+                                                f'{expected}'))
     if side > expected:
-        raise UserError(f'{folder}: images are {side} px but {config_name} expects {expected} px '
-                        f'(it would see only their middle {window} px); convert the photographs '
-                        f'with convert.py --crop_size {expected} into another folder')
+        raise UserError(f'{where}: images are {side} px but {config_name} expects {expected} px '
+                        f'(it would see only their middle {window} px); ' + (
+                            fix or f'convert the photographs with convert.py --crop_size '
+                                   f'{expected} into another folder'))

@@ -65,6 +65,42 @@ def list_images(folder, keep_odd_names=False):
     return paths
 
 
+def collect_images(inputs, unread=None, keep_odd_names=False, what='images'):
+    """Image paths from files and folders (`inputs`), in the given order, a folder's sorted
+    (`list_images`), each path once: the one collector of predict.py and ram.py.
+
+    Two files of one name are a UserError: rows, heat maps and the blend's eye pairs go by
+    name.  With `keep_odd_names` (predict.py) an entry that cannot be an image (a name with a
+    line break, a pipe, a dangling or looping link; given by name or in a folder) is kept, so
+    that the caller names that one as failed and goes on.  A folder's files of other image
+    formats (.bmp, .webp, ...: `unlisted_images`) are added to `unread` when it is a list,
+    for the caller to name.  `what` names the inputs in errors ('photographs')."""
+    import os
+    found = []
+    for entry in inputs:
+        entry = Path(entry)
+        if entry.is_dir():
+            found.extend(list_images(entry, keep_odd_names=keep_odd_names))
+            if unread is not None:
+                unread.extend(unlisted_images(entry))
+        elif entry.is_file() or (keep_odd_names and os.path.lexists(entry)):
+            found.append(entry)
+        else:
+            raise UserError(f'{entry}: no such file or folder; pass {what} or folders of them '
+                            f'({", ".join(IMAGE_EXTENSIONS)})')
+    if not found:
+        raise UserError(f'no {what} given; pass files or folders')
+    seen = {}
+    for path in found:
+        name = image_name(path)
+        if name in seen and seen[name] != path:
+            raise UserError(f'{seen[name]} and {path} share the name {name}, so their rows and '
+                            f'heat maps would overwrite each other; pass only one of them (or '
+                            f'use separate runs)')
+        seen[name] = path
+    return list(dict.fromkeys(found))
+
+
 def has_line_break(path):
     return '\n' in Path(path).name or '\r' in Path(path).name
 

@@ -90,7 +90,7 @@ def _extract_features(config, loaded, folder, split, n_iter, skip, device, batch
     from retina.data import cache, preprocess
     from retina.data.images import image_name, list_images
     from retina.features import files as feature_files
-    from retina.model.augment import tta_params
+    from retina.model import scoring
 
     image_paths = list_images(folder)
     names = [image_name(p) for p in image_paths]
@@ -108,8 +108,7 @@ def _extract_features(config, loaded, folder, split, n_iter, skip, device, batch
     images = place_images(images, runtime, 'auto')
     model = loaded.net.to(memory_format=torch.channels_last)
     batch_size = batch_size or runtime.eval_batch_size(config.cnf)
-    augmentations = tta_params(n_iter, skip, config.cnf['aug_params'], config.cnf['sigma'],
-                               sequence)
+    augmentations = scoring.augmentations(config, n_iter, skip, sequence)
     fingerprint = loaded.fingerprint
     start, total, total_sq = (0, None, None) if restart else _previous_progress(
         config.name, split, n_iter, skip, names, fingerprint, images_key, echo,
@@ -123,7 +122,6 @@ def _extract_features(config, loaded, folder, split, n_iter, skip, device, batch
         total, total_sq = (torch.from_numpy(a).to(device) for a in (total, total_sq))
     compile_model = runtime.cuda if compile_model is None else compile_model
     net = compile_or_eager(model, echo) if compile_model else model
-    constants = loaded.constants
     order = np.arange(len(names))
     bar = tqdm(total=(n_iter - start) * len(names), desc=f'{config.name} {split} features',
                unit='img', disable=not progress, dynamic_ncols=True)
@@ -140,9 +138,9 @@ def _extract_features(config, loaded, folder, split, n_iter, skip, device, batch
         shown = bar.n
         while True:
             try:
-                total, total_sq = _feature_block(net, images, order, batch_size, block,
-                                                 augmentations, n_iter, config, runtime,
-                                                 constants, total, total_sq, len(names), bar)
+                total, total_sq = _feature_block(net, images, order, batch_size,
+                                                 [augmentations[i] for i in block], loaded.spec,
+                                                 runtime, total, total_sq, len(names), bar)
                 break
             except torch.OutOfMemoryError as error:
                 batch_size = smaller_batch(error, batch_size, runtime, f'{split} features')
@@ -166,28 +164,23 @@ def _extract_features(config, loaded, folder, split, n_iter, skip, device, batch
                 features=int(total.shape[1]))
 
 
-def _feature_block(net, images, order, batch_size, block, augmentations, n_iter, config, runtime,
-                   constants, total, total_sq, rows, bar):
-    """The TTA iterations of `block` added to the running sums (None at the start: created
-    at the first batch, `rows` × features); returns the sums."""
+def _feature_block(net, images, order, batch_size, block, spec, runtime, total, total_sq,
+                   rows, bar):
+    """The TTA iterations of `block` (their augmentation parameter sets) added to the running
+    sums (None at the start: created at the first batch, `rows` × features); returns the
+    sums."""
     import contextlib
 
     import torch
 
     from retina.core.runtime import batches
-    from retina.model.augment import broadcast_params, prepare_batch
-    device = runtime.device
-    with torch.no_grad(), contextlib.closing(batches(images, order, batch_size, device)) as stream:
+    from retina.model import scoring
+    with torch.no_grad(), contextlib.closing(batches(images, order, batch_size,
+                                                     runtime.device)) as stream:
         for batch, chunk in stream:
-            for iteration in block:
-                params = augmentations[iteration] if n_iter > 1 else None
-                x = prepare_batch(batch, config.input_size,
-                                  broadcast_params(params, len(batch), device) if params else None,
-                                  dtype=runtime.input_dtype, memory_format=torch.channels_last,
-                                  constants=constants)
-                with runtime.autocast():
-                    _, features = net(x, return_features=True)
-                features = features.float().double()  # stays on the device: no wait
+            for scored in scoring.tta(net, batch, spec, block, runtime.precision,
+                                      torch.channels_last):
+                features = scored.features.double()  # stays on the device: no wait
                 if total is None:
                     total = features.new_zeros(rows, features.shape[1])
                     total_sq = torch.zeros_like(total)

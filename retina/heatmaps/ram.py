@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
@@ -45,13 +44,14 @@ from retina.core import atomic, paths
 from retina.core.errors import UserError
 from retina.core.metrics import FIXED_CUTS, LEVELS, to_levels
 from retina.data import crop
-from retina.data.cache import converted_size
-from retina.data.images import BadImage, image_name, list_images, load_rgb
+from retina.data.cache import check_side
+from retina.data.images import BadImage, collect_images, image_name, list_images, load_rgb
 from retina.data.labels import load_labels
 from retina.heatmaps import figures, methods, scores as scoring
 from retina.model import checkpoint, released
-from retina.model.augment import centre_crop, standardise
+from retina.model.augment import centre_crop
 from retina.model.nets import is_ram_net
+from retina.model.scoring import prepare_window
 
 MASK_COVERAGE = 0.25        # share of a converted pixel a lesion must cover to count
 DELETION_SEED = 0
@@ -60,28 +60,6 @@ METHODS = tuple(methods.METHODS)
 
 # --- inputs --------------------------------------------------------------------
 
-def collect_images(specs):
-    """Image paths from folders and single files, sorted within each folder; names must be unique."""
-    found = []
-    for spec in specs:
-        path = Path(spec)
-        if path.is_dir():
-            found.extend(list_images(path))
-        elif path.is_file():
-            found.append(path)
-        else:
-            raise UserError(f'{path}: no such image or folder; pass converted images or a folder of them '
-                            f'(e.g. data/test_tiny)')
-    seen = {}
-    for path in found:
-        name = image_name(path)
-        if name in seen and seen[name] != path:
-            raise UserError(f'{seen[name]} and {path} share the name {name}, so their maps would '
-                            f'overwrite each other; rename one or pass only one of them')
-        seen[name] = path
-    return list(dict.fromkeys(found))
-
-
 def load_window(path, window_size):
     """(uint8 (3, h, w) centred window the network sees, side S of the converted image)."""
     image = load_rgb(path)
@@ -89,14 +67,8 @@ def load_window(path, window_size):
     if width != height:
         raise BadImage(f'{path}: {width}x{height} is not square, so it is not a converted image; '
                        f'convert it first (python convert.py --crop_size 128 ...)')
-    if width < max(window_size):
-        raise BadImage(f'{path}: {width} px is smaller than the network\'s {window_size[1]}x'
-                       f'{window_size[0]} input; convert it with a larger --crop_size')
-    expected = converted_size(window_size)
-    if width > expected:        # the window would be the middle of the eye only: wrong for every image
-        raise UserError(f'{path}: the image is {width} px but the net expects {expected} px (it would '
-                        f'see only the middle {max(window_size)} px); convert the photographs with '
-                        f'convert.py --crop_size {expected} into another folder')
+    check_side(width, window_size, path, f'the net ({window_size[1]}x{window_size[0]} window)',
+               too_small=BadImage)
     array = torch.from_numpy(np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy())
     return centre_crop(array, window_size).to(torch.uint8), width
 
@@ -171,16 +143,15 @@ def mask_sources(folder, photos=None):
 
 # --- the run -----------------------------------------------------------------------
 
-def load_net(config, weights_from, device, method='ram'):
-    """The `checkpoint.LoadedNet` of the config with the weights of `weights_from` (default: its
-    best-kappa weights), checked to make maps of `method`."""
+def net_for_method(config, weights_from, device, method='ram'):
+    """The `checkpoint.LoadedNet` of the config with the weights of `weights_from`
+    (`checkpoint.resolve_weights`; default: its best-kappa weights), checked to make maps of
+    `method` (before loading: a baseline config has no RAM)."""
     if method == 'ram' and not is_ram_net(config.layers):
         raise UserError(f'{config.path}: {config.name} is a baseline config (RMS-pool head) and has '
                         f'no regression activation map; use --cnf {config.name}_ram, or --method '
                         f'gradcam or layercam for this net')
-    path = (released.weights_path(weights_from) if weights_from
-            else paths.best_kappa_weights(config.name))
-    loaded = checkpoint.load_net(config, path, device)
+    loaded = checkpoint.load_net(config, weights_from, device)
     if method == 'ram':
         methods.check_ram_net(loaded.net)
     return loaded
@@ -256,15 +227,6 @@ def _batches(image_paths, batch_size, window_size, failed, bar):
         yield batch
 
 
-def network_input(windows, input_size, constants=None):
-    """Standardised input of a net from uint8 windows (N, 3, h, w), shrunk to `input_size` if larger;
-    `constants`: the net's pixel constants (LoadedNet.constants) [default: the Kaggle ones]."""
-    x = windows.float()
-    if tuple(x.shape[-2:]) != tuple(input_size):
-        x = F.interpolate(x, size=tuple(input_size), mode='bilinear', align_corners=False, antialias=True)
-    return standardise(x, constants)
-
-
 def make_maps(loaded, image_paths, output_dir, method='ram', layer=None, include_bias=False,
               fuse_with=None, per_image_scale=False, signed=False, cmap=None, alpha=figures.OPACITY,
               masks=None, photos=None, labels=None, all_levels=False, batch_size=None,
@@ -317,14 +279,14 @@ def make_maps(loaded, image_paths, output_dir, method='ram', layer=None, include
                               per_image_scale, by_label=known is not None, failed=failed,
                               legend=figures.legend(method, len(nets) == 2, per_image_scale, signed),
                               net=f'{net}, {tag}' + (', fused' if len(nets) == 2 else ''),
-                              cuts=loaded.state.get('thresholds') or FIXED_CUTS)
+                              cuts=checkpoint.level_cuts([loaded]))
     return RunSummary(written=written, by_level=by_level, failed=failed, scores=scores)
 
 
 def own_images(folder, image_paths):
     """{image name: path} of the --fuse net's own converted images in `folder`, one for each
     of `image_paths`."""
-    found = {image_name(p): p for p in collect_images([folder])}
+    found = {image_name(p): p for p in collect_images([folder], what='converted images')}
     missing = [image_name(p) for p in image_paths if image_name(p) not in found]
     if missing:
         raise UserError(f'{folder}: no image {missing[0]} (of {len(missing)} missing); --fuse_images '
@@ -343,7 +305,7 @@ def _forward(nets, batch, method, layer, include_bias, known, sources, scores, a
         if n is not nets[0] and fuse_paths is not None:   # its own conversion of the photograph
             own = torch.stack([load_window(fuse_paths[image_name(path)], n.input_size)[0]
                                for path, _, _ in batch]).to(device)
-        x = network_input(own, n.input_size, n.constants)
+        x = prepare_window(own, n.spec)
         m, p = methods.compute_maps(method, n.net, x, layer=layer if n is nets[0] else None,
                                     include_bias=include_bias)
         maps.append(m)

@@ -168,7 +168,7 @@ def bootstrap_interval(names, values, samples=BOOTSTRAP_SAMPLES, level=0.95, see
 
 # --- deletion --------------------------------------------------------------------------
 
-def blank(x, where, fill='mean', constants=None):
+def blank(x, where, fill='mean', *, constants):
     """`x` (N, 3, h, w, standardised) with the pixels where `where` (N, h, w) is True blanked.
 
     `fill` 'black' is raw 0, the photograph's surround (standardised:
@@ -179,7 +179,7 @@ def blank(x, where, fill='mean', constants=None):
         raise ValueError(f'fill must be one of {", ".join(DELETION_FILLS)}, not {fill!r}')
     value = torch.zeros(1, 3, 1, 1, device=x.device, dtype=x.dtype)
     if fill == 'black':
-        value = standardise(value, constants)
+        value = standardise(value, constants=constants)
     return torch.where(where[:, None], value, x)
 
 
@@ -192,8 +192,8 @@ def top_pixels(maps, size, fraction):
 
 
 @torch.no_grad()
-def deletion_drops(net, x, maps, fraction=DELETION_FRACTION, generator=None, fill='mean',
-                   constants=None):
+def deletion_drops(net, x, maps, fraction=DELETION_FRACTION, generator=None, fill='mean', *,
+                   constants):
     """(drop when blanking the top `fraction` of the map's pixels, drop for a random `fraction`).
 
     `maps` (N, h', w') are upsampled to the input; drops are prediction(x) -
@@ -202,15 +202,16 @@ def deletion_drops(net, x, maps, fraction=DELETION_FRACTION, generator=None, fil
     way: blobs of the same grain in random places.  Scattered single black
     pixels would be no control: they look like microaneurysms and raise
     the prediction.  `constants`: the net's pixel constants (LoadedNet.constants), which
-    standardised `x` [default: the Kaggle ones].
+    standardised `x` (none is assumed).
     """
     size = tuple(x.shape[-2:])
     random_maps = torch.rand(maps.shape, generator=generator).to(maps.device)
     net.eval()
     before = net(x)[:, 0]
-    top = before - net(blank(x, top_pixels(maps, size, fraction), fill, constants))[:, 0]
+    top = before - net(blank(x, top_pixels(maps, size, fraction), fill,
+                             constants=constants))[:, 0]
     random = before - net(blank(x, top_pixels(random_maps, size, fraction), fill,
-                                constants))[:, 0]
+                                constants=constants))[:, 0]
     return top.float().cpu().numpy(), random.float().cpu().numpy()
 
 

@@ -184,14 +184,17 @@ def broadcast_params(params, n, device='cpu'):
 _CONSTANTS = {}
 
 
-def _constant(name, device, dtype=torch.float32, constants=None):
-    """One of `constants` [default: the Kaggle ones] as a tensor on `device`, copied there once.
+def _constant(name, device, dtype=torch.float32, *, constants):
+    """One of `constants` (a net's `PixelConstants`) as a tensor on `device`, copied there once.
 
     Copying a small host array to a GPU inside the training step would make the
     host wait for the queue to drain (pageable memory): every batch would then
     pay the step's launch time on top of its GPU time.
     """
-    constants = constants or KAGGLE
+    if not isinstance(constants, PixelConstants):
+        raise ValueError(f'pixel constants needed, not {constants!r}: pass the net\'s own '
+                         f'(LoadedNet.spec.constants, or constants_for(cnf) while training); '
+                         f'none is assumed')
     key = (name, device, dtype, constants)
     if key not in _CONSTANTS:
         # float32 first: the Kaggle constants give exactly the tensors they always gave.
@@ -205,7 +208,7 @@ def _constant(name, device, dtype=torch.float32, constants=None):
     return _CONSTANTS[key]
 
 
-def place_constants(device, constants=None):
+def place_constants(device, constants):
     """Copy the constants `prepare_batch` reads to `device` now, outside compiled code.
 
     Filled from inside a compiled `prepare_batch`, the cached tensors would be outputs of
@@ -292,14 +295,14 @@ def centre_crop(images, out_size):
     return images[..., top:top + out_size[0], left:left + out_size[1]].float()
 
 
-def standardise(x, constants=None):
-    """(x − mean) / std with `constants` [default: the Kaggle ones]."""
-    mean = _constant('mean', x.device, x.dtype, constants)[None, :, None, None]
-    std = _constant('std', x.device, x.dtype, constants)[None, :, None, None]
+def standardise(x, constants):
+    """(x − mean) / std with `constants` (the net's `PixelConstants`)."""
+    mean = _constant('mean', x.device, x.dtype, constants=constants)[None, :, None, None]
+    std = _constant('std', x.device, x.dtype, constants=constants)[None, :, None, None]
     return (x - mean) / std
 
 
-def colour_shift(colour, constants=None):
+def colour_shift(colour, constants):
     """(N, 3) noise vectors c -> (N, 3) per-channel shifts U · (c ∘ EV)."""
     u = _constant('colour_u', colour.device, constants=constants)
     ev = _constant('colour_ev', colour.device, constants=constants)
@@ -307,7 +310,7 @@ def colour_shift(colour, constants=None):
 
 
 def augment_batch(images, params, out_size, dtype=torch.float32,
-                  memory_format=torch.contiguous_format, constants=None):
+                  memory_format=torch.contiguous_format, *, constants):
     """uint8 batch -> [JPEG re-encoded,] warped, standardised, colour-noised batch (the
     original order; the compression comes first, as it happens to a photograph)."""
     if 'jpeg' in params:
@@ -317,7 +320,7 @@ def augment_batch(images, params, out_size, dtype=torch.float32,
                          constants)
 
 
-def _standardised(x, shift, dtype, memory_format, constants=None):
+def _standardised(x, shift, dtype, memory_format, constants):
     """(x − mean) / std + `shift` (N × 3 or None), written once into a new `dtype` tensor laid
     out in `memory_format`.
 
@@ -330,8 +333,10 @@ def _standardised(x, shift, dtype, memory_format, constants=None):
     if shift is not None:
         offset = offset + shift.float()[:, :, None, None]
     inverse_std = _constant('inverse_std', x.device, constants=constants)[None, :, None, None]
-    if torch.compiler.is_compiling():  # dynamo cannot trace `out=` into a channels_last tensor
-        # (a graph break: two graphs and an eager op); inductor fuses this form into one kernel
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():
+        # dynamo cannot trace `out=` into a channels_last tensor (a graph break: two graphs and
+        # an eager op), inductor fuses this form into one kernel; the ONNX export (a trace)
+        # has no `out=` form of addcmul
         return torch.addcmul(offset, x, inverse_std).to(dtype).contiguous(
             memory_format=memory_format)
     out = torch.empty(x.shape, dtype=dtype, device=x.device, memory_format=memory_format)
@@ -339,11 +344,12 @@ def _standardised(x, shift, dtype, memory_format, constants=None):
 
 
 def prepare_batch(images, out_size, params=None, dtype=torch.float32,
-                  memory_format=torch.contiguous_format, constants=None):
+                  memory_format=torch.contiguous_format, *, constants):
     """The network's input: augmented when `params` is given, else the centred window; a new
     `dtype` tensor in `memory_format` (train.py: bf16 channels_last on the GPU), standardised
-    and colour-noised with `constants` (`constants_for(cnf)`; default: the Kaggle ones)."""
+    and colour-noised with `constants` (`constants_for(cnf)` while training, a loaded net's
+    `spec.constants` after: `retina.model.scoring.prepare`; never assumed)."""
     if params is None:
         return _standardised(centre_crop(images, out_size), None, dtype, memory_format,
                              constants)
-    return augment_batch(images, params, out_size, dtype, memory_format, constants)
+    return augment_batch(images, params, out_size, dtype, memory_format, constants=constants)

@@ -94,10 +94,11 @@ class BackgroundWriter:
 
 
 def load(path):
-    """Read a checkpoint safely; every problem is a UserError naming the file.  `path` may be
-    a released model's short name (models/: `released.weights_path`, checksum checked)."""
+    """Read a checkpoint safely; every problem is a UserError naming the file.  `path` is what
+    `resolve_weights` takes: a file, a run folder or a released model's short name (models/,
+    checksum checked)."""
     from retina.model import released
-    path = released.weights_path(path)
+    path = resolve_weights(path)
     if not path.is_file():
         shipped = released.names()
         raise UserError(f'{path}: weights file not found; train first (train_nn.py --cnf ...) '
@@ -213,9 +214,9 @@ def level_cuts(nets, n_iter=1):
     `retina.publish.release`) for its centred window, else 0.5, 1.5, 2.5, 3.5 (several nets averaged,
     or test-time augmentation, whose scores sit higher than the centred window's)."""
     nets = list(nets)
-    own = nets[0].state.get('thresholds') if len(nets) == 1 else None
+    own = nets[0].spec.cuts if len(nets) == 1 else None
     if own and n_iter == 1:
-        return tuple(float(c) for c in own)
+        return tuple(own)
     return FIXED_CUTS
 
 
@@ -265,17 +266,88 @@ def load_exact(model, state, source, config_name):
 
 # ---------------------------------------------------------------- a trained net, loaded
 
+SCORING_PRECISIONS = ('fp32', 'bf16')
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """What a net's input and output mean, read from its checkpoint alone: every stage that
+    feeds it (`retina.model.scoring`) prepares images from this value and nothing else, as
+    torchvision's `weights.transforms()` or timm's resolved data config do.
+
+    `size` is the converted image side S its `window` (h, w) is cut from (convert.py
+    --crop_size); `preprocessing` the look of its training images (convert.py --enhance);
+    `constants` the `augment.PixelConstants` it was trained with; `precision` the arithmetic
+    its scores (and cut-offs) are defined in, 'fp32' unless a caller asks otherwise; `cuts`
+    its own level cut-offs for the centred window (a released net's, fitted on its
+    validation photographs), or None."""
+    window: tuple
+    size: int
+    preprocessing: str
+    constants: object
+    precision: str = 'fp32'
+    cuts: tuple = None
+
+    def __post_init__(self):
+        if self.constants is None:
+            raise ValueError('an InputSpec needs the pixel constants the net was trained with '
+                             '(augment.constants_for(cnf) of its checkpoint\'s config)')
+        if self.precision not in SCORING_PRECISIONS:
+            raise ValueError(f'precision must be one of {", ".join(SCORING_PRECISIONS)}, '
+                             f'not {self.precision!r}')
+
+    @classmethod
+    def of_config(cls, config, preprocessing='none', cuts=None, window=None):
+        """The spec of a net of `config` (a net being trained, or a checkpoint's own resolved
+        config): its window [or `window`], the converted size, its pixel constants."""
+        from retina.data.cache import converted_size
+        from retina.model.augment import constants_for
+        window = tuple(int(v) for v in (window or config.input_size))
+        return cls(window=window, size=converted_size(window), preprocessing=preprocessing,
+                   constants=constants_for(config.cnf),
+                   cuts=tuple(float(c) for c in cuts) if cuts else None)
+
+    @classmethod
+    def of_state(cls, state, path='the checkpoint', window=None):
+        """The spec a checkpoint (`load`'s dict) describes: its own config's window [or
+        `window`: the net it is loaded as] and constants, the look it records, its cut-offs if
+        it carries them."""
+        from retina.data import preprocess
+        preprocessing = state.get('preprocessing', 'none')
+        if preprocessing not in preprocess.PREPROCESSING:
+            raise UserError(f'{path}: trained on images preprocessed with {preprocessing!r}, '
+                            f'which this version does not know '
+                            f'({", ".join(preprocess.PREPROCESSING)})')
+        return cls.of_config(config_of(state), preprocessing, state.get('thresholds'),
+                             window)
+
+    def as_dict(self):
+        """Plain values (JSON, a checkpoint entry); `from_dict` reads them back."""
+        return dict(window=list(self.window), size=self.size, preprocessing=self.preprocessing,
+                    constants=dataclasses.asdict(self.constants), precision=self.precision,
+                    cuts=list(self.cuts) if self.cuts else None)
+
+    @classmethod
+    def from_dict(cls, values):
+        from retina.model.augment import constants_for
+        constants = values['constants']
+        return cls(window=tuple(values['window']), size=int(values['size']),
+                   preprocessing=values['preprocessing'], constants=constants_for(constants),
+                   precision=values['precision'],
+                   cuts=tuple(float(c) for c in values['cuts']) if values.get('cuts') else None)
+
+
 @dataclasses.dataclass(frozen=True)
 class LoadedNet:
     """A trained net as every stage after training uses it (transform.py, ram.py, predict.py,
-    the ONNX export, the release): the module and what its checkpoint says about its input.
-    Nothing is read off the module: a stage that needs the pixel constants or the look of
-    the training images asks this value, so none can fall back to a default by a typo."""
+    the ONNX export, the release): the module and its `InputSpec`, what its checkpoint says
+    about its input and output.  Nothing is read off the module: a stage that needs the pixel
+    constants, the look of the training images or the cut-offs asks `spec`, so none can fall
+    back to a default by a typo."""
     config: object          # the config the net was built from (its run's own, or the named one)
     net: torch.nn.Module    # in eval mode, on the device it was loaded to
     weights: Path           # the file it came from
-    preprocessing: str      # how its training images were prepared (convert.py --enhance)
-    constants: object       # augment.PixelConstants: the mean, std and colour PCA it trained with
+    spec: InputSpec         # its input (window, converted size, look, constants) and cut-offs
     state: dict             # the checkpoint's other entries (epoch, feature_stats, thresholds...)
 
     @property
@@ -288,8 +360,18 @@ class LoadedNet:
         return self.state.get('config_name')
 
     @property
+    def preprocessing(self):
+        """How its training images were prepared (convert.py --enhance)."""
+        return self.spec.preprocessing
+
+    @property
+    def constants(self):
+        """augment.PixelConstants: the mean, std and colour PCA it trained with."""
+        return self.spec.constants
+
+    @property
     def input_size(self):
-        return tuple(self.net.input_size)
+        return tuple(self.spec.window)
 
     @property
     def hold_out(self):
@@ -305,31 +387,46 @@ class LoadedNet:
         return dataclasses.replace(self, net=self.net.to(device))
 
 
-def load_net(config, weights_path, device='cpu'):
-    """`LoadedNet` of the checkpoint `weights_path` (a file or a released model's name) for
-    `config`, in eval mode on `device`.
+def resolve_weights(weights_from=None, config_name=None):
+    """The weights file of `weights_from`: a released model's short name (models/, checksum
+    checked), a checkpoint file, or a run folder (its best-kappa weights); without it, the
+    best-kappa weights of `config_name` (weights/CNF/weights.pt).  The one resolver every
+    script uses."""
+    from retina.core import paths
+    from retina.model import released
+    if weights_from:
+        path = Path(weights_from)
+        if path.is_dir():  # a run folder: weights/CNF/ or a --run_dir
+            return paths.best_kappa_in(path)
+        return released.weights_path(weights_from)
+    if not config_name:
+        raise UserError('no weights named: pass --weights_from WEIGHTS (a checkpoint, a run '
+                        'folder or a released model such as eyepacs-256) or --cnf CONFIG')
+    return paths.best_kappa_weights(config_name)
+
+
+def load_net(config, weights_from=None, device='cpu'):
+    """`LoadedNet` of the checkpoint `weights_from` (`resolve_weights`: a released model's
+    name, a file, a run folder; default: `config`'s best-kappa weights) for `config` (a
+    Config, or its name or path), in eval mode on `device`.
 
     The net is rebuilt from the checkpoint's own resolved config when it was trained under
     `config`'s name, so weights stay usable after the config module is edited; weights of
-    another config must fit this one's layers exactly.  Its pixel constants are those it was
-    trained with, whatever name it is loaded under: the named config's would standardise the
-    images unlike training.
+    another config must fit this one's layers exactly.  Its input spec (pixel constants,
+    look, cut-offs) is the one it was trained with, whatever name it is loaded under: the
+    named config's constants would standardise the images unlike training.
     """
-    from retina.data import preprocess
-    from retina.model import released
-    from retina.model.augment import constants_for
-    weights_path = released.weights_path(weights_path)
+    if isinstance(config, (str, Path)):
+        config = config_module.load(config)
+    weights_path = resolve_weights(weights_from, config.name)
     state = load(weights_path)
     own = config_of(state)
     built = own if state.get('config_name') == config.name else config
     model = build_uninitialised(built)
     load_exact(model, state, weights_path, config.name)
-    preprocessing = state.get('preprocessing', 'none')
-    if preprocessing not in preprocess.PREPROCESSING:
-        raise UserError(f'{weights_path}: trained on images preprocessed with {preprocessing!r}, '
-                        f'which this version does not know ({", ".join(preprocess.PREPROCESSING)})')
+    spec = InputSpec.of_state(state, weights_path, window=built.input_size)
     return LoadedNet(config=built, net=model.to(device).eval(), weights=Path(weights_path),
-                     preprocessing=preprocessing, constants=constants_for(own.cnf),
+                     spec=spec,
                      state={k: v for k, v in state.items() if k not in ('model', 'optimizer')})
 
 

@@ -77,10 +77,12 @@ class FeatureStats:
                    threshold=float(state['threshold']))
 
 
-def centred_features(model, images, rows, config, runtime):
+def centred_features(model, images, rows, spec, runtime, batch_size):
     """The pooled features (N × F, float64) of `images[rows]` (a uint8 cache) on the centred
-    window, as predict.py computes them for a photograph (`inference.predict`)."""
-    return predict(model, images, rows, config, runtime, features=True).astype(np.float64)
+    window of `spec` (the net's `checkpoint.InputSpec`), as predict.py computes them for a
+    photograph (`inference.predict`)."""
+    return predict(model, images, rows, spec, runtime, batch_size,
+                   features=True).astype(np.float64)
 
 
 def attach_feature_stats(path, images, train_rows, valid_rows, runtime, levels=None):
@@ -89,10 +91,13 @@ def attach_feature_stats(path, images, train_rows, valid_rows, runtime, levels=N
     write them into the checkpoint (its `feature_stats`)."""
     state = checkpoint.load(path)
     config = checkpoint.config_of(state)
-    model = checkpoint.load_net(config, path, runtime.device).net.to(
-        memory_format=torch.channels_last)
-    stats = FeatureStats.fit(centred_features(model, images, train_rows, config, runtime),
-                             centred_features(model, images, valid_rows, config, runtime),
+    loaded = checkpoint.load_net(config, path, runtime.device)
+    model = loaded.net.to(memory_format=torch.channels_last)
+    batch_size = runtime.eval_batch_size(config.cnf)
+    stats = FeatureStats.fit(centred_features(model, images, train_rows, loaded.spec, runtime,
+                                              batch_size),
+                             centred_features(model, images, valid_rows, loaded.spec, runtime,
+                                              batch_size),
                              train_levels=None if levels is None else np.asarray(levels)[train_rows])
     state = dict(state, model={k: v.clone() for k, v in state['model'].items()},
                  feature_stats=stats.to_state())

@@ -12,7 +12,8 @@ no knowledge of the training constants:
   448-px nets; then the net's preprocessing, e.g. --enhance local_contrast,
   if it was trained on that);
 - inside the graph: the centred h × w window, standardisation with the
-  training channel means and standard deviations, the net;
+  training channel means and standard deviations (`retina.model.scoring.prepare`, as every
+  stage prepares a net's input), the net;
 - output `score`: float32, N, the continuous level, cut into levels 0-4 at the
   metadata's `retina.level_cuts` (the net's own cut-offs when it carries them, as
   predict.py and ram.py cut it; else 0.5 … 3.5);
@@ -37,7 +38,8 @@ from retina.core.errors import UserError, handle_errors
 from retina.core.options import (CONTEXT_SETTINGS, TRAINED_AS, cnf_option, crop_size_option,
                                  output_file_option, weights_option)
 from retina.heatmaps.methods import ram_of_activations
-from retina.model.augment import KAGGLE, centre_offsets
+from retina.model import scoring
+from retina.model.augment import place_constants
 
 OPSET = 17
 TOLERANCE = 1e-4        # fp32: the largest difference `check` accepts
@@ -45,27 +47,25 @@ CHECK_IMAGES = 8        # images `check` compares at most
 
 
 class ExportedNet(nn.Module):
-    """uint8 N × S × S × 3 converted images -> score (N,) [, RAM maps (N, h', w')]."""
+    """uint8 N × S × S × 3 converted images -> score (N,) [, RAM maps (N, h', w')].
 
-    def __init__(self, net, crop_size, with_ram, constants=None):
+    The input is prepared inside the graph by `retina.model.scoring.prepare`, the one path of
+    every stage: the centred window of the net's input spec, standardised with its constants
+    (constants of the graph, like the weights)."""
+
+    def __init__(self, net, spec, with_ram, crop_size=None):
         super().__init__()
+        if spec is None:
+            raise ValueError('ExportedNet needs the net\'s input spec (LoadedNet.spec): its '
+                             'window and the pixel constants it was trained with')
         self.net = net
-        self.crop_size = crop_size
+        self.spec = spec
+        self.crop_size = crop_size or spec.size
         self.with_ram = with_ram
-        height, width = net.input_size
-        self.top, self.left = centre_offsets((crop_size, crop_size), (height, width))
-        self.height, self.width = height, width
-        # Buffers, so the constants are part of the graph like the weights: the net's own
-        # (those it was trained with, checkpoint.LoadedNet.constants), else the Kaggle ones.
-        constants = constants or KAGGLE
-        for name in ('mean', 'std'):
-            values = np.asarray(getattr(constants, name), np.float32)
-            self.register_buffer(name, torch.tensor(values).view(1, 3, 1, 1))
+        self.height, self.width = spec.window
 
     def forward(self, image):
-        x = image.permute(0, 3, 1, 2).float()
-        x = x[:, :, self.top:self.top + self.height, self.left:self.left + self.width]
-        x = (x - self.mean) / self.std
+        x = scoring.prepare(image.permute(0, 3, 1, 2), self.spec, precision='fp32')
         maps = None
         for name, module in self.net.named_children():
             x = module(x)
@@ -80,11 +80,12 @@ class ExportedNet(nn.Module):
 def export(grader, output):
     """Write `grader`'s net as ONNX to `output`; returns the wrapped module (for `check`)."""
     from retina.core import atomic
-    wrapped = ExportedNet(grader.net.cpu().eval(), grader.crop_size, grader.is_ram,
-                          grader.constants).eval()
+    wrapped = ExportedNet(grader.net.cpu().eval(), grader.spec, grader.is_ram,
+                          grader.crop_size).eval()
     example = torch.zeros(2, grader.crop_size, grader.crop_size, 3, dtype=torch.uint8)
     outputs = ['score', 'ram'] if grader.is_ram else ['score']
     axes = {'image': {0: 'batch'}, **{name: {0: 'batch'} for name in outputs}}
+    place_constants('cpu', grader.spec.constants)  # made before the trace, not inside it
     with atomic.atomic_path(output) as tmp, torch.no_grad(), warnings.catch_warnings():
         # The TorchScript-based exporter: deprecated since torch 2.9 but complete for these
         # plain feed-forward nets, and it needs no onnxscript (the new exporter does).
@@ -109,8 +110,8 @@ def metadata(grader, wrapped):
             'retina.preprocessing': grader.preprocessing,
             'retina.crop_size': str(grader.crop_size),
             'retina.window': f'{wrapped.height}x{wrapped.width}',
-            'retina.mean': ','.join(f'{v:.6g}' for v in wrapped.mean.flatten().tolist()),
-            'retina.std': ','.join(f'{v:.6g}' for v in wrapped.std.flatten().tolist()),
+            'retina.mean': ','.join(f'{v:.6g}' for v in wrapped.spec.constants.mean),
+            'retina.std': ','.join(f'{v:.6g}' for v in wrapped.spec.constants.std),
             'retina.level_cuts': ','.join(f'{c:.6g}' for c in checkpoint.level_cuts(
                 [grader.loaded])),
             'retina.input': ('uint8 N x crop_size x crop_size x 3 RGB: the photograph cropped '
@@ -140,10 +141,11 @@ def check_images(grader, sources, limit=CHECK_IMAGES):
     """(N, S, S, 3) uint8 converted images of up to `limit` photographs of `sources` (files or
     folders), prepared exactly as predict.py prepares them, and their names."""
     from retina.data.images import BadImage
-    from retina.grade.predict import collect_photos, prepare_photo
+    from retina.data.images import collect_images
+    from retina.grade.photos import prepare_photo
     key = (grader.crop_size, grader.preprocessing)
     images, names = [], []
-    for path in collect_photos(sources):
+    for path in collect_images(sources, keep_odd_names=True, what='photographs'):
         try:
             photo = prepare_photo(path, {key})
         except BadImage as error:
@@ -196,7 +198,7 @@ def main(cnf, weights_from, output, crop_size, check_sources, no_check):
     standardisation and centred window inside, outputs score (N) and, for RAM nets,
     ram (N×h'×w').  Then check it against torch with onnxruntime and print the
     largest absolute difference (exit 1 above 1e-4)."""
-    from retina.grade.predict import load_grader
+    from retina.grade.grader import load_grader
     from retina.model import released
     from retina.model.checkpoint import config_name
     released.check_not_released(output, '--output')

@@ -44,23 +44,15 @@ def slim(state):
 
 def centred_scores(config_name, weights, folder, image_paths):
     """The net's output on the centred window of each converted image (fp32, as predict.py)."""
-    import torch
-
-    from retina.core.runtime import Runtime
-    from retina.data import cache
-    from retina.model import config as config_module
-    from retina.model.inference import predict
-    loaded = checkpoint.load_net(config_module.load(config_name), weights, 'cpu')
-    images = cache.load_images(image_paths, progress=False)
-    cache.check_size(images, loaded.config.input_size, folder, config_name)
-    return predict(loaded.net, images, np.arange(len(images)), loaded.config,
-                   Runtime(torch.device('cpu')))
+    from retina.model.inference import centred_scores as scores_of
+    return scores_of(checkpoint.load_net(config_name, weights, 'cpu'), image_paths, folder)
 
 
 def graded_raw(config_name, weights, folder):
     """({photo name: score}, {photo name: gradable}, labels) of predict.py's path on the
     labelled photographs of `folder`/train."""
-    from retina.grade.predict import grade, load_grader
+    from retina.grade.grader import load_grader
+    from retina.grade.predict import grade
     labels = load_labels(folder / 'trainLabels.csv')
     photos = sorted(p for p in (folder / 'train').iterdir() if image_name(p) in labels)
     result = grade([load_grader(config_name, weights)], photos, progress=True)

@@ -33,6 +33,7 @@ from retina.core.runtime import (CUDA_GRAPHS, Runtime, batches, check_cuda_graph
 from retina.data import cache, preprocess
 from retina.data.labels import balanced_sample, held_out, labelled_images, split_indices
 from retina.model import checkpoint
+from retina.model.checkpoint import InputSpec
 from retina.model.augment import constants_for, place_constants, prepare_batch, random_params
 from retina.model.config import lr_for_epoch
 from retina.model.inference import predict
@@ -130,7 +131,8 @@ def evaluate(model, images, levels, indices, config, runtime, cuda_graphs=False)
     if len(indices) == 0:
         return dict(valid_loss=float('nan'), valid_kappa=float('nan'))
     mine = indices[runtime.rank::runtime.world]
-    predictions = predict(model, images, mine, config, runtime, cuda_graphs=cuda_graphs)
+    predictions = predict(model, images, mine, InputSpec.of_config(config), runtime,
+                          runtime.eval_batch_size(config.cnf), cuda_graphs=cuda_graphs)
     if runtime.distributed:
         gathered = [None] * runtime.world
         dist.all_gather_object(gathered, (mine, predictions))
