@@ -205,6 +205,8 @@ TESTED_IN = {
     'retina.blend.reports': 'test_blend.py',
     'retina.blend.submission': 'test_predict.py',
     'retina.blend.net': 'test_blend.py',
+    'retina.grade.grader': 'test_predict.py',
+    'retina.grade.photos': 'test_predict.py',
     'retina.heatmaps': 'test_predict.py',
     'retina.heatmaps.methods': 'test_ram.py',
     'retina.heatmaps.figures': 'test_ram.py',
