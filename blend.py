@@ -12,6 +12,7 @@ The work is done by retina.blend.blending.run_blend; see its docstring.
 import click
 
 from retina.blend import blending as blend
+from retina.blend import files as blend_files
 from retina.blend import fitting
 from retina.core import paths
 from retina.core.errors import UserError, handle_errors
@@ -45,7 +46,7 @@ from retina.model import config as config_module
                    '[default: blend.yml, used when neither --features_file nor --cnf is given]')
 @test_dir_option('The images the submission must cover.',
                  default_text=f'the config\'s test_dir with --cnf, else '
-                              f'{blend.DEFAULT_TEST_DIR}; if the default folder is missing, the '
+                              f'{blend_files.DEFAULT_TEST_DIR}; if the default folder is missing, the '
                               'test feature names are used')
 @labels_option(f'the training labels [default: the config\'s labels with --cnf, else '
                f'{paths.LABELS_FILE}].')
@@ -60,8 +61,8 @@ from retina.model import config as config_module
 @click.option('--scores', is_flag=True,
               help='With --predict: add a third column, score, with each image\'s continuous '
                    'prediction (the runs averaged) before it is cut into a level.')
-@click.option('--fit_on', type=click.Choice(blend.FIT_ON), default='unseen', show_default=True,
-              help=blend.FIT_ON_HELP)
+@click.option('--fit_on', type=click.Choice(fitting.FIT_ON), default='unseen', show_default=True,
+              help=fitting.FIT_ON_HELP)
 @click.option('--no_pictures', is_flag=True,
               help='Do not draw the validation confusion matrices (by default each is written '
                    'as data/blend/RUN_confusion.png beside its printout).')
@@ -75,7 +76,7 @@ def main(cnf, predict, per_patient, features_file, n_iter, blend_cnf, test_dir, 
     if scores and not predict:
         raise UserError('--scores adds a column to the submission: use it with --predict')
     config = config_module.load(cnf) if cnf else None
-    runs = blend.runs_from_options(features_file, blend_cnf, config.name if config else None)
+    runs = blend_files.runs_from_options(features_file, blend_cnf, config.name if config else None)
     result = blend.run_blend(
         runs,
         labels_file=labels or (config.cnf['labels'] if config else paths.LABELS_FILE),

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from retina.core import metrics  # noqa: E402
-from retina.data.datasets import (HARMLESS, NORMAL, ODIR_STAGES, _odir_eyes, _Snapshot,  # noqa: E402
+from retina.data.datasets import (HARMLESS, NORMAL, _odir_eyes, _Snapshot,  # noqa: E402
                                   odir_level)
 from retina.data.labels import held_out  # noqa: E402
 

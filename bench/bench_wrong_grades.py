@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / 'bench'))
 
 from report import cpu_model, replace_section, today  # noqa: E402
 
-from retina.core.paths import IMAGE_EXTENSIONS, patient_and_eye  # noqa: E402
+from retina.core.paths import IMAGE_EXTENSIONS  # noqa: E402
 from retina.data.labels import held_out, load_labels  # noqa: E402
 
 SHARED = REPO.parent / 'shared' / 'data'

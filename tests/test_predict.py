@@ -371,7 +371,7 @@ def test_blend_saved_by_blend_py_gives_predict_the_submission_levels(workdir, sy
         graded[folder] = {r['image']: r for r in json.loads(result.stdout)['images']}
         if folder == 'with_black':
             assert graded[folder][pair]['gradable'] == 'no'
-            assert f'graded alone, their partner being ungradable' in result.stderr
+            assert 'graded alone, their partner being ungradable' in result.stderr
             assert f'{partner} (partner {pair})' in result.stderr
     assert abs(graded['with_black'][partner]['blend'] - graded['alone'][partner]['blend']) < 1e-6
     assert graded['with_black'][partner]['level'] == graded['alone'][partner]['level']

@@ -29,9 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from retina.blend import fitting
-from retina.blend.files import DEFAULT_TEST_DIR, runs_from_options  # noqa: F401 (blend.py's)
 from retina.blend.files import check_runs, load_run, reorder_rows, runs_hold_out
-from retina.blend.fitting import FIT_ON, FIT_ON_HELP  # noqa: F401 (blend.py's options)
 from retina.blend.reports import (FIXED_THRESHOLDS, echo_report, echo_test, format_cuts,
                                   note_lone_eyes, test_report, validation_report)
 from retina.blend.submission import submission_path, submit
