@@ -2,14 +2,12 @@
 """Extract test-time-augmented features of a trained net for blend.py."""
 import click
 
-from retina.core import paths
 from retina.core.errors import handle_errors
 from retina.core.options import (CONTEXT_SETTINGS, PRECISION_AUTO_FEATURES, TRAINED_AS,
                                  batch_size_option, cnf_option, compile_option, device_option,
                                  no_progress_option, precision_option, test_dir_option,
                                  train_dir_option, tta_iterations_option, weights_option)
 from retina.model import config as config_module
-from retina.model import released
 from retina.model.augment import TTA_SEQUENCES, TTA_SEQUENCE_HELP
 
 

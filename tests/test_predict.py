@@ -373,7 +373,9 @@ def test_blend_saved_by_blend_py_gives_predict_the_submission_levels(workdir, sy
             assert graded[folder][pair]['gradable'] == 'no'
             assert 'graded alone, their partner being ungradable' in result.stderr
             assert f'{partner} (partner {pair})' in result.stderr
-    assert abs(graded['with_black'][partner]['blend'] - graded['alone'][partner]['blend']) < 1e-6
+    # the same blend as alone: a black partner's features would move it by far more than
+    # the float32 rounding of a batch of two photographs against a batch of one (~4e-6)
+    assert abs(graded['with_black'][partner]['blend'] - graded['alone'][partner]['blend']) < 1e-4
     assert graded['with_black'][partner]['level'] == graded['alone'][partner]['level']
 
     from retina.grade.grader import LoadedBlend, load_grader
