@@ -170,7 +170,7 @@ def main(labels, sources, unseen, graders, hold_out, work, note, write):
             f'photographs of patients no net trained, validated or was tuned on (the test split '
             f'at --hold_out {hold_out}, or patients nowhere in the training labels).  Kappa of '
             f"predict.py's level on the photographs it calls gradable; 95% intervals resample "
-            f'patients.  `python bench/bench_shipped.py` ({today()}, {cpu_model()}, '
+            f'patients.  `python bench/bench_shipped.py {shlex.join(sys.argv[1:])}` ({today()}, {cpu_model()}, '
             f'{time.perf_counter() - started:.0f} s).\n\n{commands}\n\n{body}\n'))
 
 
