@@ -20,6 +20,7 @@ from retina.core.options import (CONTEXT_SETTINGS, batch_size_option, cnf_option
                                  output_file_option, per_patient_option, save_maps_option,
                                  tta_iterations_option, weights_option)
 from retina.heatmaps import METHOD_HELP, METHOD_NAMES
+from retina.model import released
 
 DEFAULT_CNF = 'c_512_5x5_32_ram'
 
@@ -36,12 +37,18 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
                 "a released model's name (its checksum checked) needs no --cnf.", multiple=True)
 @tta_iterations_option('Per net: its score is its output averaged over them.')
 @click.option('--blend', 'blend_file', type=click.Path(dir_okay=False),
-              help='A blend saved by blend.py --predict (data/sub_..._blend.pt): adds its score '
-                   '(column blend) and its level replaces the mean\'s. Its features are computed '
-                   'with the TTA iterations it was fitted on; its nets are used when no --cnf is '
-                   'given.')
+              help='A blend saved by blend.py --predict (data/sub_..._blend.pt), or a released '
+                   'chain\'s name (models/index.json: its nets are the released ones, per patient '
+                   'if it was fitted so): adds its score (column blend) and its level replaces '
+                   'the mean\'s. Its features are computed with the TTA iterations it was fitted '
+                   'on; its nets are used when no --cnf is given.')
 @per_patient_option('Apply one fitted by blend.py --per_patient (needs --blend): the eyes of a '
                     'patient among the photographs are blended together.')
+@click.option('--fast', is_flag=True,
+              help='When the released default is a chain (nets, their TTA and a per-patient '
+                   'blend): grade with its fast net alone, on the centred window (about 20 '
+                   'times less work per photograph, a weaker grader: its card says by how '
+                   'much).  Without a chain default it changes nothing.')
 @click.option('--heatmap', 'heatmap_dir', type=click.Path(file_okay=False),
               help='Write the heat map of each net over each uncropped photograph to this '
                    'folder ({image}_{method}_{cnf}.png; the outline is the net\'s window), made, '
@@ -85,7 +92,7 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
 @device_option()
 @no_progress_option()
 @handle_errors()
-def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir, method, layer,
+def main(images, cnf, weights_from, n_iter, blend_file, per_patient, fast, heatmap_dir, method, layer,
          fuse_cnf, fuse_weights, save_maps, report, output, as_json, crop_size, batch_size, grade_anyway,
          check_stability, device, no_progress):
     """Grade IMAGES (photographs, or folders of them: .jpeg, .jpg, .png, .tif, .tiff) on the
@@ -119,18 +126,28 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     if (fuse_cnf or fuse_weights) and not heatmap_dir:
         raise UserError('--fuse fuses a second net\'s map into the --heatmap maps: add --heatmap '
                         'DIR')
-    if per_patient and not blend_file:
-        raise UserError('--per_patient applies a fitted per-patient blend: pass --blend '
-                        'data/sub_..._blend.pt (written by blend.py --per_patient --predict)')
     if weights_from and cnf and len(weights_from) != len(cnf):
         raise UserError(f'{len(weights_from)} --weights_from for {len(cnf)} --cnf; give one '
                         f'--weights_from per --cnf, in the same order, or none')
+    if fast and (cnf or weights_from or blend_file):
+        raise UserError('--fast grades with the released default chain\'s fast net; it does '
+                        'not go with --cnf, --weights_from or --blend (name the net instead)')
+    chain_nets = None  # the released nets of a released chain
+    if blend_file is None and not (cnf or weights_from):
+        blend_file, chain_nets = default_grader(fast)
+    elif blend_file is not None and released.is_chain(blend_file):
+        blend_file, chain_nets, _ = released.chain(blend_file)
+    if per_patient and not blend_file:
+        raise UserError('--per_patient applies a fitted per-patient blend: pass --blend '
+                        'data/sub_..._blend.pt (written by blend.py --per_patient --predict)')
     # a wrong path fails now, before the nets are loaded
     photos = collect_images(images, keep_odd_names=True, what='photographs')
     check_outputs(images, photos, output, heatmap_dir, weights_from, blend_file)
     if output != '-':
         atomic.check_writable(output)
     blend = LoadedBlend(blend_file) if blend_file else None
+    if chain_nets is not None and blend is not None:
+        per_patient = blend.per_patient  # a released chain is applied as it was fitted
     if blend is not None and blend.per_patient != per_patient:
         raise UserError(f'{blend_file}: fitted {"with" if blend.per_patient else "without"} '
                         f'--per_patient; {"add" if blend.per_patient else "drop"} --per_patient')
@@ -139,6 +156,8 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
         nets = list(zip(cnf, weights_from or [None] * len(cnf)))
     elif weights_from:  # each checkpoint names its own config (a released model's too)
         nets = [(trained_config(w), w) for w in weights_from]
+    elif chain_nets is not None:
+        nets = [(c, str(w)) for c, w in chain_nets]
     elif blend is not None:
         nets = blend.nets()
     else:
@@ -165,7 +184,7 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, heatmap_dir
     if report:
         from retina.grade.report import write_report
         write_report(report, result, photos, [g.weights for g in graders] +
-                     ([fuse.weights] if fuse else []), command=' '.join(['predict.py', *sys.argv[1:]]))
+                     ([blend.path] if blend else []) + ([fuse.weights] if fuse else []), command=' '.join(['predict.py', *sys.argv[1:]]))
         click.echo(f'wrote {report} (its pictures in {files_folder(report)})', err=True)
     note = ungradable_note(result, grade_anyway)
     if note:
@@ -200,7 +219,8 @@ def trained_config(weights):
 
 def default_net():
     """(config, weights) to grade with when none are named: DEFAULT_CNF's trained weights if
-    this folder has them, else the released default model (said once on stderr)."""
+    this folder has them, else the released default model's (its fast net for a chain; said
+    once on stderr)."""
     from retina.core import paths
     from retina.model import released
     if paths.best_kappa_weights(DEFAULT_CNF).is_file():
@@ -210,9 +230,34 @@ def default_net():
         return DEFAULT_CNF, None  # its 'weights file not found' error says what to do
     name, config_name, path = shipped
     card = released.default_folder() / released.index()['models'][name]['card']
+    fast = released.is_chain(name)
     click.echo(f'note: no trained weights in {paths.best_kappa_weights(DEFAULT_CNF).parent}; '
-               f'grading with the released model {name} ({config_name}; see {card})', err=True)
+               f'grading with the released model {name}'
+               + (f"'s fast net {released.identify(path)[0]}" if fast else '')
+               + f' ({config_name}; see {card})', err=True)
     return config_name, str(path)
+
+
+def default_grader(fast):
+    """(blend file, [(config, weights)] of its nets) of the released default when it is a chain
+    and neither --fast nor this folder's trained DEFAULT_CNF weights say otherwise; else
+    (None, None): grade with `default_net`."""
+    from retina.core import paths
+    from retina.model import released
+    if fast or paths.best_kappa_weights(DEFAULT_CNF).is_file():
+        return None, None
+    if not (released.default_folder() / released.INDEX_NAME).is_file():
+        return None, None  # default_net says the folder is missing
+    name = released.index()['default']
+    if not name or not released.is_chain(name):
+        return None, None
+    blend_file, nets, _ = released.chain(name)
+    entry = released.index()['models'][name]
+    click.echo(f'note: no trained weights in {paths.best_kappa_weights(DEFAULT_CNF).parent}; '
+               f'grading with the released chain {name} ({" + ".join(entry["nets"])}, blended; '
+               f'see {released.default_folder() / entry["card"]}); --fast grades with '
+               f'{entry["fast"]} alone', err=True)
+    return blend_file, nets
 
 
 if __name__ == '__main__':

@@ -35,17 +35,26 @@ def test_every_released_file_passes_its_checksum_and_grades_a_photo(name, synthe
                                                                      tmp_path):
     entry = SHIPPED['models'][name]
     path = released.verified(name, released.MODELS_DIR)
+    env = {released.MODELS_DIR_VARIABLE: str(released.MODELS_DIR)}
+    photo = sorted((synthetic_source / 'train').iterdir())[0]
+    if 'nets' in entry:  # a chain: its card, and its blend grades over its nets
+        card = (released.MODELS_DIR / entry['card']).read_text()
+        assert entry['sha256'] in card and 'Not a medical device' in card
+        result = run_script('predict.py', photo, '--blend', name, '--json', '--no_progress',
+                            '--grade_anyway', cwd=tmp_path, env=env)
+        graded = json.loads(result.stdout)
+        assert [n['model'] for n in graded['nets']] == entry['nets']
+        assert graded['images'][0]['level'] in range(5)
+        return
     state = checkpoint.load(path)
     assert state['config_name'] == entry['config']
     assert state['config']['cnf'].get('hold_out'), 'card figures need a held-out test split'
     assert 'optimizer' not in state or state['optimizer'] is None
     card = (released.MODELS_DIR / entry['card']).read_text()
     assert entry['sha256'] in card and 'Not a medical device' in card
-    photo = sorted((synthetic_source / 'train').iterdir())[0]
     # --grade_anyway: the file grades (a synthetic photograph may be called ungradable)
     result = run_script('predict.py', photo, '--weights_from', name, '--json', '--no_progress',
-                        '--grade_anyway', cwd=tmp_path,
-                        env={released.MODELS_DIR_VARIABLE: str(released.MODELS_DIR)})
+                        '--grade_anyway', cwd=tmp_path, env=env)
     graded = json.loads(result.stdout)
     assert graded['nets'][0]['config'] == entry['config']
     assert graded['images'][0]['level'] in range(5)
@@ -281,3 +290,103 @@ def test_refitting_a_released_models_feature_statistics_keeps_it_whole(release, 
     for key, value in before['model'].items():
         assert torch.equal(after['model'][key], value), key
     assert after.get('thresholds') == before.get('thresholds')
+
+
+# ---------------------------------------------------------------- a released chain
+
+@pytest.fixture(scope='module')
+def chain(release, synthetic_source, tmp_path_factory):
+    """tiny-128's 2-view TTA features blended per patient by blend.py's run_blend, released as
+    the chain tiny-chain (the default) into a copy of the models folder; (workdir, models
+    folder, the blend's submission {image: (level, score)})."""
+    from retina.blend.blending import run_blend
+    from retina.features.extract import extract_features
+    from retina.model import config as config_module
+    work, models, _ = release
+    chain_work = tmp_path_factory.mktemp('chain')
+    shutil.copytree(work / 'data', chain_work / 'data', ignore=shutil.ignore_patterns('cache'))
+    shipped = chain_work / 'shipped'
+    shutil.copytree(models, shipped)
+    data, files = chain_work / 'data', []
+    # lossless, so that the submission's features are those predict.py computes from the photos
+    from retina.data.conversion import convert_folder
+    convert_folder(synthetic_source / 'test', data / 'test_lossless', 128, 'tiff', n_proc=1,
+                   progress=False)
+    config = config_module.load('c_128_5x5_32_ram')
+    loaded = checkpoint.load_net(config, shipped / 'tiny-128.pt')
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(chain_work)
+        for split, folder in (('train', data / 'train_tiny'), ('test', data / 'test_lossless')):
+            made = extract_features(config, loaded, folder, split, n_iter=2, progress=False,
+                                    echo=lambda *a: None, weights=str(shipped / 'tiny-128.pt'))
+            files += [made['mean'], made['std']] if split == 'train' else []
+        result = run_blend({'features': files}, labels_file=data / 'trainLabels.csv',
+                           per_patient=True, predict=True, test_dir=data / 'test_lossless',
+                           optimize_thresholds=True, output=data / 'sub.csv', scores=True,
+                           pictures=False, echo=lambda *a: None)
+    (chain_work / 'figures.md').write_text('| test split | 1.0 |\n')
+    made = run_release('tiny-chain', '--chain', 'tiny-128', '--blend',
+                       result.submission.fitted_blend, '--figures', 'figures.md', '--models_dir',
+                       shipped, '--default', '--summary', 'a test chain', cwd=chain_work)
+    assert made.returncode == 0, made.stderr
+    lines = (data / 'sub.csv').read_text().split()[1:]
+    submission = {n: (int(level), float(score))
+                  for n, level, score in (line.split(',') for line in lines)}
+    return chain_work, shipped, submission
+
+
+def test_release_writes_a_chain_of_released_nets_with_its_blend_and_card(chain):
+    work, models, _ = chain
+    index = json.loads((models / 'index.json').read_text())
+    entry = index['models']['tiny-chain']
+    assert index['default'] == 'tiny-chain'
+    assert entry['nets'] == ['tiny-128'] and entry['fast'] == 'tiny-128'
+    assert released.sha256_of(models / entry['file']) == entry['sha256']
+    card = (models / entry['card']).read_text()
+    assert 'a test chain' in card and '| test split | 1.0 |' in card and '2 views' in card
+    assert released.chain('tiny-chain', models)[1] == [('c_128_5x5_32_ram',
+                                                        models / 'tiny-128.pt')]
+    # a blend of other weights, or a net that is not released, is refused in one line
+    other = run_release('bad', '--chain', 'nothing-here', '--blend', models / 'tiny-chain.pt',
+                        '--models_dir', models, cwd=work)
+    one_line_error(other, '--chain nothing-here', 'not a released net')
+
+
+def test_predict_grades_with_a_default_chain_per_patient_and_fast_with_its_net(
+        chain, synthetic_source, tmp_path):
+    work, models, submission = chain
+    env = {released.MODELS_DIR_VARIABLE: str(models)}
+    names = sorted(submission)
+    pair = next(n for n in names if n.endswith('_left') and n[:-5] + '_right' in submission)
+    photos = [p for p in sorted((synthetic_source / 'test').iterdir())
+              if p.stem in (pair, pair[:-5] + '_right')]
+    assert len(photos) == 2
+    by_default = run_script('predict.py', *photos, '--json', '--no_progress', cwd=tmp_path,
+                            env=env)
+    assert 'grading with the released chain tiny-chain' in by_default.stderr
+    graded = json.loads(by_default.stdout)
+    assert graded['model'] == 'tiny-128+tiny-chain'
+    for row in graded['images']:  # the submission blend.py wrote for the same photographs
+        level, score = submission[row['image']]
+        assert abs(row['blend'] - score) < 2e-4 and row['level'] == level, row
+    named = run_script('predict.py', *photos, '--blend', 'tiny-chain', '--json', '--no_progress',
+                       cwd=tmp_path, env=env)
+    assert named.stdout == by_default.stdout
+    lone = run_script('predict.py', photos[0], '--json', '--no_progress', cwd=tmp_path, env=env)
+    assert 'blended alone' in lone.stderr
+    assert json.loads(lone.stdout)['images'][0]['level'] is not None
+    fast = run_script('predict.py', *photos, '--fast', '--no_progress', cwd=tmp_path, env=env)
+    net = run_script('predict.py', *photos, '--weights_from', 'tiny-128', '--no_progress',
+                     cwd=tmp_path, env=env)
+    assert "tiny-chain's fast net tiny-128" in fast.stderr and fast.stdout == net.stdout
+    assert 'blend' not in fast.stdout.splitlines()[0]
+    not_a_net = run_script('predict.py', *photos, '--weights_from', 'tiny-chain', cwd=tmp_path,
+                           env=env, check=False)
+    one_line_error(not_a_net, 'tiny-chain is a released chain', '--blend tiny-chain')
+    # a damaged chain file is a one-line error naming it
+    damaged = tmp_path / 'damaged'
+    shutil.copytree(models, damaged)
+    (damaged / 'tiny-chain.pt').write_bytes(b'not a blend')
+    broken = run_script('predict.py', *photos, cwd=tmp_path, check=False,
+                        env={released.MODELS_DIR_VARIABLE: str(damaged)})
+    one_line_error(broken, 'tiny-chain.pt', 'fails its checksum')

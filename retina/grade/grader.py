@@ -88,15 +88,17 @@ def name_columns(graders):
 
 def model_identity(graders, blend=None):
     """('eyepacs-256', its sha256): what graded, for the outputs: each net's released name (by
-    checksum) or weights file, then the blend's file, joined with '+', and their sha256s."""
+    checksum) or weights file, then the blend's (a released chain's name, or its file), joined
+    with '+', and their sha256s."""
     names, digests = [], []
     for grader in graders:
         name, digest = released.identify(grader.weights)
         names.append(name or str(grader.weights))
         digests.append(digest)
-    if blend is not None:
-        names.append(str(blend.path))
-        digests.append(released.sha256_of(blend.path))
+    if blend is not None:  # a released chain by its name too
+        name, digest = released.identify(blend.path)
+        names.append(name or str(blend.path))
+        digests.append(digest)
     return '+'.join(names), '+'.join(digests)
 
 

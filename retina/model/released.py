@@ -2,7 +2,9 @@
 
 models/index.json lists them: per name, the checkpoint file, its sha256, the config it was
 trained as, its model card (Markdown beside it) and a one-line summary; "default" names the
-net predict.py grades with when no weights are given or trained.  Every script that takes
+net predict.py grades with when no weights are given or trained.  A *chain* is a released
+blend (blend.py --predict's file) over released nets: its entry names them (`nets`, in
+order) and the one `fast` net predict.py --fast grades with alone; its `file` is the blend.  Every script that takes
 weights takes a released name too (`--weights_from eyepacs-128`): `checkpoint.load` asks
 `weights_path`, which checks the file against its sha256 before anything reads it.
 `python -m retina.release` writes the files (see that module).
@@ -42,9 +44,16 @@ def index(folder=None):
         if not isinstance(models, dict):
             raise TypeError('models is not a mapping')
         for name, entry in models.items():
-            for key in ('file', 'sha256', 'config', 'card'):
+            for key in ('file', 'sha256', 'card') + (('fast',) if 'nets' in entry else
+                                                     ('config',)):
                 if not isinstance(entry.get(key), str):
                     raise KeyError(f'{name}: {key}')
+            if 'nets' in entry:
+                nets = entry['nets']
+                if not (isinstance(nets, list) and nets and
+                        all(n in models and 'nets' not in models[n] for n in nets) and
+                        entry['fast'] in nets):
+                    raise KeyError(f'{name}: nets (released nets, the fast one among them)')
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise UserError(f'{path}: not a released-models index ({type(error).__name__}: '
                         f'{error}); restore it with: git checkout -- {path}') from None
@@ -108,6 +117,11 @@ def weights_path(spec, folder=None):
     if path.is_file():
         return path
     if str(spec) in index(folder)['models']:
+        entry = index(folder)['models'][str(spec)]
+        if 'nets' in entry:
+            raise UserError(f'{spec} is a released chain (a blend of {", ".join(entry["nets"])}), '
+                            f'not one net: grade with it by predict.py --blend {spec}, or name '
+                            f'one of its nets here')
         return verified(str(spec), folder)
     if looks_like_a_name(spec) and not (Path(folder or default_folder()) / INDEX_NAME).is_file():
         raise missing_index(folder, spec)
@@ -121,16 +135,36 @@ def looks_like_a_name(spec):
         not text.endswith(('.pt', '.pth'))
 
 
+def is_chain(spec, folder=None):
+    """Whether `spec` (as given to --blend) is the name of a released chain."""
+    entry = index(folder)['models'].get(str(spec)) if looks_like_a_name(spec) else None
+    return bool(entry and 'nets' in entry)
+
+
+def chain(name, folder=None):
+    """(verified blend file, [(config name, verified file) of each net, in order], the fast
+    net's (config name, verified file)) of released chain `name`."""
+    models = index(folder)['models']
+    entry = models[name]
+    nets = [(models[n]['config'], verified(n, folder)) for n in entry['nets']]
+    return verified(name, folder), nets, nets[entry['nets'].index(entry['fast'])]
+
+
 def default(folder=None):
-    """(name, config name, verified file) of the default released net, or None; a models folder
-    without its index is a UserError (the repository ships one: it was deleted)."""
+    """(name, config name, verified file) of the default released net, or None; for a default
+    chain, its fast net's config and file (`chain` gives the rest).  A models folder without
+    its index is a UserError (the repository ships one: it was deleted)."""
     if not (Path(folder or default_folder()) / INDEX_NAME).is_file():
         raise missing_index(folder)
     found = index(folder)
     name = found['default']
     if not name or name not in found['models']:
         return None
-    return name, found['models'][name]['config'], verified(name, folder)
+    entry = found['models'][name]
+    if 'nets' in entry:
+        fast = entry['fast']
+        return name, found['models'][fast]['config'], verified(fast, folder)
+    return name, entry['config'], verified(name, folder)
 
 
 def folders():

@@ -198,6 +198,97 @@ def default_map_text(name):
             f'its own RAM alone.\n')
 
 
+CHAIN_CARD = """# Released chain `{name}`
+
+{summary}
+
+**Not a medical device.** A research reproduction of a 2015 competition solution. It has not
+been validated for clinical use; do not use its grades to make decisions about anyone's care.
+
+| | |
+| --- | --- |
+| file | `models/{file}` (the fitted blend, {kilobytes:.0f} kB, sha256 `{sha256}`) |
+| nets | {nets} |
+| features | per net, the mean and standard deviation of its last conv features over {tta} |
+| blend | blend.py's {runs}{per_patient}; levels cut at {cuts} |
+| fast | `predict.py --fast` grades with `{fast}` alone, on its centred window |
+
+`predict.py` grades with the chain when it is the default, or by `--blend {name}`: each net
+computes its features of every photograph over the TTA views above, and the blend scores each
+eye{pairing}.
+
+## Figures on held-out patients
+{figures}
+
+## Use
+```
+python predict.py photos/ --blend {name}
+python predict.py photos/ --blend {name} --report report.html
+python predict.py photos/ --weights_from {fast}
+```
+
+## Rebuild
+{rebuild}
+"""
+
+
+def release_chain(name, nets, fast, blend, figures, summary, make_default, models_dir):
+    """Release blend.py's fitted `blend` over the released `nets` as chain `name`: the blend file
+    as models/NAME.pt, a card, and an index entry naming the nets and the --fast one."""
+    from retina.blend import fitted
+    state = fitted.load(blend)
+    models = released.index(models_dir)['models']
+    for net in nets:
+        if net not in models or 'nets' in models[net]:
+            raise UserError(f'--chain {net}: not a released net of {models_dir} (release it '
+                            f'first: python -m retina.release {net} --weights ...)')
+    fast = fast or nets[-1]
+    if fast not in nets:
+        raise UserError(f'--fast {fast}: not one of the chain\'s nets ({", ".join(nets)})')
+    fingerprints = {net: checkpoint.load_net(models[net]['config'],
+                                             released.verified(net, models_dir)).fingerprint
+                    for net in nets}
+    used = set()
+    for entry in fitted.entries(state):
+        matching = [net for net in nets if models[net]['config'] == entry['cnf'] and
+                    entry['fingerprint'] in (None, fingerprints[net])]
+        if not matching:
+            raise UserError(f'{blend}: fitted on features of {entry["cnf"]} made with '
+                            f'{entry["weights"] or "unrecorded weights"}, which are none of the '
+                            f'released nets {", ".join(nets)}; release those weights first')
+        used.add(matching[0])
+    if set(nets) - used:
+        raise UserError(f'{blend}: not fitted on features of {", ".join(sorted(set(nets) - used))}'
+                        f'; name only the nets the blend was fitted with')
+    target = models_dir / f'{name}.pt'
+    atomic.write_bytes(target, Path(blend).read_bytes())
+    digest = released.sha256_of(target)
+    entries = fitted.entries(state)
+    ttas = sorted({f'{e["n_iter"]} views' for e in entries})
+    runs = state['runs']
+    card = CHAIN_CARD.format(
+        name=name, summary=summary or f'The blend of {", ".join(nets)}.', file=target.name,
+        kilobytes=target.stat().st_size / 1e3, sha256=digest,
+        nets=', '.join(f'`{n}` ({models[n]["config"]}, card `models/{models[n]["card"]}`)'
+                       for n in nets),
+        tta=' and '.join(ttas) + ' (transform.py --n_iter)',
+        runs=f'{len(runs)} run(s) of {sum(len(r["nets"]) for r in runs)} small nets',
+        per_patient=' per patient (this eye, the other eye, a right-eye flag)'
+        if state['per_patient'] else '',
+        pairing=' together with the other eye of its patient where both are among the '
+                'photographs, alone otherwise' if state['per_patient'] else '',
+        cuts=' '.join(f'{c:.3f}' for c in state['thresholds']), fast=fast,
+        figures=Path(figures).read_text() if figures else '(none given)',
+        rebuild='```\npython -m retina.release ' + shlex.join(sys.argv[1:]) + '\n```')
+    card_path = models_dir / f'{name}.md'
+    atomic.write_text(card_path, card)
+    write_index(models_dir, name, dict(file=target.name, sha256=digest, card=card_path.name,
+                                       nets=list(nets), fast=fast,
+                                       summary=summary or card.splitlines()[2]), make_default)
+    click.echo(f'released chain {name}: {target} (sha256 {digest[:16]}…) over '
+               f'{", ".join(nets)}, card {card_path}')
+
+
 def write_index(models_dir, name, entry, make_default):
     found = released.index(models_dir)
     found['models'][name] = entry
@@ -212,10 +303,10 @@ def write_index(models_dir, name, entry, make_default):
 @weights_option("The checkpoint to release (a run's weights.pt; trained with --hold_out).  "
                 'Required unless --refit_feature_stats.', default_text=None, released=False,
                 aliases=('--weights',), dest='weights')
-@click.option('--photos', required=True, type=click.Path(file_okay=False),
+@click.option('--photos', type=click.Path(file_okay=False),
               help='The converted photographs the net trained on (its --train_dir): the test '
-                   'split is scored on them.')
-@labels_option('those of --photos.', required=True)
+                   'split is scored on them.  Required for a net.')
+@labels_option('those of --photos.  Required for a net.')
 @click.option('--raw', multiple=True, type=click.Path(file_okay=False),
               help='A folder of raw photographs (train/, trainLabels.csv) for the cross-camera '
                    'rows; repeat for several; absent folders are skipped.')
@@ -231,17 +322,39 @@ def write_index(models_dir, name, entry, make_default):
                    "training photos' check) on its own training split of --photos under this "
                    "version's rule (one mean per level), keeping its weights and figures; its "
                    'sha256 in the index and card follow.')
+@click.option('--chain', 'chain_nets', multiple=True, metavar='NET',
+              help='Release a chain instead of a net: a released net the --blend was fitted '
+                   'on (repeat for each, in order).')
+@click.option('--blend', 'blend_file', type=click.Path(exists=True, dir_okay=False),
+              help='With --chain: the blend blend.py --predict saved (data/sub_..._blend.pt).')
+@click.option('--fast', metavar='NET',
+              help='With --chain: the net predict.py --fast grades with alone [default: the '
+                   'last --chain].')
+@click.option('--figures', type=click.Path(exists=True, dir_okay=False),
+              help="With --chain: a Markdown file of the chain's figures on held-out patients "
+                   '(e.g. bench/bench_chain.py\'s table) for its card.')
 @click.option('--models_dir', type=click.Path(file_okay=False), default=None,
               help='Where the released files go [default: models/, or $RETINA_MODELS_DIR].')
 @handle_errors()
 def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_default,
-         refit_feature_stats, models_dir):
+         refit_feature_stats, chain_nets, blend_file, fast, figures, models_dir):
     """Release the net of WEIGHTS as NAME (e.g. eyepacs-128): models/NAME.pt, models/NAME.md
-    and its entry in models/index.json, replacing an earlier release of that name."""
+    and its entry in models/index.json, replacing an earlier release of that name.  With
+    --chain and --blend, release a chain of released nets and their fitted blend instead."""
     import re
     if not re.fullmatch(r'[a-z0-9][a-z0-9._-]*', name):
         raise UserError(f'{name!r}: a released name is lower-case letters, digits, ., _ and -')
-    models_dir, photos = Path(models_dir or released.default_folder()), Path(photos)
+    models_dir = Path(models_dir or released.default_folder())
+    if chain_nets or blend_file:
+        if not (chain_nets and blend_file):
+            raise UserError('a chain needs both --chain NET (each released net) and --blend FILE')
+        release_chain(name, chain_nets, fast, blend_file, figures, summary, make_default,
+                      models_dir)
+        return
+    if not (photos and labels):
+        raise UserError('--photos and --labels: the converted photographs the net trained on and '
+                        'their labels (its figures are measured on their test split)')
+    photos = Path(photos)
     if refit_feature_stats:
         refit_released_stats(name, photos, labels, models_dir)
         return
