@@ -11,6 +11,10 @@ Lanczos resize to 512 px, the net on the 448-px window; then the same with
 the RAM heat map drawn over the photograph, and with 5 TTA iterations.
 Each is the median over the photographs (after one warm-up).  Also the whole
 command once (`python predict.py PHOTO`: interpreter, imports, weights).
+`--released NAME` (repeatable) adds a row per released model graded as predict.py grades with
+it, a chain (`--blend NAME`: its nets, their TTA features, its blend) or a net alone (its
+centred window); the models are timed in turn on each photograph (interleaved), so that the
+machine's load falls on all of them alike.
 Prints a markdown table and puts it in BENCHMARKS.md under `## predict.py`.
 """
 import os
@@ -45,6 +49,35 @@ def median_seconds(run, photos):
     return statistics.median(times)
 
 
+def released_rows(names, photos):
+    """[(label, median seconds per photograph)] of grading with each released model as
+    predict.py does, the models timed in turn on each photograph after one warm-up each."""
+    from retina.grade.grader import LoadedBlend, load_grader
+    from retina.grade.predict import grade
+    from retina.model import checkpoint, released
+    runs = []
+    for name in names:
+        if released.is_chain(name):
+            blend_file, nets, _ = released.chain(name)
+            graders = [load_grader(c, w, 'cpu') for c, w in nets]
+            blend = LoadedBlend(blend_file)
+            views = sorted({e['n_iter'] for r in blend.state['runs'] for e in r['files']})
+            label = (f'released chain {name} ({len(graders)} nets, {"/".join(map(str, views))} '
+                     f'TTA views each, its blend)')
+        else:
+            graders, blend = [load_grader(checkpoint.trained_config(name), name, 'cpu')], None
+            label = f'released net {name} (centred window)'
+        runs.append((label, graders, blend))
+    times = {label: [] for label, _, _ in runs}
+    for i, photo in enumerate([photos[0], *photos]):
+        for label, graders, blend in runs:
+            started = time.perf_counter()
+            grade(graders, [photo], blend=blend, progress=False)
+            if i:  # the first pass is the warm-up
+                times[label].append(time.perf_counter() - started)
+    return [(label, statistics.median(times[label])) for label, _, _ in runs]
+
+
 @click.command(context_settings={'help_option_names': ['-h', '--help']})
 @click.option('--directory', default=str(DEFAULT_DIRECTORY), show_default=True,
               type=click.Path(file_okay=False, exists=True),
@@ -55,9 +88,12 @@ def median_seconds(run, photos):
               help='Photographs timed.')
 @click.option('--threads', type=click.IntRange(min=1),
               help='torch CPU threads [default: torch\'s own choice].')
+@click.option('--released', 'released_names', multiple=True, metavar='NAME',
+              help='A released model (models/index.json) to time as predict.py grades with it; '
+                   'repeat for several.')
 @click.option('--no_write', is_flag=True, help='Print the table only; leave BENCHMARKS.md alone.')
 @handle_errors()
-def main(directory, cnf, limit, threads, no_write):
+def main(directory, cnf, limit, threads, released_names, no_write):
     """Time grading one photograph with predict.py's functions on the CPU."""
     import torch
     from PIL import Image
@@ -93,6 +129,7 @@ def main(directory, cnf, limit, threads, no_write):
         if grader.is_ram:
             rows.append(('score + heat map over the photograph', median_seconds(with_map, photos)))
         rows.append(('score, 5 TTA iterations', median_seconds(with_tta, photos)))
+        rows += released_rows(released_names, photos)
         started = time.perf_counter()
         subprocess.run([sys.executable, str(REPO / 'predict.py'), str(photos[0]), '--cnf', cnf,
                         '--weights_from', str(weights), '--no_progress'], check=True,
@@ -112,7 +149,8 @@ def main(directory, cnf, limit, threads, no_write):
               f'| the whole command on one photograph (`python predict.py PHOTO`) | '
               f'{command_seconds:.2f} |', '',
               'Command: `python bench/bench_predict.py'
-              + (f' --threads {threads}' if threads else '') + '`.']
+              + (f' --threads {threads}' if threads else '')
+              + ''.join(f' --released {n}' for n in released_names) + '`.']
     body = '\n'.join(lines)
     click.echo(body)
     if not no_write:

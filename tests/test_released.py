@@ -346,10 +346,18 @@ def test_release_writes_a_chain_of_released_nets_with_its_blend_and_card(chain):
     assert 'a test chain' in card and '| test split | 1.0 |' in card and '2 views' in card
     assert released.chain('tiny-chain', models)[1] == [('c_128_5x5_32_ram',
                                                         models / 'tiny-128.pt')]
-    # a blend of other weights, or a net that is not released, is refused in one line
+    # a net that is not released, or a blend of other weights, is refused in one line
     other = run_release('bad', '--chain', 'nothing-here', '--blend', models / 'tiny-chain.pt',
                         '--models_dir', models, cwd=work)
     one_line_error(other, '--chain nothing-here', 'not a released net')
+    from retina.core.errors import UserError
+    from retina.publish.chain import release_chain
+    state = torch.load(models / 'tiny-chain.pt', weights_only=True)
+    state['runs'][0]['files'][0]['fingerprint'] = '0' * 16
+    torch.save(state, work / 'other_blend.pt')
+    with pytest.raises(UserError, match='none of the released nets tiny-128'):
+        release_chain('bad', ['tiny-128'], None, work / 'other_blend.pt', None, '', False, models)
+    assert 'bad' not in released.index(models)['models']
 
 
 def test_predict_grades_with_a_default_chain_per_patient_and_fast_with_its_net(
@@ -390,3 +398,15 @@ def test_predict_grades_with_a_default_chain_per_patient_and_fast_with_its_net(
     broken = run_script('predict.py', *photos, cwd=tmp_path, check=False,
                         env={released.MODELS_DIR_VARIABLE: str(damaged)})
     one_line_error(broken, 'tiny-chain.pt', 'fails its checksum')
+
+
+def test_a_card_names_the_sources_of_its_photographs(tmp_path):
+    from retina.publish.release import data_words
+    labels = tmp_path / 'labels.csv'
+    labels.write_text('image,level,patient,eye,source\n1_left,0,1,left,eyepacs256\n'
+                      'odir2_left,1,odir2,left,odir\nodir2_right,0,odir2,right,odir\n')
+    programme, data, terms = data_words(labels)
+    assert programme == '2 sources (eyepacs256, odir)'
+    assert data == 'photographs of 2 sources (eyepacs256 1, odir 2)' and 'odir' in terms
+    labels.write_text('image,level\n1_left,0\n')
+    assert data_words(labels) == ('one screening programme (EyePACS)', 'EyePACS photographs', '')

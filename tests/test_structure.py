@@ -213,6 +213,7 @@ TESTED_IN = {
     'retina.heatmaps.scores': 'test_ram.py',
     'retina.publish.export': 'test_predict.py',
     'retina.publish.release': 'test_released.py',
+    'retina.publish.chain': 'test_released.py',
     'retina.demo': 'test_pipeline.py',
 }
 

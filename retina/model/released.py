@@ -167,6 +167,18 @@ def default(folder=None):
     return name, entry['config'], verified(name, folder)
 
 
+def write_index(models_dir, name, entry, make_default):
+    """Add or replace `name`'s entry in `models_dir`'s index.json (one atomic write); it becomes
+    the default with `make_default`, or when there is none yet."""
+    from retina.core import atomic
+    found = index(models_dir)
+    found['models'][name] = entry
+    if make_default or not found['default']:
+        found['default'] = name
+    atomic.write_text(Path(models_dir) / INDEX_NAME,
+                      json.dumps(found, indent=2, sort_keys=True) + '\n')
+
+
 def folders():
     """The folders released models are read from: the repository's models/ and
     $RETINA_MODELS_DIR, resolved; no output may land in them."""

@@ -13,7 +13,6 @@ a rerun of `predict.py FOLDER/train` gives) and on those of patients the net nev
 or validated on.  --heatmaps adds a Markdown file of heat-map scores to the card.  Running it
 again with a better run's weights replaces the released files in one step.
 """
-import json
 import shlex
 import sys
 from pathlib import Path
@@ -87,7 +86,7 @@ CARD = """# Released model `{name}`
 {summary}
 
 **Not a medical device.** A research reproduction of a 2015 competition solution, trained on
-{n_train} photographs (and validated on {n_valid}) of one screening programme (EyePACS) at {size} px. It has not been
+{n_train} photographs (and validated on {n_valid}) of {programme} at {size} px. It has not been
 validated for clinical use; do not use its grades to make decisions about anyone's care.
 
 | | |
@@ -133,9 +132,9 @@ python train_nn.py --cnf {config} --weights_from {name} --train_dir data/train_{
 {default_map}
 ## Terms and citation
 The code is under the repository's LICENSE (MIT). These weights were trained on photographs of
-the Kaggle "Diabetic Retinopathy Detection" competition (EyePACS), whose terms allow research
-and non-commercial use: the weights inherit them. Cite the original solution and the RAM
-paper:
+the Kaggle "Diabetic Retinopathy Detection" competition (EyePACS){other_terms}, whose terms allow
+research and non-commercial use: the weights inherit them. Cite the original solution and the
+RAM paper:
 
 - M. Antony and S. Brüggemann (team o_O), 2nd place solution of the Kaggle Diabetic
   Retinopathy Detection competition, 2015 (github.com/sveitser/kaggle_diabetic).
@@ -146,6 +145,34 @@ paper:
 ## Rebuild
 {rebuild}
 """
+
+
+def sources_of(labels):
+    """{source: photographs} of a labels CSV's `source` column (python -m retina.datasets
+    writes one), or {} without one."""
+    import csv
+    with open(labels, newline='', encoding='utf-8-sig') as f:
+        reader = csv.DictReader(f)
+        if 'source' not in (reader.fieldnames or []):
+            return {}
+        counts = {}
+        for row in reader:
+            counts[row['source'].strip()] = counts.get(row['source'].strip(), 0) + 1
+    return counts
+
+
+def data_words(labels):
+    """(the card's 'of ...' phrase for the training photographs, its data sources in words,
+    the terms sentence's other data sets)."""
+    sources = sources_of(labels)
+    if len(sources) < 2:
+        return 'one screening programme (EyePACS)', 'EyePACS photographs', ''
+    listed = ', '.join(f'{name} {count:,}' for name, count in sorted(sources.items()))
+    others = sorted(name for name in sources if not name.startswith('eyepacs'))
+    return (f'{len(sources)} sources ({", ".join(sorted(sources))})',
+            f'photographs of {len(sources)} sources ({listed})',
+            (' and of ' + ', '.join(others) + ' (see each data set\'s own terms)') if others
+            else '')
 
 
 def refit_released_stats(name, photos, labels, models_dir):
@@ -177,7 +204,7 @@ def refit_released_stats(name, photos, labels, models_dir):
     import re
     text = re.sub(r'\([0-9.]+ MB, sha256 `' + new + r'`\)', size, text)
     atomic.write_text(card, text)
-    write_index(models_dir, name, entry, make_default=found['default'] == name)
+    released.write_index(models_dir, name, entry, make_default=found['default'] == name)
     click.echo(f'{name}: feature statistics refit on {len(train_rows)} training photographs '
                f'({len(stats.mean.reshape(-1, stats.precision.shape[0]))} level means; '
                f'threshold {stats.threshold:.1f}); sha256 {new[:16]}…')
@@ -196,106 +223,6 @@ def default_map_text(name):
             f'measurement on HEI-MED and synthetic masks (bench/heatmap_default.md; '
             f'BENCHMARKS.md, "Heat maps: the default map of predict.py"); `--method ram` draws '
             f'its own RAM alone.\n')
-
-
-CHAIN_CARD = """# Released chain `{name}`
-
-{summary}
-
-**Not a medical device.** A research reproduction of a 2015 competition solution. It has not
-been validated for clinical use; do not use its grades to make decisions about anyone's care.
-
-| | |
-| --- | --- |
-| file | `models/{file}` (the fitted blend, {kilobytes:.0f} kB, sha256 `{sha256}`) |
-| nets | {nets} |
-| features | per net, the mean and standard deviation of its last conv features over {tta} |
-| blend | blend.py's {runs}{per_patient}; levels cut at {cuts} |
-| fast | `predict.py --fast` grades with `{fast}` alone, on its centred window |
-
-`predict.py` grades with the chain when it is the default, or by `--blend {name}`: each net
-computes its features of every photograph over the TTA views above, and the blend scores each
-eye{pairing}.
-
-## Figures on held-out patients
-{figures}
-
-## Use
-```
-python predict.py photos/ --blend {name}
-python predict.py photos/ --blend {name} --report report.html
-python predict.py photos/ --weights_from {fast}
-```
-
-## Rebuild
-{rebuild}
-"""
-
-
-def release_chain(name, nets, fast, blend, figures, summary, make_default, models_dir):
-    """Release blend.py's fitted `blend` over the released `nets` as chain `name`: the blend file
-    as models/NAME.pt, a card, and an index entry naming the nets and the --fast one."""
-    from retina.blend import fitted
-    state = fitted.load(blend)
-    models = released.index(models_dir)['models']
-    for net in nets:
-        if net not in models or 'nets' in models[net]:
-            raise UserError(f'--chain {net}: not a released net of {models_dir} (release it '
-                            f'first: python -m retina.release {net} --weights ...)')
-    fast = fast or nets[-1]
-    if fast not in nets:
-        raise UserError(f'--fast {fast}: not one of the chain\'s nets ({", ".join(nets)})')
-    fingerprints = {net: checkpoint.load_net(models[net]['config'],
-                                             released.verified(net, models_dir)).fingerprint
-                    for net in nets}
-    used = set()
-    for entry in fitted.entries(state):
-        matching = [net for net in nets if models[net]['config'] == entry['cnf'] and
-                    entry['fingerprint'] in (None, fingerprints[net])]
-        if not matching:
-            raise UserError(f'{blend}: fitted on features of {entry["cnf"]} made with '
-                            f'{entry["weights"] or "unrecorded weights"}, which are none of the '
-                            f'released nets {", ".join(nets)}; release those weights first')
-        used.add(matching[0])
-    if set(nets) - used:
-        raise UserError(f'{blend}: not fitted on features of {", ".join(sorted(set(nets) - used))}'
-                        f'; name only the nets the blend was fitted with')
-    target = models_dir / f'{name}.pt'
-    atomic.write_bytes(target, Path(blend).read_bytes())
-    digest = released.sha256_of(target)
-    entries = fitted.entries(state)
-    ttas = sorted({f'{e["n_iter"]} views' for e in entries})
-    runs = state['runs']
-    card = CHAIN_CARD.format(
-        name=name, summary=summary or f'The blend of {", ".join(nets)}.', file=target.name,
-        kilobytes=target.stat().st_size / 1e3, sha256=digest,
-        nets=', '.join(f'`{n}` ({models[n]["config"]}, card `models/{models[n]["card"]}`)'
-                       for n in nets),
-        tta=' and '.join(ttas) + ' (transform.py --n_iter)',
-        runs=f'{len(runs)} run(s) of {sum(len(r["nets"]) for r in runs)} small nets',
-        per_patient=' per patient (this eye, the other eye, a right-eye flag)'
-        if state['per_patient'] else '',
-        pairing=' together with the other eye of its patient where both are among the '
-                'photographs, alone otherwise' if state['per_patient'] else '',
-        cuts=' '.join(f'{c:.3f}' for c in state['thresholds']), fast=fast,
-        figures=Path(figures).read_text() if figures else '(none given)',
-        rebuild='```\npython -m retina.release ' + shlex.join(sys.argv[1:]) + '\n```')
-    card_path = models_dir / f'{name}.md'
-    atomic.write_text(card_path, card)
-    write_index(models_dir, name, dict(file=target.name, sha256=digest, card=card_path.name,
-                                       nets=list(nets), fast=fast,
-                                       summary=summary or card.splitlines()[2]), make_default)
-    click.echo(f'released chain {name}: {target} (sha256 {digest[:16]}…) over '
-               f'{", ".join(nets)}, card {card_path}')
-
-
-def write_index(models_dir, name, entry, make_default):
-    found = released.index(models_dir)
-    found['models'][name] = entry
-    if make_default or not found['default']:
-        found['default'] = name
-    atomic.write_text(models_dir / released.INDEX_NAME,
-                      json.dumps(found, indent=2, sort_keys=True) + '\n')
 
 
 @click.command(context_settings=CONTEXT_SETTINGS)
@@ -348,6 +275,7 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
     if chain_nets or blend_file:
         if not (chain_nets and blend_file):
             raise UserError('a chain needs both --chain NET (each released net) and --blend FILE')
+        from retina.publish.chain import release_chain
         release_chain(name, chain_nets, fast, blend_file, figures, summary, make_default,
                       models_dir)
         return
@@ -426,7 +354,8 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
         look=state.get('preprocessing', 'none'), window=max(config.input_size),
         epochs=len(log_rows) or state['epoch'], epoch=state['epoch'],
         precision=state.get('precision', 'fp32'), seed=state.get('seed', 0),
-        data_text=(f'{len(names)} EyePACS photographs of {photos} (labels {labels}), '
+        programme=data_words(labels)[0], other_terms=data_words(labels)[2],
+        data_text=(f'{len(names)} {data_words(labels)[1]} of {photos} (labels {labels}), '
                    f'converted with `--enhance {state.get("preprocessing", "none")}`: '
                    f'{len(names) - len(test_rows) - len(valid_rows)} for training, '
                    f'{len(valid_rows)} for validation (10% of the other patients) and '
@@ -442,7 +371,7 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
         rebuild='```\npython -m retina.release ' + shlex.join(sys.argv[1:]) + '\n```')
     card_path = models_dir / f'{name}.md'
     atomic.write_text(card_path, card)
-    write_index(models_dir, name, dict(file=target.name, sha256=digest, config=config.name,
+    released.write_index(models_dir, name, dict(file=target.name, sha256=digest, config=config.name,
                                        card=card_path.name,
                                        summary=summary or card.splitlines()[2]),
                 make_default)
