@@ -27,7 +27,9 @@ def run_release(*args, cwd):
 
 def test_the_repository_ships_a_default_model():
     assert SHIPPED['default'] in SHIPPED['models'], SHIPPED
-    assert sum(f.stat().st_size for f in released.MODELS_DIR.iterdir()) < 40e6
+    # The budget of a clone: five nets (the two of the multi-source chain among them, 3 and
+    # 12 MB) and a blend; a sixth 256-px net would need one to go.
+    assert sum(f.stat().st_size for f in released.MODELS_DIR.iterdir()) < 50e6
 
 
 @pytest.mark.parametrize('name', sorted(SHIPPED['models']))
