@@ -3,6 +3,7 @@
 graded by predict.py as a user would, for one or more graders.
 
     python bench/bench_compression.py --weights_from eyepacs-256 [--weights_from W2.pt ...]
+        [--blend multi-chain ...]
         [--set eyepacs256=../shared/data/eyepacs256 --set raw=../shared/data/eyepacs_raw ...]
         [--limit 150] [--hold_out 0.15] [--write]
 
@@ -64,10 +65,10 @@ def write_copies(paths, out):
             image.save(out / f'q{quality}' / f'{path.stem}.jpeg', 'JPEG', quality=quality)
 
 
-def grade(folder, weights):
-    result = subprocess.run([sys.executable, str(REPO / 'predict.py'), str(folder),
-                             '--weights_from', weights], capture_output=True, text=True,
-                            cwd=REPO)
+def grade(folder, args):
+    """predict.py FOLDER ARGS: {image: its CSV row}."""
+    result = subprocess.run([sys.executable, str(REPO / 'predict.py'), str(folder), *args],
+                            capture_output=True, text=True, cwd=REPO)
     if result.returncode not in (0, 1):
         raise SystemExit(f'predict.py failed on {folder}: {result.stderr[-2000:]}')
     rows = list(csv.DictReader(io.StringIO(result.stdout)))
@@ -90,16 +91,23 @@ def compare(reference, copy):
 
 
 @click.command()
-@click.option('--weights_from', 'graders', multiple=True, required=True,
+@click.option('--weights_from', 'nets', multiple=True,
               help='A released name or checkpoint to grade with (repeat to compare).')
+@click.option('--blend', 'blends', multiple=True,
+              help="A released chain's name (or a blend.py --predict file) to grade with, as "
+                   'predict.py --blend does (each eye with its partner: a test split holds both '
+                   'eyes of its patients); repeatable.')
 @click.option('--set', 'sets', multiple=True, default=DEFAULT_SETS, show_default=True,
               help='NAME=FOLDER (train/ beside trainLabels.csv); repeatable.')
 @click.option('--limit', default=150, show_default=True, help='Photographs per set.')
 @click.option('--hold_out', default=0.15, show_default=True,
               help='The test split of the graders (train_nn.py --hold_out).')
 @click.option('--write', is_flag=True, help='Write the table into BENCHMARKS.md.')
-def main(graders, sets, limit, hold_out, write):
+def main(nets, blends, sets, limit, hold_out, write):
     start = time.time()
+    graders = [(n, ['--weights_from', n]) for n in nets] + [(b, ['--blend', b]) for b in blends]
+    if not graders:
+        raise click.UsageError('name a grader: --weights_from NAME or --blend NAME')
     lines = ['| grader | set (photographs) | quality | ungradable | mean abs. score change | '
              'level changed | by more than one |', '| --- | --- | --- | --- | --- | --- | --- |']
     for spec in sets:
@@ -107,22 +115,23 @@ def main(graders, sets, limit, hold_out, write):
         paths = test_split(folder, hold_out, limit)
         with tempfile.TemporaryDirectory() as tmp:
             write_copies(paths, Path(tmp))
-            for weights in graders:
-                reference = grade(Path(tmp) / 'as_saved', weights)
+            for weights, args in graders:
+                reference = grade(Path(tmp) / 'as_saved', args)
                 un = np.mean([r['gradable'] == 'no' for r in reference.values()])
                 lines.append(f'| {weights} | {name} ({len(paths)}) | as saved | {un:.1%} | — | — | — |')
                 for quality in QUALITIES:
-                    copy = grade(Path(tmp) / f'q{quality}', weights)
+                    copy = grade(Path(tmp) / f'q{quality}', args)
                     un, delta, changed, far = compare(reference, copy)
                     lines.append(f'| {weights} | {name} | {quality} | {un:.1%} | {delta:.2f} | '
                                  f'{changed:.1%} | {far:.1%} |')
                     print(lines[-1], flush=True)
     body = (f'{today()}, {cpu_model()}; `python bench/bench_compression.py '
-            + ' '.join(f'--weights_from {g}' for g in graders)
+            + ' '.join(f'--weights_from {n}' for n in nets)
+            + ''.join(f' --blend {b}' for b in blends)
             + ' ' + ' '.join(f'--set {s}' for s in sets) + f' --limit {limit}` '
             f'({time.time() - start:.0f} s).  Test-split photographs (hold_out {hold_out}) '
-            're-saved with PIL at each quality and graded by predict.py\'s default (centred window, '
-            "the net's cut-offs, the gradability checks).  Score and level changes are among the "
+            're-saved with PIL at each quality and graded by predict.py (a net: its centred window and '
+            "its cut-offs; a chain: its TTA features and blend; the gradability checks).  Score and level changes are among the "
             'photographs graded both as saved and at that quality.\n\n' + '\n'.join(lines) + '\n')
     print(body)
     if write:
