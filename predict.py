@@ -132,6 +132,8 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, fast, heatm
     if fast and (cnf or weights_from or blend_file):
         raise UserError('--fast grades with the released default chain\'s fast net; it does '
                         'not go with --cnf, --weights_from or --blend (name the net instead)')
+    # a wrong path fails now, before the nets are loaded
+    photos = collect_images(images, keep_odd_names=True, what='photographs')
     chain_nets = None  # the released nets of a released chain
     if blend_file is None and not (cnf or weights_from):
         blend_file, chain_nets = default_grader(fast)
@@ -140,8 +142,6 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, fast, heatm
     if per_patient and not blend_file:
         raise UserError('--per_patient applies a fitted per-patient blend: pass --blend '
                         'data/sub_..._blend.pt (written by blend.py --per_patient --predict)')
-    # a wrong path fails now, before the nets are loaded
-    photos = collect_images(images, keep_odd_names=True, what='photographs')
     check_outputs(images, photos, output, heatmap_dir, weights_from, blend_file)
     if output != '-':
         atomic.check_writable(output)

@@ -398,7 +398,10 @@ def test_predict_refuses_bad_options_in_one_line(tmp_path, photos):
     import predict as predict_script
     weights = save_untrained(tmp_path, RAM)
     for args, message in (
-            ([photos, '--per_patient'], '--blend'),
+            # (with nets named: a released chain default is itself fitted per patient)
+            ([photos, '--per_patient', '--cnf', RAM, '--weights_from', weights], '--blend'),
+            ([photos, '--fast', '--cnf', RAM, '--weights_from', weights],
+             'not go with --cnf, --weights_from or --blend'),
             ([photos, '--cnf', RAM, '--cnf', RAM, '--weights_from', weights],
              'one --weights_from per --cnf'),
             ([tmp_path / 'nowhere'], 'no such file or folder'),
