@@ -715,3 +715,16 @@ def test_json_gives_null_for_no_level_and_both_outputs_name_the_model(tmp_path, 
     assert {r['model'] for r in table} == {str(weights)}
     assert {r['model_sha256'] for r in table} == {digest}
     assert [r['level'] for r in table if r['image'] == 'black_left'] == ['']
+
+
+def test_a_photograph_is_checked_at_every_size_its_nets_see(photos, monkeypatch):
+    """A chain's 128-px view can hide what its 256-px view shows (the blocks of a heavily
+    compressed photograph): a problem found at any conversion makes the photograph ungradable."""
+    from retina.grade import photos as photos_module
+    monkeypatch.setattr(photos_module.crop, 'gradability_reasons',
+                        lambda path, image, box, crop_size, rgb, enhanced=False:
+                        ['heavily compressed'] if crop_size == 256 else [])
+    photo = sorted(photos.glob('*.jpeg'))[0]
+    assert photos_module.prepare_photo(photo, [(128, 'none')]).problems == []
+    both = photos_module.prepare_photo(photo, [(128, 'none'), (256, 'none')])
+    assert both.problems == ['heavily compressed']

@@ -60,9 +60,10 @@ def prepare_photo(path, needs, keep_images=False, stability=False):
         boxes[crop_size] = box
         if already is None:
             already, told = look_of(path, rgb)
-        if problems is None:  # the image checks, on the first (smallest) conversion
-            problems = crop.gradability_reasons(path, image, box, crop_size, rgb,
-                                                enhanced=already != 'none')
+        # the image checks, on every conversion: a chain's 128-px view hides the blocks of a
+        # heavily compressed photograph that its 256-px net sees
+        problems = list(dict.fromkeys((problems or []) + list(crop.gradability_reasons(
+            path, image, box, crop_size, rgb, enhanced=already != 'none'))))
         if keep_images:
             images[crop_size] = image
         resaved_rgb = np.asarray(crop.crop_to_eye(jpeg_resaved(image), crop_size, box)) \
