@@ -46,9 +46,9 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
                     'patient among the photographs are blended together.')
 @click.option('--fast', is_flag=True,
               help='When the released default is a chain (nets, their TTA and a per-patient '
-                   'blend): grade with its fast net alone, on the centred window (about 20 '
-                   'times less work per photograph, a weaker grader: its card says by how '
-                   'much).  Without a chain default it changes nothing.')
+                   'blend): grade with its fast net alone, on the centred window (one pass '
+                   'per photograph instead of one plus the TTA views of every net; a weaker '
+                   'grader: BENCHMARKS.md says by how much).  Without a chain default it changes nothing.')
 @click.option('--heatmap', 'heatmap_dir', type=click.Path(file_okay=False),
               help='Write the heat map of each net over each uncropped photograph to this '
                    'folder ({image}_{method}_{cnf}.png; the outline is the net\'s window), made, '
@@ -138,7 +138,7 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, fast, heatm
     if blend_file is None and not (cnf or weights_from):
         blend_file, chain_nets = default_grader(fast)
     elif blend_file is not None and released.is_chain(blend_file):
-        blend_file, chain_nets, _ = released.chain(blend_file)
+        blend_file, chain_nets = released.chain(blend_file)
     if per_patient and not blend_file:
         raise UserError('--per_patient applies a fitted per-patient blend: pass --blend '
                         'data/sub_..._blend.pt (written by blend.py --per_patient --predict)')
@@ -229,11 +229,11 @@ def default_net():
     if shipped is None:
         return DEFAULT_CNF, None  # its 'weights file not found' error says what to do
     name, config_name, path = shipped
-    card = released.default_folder() / released.index()['models'][name]['card']
-    fast = released.is_chain(name)
+    entry = released.index()['models'][name]
+    card = released.default_folder() / entry['card']
     click.echo(f'note: no trained weights in {paths.best_kappa_weights(DEFAULT_CNF).parent}; '
                f'grading with the released model {name}'
-               + (f"'s fast net {released.identify(path)[0]}" if fast else '')
+               + (f"'s fast net {entry['fast']}" if 'fast' in entry else '')
                + f' ({config_name}; see {card})', err=True)
     return config_name, str(path)
 
@@ -248,11 +248,12 @@ def default_grader(fast):
         return None, None
     if not (released.default_folder() / released.INDEX_NAME).is_file():
         return None, None  # default_net says the folder is missing
-    name = released.index()['default']
-    if not name or not released.is_chain(name):
+    found = released.index()
+    name = found['default']
+    entry = found['models'].get(name) if name else None
+    if not entry or 'nets' not in entry:
         return None, None
-    blend_file, nets, _ = released.chain(name)
-    entry = released.index()['models'][name]
+    blend_file, nets = released.chain(name)
     click.echo(f'note: no trained weights in {paths.best_kappa_weights(DEFAULT_CNF).parent}; '
                f'grading with the released chain {name} ({" + ".join(entry["nets"])}, blended; '
                f'see {released.default_folder() / entry["card"]}); --fast grades with '

@@ -58,7 +58,7 @@ def released_rows(names, photos):
     runs = []
     for name in names:
         if released.is_chain(name):
-            blend_file, nets, _ = released.chain(name)
+            blend_file, nets = released.chain(name)
             graders = [load_grader(c, w, 'cpu') for c, w in nets]
             blend = LoadedBlend(blend_file)
             views = sorted({e['n_iter'] for r in blend.state['runs'] for e in r['files']})

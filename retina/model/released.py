@@ -142,12 +142,11 @@ def is_chain(spec, folder=None):
 
 
 def chain(name, folder=None):
-    """(verified blend file, [(config name, verified file) of each net, in order], the fast
-    net's (config name, verified file)) of released chain `name`."""
+    """(verified blend file, [(config name, verified file) of each net, in order]) of released
+    chain `name` (`default` gives its fast net)."""
     models = index(folder)['models']
-    entry = models[name]
-    nets = [(models[n]['config'], verified(n, folder)) for n in entry['nets']]
-    return verified(name, folder), nets, nets[entry['nets'].index(entry['fast'])]
+    nets = [(models[n]['config'], verified(n, folder)) for n in models[name]['nets']]
+    return verified(name, folder), nets
 
 
 def default(folder=None):
