@@ -134,10 +134,11 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, fast, heatm
                         'not go with --cnf, --weights_from or --blend (name the net instead)')
     # a wrong path fails now, before the nets are loaded
     photos = collect_images(images, keep_odd_names=True, what='photographs')
-    chain_nets = None  # the released nets of a released chain
+    chain_nets = chain_name = None  # the released nets of a released chain, and its name
     if blend_file is None and not (cnf or weights_from):
-        blend_file, chain_nets = default_grader(fast)
+        blend_file, chain_nets, chain_name = default_grader(fast)
     elif blend_file is not None and released.is_chain(blend_file):
+        chain_name = blend_file
         blend_file, chain_nets = released.chain(blend_file)
     if per_patient and not blend_file:
         raise UserError('--per_patient applies a fitted per-patient blend: pass --blend '
@@ -163,8 +164,10 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, fast, heatm
     else:
         nets = [default_net()]
     graders = [load_grader(c, w, device, crop_size) for c, w in nets]
+    map_graders = None  # every net draws its map
     if heatmap_dir and method is None and not layer and not (fuse_cnf or fuse_weights):
-        method, layer, fuse_weights = default_heatmap(graders)
+        method, layer, fuse_weights, map_graders = default_heatmap(
+            graders, chain_name if chain_nets is not None and not cnf else None)
     method = method or 'ram'
     fuse = None
     if fuse_cnf or fuse_weights:
@@ -172,7 +175,8 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, fast, heatm
     result = grade(graders, images, n_iter=n_iter, blend=blend, heatmap_dir=heatmap_dir,
                    batch_size=batch_size, progress=not no_progress, grade_anyway=grade_anyway,
                    heatmap_method=method, heatmap_layer=layer, save_maps=save_maps,
-                   heatmap_fuse=fuse, check_stability=check_stability)
+                   heatmap_fuse=fuse, check_stability=check_stability,
+                   heatmap_graders=map_graders)
     text = format_json(result, graders) if as_json else format_csv(result)
     if output == '-':
         click.echo(text, nl=False)
@@ -196,19 +200,30 @@ def main(images, cnf, weights_from, n_iter, blend_file, per_patient, fast, heatm
         sys.exit(1)
 
 
-def default_heatmap(graders):
-    """(method, layer, fuse weights) of the map to draw when none is asked for: a lone released
-    model's measured best (RELEASED_DEFAULT_MAPS, said on stderr), else its RAM."""
-    from retina.heatmaps import released_default_map
-    found = released_default_map(graders[0].weights) if len(graders) == 1 else None
+def default_heatmap(graders, chain=None):
+    """(method, layer, fuse weights, the graders that draw or None for all) of the map to draw
+    when none is asked for: a lone released model's measured best (RELEASED_DEFAULT_MAPS, said
+    on stderr), else its RAM.  A released `chain` draws one map a photograph, its fast net's
+    (its measured best, or its RAM): the chain's other nets are weaker mappers
+    (bench/heatmap_default.md)."""
+    from retina.heatmaps import RELEASED_DEFAULT_MAPS, released_default_map, released_name
+    drawn = None
+    if chain is not None:
+        fast = released.index()['models'][chain]['fast']
+        drawn = [g for g in graders if released_name(g.weights) == fast]
+        chosen = RELEASED_DEFAULT_MAPS.get(fast, dict(method='ram', layer=None, fuse=None))
+        found = (f'{chain} (its fast net {fast})', chosen) if drawn else None
+    else:
+        found = released_default_map(graders[0].weights) if len(graders) == 1 else None
     if found is None:
-        return 'ram', None, None
+        return 'ram', None, None, None
     name, chosen = found
     what = chosen['method'] + (f' at {chosen["layer"]}' if chosen['layer'] else '') + (
         f' fused with {chosen["fuse"]}' if chosen['fuse'] else '')
     click.echo(f'note: heat maps of {name}: {what}, its best measured map (bench/'
-               f'heatmap_default.md); --method ram draws its RAM alone', err=True)
-    return chosen['method'], chosen['layer'], chosen['fuse']
+               f'heatmap_default.md); --method ram draws '
+               + ('each net\'s RAM' if chain else 'its RAM alone'), err=True)
+    return chosen['method'], chosen['layer'], chosen['fuse'], drawn
 
 
 def trained_config(weights):
@@ -239,26 +254,26 @@ def default_net():
 
 
 def default_grader(fast):
-    """(blend file, [(config, weights)] of its nets) of the released default when it is a chain
-    and neither --fast nor this folder's trained DEFAULT_CNF weights say otherwise; else
-    (None, None): grade with `default_net`."""
+    """(blend file, [(config, weights)] of its nets, its name) of the released default when it
+    is a chain and neither --fast nor this folder's trained DEFAULT_CNF weights say otherwise;
+    else (None, None, None): grade with `default_net`."""
     from retina.core import paths
     from retina.model import released
     if fast or paths.best_kappa_weights(DEFAULT_CNF).is_file():
-        return None, None
+        return None, None, None
     if not (released.default_folder() / released.INDEX_NAME).is_file():
-        return None, None  # default_net says the folder is missing
+        return None, None, None  # default_net says the folder is missing
     found = released.index()
     name = found['default']
     entry = found['models'].get(name) if name else None
     if not entry or 'nets' not in entry:
-        return None, None
+        return None, None, None
     blend_file, nets = released.chain(name)
     click.echo(f'note: no trained weights in {paths.best_kappa_weights(DEFAULT_CNF).parent}; '
                f'grading with the released chain {name} ({" + ".join(entry["nets"])}, blended; '
                f'see {released.default_folder() / entry["card"]}); --fast grades with '
                f'{entry["fast"]} alone', err=True)
-    return blend_file, nets
+    return blend_file, nets, name
 
 
 if __name__ == '__main__':

@@ -297,6 +297,46 @@ def test_a_released_model_draws_its_measured_best_map_by_default(photos, tmp_pat
     assert len(list((tmp_path / 'ram_maps').glob('*_ram_c_256_5x5_32_ram.png'))) == 4
 
 
+def test_the_default_chain_draws_its_fast_nets_measured_map_captioned_with_the_chains_level(
+        photos, tmp_path):
+    """predict.py --heatmap with the released default chain draws one map a photograph: its
+    fast net's measured best (RELEASED_DEFAULT_MAPS), captioned with the level and blended
+    score the grades give; --method ram draws each net's RAM."""
+    from retina.heatmaps import RELEASED_DEFAULT_MAPS
+    from retina.model import released
+    index = released.index()
+    chain = index['models'][index['default']]
+    fast = chain['fast']
+    chosen = RELEASED_DEFAULT_MAPS[fast]
+    title = index['models'][fast]['config'] + (
+        f'+{index["models"][chosen["fuse"]]["config"]}' if chosen['fuse'] else '')
+    result = run_script('predict.py', photos, '--heatmap', tmp_path / 'maps', '--json',
+                        '--no_progress', cwd=tmp_path)
+    assert f'its fast net {fast}' in result.stderr
+    maps = sorted((tmp_path / 'maps').glob('*.png'))
+    assert [p.name for p in maps] == sorted(f'{p.stem}_{chosen["method"]}_{title}.png'
+                                            for p in photos.glob('*.jpeg'))
+    for row in json.loads(result.stdout)['images']:
+        with Image.open(tmp_path / 'maps' / f'{row["image"]}_{chosen["method"]}_{title}.png') as m:
+            first = m.text['retina.caption'].splitlines()[0]
+        level = f'level {row["level"]}' if row['level'] is not None else 'no level'
+        assert first == f'{row["image"]}: {level} (blend score {row["blend"]:.2f})'
+    run_script('predict.py', photos, '--heatmap', tmp_path / 'ram_maps', '--method', 'ram',
+               '--output', tmp_path / 'g.csv', '--no_progress', cwd=tmp_path)
+    drawn = {p.name.split('_ram_')[1] for p in (tmp_path / 'ram_maps').glob('*.png')}
+    assert drawn == {f'{index["models"][n]["config"]}.png' for n in chain['nets']}
+
+
+def test_patient_batches_keep_a_patients_eyes_together():
+    from retina.grade.predict import patient_batches
+    names = ['1_left', '2_left', '3_left', '1_right', '4_left', '2_right', 'x', '5_left']
+    batches = list(patient_batches([f'/p/{n}.jpeg' for n in names], 3))
+    assert [p for b in batches for p in b] == [f'/p/{n}.jpeg' for n in (
+        '1_left', '1_right', '2_left', '2_right', '3_left', '4_left', 'x', '5_left')]
+    assert batches[0] == ['/p/1_left.jpeg', '/p/1_right.jpeg']  # 2_* would make four
+    assert all(len(b) <= 3 for b in batches) and sum(map(len, batches)) == len(names)
+
+
 def test_predict_heatmap_of_a_baseline_net_needs_a_gradient_method(photos, tmp_path):
     weights = save_untrained(tmp_path, BASELINE)
     refused = run_script('predict.py', photos, '--cnf', BASELINE, '--weights_from', weights,

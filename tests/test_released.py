@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 from conftest import REPO, one_line_error, run_script
 from retina.core import paths
@@ -371,14 +372,18 @@ def test_predict_grades_with_a_default_chain_per_patient_and_fast_with_its_net(
     photos = [p for p in sorted((synthetic_source / 'test').iterdir())
               if p.stem in (pair, pair[:-5] + '_right')]
     assert len(photos) == 2
-    by_default = run_script('predict.py', *photos, '--json', '--no_progress', cwd=tmp_path,
-                            env=env)
+    by_default = run_script('predict.py', *photos, '--json', '--no_progress', '--heatmap',
+                            tmp_path / 'maps', '--batch_size', '1', cwd=tmp_path, env=env)
     assert 'grading with the released chain tiny-chain' in by_default.stderr
     graded = json.loads(by_default.stdout)
     assert graded['model'] == 'tiny-128+tiny-chain'
     for row in graded['images']:  # the submission blend.py wrote for the same photographs
         level, score = submission[row['image']]
         assert abs(row['blend'] - score) < 2e-4 and row['level'] == level, row
+        # its map says the same level (both eyes share a batch, even of one)
+        with Image.open(tmp_path / 'maps' / f'{row["image"]}_ram_c_128_5x5_32_ram.png') as m:
+            assert m.text['retina.caption'].startswith(
+                f'{row["image"]}: level {level} (blend score {row["blend"]:.2f})')
     named = run_script('predict.py', *photos, '--blend', 'tiny-chain', '--json', '--no_progress',
                        cwd=tmp_path, env=env)
     assert named.stdout == by_default.stdout

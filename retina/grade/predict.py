@@ -132,7 +132,8 @@ def check_outputs(inputs, photos, output, heatmap_dir, weights=(), blend_file=No
 
 def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BATCH_SIZE,
           progress=True, workers=None, grade_anyway=False, heatmap_method='ram',
-          save_maps=False, heatmap_layer=None, heatmap_fuse=None, check_stability=False):
+          save_maps=False, heatmap_layer=None, heatmap_fuse=None, check_stability=False,
+          heatmap_graders=None):
     """Grade the photographs of `inputs` (files and folders) with every grader; returns `Result`.
 
     `blend` is a `LoadedBlend` (its feature sets are computed too); `heatmap_dir`
@@ -142,7 +143,8 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
     `save_maps` the map itself beside it (.npy, the last conv's resolution).  `heatmap_fuse` (a
     `Grader`, not graded with) fuses its map into each net's as ram.py --fuse does
     (`methods.fuse`, on `methods.fusion_grid`), each net on its own converted image of the
-    photograph (as ram.py --fuse_images).  Every row says whether the photograph is
+    photograph (as ram.py --fuse_images).  `heatmap_graders` (some of `graders`): only they
+    draw maps [default: every one that can].  Every row says whether the photograph is
     gradable and why not (`retina.data.gradability`); an ungradable one keeps its scores but gets
     no level, unless `grade_anyway`.  `check_stability`: each photograph is also re-saved as a
     JPEG of quality 75 and scored again; a level that moves by more than one is not given.
@@ -157,8 +159,8 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                    file=sys.stderr)
     name_columns(graders)
     cuts = level_cuts(graders, n_iter)
-    ram_graders = [g for g in graders if g.is_ram or heatmap_method != 'ram'] \
-        if heatmap_dir else []
+    ram_graders = [g for g in graders if (g.is_ram or heatmap_method != 'ram') and (
+        heatmap_graders is None or any(g is h for h in heatmap_graders))] if heatmap_dir else []
     if heatmap_dir and not ram_graders:
         raise UserError('--heatmap needs a RAM net (a *_ram config: its global-average-pool head '
                         'makes the map exact); none of the --cnf nets is one: use one, or '
@@ -172,14 +174,14 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
     needs = {(g.crop_size, g.preprocessing) for g in graders + ([fuse] if fuse else [])}
     feature_sets = blend.feature_sets(graders) if blend else {}
     workers = workers or min(BATCH_SIZE, os.cpu_count() or 1)
-    rows, failed, heat_maps, already = [], [], [], []
-    per_photo_features = []
+    rows, failed, heat_maps, already, positions = [], [], [], [], []
+    position = {path: i for i, path in enumerate(photo_paths)}
+    ungradable = set()
     bar = tqdm(total=len(photo_paths), desc='grade', unit='photo', file=sys.stderr,
                disable=not progress or len(photo_paths) < 2, dynamic_ncols=True)
     with bar:
-        for start in range(0, len(photo_paths), batch_size):
-            photos = load_photos(photo_paths[start:start + batch_size], needs,
-                                 bool(ram_graders), failed, bar, workers,
+        for batch in patient_batches(photo_paths, batch_size):
+            photos = load_photos(batch, needs, bool(ram_graders), failed, bar, workers,
                                  stability=check_stability)
             if not photos:
                 continue
@@ -190,6 +192,7 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                        for g in graders}
             fused_in = score_batch(fuse, photos, 1, map_method=heatmap_method).maps \
                 if fuse is not None else None
+            batch_rows = []
             for i, photo in enumerate(photos):
                 row = {'image': photo.name}
                 if photo.already:
@@ -208,21 +211,40 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                     problems.append(UNSTABLE)
                 row['gradable'] = 'no' if problems else 'yes'
                 row['reasons'] = '; '.join(problems)
-                rows.append(row)
-                per_photo_features.append({(id(g), tta): (stats[0][i], stats[1][i])
-                                           for g in graders
-                                           for tta, stats in outputs[id(g)].features.items()})
+                batch_rows.append(row)
+            if blend:  # a patient's eyes share a batch (patient_batches): blended here, so
+                # that each heat map's caption carries the level the photograph is given
+                ungradable |= {r['image'] for r in batch_rows if r['gradable'] == 'no'}
+                features = [{(id(g), tta): (stats[0][i], stats[1][i])
+                             for g in graders for tta, stats in outputs[id(g)].features.items()}
+                            for i in range(len(photos))]
+                blended = blend.predict([r['image'] for r in batch_rows], features, graders,
+                                        without=ungradable if blend.per_patient else ())
+                for row, score in zip(batch_rows, blended):
+                    row['blend'] = float(score)
+                    row['level'] = int(to_levels([score], blend.thresholds)[0])
+            rows += batch_rows
+            positions += [position[photo.path] for photo in photos]
+            for i, (photo, row) in enumerate(zip(photos, batch_rows)):
                 for g in ram_graders:
                     title = g.config.name + (f'+{fuse.config.name}' if fuse else '')
                     tag = methods.method_tag(heatmap_method, heatmap_layer, net=g.net)
                     path = paths.heat_map(heatmap_dir, photo.name, title, False, tag)
-                    own = int(to_levels([row[g.column]], level_cuts([g], n_iter))[0])
                     graded = row['gradable'] == 'yes' or grade_anyway
                     net = figures.net_name(g.config.name, g.weights) + (
                         f' + {figures.net_name(fuse.config.name, fuse.weights)}' if fuse else '')
-                    lines = figures.caption(photo.name, row[g.column], own if graded else None,
-                                            row['gradable'], row['reasons'],
-                                            net=f'{net}, {tag}' + (', fused' if fuse else ''))
+                    if blend:  # the photograph's level and blended score; the net's own score
+                        lines = figures.caption(photo.name, row['blend'],
+                                                row['level'] if graded else None, row['gradable'],
+                                                row['reasons'], score_name='blend score',
+                                                net=f'{net}, {tag}' + (', fused' if fuse else '')
+                                                + f'; its own score {row[g.column]:.2f}')
+                    else:
+                        own = int(to_levels([row[g.column]], level_cuts([g], n_iter))[0])
+                        lines = figures.caption(photo.name, row[g.column],
+                                                own if graded else None, row['gradable'],
+                                                row['reasons'],
+                                                net=f'{net}, {tag}' + (', fused' if fuse else ''))
                     converted = photo.converted[(g.crop_size, g.preprocessing)]
                     window = centre_crop(torch.from_numpy(converted).permute(2, 0, 1),
                                          g.input_size).to(torch.uint8).permute(1, 2, 0).numpy()
@@ -241,31 +263,26 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                     if save_maps:
                         atomic.save_npy(path.with_suffix('.npy'), heat_map.numpy())
             bar.update(len(photos))
+    rows = [row for _, row in sorted(zip(positions, rows), key=lambda pair: pair[0])]
     columns = ['image', *[g.column for g in graders], 'mean', 'level']
+    alone = []
     if blend and rows:
         if blend.per_patient:
             from retina.blend.reports import note_lone_eyes
             note_lone_eyes([r['image'] for r in rows], 'photographs',
                            lambda line: tqdm.write(line, file=sys.stderr))
-        ungradable = {r['image'] for r in rows if r['gradable'] == 'no'}
-        blended = blend.predict([r['image'] for r in rows], per_photo_features, graders,
-                                without=ungradable if blend.per_patient else ())
-        if blend.per_patient:
             alone = partners_of(ungradable, [r['image'] for r in rows])
             if alone:
                 partner_note = (f'note: {len(alone)} eye(s) graded alone, their partner being '
                                 f'ungradable (an ungradable eye never feeds the per-patient '
                                 f'blend): {first_few(alone)}')
                 tqdm.write(partner_note, file=sys.stderr)
-        for row, score in zip(rows, blended):
-            row['blend'] = float(score)
-            row['level'] = int(to_levels([score], blend.thresholds)[0])
         columns = ['image', *[g.column for g in graders], 'mean', 'blend', 'level']
     if not grade_anyway:
         for row in rows:
             if row['gradable'] == 'no':
                 row['level'] = None  # JSON null; an empty CSV cell
-    notes = [partner_note] if blend and rows and blend.per_patient and alone else []
+    notes = [partner_note] if alone else []
     if already:
         notes.append(f'note: {len(already)} photograph(s) arrived converted with a look '
                      f'already and were not given it again: {first_few(already)}')
@@ -275,6 +292,23 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                   heat_maps=heat_maps, model=model, model_sha256=model_sha256,
                   notes=notes + ([f'note: {len(unread)} file(s) of other image formats not '
                                   f'graded: {first_few(unread)}'] if unread else []))
+
+
+def patient_batches(photo_paths, batch_size):
+    """`photo_paths` in batches of about `batch_size`, a patient's eyes ({patient}_left and
+    _right) always in the same batch (the later eye moved up beside the first; one batch may
+    then hold one more), so that a per-patient blend can be applied batch by batch."""
+    by_patient = {}
+    for path in photo_paths:
+        by_patient.setdefault(patient_and_eye(Path(path).stem)[0], []).append(path)
+    batch = []
+    for group in by_patient.values():
+        if batch and len(batch) + len(group) > batch_size:
+            yield batch
+            batch = []
+        batch += group
+    if batch:
+        yield batch
 
 
 def partners_of(ungradable, names):

@@ -14,7 +14,8 @@ peak instead, and says so on its bar).  The opacity grows with the level, so the
 through where the map says little.  Nothing is coloured outside the eye: the eye's disc is
 found on the picture's photograph itself (`fundus_mask`), the black surround of a fundus
 photograph is no tissue.  Each PNG carries the scale, its unit and where the photograph
-lies in the picture as text chunks (retina.scale, retina.legend, retina.photo_box).
+lies in the picture as text chunks (retina.scale, retina.legend, retina.caption,
+retina.photo_box).
 `by_level_figure` is ram.py's summary of one example per level, on the same scale.
 """
 import dataclasses
@@ -114,11 +115,12 @@ def legend(method, fused=False, per_image=False, signed=False):
     return f'{what}, {unit}; {scale}' + ('; blue: against the grade' if signed else '')
 
 
-def caption(name, score, level=None, gradable=None, reasons='', net='', label=None):
+def caption(name, score, level=None, gradable=None, reasons='', net='', label=None,
+            score_name='score'):
     """The lines written above a picture: the photograph and its grade, the gradable verdict,
     the net.  `gradable` is 'yes', 'no' or None (not checked); `level` None: no level given."""
     grade = f'level {level}' if level is not None and level != '' else 'no level'
-    first = f'{name}: {grade} (score {score:.2f})' + (f', label {label}' if label is not None else '')
+    first = f'{name}: {grade} ({score_name} {score:.2f})' + (f', label {label}' if label is not None else '')
     verdict = {'yes': 'gradable: yes', 'no': f'gradable: NO ({reasons})'}.get(
         gradable, 'gradable: not checked (a converted image; predict.py checks photographs)')
     return [first, verdict, net]
@@ -184,7 +186,7 @@ def render(photo, heat, lines, legend_text, cmap=None, alpha=OPACITY, signed=Fal
         draw.text((width + size // 2, bar_top + bar_height + size + round(row * 1.2 * size)), line,
                   fill=(220, 220, 220), font=small)
     picture.info.update({'retina.scale': f'{-top if signed else 0:g}..{top:g}',
-                         'retina.legend': legend_text,
+                         'retina.legend': legend_text, 'retina.caption': '\n'.join(lines),
                          'retina.photo_box': f'0,{header},{width},{header + height}'})
     return picture
 
