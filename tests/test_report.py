@@ -110,3 +110,23 @@ def test_report_in_a_real_browser_sorts_on_a_click_and_loads_every_picture(repor
     with Image.open(screenshot) as picture:
         assert picture.size == (1280, 1600)
         assert len(np.unique(np.asarray(picture.convert('L')))) > 50, 'a blank screenshot'
+
+
+def test_card_figures_are_the_test_split_rows_of_the_model_itself(tmp_path):
+    """A net's card: its 'test split' rows; a chain's card (one table of several graders): the
+    chain's own rows, never a single net's; a card without such a table: nothing."""
+    from retina.grade.report import test_split_rows
+    card = tmp_path / 'card.md'
+    card.write_text('# x\n\n| photographs | kappa |\n| --- | --- |\n| test split (e256) | 0.3 |\n'
+                    '| eyepacs_raw | 0.2 |\n\nText.\n\n| photographs (patients) | grader | kappa |\n'
+                    '| --- | --- | --- |\n| all test splits | x-chain (default) | 0.4 |\n'
+                    '| all test splits | x-256 | 0.3 |\n| odir test split | x-chain (default) | 0.5 |\n')
+    assert test_split_rows(card, 'x-256') == (['photographs', 'kappa'], [['test split (e256)', '0.3']])
+    chain = tmp_path / 'chain.md'
+    chain.write_text(card.read_text().split('Text.')[1])
+    header, rows = test_split_rows(chain, 'x-chain')
+    assert header[:2] == ['photographs (patients)', 'grader']
+    assert [r[0] for r in rows] == ['all test splits', 'odir test split']
+    assert all(r[1].startswith('x-chain') for r in rows)
+    chain.write_text('# no table\n')
+    assert test_split_rows(chain, 'x-chain') == ([], [])

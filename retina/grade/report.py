@@ -73,20 +73,27 @@ def model_entries(weights_files):
     return found
 
 
-def test_split_rows(card):
-    """(header cells, [row cells]) of the card's held-out table: its header and the rows that
-    start with 'test split'; ([], []) when the card has none."""
+def test_split_rows(card, name=None):
+    """(header cells, [row cells]) of the card's held-out table: the first table headed
+    'photographs...' with rows on a test split ('test split (e256)', 'all test splits'); in a
+    table with a 'grader' column (a chain's card, the single nets beside it), only the rows of
+    grader `name`.  ([], []) when the card has none."""
     if card is None or not Path(card).is_file():
         return [], []
-    lines = Path(card).read_text(encoding='utf-8').splitlines()
     header, rows = [], []
-    for i, line in enumerate(lines):
+    for line in Path(card).read_text(encoding='utf-8').splitlines() + ['']:
         cells = [c.strip() for c in line.strip().strip('|').split('|')]
-        if line.startswith('| photographs |') and not header:
+        if not line.startswith('|'):  # a table ends
+            if rows:
+                return header, rows
+            header = []
+        elif line.startswith('| photographs') and not header:
             header = cells
-        elif line.startswith('| test split') and header:
+        elif header and 'test split' in cells[0] and (
+                'grader' not in header or name is None
+                or cells[header.index('grader')].startswith(name)):
             rows.append(cells)
-    return header, rows
+    return [], []
 
 
 def _thumbnail(photo_path, out_path):
@@ -153,7 +160,7 @@ def write_report(report_path, result, photo_paths, weights_files, command=''):
 def _model_section(weights_files):
     parts = []
     for name, digest, card in model_entries(weights_files):
-        header, test_rows = test_split_rows(card)
+        header, test_rows = test_split_rows(card, name)
         card_note = (f' (model card <code>{html.escape(f"{card.parent.name}/{card.name}")}</code>)'
                      if card else ' (not a released model: no model card)')
         parts.append(f'<h3>{html.escape(name)}</h3><p class="sha">sha256 <code>{digest}</code>'
