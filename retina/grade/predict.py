@@ -246,7 +246,7 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                                                 row['reasons'],
                                                 net=f'{net}, {tag}' + (', fused' if fuse else ''))
                     converted = photo.converted[(g.crop_size, g.preprocessing)]
-                    window = centre_crop(torch.from_numpy(converted).permute(2, 0, 1),
+                    window = centre_crop(torch.tensor(converted).permute(2, 0, 1),
                                          g.input_size).to(torch.uint8).permute(1, 2, 0).numpy()
                     heat_map = outputs[id(g)].maps[i]
                     if fuse is not None:
