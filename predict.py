@@ -52,7 +52,10 @@ DEFAULT_CNF = 'c_512_5x5_32_ram'
 @click.option('--heatmap', 'heatmap_dir', type=click.Path(file_okay=False),
               help='Write the heat map of each net over each uncropped photograph to this '
                    'folder ({image}_{method}_{cnf}.png; the outline is the net\'s window), made, '
-                   'upsampled and coloured as ram.py does it.')
+                   'upsampled and coloured as ram.py does it; its caption gives the level the '
+                   'photograph is given (a blend\'s, with a blend).  A released chain without '
+                   '--method, --layer or --fuse draws one map a photograph: its fast net\'s '
+                   'measured best.')
 @click.option('--method', type=click.Choice(METHOD_NAMES),
               help='The heat map of --heatmap.  ' + METHOD_HELP + '  [default: ram; for a '
                    'released model without --layer or --fuse, the map measured best for it '

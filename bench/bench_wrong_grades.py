@@ -242,8 +242,11 @@ def refit(weights, photos, labels, tmp):
 @click.option('--refit_labels', type=click.Path(dir_okay=False), help='Their labels.')
 @click.option('--cases/--no_cases', default=True, show_default=True,
               help='Grade the made-up cases (part 1); --no_cases: the real photographs only.')
+@click.option('--real/--no_real', default=True, show_default=True,
+              help='Grade the real photographs of every source (part 2); --no_real: the cases '
+                   'only.')
 @click.option('--write', is_flag=True, help='Write the tables into BENCHMARKS.md.')
-def main(weights_from, limit, odir, refit_photos, refit_labels, cases, write):
+def main(weights_from, limit, odir, refit_photos, refit_labels, cases, real, write):
     started = time.time()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -255,7 +258,7 @@ def main(weights_from, limit, odir, refit_photos, refit_labels, cases, write):
                    'eyepacs256': (SHARED / 'eyepacs256', True)}
         if odir:
             sources['ODIR-5K'] = (Path(odir), True)
-        real, graded = real_rows(sources, weights_from)
+        real, graded = real_rows(sources, weights_from) if real else (['(not run: --no_real)'], {})
         unlike = unlike_by_level(graded)
         refit_lines = []
         if refit_photos:
