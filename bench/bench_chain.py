@@ -128,8 +128,12 @@ def raw_test(work, raw, labels_file, nets, hold_out, trained_patients, log):
     unseen = [p for p in photos if patient_and_eye(image_name(p))[0] not in trained_patients]
     if not unseen:
         return []
-    # Named by the nets: a rerun with other nets grades again instead of reusing the grades.
-    out = work / f'raw_{raw.name}_{"+".join(name for name, _ in nets)}.csv'
+    # Named by the nets and their weights' checksums: a rerun with other nets, or with the
+    # same nets retrained, grades again instead of reusing the grades.
+    from retina.model.released import sha256_of
+    out = work / (f'raw_{raw.name}_' + '+'.join(
+        f'{name}-{sha256_of(work / paths.best_kappa_weights(name))[:8]}' for name, _ in nets)
+        + '.csv')
     if not out.is_file():
         listing = work / f'raw_{raw.name}'
         listing.mkdir(exist_ok=True)
