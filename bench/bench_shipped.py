@@ -45,10 +45,29 @@ from retina.data.labels import held_out, load_labels  # noqa: E402
 SECTION = 'Real photographs: the shipped grader on every source'
 
 
+def grader_key(args):
+    """A short digest of predict.py's ARGS and the checksums of the released models they grade
+    with (the default's when they name none): a re-released model is graded again instead of
+    being read from the cache of its predecessor."""
+    import hashlib
+
+    from retina.model import released
+    found = released.index()
+    models = found['models']
+    tokens = shlex.split(args)
+    names = [t for t in tokens if t in models]
+    if not {'--weights_from', '--blend', '--cnf'} & set(tokens) and found['default']:
+        names.append(found['default'])
+    for name in list(names):
+        names += models[name].get('nets', [])
+    text = args + ''.join(f'|{n}:{models[n]["sha256"]}' for n in sorted(set(names)))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
 def graded(work, label, args, folder, photos, log):
     """predict.py ARGS on `photos` (linked into a folder of their own): {image: row}."""
     slug = ''.join(c if c.isalnum() else '_' for c in label)
-    out = work / f'{slug}_{folder}.csv'
+    out = work / f'{slug}_{grader_key(args)}_{folder}.csv'
     if not out.is_file():
         listing = work / f'photos_{folder}'
         listing.mkdir(parents=True, exist_ok=True)
