@@ -115,14 +115,14 @@ def main(nets, blends, sets, limit, hold_out, write):
         paths = test_split(folder, hold_out, limit)
         with tempfile.TemporaryDirectory() as tmp:
             write_copies(paths, Path(tmp))
-            for weights, args in graders:
+            for label, args in graders:
                 reference = grade(Path(tmp) / 'as_saved', args)
                 un = np.mean([r['gradable'] == 'no' for r in reference.values()])
-                lines.append(f'| {weights} | {name} ({len(paths)}) | as saved | {un:.1%} | — | — | — |')
+                lines.append(f'| {label} | {name} ({len(paths)}) | as saved | {un:.1%} | — | — | — |')
                 for quality in QUALITIES:
                     copy = grade(Path(tmp) / f'q{quality}', args)
                     un, delta, changed, far = compare(reference, copy)
-                    lines.append(f'| {weights} | {name} | {quality} | {un:.1%} | {delta:.2f} | '
+                    lines.append(f'| {label} | {name} | {quality} | {un:.1%} | {delta:.2f} | '
                                  f'{changed:.1%} | {far:.1%} |')
                     print(lines[-1], flush=True)
     body = (f'{today()}, {cpu_model()}; `python bench/bench_compression.py '

@@ -38,7 +38,7 @@ from retina.core import atomic, paths
 from retina.core.errors import UserError, first_few
 from retina.core.metrics import to_levels
 from retina.core.paths import IMAGE_EXTENSIONS, patient_and_eye
-from retina.data.images import collect_images, csv_safe
+from retina.data.images import collect_images, csv_safe, image_name
 from retina.grade.grader import level_cuts, model_identity, name_columns, score_batch
 from retina.grade.photos import UNSTABLE, load_photos, unstable
 from retina.model import released
@@ -233,18 +233,16 @@ def grade(graders, inputs, n_iter=1, blend=None, heatmap_dir=None, batch_size=BA
                     graded = row['gradable'] == 'yes' or grade_anyway
                     net = figures.net_name(g.config.name, g.weights) + (
                         f' + {figures.net_name(fuse.config.name, fuse.weights)}' if fuse else '')
+                    net += f', {tag}' + (', fused' if fuse else '')
                     if blend:  # the photograph's level and blended score; the net's own score
-                        lines = figures.caption(photo.name, row['blend'],
-                                                row['level'] if graded else None, row['gradable'],
-                                                row['reasons'], score_name='blend score',
-                                                net=f'{net}, {tag}' + (', fused' if fuse else '')
-                                                + f'; its own score {row[g.column]:.2f}')
+                        score, level, score_name = row['blend'], row['level'], 'blend score'
+                        net += f'; its own score {row[g.column]:.2f}'
                     else:
-                        own = int(to_levels([row[g.column]], level_cuts([g], n_iter))[0])
-                        lines = figures.caption(photo.name, row[g.column],
-                                                own if graded else None, row['gradable'],
-                                                row['reasons'],
-                                                net=f'{net}, {tag}' + (', fused' if fuse else ''))
+                        score, score_name = row[g.column], 'score'
+                        level = int(to_levels([score], level_cuts([g], n_iter))[0])
+                    lines = figures.caption(photo.name, score, level if graded else None,
+                                            row['gradable'], row['reasons'], net=net,
+                                            score_name=score_name)
                     converted = photo.converted[(g.crop_size, g.preprocessing)]
                     window = centre_crop(torch.tensor(converted).permute(2, 0, 1),
                                          g.input_size).to(torch.uint8).permute(1, 2, 0).numpy()
@@ -300,7 +298,7 @@ def patient_batches(photo_paths, batch_size):
     then hold one more), so that a per-patient blend can be applied batch by batch."""
     by_patient = {}
     for path in photo_paths:
-        by_patient.setdefault(patient_and_eye(Path(path).stem)[0], []).append(path)
+        by_patient.setdefault(patient_and_eye(image_name(path))[0], []).append(path)
     batch = []
     for group in by_patient.values():
         if batch and len(batch) + len(group) > batch_size:
