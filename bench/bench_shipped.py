@@ -46,10 +46,12 @@ SECTION = 'Real photographs: the shipped grader on every source'
 
 
 def grader_key(args):
-    """A short digest of predict.py's ARGS and the checksums of the released models they grade
-    with (the default's when they name none): a re-released model is graded again instead of
-    being read from the cache of its predecessor."""
+    """A short digest of predict.py's ARGS and the index entries (checksums, the storage of
+    their training images...) of the released models they grade with (the default's when they
+    name none): a re-released model is graded again instead of being read from the cache of its
+    predecessor."""
     import hashlib
+    import json
 
     from retina.model import released
     found = released.index()
@@ -60,7 +62,8 @@ def grader_key(args):
         names.append(found['default'])
     for name in list(names):
         names += models[name].get('nets', [])
-    text = args + ''.join(f'|{n}:{models[n]["sha256"]}' for n in sorted(set(names)))
+    text = args + ''.join(f'|{n}:{json.dumps(models[n], sort_keys=True)}'
+                          for n in sorted(set(names)))
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 

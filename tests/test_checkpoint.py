@@ -86,3 +86,10 @@ def test_weights_that_do_not_match_their_config_or_are_not_finite(tmp_path, untr
     with pytest.raises(UserError, match=words) as caught:
         checkpoint.load(path)
     assert str(path) in str(caught.value) and '\n' not in str(caught.value)
+
+
+def test_weights_trained_on_images_stored_in_an_unknown_way_are_refused(tmp_path, untrained):
+    path = _saved(tmp_path, untrained, lambda state: state.update(encoding='webp80'))
+    with pytest.raises(UserError, match=r"w\.pt: trained on images stored as 'webp80'"):
+        checkpoint.load_net(CONFIG, path)
+    assert checkpoint.load_net(CONFIG, untrained).spec.encoding == 'none'  # unrecorded: lossless

@@ -548,3 +548,23 @@ def test_a_truncated_earlier_output_is_converted_again(tmp_path):
         assert summary.converted == 1, extension
         with Image.open(result) as image:
             image.load()
+
+
+def test_a_converted_image_as_stored_is_the_file_convert_py_writes(tmp_path, synthetic_source):
+    """crop.as_stored repeats convert.py's storage: 'jpeg97' gives the pixels of the .jpeg file
+    it writes, read back; 'none' (tiff, png) the image itself."""
+    source = sorted((synthetic_source / 'train').glob('*.jpeg'))[0]
+    written = tmp_path / 'converted.jpeg'
+    crop.convert_one(source, written, 128, preprocessing='local_contrast')
+    lossless = tmp_path / 'converted.png'
+    crop.convert_one(source, lossless, 128, preprocessing='local_contrast')
+    rgb = np.asarray(Image.open(lossless).convert('RGB'))
+    stored = np.asarray(Image.open(written).convert('RGB'))
+    assert np.array_equal(crop.as_stored(rgb, 'jpeg97'), stored)
+    assert not np.array_equal(rgb, stored)  # the round trip changes pixels: it is not a no-op
+    assert crop.as_stored(rgb, 'none') is rgb
+    with pytest.raises(ValueError, match='jpeg50'):
+        crop.as_stored(rgb, 'jpeg50')
+    assert crop.encoding_of_files([written, tmp_path / 'b.JPG']) == 'jpeg97'
+    assert crop.encoding_of_files([lossless, tmp_path / 'b.tiff', written]) == 'none'
+    assert crop.encoding_of_files([]) == 'none'

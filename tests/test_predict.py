@@ -44,18 +44,20 @@ def save_untrained(workdir, name, seed=0, **extra):
     return path
 
 
-def converted_route_scores(workdir, photos, name, weights, crop_size=128, enhance='none'):
-    """{image: score}: convert.py's function into a folder (lossless tiff), then the net on
-    the centred window, as train.py's predict and transform.py see it."""
+def converted_route_scores(workdir, photos, name, weights, crop_size=128, enhance='none',
+                           extension='tiff'):
+    """{image: score}: convert.py's function into a folder (lossless tiff unless `extension`
+    says), then the net on the centred window, as train.py's predict and transform.py see it."""
     from retina.data.conversion import convert_folder
     from retina.model.augment import prepare_batch
     from retina.model.checkpoint import load_net
-    folder = workdir / f'converted_{name}'
-    convert_folder(photos, folder, crop_size, 'tiff', n_proc=1, progress=False, preprocessing=enhance)
+    folder = workdir / f'converted_{name}_{extension}'
+    convert_folder(photos, folder, crop_size, extension, n_proc=1, progress=False,
+                   preprocessing=enhance)
     loaded = load_net(config_module.load(name), weights, 'cpu')
     net = loaded.net
     scores = {}
-    for path in sorted(folder.glob('*.tiff')):
+    for path in sorted(folder.glob(f'*.{extension}')):
         image = torch.from_numpy(np.array(Image.open(path).convert('RGB'))).permute(2, 0, 1)
         with torch.no_grad():
             scores[path.stem] = float(net(prepare_batch(image[None], net.input_size,
@@ -144,6 +146,30 @@ def test_predict_applies_the_preprocessing_the_net_was_trained_with(photos, tmp_
             grader.loaded.spec, preprocessing='none')))
     plain = grade([plain_grader], [photos], progress=False).rows
     assert max(abs(a[f'score_{RAM}'] - b[f'score_{RAM}']) for a, b in zip(rows, plain)) > 1e-3
+
+
+def test_a_net_trained_on_jpeg_conversions_grades_raw_photos_as_their_stored_jpegs(photos,
+                                                                                   tmp_path):
+    """A net trained on convert.py --extension jpeg images (the checkpoint records 'jpeg97')
+    sees each raw photograph as that JPEG reads back, so predict.py's score is the score of the
+    stored file transform.py and blend.py use; without the round trip the scores move."""
+    import dataclasses
+
+    from retina.grade.grader import load_grader
+    from retina.grade.predict import grade
+    weights = save_untrained(tmp_path, RAM, preprocessing='local_contrast', encoding='jpeg97')
+    reference = converted_route_scores(tmp_path, photos, RAM, weights, enhance='local_contrast',
+                                       extension='jpeg')
+    grader = load_grader(RAM, weights, 'cpu')
+    assert grader.spec.encoding == 'jpeg97'
+    rows = grade([grader], [photos], progress=False).rows
+    assert {row['image'] for row in rows} == set(reference)
+    for row in rows:
+        assert abs(row[f'score_{RAM}'] - reference[row['image']]) < 1e-4, row['image']
+    lossless = dataclasses.replace(grader, loaded=dataclasses.replace(
+        grader.loaded, spec=dataclasses.replace(grader.loaded.spec, encoding='none')))
+    unstored = grade([lossless], [photos], progress=False).rows
+    assert max(abs(a[f'score_{RAM}'] - b[f'score_{RAM}']) for a, b in zip(rows, unstored)) > 1e-4
 
 
 def test_heat_map_lies_over_the_eye_in_the_photograph():

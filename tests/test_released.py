@@ -55,6 +55,10 @@ def test_every_released_file_passes_its_checksum_and_grades_a_photo(name, synthe
     assert 'optimizer' not in state or state['optimizer'] is None
     card = (released.MODELS_DIR / entry['card']).read_text()
     assert entry['sha256'] in card and 'Not a medical device' in card
+    # how its training images were stored: the checkpoint's own record, or (written before
+    # checkpoints kept one) its index entry's, for predict.py to repeat
+    assert entry['encoding'] == state.get('encoding', entry['encoding']) == 'jpeg97'
+    assert checkpoint.load_net(entry['config'], name).spec.encoding == 'jpeg97'
     # --grade_anyway: the file grades (a synthetic photograph may be called ungradable)
     result = run_script('predict.py', photo, '--weights_from', name, '--json', '--no_progress',
                         '--grade_anyway', cwd=tmp_path, env=env)
@@ -100,6 +104,8 @@ def test_release_writes_the_checkpoint_its_checksum_and_a_card_of_test_split_fig
     trained = checkpoint.load(work / paths.best_kappa_weights('c_128_5x5_32_ram'))
     for key, value in trained['model'].items():
         assert torch.equal(state['model'][key], value), key
+    # trained on convert.py's JPEGs: the checkpoint and the index say so
+    assert state['encoding'] == trained['encoding'] == entry['encoding'] == 'jpeg97'
     card = (models / entry['card']).read_text()
     names = [p.stem for p in (work / 'data' / 'train_tiny').iterdir() if p.suffix == '.jpeg']
     held = [n for n in names if held_out(n, 0.3)]
@@ -311,20 +317,21 @@ def chain(release, synthetic_source, tmp_path_factory):
     shipped = chain_work / 'shipped'
     shutil.copytree(models, shipped)
     data, files = chain_work / 'data', []
-    # lossless, so that the submission's features are those predict.py computes from the photos
+    # stored as the net's training images were (convert.py's JPEG, which predict.py repeats in
+    # memory), so that the submission's features are those predict.py computes from the photos
     from retina.data.conversion import convert_folder
-    convert_folder(synthetic_source / 'test', data / 'test_lossless', 128, 'tiff', n_proc=1,
+    convert_folder(synthetic_source / 'test', data / 'test_stored', 128, 'jpeg', n_proc=1,
                    progress=False)
     config = config_module.load('c_128_5x5_32_ram')
     loaded = checkpoint.load_net(config, shipped / 'tiny-128.pt')
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(chain_work)
-        for split, folder in (('train', data / 'train_tiny'), ('test', data / 'test_lossless')):
+        for split, folder in (('train', data / 'train_tiny'), ('test', data / 'test_stored')):
             made = extract_features(config, loaded, folder, split, n_iter=2, progress=False,
                                     echo=lambda *a: None, weights=str(shipped / 'tiny-128.pt'))
             files += [made['mean'], made['std']] if split == 'train' else []
         result = run_blend({'features': files}, labels_file=data / 'trainLabels.csv',
-                           per_patient=True, predict=True, test_dir=data / 'test_lossless',
+                           per_patient=True, predict=True, test_dir=data / 'test_stored',
                            optimize_thresholds=True, output=data / 'sub.csv', scores=True,
                            pictures=False, echo=lambda *a: None)
     (chain_work / 'figures.md').write_text('| test split | 1.0 |\n')

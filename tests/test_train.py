@@ -778,6 +778,8 @@ def test_resume_keeps_the_runs_folders_and_refuses_a_changed_config(workdir):
     # the checkpoints record the training folder's look, for transform/ram/predict to check
     assert checkpoint.load(workdir / 'weights' / CONFIG / 'last.pt')['preprocessing'] == \
         'local_contrast'
+    # and how its images are stored (png: lossless), for predict.py to repeat
+    assert checkpoint.load(workdir / 'weights' / CONFIG / 'last.pt')['encoding'] == 'none'
 
     elsewhere = run_script('train_nn.py', '--cnf', CONFIG, '--max_epochs', '3', '--no_progress',
                            '--resume', '--train_dir', workdir / 'data' / 'train_tiny',

@@ -43,6 +43,7 @@ fundus cameras do not produce): the original's "centred square" keeps the
 whole tall image and squashes it; here it is a square centred vertically
 too.  For every image at least as wide as tall the two are identical.
 """
+import io
 import math
 from pathlib import Path
 
@@ -192,6 +193,42 @@ def load_for_crop(path, crop_size):
 def save_options(path):
     """Encoder options for an output file: JPEG at quality 97, the others lossless defaults."""
     return {'quality': JPEG_QUALITY} if Path(path).suffix.lower() in ('.jpeg', '.jpg') else {}
+
+
+# --- how converted images are stored: what a net's training images went through -------------
+#
+# convert.py --extension jpeg stores each converted image as a JPEG of quality JPEG_QUALITY;
+# tiff and png are lossless.  A net trained on the JPEGs has only seen images that went through
+# that encoder, and its TTA features and its blend depend on it (a per-patient blend's score
+# moved 0.27 on average between the stored and the unstored image: BENCHMARKS, "predict.py's
+# images as the nets' training images"), so predict.py gives the images it converts in memory
+# the same round trip (`as_stored`).  The checkpoint records it (`encoding_of_files`).
+
+ENCODINGS = ('none', f'jpeg{JPEG_QUALITY}')
+
+
+def encoding_of_files(image_paths):
+    """How most of `image_paths` (a net's training images) are stored: 'jpeg97' for convert.py's
+    JPEGs, 'none' for lossless files."""
+    image_paths = list(image_paths)
+    jpegs = sum(Path(p).suffix.lower() in ('.jpeg', '.jpg') for p in image_paths)
+    return ENCODINGS[1] if image_paths and 2 * jpegs > len(image_paths) else ENCODINGS[0]
+
+
+def as_stored(rgb, encoding):
+    """The (S, S, 3) uint8 converted image `rgb` as it reads back from a file convert.py stores
+    with `encoding` (one of ENCODINGS): unchanged for 'none', through the JPEG encoder at
+    convert.py's quality for 'jpeg97' (the very bytes convert.py would write)."""
+    if encoding == ENCODINGS[0]:
+        return rgb
+    if encoding != ENCODINGS[1]:
+        raise ValueError(f'unknown image encoding {encoding!r} (one of {", ".join(ENCODINGS)})')
+    buffer = io.BytesIO()
+    Image.fromarray(np.asarray(rgb, dtype=np.uint8)).save(buffer, format='JPEG',
+                                                          quality=JPEG_QUALITY)
+    buffer.seek(0)
+    with Image.open(buffer) as image:
+        return np.asarray(image.convert('RGB'))
 
 
 def convert_one(src, dst, crop_size, warnings=None, preprocessing='none'):

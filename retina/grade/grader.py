@@ -10,6 +10,7 @@ import torch
 
 from retina.core.errors import UserError
 from retina.data.cache import check_side, converted_size
+from retina.data.crop import as_stored
 from retina.features.files import mean_and_std
 from retina.model import checkpoint, feature_stats, released, scoring
 from retina.model.nets import ram_exact
@@ -152,13 +153,18 @@ def score_batch(grader, photos, n_iter, feature_sets=(), map_method=None,
     (`heat_maps`) if given."""
     device = next(grader.net.parameters()).device
     key = (grader.crop_size, grader.preprocessing)
-    images = scoring.as_batch([p.converted[key] for p in photos], device)
+    # each image converted here as the net's training images were stored (convert.py's JPEG);
+    # a photograph that arrived converted is taken as it is stored
+    def stored(photo, image):
+        return image if photo.already else as_stored(image, grader.spec.encoding)
+
+    images = scoring.as_batch([stored(p, p.converted[key]) for p in photos], device)
     result = NetOutput(scores=None)
     outputs, score_features = passes(grader, images,
                                      scoring.augmentations(grader.config, n_iter))
     result.scores = np.mean(outputs, axis=0)
     if all(key in p.resaved for p in photos):
-        copies = scoring.as_batch([p.resaved[key] for p in photos], device)
+        copies = scoring.as_batch([stored(p, p.resaved[key]) for p in photos], device)
         result.resaved = passes(grader, copies, [None])[0][0]
     if grader.feature_stats is not None:  # on the centred window, as they were fitted
         centred = score_features[0] if n_iter == 1 else passes(grader, images, [None])[1][0]

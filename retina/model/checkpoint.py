@@ -280,13 +280,16 @@ class InputSpec:
     `constants` the `augment.PixelConstants` it was trained with; `precision` the arithmetic
     its scores (and cut-offs) are defined in, 'fp32' unless a caller asks otherwise; `cuts`
     its own level cut-offs for the centred window (a released net's, fitted on its
-    validation photographs), or None."""
+    validation photographs), or None; `encoding` how its training images were stored
+    (`crop.ENCODINGS`: 'jpeg97' for convert.py --extension jpeg, 'none' for lossless files), which
+    predict.py repeats on the images it converts in memory (`crop.as_stored`)."""
     window: tuple
     size: int
     preprocessing: str
     constants: object
     precision: str = 'fp32'
     cuts: tuple = None
+    encoding: str = 'none'
 
     def __post_init__(self):
         if self.constants is None:
@@ -297,7 +300,7 @@ class InputSpec:
                              f'not {self.precision!r}')
 
     @classmethod
-    def of_config(cls, config, preprocessing='none', cuts=None, window=None):
+    def of_config(cls, config, preprocessing='none', cuts=None, window=None, encoding='none'):
         """The spec of a net of `config` (a net being trained, or a checkpoint's own resolved
         config): its window [or `window`], the converted size, its pixel constants."""
         from retina.data.cache import converted_size
@@ -305,7 +308,7 @@ class InputSpec:
         window = tuple(int(v) for v in (window or config.input_size))
         return cls(window=window, size=converted_size(window), preprocessing=preprocessing,
                    constants=constants_for(config.cnf),
-                   cuts=tuple(float(c) for c in cuts) if cuts else None)
+                   cuts=tuple(float(c) for c in cuts) if cuts else None, encoding=encoding)
 
     @classmethod
     def of_state(cls, state, path='the checkpoint', window=None):
@@ -318,14 +321,19 @@ class InputSpec:
             raise UserError(f'{path}: trained on images preprocessed with {preprocessing!r}, '
                             f'which this version does not know '
                             f'({", ".join(preprocess.PREPROCESSING)})')
+        from retina.data.crop import ENCODINGS
+        encoding = state.get('encoding', 'none')
+        if encoding not in ENCODINGS:
+            raise UserError(f'{path}: trained on images stored as {encoding!r}, which this '
+                            f'version does not know ({", ".join(ENCODINGS)})')
         return cls.of_config(config_of(state), preprocessing, state.get('thresholds'),
-                             window)
+                             window, encoding)
 
     def as_dict(self):
         """Plain values (JSON, a checkpoint entry); `from_dict` reads them back."""
         return dict(window=list(self.window), size=self.size, preprocessing=self.preprocessing,
                     constants=dataclasses.asdict(self.constants), precision=self.precision,
-                    cuts=list(self.cuts) if self.cuts else None)
+                    cuts=list(self.cuts) if self.cuts else None, encoding=self.encoding)
 
     @classmethod
     def from_dict(cls, values):
@@ -334,7 +342,8 @@ class InputSpec:
         return cls(window=tuple(values['window']), size=int(values['size']),
                    preprocessing=values['preprocessing'], constants=constants_for(constants),
                    precision=values['precision'],
-                   cuts=tuple(float(c) for c in values['cuts']) if values.get('cuts') else None)
+                   cuts=tuple(float(c) for c in values['cuts']) if values.get('cuts') else None,
+                   encoding=values.get('encoding', 'none'))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,6 +425,7 @@ def load_net(config, weights_from=None, device='cpu'):
     look, cut-offs) is the one it was trained with, whatever name it is loaded under: the
     named config's constants would standardise the images unlike training.
     """
+    from retina.model import released
     if isinstance(config, (str, Path)):
         config = config_module.load(config)
     weights_path = resolve_weights(weights_from, config.name)
@@ -424,6 +434,8 @@ def load_net(config, weights_from=None, device='cpu'):
     built = own if state.get('config_name') == config.name else config
     model = build_uninitialised(built)
     load_exact(model, state, weights_path, config.name)
+    if 'encoding' not in state:  # written before checkpoints said: a released model's index does
+        state['encoding'] = released.encoding_of(weights_path)
     spec = InputSpec.of_state(state, weights_path, window=built.input_size)
     return LoadedNet(config=built, net=model.to(device).eval(), weights=Path(weights_path),
                      spec=spec,

@@ -204,6 +204,23 @@ def identify(path):
     return _identify(str(Path(path).resolve()), status.st_size, status.st_mtime_ns)
 
 
+def encoding_of(path):
+    """How the training images of the weights file `path` were stored (crop.ENCODINGS), for a
+    checkpoint written before checkpoints recorded it: its released model's index entry says
+    ('encoding'); 'none' for any other file."""
+    name, _ = identify(path)
+    if name is None:
+        return 'none'
+    for folder in folders():
+        try:
+            entry = index(folder)['models'].get(name)
+        except UserError:
+            continue
+        if entry is not None:
+            return entry.get('encoding', 'none')
+    return 'none'
+
+
 @functools.lru_cache(maxsize=16)
 def _identify(path, size, mtime):  # each file hashed once per run while it is unchanged
     digest = sha256_of(path)

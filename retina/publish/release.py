@@ -32,7 +32,7 @@ from retina.model.nets import is_ram_net
 
 # What a released checkpoint holds besides the weights (no optimizer state).
 KEEP = ('format', 'config_name', 'config', 'epoch', 'seed', 'preprocessing', 'precision',
-        'best_kappa', 'feature_stats')
+        'best_kappa', 'feature_stats', 'encoding')
 
 
 def slim(state):
@@ -295,6 +295,9 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
         raise UserError(f'{weights}: trained without --hold_out, so no patients are left that '
                         f'it never saw: train with train_nn.py --hold_out 0.15 to release it')
     image_paths, levels = labelled_images(photos, labels)
+    if 'encoding' not in state:  # trained before checkpoints said: as its photographs are stored
+        from retina.data.crop import encoding_of_files
+        state['encoding'] = encoding_of_files(image_paths)
     names = [image_name(p) for p in image_paths]
     train_rows, valid_rows, test_rows = split_rows(names, levels, hold_out)
     click.echo(f'{name}: scoring {len(test_rows)} test-split photographs of {photos}')
@@ -372,7 +375,7 @@ def main(name, weights, photos, labels, raw, heatmaps, training, summary, make_d
     card_path = models_dir / f'{name}.md'
     atomic.write_text(card_path, card)
     released.write_index(models_dir, name, dict(file=target.name, sha256=digest, config=config.name,
-                                       card=card_path.name,
+                                       card=card_path.name, encoding=state['encoding'],
                                        summary=summary or card.splitlines()[2]),
                 make_default)
     click.echo(f'released {name}: {target} (sha256 {digest[:16]}…), card {card_path}')

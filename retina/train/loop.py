@@ -30,7 +30,7 @@ from retina.core.metrics import kappa
 from retina.core.paths import patient_and_eye
 from retina.core.runtime import (CUDA_GRAPHS, Runtime, batches, check_cuda_graphs, compile_or_eager,
                                  new_step, note_cuda_graph_skips, place_images, setup_runtime)
-from retina.data import cache, preprocess
+from retina.data import cache, crop, preprocess
 from retina.data.labels import balanced_sample, held_out, labelled_images, split_indices
 from retina.model import checkpoint
 from retina.model.checkpoint import InputSpec
@@ -166,6 +166,7 @@ class Setup:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     preprocessing: str  # convert.py --enhance of the training images: kept in every checkpoint
+    encoding: str  # how they are stored (crop.ENCODINGS): kept in every checkpoint too
     batch_size: int  # images per step in this process (`process_batch_size`)
 
 
@@ -259,6 +260,7 @@ def set_up(config, runtime, seed, deterministic, cache_on_device, progress, say,
     return Setup(config, runtime, place_images(host_images, runtime, cache_on_device), levels,
                train_idx, valid_idx, model,
                make_optimizer(model, cnf, lr_for_epoch(cnf['schedule'], 1)), preprocessing,
+               crop.encoding_of_files(image_paths),
                process_batch_size(cnf, runtime, split_batch))
 
 

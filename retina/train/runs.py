@@ -89,7 +89,8 @@ class Keeper:
 
     def _state(self, epoch):
         return dict(model=self.run.model, config=self.run.config, epoch=epoch, seed=self.seed,
-                    preprocessing=self.run.preprocessing, precision=self.run.runtime.precision)
+                    preprocessing=self.run.preprocessing, encoding=self.run.encoding,
+                    precision=self.run.runtime.precision)
 
     def wait(self):
         """Join the checkpoint writes in flight (raising their error, e.g. a full disk)."""
