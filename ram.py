@@ -125,6 +125,7 @@ def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights,
         raise UserError(f'{option} needs --masks (there is nothing to score without lesion masks)')
     from retina.core import atomic
     from retina.core.runtime import resolve_device
+    from retina.data.crop import encoding_warning
     from retina.data.images import collect_images
     from retina.heatmaps import ram
     ram.methods.check_layer(method, layer)
@@ -142,11 +143,16 @@ def main(cnf, weights_from, method, layer, include_bias, fuse_cnf, fuse_weights,
         fuse_with = ram.net_for_method(fuse_config, fuse_weights, device, method)
     image_paths = collect_images(images or [config.cnf['test_dir']],
                                  what='converted images')[:limit]
+    fuse_paths = collect_images([fuse_images], what='converted images') if fuse_images else None
     if fuse_images:
-        ram.check_preprocessing(collect_images([fuse_images], what='converted images'),
-                                [fuse_with])
+        ram.check_preprocessing(fuse_paths, [fuse_with])
     ram.check_preprocessing(image_paths, [loaded] + ([fuse_with] if fuse_with and not fuse_images
                                                      else []))
+    for net, net_paths in ((loaded, image_paths), (fuse_with, fuse_paths or image_paths)):
+        warning = net and net.encoding_known and encoding_warning(net_paths, net.spec.encoding,
+                                                                  net.weights)
+        if warning:
+            click.echo(warning, err=True)
     title = config.name + (f'+{fuse_config.name}' if fuse_cnf else '')
     output_dir = output_dir or paths.ram_dir(title)
     if not scores_only or save_maps:

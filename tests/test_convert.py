@@ -568,3 +568,9 @@ def test_a_converted_image_as_stored_is_the_file_convert_py_writes(tmp_path, syn
     assert crop.encoding_of_files([written, tmp_path / 'b.JPG']) == 'jpeg97'
     assert crop.encoding_of_files([lossless, tmp_path / 'b.tiff', written]) == 'none'
     assert crop.encoding_of_files([]) == 'none'
+    assert crop.encoding_warning([written], 'jpeg97', 'net.pt') is None
+    assert crop.encoding_warning([lossless], 'none', 'net.pt') is None
+    warning = crop.encoding_warning([lossless], 'jpeg97', 'net.pt')
+    assert str(lossless.parent) in warning and 'net.pt' in warning
+    assert warning.endswith('convert.py --extension jpeg') and '\n' not in warning
+    assert crop.encoding_warning([written], 'none', 'net.pt').endswith('--extension tiff')

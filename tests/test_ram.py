@@ -610,7 +610,8 @@ def test_cli_writes_maps_figure_and_scores_and_names_bad_images(tmp_path):
 def test_cli_gradcam_of_a_baseline_net_with_masks_per_kind(tmp_path):
     tiny_data_set(tmp_path)
     baseline = config_module.load('c_128_5x5_32')
-    checkpoint.save(tmp_path / 'baseline.pt', model=baseline.build_net(), config=baseline, epoch=0)
+    checkpoint.save(tmp_path / 'baseline.pt', model=baseline.build_net(), config=baseline, epoch=0,
+                    encoding='none')  # trained on lossless images; the set is convert.py's JPEGs
     kinds = tmp_path / 'kinds'
     (kinds / 'bright').mkdir(parents=True)
     (kinds / 'red').mkdir()
@@ -633,6 +634,8 @@ def test_cli_gradcam_of_a_baseline_net_with_masks_per_kind(tmp_path):
     assert score_columns(result.stdout, 'auroc[red]')[0] == \
         pytest.approx(scored['kinds']['red']['scores']['auroc']['map'], abs=1e-4)
     assert '# red: 5 image(s) have no mask of this kind' in result.stdout
+    assert 'baseline.pt was trained on images stored lossless' in result.stderr
+    assert 'convert.py --extension tiff' in result.stderr
 
 
 def test_cli_single_files_signed_output_dir_bias_and_fuse(tmp_path):

@@ -125,3 +125,23 @@ def test_transform_never_reuses_features_of_another_folder_with_the_same_names(w
     other = run_script(*command, '--train_dir', copy, cwd=workdir)
     assert 'already complete' not in other.stdout and 'came from other images' in other.stdout
     assert not np.allclose(np.load(name), ours)
+
+
+def test_transform_warns_when_the_folder_is_stored_otherwise_than_the_nets_training_images(
+        workdir):
+    """A net trained on lossless images ('none') given a folder of convert.py's JPEGs (and the
+    other way round): transform.py names the folder and the fix (its features and a blend fitted
+    on them would differ from those of its training images); a net trained on convert.py's
+    JPEGs ('jpeg97'), or one whose checkpoint does not say, says nothing there."""
+    config = config_module.load(CONFIG)
+    weights = workdir / 'weights' / CONFIG / 'weights.pt'
+    command = ['transform.py', '--cnf', CONFIG, '--train', '--no_progress', '--n_iter', '1']
+    checkpoint.save(weights, model=config.build_net(), config=config, epoch=0, encoding='none')
+    warned = run_script(*command, cwd=workdir)
+    assert 'warning:' in warned.stdout and 'stored as JPEG (quality 97)' in warned.stdout
+    assert 'convert.py --extension tiff' in warned.stdout
+    assert str(config.cnf['train_dir']).rstrip('/') in warned.stdout
+    checkpoint.save(weights, model=config.build_net(), config=config, epoch=0, encoding='jpeg97')
+    assert 'warning:' not in run_script(*command, '--restart', cwd=workdir).stdout
+    checkpoint.save(weights, model=config.build_net(), config=config, epoch=0)  # unrecorded
+    assert 'warning:' not in run_script(*command, '--restart', cwd=workdir).stdout

@@ -215,6 +215,26 @@ def encoding_of_files(image_paths):
     return ENCODINGS[1] if image_paths and 2 * jpegs > len(image_paths) else ENCODINGS[0]
 
 
+def encoding_warning(image_paths, encoding, weights):
+    """A one-line warning when most of `image_paths` (converted images about to be scored by the
+    net `weights`) are stored otherwise than its training images were (`encoding`, one of
+    ENCODINGS), else None.  Mixed storage changes a net's features a little and a per-patient
+    blend fitted on them more (its score moved 0.27 on average: BENCHMARKS, "Real photographs:
+    what the re-release changed")."""
+    image_paths = list(image_paths)
+    stored = encoding_of_files(image_paths)
+    if not image_paths or stored == encoding:
+        return None
+    said = {ENCODINGS[0]: 'lossless (tiff or png)', ENCODINGS[1]: f'as JPEG (quality {JPEG_QUALITY})'}
+    folders = sorted({str(Path(p).parent) for p in image_paths})
+    where = folders[0] + (f' and {len(folders) - 1} more folders' if len(folders) > 1 else '')
+    extension = 'jpeg' if encoding == ENCODINGS[1] else 'tiff'
+    return (f'warning: {where}: these images are stored {said[stored]}, but {weights} was trained '
+            f'on images stored {said[encoding]}: its scores and features (and a blend fitted on '
+            f'them) differ from those of its training images; for the same, convert the '
+            f'photographs with convert.py --extension {extension}')
+
+
 def as_stored(rgb, encoding):
     """The (S, S, 3) uint8 converted image `rgb` as it reads back from a file convert.py stores
     with `encoding` (one of ENCODINGS): unchanged for 'none', through the JPEG encoder at

@@ -87,7 +87,7 @@ def _extract_features(config, loaded, folder, split, n_iter, skip, device, batch
     from retina.core import paths
     from retina.core.runtime import (Runtime, compile_or_eager, place_images, release_memory,
                                      smaller_batch)
-    from retina.data import cache, preprocess
+    from retina.data import cache, crop, preprocess
     from retina.data.images import image_name, list_images
     from retina.features import files as feature_files
     from retina.model import scoring
@@ -96,6 +96,10 @@ def _extract_features(config, loaded, folder, split, n_iter, skip, device, batch
     names = [image_name(p) for p in image_paths]
     weights = weights or str(loaded.weights)
     preprocess.check_matches(folder, loaded.preprocessing, weights)
+    warning = loaded.encoding_known and crop.encoding_warning(image_paths, loaded.spec.encoding,
+                                                              weights)
+    if warning:
+        echo(warning)
     images = cache.load_images(image_paths, progress=progress)
     cache.check_size(images, config.input_size, folder, config.name)
     images_key = cache.cache_key(image_paths, images.shape[-1])

@@ -358,6 +358,7 @@ class LoadedNet:
     weights: Path           # the file it came from
     spec: InputSpec         # its input (window, converted size, look, constants) and cut-offs
     state: dict             # the checkpoint's other entries (epoch, feature_stats, thresholds...)
+    encoding_known: bool = True  # False: a file written before checkpoints recorded it ('none')
 
     @property
     def name(self):
@@ -434,12 +435,14 @@ def load_net(config, weights_from=None, device='cpu'):
     built = own if state.get('config_name') == config.name else config
     model = build_uninitialised(built)
     load_exact(model, state, weights_path, config.name)
+    encoding_known = 'encoding' in state or released.identify(weights_path)[0] is not None
     if 'encoding' not in state:  # written before checkpoints said: a released model's index does
         state['encoding'] = released.encoding_of(weights_path)
     spec = InputSpec.of_state(state, weights_path, window=built.input_size)
     return LoadedNet(config=built, net=model.to(device).eval(), weights=Path(weights_path),
                      spec=spec,
-                     state={k: v for k, v in state.items() if k not in ('model', 'optimizer')})
+                     state={k: v for k, v in state.items() if k not in ('model', 'optimizer')},
+                     encoding_known=encoding_known)
 
 
 def build_uninitialised(config):
