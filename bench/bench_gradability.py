@@ -86,12 +86,13 @@ def verdict(image):
     return gradability.reasons(found, side, CROP), found, converted
 
 
-def file_verdict(path):
-    """predict.py's image checks on the file `path` (its decode for a 256-px net)."""
-    image = crop.load_for_crop(path, 256)
+def file_verdict(path, crop_size=CROP):
+    """predict.py's image checks on the file `path` (its decode for a `crop_size` net; the focus
+    on the eye decoded again at its detail size, the compression from the file)."""
+    image = crop.load_for_crop(path, crop_size)
     box = crop.find_eye_box_fast(image)
-    rgb = np.asarray(crop.crop_to_eye(image, 256, box))
-    return crop.gradability_reasons(path, image, box, 256, rgb)
+    rgb = np.asarray(crop.crop_to_eye(image, crop_size, box))
+    return crop.gradability_reasons(path, image, box, crop_size, rgb)
 
 
 def photographs(limit):
@@ -167,9 +168,13 @@ def main(limit, weights, photos, labels, write):
     for name, paths in real:
         flagged, why = 0, {}
         for path in paths:
-            image = crop.load_for_crop(path, CROP)
+            # The real photograph as predict.py checks its file; the degraded copies are made
+            # on a decode large enough for the focus's detail size, as predict.py decodes a
+            # degraded file for it (a decode at the net's size alone blurs the detail).
+            reasons = file_verdict(path)
+            image = crop.load_for_crop(path, 2 * gradability.DETAIL_SIZE)
             sample = sample or image
-            reasons, found, _ = verdict(image)
+            _, found, _ = verdict(image)
             measured.append(found)
             brightness.append(found['brightness'])
             flagged += bool(reasons)

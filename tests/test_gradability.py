@@ -47,6 +47,55 @@ def test_degraded_and_eyeless_images_are_called_ungradable_with_their_reason(syn
     assert 'too small' in verdict(photo.resize((20, 20)))
 
 
+def test_a_cut_through_the_fundus_is_part_of_the_eye_even_when_its_mask_is_nearly_symmetric(
+        synthetic_source):
+    """edge_asymmetry: how much more of one side of the square than of the opposite side is
+    eye.  A left or top half and quarters of the photograph are 'part of the eye'; so are
+    measures whose mirror symmetry passes but whose cut edge does not; the whole eye, turned
+    or flipped, is not."""
+    photo = first_photo(synthetic_source)
+    width, height = photo.size
+
+    def measured(image):
+        box = crop.find_eye_box_fast(image)
+        return gradability.measures(np.asarray(crop.crop_to_eye(image, 128, box)))
+
+    whole = measured(photo)
+    assert whole['edge_asymmetry'] < 0.2
+    for turned in (photo.rotate(90, expand=True), photo.transpose(Image.Transpose.FLIP_TOP_BOTTOM)):
+        assert measured(turned)['edge_asymmetry'] < 0.2
+    for box in ((0, 0, width // 2, height), (0, 0, width, height // 2),
+                (0, 0, width // 2, height // 2), (width // 2, height // 2, width, height)):
+        part = photo.crop(box)
+        assert measured(part)['edge_asymmetry'] > gradability.MAX_EDGE_ASYMMETRY, box
+        assert 'part of the eye' in verdict(part), box
+    symmetric_but_cut = dict(whole, symmetry=0.9, edge_asymmetry=0.8)
+    assert 'part of the eye' in gradability.reasons(symmetric_but_cut, 1000, 128)
+    assert 'part of the eye' not in gradability.reasons(dict(whole, symmetry=0.9), 1000, 128)
+
+
+def test_a_strong_blur_of_a_large_photograph_is_out_of_focus_as_predict_py_checks_it(
+        synthetic_source, tmp_path):
+    """predict.py judges the focus on the eye decoded at 512 px and at 128 px: a strong blur
+    leaves the 512-px detail band to the 8-bit steps, which can pass it, but not the 128-px
+    measure.  The photograph itself passes both."""
+    photo = first_photo(synthetic_source)
+    large = photo.resize((2 * photo.width, 2 * photo.height), Image.Resampling.LANCZOS)
+    for name, image in (('sharp', large),
+                        ('blurred', large.filter(ImageFilter.GaussianBlur(0.04 * large.width)))):
+        path = tmp_path / f'{name}.png'
+        image.save(path)
+        decoded = crop.load_for_crop(path, 128)
+        box = crop.find_eye_box_fast(decoded)
+        rgb = np.asarray(crop.crop_to_eye(decoded, 128, box))
+        found = crop.gradability_reasons(path, decoded, box, 128, rgb)
+        assert ('out of focus' in found) == (name == 'blurred'), (name, found)
+    fooled = dict(gradability.measures(np.asarray(crop.crop_to_eye(photo, 128))),
+                  detail_focus=1.5, focus=0.3)  # the detail band all quantisation steps
+    assert 'out of focus' in gradability.reasons(fooled, 1000, 128)
+    assert 'out of focus' not in gradability.reasons(dict(fooled, focus=0.6), 1000, 128)
+
+
 @pytest.mark.skipif(not (SHARED_DATA / 'eyepacs_raw').is_dir(), reason='no real photographs')
 def test_real_photographs_are_gradable():
     photos = sorted((SHARED_DATA / 'eyepacs_raw' / 'train').glob('*.jpeg'))

@@ -24,7 +24,9 @@ verdict, `gradable` yes or no, and the reasons:
 - `not a photograph`: large patches of exactly one colour inside the "eye" (drawings, icons,
   screenshots, text pasted on the photograph): a camera's noise never leaves them;
 - `part of the eye`: the eye in the square is far from symmetric (a quarter of the eye, a
-  crop that cuts the fundus): the grade would be of the part shown;
+  crop that cuts the fundus): its mask overlaps its mirror images little, or one side of the
+  square is far more eye than the opposite side (the straight edge of a cut); the grade would
+  be of the part shown;
 - `unlike the training photos`: the Mahalanobis distance of the net's pooled features (its
   centred window) from those of its training photographs of the nearest level, beyond 2.0
   times the 99th percentile of its validation photographs' distances
@@ -64,6 +66,11 @@ TOO_SMALL = 0.5          # the eye's side must be at least this × the converted
 MIN_DETAIL_FOCUS = 0.45  # the same measure on the eye at DETAIL_SIZE (real photographs of five
                          # sources: 2nd percentile 0.53-0.62; a 8-px blur of a 1536-px photograph:
                          # 0.30-0.50)
+MIN_COARSE_FOCUS = 0.41  # the 128-px measure, judged beside the detail's: a strong blur leaves
+                         # the detail band to the 8-bit quantisation, whose steps pass it (a
+                         # blur of 4% of the width: detail 0.84-1.9, caught by it for 3% of the
+                         # photographs) but not the 128-px one (≤ 0.31 for 99%); real
+                         # photographs ≥ 0.417 at the 0.1st percentile (ODIR-5K the lowest)
 DETAIL_SIZE = 512
 MIN_CHROMA = 0.05        # mean (max − min channel) / mean brightness inside the eye; real
                          # photographs ≥ 0.07 (eyepacs256's publisher-enhanced grey-white ones
@@ -75,6 +82,11 @@ MAX_FLAT = 0.08          # share of the eye's pixels whose 3×3 neighbourhood is
                          # level (saturated ones aside): real ≤ 0.03, icons and drawings 0.3-0.9
 MIN_SYMMETRY = 0.6       # overlap of the eye's mask with its mirror images; real photographs
                          # ≥ 0.5-0.7 at the 0.3rd percentile, a quarter of the eye 0.2-0.8
+MAX_EDGE_ASYMMETRY = 0.6  # how much more of one side of the square than of the opposite side
+                         # is eye (a cut through the fundus leaves one side all eye): real
+                         # photographs ≤ 0.52-0.57 at the 99.5th percentile (1 of 1,051 above
+                         # 0.6: a field cut by the frame at the bottom only), a quarter of the
+                         # eye ≥ 0.56 at the 0.5th percentile, 0.8-1.0 at the median
 # JPEG quality below which a photograph is heavily compressed, by how many photograph pixels
 # the net's crop gets per pixel (the blocks are 8 photograph pixels: at 4 or more per net pixel
 # they are averaged away).  Set on test-split photographs re-saved at each quality
@@ -203,7 +215,8 @@ def file_measures(path, image):
 def measures(rgb, detail=None):
     """The image measures of a converted photograph (S × S × 3 uint8, before --enhance):
     a dict of fill, corners, brightness, saturated, green_saturated, green, contrast, focus,
-    chroma, flat, symmetry, and detail_focus when `detail` (the eye at DETAIL_SIZE) is given."""
+    chroma, flat, symmetry, edge_asymmetry, and detail_focus when `detail` (the eye at
+    DETAIL_SIZE) is given."""
     from scipy import ndimage
     rgb = _resized(np.asarray(rgb, dtype=np.uint8))
     size = rgb.shape[0]
@@ -217,7 +230,9 @@ def measures(rgb, detail=None):
     count = eye.sum()
     out = dict(fill=float(eye.mean()), corners=float(brightest[outside].mean() / 255),
                symmetry=float(min((eye & eye[:, ::-1]).sum(), (eye & eye[::-1]).sum())
-                              / max(min((eye | eye[:, ::-1]).sum(), (eye | eye[::-1]).sum()), 1)))
+                              / max(min((eye | eye[:, ::-1]).sum(), (eye | eye[::-1]).sum()), 1)),
+               edge_asymmetry=float(max(abs(eye[:, 0].mean() - eye[:, -1].mean()),
+                                        abs(eye[0].mean() - eye[-1].mean()))))
     if detail is not None:
         out['detail_focus'] = detail_focus(detail)
     if count < 16:
@@ -248,7 +263,8 @@ def reasons(found, eye_side, crop_size, quality=None, blocks=None, pixels_per_ne
     photograph (pixels), its JPEG `quality` and `blockiness` (None: not a JPEG / not measured)
     and the photograph's own pixels per converted pixel [default: eye_side / crop_size] give
     for calling it ungradable; [] when it is gradable.  Without `detail_focus` among the
-    measures, the focus is judged on the 128-px measure (`MIN_FOCUS`).  `enhanced`: the
+    measures, the focus is judged on the 128-px measure (`MIN_FOCUS`); with it, on both
+    (`MIN_DETAIL_FOCUS`, `MIN_COARSE_FOCUS`).  `enhanced`: the
     photograph arrived with a look already (its colours evened out: only none is grayscale)."""
     out = []
     if eye_side < TOO_SMALL * crop_size:
@@ -263,8 +279,8 @@ def reasons(found, eye_side, crop_size, quality=None, blocks=None, pixels_per_ne
         out.append('low contrast')
     if found['brightness'] > MAX_BRIGHTNESS or found['green_saturated'] > MAX_GREEN_SATURATED:
         out.append('overexposed')
-    focused = found['detail_focus'] >= MIN_DETAIL_FOCUS if 'detail_focus' in found else \
-        found['focus'] >= MIN_FOCUS
+    focused = (found['detail_focus'] >= MIN_DETAIL_FOCUS and found['focus'] >= MIN_COARSE_FOCUS
+               if 'detail_focus' in found else found['focus'] >= MIN_FOCUS)
     if not no_eye and found['brightness'] >= MIN_BRIGHTNESS and not focused:
         out.append('out of focus')
     if heavily_compressed(quality, blocks, pixels_per_net_pixel or eye_side / crop_size):
@@ -273,6 +289,7 @@ def reasons(found, eye_side, crop_size, quality=None, blocks=None, pixels_per_ne
         out.append('grayscale')
     if found.get('flat', 0.0) > MAX_FLAT:
         out.append('not a photograph')
-    if not no_eye and found.get('symmetry', 1.0) < MIN_SYMMETRY:
+    if not no_eye and (found.get('symmetry', 1.0) < MIN_SYMMETRY
+                       or found.get('edge_asymmetry', 0.0) > MAX_EDGE_ASYMMETRY):
         out.append('part of the eye')
     return out
