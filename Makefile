@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
+# Test worker processes (pytest-xdist): 2 by default, auto for one per core, 0 for none.
+TEST_JOBS ?= 2
 STAMP := $(VENV)/.installed
 
 .PHONY: demo test bench clean-demo
@@ -19,7 +21,7 @@ demo: $(STAMP)
 	$(BIN)/python -m retina.demo --out demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n $(TEST_JOBS) --dist worksteal tests
 
 bench: $(STAMP)
 	$(BIN)/python bench/bench_convert.py

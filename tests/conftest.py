@@ -17,6 +17,13 @@ REPO = Path(__file__).resolve().parent.parent
 SHARED_DATA = REPO.parent / 'shared' / 'data'  # real photographs, where present
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests marked slow run first (the rest keep their order): with several workers (make
+    test) a minutes-long test starts while the short ones fill the other workers, instead of
+    one worker running it alone at the end."""
+    items.sort(key=lambda item: item.get_closest_marker('slow') is None)
+
+
 def run_script(script, *args, cwd, check=True, timeout=600, env=None):
     """Run one of the repository's scripts in `cwd`; returns the CompletedProcess."""
     full_env = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import REPO, run_script
 from retina.features.files import load_features
@@ -12,6 +13,7 @@ from retina.features.files import load_features
 CONFIG = 'c_128_5x5_32_ram'
 
 
+@pytest.mark.slow
 def test_demo_pipeline_runs_end_to_end_on_a_small_setting(tmp_path):
     out = tmp_path / 'demo'
     result = subprocess.run([sys.executable, '-m', 'retina.demo', '--out', str(out),
