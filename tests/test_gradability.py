@@ -74,6 +74,25 @@ def test_a_cut_through_the_fundus_is_part_of_the_eye_even_when_its_mask_is_nearl
     assert 'part of the eye' not in gradability.reasons(dict(whole, symmetry=0.9), 1000, 128)
 
 
+def test_a_field_cut_by_the_frame_with_a_dim_last_row_is_not_part_of_the_eye(synthetic_source):
+    """A whole field cut by the frame at the top and the bottom (as many a camera's is) whose
+    last rows fade to black: the box's last row is the dim fringe, no eye, while the first is
+    the cut, 60% eye.  One row per side read that as a cut through the fundus (0.61, over the
+    0.6 the check had); the outer EDGE_BAND rows read both sides alike."""
+    photo = first_photo(synthetic_source)
+    box = crop.find_eye_box_fast(photo)
+    cut = (box[3] - box[1]) // 10
+    field = photo.crop((0, box[1] + cut, photo.size[0], box[3] - cut))
+    converted = np.asarray(crop.crop_to_eye(field, 128, crop.find_eye_box_fast(field))).copy()
+    converted[-1] //= 12  # the box's last row: the fringe, dimmer than the surround threshold
+    eye = converted.max(axis=2) > gradability.SURROUND
+    assert eye[0].mean() > 0.55 and eye[1].mean() > 0.55 and eye[-2].mean() > 0.55
+    assert eye[-1].mean() == 0  # the case: both sides cut, the last row dim
+    found = gradability.measures(converted)
+    assert found['edge_asymmetry'] < 0.2
+    assert 'part of the eye' not in gradability.reasons(found, 1000, 128)
+
+
 def test_a_strong_blur_of_a_large_photograph_is_out_of_focus_as_predict_py_checks_it(
         synthetic_source, tmp_path):
     """predict.py judges the focus on the eye decoded at 512 px and at 128 px: a strong blur
