@@ -114,9 +114,13 @@ def features(work, cnf, loaded, folder, split, n_iter, skip, sequence):
               help='At most this many test-split patients (the first by name), for a trial.')
 @click.option('--work', default='data/views', show_default=True,
               help='Folder for the changed copies and the features (reused).')
+@click.option('--cut_offs', default=None, metavar='A,B,C,D',
+              help="Cut the scores into levels here instead of at the blend's own cut-offs "
+                   '(e.g. 0.5,1.5,2.5,3.5): how far the levels move depends on where they lie.')
 @click.option('--write/--no_write', default=True, show_default=True,
               help='Write the table to BENCHMARKS.md.')
-def main(blend_name, labels, image_folders, views, changes, hold_out, limit, work, write):
+def main(blend_name, labels, image_folders, views, changes, hold_out, limit, work, cut_offs,
+         write):
     from retina.blend import fitted as fitted_blend
     from retina.core import metrics
     from retina.core.paths import patient_and_eye
@@ -134,6 +138,14 @@ def main(blend_name, labels, image_folders, views, changes, hold_out, limit, wor
         blend_path, weights_of = Path(blend_name), {}
     state = fitted_blend.load(blend_path)
     thresholds = tuple(state['thresholds'])
+    if cut_offs:
+        try:
+            thresholds = tuple(float(v) for v in cut_offs.split(','))
+        except ValueError:
+            thresholds = ()
+        if len(thresholds) != 4 or list(thresholds) != sorted(thresholds):
+            raise click.BadParameter(f'{cut_offs}: four rising numbers, e.g. 0.5,1.5,2.5,3.5',
+                                     param_hint='--cut_offs')
     entries = fitted_blend.entries(state)
     folders = dict(item.split('=', 1) for item in image_folders)
     known = load_labels(labels)
@@ -188,7 +200,8 @@ def main(blend_name, labels, image_folders, views, changes, hold_out, limit, wor
             level_after = metrics.to_levels(predictions + moved, thresholds)
             row.append(f'{np.mean(np.abs(moved)):.2f} / {100 * np.mean(level_before != level_after):.1f}%')
         rows.append('| ' + ' | '.join(row) + ' |')
-    head = ('| views | photographs | kappa (its cut-offs) | referable AUROC | '
+    head = ('| views | photographs | kappa (' + (f'cut-offs {cut_offs}' if cut_offs else 'its cut-offs')
+            + ') | referable AUROC | '
             + ' | '.join(f'{c}: mean abs. score change / level changed' for c in changes) + ' |')
     table = '\n'.join([head, '|' + ' --- |' * (4 + len(changes)), *rows])
     seconds = time.time() - started
