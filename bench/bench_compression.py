@@ -75,6 +75,18 @@ def grade(folder, args):
     return {row['image']: row for row in rows}
 
 
+def blend_args(blend):
+    """predict.py's options for `blend`: a released chain is applied as it was fitted; a
+    blend.py file fitted per patient needs --per_patient."""
+    from retina.blend import fitted
+    from retina.model import released
+    if released.is_chain(blend):
+        return ['--blend', blend]
+    if not Path(blend).is_file():
+        raise click.BadParameter(f'{blend}: no such file or released chain', param_hint='--blend')
+    return ['--blend', blend] + (['--per_patient'] if fitted.load(blend)['per_patient'] else [])
+
+
 def score_of(row):
     return float(row.get('blend') or row['mean'])
 
@@ -105,7 +117,7 @@ def compare(reference, copy):
 @click.option('--write', is_flag=True, help='Write the table into BENCHMARKS.md.')
 def main(nets, blends, sets, limit, hold_out, write):
     start = time.time()
-    graders = [(n, ['--weights_from', n]) for n in nets] + [(b, ['--blend', b]) for b in blends]
+    graders = [(n, ['--weights_from', n]) for n in nets] + [(b, blend_args(b)) for b in blends]
     if not graders:
         raise click.UsageError('name a grader: --weights_from NAME or --blend NAME')
     lines = ['| grader | set (photographs) | quality | ungradable | mean abs. score change | '
