@@ -354,6 +354,7 @@ def test_release_writes_a_chain_of_released_nets_with_its_blend_and_card(chain):
     assert released.sha256_of(models / entry['file']) == entry['sha256']
     card = (models / entry['card']).read_text()
     assert 'a test chain' in card and '| test split | 1.0 |' in card and '2 views' in card
+    assert 'per net, the mean and standard deviation of its last conv features' in card
     assert released.chain('tiny-chain', models)[1] == [('c_128_5x5_32_ram',
                                                         models / 'tiny-128.pt')]
     # a net that is not released, or a blend of other weights, is refused in one line
@@ -368,6 +369,14 @@ def test_release_writes_a_chain_of_released_nets_with_its_blend_and_card(chain):
     with pytest.raises(UserError, match='none of the released nets tiny-128'):
         release_chain('bad', ['tiny-128'], None, work / 'other_blend.pt', None, '', False, models)
     assert 'bad' not in released.index(models)['models']
+    # a blend of the mean features alone says so on its card
+    state = torch.load(models / 'tiny-chain.pt', weights_only=True)
+    state['runs'][0]['files'] = [f for f in state['runs'][0]['files'] if f['stat'] == 'mean']
+    torch.save(state, work / 'mean_blend.pt')
+    release_chain('tiny-mean', ['tiny-128'], None, work / 'mean_blend.pt', None, '', False, models)
+    card = (models / 'tiny-mean.md').read_text()
+    assert 'per net, the mean alone of its last conv features over 2 views' in card
+    assert released.index(models)['default'] == 'tiny-chain'
 
 
 def test_predict_grades_with_a_default_chain_per_patient_and_fast_with_its_net(

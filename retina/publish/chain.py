@@ -28,7 +28,7 @@ been validated for clinical use; do not use its grades to make decisions about a
 | --- | --- |
 | file | `models/{file}` (the fitted blend, {kilobytes:.0f} kB, sha256 `{sha256}`) |
 | nets | {nets} |
-| features | per net, the mean and standard deviation of its last conv features over {tta} |
+| features | per net, {stats} of its last conv features over {tta} |
 | blend | blend.py's {runs}{per_patient}; levels cut at {cuts} |
 | fast | `predict.py --fast` grades with `{fast}` alone, on its centred window |
 
@@ -84,12 +84,15 @@ def release_chain(name, nets, fast, blend, figures, summary, make_default, model
     digest = released.sha256_of(target)
     entries = fitted.entries(state)
     ttas = sorted({f'{e["n_iter"]} views' for e in entries})
+    stats = {e['stat'] for e in entries}
     runs = state['runs']
     card = CHAIN_CARD.format(
         name=name, summary=summary or f'The blend of {", ".join(nets)}.', file=target.name,
         kilobytes=target.stat().st_size / 1e3, sha256=digest,
         nets=', '.join(f'`{n}` ({models[n]["config"]}, card `models/{models[n]["card"]}`)'
                        for n in nets),
+        stats='the mean and standard deviation' if stats == {'mean', 'std'} else
+        f'the {stats.pop()} alone' if len(stats) == 1 else ' and '.join(sorted(stats)),
         tta=' and '.join(ttas) + ' (transform.py --n_iter)',
         runs=f'{len(runs)} run(s) of {sum(len(r["nets"]) for r in runs)} small nets',
         per_patient=' per patient (this eye, the other eye, a right-eye flag)'
