@@ -68,9 +68,13 @@ def test_a_cut_through_the_fundus_is_part_of_the_eye_even_when_its_mask_is_nearl
                 (0, 0, width // 2, height // 2), (width // 2, height // 2, width, height)):
         part = photo.crop(box)
         assert measured(part)['edge_asymmetry'] > gradability.MAX_EDGE_ASYMMETRY, box
+        assert measured(part)['widest_inside'] < gradability.MIN_WIDEST_INSIDE, box
         assert 'part of the eye' in verdict(part), box
-    symmetric_but_cut = dict(whole, symmetry=0.9, edge_asymmetry=0.8)
+    symmetric_but_cut = dict(whole, symmetry=0.9, edge_asymmetry=0.8, widest_inside=0.0)
     assert 'part of the eye' in gradability.reasons(symmetric_but_cut, 1000, 128)
+    # the same cut with the eye widest well inside the square is the camera frame's: graded
+    frame_cut = dict(symmetric_but_cut, widest_inside=0.3)
+    assert 'part of the eye' not in gradability.reasons(frame_cut, 1000, 128)
     assert 'part of the eye' not in gradability.reasons(dict(whole, symmetry=0.9), 1000, 128)
 
 
@@ -91,6 +95,27 @@ def test_a_field_cut_by_the_frame_with_a_dim_last_row_is_not_part_of_the_eye(syn
     found = gradability.measures(converted)
     assert found['edge_asymmetry'] < 0.2
     assert 'part of the eye' not in gradability.reasons(found, 1000, 128)
+
+
+def test_a_whole_field_whose_top_the_frame_cut_off_is_graded_but_its_top_half_is_not(
+        synthetic_source):
+    """The camera's frame cuts a cap off the top of the field (as in many an eyepacs256
+    photograph): the square has a straight cut at the top and none at the bottom, as a half
+    has, but the eye is widest well inside the square, not at the cut.  Graded; the top half
+    of the same photograph, widest at its cut, is part of the eye."""
+    photo = first_photo(synthetic_source)
+    box = crop.find_eye_box_fast(photo)
+    for cap in (0.15, 0.2):
+        field = photo.crop((0, box[1] + int(cap * (box[3] - box[1])), *photo.size))
+        rgb = np.asarray(crop.crop_to_eye(field, 128, crop.find_eye_box_fast(field)))
+        found = gradability.measures(rgb)
+        assert found['edge_asymmetry'] > gradability.MAX_EDGE_ASYMMETRY, cap  # a cut edge
+        assert found['widest_inside'] >= gradability.MIN_WIDEST_INSIDE, cap
+        assert 'part of the eye' not in verdict(field), cap
+    half = photo.crop((0, 0, photo.size[0], photo.size[1] // 2))
+    assert gradability.measures(np.asarray(crop.crop_to_eye(
+        half, 128, crop.find_eye_box_fast(half))))['widest_inside'] == 0.0
+    assert 'part of the eye' in verdict(half)
 
 
 def test_a_strong_blur_of_a_large_photograph_is_out_of_focus_as_predict_py_checks_it(
