@@ -312,3 +312,36 @@ def test_a_grade_that_moves_under_mild_re_encoding_is_not_given(graded, tmp_path
     assert all(predict.UNSTABLE in row['reasons'] and row['level'] is None for row in result.rows)
     result = predict.grade([grader], [folder], progress=False)  # off by default
     assert not any(predict.UNSTABLE in row['reasons'] for row in result.rows)
+
+
+def dim_margin(rgb, level=(36, 3, 30), seed=0):
+    """`rgb` (a converted photograph) with its black surround replaced by a dim, even, noisy
+    margin, as eyepacs256's photographs arrived (30-40 of 255 in the brightest channel)."""
+    noise = np.random.default_rng(seed).normal(0, 5, rgb.shape)
+    surround = rgb.max(axis=2) <= gradability.SURROUND
+    out = rgb.astype(np.float64)
+    out[surround] = (np.array(level) + noise)[surround]
+    return np.clip(out, 0, 255).round().astype(np.uint8)
+
+
+def test_a_photograph_with_a_dim_even_margin_is_measured_against_its_own_surround(
+        synthetic_source, graded, tmp_path):
+    """A square photograph whose surround is a dim margin, not black: the fixed threshold
+    took the margin for eye (the whole square: 'no eye found'); measured against the corners'
+    own level, the eye is the disc it is, and predict.py grades it.  A dim square with no eye
+    in it is still no eye."""
+    photo = first_photo(synthetic_source)
+    converted = np.asarray(crop.crop_to_eye(photo, 256, crop.find_eye_box_fast(photo)))
+    margin = dim_margin(converted)
+    assert (margin.max(axis=2) > gradability.SURROUND).mean() > 0.985  # the case
+    plain, found = gradability.measures(converted), gradability.measures(margin)
+    assert abs(found['fill'] - plain['fill']) < 0.04  # the eye's dim rim is under the margin's level
+    assert gradability.reasons(found, 1000, 256) == [], (found, plain)
+    grey = np.full((256, 256, 3), 40, np.uint8)
+    assert 'no eye found' in gradability.reasons(gradability.measures(grey), 1000, 256)
+
+    folder, weights = graded
+    Image.fromarray(margin).save(folder / 'margin_left.jpeg', quality=95)
+    rows = rows_of(run_script('predict.py', folder, '--cnf', RAM, '--weights_from', weights,
+                              '--no_progress', cwd=tmp_path))
+    assert rows['margin_left']['gradable'] == 'yes' and rows['margin_left']['level'], rows
