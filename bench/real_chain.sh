@@ -8,7 +8,9 @@
 #
 #   ODIR=/path/to/Ocular-Disease-Recognition WORK=data/real2 bash bench/real_chain.sh
 #   STAGE=prepare|128|256 (default: all three in turn); EPOCHS256 (default 60) compresses the
-#   256-px schedule as gpu_chain.sh does; DEVICE (default auto).
+#   256-px schedule as gpu_chain.sh does; DEVICE (default auto); FROM128 (default the 128-px
+#   run's weights_final.pt): the weights the 256-px stage starts from, e.g. multi-128
+#   (the released 201-epoch net, by name) on a machine without the 128-px run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -19,6 +21,7 @@ WORK=${WORK:-data/real2}
 STAGE=${STAGE:-all}
 EPOCHS256=${EPOCHS256:-60}
 DEVICE=${DEVICE:-auto}
+FROM128=${FROM128:-weights/c_128_5x5_32_ram/weights_final.pt}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 export PYTHONPATH=$REPO PYTHONUNBUFFERED=1
@@ -71,6 +74,6 @@ train() {  # CNF FOLDER [args for a new run...]
 case $STAGE in prepare|all) prepare ;; esac
 case $STAGE in 128|all) train c_128_5x5_32_ram e128 >> "$WORK/train128.log" 2>&1 ;; esac
 case $STAGE in 256|all)
-  train c_256_5x5_32_ram e256 --weights_from weights/c_128_5x5_32_ram/weights_final.pt \
+  train c_256_5x5_32_ram e256 --weights_from "$FROM128" \
     --schedule "0:0.001,$((EPOCHS256 * 3 / 4)):0.0001,$EPOCHS256:stop" >> "$WORK/train256.log" 2>&1 ;;
 esac
