@@ -142,16 +142,22 @@ def eye_mask(rgb):
     the fixed threshold took for eye: 11 of its 828 test-split photographs were called 'no
     eye found'), else than SURROUND (a camera's black surround)."""
     brightest = np.asarray(rgb).max(axis=2)
-    corners = float(np.median(brightest[_outside(brightest.shape[0])]))
+    return _eye(brightest, _outside(brightest.shape[0]))
+
+
+def _eye(brightest, outside):
+    """`eye_mask` of a photograph's brightest channel, given its corners `outside`."""
+    corners = float(np.median(brightest[outside]))
     return brightest > (corners + SURROUND if corners > SURROUND else SURROUND)
 
 
-def _focus(rgb, edge=EDGE):
+def _focus(rgb, edge=EDGE, inner=None):
     """Fine detail (a band between Gaussian blurs of σ 1 and 2 pixels) against coarser detail
-    (σ 2 to 4) of the green channel inside the eye, its edge left out."""
+    (σ 2 to 4) of the green channel inside the eye, its edge left out (`inner`: that mask, when
+    the caller has it)."""
     from scipy import ndimage
-    eye = eye_mask(rgb)
-    inner = ndimage.binary_erosion(eye, iterations=edge)
+    if inner is None:
+        inner = ndimage.binary_erosion(eye_mask(rgb), iterations=edge)
     if inner.sum() < 16:
         return 0.0
     green = rgb[..., 1].astype(np.float64)
@@ -277,9 +283,9 @@ def measures(rgb, detail=None):
     rgb = _resized(np.asarray(rgb, dtype=np.uint8))
     size = rgb.shape[0]
     brightest = rgb.max(axis=2)
-    eye = eye_mask(rgb)
-    luminance = (rgb @ np.array([0.299, 0.587, 0.114])) / 255
     outside = _outside(size)
+    eye = _eye(brightest, outside)
+    luminance = (rgb @ np.array([0.299, 0.587, 0.114])) / 255
     inner = ndimage.binary_erosion(eye, iterations=EDGE)
     green = rgb[..., 1].astype(np.float64)
     count = eye.sum()
@@ -307,7 +313,7 @@ def measures(rgb, detail=None):
     flat = (ndimage.maximum_filter(grey, 3) == ndimage.minimum_filter(grey, 3)) & \
         (rgb.max(axis=2) < SATURATED)
     out['flat'] = float(flat[inner].mean()) if inner.any() else 0.0
-    out['focus'] = _focus(rgb) if inner.sum() >= 16 else 0.0
+    out['focus'] = _focus(rgb, inner=inner) if inner.sum() >= 16 else 0.0
     return out
 
 
