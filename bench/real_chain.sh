@@ -7,10 +7,15 @@
 # (it outlasts one sitting on a CPU: about 40 s an epoch at 128 px on 2 cores, alone).
 #
 #   ODIR=/path/to/Ocular-Disease-Recognition WORK=data/real2 bash bench/real_chain.sh
-#   STAGE=prepare|128|256 (default: all three in turn); EPOCHS256 (default 60) compresses the
-#   256-px schedule as gpu_chain.sh does; DEVICE (default auto); FROM128 (default the 128-px
-#   run's weights_final.pt): the weights the 256-px stage starts from, e.g. multi-128
+#   STAGE=prepare|128|256|blend (default: the first three in turn); EPOCHS256 (default 60)
+#   compresses the 256-px schedule as gpu_chain.sh does; DEVICE (default auto); FROM128 (default
+#   the 128-px run's weights_final.pt): the weights the 256-px stage starts from, e.g. multi-128
 #   (the released 201-epoch net, by name) on a machine without the 128-px run.
+#   STAGE=blend: the test split's links (t128/, t256/), both nets' mean features over VIEWS
+#   (default 20) TTA views in bf16 (transform.py), and the per-patient blend fitted on all
+#   training patients (blend.py; it prints its held-out kappa; WORK/blend/sub_all_blend.pt is
+#   what `python -m retina.release NAME --chain ... --blend` releases).  NET128 / NET256
+#   (default: the runs' weights.pt) name the nets, e.g. NET128=multi-128.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -22,6 +27,9 @@ STAGE=${STAGE:-all}
 EPOCHS256=${EPOCHS256:-60}
 DEVICE=${DEVICE:-auto}
 FROM128=${FROM128:-weights/c_128_5x5_32_ram/weights_final.pt}
+VIEWS=${VIEWS:-20}
+NET128=${NET128:-weights/c_128_5x5_32_ram/weights.pt}
+NET256=${NET256:-weights/c_256_5x5_32_ram/weights.pt}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 export PYTHONPATH=$REPO PYTHONUNBUFFERED=1
@@ -71,9 +79,37 @@ train() {  # CNF FOLDER [args for a new run...]
   cd "$REPO"
 }
 
+blend() {
+  cd "$WORK"
+  $PY - <<'EOF'
+import csv, os, shutil
+from retina.data.labels import held_out
+for size in (128, 256):  # the test split's photographs, linked, with their conversion record
+    folder = f't{size}'
+    os.makedirs(folder, exist_ok=True)
+    for row in csv.DictReader(open('labels.csv')):
+        link = f'{folder}/{row["image"]}.jpeg'
+        if held_out(row['image'], 0.15) and not os.path.lexists(link):
+            os.symlink(f'../e{size}/{row["image"]}.jpeg', link)
+    shutil.copy(f'e{size}/conversion.json', folder)
+EOF
+  for size in 128 256; do
+    local net=NET$size
+    $PY "$REPO/transform.py" --cnf c_${size}_5x5_32_ram --weights_from "${!net}" --train --test \
+      --n_iter "$VIEWS" --precision bf16 --no_progress --train_dir e$size --test_dir t$size
+  done
+  mkdir -p blend
+  $PY "$REPO/blend.py" --per_patient --predict --optimize_thresholds --fit_on all --n_iter 5 \
+    --test_dir t256 --labels labels.csv --no_pictures --output blend/sub_all.csv \
+    --features_file data/features/c_128_5x5_32_ram_train_mean_iter_${VIEWS}_skip_0.npy \
+    --features_file data/features/c_256_5x5_32_ram_train_mean_iter_${VIEWS}_skip_0.npy
+  cd "$REPO"
+}
+
 case $STAGE in prepare|all) prepare ;; esac
 case $STAGE in 128|all) train c_128_5x5_32_ram e128 >> "$WORK/train128.log" 2>&1 ;; esac
 case $STAGE in 256|all)
   train c_256_5x5_32_ram e256 --weights_from "$FROM128" \
     --schedule "0:0.001,$((EPOCHS256 * 3 / 4)):0.0001,$EPOCHS256:stop" >> "$WORK/train256.log" 2>&1 ;;
 esac
+case $STAGE in blend) blend 2>&1 | tee -a "$WORK/blend.log" ;; esac
