@@ -30,12 +30,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / 'bench'))
 
+from bench_compression import test_split  # noqa: E402
 from report import cpu_model, today  # noqa: E402
 
-from retina.core.paths import IMAGE_EXTENSIONS  # noqa: E402
+from retina.core.errors import UserError  # noqa: E402
 from retina.data import crop, preprocess  # noqa: E402
 from retina.data.jpeg import jpeg_batch  # noqa: E402
-from retina.data.labels import held_out  # noqa: E402
 
 QUALITIES = (75, 50, 30, 20)
 SHARED = REPO.parent / 'shared' / 'data'
@@ -49,14 +49,6 @@ def converted(path, crop_size, box=None):
     return crop.as_stored(rgb, crop.ENCODINGS[1]), box
 
 
-def test_photographs(folder, hold_out, limit):
-    folder = Path(folder)
-    images = folder / 'train' if (folder / 'train').is_dir() else folder
-    paths = sorted(p for p in images.iterdir()
-                   if p.suffix.lower() in IMAGE_EXTENSIONS and held_out(p.stem, hold_out))
-    return paths[:limit]
-
-
 def rms(a, b, mask):
     return np.sqrt(((a.astype(np.float64) - b)[mask] ** 2).mean(axis=0))
 
@@ -65,7 +57,8 @@ def rms(a, b, mask):
 @click.option('--set', 'sets', multiple=True, show_default=True,
               default=(f'eyepacs256={SHARED / "eyepacs256"}',
                        f'eyepacs_raw={SHARED / "eyepacs_raw"}'),
-              help='NAME=FOLDER of photographs (or with train/ inside); repeatable.')
+              help='NAME=FOLDER: train/ (or the photographs) beside trainLabels.csv, as '
+                   'bench_compression.py takes it; repeatable.')
 @click.option('--limit', default=25, show_default=True, help='Test-split photographs per set.')
 @click.option('--hold_out', default=0.15, show_default=True, help='The test split (train_nn.py).')
 @click.option('--crop_size', default=256, show_default=True, help='The converted size.')
@@ -77,7 +70,10 @@ def main(sets, limit, hold_out, crop_size):
     print('| --- | --- | --- | --- | --- |')
     for spec in sets:
         name, _, folder = spec.partition('=')
-        paths = test_photographs(folder, hold_out, limit)
+        try:
+            paths = test_split(folder, hold_out, limit)
+        except (UserError, FileNotFoundError) as error:
+            raise click.BadParameter(str(error), param_hint='--set') from None
         if not paths:
             raise click.BadParameter(f'{folder}: no test-split photographs', param_hint='--set')
         deployed = {q: [] for q in QUALITIES}

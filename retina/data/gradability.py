@@ -311,7 +311,7 @@ def measures(rgb, detail=None):
     # Exactly flat 3×3 patches: a camera's noise never leaves one (saturated pixels aside)
     grey = rgb.astype(np.int32).sum(axis=2)
     flat = (ndimage.maximum_filter(grey, 3) == ndimage.minimum_filter(grey, 3)) & \
-        (rgb.max(axis=2) < SATURATED)
+        (brightest < SATURATED)
     out['flat'] = float(flat[inner].mean()) if inner.any() else 0.0
     out['focus'] = _focus(rgb, inner=inner) if inner.sum() >= 16 else 0.0
     return out
