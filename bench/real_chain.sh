@@ -15,7 +15,13 @@
 #   (default 20) TTA views in bf16 (transform.py), and the per-patient blend fitted on all
 #   training patients (blend.py; it prints its held-out kappa; WORK/blend/sub_all_blend.pt is
 #   what `python -m retina.release NAME --chain ... --blend` releases).  NET128 / NET256
-#   (default: the runs' weights.pt) name the nets, e.g. NET128=multi-128.
+#   (default: the runs' weights.pt) name the nets, e.g. NET128=multi-128; CNF256 (default
+#   c_256_5x5_32_ram) the 256-px net's config; BLEND (default blend/sub_all.csv) where blend.py
+#   writes (its fitted blend beside it, ..._blend.pt).
+#   STAGE=256jpeg: the 256-px net fine-tuned to grade a photograph and its JPEG copies alike
+#   (configs/c_256_5x5_32_ram_jpeg.py: 7 epochs from FROM256, default models/multi-256.pt; about
+#   5 min an epoch on 2 cores); then STAGE=blend CNF256=c_256_5x5_32_ram_jpeg
+#   NET256=weights/c_256_5x5_32_ram_jpeg/weights_final.pt BLEND=blend/sub_jpeg.csv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -30,6 +36,9 @@ FROM128=${FROM128:-weights/c_128_5x5_32_ram/weights_final.pt}
 VIEWS=${VIEWS:-20}
 NET128=${NET128:-weights/c_128_5x5_32_ram/weights.pt}
 NET256=${NET256:-weights/c_256_5x5_32_ram/weights.pt}
+CNF256=${CNF256:-c_256_5x5_32_ram}
+BLEND=${BLEND:-blend/sub_all.csv}
+FROM256=${FROM256:-$REPO/models/multi-256.pt}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 export PYTHONPATH=$REPO PYTHONUNBUFFERED=1
@@ -93,16 +102,15 @@ for size in (128, 256):  # the test split's photographs, linked, with their conv
             os.symlink(f'../e{size}/{row["image"]}.jpeg', link)
     shutil.copy(f'e{size}/conversion.json', folder)
 EOF
-  for size in 128 256; do
-    local net=NET$size
-    $PY "$REPO/transform.py" --cnf c_${size}_5x5_32_ram --weights_from "${!net}" --train --test \
-      --n_iter "$VIEWS" --precision bf16 --no_progress --train_dir e$size --test_dir t$size
-  done
-  mkdir -p blend
+  $PY "$REPO/transform.py" --cnf c_128_5x5_32_ram --weights_from "$NET128" --train --test \
+    --n_iter "$VIEWS" --precision bf16 --no_progress --train_dir e128 --test_dir t128
+  $PY "$REPO/transform.py" --cnf "$CNF256" --weights_from "$NET256" --train --test \
+    --n_iter "$VIEWS" --precision bf16 --no_progress --train_dir e256 --test_dir t256
+  mkdir -p "$(dirname "$BLEND")"
   $PY "$REPO/blend.py" --per_patient --predict --optimize_thresholds --fit_on all --n_iter 5 \
-    --test_dir t256 --labels labels.csv --no_pictures --output blend/sub_all.csv \
+    --test_dir t256 --labels labels.csv --no_pictures --output "$BLEND" \
     --features_file data/features/c_128_5x5_32_ram_train_mean_iter_${VIEWS}_skip_0.npy \
-    --features_file data/features/c_256_5x5_32_ram_train_mean_iter_${VIEWS}_skip_0.npy
+    --features_file data/features/${CNF256}_train_mean_iter_${VIEWS}_skip_0.npy
   cd "$REPO"
 }
 
@@ -111,5 +119,9 @@ case $STAGE in 128|all) train c_128_5x5_32_ram e128 >> "$WORK/train128.log" 2>&1
 case $STAGE in 256|all)
   train c_256_5x5_32_ram e256 --weights_from "$FROM128" \
     --schedule "0:0.001,$((EPOCHS256 * 3 / 4)):0.0001,$EPOCHS256:stop" >> "$WORK/train256.log" 2>&1 ;;
+esac
+case $STAGE in 256jpeg)
+  train c_256_5x5_32_ram_jpeg e256 --weights_from "$FROM256" \
+    --schedule 0:0.001,4:0.0001,7:stop >> "$WORK/train256jpeg.log" 2>&1 ;;
 esac
 case $STAGE in blend) blend 2>&1 | tee -a "$WORK/blend.log" ;; esac

@@ -87,3 +87,83 @@ def test_a_bad_jpeg_key_is_named(tmp_path):
                    "cnf = dict(base, jpeg=dict(probability=0.5, quality=(50, 5)))\n")
     with pytest.raises(UserError, match='jpeg quality'):
         config_module.load(str(bad))
+
+
+def test_the_consistency_pairs_each_image_with_its_jpeg_copy_under_one_warp():
+    from retina.train.loop import paired
+    cnf = config_module.load('c_256_5x5_32_ram_jpeg').cnf
+    batch = torch.from_numpy(photo_like(3, 32)).permute(0, 3, 1, 2)
+    draw = lambda seed: paired(batch, torch.tensor([0.0, 2.0, 4.0]),
+                               random_params(3, cnf['aug_params'], cnf['sigma'],
+                                             torch.Generator().manual_seed(seed), jpeg=cnf['jpeg']),
+                               cnf['jpeg'], torch.Generator().manual_seed(seed), 'cpu')
+    doubled, target, params = draw(5)
+    assert torch.equal(doubled[:3], batch) and torch.equal(doubled[3:], batch)
+    assert target.tolist() == [0, 2, 4, 0, 2, 4]
+    assert torch.equal(params['rotation'][:3], params['rotation'][3:])
+    assert torch.equal(params['colour'][:3], params['colour'][3:])
+    low, high = cnf['jpeg']['quality']
+    assert params['jpeg'][:3].tolist() == [0, 0, 0]
+    assert params['jpeg'][3:].min() >= low and params['jpeg'][3:].max() <= high
+    assert torch.equal(draw(5)[2]['jpeg'], params['jpeg'])  # reproducible from the seed
+
+
+def test_the_consistency_loss_measures_the_gap_not_the_size():
+    from retina.data.jpeg import consistency_loss
+    out = torch.tensor([1.0, 2.0, 1.0, 2.0])
+    features = torch.randn(4, 6)
+    same = torch.cat([features[:2], features[:2]])
+    assert consistency_loss(out, same, 1.0).item() == pytest.approx(0.0, abs=1e-6)
+    gap = consistency_loss(torch.tensor([1.0, 2.0, 1.5, 2.5]), same, 2.0).item()
+    assert gap == pytest.approx(2.0 * 0.25, rel=1e-5)
+    moved = consistency_loss(out, features, 1.0)
+    assert moved.item() > 0
+    # a feature shrunk tenfold is not more consistent: each is divided by its spread
+    assert consistency_loss(out, features / 10, 1.0).item() == pytest.approx(moved.item(), rel=1e-3)
+
+
+def _jpeg_gap_after_training(weight, images, levels):
+    """A small RAM net trained 6 steps with the consistency `weight`; the mean |score of an
+    image − score of its quality-20 copy| afterwards, in eval mode."""
+    from retina.core.runtime import Runtime
+    from retina.model.nets import build_net, conv, ram_head, with_batch_norm
+    from retina.train.loop import make_optimizer, train_one_epoch
+    config = config_module.load('c_128_5x5_32_ram')
+    config.cnf.update(h=48, w=48, batch_size_train=16,
+                      jpeg=dict(probability=0.5, quality=(20, 20), consistency=weight))
+    torch.manual_seed(0)
+    net = build_net(with_batch_norm([conv('c1', 8, 3, 2), conv('c2', 16, 3, 2)] + ram_head()),
+                    (48, 48))
+    optimizer = make_optimizer(net, config.cnf, 0.01)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        train_one_epoch(net, optimizer, images, levels, np.arange(len(images)), config,
+                        Runtime(torch.device('cpu')), generator, progress=False)
+    net.eval()
+    from retina.model.augment import prepare_batch
+    squeezed = torch.from_numpy(np.stack([pil_jpeg(image, 20) for image in
+                                          images.permute(0, 2, 3, 1).numpy()])).permute(0, 3, 1, 2)
+    with torch.no_grad():
+        plain = net(prepare_batch(images, (48, 48), constants=KAGGLE)).squeeze(1)
+        copied = net(prepare_batch(squeezed, (48, 48), constants=KAGGLE)).squeeze(1)
+    return (plain - copied).abs().mean().item()
+
+
+def test_training_with_the_consistency_term_narrows_the_jpeg_gap():
+    rng = np.random.default_rng(0)
+    images = torch.from_numpy(np.concatenate([photo_like(16, 64, seed=1),
+                                              rng.integers(0, 256, (16, 64, 64, 3), dtype=np.uint8)])
+                              ).permute(0, 3, 1, 2).contiguous()
+    levels = np.array([0] * 16 + [4] * 16)  # fine texture (destroyed by JPEG) is level 4
+    without = _jpeg_gap_after_training(0.0, images, levels)
+    with_term = _jpeg_gap_after_training(10.0, images, levels)
+    assert with_term < 0.5 * without, (with_term, without)
+
+
+def test_a_bad_consistency_weight_is_named(tmp_path):
+    from retina.core.errors import UserError
+    bad = tmp_path / 'c_bad.py'
+    bad.write_text('from configs.c_128_5x5_32_ram import cnf as base, layers\n'
+                   "cnf = dict(base, jpeg=dict(probability=0.5, quality=(5, 50), consistency=-1))\n")
+    with pytest.raises(UserError, match='jpeg consistency'):
+        config_module.load(str(bad))

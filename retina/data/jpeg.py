@@ -10,6 +10,12 @@ round trip through the host, so a GPU keeps its batches on the device.
 
 Configs switch it on with the optional key `jpeg` = {'probability': p, 'quality': (low, high)}:
 each training image is re-encoded with probability p at a quality drawn uniformly from the range.
+With the further key 'consistency': w, each training image is seen twice in its step, under the
+same warp and colour noise: once as it is and once re-encoded at a quality from the range; the
+loss is the mean of the two squared errors plus w times the squared difference of the two
+outputs and of the two feature vectors (each feature divided by its spread in the batch), so the
+grade and the features a blend reads learn not to move with compression (`consistency_loss`).
+The probability is then unused: the plain view is never re-encoded, the other always.
 """
 import math
 
@@ -27,6 +33,7 @@ CHROMA_TABLE = (
     99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99,
     99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99, 99)
 QUALITY_RANGE = (1, 100)
+CONFIG_KEYS = {'probability', 'quality', 'consistency'}
 
 
 def quantisation_tables(quality, device='cpu'):
@@ -120,10 +127,36 @@ def recompressed(images, quality):
     return x
 
 
+def paired_qualities(n, jpeg, generator=None, device='cpu'):
+    """(2N,) qualities for a batch seen twice (the config's 'consistency'): 0 for the first
+    N (the images as they are), a quality from the range for the second N."""
+    always = dict(jpeg, probability=1.0)
+    return torch.cat([torch.zeros(n, device=device), random_qualities(n, always, generator, device)])
+
+
+def consistency_loss(outputs, features, weight):
+    """`weight` × (mean squared difference of the outputs of the two halves of a paired batch
+    + mean over features of their squared difference divided by the feature's variance in the
+    batch, which is not differentiated: shrinking a feature does not make it consistent)."""
+    plain, squeezed = outputs.float().chunk(2)
+    term = (plain - squeezed).pow(2).mean()
+    if features is not None:
+        f = features.float()
+        spread = f.var(dim=0, unbiased=False).detach() + 1e-6
+        a, b = f.chunk(2)
+        term = term + ((a - b).pow(2) / spread).mean()
+    return weight * term
+
+
 def check(jpeg, path):
     """The config key `jpeg`'s problems, as one message, or None."""
-    if not isinstance(jpeg, dict) or set(jpeg) != {'probability', 'quality'}:
-        return f"{path}: jpeg must be a dict with the keys probability and quality (found {jpeg!r})"
+    keys = set(jpeg) if isinstance(jpeg, dict) else set()
+    if not isinstance(jpeg, dict) or not {'probability', 'quality'} <= keys <= CONFIG_KEYS:
+        return (f"{path}: jpeg must be a dict with the keys probability and quality (and "
+                f"optionally consistency) (found {jpeg!r})")
+    w = jpeg.get('consistency', 0)
+    if not (isinstance(w, (int, float)) and not isinstance(w, bool) and 0 <= w < float('inf')):
+        return f'{path}: jpeg consistency={w!r}; it must be a number of 0 or more'
     p, q = jpeg['probability'], jpeg['quality']
     if not (isinstance(p, (int, float)) and 0 <= p <= 1):
         return f'{path}: jpeg probability={p!r}; it must be a number from 0 to 1'

@@ -31,6 +31,7 @@ from retina.core.paths import patient_and_eye
 from retina.core.runtime import (CUDA_GRAPHS, Runtime, batches, check_cuda_graphs, compile_or_eager,
                                  new_step, note_cuda_graph_skips, place_images, setup_runtime)
 from retina.data import cache, crop, preprocess
+from retina.data.jpeg import consistency_loss, paired_qualities
 from retina.data.labels import balanced_sample, held_out, labelled_images, split_indices
 from retina.model import checkpoint
 from retina.model.checkpoint import InputSpec
@@ -85,6 +86,7 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
     if drop_last and len(indices) > batch_size:
         indices = indices[:len(indices) - len(indices) % batch_size]
     levels_device = torch.as_tensor(levels, dtype=torch.float32, device=runtime.device)
+    consistency = (cnf.get('jpeg') or {}).get('consistency', 0)
     total_loss = torch.zeros((), device=runtime.device)
     seen, start = 0, time.perf_counter()
     steps = math.ceil(len(indices) / batch_size)
@@ -96,12 +98,17 @@ def train_one_epoch(model, optimizer, images, levels, indices, config, runtime, 
             new_step(cuda_graphs)
             params = random_params(len(chunk), cnf['aug_params'], cnf['sigma'], generator,
                                    runtime.device, jpeg=cnf.get('jpeg'))
+            target = levels_device[chunk]
+            if consistency:  # each image twice: as it is, and re-encoded (retina/data/jpeg.py)
+                batch, target, params = paired(batch, target, params, cnf['jpeg'], generator,
+                                               runtime.device)
             x = prepare(batch, config.input_size, params, dtype=runtime.input_dtype,
                         memory_format=torch.channels_last, constants=constants)
-            target = levels_device[chunk]
             with runtime.autocast():
-                out = model(x)
+                out, features = model(x, return_features=True) if consistency else (model(x), None)
             loss = F.mse_loss(out.float().squeeze(1), target)
+            if consistency:
+                loss = loss + consistency_loss(out.squeeze(1), features, consistency)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -141,6 +148,15 @@ def evaluate(model, images, levels, indices, config, runtime, cuda_graphs=False)
     truth = np.asarray(levels)[mine]
     return dict(valid_loss=float(np.mean((predictions - truth) ** 2)),
                 valid_kappa=kappa(truth, predictions))
+
+
+def paired(batch, target, params, jpeg, generator, device):
+    """The batch, its targets and its augmentation parameters doubled for the consistency term:
+    the same warp and colour noise twice, the first copy as it is, the second re-encoded."""
+    n = len(target)
+    doubled = {key: torch.cat([value, value]) for key, value in params.items() if key != 'jpeg'}
+    doubled['jpeg'] = paired_qualities(n, jpeg, generator, device)
+    return torch.cat([batch, batch]), torch.cat([target, target]), doubled
 
 
 def epoch_sample(train_indices, levels, epoch, seed, balance_ratio, runtime, weights=None):
