@@ -18,10 +18,12 @@
 #   (default: the runs' weights.pt) name the nets, e.g. NET128=multi-128; CNF256 (default
 #   c_256_5x5_32_ram) the 256-px net's config; BLEND (default blend/sub_all.csv) where blend.py
 #   writes (its fitted blend beside it, ..._blend.pt).
-#   STAGE=256jpeg: the 256-px net fine-tuned to grade a photograph and its JPEG copies alike
-#   (configs/c_256_5x5_32_ram_jpeg.py: 7 epochs from FROM256, default models/multi-256.pt; about
-#   5 min an epoch on 2 cores); then STAGE=blend CNF256=c_256_5x5_32_ram_jpeg
-#   NET256=weights/c_256_5x5_32_ram_jpeg/weights_final.pt BLEND=blend/sub_jpeg.csv.
+#   STAGE=256jpeg / 128jpeg: a net fine-tuned to grade a photograph and its JPEG copies alike
+#   (configs/c_{256,128}_5x5_32_ram_jpeg.py: 7 epochs from FROM256 / FROM128J, default
+#   models/multi-256.pt / multi-128.pt; about 4.5 / 1.5 min an epoch on 2 cores); then
+#   STAGE=blend CNF256=c_256_5x5_32_ram_jpeg NET256=weights/c_256_5x5_32_ram_jpeg/weights_final.pt
+#   [CNF128=c_128_5x5_32_ram_jpeg NET128=weights/c_128_5x5_32_ram_jpeg/weights_final.pt]
+#   BLEND=blend/sub_jpeg.csv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$PWD
@@ -39,6 +41,8 @@ NET256=${NET256:-weights/c_256_5x5_32_ram/weights.pt}
 CNF256=${CNF256:-c_256_5x5_32_ram}
 BLEND=${BLEND:-blend/sub_all.csv}
 FROM256=${FROM256:-$REPO/models/multi-256.pt}
+FROM128J=${FROM128J:-$REPO/models/multi-128.pt}
+CNF128=${CNF128:-c_128_5x5_32_ram}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
 export PYTHONPATH=$REPO PYTHONUNBUFFERED=1
@@ -102,14 +106,14 @@ for size in (128, 256):  # the test split's photographs, linked, with their conv
             os.symlink(f'../e{size}/{row["image"]}.jpeg', link)
     shutil.copy(f'e{size}/conversion.json', folder)
 EOF
-  $PY "$REPO/transform.py" --cnf c_128_5x5_32_ram --weights_from "$NET128" --train --test \
+  $PY "$REPO/transform.py" --cnf "$CNF128" --weights_from "$NET128" --train --test \
     --n_iter "$VIEWS" --precision bf16 --no_progress --train_dir e128 --test_dir t128
   $PY "$REPO/transform.py" --cnf "$CNF256" --weights_from "$NET256" --train --test \
     --n_iter "$VIEWS" --precision bf16 --no_progress --train_dir e256 --test_dir t256
   mkdir -p "$(dirname "$BLEND")"
   $PY "$REPO/blend.py" --per_patient --predict --optimize_thresholds --fit_on all --n_iter 5 \
     --test_dir t256 --labels labels.csv --no_pictures --output "$BLEND" \
-    --features_file data/features/c_128_5x5_32_ram_train_mean_iter_${VIEWS}_skip_0.npy \
+    --features_file data/features/${CNF128}_train_mean_iter_${VIEWS}_skip_0.npy \
     --features_file data/features/${CNF256}_train_mean_iter_${VIEWS}_skip_0.npy
   cd "$REPO"
 }
@@ -120,8 +124,10 @@ case $STAGE in 256|all)
   train c_256_5x5_32_ram e256 --weights_from "$FROM128" \
     --schedule "0:0.001,$((EPOCHS256 * 3 / 4)):0.0001,$EPOCHS256:stop" >> "$WORK/train256.log" 2>&1 ;;
 esac
+case $STAGE in 128jpeg)
+  train c_128_5x5_32_ram_jpeg e128 --weights_from "$FROM128J" >> "$WORK/train128jpeg.log" 2>&1 ;;
+esac
 case $STAGE in 256jpeg)
-  train c_256_5x5_32_ram_jpeg e256 --weights_from "$FROM256" \
-    --schedule 0:0.001,4:0.0001,7:stop >> "$WORK/train256jpeg.log" 2>&1 ;;
+  train c_256_5x5_32_ram_jpeg e256 --weights_from "$FROM256" >> "$WORK/train256jpeg.log" 2>&1 ;;
 esac
 case $STAGE in blend) blend 2>&1 | tee -a "$WORK/blend.log" ;; esac

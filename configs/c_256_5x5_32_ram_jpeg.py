@@ -6,4 +6,4 @@ difference of the two outputs and of the two feature vectors (retina/data/jpeg.p
 from configs.c_256_5x5_32_ram import cnf as base, layers  # noqa: F401
 
 cnf = dict(base, jpeg=dict(probability=0.5, quality=(20, 95), consistency=1.0),
-           schedule={0: 0.001, 5: 0.0001, 9: 'stop'})
+           schedule={0: 0.001, 4: 0.0001, 7: 'stop'})

@@ -36,7 +36,8 @@ OPTIONAL_KEYS = {
     # train_nn.py --hold_out: the fraction of patients kept out as a test split (data.held_out)
     'hold_out': 'fraction of the patients held out of training as a test split (0..0.5)',
     # retina/data/jpeg.py: JPEG re-encoding of training images; without it: none
-    'jpeg': "JPEG re-encoding in training: {'probability': p, 'quality': (low, high)}",
+    'jpeg': "JPEG re-encoding in training: {'probability': p, 'quality': (low, high)"
+            "[, 'consistency': w]}",
 }
 AUG_KEYS = ('zoom_range', 'rotation_range', 'shear_range', 'translation_range', 'do_flip',
             'allow_stretch')
