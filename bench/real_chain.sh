@@ -19,8 +19,9 @@
 #   c_256_5x5_32_ram) the 256-px net's config; BLEND (default blend/sub_all.csv) where blend.py
 #   writes (its fitted blend beside it, ..._blend.pt).
 #   STAGE=256jpeg / 128jpeg: a net fine-tuned to grade a photograph and its JPEG copies alike
-#   (configs/c_{256,128}_5x5_32_ram_jpeg.py: 7 epochs from FROM256 / FROM128J, default
-#   models/multi-256.pt / multi-128.pt; about 4.5 / 1.5 min an epoch on 2 cores); then
+#   (configs/c_{256,128}_5x5_32_ram_jpeg.py: 7 epochs from FROM256 / FROM128J, default the
+#   256-px run's weights.pt / models/multi-128.pt; the released multi-256-jpeg started from
+#   multi-256: `git show 5282236:models/multi-256.pt`; about 4.5 / 1.5 min an epoch); then
 #   STAGE=blend CNF256=c_256_5x5_32_ram_jpeg NET256=weights/c_256_5x5_32_ram_jpeg/weights_final.pt
 #   [CNF128=c_128_5x5_32_ram_jpeg NET128=weights/c_128_5x5_32_ram_jpeg/weights_final.pt]
 #   BLEND=blend/sub_jpeg.csv.
@@ -40,7 +41,7 @@ NET128=${NET128:-weights/c_128_5x5_32_ram/weights.pt}
 NET256=${NET256:-weights/c_256_5x5_32_ram/weights.pt}
 CNF256=${CNF256:-c_256_5x5_32_ram}
 BLEND=${BLEND:-blend/sub_all.csv}
-FROM256=${FROM256:-$REPO/models/multi-256.pt}
+FROM256=${FROM256:-weights/c_256_5x5_32_ram/weights.pt}
 FROM128J=${FROM128J:-$REPO/models/multi-128.pt}
 CNF128=${CNF128:-c_128_5x5_32_ram}
 mkdir -p "$WORK"

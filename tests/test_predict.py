@@ -349,7 +349,7 @@ def test_the_default_chain_draws_its_fast_nets_measured_map_captioned_with_the_c
         assert first == f'{row["image"]}: {level} (blend score {row["blend"]:.2f})'
     run_script('predict.py', photos, '--heatmap', tmp_path / 'ram_maps', '--method', 'ram',
                '--output', tmp_path / 'g.csv', '--no_progress', cwd=tmp_path)
-    drawn = {p.name.split('_ram_')[1] for p in (tmp_path / 'ram_maps').glob('*.png')}
+    drawn = {p.name.split('_ram_', 1)[1] for p in (tmp_path / 'ram_maps').glob('*.png')}
     assert drawn == {f'{index["models"][n]["config"]}.png' for n in chain['nets']}
 
 

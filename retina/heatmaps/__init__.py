@@ -12,13 +12,12 @@ METHOD_HELP = ('ram: sum_k w_k A_k of the last conv (RAM nets); gradcam: ReLU of
 # The map predict.py --heatmap draws for a released model when none of --method, --layer and
 # --fuse is given, chosen by bench/bench_heatmaps.py on HEI-MED and synthetic masks (the mean
 # lead over the image-blind map across lesion kinds, exact pointing beside it;
-# bench/heatmap_default.md): for eyepacs-256, multi-256 and multi-256-jpeg their RAM fused with
+# bench/heatmap_default.md): for eyepacs-256 and multi-256-jpeg their RAM fused with
 # eyepacs-128-fine's, which ties the fine net alone (eyepacs-256) or leads every map of the net
-# (multi-256, multi-256-jpeg) and shows the grading net's own evidence.  A released chain draws its fast net's
-# entry; any other net draws its RAM.
+# (multi-256-jpeg) and shows the grading net's own evidence.  A released chain draws its fast
+# net's entry; any other net draws its RAM.
 RELEASED_DEFAULT_MAPS = {
     'eyepacs-256': dict(method='ram', layer=None, fuse='eyepacs-128-fine'),
-    'multi-256': dict(method='ram', layer=None, fuse='eyepacs-128-fine'),
     'multi-256-jpeg': dict(method='ram', layer=None, fuse='eyepacs-128-fine'),
 }
 
