@@ -80,12 +80,16 @@ def test_training_uses_it_and_is_reproducible():
     assert torch.equal(plain[0], squeezed[0]) and not torch.equal(plain[1], squeezed[1])
 
 
-def test_a_bad_jpeg_key_is_named(tmp_path):
+@pytest.mark.parametrize('jpeg, named', [
+    ('dict(probability=0.5, quality=(50, 5))', 'jpeg quality'),
+    ('dict(probability=0.5, quality=(5, 50), consistency=-1)', 'jpeg consistency'),
+    ('dict(probability=0.5, quality=(5, 50), consistensy=1)', 'optionally consistency')])
+def test_a_bad_jpeg_key_is_named(tmp_path, jpeg, named):
     from retina.core.errors import UserError
     bad = tmp_path / 'c_bad.py'
     bad.write_text('from configs.c_128_5x5_32_ram import cnf as base, layers\n'
-                   "cnf = dict(base, jpeg=dict(probability=0.5, quality=(50, 5)))\n")
-    with pytest.raises(UserError, match='jpeg quality'):
+                   f"cnf = dict(base, jpeg={jpeg})\n")
+    with pytest.raises(UserError, match=named):
         config_module.load(str(bad))
 
 
@@ -158,12 +162,3 @@ def test_training_with_the_consistency_term_narrows_the_jpeg_gap():
     without = _jpeg_gap_after_training(0.0, images, levels)
     with_term = _jpeg_gap_after_training(10.0, images, levels)
     assert with_term < 0.5 * without, (with_term, without)
-
-
-def test_a_bad_consistency_weight_is_named(tmp_path):
-    from retina.core.errors import UserError
-    bad = tmp_path / 'c_bad.py'
-    bad.write_text('from configs.c_128_5x5_32_ram import cnf as base, layers\n'
-                   "cnf = dict(base, jpeg=dict(probability=0.5, quality=(5, 50), consistency=-1))\n")
-    with pytest.raises(UserError, match='jpeg consistency'):
-        config_module.load(str(bad))
