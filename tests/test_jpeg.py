@@ -9,7 +9,7 @@ from PIL import Image
 
 from retina.data.jpeg import jpeg_batch, quantisation_tables, recompressed
 from retina.model import config as config_module
-from retina.model.augment import KAGGLE, augment_batch, random_params
+from retina.model.augment import KAGGLE, augment_batch, prepare_batch, random_params
 
 
 def photo_like(n=4, side=64, seed=0):
@@ -144,7 +144,6 @@ def _jpeg_gap_after_training(weight, images, levels):
         train_one_epoch(net, optimizer, images, levels, np.arange(len(images)), config,
                         Runtime(torch.device('cpu')), generator, progress=False)
     net.eval()
-    from retina.model.augment import prepare_batch
     squeezed = torch.from_numpy(np.stack([pil_jpeg(image, 20) for image in
                                           images.permute(0, 2, 3, 1).numpy()])).permute(0, 3, 1, 2)
     with torch.no_grad():

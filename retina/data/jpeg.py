@@ -150,8 +150,7 @@ def consistency_loss(outputs, features, weight):
 
 def check(jpeg, path):
     """The config key `jpeg`'s problems, as one message, or None."""
-    keys = set(jpeg) if isinstance(jpeg, dict) else set()
-    if not isinstance(jpeg, dict) or not {'probability', 'quality'} <= keys <= CONFIG_KEYS:
+    if not isinstance(jpeg, dict) or not {'probability', 'quality'} <= set(jpeg) <= CONFIG_KEYS:
         return (f"{path}: jpeg must be a dict with the keys probability and quality (and "
                 f"optionally consistency) (found {jpeg!r})")
     w = jpeg.get('consistency', 0)
